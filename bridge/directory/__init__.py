@@ -1,0 +1,1 @@
+"""Identities of health professionals: the national identifier and, later, the directory."""

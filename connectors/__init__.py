@@ -1,0 +1,1 @@
+"""Vendor connectors: one package per vendor, each implementing connectors.base.Connector."""
