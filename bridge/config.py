@@ -1,0 +1,216 @@
+"""The bridge's configuration: one YAML file, typed and validated at start.
+
+Any string value may be written ``${NAME}`` to take it from the environment variable NAME (for
+secrets); an unset variable is an error that names the key. Validation errors name the key and
+say what is wrong, e.g. ``connectors.pandalab.settings.api_url: Field required``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+CONNECTOR_ID = re.compile(r"^[a-z][a-z0-9]{0,31}$")
+RESERVED_CONNECTOR_IDS = frozenset({"bot", "matrix"})
+
+
+class ConfigError(Exception):
+    """The configuration file cannot be used; the message says which key and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HomeserverConfig(_Strict):
+    url: str = Field(description="Client-server API base URL the bridge calls")
+    domain: str = Field(description="The homeserver's server name (the part after ':' in ids)")
+    verify_ssl: bool = True
+    startup_timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class AppserviceConfig(_Strict):
+    id: str = "eimis-bridge"
+    address: str = Field(description="URL at which the homeserver reaches this bridge")
+    hostname: str = "127.0.0.1"
+    port: int = Field(29340, ge=1, le=65535)
+    public_url: str | None = Field(
+        None, description="URL at which vendors reach the connectors' webhooks (default: address)"
+    )
+    registration: Path | None = Field(
+        None, description="Registration file to read the tokens from (generate-registration)"
+    )
+    as_token: str | None = None
+    hs_token: str | None = None
+    user_prefix: str = "eimis_"
+    bot_localpart: str | None = None
+    bot_displayname: str = "EIMIS bridge"
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
+
+    @field_validator("address", "public_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/") if value else value
+
+    @field_validator("user_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9._=/-]+_", value):
+            raise ValueError("must be lower-case Matrix localpart characters ending with '_'")
+        return value
+
+    @property
+    def bot_username(self) -> str:
+        return self.bot_localpart or f"{self.user_prefix}bot"
+
+    @property
+    def webhook_base_url(self) -> str:
+        return self.public_url or self.address
+
+
+class DatabaseConfig(_Strict):
+    url: str = Field("sqlite:eimis-bridge.db", description="sqlite:PATH or postgresql://...")
+    min_size: int = Field(1, ge=1)
+    max_size: int = Field(10, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        if not value.startswith(("sqlite:", "postgres://", "postgresql://")):
+            raise ValueError("must start with sqlite: or postgresql://")
+        return value
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite:")
+
+
+class ConnectorConfig(_Strict):
+    type: str
+    enabled: bool = True
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class LoggingConfig(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = Field(False, alias="json")
+
+
+class Config(_Strict):
+    homeserver: HomeserverConfig
+    appservice: AppserviceConfig
+    database: DatabaseConfig = DatabaseConfig()
+    connectors: dict[str, ConnectorConfig] = Field(default_factory=dict)
+    logging: LoggingConfig = LoggingConfig()
+
+    @field_validator("connectors")
+    @classmethod
+    def _connector_ids(cls, value: dict[str, ConnectorConfig]) -> dict[str, ConnectorConfig]:
+        for name in value:
+            if not CONNECTOR_ID.fullmatch(name) or name in RESERVED_CONNECTOR_IDS:
+                raise ValueError(
+                    f"connector id {name!r} must be 1-32 lower-case letters and digits, starting "
+                    f"with a letter, and not one of {sorted(RESERVED_CONNECTOR_IDS)}"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _tokens(self) -> Config:
+        a = self.appservice
+        if a.registration is None and not (a.as_token and a.hs_token):
+            raise ValueError(
+                "appservice: set 'registration' (the file generate-registration wrote) or both "
+                "'as_token' and 'hs_token'"
+            )
+        return self
+
+    @property
+    def bot_mxid(self) -> str:
+        return f"@{self.appservice.bot_username}:{self.homeserver.domain}"
+
+
+def _expand_env(node: Any, path: str) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand_env(v, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, f"{path}[{i}]") for i, v in enumerate(node)]
+    if isinstance(node, str):
+        match = _ENV_REF.match(node)
+        if match:
+            name = match.group(1)
+            if name not in os.environ:
+                raise ConfigError(f"{path}: environment variable {name} is not set")
+            return os.environ[name]
+    return node
+
+
+def format_validation_error(error: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"] if part not in ("function-after",))
+        key = f"{prefix}{key}" if key else prefix.rstrip(".") or "(top level)"
+        lines.append(f"{key}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, *, base_dir: Path | None = None) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError("the configuration file must be a YAML mapping of sections")
+    data = _expand_env(data, "")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error)) from None
+    registration = config.appservice.registration
+    if registration is not None and base_dir is not None and not registration.is_absolute():
+        appservice = config.appservice.model_copy(update={"registration": base_dir / registration})
+        config = config.model_copy(update={"appservice": appservice})
+    return config
+
+
+def load_config(path: Path) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read the configuration file {path}: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    return parse_config(data, base_dir=path.parent)
+
+
+def load_tokens(config: Config) -> tuple[str, str]:
+    """The (as_token, hs_token) pair, from the config or the registration file it names."""
+    a = config.appservice
+    if a.as_token and a.hs_token:
+        return a.as_token, a.hs_token
+    assert a.registration is not None
+    try:
+        registration = yaml.safe_load(a.registration.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(
+            f"appservice.registration: cannot read {a.registration} ({error}); run "
+            "'eimis-bridge generate-registration' first"
+        ) from None
+    try:
+        return a.as_token or registration["as_token"], a.hs_token or registration["hs_token"]
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"appservice.registration: {a.registration} has no as_token/hs_token"
+        ) from None

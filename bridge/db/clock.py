@@ -1,0 +1,9 @@
+"""The one clock of the bridge's storage: integer milliseconds since the epoch."""
+
+from __future__ import annotations
+
+import time
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,41 @@
+"""Opening the database (SQLite file or PostgreSQL) and bringing its schema up to date."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from mautrix.client.state_store.asyncpg import PgStateStore
+from mautrix.util.async_db import Database
+
+from bridge.config import DatabaseConfig
+from bridge.db.upgrade import upgrade_table
+
+log = logging.getLogger("eimis.db")
+
+
+def _normalise_url(url: str) -> str:
+    if url.startswith("sqlite:"):
+        path = url.removeprefix("sqlite:").removeprefix("///").removeprefix("//")
+        absolute = Path(path).expanduser().resolve()
+        absolute.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:{absolute}"
+    return url
+
+
+async def open_database(config: DatabaseConfig) -> Database:
+    """Connect, run pending migrations (ours and mautrix's state store), and return the pool."""
+    db_args = {"min_size": config.min_size, "max_size": config.max_size}
+    if config.is_sqlite:
+        # One connection: SQLite has one writer anyway, and a single connection keeps every
+        # transaction strictly serialised (WAL lets readers of other processes go on).
+        db_args = {"min_size": 1}
+    db = Database.create(
+        _normalise_url(config.url),
+        upgrade_table=upgrade_table,
+        db_args=db_args,
+        log=logging.getLogger("eimis.db.pool"),
+    )
+    await db.start()
+    await PgStateStore.upgrade_table.upgrade(db)
+    return db

@@ -1,0 +1,110 @@
+"""The durable inbox: every appservice transaction and vendor event, stored before it is acked."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from mautrix.util.async_db import Database
+
+from bridge.db.clock import now_ms
+
+MATRIX_ORIGIN = "matrix"
+
+
+@dataclass(frozen=True)
+class InboxItem:
+    seq: int
+    origin: str
+    lane: str
+    payload: dict[str, Any]
+    attempts: int
+
+
+class InboxStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def store_transaction(self, txn_id: str, events: list[dict[str, Any]]) -> bool:
+        """Store a homeserver transaction in one database transaction.
+
+        Returns False when this transaction id was stored before (a redelivery): the caller acks
+        it without processing it again. Events are also deduplicated by event id, in case a
+        homeserver ever sends one event in two transactions.
+        """
+        now = now_ms()
+        async with self.db.acquire() as conn, conn.transaction():
+            inserted = await conn.fetchval(
+                "INSERT INTO as_transaction (txn_id, received_at) VALUES ($1, $2) "
+                "ON CONFLICT (txn_id) DO NOTHING RETURNING txn_id",
+                txn_id,
+                now,
+            )
+            if inserted is None:
+                return False
+            rows = [
+                (MATRIX_ORIGIN, event["event_id"], event["room_id"], json.dumps(event), now)
+                for event in events
+            ]
+            if rows:
+                await conn.executemany(
+                    "INSERT INTO inbox (origin, dedup_key, lane, payload, received_at) "
+                    "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (origin, dedup_key) DO NOTHING",
+                    rows,
+                )
+        return True
+
+    async def store_remote(
+        self, connector: str, event_id: str, lane: str, payload: dict[str, Any]
+    ) -> bool:
+        """Store one vendor event; False when (connector, event_id) was stored before."""
+        inserted = await self.db.fetchval(
+            "INSERT INTO inbox (origin, dedup_key, lane, payload, received_at) "
+            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (origin, dedup_key) DO NOTHING "
+            "RETURNING seq",
+            connector,
+            event_id,
+            lane,
+            json.dumps(payload),
+            now_ms(),
+        )
+        return inserted is not None
+
+    async def pending(self, after_seq: int, limit: int) -> list[InboxItem]:
+        rows = await self.db.fetch(
+            "SELECT seq, origin, lane, payload, attempts FROM inbox "
+            "WHERE state = 'pending' AND seq > $1 ORDER BY seq LIMIT $2",
+            after_seq,
+            limit,
+        )
+        return [
+            InboxItem(r["seq"], r["origin"], r["lane"], json.loads(r["payload"]), r["attempts"])
+            for r in rows
+        ]
+
+    async def mark_done(self, seq: int) -> None:
+        # The payload goes: content is kept only as long as delivery needs it.
+        await self.db.execute(
+            "UPDATE inbox SET state = 'done', payload = NULL, last_error = NULL WHERE seq = $1",
+            seq,
+        )
+
+    async def mark_failed(self, seq: int, reason: str) -> None:
+        """Give up on an item that can never be processed; it stays visible for operators."""
+        await self.db.execute(
+            "UPDATE inbox SET state = 'failed', last_error = $2 WHERE seq = $1", seq, reason
+        )
+
+    async def record_attempt(self, seq: int, error: str) -> None:
+        await self.db.execute(
+            "UPDATE inbox SET attempts = attempts + 1, last_error = $2 WHERE seq = $1", seq, error
+        )
+
+    async def count(self, state: str) -> int:
+        return int(await self.db.fetchval("SELECT COUNT(*) FROM inbox WHERE state = $1", state))
+
+    async def transaction_seen(self, txn_id: str) -> bool:
+        return bool(
+            await self.db.fetchval("SELECT 1 FROM as_transaction WHERE txn_id = $1", txn_id)
+        )

@@ -1,0 +1,42 @@
+"""The message map: (connector, vendor message id) <-> Matrix event id. Ids only, never content."""
+
+from __future__ import annotations
+
+from mautrix.util.async_db import Connection, Database
+
+
+class MessageMapStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def event_for(self, connector: str, remote_id: str) -> str | None:
+        return await self.db.fetchval(
+            "SELECT event_id FROM message_map WHERE connector = $1 AND remote_id = $2",
+            connector,
+            remote_id,
+        )
+
+    async def remote_for(self, connector: str, event_id: str) -> str | None:
+        return await self.db.fetchval(
+            "SELECT remote_id FROM message_map WHERE connector = $1 AND event_id = $2",
+            connector,
+            event_id,
+        )
+
+    async def add(
+        self,
+        connector: str,
+        remote_id: str,
+        room_id: str,
+        event_id: str,
+        *,
+        conn: Connection | None = None,
+    ) -> None:
+        await (conn or self.db).execute(
+            "INSERT INTO message_map (connector, remote_id, room_id, event_id) "
+            "VALUES ($1, $2, $3, $4) ON CONFLICT (connector, remote_id) DO NOTHING",
+            connector,
+            remote_id,
+            room_id,
+            event_id,
+        )

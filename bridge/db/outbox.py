@@ -1,0 +1,100 @@
+"""The durable outbox: deliveries to vendors, one FIFO per (connector, portal room)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from mautrix.util.async_db import Connection, Database
+
+from bridge.db.clock import now_ms
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    seq: int
+    connector: str
+    room_id: str
+    operation: str
+    dedup_key: str
+    payload: dict[str, Any]
+    attempts: int
+
+    @property
+    def lane(self) -> str:
+        return f"{self.connector}\x1f{self.room_id}"
+
+
+class OutboxStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def enqueue(
+        self,
+        connector: str,
+        room_id: str,
+        operation: str,
+        dedup_key: str,
+        payload: dict[str, Any],
+        *,
+        conn: Connection | None = None,
+    ) -> bool:
+        """Queue one delivery; False when (connector, dedup_key) was queued before."""
+        seq = await (conn or self.db).fetchval(
+            "INSERT INTO outbox (connector, room_id, operation, dedup_key, payload, created_at) "
+            "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (connector, dedup_key) DO NOTHING "
+            "RETURNING seq",
+            connector,
+            room_id,
+            operation,
+            dedup_key,
+            json.dumps(payload),
+            now_ms(),
+        )
+        return seq is not None
+
+    async def pending(self, after_seq: int, limit: int) -> list[OutboxItem]:
+        rows = await self.db.fetch(
+            "SELECT seq, connector, room_id, operation, dedup_key, payload, attempts FROM outbox "
+            "WHERE state = 'pending' AND seq > $1 ORDER BY seq LIMIT $2",
+            after_seq,
+            limit,
+        )
+        return [
+            OutboxItem(
+                r["seq"],
+                r["connector"],
+                r["room_id"],
+                r["operation"],
+                r["dedup_key"],
+                json.loads(r["payload"]),
+                r["attempts"],
+            )
+            for r in rows
+        ]
+
+    async def mark_done(self, seq: int, *, conn: Connection | None = None) -> None:
+        await (conn or self.db).execute(
+            "UPDATE outbox SET state = 'done', payload = NULL, last_error = NULL WHERE seq = $1",
+            seq,
+        )
+
+    async def mark_failed(self, seq: int, reason: str) -> None:
+        await self.db.execute(
+            "UPDATE outbox SET state = 'failed', last_error = $2 WHERE seq = $1", seq, reason
+        )
+
+    async def record_attempt(self, seq: int, error: str) -> None:
+        await self.db.execute(
+            "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE seq = $1", seq, error
+        )
+
+    async def depth(self, connector: str | None = None) -> int:
+        if connector is None:
+            value = await self.db.fetchval("SELECT COUNT(*) FROM outbox WHERE state = 'pending'")
+        else:
+            value = await self.db.fetchval(
+                "SELECT COUNT(*) FROM outbox WHERE state = 'pending' AND connector = $1", connector
+            )
+        return int(value)

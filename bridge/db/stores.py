@@ -1,0 +1,34 @@
+"""All table stores of one database, built once and passed around together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mautrix.util.async_db import Database
+
+from bridge.db.ghost import GhostStore
+from bridge.db.inbox import InboxStore
+from bridge.db.message_map import MessageMapStore
+from bridge.db.outbox import OutboxStore
+from bridge.db.portal import PortalStore
+
+
+@dataclass(frozen=True)
+class Stores:
+    db: Database
+    inbox: InboxStore
+    outbox: OutboxStore
+    portals: PortalStore
+    ghosts: GhostStore
+    messages: MessageMapStore
+
+    @classmethod
+    def of(cls, db: Database) -> Stores:
+        return cls(
+            db,
+            InboxStore(db),
+            OutboxStore(db),
+            PortalStore(db),
+            GhostStore(db),
+            MessageMapStore(db),
+        )

@@ -1,0 +1,101 @@
+"""Numbered schema migrations. Append a new function for every change; never edit a landed one."""
+
+from __future__ import annotations
+
+from mautrix.util.async_db import Connection, Scheme, UpgradeTable
+
+upgrade_table = UpgradeTable(version_table_name="eimis_version", database_name="eimis-bridge")
+
+
+def _serial(scheme: Scheme) -> str:
+    # The only dialect difference in the schema: a monotonic, never-reused sequence number.
+    if scheme == Scheme.SQLITE:
+        return "INTEGER PRIMARY KEY AUTOINCREMENT"
+    return "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+
+
+@upgrade_table.register(description="Initial schema: inbox, outbox, portals, ghosts, message map")
+async def upgrade_v1(conn: Connection, scheme: Scheme) -> None:
+    await conn.execute(
+        """CREATE TABLE as_transaction (
+            txn_id      TEXT PRIMARY KEY,
+            received_at BIGINT NOT NULL
+        )"""
+    )
+    # Everything that enters the bridge, from the homeserver or a vendor, is written here first.
+    # payload is cleared once processed: content is kept only as long as delivery needs it.
+    await conn.execute(
+        f"""CREATE TABLE inbox (
+            seq          {_serial(scheme)},
+            origin       TEXT NOT NULL,
+            dedup_key    TEXT NOT NULL,
+            lane         TEXT NOT NULL,
+            payload      TEXT,
+            received_at  BIGINT NOT NULL,
+            state        TEXT NOT NULL DEFAULT 'pending',
+            attempts     INTEGER NOT NULL DEFAULT 0,
+            last_error   TEXT,
+            UNIQUE (origin, dedup_key)
+        )"""
+    )
+    await conn.execute("CREATE INDEX inbox_pending ON inbox (state, seq)")
+    await conn.execute(
+        f"""CREATE TABLE outbox (
+            seq          {_serial(scheme)},
+            connector    TEXT NOT NULL,
+            room_id      TEXT NOT NULL,
+            operation    TEXT NOT NULL,
+            dedup_key    TEXT NOT NULL,
+            payload      TEXT,
+            created_at   BIGINT NOT NULL,
+            state        TEXT NOT NULL DEFAULT 'pending',
+            attempts     INTEGER NOT NULL DEFAULT 0,
+            last_error   TEXT,
+            UNIQUE (connector, dedup_key)
+        )"""
+    )
+    await conn.execute("CREATE INDEX outbox_pending ON outbox (state, seq)")
+    await conn.execute(
+        """CREATE TABLE portal (
+            room_id     TEXT PRIMARY KEY,
+            title       TEXT,
+            is_direct   BOOLEAN NOT NULL DEFAULT false,
+            created_at  BIGINT NOT NULL
+        )"""
+    )
+    await conn.execute(
+        """CREATE TABLE portal_link (
+            room_id         TEXT NOT NULL REFERENCES portal (room_id) ON DELETE CASCADE,
+            connector       TEXT NOT NULL,
+            conversation_id TEXT,
+            PRIMARY KEY (room_id, connector),
+            UNIQUE (connector, conversation_id)
+        )"""
+    )
+    await conn.execute(
+        """CREATE TABLE ghost (
+            mxid          TEXT PRIMARY KEY,
+            connector     TEXT NOT NULL,
+            idnps         TEXT NOT NULL,
+            display_name  TEXT,
+            UNIQUE (connector, idnps)
+        )"""
+    )
+    await conn.execute(
+        """CREATE TABLE message_map (
+            connector  TEXT NOT NULL,
+            remote_id  TEXT NOT NULL,
+            room_id    TEXT NOT NULL,
+            event_id   TEXT NOT NULL,
+            PRIMARY KEY (connector, remote_id)
+        )"""
+    )
+    await conn.execute("CREATE INDEX message_map_event ON message_map (event_id)")
+    await conn.execute(
+        """CREATE TABLE connector_state (
+            connector  TEXT NOT NULL,
+            key        TEXT NOT NULL,
+            value      TEXT NOT NULL,
+            PRIMARY KEY (connector, key)
+        )"""
+    )

@@ -1,0 +1,52 @@
+"""The appservice registration file the homeserver reads (generate-registration)."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bridge.config import Config
+
+
+def user_namespace_regex(config: Config) -> str:
+    """One exclusive namespace for the bot and every connector's ghosts, present and future.
+
+    Connector ids are part of the ghost localpart, so a connector added later is already covered
+    and needs no new registration.
+    """
+    prefix = re.escape(config.appservice.user_prefix)
+    domain = re.escape(config.homeserver.domain)
+    return f"@{prefix}.*:{domain}"
+
+
+def build_registration(config: Config) -> dict[str, Any]:
+    a = config.appservice
+    return {
+        "id": a.id,
+        "url": a.address,
+        "as_token": secrets.token_urlsafe(48),
+        "hs_token": secrets.token_urlsafe(48),
+        "sender_localpart": a.bot_username,
+        "namespaces": {
+            "users": [{"exclusive": True, "regex": user_namespace_regex(config)}],
+            "aliases": [],
+            "rooms": [],
+        },
+        "rate_limited": False,
+        "receive_ephemeral": True,
+        "de.sorunome.msc2409.push_ephemeral": True,
+    }
+
+
+def write_registration(config: Config, path: Path) -> dict[str, Any]:
+    registration = build_registration(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The file holds both tokens: readable by its owner only.
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text(yaml.safe_dump(registration, sort_keys=False), encoding="utf-8")
+    return registration
