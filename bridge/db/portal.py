@@ -14,6 +14,8 @@ class Portal:
     room_id: str
     title: str | None
     is_direct: bool
+    voice: str
+    """Who speaks for the bridge in this room (notices): the bot, or the ghost a user invited."""
 
 
 @dataclass(frozen=True)
@@ -30,19 +32,20 @@ class PortalStore:
 
     async def get(self, room_id: str) -> Portal | None:
         row = await self.db.fetchrow(
-            "SELECT room_id, title, is_direct FROM portal WHERE room_id = $1", room_id
+            "SELECT room_id, title, is_direct, voice FROM portal WHERE room_id = $1", room_id
         )
-        return Portal(row["room_id"], row["title"], bool(row["is_direct"])) if row else None
+        if row is None:
+            return None
+        return Portal(row["room_id"], row["title"], bool(row["is_direct"]), row["voice"])
 
-    async def create(
-        self, room_id: str, title: str | None, is_direct: bool, *, conn: Connection | None = None
-    ) -> None:
+    async def create(self, portal: Portal, *, conn: Connection | None = None) -> None:
         await (conn or self.db).execute(
-            "INSERT INTO portal (room_id, title, is_direct, created_at) VALUES ($1, $2, $3, $4) "
-            "ON CONFLICT (room_id) DO NOTHING",
-            room_id,
-            title,
-            is_direct,
+            "INSERT INTO portal (room_id, title, is_direct, voice, created_at) "
+            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (room_id) DO NOTHING",
+            portal.room_id,
+            portal.title,
+            portal.is_direct,
+            portal.voice,
             now_ms(),
         )
 

@@ -60,6 +60,7 @@ async def upgrade_v1(conn: Connection, scheme: Scheme) -> None:
             room_id     TEXT PRIMARY KEY,
             title       TEXT,
             is_direct   BOOLEAN NOT NULL DEFAULT false,
+            voice       TEXT NOT NULL,
             created_at  BIGINT NOT NULL
         )"""
     )

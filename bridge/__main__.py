@@ -1,0 +1,1 @@
+from bridge.cli import main; import sys; sys.exit(main())

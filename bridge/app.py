@@ -1,0 +1,190 @@
+"""The running bridge: wires storage, the homeserver, the connectors and the workers together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiohttp import ClientSession, ClientTimeout, web
+
+from bridge.appservice.server import AppserviceServer
+from bridge.config import Config, load_tokens
+from bridge.core.connectors import ConnectorSet, validate_connectors
+from bridge.core.delivery import Delivery
+from bridge.core.errors import PermanentFailure
+from bridge.core.ghost_ids import GhostIds
+from bridge.core.lanes import LaneScheduler
+from bridge.core.portals import Portals
+from bridge.core.router import Router, remote_lane
+from bridge.db.connector_state import ConnectorStateStore
+from bridge.db.database import open_database
+from bridge.db.outbox import OutboxItem
+from bridge.db.inbox import InboxItem
+from bridge.db.stores import Stores
+from bridge.matrix.homeserver import Homeserver, HomeserverCheckFailed
+from connectors.base import EventSink, RemoteEvent
+
+log = logging.getLogger("eimis.bridge")
+
+
+class Bridge:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.connectors = ConnectorSet()
+        self.ids = GhostIds(
+            config.appservice.user_prefix,
+            config.homeserver.domain,
+            config.appservice.bot_username,
+        )
+        self._runner: web.AppRunner | None = None
+        self._session: ClientSession | None = None
+        self._started_connectors: list[str] = []
+        self.homeserver_info: dict[str, object] = {}
+
+    async def start(self) -> None:
+        """Open storage, serve the appservice API, check the homeserver, then start the work."""
+        specs = validate_connectors(self.config)
+        as_token, hs_token = load_tokens(self.config)
+        self.db = await open_database(self.config.database)
+        self.stores = Stores.of(self.db)
+        self._session = ClientSession(timeout=ClientTimeout(total=60))
+        self.homeserver = Homeserver(self.config, as_token, self.db, self._session)
+        for spec in specs:
+            self.connectors.add(
+                spec,
+                emit=self._emitter(spec.connector_id),
+                store=ConnectorStateStore(self.db, spec.connector_id),
+                public_base_url=f"{self.config.appservice.webhook_base_url}/connectors/"
+                f"{spec.connector_id}",
+            )
+        self.portals = Portals(self.stores, self.homeserver, self.connectors, self.ids)
+        self.delivery = Delivery(self.stores, self.homeserver, self.connectors)
+        self.outbox = LaneScheduler[OutboxItem](
+            "outbox", self.stores.outbox.pending, self.delivery.handle, self.delivery.record_error
+        )
+        self.router = Router(self.stores, self.homeserver, self.portals, self.outbox.notify)
+        self.inbox = LaneScheduler[InboxItem](
+            "inbox", self.stores.inbox.pending, self.router.handle, self.router.record_error
+        )
+        server = AppserviceServer(
+            hs_token=hs_token,
+            inbox=self.stores.inbox,
+            on_stored=self.inbox.notify,
+            query_user=self.query_user,
+            ready=self.readiness,
+            max_body_bytes=self.config.appservice.max_body_bytes,
+        )
+        for connector_id, connector in self.connectors:
+            routes = connector.web_routes()
+            if routes:
+                sub = web.Application()
+                sub.add_routes(routes)
+                server.app.add_subapp(f"/connectors/{connector_id}", sub)
+        self._runner = web.AppRunner(server.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner, self.config.appservice.hostname, self.config.appservice.port
+        )
+        await site.start()
+        log.info(
+            "Appservice API listening on %s:%d",
+            self.config.appservice.hostname,
+            self.config.appservice.port,
+        )
+        self.homeserver_info = await self._check_homeserver()
+        await self.homeserver.bot.set_displayname(self.config.appservice.bot_displayname)
+        for connector_id, connector in self.connectors:
+            await connector.start()
+            self._started_connectors.append(connector_id)
+            log.info("Connector %s (%s) started", connector_id, type(connector).type_name)
+        self.inbox.start()
+        self.outbox.start()
+        log.info("Bridge running with connectors: %s", ", ".join(self.connectors.ids()) or "none")
+
+    async def stop(self) -> None:
+        for scheduler in (getattr(self, "inbox", None), getattr(self, "outbox", None)):
+            if scheduler is not None:
+                await scheduler.stop()
+        for connector_id in reversed(self._started_connectors):
+            connector = self.connectors.get(connector_id)
+            if connector is not None:
+                try:
+                    await connector.stop()
+                except Exception:
+                    log.exception("Connector %s did not stop cleanly", connector_id)
+        self._started_connectors.clear()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if getattr(self, "db", None) is not None:
+            await self.db.stop()
+
+    async def _check_homeserver(self) -> dict[str, object]:
+        deadline = time.monotonic() + self.config.homeserver.startup_timeout_s
+        delay = 0.5
+        while True:
+            try:
+                info = await self.homeserver.check()
+                log.info("Homeserver OK (ping %s ms)", info["ping_ms"])
+                return info
+            except HomeserverCheckFailed:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("Homeserver not ready yet; retrying in %.1fs", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _emitter(self, connector_id: str) -> EventSink:
+        async def emit(event: RemoteEvent) -> None:
+            if not isinstance(event, RemoteEvent):
+                raise TypeError(f"connectors emit RemoteEvent, not {type(event).__name__}")
+            await self.stores.inbox.store_remote(
+                connector_id,
+                event.event_id,
+                remote_lane(connector_id, event.conversation_id),
+                event.to_json(),
+            )
+            self.inbox.notify()
+
+        return emit
+
+    async def query_user(self, mxid: str) -> bool:
+        """The homeserver asks whether a user of our namespace exists (e.g. before an invite)."""
+        if mxid == self.ids.bot_mxid:
+            return True
+        ref = self.ids.parse(mxid)
+        if ref is None or ref.connector not in self.connectors:
+            return False
+        try:
+            await self.portals.ghost(ref.connector, ref.idnps)
+        except PermanentFailure:
+            return False
+        except Exception:
+            log.exception("Could not look up %s", mxid)
+            return False
+        return True
+
+    async def readiness(self) -> dict[str, bool]:
+        checks = {"database": False, "homeserver": False}
+        try:
+            await self.db.fetchval("SELECT 1")
+            checks["database"] = True
+        except Exception:
+            pass
+        try:
+            await self.homeserver.bot.versions(no_cache=True)
+            checks["homeserver"] = True
+        except Exception:
+            pass
+        return checks
+
+    async def run_forever(self) -> None:
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()

@@ -1,0 +1,148 @@
+"""The ``eimis-bridge`` command: run, generate-registration, sandbox, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+
+import yaml
+
+from bridge import __version__
+from bridge.config import ConfigError, load_config
+from bridge.logs import setup_logging
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eimis-bridge",
+        description="Matrix application service joining health-sector messaging tools to EIMIS.",
+    )
+    parser.add_argument("--version", action="version", version=f"eimis-bridge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    reg = sub.add_parser("generate-registration", help="write the appservice registration file")
+    reg.add_argument("-c", "--config", type=Path, required=True, help="bridge config file")
+    reg.add_argument("-r", "--registration", type=Path, required=True,
+                     help="registration file to write (give it to the homeserver)")
+
+    run = sub.add_parser("run", help="check the homeserver, then bridge")
+    run.add_argument("-c", "--config", type=Path, required=True, help="bridge config file")
+
+    sandbox = sub.add_parser("sandbox", help="serve a vendor-style API emulator")
+    sandbox.add_argument("type", help="connector type (e.g. one listed by 'sandbox --list')",
+                         nargs="?")
+    sandbox.add_argument("--port", type=int, default=0, help="port to listen on")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--list", action="store_true", help="list the connector types")
+
+    demo = sub.add_parser("demo", help="local Synapse + bridge + sandboxes + a scripted chat")
+    demo.add_argument("--once", action="store_true",
+                      help="exit after the scripted conversation: 0 only if every side saw it")
+    demo.add_argument("--state-dir", type=Path, default=Path(".demo"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "generate-registration":
+            return _generate_registration(args.config, args.registration)
+        if args.command == "run":
+            return _run(args.config)
+        if args.command == "sandbox":
+            return _sandbox(args.type, args.host, args.port, args.list)
+        if args.command == "demo":
+            from bridge.devtools.demo import run_demo
+
+            return asyncio.run(run_demo(args.state_dir, once=args.once))
+    except ConfigError as error:
+        print(f"Configuration error:\n{error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+def _generate_registration(config_path: Path, registration_path: Path) -> int:
+    from bridge.registration import write_registration
+
+    config = load_config(config_path)
+    registration = write_registration(config, registration_path)
+    print(
+        f"Wrote {registration_path} (appservice id {registration['id']!r}, users "
+        f"{registration['namespaces']['users'][0]['regex']}). Add it to the homeserver's "
+        "app_service_config_files and point appservice.registration at it."
+    )
+    return 0
+
+
+def _run(config_path: Path) -> int:
+    from bridge.app import Bridge
+    from bridge.matrix.homeserver import HomeserverCheckFailed
+
+    config = load_config(config_path)
+    setup_logging(config.logging.level, config.logging.json_format)
+
+    async def serve() -> None:
+        bridge = Bridge(config)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await bridge.start()
+            await stop.wait()
+        finally:
+            await bridge.stop()
+
+    try:
+        asyncio.run(serve())
+    except HomeserverCheckFailed as error:
+        print(f"Homeserver check failed: {error}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _sandbox(type_name: str | None, host: str, port: int, list_only: bool) -> int:
+    from aiohttp import web
+
+    from bridge.core.connectors import available_types
+
+    types = available_types()
+    with_sandbox = {name: cls for name, cls in types.items() if cls.sandbox_app() is not None}
+    if list_only or type_name is None:
+        print("Connector types with a sandbox: " + ", ".join(sorted(with_sandbox)))
+        return 0 if list_only else 2
+    cls = with_sandbox.get(type_name)
+    if cls is None:
+        print(f"No sandbox for {type_name!r}; choose one of: {', '.join(sorted(with_sandbox))}",
+              file=sys.stderr)
+        return 2
+    app = cls.sandbox_app()
+    assert app is not None
+
+    async def serve() -> None:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0][1]
+        url = f"http://{host}:{bound}"
+        print(f"{type_name}-style sandbox (an emulator, not the vendor's API) on {url}")
+        print("Connector settings for the bridge config:")
+        print(yaml.safe_dump({"settings": cls.sandbox_settings(url)}, sort_keys=False))
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        await runner.cleanup()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Finding connector types (entry points) and running the configured connector instances."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+from pydantic import BaseModel, ValidationError
+
+from bridge.config import Config, ConfigError, format_validation_error
+from connectors.base import Connector, ConnectorContext, EventSink, KeyValueStore
+
+ENTRY_POINT_GROUP = "eimis_bridge.connectors"
+
+
+def available_types() -> dict[str, type[Connector]]:
+    """Connector types installed in this environment, by type name."""
+    types: dict[str, type[Connector]] = {}
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        cls = entry.load()
+        if not (isinstance(cls, type) and issubclass(cls, Connector)):
+            raise ConfigError(f"entry point {entry.name!r} is not a Connector subclass")
+        types[entry.name] = cls
+    return types
+
+
+@dataclass(frozen=True)
+class ConnectorSpec:
+    connector_id: str
+    cls: type[Connector]
+    settings: BaseModel
+
+
+def validate_connectors(config: Config) -> list[ConnectorSpec]:
+    """Check every enabled connector's type and settings; errors name the key."""
+    types = available_types()
+    specs = []
+    for connector_id, entry in config.connectors.items():
+        if not entry.enabled:
+            continue
+        cls = types.get(entry.type)
+        if cls is None:
+            raise ConfigError(
+                f"connectors.{connector_id}.type: unknown connector type {entry.type!r}; "
+                f"installed types: {', '.join(sorted(types)) or 'none'}"
+            )
+        try:
+            settings = cls.Settings.model_validate(entry.settings)
+        except ValidationError as error:
+            raise ConfigError(
+                format_validation_error(error, prefix=f"connectors.{connector_id}.settings.")
+            ) from None
+        specs.append(ConnectorSpec(connector_id, cls, settings))
+    return specs
+
+
+class ConnectorSet:
+    """The running connector instances, in config order (the order IDNPS lookups try them)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, Connector] = {}
+
+    def add(
+        self,
+        spec: ConnectorSpec,
+        *,
+        emit: EventSink,
+        store: KeyValueStore,
+        public_base_url: str,
+    ) -> Connector:
+        ctx = ConnectorContext(
+            connector_id=spec.connector_id,
+            settings=spec.settings,
+            emit=emit,
+            store=store,
+            public_base_url=public_base_url,
+            log=logging.getLogger(f"eimis.connector.{spec.connector_id}"),
+        )
+        connector = spec.cls(ctx)
+        self._by_id[spec.connector_id] = connector
+        return connector
+
+    def get(self, connector_id: str) -> Connector | None:
+        return self._by_id.get(connector_id)
+
+    def __contains__(self, connector_id: object) -> bool:
+        return connector_id in self._by_id
+
+    def __iter__(self) -> Iterator[tuple[str, Connector]]:
+        return iter(list(self._by_id.items()))
+
+    def ids(self) -> list[str]:
+        return list(self._by_id)

@@ -1,0 +1,14 @@
+"""Failures the core tells apart: try again later, or never."""
+
+from __future__ import annotations
+
+
+class PermanentFailure(Exception):
+    """This item can never be processed as it is; retrying would not help.
+
+    The message is shown to people (room notice, operator view): a sentence, with no content.
+    """
+
+
+class UnknownUser(PermanentFailure):
+    """No connector knows this professional."""

@@ -1,0 +1,208 @@
+"""Portals and ghosts: opening a Matrix room for a conversation, and the people in it."""
+
+from __future__ import annotations
+
+import logging
+
+from mautrix.errors import MatrixRequestError
+from mautrix.types import RoomID
+
+from bridge.core.connectors import ConnectorSet
+from bridge.core.errors import PermanentFailure, UnknownUser
+from bridge.core.ghost_ids import GhostIds
+from bridge.core.members import Member
+from bridge.db.portal import Portal
+from bridge.db.stores import Stores
+from bridge.directory.idnps import Idnps
+from bridge.matrix.homeserver import Homeserver, derived_txn_id
+from connectors.base import ConversationCreated, Participant, RemoteUser
+
+log = logging.getLogger("eimis.portals")
+
+CREATE_CONVERSATION = "create_conversation"
+SEND_MESSAGE = "send_message"
+
+
+class Portals:
+    def __init__(
+        self,
+        stores: Stores,
+        homeserver: Homeserver,
+        connectors: ConnectorSet,
+        ids: GhostIds,
+    ) -> None:
+        self.stores = stores
+        self.hs = homeserver
+        self.connectors = connectors
+        self.ids = ids
+
+    # Ghosts ------------------------------------------------------------------------------------
+
+    async def ghost(
+        self, connector_id: str, idnps: Idnps, user: RemoteUser | None = None
+    ) -> Member:
+        """The ghost of a vendor user, registered on the homeserver with its display name."""
+        mxid = self.ids.mxid(connector_id, idnps)
+        row = await self.stores.ghosts.get(mxid)
+        if row is not None and row.display_name and user is None:
+            return Member(mxid, row.display_name, connector_id, idnps)
+        if user is None:
+            connector = self.connectors.get(connector_id)
+            if connector is None:
+                raise PermanentFailure(f"connector {connector_id!r} is not running")
+            user = await connector.get_user(idnps)
+            if user is None:
+                raise UnknownUser(f"{connector_id} does not know the professional {idnps}")
+        if row is None or row.display_name != user.display_name:
+            await self.hs.ensure_ghost(mxid, user.display_name)
+            await self.stores.ghosts.upsert(mxid, connector_id, idnps, user.display_name)
+        return Member(mxid, user.display_name, connector_id, idnps)
+
+    async def find_professional(self, idnps: Idnps, *, exclude: str) -> Member | None:
+        """The professional with this IDNPS on another connector, asking them in config order.
+
+        Foundation rule for a person known to several connectors: the first connector in the
+        configuration wins (the directory issue makes this choice explicit).
+        """
+        for connector_id, connector in self.connectors:
+            if connector_id == exclude:
+                continue
+            user = await connector.get_user(idnps)
+            if user is not None:
+                return await self.ghost(connector_id, idnps, user)
+        return None
+
+    async def resolve(self, source: str, participant: Participant) -> Member | None:
+        """Who a vendor user means by an IDNPS or a Matrix id; None when nobody is reachable."""
+        if participant.idnps is not None:
+            return await self.find_professional(participant.idnps, exclude=source)
+        mxid = participant.mxid
+        assert mxid is not None
+        ref = self.ids.parse(mxid)
+        if ref is not None:
+            if ref.connector not in self.connectors:
+                return None
+            try:
+                return await self.ghost(ref.connector, ref.idnps)
+            except UnknownUser:
+                return None
+        if self.ids.in_namespace(mxid):
+            return None
+        return Member(mxid, mxid)
+
+    async def sender(self, room_id: str, mxid: str, voice: str) -> Member:
+        """A room member as a sender the vendors can show (ghost identity or native name)."""
+        ref = self.ids.parse(mxid)
+        if ref is not None:
+            row = await self.stores.ghosts.get(mxid)
+            if row is not None and row.display_name:
+                return Member(mxid, row.display_name, ref.connector, ref.idnps)
+        return Member(mxid, await self.hs.display_name(room_id, mxid, viewer=voice))
+
+    # Opening portals ---------------------------------------------------------------------------
+
+    async def open_from_remote(self, source: str, event: ConversationCreated) -> None:
+        """A vendor user opened a conversation with people outside the vendor: make its room."""
+        if await self.stores.portals.by_conversation(source, event.conversation_id):
+            return  # processed before (a redelivery, or a restart after the room was made)
+        members = [await self.ghost(source, idnps) for idnps in dict.fromkeys(event.members)]
+        others: list[Member] = []
+        unreachable: list[str] = []
+        for participant in event.participants:
+            member = await self.resolve(source, participant)
+            if member is None:
+                unreachable.append(str(participant.idnps or participant.mxid))
+            elif member.mxid not in {m.mxid for m in members + others}:
+                others.append(member)
+        everyone = members + others
+        room_id = await self.hs.create_portal_room(
+            title=event.title,
+            invite=[m.mxid for m in everyone],
+            is_direct=len(everyone) == 2,
+        )
+        for member in everyone:
+            if member.connector is not None:
+                await self.hs.intent(member.mxid).ensure_joined(RoomID(room_id))
+        async with self.stores.db.acquire() as conn, conn.transaction():
+            await self.stores.portals.create(
+                Portal(room_id, event.title, len(everyone) == 2, self.ids.bot_mxid), conn=conn
+            )
+            await self.stores.portals.add_link(room_id, source, event.conversation_id, conn=conn)
+            for connector_id in dict.fromkeys(m.connector for m in others if m.connector):
+                await self._queue_conversation(
+                    room_id, connector_id, event.title, everyone, conn=conn
+                )
+        log.info("Opened portal %s for %s conversation %s", room_id, source, event.conversation_id)
+        if unreachable:
+            await self.hs.send_notice(
+                room_id,
+                "Could not add to this conversation (not known to any connected service, or not "
+                f"reachable): {', '.join(unreachable)}.",
+                txn_id=derived_txn_id("unreachable", room_id),
+            )
+
+    async def open_from_invite(self, room_id: str, inviter: str, ghost_mxid: str,
+                               is_direct: bool) -> None:
+        """A Matrix user invited a ghost: join, and open the vendor conversation behind it."""
+        ref = self.ids.parse(ghost_mxid)
+        if ref is None or ref.connector not in self.connectors:
+            return
+        intent = self.hs.intent(ghost_mxid)
+        try:
+            ghost = await self.ghost(ref.connector, ref.idnps)
+        except UnknownUser as error:
+            await self._refuse_invite(room_id, ghost_mxid, str(error))
+            return
+        try:
+            await intent.join_room(RoomID(room_id), max_retries=0)
+        except MatrixRequestError as error:
+            raise PermanentFailure(f"{ghost_mxid} could not join ({error.errcode})") from None
+        await self.hs.state_store.joined(RoomID(room_id), ghost.mxid)
+        portal = await self.stores.portals.get(room_id)
+        if portal is None:
+            portal = Portal(room_id, None, is_direct, ghost_mxid)
+            await self.stores.portals.create(portal)
+        if await self.stores.portals.link(room_id, ref.connector) is not None:
+            # Adding someone to an existing vendor conversation needs a capability the
+            # foundation connectors do not declare yet; say so rather than pretend.
+            await self.hs.intent(portal.voice).send_notice(
+                RoomID(room_id),
+                f"{ghost.display_name} joined on Matrix, but adding people to an existing "
+                f"{ref.connector} conversation is not supported yet.",
+            )
+            return
+        member_ids = await self.hs.joined_members(room_id, viewer=ghost_mxid)
+        if inviter not in member_ids:
+            member_ids.append(inviter)
+        everyone = [await self.sender(room_id, m, ghost_mxid) for m in member_ids
+                    if m != self.ids.bot_mxid]
+        if ghost not in everyone:
+            everyone.append(ghost)
+        async with self.stores.db.acquire() as conn, conn.transaction():
+            await self._queue_conversation(room_id, ref.connector, portal.title, everyone, conn=conn)
+        log.info("Opened portal %s for a Matrix invite to a %s user", room_id, ref.connector)
+
+    async def _queue_conversation(
+        self, room_id: str, connector_id: str, title: str | None, everyone: list[Member], *, conn
+    ) -> None:
+        """Link the room to a vendor conversation that the outbox will open, before any message."""
+        await self.stores.portals.add_link(room_id, connector_id, None, conn=conn)
+        await self.stores.outbox.enqueue(
+            connector_id,
+            room_id,
+            CREATE_CONVERSATION,
+            f"create:{room_id}",
+            {
+                "title": title,
+                "members": [m.idnps for m in everyone if m.connector == connector_id],
+                "external": [m.to_json() for m in everyone if m.connector != connector_id],
+            },
+            conn=conn,
+        )
+
+    async def _refuse_invite(self, room_id: str, ghost_mxid: str, reason: str) -> None:
+        log.info("Refusing an invite for %s: %s", ghost_mxid, reason)
+        try:
+            await self.hs.intent(ghost_mxid).leave_room(RoomID(room_id), reason=reason)
+        except MatrixRequestError as error:
+            log.warning("Could not refuse the invite for %s (%s)", ghost_mxid, error.errcode)

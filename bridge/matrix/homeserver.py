@@ -1,0 +1,146 @@
+"""The bridge's hands on the homeserver: the bot and ghost intents over the client-server API."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+from aiohttp import ClientSession
+from mautrix.appservice import AppServiceAPI, IntentAPI
+from mautrix.appservice.state_store.asyncpg import PgASStateStore
+from mautrix.errors import MatrixRequestError
+from mautrix.types import EventType, RoomCreatePreset, RoomID, UserID
+from mautrix.util.async_db import Database
+
+from bridge.config import Config
+
+log = logging.getLogger("eimis.matrix")
+
+
+class HomeserverCheckFailed(Exception):
+    """The homeserver cannot be used; the message says what to fix."""
+
+
+def derived_txn_id(*parts: str) -> str:
+    """A transaction id derived from the source of an event, so a resend cannot duplicate it."""
+    digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:40]
+    return f"eimis.{digest}"
+
+
+class Homeserver:
+    def __init__(self, config: Config, as_token: str, db: Database, session: ClientSession):
+        self.config = config
+        self.state_store = PgASStateStore(db)
+        self.api = AppServiceAPI(
+            base_url=config.homeserver.url,
+            bot_mxid=UserID(config.bot_mxid),
+            token=as_token,
+            log=logging.getLogger("eimis.matrix.api"),  # type: ignore[arg-type]
+            state_store=self.state_store,
+            client_session=session,
+            default_retry_count=3,
+        )
+        self.bot = self.api.bot_intent()
+
+    def intent(self, mxid: str) -> IntentAPI:
+        return self.api.intent(UserID(mxid))
+
+    # Start-up checks ---------------------------------------------------------------------------
+
+    async def check(self) -> dict[str, Any]:
+        """Versions, whoami and appservice ping; raises HomeserverCheckFailed with a sentence."""
+        try:
+            versions = await self.bot.versions()
+        except Exception as error:
+            raise HomeserverCheckFailed(
+                f"the homeserver at {self.config.homeserver.url} does not answer "
+                f"/_matrix/client/versions ({type(error).__name__}); check homeserver.url"
+            ) from None
+        await self.bot.ensure_registered()
+        try:
+            whoami = await self.bot.whoami()
+        except MatrixRequestError as error:
+            raise HomeserverCheckFailed(
+                f"the homeserver refused the as_token ({error.errcode}); is the registration file "
+                "listed in its app_service_config_files and the same as appservice.registration?"
+            ) from None
+        if whoami.user_id != self.config.bot_mxid:
+            raise HomeserverCheckFailed(
+                f"the as_token belongs to {whoami.user_id}, not {self.config.bot_mxid}; check "
+                "appservice.bot_localpart / user_prefix against the registration"
+            )
+        try:
+            ping_ms = await self.bot.appservice_ping(self.config.appservice.id)
+        except MatrixRequestError as error:
+            raise HomeserverCheckFailed(
+                f"the homeserver cannot reach this bridge at {self.config.appservice.address} "
+                f"({error.errcode}: {error.message}); check appservice.address and the firewall"
+            ) from None
+        return {"versions": list(versions.supported_versions), "ping_ms": ping_ms}
+
+    # Ghosts and rooms --------------------------------------------------------------------------
+
+    async def ensure_ghost(self, mxid: str, display_name: str | None) -> IntentAPI:
+        intent = self.intent(mxid)
+        await intent.ensure_registered()
+        if display_name:
+            await intent.set_displayname(display_name)
+        return intent
+
+    async def create_portal_room(
+        self, *, title: str | None, invite: list[str], is_direct: bool
+    ) -> str:
+        room_id = await self.bot.create_room(
+            name=title,
+            is_direct=is_direct,
+            preset=RoomCreatePreset.PRIVATE,
+            invitees=[UserID(u) for u in invite],
+            initial_state=[
+                {
+                    "type": "m.room.history_visibility",
+                    "state_key": "",
+                    "content": {"history_visibility": "joined"},
+                },
+                {
+                    "type": "m.room.guest_access",
+                    "state_key": "",
+                    "content": {"guest_access": "forbidden"},
+                },
+            ],
+            power_level_override={"users": {self.config.bot_mxid: 100}},
+        )
+        return str(room_id)
+
+    async def send_message(
+        self, mxid: str, room_id: str, content: dict[str, Any], *, txn_id: str, ts_ms: int | None
+    ) -> str:
+        intent = self.intent(mxid)
+        event_id = await intent.send_message_event(
+            RoomID(room_id), EventType.ROOM_MESSAGE, content, txn_id=txn_id, timestamp=ts_ms
+        )
+        return str(event_id)
+
+    async def send_notice(self, room_id: str, text: str, *, txn_id: str) -> None:
+        await self.bot.send_message_event(
+            RoomID(room_id),
+            EventType.ROOM_MESSAGE,
+            {"msgtype": "m.notice", "body": text},
+            txn_id=txn_id,
+        )
+
+    async def display_name(self, room_id: str, mxid: str, *, viewer: str) -> str:
+        """A member's display name in a room as ``viewer`` (a member) sees it, else the user id."""
+        try:
+            member = await self.intent(viewer).get_room_member_info(
+                RoomID(room_id), UserID(mxid), ignore_cache=False
+            )
+        except MatrixRequestError:
+            member = None
+        if member is not None and member.displayname:
+            return str(member.displayname)
+        return mxid
+
+    async def joined_members(self, room_id: str, *, viewer: str) -> list[str]:
+        members = await self.intent(viewer).get_joined_members(RoomID(room_id))
+        return [str(u) for u in members]
