@@ -100,7 +100,7 @@ class Homeserver:
                 {
                     "type": "m.room.history_visibility",
                     "state_key": "",
-                    "content": {"history_visibility": "joined"},
+                    "content": {"history_visibility": "invited"},
                 },
                 {
                     "type": "m.room.guest_access",

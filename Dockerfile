@@ -1,0 +1,16 @@
+FROM python:3.11-slim
+
+WORKDIR /opt/eimis-bridge
+COPY pyproject.toml README.md ./
+COPY bridge ./bridge
+COPY connectors ./connectors
+RUN pip install --no-cache-dir . \
+    && useradd --system --home-dir /data --shell /usr/sbin/nologin eimis \
+    && mkdir -p /data && chown eimis /data
+
+USER eimis
+WORKDIR /data
+VOLUME /data
+EXPOSE 29340
+ENTRYPOINT ["eimis-bridge"]
+CMD ["run", "-c", "/data/config.yaml"]

@@ -1,0 +1,315 @@
+"""``eimis-bridge demo``: a local Synapse, the bridge, every shipped sandbox, and a scripted chat.
+
+The script uses only what a user would: each sandbox's user-side API (the stand-in for the
+vendor's app) and the Matrix client-server API for the native user. It prints what each side saw
+and, with ``--once``, exits 0 only when every side saw every message it should have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import ClientSession, web
+from mautrix.client import ClientAPI
+from mautrix.types import PaginationDirection, RoomID, UserID
+
+from bridge.config import parse_config
+from bridge.core.connectors import available_types
+from bridge.devtools.ports import free_port
+from bridge.devtools.synapse import LocalSynapse
+from bridge.logs import setup_logging
+from bridge.registration import write_registration
+
+SERVER_NAME = "eimis.localhost"
+NATIVE_LOCALPART = "camille.martin"
+NATIVE_DISPLAYNAME = "Camille Martin - Médecin (Matrix)"
+TIMEOUT_S = 90.0
+
+
+@dataclass
+class Sandbox:
+    type_name: str
+    url: str
+    runner: web.AppRunner
+    users: list[dict[str, Any]] = field(default_factory=list)
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+
+
+async def start_sandboxes() -> list[Sandbox]:
+    sandboxes = []
+    for type_name, cls in sorted(available_types().items()):
+        app = cls.sandbox_app()
+        if app is None:
+            continue
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        sandboxes.append(Sandbox(type_name, f"http://127.0.0.1:{port}", runner))
+    return sandboxes
+
+
+def bridge_config(state_dir: Path, hs: LocalSynapse, bridge_port: int,
+                  sandboxes: list[Sandbox]) -> dict[str, Any]:
+    return {
+        "homeserver": {"url": hs.url, "domain": hs.server_name},
+        "appservice": {
+            "id": "eimis-bridge",
+            "address": f"http://127.0.0.1:{bridge_port}",
+            "hostname": "127.0.0.1",
+            "port": bridge_port,
+            "registration": str((state_dir / "registration.yaml").resolve()),
+        },
+        "database": {"url": f"sqlite:{(state_dir / 'bridge.db').resolve()}"},
+        "connectors": {
+            s.type_name: {"type": s.type_name, "settings": _cls(s.type_name).sandbox_settings(s.url)}
+            for s in sandboxes
+        },
+        "logging": {"level": "WARNING"},
+    }
+
+
+def _cls(type_name: str) -> Any:
+    return available_types()[type_name]
+
+
+async def wait_for(what: str, check: Any, timeout: float = TIMEOUT_S) -> Any:
+    """Poll an async condition until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    delay = 0.1
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 1.0)
+
+
+class SandboxUser:
+    """A professional using a vendor's app, through the sandbox's user-side API."""
+
+    def __init__(self, http: ClientSession, sandbox: Sandbox, user: dict[str, Any]) -> None:
+        self.http = http
+        self.sandbox = sandbox
+        self.idnps: str = user["idnps"]
+        self.name = f"{user['given_name']} {user['family_name']}"
+        self.base = f"{sandbox.url}/_sandbox/users/{self.idnps}"
+
+    async def start_conversation(self, with_: list[str], title: str) -> str:
+        async with self.http.post(f"{self.base}/conversations",
+                                  json={"with": with_, "title": title}) as resp:
+            resp.raise_for_status()
+            return str((await resp.json())["conversation_id"])
+
+    async def conversations(self) -> list[dict[str, Any]]:
+        async with self.http.get(f"{self.base}/conversations") as resp:
+            resp.raise_for_status()
+            return list((await resp.json())["conversations"])
+
+    async def send(self, conversation_id: str, text: str) -> None:
+        async with self.http.post(f"{self.base}/conversations/{conversation_id}/messages",
+                                  json={"text": text}) as resp:
+            resp.raise_for_status()
+
+    async def inbox(self) -> list[dict[str, Any]]:
+        async with self.http.get(f"{self.base}/inbox") as resp:
+            resp.raise_for_status()
+            return list((await resp.json())["messages"])
+
+
+class NativeUser:
+    """A professional on a plain Matrix client."""
+
+    def __init__(self, client: ClientAPI, user_id: str) -> None:
+        self.client = client
+        self.user_id = user_id
+
+    async def invites(self) -> list[str]:
+        resp = await self.client.api.request("GET", "/_matrix/client/v3/sync",
+                                             query_params={"timeout": "0"})
+        return list((resp.get("rooms") or {}).get("invite", {}))
+
+    async def join(self, room_id: str) -> None:
+        await self.client.join_room_by_id(RoomID(room_id))
+
+    async def send(self, room_id: str, text: str) -> None:
+        await self.client.send_text(RoomID(room_id), text)
+
+    async def messages(self, room_id: str) -> list[tuple[str, str]]:
+        resp = await self.client.get_messages(RoomID(room_id), PaginationDirection.FORWARD,
+                                              limit=100)
+        return [
+            (str(e.sender), str(e.content.get("body", "")))
+            for e in resp.events
+            if str(e.type) == "m.room.message"
+        ]
+
+
+async def play_script(http: ClientSession, sandboxes: list[Sandbox],
+                      native: NativeUser) -> dict[str, list[str]]:
+    """The scripted conversation; returns each side's transcript. Raises when a side misses one."""
+    first, second = sandboxes[0], sandboxes[1]
+    alice = SandboxUser(http, first, first.users[0])
+    bob = SandboxUser(http, second, second.users[0])
+    stamp = time.strftime("%H:%M:%S")
+    lines = {
+        "alice": f"[{stamp}] Bonjour, pouvez-vous passer voir le patient de la chambre 12 ?",
+        "bob": f"[{stamp}] Oui, je passe vers 15 h.",
+        "native": f"[{stamp}] Merci, je prépare l'ordonnance.",
+    }
+    say(f"{alice.name} ({first.type_name}) opens a conversation with {bob.name} "
+        f"({second.type_name}) and {native.user_id} (Matrix)")
+    conversation = await alice.start_conversation([bob.idnps, native.user_id],
+                                                  f"Demo {stamp}: suivi post-opératoire")
+    await alice.send(conversation, lines["alice"])
+
+    room_id = await wait_for("the invite to reach the Matrix user", native.invites)
+    room_id = room_id[-1]
+    await native.join(room_id)
+
+    async def bob_conversation() -> str | None:
+        for conv in await bob.conversations():
+            if conv.get("title", "").startswith(f"Demo {stamp}"):
+                return str(conv["conversation_id"])
+        return None
+
+    bob_conv = await wait_for(f"the conversation to open on {second.type_name}", bob_conversation)
+    await wait_for(f"{bob.name} to receive the first message",
+                   lambda: _inbox_has(bob, lines["alice"]))
+    await bob.send(bob_conv, lines["bob"])
+    await wait_for("the Matrix user to see both vendor messages",
+                   lambda: _room_has(native, room_id, [lines["alice"], lines["bob"]]))
+    await native.send(room_id, lines["native"])
+    await wait_for(f"{alice.name} to see the other two",
+                   lambda: _inbox_has(alice, lines["bob"], lines["native"]))
+    await wait_for(f"{bob.name} to see the Matrix message",
+                   lambda: _inbox_has(bob, lines["native"]))
+
+    transcript = {
+        f"{alice.name} on {first.type_name}": [
+            f"{m['sender_name']}: {m['text']}" for m in await alice.inbox() if stamp in m["text"]
+        ],
+        f"{bob.name} on {second.type_name}": [
+            f"{m['sender_name']}: {m['text']}" for m in await bob.inbox() if stamp in m["text"]
+        ],
+        f"{native.user_id} on Matrix": [
+            f"{sender}: {body}" for sender, body in await native.messages(room_id) if stamp in body
+        ],
+    }
+    return transcript
+
+
+async def _inbox_has(user: SandboxUser, *texts: str) -> bool:
+    seen = [m["text"] for m in await user.inbox()]
+    return all(t in seen for t in texts)
+
+
+async def _room_has(user: NativeUser, room_id: str, texts: list[str]) -> bool:
+    bodies = [body for _, body in await user.messages(room_id)]
+    return all(t in bodies for t in texts)
+
+
+async def run_demo(state_dir: Path, *, once: bool) -> int:
+    from bridge.app import Bridge
+
+    setup_logging("WARNING")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    say(f"EIMIS bridge demo (state in {state_dir}/). Sandboxes emulate vendor APIs; they are "
+        "not the vendors' real services.")
+    sandboxes = await start_sandboxes()
+    if len(sandboxes) < 2:
+        say("The demo needs two connector types with sandboxes installed.")
+        return 1
+    bridge_port = free_port()
+    hs = LocalSynapse(state_dir / "synapse", server_name=SERVER_NAME, port=free_port(),
+                      appservice_registrations=[state_dir / "registration.yaml"])
+    raw_config = bridge_config(state_dir, hs, bridge_port, sandboxes)
+    config = parse_config(raw_config)
+    write_registration(config, state_dir / "registration.yaml")
+    (state_dir / "config.yaml").write_text(yaml.safe_dump(raw_config, sort_keys=False))
+    bridge = None
+    try:
+        say("Starting Synapse ...")
+        await hs.start()
+        native_password = _native_password(state_dir)
+        native_id, native_token = await hs.register_user(NATIVE_LOCALPART, native_password)
+        say("Starting the bridge ...")
+        bridge = Bridge(config)
+        await bridge.start()
+        async with ClientSession() as http:
+            for sandbox in sandboxes:
+                async with http.get(f"{sandbox.url}/_sandbox/users") as resp:
+                    sandbox.users = (await resp.json())["users"]
+            client = ClientAPI(UserID(native_id), base_url=hs.url, token=native_token,
+                               client_session=http)
+            await client.set_displayname(NATIVE_DISPLAYNAME)
+            native = NativeUser(client, native_id)
+            _write_demo_json(state_dir, hs, native_id, native_password, sandboxes)
+            ok = True
+            try:
+                transcript = await play_script(http, sandboxes, native)
+            except TimeoutError as error:
+                ok = False
+                say(f"FAILED: {error}")
+                transcript = {}
+            for side, seen in transcript.items():
+                say(f"\n{side} saw:")
+                for line in seen:
+                    say(f"  {line}")
+            say("\nVerified on every side." if ok else "\nThe scripted conversation FAILED.")
+            if once:
+                return 0 if ok else 1
+            say(f"\nStill running. Log in with any Matrix client at {hs.url} as {native_id} "
+                f"(password in {state_dir}/demo.json); sandbox users are listed there too. "
+                "Ctrl-C to stop.")
+            await asyncio.Event().wait()
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return 0
+    finally:
+        if bridge is not None:
+            await bridge.stop()
+        await hs.stop()
+        for sandbox in sandboxes:
+            await sandbox.runner.cleanup()
+    return 0
+
+
+def _native_password(state_dir: Path) -> str:
+    path = state_dir / "native-password"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(18))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _write_demo_json(state_dir: Path, hs: LocalSynapse, native_id: str, password: str,
+                     sandboxes: list[Sandbox]) -> None:
+    data = {
+        "homeserver_url": hs.url,
+        "server_name": hs.server_name,
+        "native_users": [{"user_id": native_id, "password": password}],
+        "sandboxes": {
+            s.type_name: {"url": s.url, "users": [u["idnps"] for u in s.users]}
+            for s in sandboxes
+        },
+    }
+    path = state_dir / "demo.json"
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    path.chmod(0o600)
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(run_demo(Path(".demo"), once="--once" in sys.argv)))
