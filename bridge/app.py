@@ -42,8 +42,12 @@ class Bridge:
         self._started_connectors: list[str] = []
         self.homeserver_info: dict[str, object] = {}
 
-    async def start(self) -> None:
-        """Open storage, serve the appservice API, check the homeserver, then start the work."""
+    async def start(self, *, paused: bool = False) -> None:
+        """Open storage, serve the appservice API, check the homeserver, then start the work.
+
+        ``paused`` stores everything that arrives but processes nothing (maintenance; tests of
+        what a crash between acknowledgement and processing leaves behind).
+        """
         specs = validate_connectors(self.config)
         as_token, hs_token = load_tokens(self.config)
         self.db = await open_database(self.config.database)
@@ -98,8 +102,9 @@ class Bridge:
             await connector.start()
             self._started_connectors.append(connector_id)
             log.info("Connector %s (%s) started", connector_id, type(connector).type_name)
-        self.inbox.start()
-        self.outbox.start()
+        if not paused:
+            self.inbox.start()
+            self.outbox.start()
         log.info("Bridge running with connectors: %s", ", ".join(self.connectors.ids()) or "none")
 
     async def stop(self) -> None:

@@ -53,7 +53,7 @@ class Router:
             return
         except MatrixRequestError as error:
             if 400 <= error.http_status < 500 and error.http_status != 429:
-                log.warning("Inbox item %d refused by the homeserver: %s", item.seq, error.errcode)
+                log.warning("Inbox item %d refused by the homeserver: %s %s", item.seq, error.errcode, error.message)
                 await self.stores.inbox.mark_failed(item.seq, f"homeserver: {error.errcode}")
                 return
             raise

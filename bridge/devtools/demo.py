@@ -12,76 +12,23 @@ import json
 import secrets
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession
 from mautrix.client import ClientAPI
 from mautrix.types import PaginationDirection, RoomID, UserID
 
-from bridge.config import parse_config
-from bridge.core.connectors import available_types
-from bridge.devtools.ports import free_port
+from bridge.devtools.stack import LocalStack, Sandbox
 from bridge.devtools.synapse import LocalSynapse
 from bridge.logs import setup_logging
-from bridge.registration import write_registration
-
-SERVER_NAME = "eimis.localhost"
 NATIVE_LOCALPART = "camille.martin"
 NATIVE_DISPLAYNAME = "Camille Martin - Médecin (Matrix)"
 TIMEOUT_S = 90.0
 
 
-@dataclass
-class Sandbox:
-    type_name: str
-    url: str
-    runner: web.AppRunner
-    users: list[dict[str, Any]] = field(default_factory=list)
-
-
 def say(line: str = "") -> None:
     print(line, flush=True)
-
-
-async def start_sandboxes() -> list[Sandbox]:
-    sandboxes = []
-    for type_name, cls in sorted(available_types().items()):
-        app = cls.sandbox_app()
-        if app is None:
-            continue
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        sandboxes.append(Sandbox(type_name, f"http://127.0.0.1:{port}", runner))
-    return sandboxes
-
-
-def bridge_config(state_dir: Path, hs: LocalSynapse, bridge_port: int,
-                  sandboxes: list[Sandbox]) -> dict[str, Any]:
-    return {
-        "homeserver": {"url": hs.url, "domain": hs.server_name},
-        "appservice": {
-            "id": "eimis-bridge",
-            "address": f"http://127.0.0.1:{bridge_port}",
-            "hostname": "127.0.0.1",
-            "port": bridge_port,
-            "registration": str((state_dir / "registration.yaml").resolve()),
-        },
-        "database": {"url": f"sqlite:{(state_dir / 'bridge.db').resolve()}"},
-        "connectors": {
-            s.type_name: {"type": s.type_name, "settings": _cls(s.type_name).sandbox_settings(s.url)}
-            for s in sandboxes
-        },
-        "logging": {"level": "WARNING"},
-    }
-
-
-def _cls(type_name: str) -> Any:
-    return available_types()[type_name]
 
 
 async def wait_for(what: str, check: Any, timeout: float = TIMEOUT_S) -> Any:
@@ -223,33 +170,21 @@ async def _room_has(user: NativeUser, room_id: str, texts: list[str]) -> bool:
 
 
 async def run_demo(state_dir: Path, *, once: bool) -> int:
-    from bridge.app import Bridge
-
     setup_logging("WARNING")
-    state_dir.mkdir(parents=True, exist_ok=True)
-    say(f"EIMIS bridge demo (state in {state_dir}/). Sandboxes emulate vendor APIs; they are "
-        "not the vendors' real services.")
-    sandboxes = await start_sandboxes()
-    if len(sandboxes) < 2:
+    say(f"EIMIS bridge demo (state in {state_dir}/). The sandboxes emulate vendor-style APIs; "
+        "they are not the vendors' real services.")
+    stack = LocalStack(state_dir)
+    if len(stack.sandboxes) < 2:
         say("The demo needs two connector types with sandboxes installed.")
         return 1
-    bridge_port = free_port()
-    hs = LocalSynapse(state_dir / "synapse", server_name=SERVER_NAME, port=free_port(),
-                      appservice_registrations=[state_dir / "registration.yaml"])
-    raw_config = bridge_config(state_dir, hs, bridge_port, sandboxes)
-    config = parse_config(raw_config)
-    write_registration(config, state_dir / "registration.yaml")
-    (state_dir / "config.yaml").write_text(yaml.safe_dump(raw_config, sort_keys=False))
-    bridge = None
     try:
-        say("Starting Synapse ...")
-        await hs.start()
+        say("Starting Synapse, the sandboxes and the bridge ...")
+        await stack.start()
+        hs = stack.synapse
         native_password = _native_password(state_dir)
         native_id, native_token = await hs.register_user(NATIVE_LOCALPART, native_password)
-        say("Starting the bridge ...")
-        bridge = Bridge(config)
-        await bridge.start()
         async with ClientSession() as http:
+            sandboxes = list(stack.sandboxes.values())
             for sandbox in sandboxes:
                 async with http.get(f"{sandbox.url}/_sandbox/users") as resp:
                     sandbox.users = (await resp.json())["users"]
@@ -273,17 +208,13 @@ async def run_demo(state_dir: Path, *, once: bool) -> int:
             if once:
                 return 0 if ok else 1
             say(f"\nStill running. Log in with any Matrix client at {hs.url} as {native_id} "
-                f"(password in {state_dir}/demo.json); sandbox users are listed there too. "
-                "Ctrl-C to stop.")
+                f"(password in {state_dir}/demo.json); the sandboxes' users are listed there "
+                "too. Ctrl-C to stop.")
             await asyncio.Event().wait()
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 0
     finally:
-        if bridge is not None:
-            await bridge.stop()
-        await hs.stop()
-        for sandbox in sandboxes:
-            await sandbox.runner.cleanup()
+        await stack.stop()
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Run a real Synapse homeserver as a local subprocess, for the test suite and `eimis-bridge demo`."""
+"""Run a real Synapse homeserver as a local subprocess, for the tests and `eimis-bridge demo`."""
 
 from __future__ import annotations
 
@@ -117,7 +117,9 @@ class LocalSynapse:
             )
         level = log_level.upper()
         if level not in _LOG_LEVELS:
-            raise ValueError(f"log_level must be one of {', '.join(_LOG_LEVELS)}, not {log_level!r}")
+            raise ValueError(
+                f"log_level must be one of {', '.join(_LOG_LEVELS)}, not {log_level!r}"
+            )
         self.state_dir: Path = Path(state_dir).resolve()
         self.server_name: str = server_name
         self.appservice_registrations: tuple[Path, ...] = tuple(
@@ -128,11 +130,11 @@ class LocalSynapse:
         self.start_timeout: float = start_timeout
         self.stop_timeout: float = stop_timeout
         self.extra_config: dict[str, Any] = dict(extra_config or {})
-        self.port: int = port if port is not None else self._pick_port()
-        self.url: str = f"http://127.0.0.1:{self.port}"
         self._proc: subprocess.Popen[bytes] | None = None
         self._stdout: IO[bytes] | None = None
         self._secret: str | None = None
+        self.port: int = port if port is not None else self._pick_port()
+        self.url: str = f"http://127.0.0.1:{self.port}"
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -188,17 +190,23 @@ class LocalSynapse:
             await self._generate_config()
         self._write_config()
 
-        self._stdout = open(self.stdout_log_path, "ab")  # noqa: SIM115 - closed in stop()
+        # Opening a local file and spawning are quick; both are closed/reaped in stop().
+        self._stdout = open(self.stdout_log_path, "ab")  # noqa: SIM115, ASYNC230
         self._stdout.write(f"---- starting Synapse {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
         self._stdout.flush()
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "synapse.app.homeserver", "-c", str(self.config_path)],
-            cwd=self.state_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=self._stdout,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C in the terminal must not reach Synapse
-        )
+        try:
+            # Polled with asyncio.sleep, never waited on while the loop runs.
+            self._proc = subprocess.Popen(  # noqa: ASYNC220
+                [sys.executable, "-m", "synapse.app.homeserver", "-c", str(self.config_path)],
+                cwd=self.state_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=self._stdout,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C in the terminal must not reach Synapse
+            )
+        except BaseException:
+            await self.stop()
+            raise
         (self.state_dir / _PID_NAME).write_text(f"{self._proc.pid}\n")
         atexit.register(self._kill_at_exit)
         try:
@@ -206,7 +214,9 @@ class LocalSynapse:
         except BaseException:
             await self.stop()
             raise
-        log.info("Synapse %s ready at %s in %.1f s", self.server_name, self.url, time.monotonic() - began)
+        log.info(
+            "Synapse %s ready at %s in %.1f s", self.server_name, self.url, time.monotonic() - began
+        )
 
     async def stop(self) -> None:
         """SIGTERM, wait up to ``stop_timeout``, then SIGKILL. A no-op when not running."""
@@ -215,8 +225,11 @@ class LocalSynapse:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 if not await _wait_exit(proc, self.stop_timeout):
-                    log.warning("Synapse (pid %d) ignored SIGTERM for %.0f s; killing it",
-                                proc.pid, self.stop_timeout)
+                    log.warning(
+                        "Synapse (pid %d) ignored SIGTERM for %.0f s; killing it",
+                        proc.pid,
+                        self.stop_timeout,
+                    )
                     proc.kill()
                     await _wait_exit(proc, 10.0)
             self._proc = None
@@ -263,9 +276,7 @@ class LocalSynapse:
                     )
                 nonce = str(body["nonce"])
             message = "\x00".join([nonce, localpart, password, "admin" if admin else "notadmin"])
-            mac = hmac.new(
-                self.registration_shared_secret.encode(), message.encode(), hashlib.sha1
-            )
+            mac = hmac.new(self.registration_shared_secret.encode(), message.encode(), hashlib.sha1)
             payload = {
                 "nonce": nonce,
                 "username": localpart,
@@ -310,7 +321,9 @@ class LocalSynapse:
             previous = int(old["listeners"][0]["port"])
         except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError, ValueError):
             return free_port()
-        return previous if port_is_free(previous) else free_port()
+        if port_is_free(previous) or self._stale_pid() is not None:
+            return previous  # a Synapse left running here is stopped by start()
+        return free_port()
 
     def _load_or_create_secret(self) -> str:
         path = self.state_dir / _SECRET_NAME
@@ -327,17 +340,27 @@ class LocalSynapse:
 
     async def _generate_config(self) -> None:
         cmd = [
-            sys.executable, "-m", "synapse.app.homeserver",
-            "--server-name", self.server_name,
-            "--config-path", str(self.config_path),
-            "--data-directory", str(self.state_dir),
+            sys.executable,
+            "-m",
+            "synapse.app.homeserver",
+            "--server-name",
+            self.server_name,
+            "--config-path",
+            str(self.config_path),
+            "--data-directory",
+            str(self.state_dir),
             "--generate-config",
             "--report-stats=no",
         ]
         try:
             result = await asyncio.to_thread(
-                subprocess.run, cmd, cwd=self.state_dir, stdin=subprocess.DEVNULL,
-                capture_output=True, timeout=120, check=False,
+                subprocess.run,
+                cmd,
+                cwd=self.state_dir,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=120,
+                check=False,
             )
         except subprocess.TimeoutExpired as e:
             raise SynapseStartError("generating the Synapse config timed out after 120 s") from e
@@ -441,7 +464,7 @@ class LocalSynapse:
                     async with http.get(url) as resp:
                         if resp.status == 200 and self._proc.poll() is None:
                             return
-                except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError, OSError):
                     pass
                 if time.monotonic() >= deadline:
                     raise SynapseStartError(
@@ -466,13 +489,8 @@ class LocalSynapse:
         stopping it (e.g. a killed demo). Only a pid whose command line names our config
         file is touched."""
         pid_path = self.state_dir / _PID_NAME
-        try:
-            pid = int(pid_path.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\x00")
-        except (OSError, ValueError):
-            pid_path.unlink(missing_ok=True)
-            return
-        if str(self.config_path).encode() not in cmdline:
+        pid = self._stale_pid()
+        if pid is None:
             pid_path.unlink(missing_ok=True)
             return
         log.warning("Stopping a Synapse left running on %s (pid %d)", self.state_dir, pid)
@@ -485,6 +503,20 @@ class LocalSynapse:
             while _alive(pid) and time.monotonic() < deadline + 10:
                 await asyncio.sleep(_POLL_INTERVAL)
         pid_path.unlink(missing_ok=True)
+
+    def _stale_pid(self) -> int | None:
+        """The pid in state_dir/synapse.pid if that process is a live Synapse running our
+        config file (and not the one this object runs)."""
+        try:
+            pid = int((self.state_dir / _PID_NAME).read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\x00")
+        except (OSError, ValueError):
+            return None
+        if self._proc is not None and self._proc.pid == pid:
+            return None
+        if str(self.config_path).encode() not in cmdline or not _alive(pid):
+            return None
+        return pid
 
     def _kill_at_exit(self) -> None:
         """Last resort at interpreter exit: do not leave an orphaned Synapse behind."""
@@ -531,6 +563,7 @@ def _signal(pid: int, sig: signal.Signals) -> None:
 
 def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when the file existed (the generated config is 0644)
     with os.fdopen(fd, "w") as f:
         f.write(text)
 

@@ -77,7 +77,7 @@ class Homeserver:
                 f"the homeserver cannot reach this bridge at {self.config.appservice.address} "
                 f"({error.errcode}: {error.message}); check appservice.address and the firewall"
             ) from None
-        return {"versions": list(versions.supported_versions), "ping_ms": ping_ms}
+        return {"versions": [str(v) for v in versions.versions], "ping_ms": ping_ms}
 
     # Ghosts and rooms --------------------------------------------------------------------------
 
@@ -108,7 +108,6 @@ class Homeserver:
                     "content": {"guest_access": "forbidden"},
                 },
             ],
-            power_level_override={"users": {self.config.bot_mxid: 100}},
         )
         return str(room_id)
 

@@ -1,0 +1,138 @@
+"""A whole local deployment in one process: Synapse, the bridge, and every shipped sandbox.
+
+Used by ``eimis-bridge demo`` and by the end-to-end tests, so both exercise the same wiring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from bridge.app import Bridge
+from bridge.config import Config, parse_config
+from bridge.core.connectors import available_types
+from bridge.devtools.ports import free_port
+from bridge.devtools.synapse import LocalSynapse
+from bridge.registration import write_registration
+
+SERVER_NAME = "eimis.localhost"
+
+
+@dataclass
+class Sandbox:
+    type_name: str
+    url: str
+    port: int
+    app_factory: Any
+    runner: web.AppRunner | None = None
+    users: list[dict[str, Any]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        self.runner = web.AppRunner(self.app_factory(), access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+class LocalStack:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        database_url: str | None = None,
+        log_level: str = "WARNING",
+    ) -> None:
+        self.state_dir = state_dir.resolve()
+        self.database_url = database_url or f"sqlite:{self.state_dir / 'bridge.db'}"
+        self.log_level = log_level
+        self.bridge_port = free_port()
+        self.sandboxes: dict[str, Sandbox] = {}
+        for type_name, cls in sorted(available_types().items()):
+            if cls.sandbox_app() is None:
+                continue
+            port = free_port()
+            self.sandboxes[type_name] = Sandbox(
+                type_name, f"http://127.0.0.1:{port}", port, cls.sandbox_app
+            )
+        self.registration_path = self.state_dir / "registration.yaml"
+        self.synapse = LocalSynapse(
+            self.state_dir / "synapse",
+            server_name=SERVER_NAME,
+            port=free_port(),
+            appservice_registrations=[self.registration_path],
+        )
+        self.raw_config = self._raw_config()
+        self.config: Config = parse_config(self.raw_config)
+        self.registration: dict[str, Any] = {}
+        self.bridge: Bridge | None = None
+
+    def _raw_config(self) -> dict[str, Any]:
+        types = available_types()
+        return {
+            "homeserver": {"url": self.synapse.url, "domain": SERVER_NAME},
+            "appservice": {
+                "id": "eimis-bridge",
+                "address": f"http://127.0.0.1:{self.bridge_port}",
+                "hostname": "127.0.0.1",
+                "port": self.bridge_port,
+                "registration": str(self.registration_path),
+            },
+            "database": {"url": self.database_url},
+            "connectors": {
+                name: {"type": name, "settings": types[name].sandbox_settings(s.url)}
+                for name, s in self.sandboxes.items()
+            },
+            "logging": {"level": self.log_level},
+        }
+
+    @property
+    def bridge_url(self) -> str:
+        return f"http://127.0.0.1:{self.bridge_port}"
+
+    async def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.registration = write_registration(self.config, self.registration_path)
+        (self.state_dir / "config.yaml").write_text(
+            yaml.safe_dump(self.raw_config, sort_keys=False), encoding="utf-8"
+        )
+        for sandbox in self.sandboxes.values():
+            await sandbox.start()
+        await self.synapse.start()
+        await self.start_bridge()
+
+    async def start_bridge(self, *, paused: bool = False) -> Bridge:
+        self.bridge = Bridge(self.config)
+        await self.bridge.start(paused=paused)
+        return self.bridge
+
+    async def stop_bridge(self) -> None:
+        if self.bridge is not None:
+            await self.bridge.stop()
+            self.bridge = None
+
+    async def stop(self) -> None:
+        try:
+            await self.stop_bridge()
+        finally:
+            await self.synapse.stop()
+            for sandbox in self.sandboxes.values():
+                await sandbox.stop()
+
+    async def __aenter__(self) -> LocalStack:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -1,0 +1,153 @@
+"""HTTP client of the Medipeps-style vendor API (API key header, integer ids, event feed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from pydantic import SecretStr
+
+from connectors.base import ConnectorError
+
+_DEFAULT_TIMEOUT_S = 15.0
+
+
+@dataclass(frozen=True)
+class EventsPage:
+    """One ``GET /mp/events`` answer: raw events in ``seq`` order and the cursor after them."""
+
+    events: list[Any]
+    cursor: int
+
+
+class MedipepsClient:
+    """One connector's session with the vendor.
+
+    Every failure surfaces as a ``ConnectorError``: connection errors, timeouts, 5xx and 429 are
+    retriable; other 4xx (a refused key included) are permanent. Error messages carry the status
+    and the vendor's error code, never the API key or message content.
+    """
+
+    def __init__(
+        self, api_url: str, api_key: SecretStr, *, timeout_s: float = _DEFAULT_TIMEOUT_S
+    ) -> None:
+        self._base = api_url.rstrip("/")
+        self._api_key = api_key
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # Typed API ------------------------------------------------------------------------------------
+
+    async def get_professional(self, idnps: str) -> dict[str, Any] | None:
+        """``GET /mp/professionals/{idnps}``: the professional's JSON, or None when unknown."""
+        status, body = await self._call(
+            "GET", f"/mp/professionals/{quote(idnps, safe='')}", allow_404=True
+        )
+        return None if status == 404 else _object(body, "professional")
+
+    async def create_conversation(self, body: dict[str, Any]) -> int:
+        """``POST /mp/conversations``; returns ``conv`` (the same for a repeated request_ref)."""
+        _, data = await self._call("POST", "/mp/conversations", json=body)
+        return _int_field(data, "conv", "conversation")
+
+    async def post_message(self, conv: int, body: dict[str, Any]) -> int:
+        """``POST /mp/conversations/{conv}/messages``; returns ``msg``."""
+        _, data = await self._call("POST", f"/mp/conversations/{conv}/messages", json=body)
+        return _int_field(data, "msg", "message")
+
+    async def events(self, after: int, limit: int) -> EventsPage:
+        """``GET /mp/events?after=&limit=``: the events with ``seq > after``, oldest first."""
+        _, data = await self._call(
+            "GET", "/mp/events", params={"after": str(after), "limit": str(limit)}
+        )
+        events = _object(data, "events page").get("events")
+        if not isinstance(events, list):
+            raise ConnectorError("Medipeps answered an events page without a list", retriable=False)
+        return EventsPage(events=events, cursor=_int_field(data, "cursor", "events page"))
+
+    # Plumbing -------------------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+        allow_404: bool = False,
+    ) -> tuple[int, Any]:
+        headers = {"X-Api-Key": self._api_key.get_secret_value(), "Accept": "application/json"}
+        what = f"Medipeps {method} {path}"
+        try:
+            async with self._http().request(
+                method, self._base + path, json=json, params=params, headers=headers
+            ) as resp:
+                body = await _read_json(resp)
+                if not (resp.status == 404 and allow_404):
+                    _raise_for_status(what, resp.status, body)
+                return resp.status, body
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise ConnectorError(f"{what}: {_describe(exc)}", retriable=True) from exc
+
+
+# --- Helpers --------------------------------------------------------------------------------------
+
+
+async def _read_json(resp: aiohttp.ClientResponse) -> Any:
+    """The response's JSON body, or None when it has none (an HTML error page, an empty body)."""
+    try:
+        return await resp.json(content_type=None)
+    except ValueError:
+        return None
+
+
+def _raise_for_status(what: str, status: int, body: Any) -> None:
+    if status < 400:
+        return
+    detail = f"{what}: HTTP {status}{_vendor_error(body)}"
+    raise ConnectorError(detail, retriable=status >= 500 or status == 429)
+
+
+def _vendor_error(body: Any) -> str:
+    """`` (CODE: detail)`` from a vendor error body, bounded; empty when there is none."""
+    if not isinstance(body, dict):
+        return ""
+    parts = [
+        str(p)[:200] for p in (body.get("code"), body.get("detail")) if isinstance(p, str) and p
+    ]
+    return f" ({': '.join(parts)})" if parts else ""
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _object(body: Any, what: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ConnectorError(
+            f"Medipeps answered a malformed {what} (not an object)", retriable=False
+        )
+    return body
+
+
+def _int_field(body: Any, key: str, what: str) -> int:
+    value = _object(body, what).get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConnectorError(
+            f"Medipeps answered a {what} without an integer {key!r}", retriable=False
+        )
+    return value

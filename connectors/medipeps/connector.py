@@ -1,0 +1,214 @@
+"""The Medipeps connector: REST calls out, a polled event feed in."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any, ClassVar
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
+
+from bridge.directory.idnps import Idnps
+from connectors.base import (
+    Capabilities,
+    Connector,
+    ConnectorContext,
+    ConnectorError,
+    NewConversation,
+    OutboundMessage,
+    RemoteUser,
+)
+from connectors.medipeps import convert
+from connectors.medipeps.client import MedipepsClient
+
+CURSOR_KEY = "cursor"
+
+
+class InvalidStoredCursor(Exception):
+    """The cursor in the store is not a non-negative integer (the poller keeps retrying)."""
+
+
+class MedipepsSettings(BaseModel):
+    """The ``settings`` block of a Medipeps connector."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_url: HttpUrl | str
+    api_key: SecretStr
+    poll_interval_s: float = Field(default=1.0, gt=0)
+    page_size: int = Field(default=100, ge=1, le=500)
+
+
+class MedipepsConnector(Connector):
+    """A Medipeps-style vendor: API key, plain text, an event feed the connector polls."""
+
+    type_name: ClassVar[str] = "medipeps"
+    Settings: ClassVar[type[BaseModel]] = MedipepsSettings
+    capabilities: ClassVar[Capabilities] = Capabilities(formatting="plain", max_text_length=4000)
+
+    backoff_initial_s: float = 1.0
+    """First wait after a failed poll; doubles per consecutive failure up to ``backoff_max_s``."""
+    backoff_max_s: float = 60.0
+
+    def __init__(self, ctx: ConnectorContext) -> None:
+        super().__init__(ctx)
+        self.settings = _settings(ctx.settings)
+        self.client = MedipepsClient(str(self.settings.api_url), self.settings.api_key)
+        self._poller: asyncio.Task[None] | None = None
+
+    # Lifecycle ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start polling the feed from the stored cursor."""
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(
+                self._poll_forever(), name=f"medipeps-poll-{self.ctx.connector_id}"
+            )
+
+    async def stop(self) -> None:
+        """Cancel the poller (mid-page is safe: the cursor only moves after a whole page)."""
+        task, self._poller = self._poller, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        await self.client.close()
+
+    @property
+    def polling(self) -> bool:
+        return self._poller is not None and not self._poller.done()
+
+    # Bridge -> vendor -----------------------------------------------------------------------------
+
+    async def create_conversation(self, conversation: NewConversation) -> str:
+        conv = await self.client.create_conversation(convert.conversation_body(conversation))
+        return str(conv)
+
+    async def send_message(self, conversation_id: str, message: OutboundMessage) -> str:
+        try:
+            conv = convert.parse_conversation_id(conversation_id)
+        except ValueError as exc:
+            raise ConnectorError(f"Medipeps: {exc}", retriable=False) from exc
+        msg = await self.client.post_message(conv, convert.message_body(message))
+        return str(msg)
+
+    async def get_user(self, idnps: Idnps) -> RemoteUser | None:
+        body = await self.client.get_professional(idnps)
+        if body is None:
+            return None
+        try:
+            return convert.user_from_json(body)
+        except convert.InvalidPayload as exc:
+            raise ConnectorError(
+                f"Medipeps answered a malformed professional: {exc}", retriable=False
+            ) from exc
+
+    # Vendor -> bridge -----------------------------------------------------------------------------
+
+    async def _poll_forever(self) -> None:
+        """Poll until cancelled: at once after a full page, else every ``poll_interval_s``."""
+        cursor: int | None = None
+        failures = 0
+        while True:
+            try:
+                if cursor is None:
+                    cursor = await self._load_cursor()
+                full, cursor = await self._poll_once(cursor)
+            except Exception as exc:  # noqa: BLE001 - any failure: back off, never die
+                failures += 1
+                delay = self._backoff(failures)
+                self.log.warning(
+                    "medipeps %s: polling failed (%s), attempt %d, retrying in %.1f s",
+                    self.ctx.connector_id,
+                    _reason(exc),
+                    failures,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            if failures:
+                self.log.info(
+                    "medipeps %s: polling recovered after %d failures",
+                    self.ctx.connector_id,
+                    failures,
+                )
+                failures = 0
+            if not full:
+                await asyncio.sleep(self.settings.poll_interval_s)
+
+    async def _poll_once(self, cursor: int) -> tuple[bool, int]:
+        """Read one page, emit it in order, then store the new cursor. Returns (page full, cursor).
+
+        If an emit fails, the cursor is not stored: the next poll re-reads the page, and the bridge
+        ignores the events it already stored (their ``event_id`` is stable).
+        """
+        page = await self.client.events(after=cursor, limit=self.settings.page_size)
+        for raw in page.events:
+            await self._emit_one(raw)
+        if page.cursor != cursor:
+            await self.ctx.store.set(CURSOR_KEY, str(page.cursor))
+        return len(page.events) >= self.settings.page_size, page.cursor
+
+    async def _emit_one(self, raw: Any) -> None:
+        try:
+            event = convert.event_from_feed(raw)
+        except convert.InvalidPayload as exc:
+            # Skip, do not stall: an event we cannot parse (invalid IDNPS, unknown type ...) would
+            # fail the same way on every re-read and block the feed forever. It is not dropped
+            # silently either: it is logged at ERROR with its seq and the reason (no content), so
+            # an operator can follow up with the vendor.
+            self.log.error(
+                "medipeps %s: skipped unparsable event seq=%s: %s",
+                self.ctx.connector_id,
+                convert.event_seq(raw),
+                exc,
+            )
+            return
+        await self.ctx.emit(event)
+
+    async def _load_cursor(self) -> int:
+        stored = await self.ctx.store.get(CURSOR_KEY)
+        if stored is None:
+            return 0
+        if not stored.isascii() or not stored.isdigit():
+            raise InvalidStoredCursor(
+                f"the stored cursor {stored[:30]!r} is not a non-negative integer"
+            )
+        return int(stored)
+
+    def _backoff(self, failures: int) -> float:
+        """Capped exponential backoff with jitter (half to full of the capped delay)."""
+        delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(failures - 1, 30))
+        return random.uniform(delay / 2, delay)
+
+    # Sandbox --------------------------------------------------------------------------------------
+
+    @classmethod
+    def sandbox_app(cls) -> web.Application:
+        from connectors.medipeps.sandbox import create_app
+
+        return create_app()
+
+    @classmethod
+    def sandbox_settings(cls, sandbox_url: str) -> dict[str, Any]:
+        from connectors.medipeps.sandbox import API_KEY
+
+        return {"api_url": sandbox_url, "api_key": API_KEY}
+
+
+def _settings(settings: BaseModel) -> MedipepsSettings:
+    """The context's settings as ``MedipepsSettings`` (validated again if another model)."""
+    if isinstance(settings, MedipepsSettings):
+        return settings
+    return MedipepsSettings.model_validate(settings.model_dump())
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-line reason for a log: our own error messages, else only the exception type.
+
+    ``ConnectorError`` messages are built by the client (status, vendor error code, no secrets);
+    anything else (a storage error ...) might quote data, so only its type is logged.
+    """
+    if isinstance(exc, (ConnectorError, InvalidStoredCursor)):
+        return str(exc)
+    return type(exc).__name__

@@ -1,0 +1,191 @@
+"""The PandaLab connector: REST calls out, signed webhooks in."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from typing import Any, ClassVar
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
+
+from bridge.directory.idnps import Idnps
+from connectors.base import (
+    Capabilities,
+    Connector,
+    ConnectorContext,
+    ConnectorError,
+    NewConversation,
+    OutboundMessage,
+    RemoteUser,
+)
+from connectors.pandalab import convert
+from connectors.pandalab.client import PandaLabClient
+
+SIGNATURE_HEADER = "X-PandaLab-Signature"
+TIMESTAMP_HEADER = "X-PandaLab-Timestamp"
+SANDBOX_WEBHOOK_SECRET = "pandalab-sandbox-demo-webhook-secret"
+"""The fixed webhook secret ``sandbox_settings`` uses: a demo value, never for a real vendor."""
+
+
+class PandaLabSettings(BaseModel):
+    """The ``settings`` block of a PandaLab connector."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_url: HttpUrl | str
+    client_id: str
+    client_secret: SecretStr
+    webhook_secret: SecretStr
+    replay_window_s: int = Field(default=300, ge=1)
+
+
+class PandaLabConnector(Connector):
+    """A PandaLab-style vendor: OAuth2 client credentials, Markdown text, webhook push."""
+
+    type_name: ClassVar[str] = "pandalab"
+    Settings: ClassVar[type[BaseModel]] = PandaLabSettings
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        formatting="markdown", max_text_length=10000
+    )
+
+    def __init__(self, ctx: ConnectorContext) -> None:
+        super().__init__(ctx)
+        self.settings = _settings(ctx.settings)
+        self.client = PandaLabClient(
+            str(self.settings.api_url), self.settings.client_id, self.settings.client_secret
+        )
+
+    # Lifecycle ------------------------------------------------------------------------------------
+
+    @property
+    def webhook_url(self) -> str:
+        return f"{self.ctx.public_base_url.rstrip('/')}/webhook"
+
+    async def start(self) -> None:
+        """Tell PandaLab where to push events (and check the credentials on the way)."""
+        await self.client.set_webhook(self.webhook_url, self.settings.webhook_secret)
+        self.log.info(
+            "pandalab %s: webhook registered at %s", self.ctx.connector_id, self.webhook_url
+        )
+
+    async def stop(self) -> None:
+        await self.client.close()
+
+    # Bridge -> vendor -----------------------------------------------------------------------------
+
+    async def create_conversation(self, conversation: NewConversation) -> str:
+        return await self.client.create_conversation(
+            convert.conversation_body(conversation), idempotency_key=conversation.request_id
+        )
+
+    async def send_message(self, conversation_id: str, message: OutboundMessage) -> str:
+        return await self.client.post_message(
+            conversation_id, convert.message_body(message), idempotency_key=message.request_id
+        )
+
+    async def get_user(self, idnps: Idnps) -> RemoteUser | None:
+        body = await self.client.get_user(idnps)
+        if body is None:
+            return None
+        try:
+            return convert.user_from_json(body)
+        except convert.InvalidPayload as exc:
+            raise ConnectorError(
+                f"PandaLab answered a malformed user: {exc}", retriable=False
+            ) from exc
+
+    # Vendor -> bridge -----------------------------------------------------------------------------
+
+    def web_routes(self) -> list[web.RouteDef]:
+        return [web.post("/webhook", self._on_webhook)]
+
+    async def _on_webhook(self, request: web.Request) -> web.Response:
+        """Verify, parse, store; answer 2xx only once stored (else PandaLab redelivers)."""
+        raw = await request.read()
+        refusal = self._check_signature(
+            request.headers.get(TIMESTAMP_HEADER), request.headers.get(SIGNATURE_HEADER), raw
+        )
+        if refusal is not None:
+            return self._refuse(401, "unauthorized", refusal)
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            return self._refuse(400, "malformed_json", "the body is not valid JSON")
+        try:
+            event = convert.event_from_webhook(payload)
+        except convert.InvalidPayload as exc:
+            return self._refuse(400, "invalid_event", str(exc))
+        try:
+            await self.ctx.emit(event)
+        except Exception as exc:  # noqa: BLE001 - any storage failure: let PandaLab redeliver
+            self.log.error(
+                "pandalab %s: could not store webhook event %s (%s); asking for redelivery",
+                self.ctx.connector_id,
+                event.event_id,
+                type(exc).__name__,
+            )
+            return _json_error(503, "not_stored", "the event could not be stored; deliver it again")
+        return web.json_response({"ok": True})
+
+    def _check_signature(
+        self, timestamp: str | None, signature: str | None, raw: bytes
+    ) -> str | None:
+        """Why the request is not authentic (bad signature, outside the replay window), or None."""
+        if not timestamp or not signature:
+            return f"the {TIMESTAMP_HEADER} and {SIGNATURE_HEADER} headers are required"
+        secret = self.settings.webhook_secret.get_secret_value().encode()
+        digest = hmac.new(secret, timestamp.encode() + b"." + raw, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(
+            f"sha256={digest}".encode(), signature.encode("utf-8", "replace")
+        ):
+            return "the signature does not match"
+        try:
+            sent_at = int(timestamp)
+        except ValueError:
+            return f"{TIMESTAMP_HEADER} is not a unix time in seconds"
+        skew = abs(time.time() - sent_at)
+        if skew > self.settings.replay_window_s:
+            return (
+                f"the timestamp is {skew:.0f} s away from the receiver's clock, outside the "
+                f"{self.settings.replay_window_s} s replay window"
+            )
+        return None
+
+    def _refuse(self, status: int, code: str, reason: str) -> web.Response:
+        self.log.warning(
+            "pandalab %s: webhook refused (%s): %s", self.ctx.connector_id, status, reason
+        )
+        return _json_error(status, code, reason)
+
+    # Sandbox --------------------------------------------------------------------------------------
+
+    @classmethod
+    def sandbox_app(cls) -> web.Application:
+        from connectors.pandalab.sandbox import create_app
+
+        return create_app()
+
+    @classmethod
+    def sandbox_settings(cls, sandbox_url: str) -> dict[str, Any]:
+        from connectors.pandalab.sandbox import CLIENT_ID, CLIENT_SECRET
+
+        return {
+            "api_url": sandbox_url,
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "webhook_secret": SANDBOX_WEBHOOK_SECRET,
+        }
+
+
+def _settings(settings: BaseModel) -> PandaLabSettings:
+    """The context's settings as ``PandaLabSettings`` (validated again if another model)."""
+    if isinstance(settings, PandaLabSettings):
+        return settings
+    return PandaLabSettings.model_validate(settings.model_dump())
+
+
+def _json_error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)

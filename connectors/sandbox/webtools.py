@@ -1,0 +1,141 @@
+"""HTTP plumbing shared by the sandboxes: JSON bodies checked by pydantic, errors always as JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from connectors.sandbox.kernel import Kernel, SandboxError, bad_request
+
+log = logging.getLogger("eimis.sandbox")
+
+MAX_BODY_BYTES = 1024 * 1024
+"""Largest request body; more is refused with 413 (message texts have their own 64 KiB limit)."""
+
+USER_API_PREFIX = "/_sandbox/"
+
+KERNEL_KEY = web.AppKey("sandbox_kernel", Kernel)
+"""Where a sandbox app keeps its kernel (for tools and tests that look inside)."""
+
+ErrorFormatter = Callable[[SandboxError], dict[str, Any]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class Body(BaseModel):
+    """Base of request bodies: strict types (no "1" for 1), unknown fields ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+
+
+def iso8601(moment: datetime) -> str:
+    """ISO-8601 with milliseconds and the UTC offset, e.g. ``2025-01-31T08:00:00.000+00:00``."""
+    return moment.isoformat(timespec="milliseconds")
+
+
+def epoch_ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def user_api_error(error: SandboxError) -> dict[str, Any]:
+    """The error body of the user-side API (the same in every sandbox)."""
+    return {"error": error.code, "message": error.message}
+
+
+async def read_body(request: web.Request, model: type[M]) -> M:
+    """The request's JSON object validated as ``model``, or a 400/413 with a sentence."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise SandboxError(
+            413, "body_too_large", f"The request body is larger than {MAX_BODY_BYTES} bytes."
+        ) from None
+    if not raw.strip():
+        raise bad_request("The request body is empty; a JSON object is expected.")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise bad_request("The request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise bad_request("The request body must be a JSON object.")
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request(
+            "The request body holds a string that is not valid Unicode (a lone surrogate)."
+        ) from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise bad_request(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One sentence for the first problem pydantic found, naming the field."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    path = ""
+    for part in first["loc"]:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    if first["type"] == "missing":
+        return f"The field '{path}' is required."
+    return f"The field '{path}' is invalid: {first['msg']}." if path else f"{first['msg']}."
+
+
+def error_response(error: SandboxError, formatter: ErrorFormatter) -> web.Response:
+    response = web.json_response(formatter(error), status=error.status)
+    response.headers.update(error.headers)
+    return response
+
+
+_HTTP_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+}
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> SandboxError:
+    if exc.status == 404:
+        sentence = f"There is no endpoint {request.path[:100]!r}."
+    elif exc.status == 405:
+        sentence = f"The method {request.method} is not allowed on {request.path[:100]!r}."
+    elif exc.status == 413:
+        sentence = f"The request body is larger than {MAX_BODY_BYTES} bytes."
+    else:
+        sentence = f"The request was refused: {exc.reason}."
+    error = SandboxError(exc.status, _HTTP_CODES.get(exc.status, "error"), sentence)
+    if "Allow" in exc.headers:
+        error.headers["Allow"] = exc.headers["Allow"]
+    return error
+
+
+def error_middleware(vendor_error: ErrorFormatter) -> Middleware:
+    """Turn every refusal into a JSON error: the vendor's format, or the user-side API's one."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        user_side = request.path.startswith(USER_API_PREFIX)
+        formatter = user_api_error if user_side else vendor_error
+        try:
+            return await handler(request)
+        except SandboxError as error:
+            return error_response(error, formatter)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error_response(_from_http_exception(request, exc), formatter)
+        except Exception:
+            log.exception("sandbox: unexpected error on %s %s", request.method, request.path)
+            failure = SandboxError(500, "internal_error", "The sandbox failed unexpectedly.")
+            return error_response(failure, formatter)
+
+    return middleware
