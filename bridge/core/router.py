@@ -84,6 +84,8 @@ class Router:
             return
         if target == self.ids.bot_mxid:
             return  # the admin room arrives with the operators' issue; the bot stays out for now
+        if self.ids.in_namespace(raw["sender"]):
+            return  # the bridge invited its own ghost while opening a portal: already handled
         await self.portals.open_from_invite(
             raw["room_id"], raw["sender"], target, bool(content.get("is_direct"))
         )

@@ -22,8 +22,8 @@ from mautrix.types import PaginationDirection, RoomID, UserID
 from bridge.devtools.stack import LocalStack, Sandbox
 from bridge.devtools.synapse import LocalSynapse
 from bridge.logs import setup_logging
-NATIVE_LOCALPART = "camille.martin"
-NATIVE_DISPLAYNAME = "Camille Martin - Médecin (Matrix)"
+NATIVE_LOCALPART = "julie.bernard"
+NATIVE_DISPLAYNAME = "Julie Bernard - Médecin"
 TIMEOUT_S = 90.0
 
 
@@ -83,11 +83,17 @@ class NativeUser:
     def __init__(self, client: ClientAPI, user_id: str) -> None:
         self.client = client
         self.user_id = user_id
+        self._since: str | None = None
+        self._invites: list[str] = []
 
     async def invites(self) -> list[str]:
-        resp = await self.client.api.request("GET", "/_matrix/client/v3/sync",
-                                             query_params={"timeout": "0"})
-        return list((resp.get("rooms") or {}).get("invite", {}))
+        """Rooms this user is invited to, from an incremental /sync (Synapse caches repeats)."""
+        resp = await self.client.sync(since=self._since, timeout=1000)
+        self._since = resp.get("next_batch", self._since)
+        for room_id in (resp.get("rooms") or {}).get("invite", {}):
+            if room_id not in self._invites:
+                self._invites.append(room_id)
+        return list(self._invites)
 
     async def join(self, room_id: str) -> None:
         await self.client.join_room_by_id(RoomID(room_id))
