@@ -142,17 +142,20 @@ class Portals:
             )
 
     async def open_from_invite(self, room_id: str, inviter: str, ghost_mxid: str,
-                               is_direct: bool) -> None:
-        """A Matrix user invited a ghost: join, and open the vendor conversation behind it."""
+                               is_direct: bool) -> bool:
+        """A Matrix user invited a ghost: join, and open the vendor conversation behind it.
+
+        Returns True when a vendor conversation was queued for opening.
+        """
         ref = self.ids.parse(ghost_mxid)
         if ref is None or ref.connector not in self.connectors:
-            return
+            return False
         intent = self.hs.intent(ghost_mxid)
         try:
             ghost = await self.ghost(ref.connector, ref.idnps)
         except UnknownUser as error:
             await self._refuse_invite(room_id, ghost_mxid, str(error))
-            return
+            return False
         try:
             await intent.join_room(RoomID(room_id), max_retries=0)
         except MatrixRequestError as error:
@@ -170,7 +173,7 @@ class Portals:
                 f"{ghost.display_name} joined on Matrix, but adding people to an existing "
                 f"{ref.connector} conversation is not supported yet.",
             )
-            return
+            return False
         member_ids = await self.hs.joined_members(room_id, viewer=ghost_mxid)
         if inviter not in member_ids:
             member_ids.append(inviter)
@@ -181,6 +184,7 @@ class Portals:
         async with self.stores.db.acquire() as conn, conn.transaction():
             await self._queue_conversation(room_id, ref.connector, portal.title, everyone, conn=conn)
         log.info("Opened portal %s for a Matrix invite to a %s user", room_id, ref.connector)
+        return True
 
     async def _queue_conversation(
         self, room_id: str, connector_id: str, title: str | None, everyone: list[Member], *, conn

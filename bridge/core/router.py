@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from mautrix.errors import MatrixRequestError
-from mautrix.types import Event, RoomID, StateEvent
+from mautrix.types import Event, PaginationDirection, RoomID, StateEvent
 
 from bridge.core.errors import PermanentFailure
 from bridge.core.portals import SEND_MESSAGE, Portals
@@ -86,9 +86,36 @@ class Router:
             return  # the admin room arrives with the operators' issue; the bot stays out for now
         if self.ids.in_namespace(raw["sender"]):
             return  # the bridge invited its own ghost while opening a portal: already handled
-        await self.portals.open_from_invite(
+        opened = await self.portals.open_from_invite(
             raw["room_id"], raw["sender"], target, bool(content.get("is_direct"))
         )
+        if opened:
+            await self._catch_up(raw["room_id"], target, int(raw.get("origin_server_ts") or 0))
+
+    async def _catch_up(self, room_id: str, viewer: str, since_ts: int) -> None:
+        """Route what was said between the invite and the ghost's join.
+
+        The homeserver only sends an appservice the events of rooms where one of its users is
+        joined, so a message written right after inviting a ghost would otherwise never arrive.
+        Outbox items are keyed by event id, so a message that does arrive later is not doubled.
+        """
+        missed: list[dict[str, Any]] = []
+        from_token = None
+        for _ in range(10):  # at most 10 pages of 50 events back to the invite
+            page = await self.hs.intent(viewer).get_messages(
+                RoomID(room_id), PaginationDirection.BACKWARD, from_token=from_token, limit=50
+            )
+            events = [e.serialize() for e in page.events]
+            missed.extend(
+                e for e in events
+                if e.get("type") == "m.room.message" and e.get("origin_server_ts", 0) >= since_ts
+            )
+            if not events or min(e.get("origin_server_ts", 0) for e in events) < since_ts:
+                break
+            from_token = page.end
+        for event in reversed(missed):
+            event.setdefault("room_id", room_id)
+            await self._message(event)
 
     async def _message(self, raw: dict[str, Any]) -> None:
         room_id, sender, event_id = raw["room_id"], raw["sender"], raw["event_id"]
