@@ -29,6 +29,4 @@ def setup_logging(level: str = "INFO", json_format: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # mautrix logs request bodies at DEBUG; keep its HTTP layer quiet whatever our level is.
-    logging.getLogger("eimis.matrix.api").setLevel(max(logging.INFO, logging.getLevelName(level)))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -302,3 +303,30 @@ async def test_restart_between_ack_and_processing_loses_nothing(
                    lambda: received(bob, from_matrix), 30)
     await native.wait_for_message(room_id, text_is(from_vendor), timeout=30)
     assert (await inbox_texts(bob)).count(from_matrix) == 1
+
+
+async def test_message_content_and_tokens_never_reach_the_logs(
+    stack: LocalStack, http: ClientSession, native: MatrixUser, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    alice = (await users_of(stack, http, "pandalab"))[1]
+    title = unique("Logs check")
+    conversation = await alice.start_conversation([native.user_id], title)
+    secret_text = unique("Contenu clinique confidentiel")
+    await alice.send(conversation, secret_text)
+    room_id = await portal_of(stack, "pandalab", conversation)
+    await native.accept_invites(room_id, timeout=30)
+    await native.wait_for_message(room_id, text_is(secret_text), timeout=30)
+    reply = unique("Réponse confidentielle")
+    await native.send_text(room_id, reply)
+    await wait_for("the reply at PandaLab", lambda: received(alice, reply), 30)
+
+    logged = "\n".join(
+        record.getMessage() + " " + str(record.__dict__.get("matrix_http_request", ""))
+        for record in caplog.records
+        if not record.name.startswith("nio")  # the test's own Matrix client, not the bridge
+    )
+    assert any(r.name.startswith("eimis") for r in caplog.records), "no bridge logs captured"
+    for forbidden in (secret_text, reply, title, stack.registration["as_token"],
+                      stack.registration["hs_token"]):
+        assert forbidden not in logged

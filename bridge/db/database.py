@@ -25,6 +25,8 @@ def _normalise_url(url: str) -> str:
 
 async def open_database(config: DatabaseConfig) -> Database:
     """Connect, run pending migrations (ours and mautrix's state store), and return the pool."""
+    # aiosqlite logs every statement with its parameters (message content) at DEBUG.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
     db_args = {"min_size": config.min_size, "max_size": config.max_size}
     if config.is_sqlite:
         # One connection: SQLite has one writer anyway, and a single connection keeps every

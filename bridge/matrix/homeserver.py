@@ -32,11 +32,14 @@ class Homeserver:
     def __init__(self, config: Config, as_token: str, db: Database, session: ClientSession):
         self.config = config
         self.state_store = PgASStateStore(db)
+        api_log = logging.getLogger("eimis.matrix.api")
+        # mautrix logs request bodies (message content) at DEBUG: never let those records exist.
+        api_log.setLevel(logging.INFO)
         self.api = AppServiceAPI(
             base_url=config.homeserver.url,
             bot_mxid=UserID(config.bot_mxid),
             token=as_token,
-            log=logging.getLogger("eimis.matrix.api"),  # type: ignore[arg-type]
+            log=api_log,  # type: ignore[arg-type]
             state_store=self.state_store,
             client_session=session,
             default_retry_count=3,
