@@ -20,7 +20,9 @@ def user_namespace_regex(config: Config) -> str:
     """
     prefix = re.escape(config.appservice.user_prefix)
     domain = re.escape(config.homeserver.domain)
-    return f"@{prefix}.*:{domain}"
+    # Anchored at the end: homeservers match namespaces from the start only, and a server whose
+    # name merely begins with ours must not fall into our exclusive namespace.
+    return f"@{prefix}.*:{domain}$"
 
 
 def build_registration(config: Config) -> dict[str, Any]:

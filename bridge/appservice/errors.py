@@ -7,13 +7,16 @@ import json
 from aiohttp import web
 
 
+class MatrixError(web.HTTPException):
+    """An HTTP error whose body is ``{"errcode": ..., "error": ...}``, for any status."""
+
+    def __init__(self, status: int, errcode: str, message: str) -> None:
+        self.status_code = status
+        super().__init__(
+            text=json.dumps({"errcode": errcode, "error": message}),
+            content_type="application/json",
+        )
+
+
 def matrix_error(status: int, errcode: str, message: str) -> web.HTTPException:
-    body = json.dumps({"errcode": errcode, "error": message})
-    cls = web.HTTPException
-    for candidate in (web.HTTPBadRequest, web.HTTPUnauthorized, web.HTTPForbidden,
-                      web.HTTPNotFound, web.HTTPRequestEntityTooLarge, web.HTTPServiceUnavailable,
-                      web.HTTPInternalServerError):
-        if candidate.status_code == status:
-            cls = candidate
-            break
-    return cls(text=body, content_type="application/json")
+    return MatrixError(status, errcode, message)

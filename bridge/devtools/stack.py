@@ -31,7 +31,7 @@ class Sandbox:
     runner: web.AppRunner | None = None
     users: list[dict[str, Any]] = field(default_factory=list)
 
-    async def start(self) -> None:
+    async def start(self, *, with_bridge: bool = True) -> None:
         self.runner = web.AppRunner(self.app_factory(), access_log=None)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
@@ -97,7 +97,7 @@ class LocalStack:
     def bridge_url(self) -> str:
         return f"http://127.0.0.1:{self.bridge_port}"
 
-    async def start(self) -> None:
+    async def start(self, *, with_bridge: bool = True) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.registration = write_registration(self.config, self.registration_path)
         (self.state_dir / "config.yaml").write_text(
@@ -106,7 +106,8 @@ class LocalStack:
         for sandbox in self.sandboxes.values():
             await sandbox.start()
         await self.synapse.start()
-        await self.start_bridge()
+        if with_bridge:
+            await self.start_bridge()
 
     async def start_bridge(self, *, paused: bool = False) -> Bridge:
         self.bridge = Bridge(self.config)
