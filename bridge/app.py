@@ -132,13 +132,19 @@ class Bridge:
         deadline = time.monotonic() + self.config.homeserver.startup_timeout_s
         delay = 0.5
         while True:
+            remaining = max(deadline - time.monotonic(), 0.1)
             try:
-                info = await self.homeserver.check()
+                info = await asyncio.wait_for(self.homeserver.check(), remaining)
                 log.info("Homeserver OK (ping %s ms)", info["ping_ms"])
                 return info
-            except HomeserverCheckFailed:
+            except (HomeserverCheckFailed, asyncio.TimeoutError) as error:
                 if time.monotonic() + delay > deadline:
-                    raise
+                    if isinstance(error, HomeserverCheckFailed):
+                        raise
+                    raise HomeserverCheckFailed(
+                        f"the homeserver at {self.config.homeserver.url} does not answer within "
+                        f"{self.config.homeserver.startup_timeout_s:g} s; check homeserver.url"
+                    ) from None
                 log.warning("Homeserver not ready yet; retrying in %.1fs", delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
