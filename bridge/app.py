@@ -65,11 +65,19 @@ class Bridge:
         self.portals = Portals(self.stores, self.homeserver, self.connectors, self.ids)
         self.delivery = Delivery(self.stores, self.homeserver, self.connectors)
         self.outbox = LaneScheduler[OutboxItem](
-            "outbox", self.stores.outbox.pending, self.delivery.handle, self.delivery.record_error
+            "outbox",
+            self.stores.outbox.pending,
+            self.delivery.handle,
+            self.delivery.record_error,
+            fetch_lane=self.stores.outbox.pending_in_lane,
         )
         self.router = Router(self.stores, self.homeserver, self.portals, self.outbox.notify)
         self.inbox = LaneScheduler[InboxItem](
-            "inbox", self.stores.inbox.pending, self.router.handle, self.router.record_error
+            "inbox",
+            self.stores.inbox.pending,
+            self.router.handle,
+            self.router.record_error,
+            fetch_lane=self.stores.inbox.pending_in_lane,
         )
         server = AppserviceServer(
             hs_token=hs_token,

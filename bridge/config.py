@@ -74,6 +74,15 @@ class AppserviceConfig(_Strict):
             raise ValueError("must be lower-case Matrix localpart characters ending with '_'")
         return value
 
+    @model_validator(mode="after")
+    def _tokens(self) -> AppserviceConfig:
+        if self.registration is None and not (self.as_token and self.hs_token):
+            raise ValueError(
+                "set 'registration' (the file generate-registration wrote) or both 'as_token' "
+                "and 'hs_token'"
+            )
+        return self
+
     @property
     def bot_username(self) -> str:
         return self.bot_localpart or f"{self.user_prefix}bot"
@@ -129,15 +138,6 @@ class Config(_Strict):
                 )
         return value
 
-    @model_validator(mode="after")
-    def _tokens(self) -> Config:
-        a = self.appservice
-        if a.registration is None and not (a.as_token and a.hs_token):
-            raise ValueError(
-                "appservice: set 'registration' (the file generate-registration wrote) or both "
-                "'as_token' and 'hs_token'"
-            )
-        return self
 
     @property
     def bot_mxid(self) -> str:
@@ -164,7 +164,8 @@ def format_validation_error(error: ValidationError, prefix: str = "") -> str:
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"] if part not in ("function-after",))
         key = f"{prefix}{key}" if key else prefix.rstrip(".") or "(top level)"
-        lines.append(f"{key}: {item['msg']}")
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{key}: {message}")
     return "\n".join(lines)
 
 
@@ -176,10 +177,22 @@ def parse_config(data: Any, *, base_dir: Path | None = None) -> Config:
         config = Config.model_validate(data)
     except ValidationError as error:
         raise ConfigError(format_validation_error(error)) from None
+    if base_dir is not None:
+        config = _relative_to(config, base_dir)
+    return config
+
+
+def _relative_to(config: Config, base_dir: Path) -> Config:
+    """Relative file paths in the config are relative to the config file, not the cwd."""
     registration = config.appservice.registration
-    if registration is not None and base_dir is not None and not registration.is_absolute():
+    if registration is not None and not registration.is_absolute():
         appservice = config.appservice.model_copy(update={"registration": base_dir / registration})
         config = config.model_copy(update={"appservice": appservice})
+    if config.database.is_sqlite:
+        path = Path(config.database.url.removeprefix("sqlite:").removeprefix("//"))
+        if not path.is_absolute():
+            database = config.database.model_copy(update={"url": f"sqlite:{base_dir / path}"})
+            config = config.model_copy(update={"database": database})
     return config
 
 

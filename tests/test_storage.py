@@ -454,3 +454,55 @@ async def test_connector_state_survives_a_restart(open_db: Open) -> None:
 
     db = await open_db()
     assert await ConnectorStateStore(db, "pandalab").get("cursor") == "42"
+
+
+async def test_appends_become_visible_in_seq_order_on_postgresql(postgres_url: str) -> None:
+    """A reader that moved past seq N must never find a lower seq appearing later."""
+    import asyncio
+    import contextvars
+
+    from bridge.db.ordering import serialize_appends
+
+    db = await open_database(DatabaseConfig(url=postgres_url))
+    stores = Stores.of(db)
+    try:
+        async with db.acquire() as conn, conn.transaction():
+            await serialize_appends(conn, "inbox")
+            await conn.execute(
+                "INSERT INTO inbox (origin, dedup_key, lane, payload, received_at) "
+                "VALUES ('pandalab', 'first', 'lane', '{}', 0)"
+            )
+            # A fresh context: mautrix reuses the connection of the enclosing acquire() otherwise.
+            second = asyncio.create_task(
+                stores.inbox.store_remote("pandalab", "second", "lane", {}),
+                context=contextvars.Context(),
+            )
+            waiting = "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            for _ in range(500):
+                if await db.fetchval(waiting) == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert await db.fetchval(waiting) == 1, "the second append did not wait its turn"
+            assert not second.done()
+        assert await second
+        pending = await stores.inbox.pending(0, 10)
+        keys = await db.fetch("SELECT dedup_key FROM inbox ORDER BY seq")
+        assert [r["dedup_key"] for r in keys] == ["first", "second"]
+        assert [p.seq for p in pending] == sorted(p.seq for p in pending)
+    finally:
+        await db.stop()
+
+
+async def test_items_of_one_lane_are_read_back_by_lane(stores: Stores) -> None:
+    for n in range(6):
+        await stores.inbox.store_remote("pandalab", f"e{n}", f"lane-{n % 2}", {"n": n})
+    lane0 = await stores.inbox.pending_in_lane("lane-0", 0, 10)
+    assert [i.payload["n"] for i in lane0] == [0, 2, 4]
+    after = await stores.inbox.pending_in_lane("lane-0", lane0[0].seq, 1)
+    assert [i.payload["n"] for i in after] == [2]
+
+    for n in range(4):
+        await stores.outbox.enqueue("medipeps", f"!room{n % 2}", "send_message", f"$e{n}", {"n": n})
+    items = await stores.outbox.pending(0, 10)
+    room0 = await stores.outbox.pending_in_lane(items[0].lane, 0, 10)
+    assert [i.payload["n"] for i in room0] == [0, 2]

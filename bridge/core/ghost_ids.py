@@ -20,7 +20,7 @@ class GhostIds:
         self.domain = domain
         self.bot_mxid = f"@{bot_localpart}:{domain}"
         self._pattern = re.compile(
-            rf"^@{re.escape(prefix)}([a-z][a-z0-9]*)_([0-9]+):{re.escape(domain)}$"
+            rf"@{re.escape(prefix)}([a-z][a-z0-9]*)_([0-9]+):{re.escape(domain)}"
         )
 
     def mxid(self, connector: str, idnps: Idnps) -> str:
@@ -31,7 +31,7 @@ class GhostIds:
 
     def parse(self, mxid: str) -> GhostRef | None:
         """The (connector, IDNPS) behind a ghost id; None for anything else or an invalid IDNPS."""
-        match = self._pattern.match(mxid)
+        match = self._pattern.fullmatch(mxid)
         if not match:
             return None
         try:

@@ -1,10 +1,18 @@
 """Ordered work lanes: items of one lane run one at a time in order; lanes run in parallel.
 
-A lane is a conversation (a portal room, or a vendor conversation, or a (connector, room) pair in
+A lane is a conversation (a portal room, a vendor conversation, or a (connector, room) pair in
 the outbox). The scheduler reads pending items from durable storage in sequence order and hands
 them to one task per lane. A failing item blocks its lane (and only its lane) and is retried with
 capped exponential backoff and jitter, so order within a conversation holds through outages.
 After a restart, everything still pending in storage is read again: handlers are idempotent.
+
+Memory is bounded twice: at most ``max_buffered`` items in all (a lane refilling itself may add
+one more), and at most ``lane_cap`` per lane. A lane that reaches its cap stops being fed by the shared reader and refills itself from
+storage once it has drained, so a conversation stuck behind a vendor outage holds ``lane_cap``
+items, not the whole buffer, and the other conversations keep flowing.
+
+The source must expose items in seq order: an item with a lower seq never becomes visible after
+one with a higher seq (the stores serialise their appends to guarantee it).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import logging
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 
@@ -37,9 +45,18 @@ class Backoff:
     factor: float = 2.0
 
     def delay(self, attempt: int, rng: random.Random) -> float:
-        """Full-jitter exponential backoff for the given (1-based) attempt."""
+        """Exponential backoff with jitter for the given (1-based) attempt."""
         ceiling = min(self.max_s, self.initial_s * self.factor ** (attempt - 1))
         return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+@dataclass
+class _Lane(Generic[T]):
+    queue: deque[T] = field(default_factory=deque)
+    tail_seq: int = 0
+    """Highest seq ever queued in this lane."""
+    overflowing: bool = False
+    """Items of this lane were left in storage; the lane reads them itself once drained."""
 
 
 class LaneScheduler(Generic[T]):
@@ -50,28 +67,35 @@ class LaneScheduler(Generic[T]):
         handle: Callable[[T], Awaitable[None]],
         on_error: Callable[[T, Exception], Awaitable[None]],
         *,
+        fetch_lane: Callable[[str, int, int], Awaitable[list[T]]] | None = None,
         batch_size: int = 200,
-        max_buffered: int = 2000,
+        max_buffered: int = 4096,
+        lane_cap: int = 32,
         poll_interval_s: float = 5.0,
         backoff: Backoff = Backoff(),
     ) -> None:
         self.name = name
         self._fetch = fetch
+        self._fetch_lane = fetch_lane
         self._handle = handle
         self._on_error = on_error
-        self._batch_size = batch_size
-        self._max_buffered = max_buffered
+        self._batch_size = max(1, batch_size)
+        self._max_buffered = max(1, max_buffered)
+        # Without a per-lane reader, a lane cannot leave items behind: no cap then.
+        # A lane may hold at most half the buffer, so stuck lanes cannot starve the others.
+        self._lane_cap = (
+            max(1, min(lane_cap, self._max_buffered // 2)) if fetch_lane is not None else None
+        )
         self._poll_interval_s = poll_interval_s
         self._backoff = backoff
         self._rng = random.Random()
         self._log = logging.getLogger(f"eimis.lanes.{name}")
         self._cursor = 0
-        self._lanes: dict[str, deque[T]] = {}
+        self._lanes: dict[str, _Lane[T]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._buffered = 0
         self._wake = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._idle = asyncio.Event()
+        self._room = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
 
     # Lifecycle ---------------------------------------------------------------------------------
@@ -104,48 +128,84 @@ class LaneScheduler(Generic[T]):
 
     async def _dispatch_loop(self) -> None:
         while True:
+            room = self._max_buffered - self._buffered
+            if room <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
             self._wake.clear()
             try:
-                items = await self._fetch(self._cursor, self._batch_size)
+                items = await self._fetch(self._cursor, min(self._batch_size, room))
             except Exception:
                 self._log.exception("Reading pending work failed; trying again")
-                await self._sleep_or_wake(self._backoff.max_s / 10)
+                await self._sleep_or_wake(min(self._backoff.max_s, 5.0))
                 continue
             for item in items:
                 self._cursor = max(self._cursor, item.seq)
-                self._lanes.setdefault(item.lane, deque()).append(item)
-                self._buffered += 1
-                if item.lane not in self._tasks:
-                    self._tasks[item.lane] = asyncio.create_task(
-                        self._run_lane(item.lane), name=f"{self.name}-lane"
-                    )
-            if self._buffered >= self._max_buffered:
-                # Bounded memory: wait for lanes to drain before reading more.
-                self._drained.clear()
-                await self._drained.wait()
-                continue
-            if len(items) == self._batch_size:
+                self._offer(item)
+            if len(items) == min(self._batch_size, room):
                 continue
             await self._sleep_or_wake(self._poll_interval_s)
+
+    def _offer(self, item: T) -> None:
+        lane = self._lanes.get(item.lane)
+        if lane is None:
+            lane = self._lanes[item.lane] = _Lane()
+        if item.seq <= lane.tail_seq:
+            return  # the lane already read it itself
+        if lane.overflowing:
+            return  # left in storage; the lane reads it when it has drained
+        if self._lane_cap is not None and len(lane.queue) >= self._lane_cap:
+            lane.overflowing = True
+            return
+        self._queue(item.lane, lane, item)
+
+    def _queue(self, name: str, lane: _Lane[T], item: T) -> None:
+        lane.queue.append(item)
+        lane.tail_seq = item.seq
+        self._buffered += 1
+        if name not in self._tasks:
+            self._tasks[name] = asyncio.create_task(self._run_lane(name), name=f"{self.name}-lane")
 
     async def _sleep_or_wake(self, timeout: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _run_lane(self, lane: str) -> None:
-        queue = self._lanes[lane]
+    async def _run_lane(self, name: str) -> None:
+        lane = self._lanes[name]
         try:
-            while queue:
-                item = queue[0]
+            while True:
+                if not lane.queue:
+                    if not (lane.overflowing and await self._refill(name, lane)):
+                        break
+                item = lane.queue[0]
                 await self._run_item(item)
-                queue.popleft()
+                lane.queue.popleft()
                 self._buffered -= 1
-                if self._buffered < self._max_buffered // 2:
-                    self._drained.set()
+                if self._buffered <= self._max_buffered // 2:
+                    self._room.set()
         finally:
-            if not queue:
-                self._lanes.pop(lane, None)
-            self._tasks.pop(lane, None)
+            self._tasks.pop(name, None)
+            if not lane.queue and not lane.overflowing:
+                self._lanes.pop(name, None)
+
+    async def _refill(self, name: str, lane: _Lane[T]) -> bool:
+        """Read this lane's items that the shared reader left in storage; False when none."""
+        assert self._fetch_lane is not None and self._lane_cap is not None
+        while True:
+            try:
+                room = max(1, min(self._lane_cap, self._max_buffered - self._buffered))
+                items = await self._fetch_lane(name, lane.tail_seq, room)
+                break
+            except Exception:
+                self._log.exception("Reading a conversation's pending work failed; trying again")
+                await asyncio.sleep(min(self._backoff.max_s, 5.0))
+        # No await from here on: the shared reader cannot interleave with the hand-over.
+        for item in items:
+            self._queue(name, lane, item)
+        if len(items) < room:
+            lane.overflowing = False
+        return bool(items)
 
     async def _run_item(self, item: T) -> None:
         attempt = 0

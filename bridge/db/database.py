@@ -38,6 +38,10 @@ async def open_database(config: DatabaseConfig) -> Database:
         db_args=db_args,
         log=logging.getLogger("eimis.db.pool"),
     )
-    await db.start()
-    await PgStateStore.upgrade_table.upgrade(db)
+    try:
+        await db.start()
+        await PgStateStore.upgrade_table.upgrade(db)
+    except BaseException:
+        await db.stop()
+        raise
     return db

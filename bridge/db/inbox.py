@@ -9,6 +9,7 @@ from typing import Any
 from mautrix.util.async_db import Database
 
 from bridge.db.clock import now_ms
+from bridge.db.ordering import serialize_appends
 
 MATRIX_ORIGIN = "matrix"
 
@@ -35,6 +36,7 @@ class InboxStore:
         """
         now = now_ms()
         async with self.db.acquire() as conn, conn.transaction():
+            await serialize_appends(conn, "inbox")
             inserted = await conn.fetchval(
                 "INSERT INTO as_transaction (txn_id, received_at) VALUES ($1, $2) "
                 "ON CONFLICT (txn_id) DO NOTHING RETURNING txn_id",
@@ -59,16 +61,18 @@ class InboxStore:
         self, connector: str, event_id: str, lane: str, payload: dict[str, Any]
     ) -> bool:
         """Store one vendor event; False when (connector, event_id) was stored before."""
-        inserted = await self.db.fetchval(
-            "INSERT INTO inbox (origin, dedup_key, lane, payload, received_at) "
-            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (origin, dedup_key) DO NOTHING "
-            "RETURNING seq",
-            connector,
-            event_id,
-            lane,
-            json.dumps(payload),
-            now_ms(),
-        )
+        async with self.db.acquire() as conn, conn.transaction():
+            await serialize_appends(conn, "inbox")
+            inserted = await conn.fetchval(
+                "INSERT INTO inbox (origin, dedup_key, lane, payload, received_at) "
+                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (origin, dedup_key) DO NOTHING "
+                "RETURNING seq",
+                connector,
+                event_id,
+                lane,
+                json.dumps(payload),
+                now_ms(),
+            )
         return inserted is not None
 
     async def pending(self, after_seq: int, limit: int) -> list[InboxItem]:
@@ -78,10 +82,17 @@ class InboxStore:
             after_seq,
             limit,
         )
-        return [
-            InboxItem(r["seq"], r["origin"], r["lane"], json.loads(r["payload"]), r["attempts"])
-            for r in rows
-        ]
+        return [_item(r) for r in rows]
+
+    async def pending_in_lane(self, lane: str, after_seq: int, limit: int) -> list[InboxItem]:
+        rows = await self.db.fetch(
+            "SELECT seq, origin, lane, payload, attempts FROM inbox "
+            "WHERE lane = $1 AND state = 'pending' AND seq > $2 ORDER BY seq LIMIT $3",
+            lane,
+            after_seq,
+            limit,
+        )
+        return [_item(r) for r in rows]
 
     async def mark_done(self, seq: int) -> None:
         # The payload goes: content is kept only as long as delivery needs it.
@@ -108,3 +119,9 @@ class InboxStore:
         return bool(
             await self.db.fetchval("SELECT 1 FROM as_transaction WHERE txn_id = $1", txn_id)
         )
+
+
+def _item(row: Any) -> InboxItem:
+    return InboxItem(
+        row["seq"], row["origin"], row["lane"], json.loads(row["payload"]), row["attempts"]
+    )

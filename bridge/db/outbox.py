@@ -9,6 +9,9 @@ from typing import Any
 from mautrix.util.async_db import Connection, Database
 
 from bridge.db.clock import now_ms
+from bridge.db.ordering import serialize_appends
+
+_LANE_SEPARATOR = "\x1f"
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,7 @@ class OutboxItem:
 
     @property
     def lane(self) -> str:
-        return f"{self.connector}\x1f{self.room_id}"
+        return f"{self.connector}{_LANE_SEPARATOR}{self.room_id}"
 
 
 class OutboxStore:
@@ -41,7 +44,13 @@ class OutboxStore:
         conn: Connection | None = None,
     ) -> bool:
         """Queue one delivery; False when (connector, dedup_key) was queued before."""
-        seq = await (conn or self.db).fetchval(
+        if conn is None:
+            async with self.db.acquire() as own, own.transaction():
+                return await self.enqueue(
+                    connector, room_id, operation, dedup_key, payload, conn=own
+                )
+        await serialize_appends(conn, "outbox")
+        seq = await conn.fetchval(
             "INSERT INTO outbox (connector, room_id, operation, dedup_key, payload, created_at) "
             "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (connector, dedup_key) DO NOTHING "
             "RETURNING seq",
@@ -61,18 +70,20 @@ class OutboxStore:
             after_seq,
             limit,
         )
-        return [
-            OutboxItem(
-                r["seq"],
-                r["connector"],
-                r["room_id"],
-                r["operation"],
-                r["dedup_key"],
-                json.loads(r["payload"]),
-                r["attempts"],
-            )
-            for r in rows
-        ]
+        return [_item(r) for r in rows]
+
+    async def pending_in_lane(self, lane: str, after_seq: int, limit: int) -> list[OutboxItem]:
+        connector, _, room_id = lane.partition(_LANE_SEPARATOR)
+        rows = await self.db.fetch(
+            "SELECT seq, connector, room_id, operation, dedup_key, payload, attempts FROM outbox "
+            "WHERE connector = $1 AND room_id = $2 AND state = 'pending' AND seq > $3 "
+            "ORDER BY seq LIMIT $4",
+            connector,
+            room_id,
+            after_seq,
+            limit,
+        )
+        return [_item(r) for r in rows]
 
     async def mark_done(self, seq: int, *, conn: Connection | None = None) -> None:
         await (conn or self.db).execute(
@@ -98,3 +109,15 @@ class OutboxStore:
                 "SELECT COUNT(*) FROM outbox WHERE state = 'pending' AND connector = $1", connector
             )
         return int(value)
+
+
+def _item(row: Any) -> OutboxItem:
+    return OutboxItem(
+        row["seq"],
+        row["connector"],
+        row["room_id"],
+        row["operation"],
+        row["dedup_key"],
+        json.loads(row["payload"]),
+        row["attempts"],
+    )

@@ -39,6 +39,7 @@ async def upgrade_v1(conn: Connection, scheme: Scheme) -> None:
         )"""
     )
     await conn.execute("CREATE INDEX inbox_pending ON inbox (state, seq)")
+    await conn.execute("CREATE INDEX inbox_lane ON inbox (lane, seq)")
     await conn.execute(
         f"""CREATE TABLE outbox (
             seq          {_serial(scheme)},
@@ -55,6 +56,7 @@ async def upgrade_v1(conn: Connection, scheme: Scheme) -> None:
         )"""
     )
     await conn.execute("CREATE INDEX outbox_pending ON outbox (state, seq)")
+    await conn.execute("CREATE INDEX outbox_lane ON outbox (connector, room_id, seq)")
     await conn.execute(
         """CREATE TABLE portal (
             room_id     TEXT PRIMARY KEY,

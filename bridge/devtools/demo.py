@@ -179,6 +179,10 @@ async def run_demo(state_dir: Path, *, once: bool) -> int:
     setup_logging("WARNING")
     say(f"EIMIS bridge demo (state in {state_dir}/). The sandboxes emulate vendor-style APIs; "
         "they are not the vendors' real services.")
+    # The sandboxes keep their data in memory, so their ids start again at every run: the
+    # bridge's database must start again too (Synapse keeps its rooms and accounts).
+    for stale in state_dir.glob("bridge.db*"):
+        stale.unlink()
     stack = LocalStack(state_dir)
     if len(stack.sandboxes) < 2:
         say("The demo needs two connector types with sandboxes installed.")
