@@ -1,1 +1,7 @@
-from bridge.cli import main; import sys; sys.exit(main())
+"""``python -m bridge``: the same as the ``eimis-bridge`` command."""
+
+import sys
+
+from bridge.cli import main
+
+sys.exit(main())

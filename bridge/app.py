@@ -19,8 +19,8 @@ from bridge.core.portals import Portals
 from bridge.core.router import Router, remote_lane
 from bridge.db.connector_state import ConnectorStateStore
 from bridge.db.database import open_database
-from bridge.db.outbox import OutboxItem
 from bridge.db.inbox import InboxItem
+from bridge.db.outbox import OutboxItem
 from bridge.db.stores import Stores
 from bridge.matrix.homeserver import Homeserver, HomeserverCheckFailed
 from connectors.base import EventSink, RemoteEvent
@@ -145,7 +145,7 @@ class Bridge:
                 info = await asyncio.wait_for(self.homeserver.check(), remaining)
                 log.info("Homeserver OK (ping %s ms)", info["ping_ms"])
                 return info
-            except (HomeserverCheckFailed, asyncio.TimeoutError) as error:
+            except (TimeoutError, HomeserverCheckFailed) as error:
                 if time.monotonic() + delay > deadline:
                     if isinstance(error, HomeserverCheckFailed):
                         raise

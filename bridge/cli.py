@@ -26,22 +26,31 @@ def _parser() -> argparse.ArgumentParser:
 
     reg = sub.add_parser("generate-registration", help="write the appservice registration file")
     reg.add_argument("-c", "--config", type=Path, required=True, help="bridge config file")
-    reg.add_argument("-r", "--registration", type=Path, required=True,
-                     help="registration file to write (give it to the homeserver)")
+    reg.add_argument(
+        "-r",
+        "--registration",
+        type=Path,
+        required=True,
+        help="registration file to write (give it to the homeserver)",
+    )
 
     run = sub.add_parser("run", help="check the homeserver, then bridge")
     run.add_argument("-c", "--config", type=Path, required=True, help="bridge config file")
 
     sandbox = sub.add_parser("sandbox", help="serve a vendor-style API emulator")
-    sandbox.add_argument("type", help="connector type (e.g. one listed by 'sandbox --list')",
-                         nargs="?")
+    sandbox.add_argument(
+        "type", help="connector type (e.g. one listed by 'sandbox --list')", nargs="?"
+    )
     sandbox.add_argument("--port", type=int, default=0, help="port to listen on")
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--list", action="store_true", help="list the connector types")
 
     demo = sub.add_parser("demo", help="local Synapse + bridge + sandboxes + a scripted chat")
-    demo.add_argument("--once", action="store_true",
-                      help="exit after the scripted conversation: 0 only if every side saw it")
+    demo.add_argument(
+        "--once",
+        action="store_true",
+        help="exit after the scripted conversation: 0 only if every side saw it",
+    )
     demo.add_argument("--state-dir", type=Path, default=Path(".demo"))
     return parser
 
@@ -119,8 +128,10 @@ def _sandbox(type_name: str | None, host: str, port: int, list_only: bool) -> in
         return 0 if list_only else 2
     cls = with_sandbox.get(type_name)
     if cls is None:
-        print(f"No sandbox for {type_name!r}; choose one of: {', '.join(sorted(with_sandbox))}",
-              file=sys.stderr)
+        print(
+            f"No sandbox for {type_name!r}; choose one of: {', '.join(sorted(with_sandbox))}",
+            file=sys.stderr,
+        )
         return 2
     app = cls.sandbox_app()
     assert app is not None

@@ -138,7 +138,6 @@ class Config(_Strict):
                 )
         return value
 
-
     @property
     def bot_mxid(self) -> str:
         return f"@{self.appservice.bot_username}:{self.homeserver.domain}"

@@ -1,4 +1,4 @@
-"""The connector interface: what a vendor connector must do, what it may do, and the events it emits.
+"""The connector interface: what a vendor connector must do, may do, and the events it emits.
 
 A connector turns one vendor's API into the bridge's vocabulary. The required part is small
 (start/stop, create a remote conversation, send a message into one, describe a remote user);
@@ -155,7 +155,7 @@ class MessageReceived(RemoteEvent):
 
 @dataclass(frozen=True)
 class Sender:
-    """Who wrote a message the bridge delivers: a professional of another vendor or a Matrix user."""
+    """Who wrote a message the bridge delivers: another vendor's professional or a Matrix user."""
 
     mxid: str
     display_name: str

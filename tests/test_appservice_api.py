@@ -216,8 +216,18 @@ async def test_malformed_json_is_refused_and_not_stored(hs: Harness, body: bytes
         {"events": [{k: v for k, v in event(1).items() if k != "type"}]},
         {"events": [{k: v for k, v in event(1).items() if k != "sender"}]},
     ],
-    ids=["list", "string", "null", "events-object", "event-string", "no-event-id",
-         "int-event-id", "no-room-id", "no-type", "no-sender"],
+    ids=[
+        "list",
+        "string",
+        "null",
+        "events-object",
+        "event-string",
+        "no-event-id",
+        "int-event-id",
+        "no-room-id",
+        "no-type",
+        "no-sender",
+    ],
 )
 async def test_badly_shaped_transaction_is_refused_and_nothing_is_stored(
     hs: Harness, body: Any

@@ -33,7 +33,9 @@ async def _ready(url: str, proc: subprocess.Popen[str], timeout: float = 60) -> 
     deadline = loop.time() + timeout
     async with ClientSession() as http:
         while loop.time() < deadline:
-            assert proc.poll() is None, "the bridge exited: " + (proc.stderr.read() if proc.stderr else "")
+            assert proc.poll() is None, "the bridge exited: " + (
+                proc.stderr.read() if proc.stderr else ""
+            )
             try:
                 async with http.get(f"{url}/ready") as resp:
                     if resp.status == 200:
@@ -50,7 +52,9 @@ async def test_run_checks_the_homeserver_serves_and_stops_on_sigterm(
     config = stack_without_bridge.state_dir / "config.yaml"
     proc = subprocess.Popen(
         [sys.executable, "-m", "bridge", "run", "-c", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
@@ -68,8 +72,12 @@ async def test_run_checks_the_homeserver_serves_and_stops_on_sigterm(
 def test_run_with_an_invalid_config_names_the_key(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text("homeserver:\n  url: ftp://nowhere\n  domain: x\nappservice: {}\n")
-    result = subprocess.run([sys.executable, "-m", "bridge", "run", "-c", str(config)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "homeserver.url" in result.stderr
     assert "appservice.address" in result.stderr
@@ -85,8 +93,12 @@ def test_run_against_an_unreachable_homeserver_fails_with_a_sentence(
         "  as_token: a\n  hs_token: b\n"
         f"database:\n  url: sqlite:{tmp_path / 'db.sqlite'}\n"
     )
-    result = subprocess.run([sys.executable, "-m", "bridge", "run", "-c", str(config)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 3
     assert "does not answer" in result.stderr
     assert "Traceback" not in result.stderr

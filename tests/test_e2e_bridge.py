@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import itertools
-import logging
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from aiohttp import ClientSession
 
 from bridge.devtools.demo import SandboxUser, wait_for
 from bridge.devtools.stack import LocalStack
+
 from matrix_user import MatrixUser, connect, text_is
 
 pytestmark = pytest.mark.e2e
@@ -97,8 +98,9 @@ async def test_pandalab_user_reaches_medipeps_user_and_back(
     assert seen["sender"] == alice.idnps
     assert seen["sender_name"].startswith(alice.name) and " - " in seen["sender_name"]
 
-    bob_conversation = await wait_for("Bob's side of the conversation",
-                                      lambda: conversation_titled(bob, title), 30)
+    bob_conversation = await wait_for(
+        "Bob's side of the conversation", lambda: conversation_titled(bob, title), 30
+    )
     reply = unique("Je passe dans 10 minutes")
     await bob.send(bob_conversation, reply)
     answer = await wait_for("Alice to receive Bob's reply", lambda: received(alice, reply), 30)
@@ -213,11 +215,17 @@ async def test_bad_hs_token_is_refused_and_nothing_is_stored(
 ) -> None:
     assert stack.bridge is not None
     before = await stack.bridge.db.fetchval("SELECT COUNT(*) FROM inbox")
-    event = {"event_id": "$forged", "room_id": "!r:x", "type": "m.room.message",
-             "sender": "@mallory:evil.example", "content": {"msgtype": "m.text", "body": "x"}}
+    event = {
+        "event_id": "$forged",
+        "room_id": "!r:x",
+        "type": "m.room.message",
+        "sender": "@mallory:evil.example",
+        "content": {"msgtype": "m.text", "body": "x"},
+    }
     url = f"{stack.bridge_url}/_matrix/app/v1/transactions/forged-1"
-    async with http.put(url, json={"events": [event]},
-                        headers={"Authorization": "Bearer not-the-token"}) as resp:
+    async with http.put(
+        url, json={"events": [event]}, headers={"Authorization": "Bearer not-the-token"}
+    ) as resp:
         assert resp.status == 403
         assert (await resp.json())["errcode"] == "M_FORBIDDEN"
     async with http.put(url, json={"events": [event]}) as resp:
@@ -258,8 +266,7 @@ async def test_replayed_transaction_is_processed_once_also_after_restart(
     headers = {"Authorization": f"Bearer {stack.registration['hs_token']}"}
 
     async def put() -> None:
-        async with http.put(txn_url, data=json.dumps({"events": [event]}),
-                            headers=headers) as resp:
+        async with http.put(txn_url, data=json.dumps({"events": [event]}), headers=headers) as resp:
             assert resp.status == 200
 
     await put()
@@ -292,15 +299,18 @@ async def test_restart_between_ack_and_processing_loses_nothing(
     async def both_stored() -> bool:
         rows = await bridge.db.fetch("SELECT payload FROM inbox WHERE state = 'pending'")
         payloads = " ".join(r["payload"] or "" for r in rows)
-        return json.dumps(from_matrix)[1:-1] in payloads and json.dumps(from_vendor)[1:-1] in payloads
+        return (
+            json.dumps(from_matrix)[1:-1] in payloads and json.dumps(from_vendor)[1:-1] in payloads
+        )
 
     await wait_for("both messages acknowledged and stored", both_stored, 30)
     assert await received(bob, from_matrix) is None
     await stack.stop_bridge()  # the crash: acknowledged, stored, not processed
 
     await stack.start_bridge()
-    await wait_for("the Matrix message at Medipeps after restart",
-                   lambda: received(bob, from_matrix), 30)
+    await wait_for(
+        "the Matrix message at Medipeps after restart", lambda: received(bob, from_matrix), 30
+    )
     await native.wait_for_message(room_id, text_is(from_vendor), timeout=30)
     assert (await inbox_texts(bob)).count(from_matrix) == 1
 
@@ -327,6 +337,11 @@ async def test_message_content_and_tokens_never_reach_the_logs(
         if not record.name.startswith("nio")  # the test's own Matrix client, not the bridge
     )
     assert any(r.name.startswith("eimis") for r in caplog.records), "no bridge logs captured"
-    for forbidden in (secret_text, reply, title, stack.registration["as_token"],
-                      stack.registration["hs_token"]):
+    for forbidden in (
+        secret_text,
+        reply,
+        title,
+        stack.registration["as_token"],
+        stack.registration["hs_token"],
+    ):
         assert forbidden not in logged

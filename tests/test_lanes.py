@@ -50,7 +50,8 @@ class Store:
     async def fetch_lane(self, lane: str, after: int, limit: int) -> list[Item]:
         await asyncio.sleep(0)
         found = [
-            self.items[s] for s in sorted(self.items)
+            self.items[s]
+            for s in sorted(self.items)
             if s > after and s not in self.hidden and self.items[s].lane == lane
         ][:limit]
         self.fetched += len(found)
@@ -59,9 +60,9 @@ class Store:
     async def fetch(self, after: int, limit: int) -> list[Item]:
         self.fetches.append((after, limit))
         await asyncio.sleep(0)
-        found = [
-            self.items[s] for s in sorted(self.items) if s > after and s not in self.hidden
-        ][:limit]
+        found = [self.items[s] for s in sorted(self.items) if s > after and s not in self.hidden][
+            :limit
+        ]
         self.fetched += len(found)
         return found
 
@@ -149,7 +150,11 @@ def make(schedulers: list[LaneScheduler[Item]]) -> Make:
         kwargs.setdefault("backoff", FAST)
         kwargs.setdefault("fetch_lane", store.fetch_lane)
         scheduler = LaneScheduler[Item](
-            f"test{next(_names)}", store.fetch, handle, on_error, **kwargs  # type: ignore[arg-type]
+            f"test{next(_names)}",
+            store.fetch,
+            handle,
+            on_error,
+            **kwargs,  # type: ignore[arg-type]
         )
         schedulers.append(scheduler)
         return scheduler
@@ -159,7 +164,8 @@ def make(schedulers: list[LaneScheduler[Item]]) -> Make:
 
 def live_tasks(scheduler: LaneScheduler[Item]) -> list[asyncio.Task[object]]:
     return [
-        t for t in asyncio.all_tasks()
+        t
+        for t in asyncio.all_tasks()
         if t.get_name().startswith(f"{scheduler.name}-") and not t.done()
     ]
 
@@ -373,8 +379,14 @@ async def test_buffering_stops_reading_at_the_limit_and_resumes_as_lanes_drain(
     gates = [recorder.gate(items[0].name), recorder.gate(items[1].name)]
     fetch, peak = tracking_fetch(store, recorder.handled)
     scheduler = LaneScheduler[Item](
-        "bounded", fetch, recorder, no_errors, batch_size=2, max_buffered=4,
-        poll_interval_s=60.0, backoff=FAST,
+        "bounded",
+        fetch,
+        recorder,
+        no_errors,
+        batch_size=2,
+        max_buffered=4,
+        poll_interval_s=60.0,
+        backoff=FAST,
     )
     schedulers.append(scheduler)
 
@@ -406,8 +418,14 @@ async def test_buffering_never_holds_more_than_the_limit(
     gate = recorder.gate(first.name)
     fetch, peak = tracking_fetch(store, recorder.handled)
     scheduler = LaneScheduler[Item](
-        "limit", fetch, recorder, no_errors, batch_size=3, max_buffered=5,
-        poll_interval_s=60.0, backoff=FAST,
+        "limit",
+        fetch,
+        recorder,
+        no_errors,
+        batch_size=3,
+        max_buffered=5,
+        poll_interval_s=60.0,
+        backoff=FAST,
     )
     schedulers.append(scheduler)
 

@@ -40,8 +40,16 @@ connectors:
 
 def generate(config: Path, registration: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "bridge", "generate-registration", "-c", str(config),
-         "-r", str(registration)],
+        [
+            sys.executable,
+            "-m",
+            "bridge",
+            "generate-registration",
+            "-c",
+            str(config),
+            "-r",
+            str(registration),
+        ],
         check=False,
         capture_output=True,
         text=True,

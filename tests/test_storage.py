@@ -84,8 +84,16 @@ async def test_migrations_run_on_a_fresh_database_and_record_the_version(open_db
     db = await open_db()
     version = await db.fetchval("SELECT version FROM eimis_version")
     assert version == len(upgrade_table.upgrades)
-    for table in ("as_transaction", "inbox", "outbox", "portal", "portal_link", "ghost",
-                  "message_map", "connector_state"):
+    for table in (
+        "as_transaction",
+        "inbox",
+        "outbox",
+        "portal",
+        "portal_link",
+        "ghost",
+        "message_map",
+        "connector_state",
+    ):
         assert await db.fetchval(f"SELECT COUNT(*) FROM {table}") == 0
 
 
@@ -274,7 +282,9 @@ async def test_outbox_enqueue_is_deduplicated_per_connector(stores: Stores) -> N
     items = await outbox.pending(0, 10)
 
     assert [(i.connector, i.dedup_key) for i in items] == [
-        ("pl", "$ev1"), ("mp", "$ev1"), ("pl", "$ev2")
+        ("pl", "$ev1"),
+        ("mp", "$ev1"),
+        ("pl", "$ev2"),
     ]
     assert items[0].payload == {"text": "a"}
     assert items[0].operation == "send"

@@ -14,9 +14,10 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from matrix_user import login, text_is
 
 from bridge.devtools.synapse import LocalSynapse, SynapseStartError
+
+from matrix_user import login, text_is
 
 if TYPE_CHECKING:
     from conftest import SynapseFactory

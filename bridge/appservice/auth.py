@@ -1,4 +1,4 @@
-"""The homeserver's credentials on incoming requests: a bearer hs_token, checked in constant time."""
+"""The homeserver's credentials on incoming requests: a bearer hs_token, constant-time checked."""
 
 from __future__ import annotations
 

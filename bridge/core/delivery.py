@@ -7,7 +7,7 @@ for a message), so a retry after a timeout or a crash never shows anything twice
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from mautrix.types import RoomID
 
@@ -67,9 +67,12 @@ class Delivery:
                     ),
                 )
             )
-            await self.stores.portals.set_conversation(item.room_id, item.connector, conversation_id)
-            log.info("Opened %s conversation %s for %s", item.connector, conversation_id,
-                     item.room_id)
+            await self.stores.portals.set_conversation(
+                item.room_id, item.connector, conversation_id
+            )
+            log.info(
+                "Opened %s conversation %s for %s", item.connector, conversation_id, item.room_id
+            )
         elif item.operation == SEND_MESSAGE:
             event_id = item.payload["event_id"]
             if await self.stores.messages.remote_for(item.connector, event_id):
@@ -83,9 +86,7 @@ class Delivery:
                     sender=Member.from_json(item.payload["sender"]).as_sender(),
                     text=item.payload["text"],
                     html=item.payload.get("html"),
-                    timestamp=datetime.fromtimestamp(
-                        (item.payload.get("ts") or 0) / 1000, tz=timezone.utc
-                    ),
+                    timestamp=datetime.fromtimestamp((item.payload.get("ts") or 0) / 1000, tz=UTC),
                 ),
             )
             await self.stores.messages.add(item.connector, remote_id, item.room_id, event_id)

@@ -7,9 +7,10 @@ capped exponential backoff and jitter, so order within a conversation holds thro
 After a restart, everything still pending in storage is read again: handlers are idempotent.
 
 Memory is bounded twice: at most ``max_buffered`` items in all (a lane refilling itself may add
-one more), and at most ``lane_cap`` per lane. A lane that reaches its cap stops being fed by the shared reader and refills itself from
-storage once it has drained, so a conversation stuck behind a vendor outage holds ``lane_cap``
-items, not the whole buffer, and the other conversations keep flowing.
+one more), and at most ``lane_cap`` per lane. A lane that reaches its cap stops being fed by the
+shared reader and refills itself from storage once it has drained, so a conversation stuck
+behind a vendor outage holds ``lane_cap`` items, not the whole buffer, and the other
+conversations keep flowing.
 
 The source must expose items in seq order: an item with a lower seq never becomes visible after
 one with a higher seq (the stores serialise their appends to guarantee it).
@@ -175,9 +176,8 @@ class LaneScheduler(Generic[T]):
         lane = self._lanes[name]
         try:
             while True:
-                if not lane.queue:
-                    if not (lane.overflowing and await self._refill(name, lane)):
-                        break
+                if not lane.queue and not (lane.overflowing and await self._refill(name, lane)):
+                    break
                 item = lane.queue[0]
                 await self._run_item(item)
                 lane.queue.popleft()

@@ -31,5 +31,9 @@ class Member:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Member:
         idnps = data.get("idnps")
-        return cls(data["mxid"], data["display_name"], data.get("connector"),
-                   Idnps(idnps) if idnps else None)
+        return cls(
+            data["mxid"],
+            data["display_name"],
+            data.get("connector"),
+            Idnps(idnps) if idnps else None,
+        )

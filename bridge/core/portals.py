@@ -141,8 +141,9 @@ class Portals:
                 txn_id=derived_txn_id("unreachable", room_id),
             )
 
-    async def open_from_invite(self, room_id: str, inviter: str, ghost_mxid: str,
-                               is_direct: bool) -> bool:
+    async def open_from_invite(
+        self, room_id: str, inviter: str, ghost_mxid: str, is_direct: bool
+    ) -> bool:
         """A Matrix user invited a ghost: join, and open the vendor conversation behind it.
 
         Returns True when a vendor conversation was queued for opening.
@@ -177,12 +178,15 @@ class Portals:
         member_ids = await self.hs.joined_members(room_id, viewer=ghost_mxid)
         if inviter not in member_ids:
             member_ids.append(inviter)
-        everyone = [await self.sender(room_id, m, ghost_mxid) for m in member_ids
-                    if m != self.ids.bot_mxid]
+        everyone = [
+            await self.sender(room_id, m, ghost_mxid) for m in member_ids if m != self.ids.bot_mxid
+        ]
         if ghost not in everyone:
             everyone.append(ghost)
         async with self.stores.db.acquire() as conn, conn.transaction():
-            await self._queue_conversation(room_id, ref.connector, portal.title, everyone, conn=conn)
+            await self._queue_conversation(
+                room_id, ref.connector, portal.title, everyone, conn=conn
+            )
         log.info("Opened portal %s for a Matrix invite to a %s user", room_id, ref.connector)
         return True
 

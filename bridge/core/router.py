@@ -9,7 +9,7 @@ the work and its ``done`` mark) changes nothing the second time.
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from mautrix.errors import MatrixRequestError
@@ -32,8 +32,9 @@ def remote_lane(connector: str, conversation_id: str) -> str:
 
 
 class Router:
-    def __init__(self, stores: Stores, homeserver: Homeserver, portals: Portals,
-                 outbox_notify: Any) -> None:
+    def __init__(
+        self, stores: Stores, homeserver: Homeserver, portals: Portals, outbox_notify: Any
+    ) -> None:
         self.stores = stores
         self.hs = homeserver
         self.portals = portals
@@ -53,7 +54,12 @@ class Router:
             return
         except MatrixRequestError as error:
             if 400 <= error.http_status < 500 and error.http_status != 429:
-                log.warning("Inbox item %d refused by the homeserver: %s %s", item.seq, error.errcode, error.message)
+                log.warning(
+                    "Inbox item %d refused by the homeserver: %s %s",
+                    item.seq,
+                    error.errcode,
+                    error.message,
+                )
                 await self.stores.inbox.mark_failed(item.seq, f"homeserver: {error.errcode}")
                 return
             raise
@@ -107,7 +113,8 @@ class Router:
             )
             events = [e.serialize() for e in page.events]
             missed.extend(
-                e for e in events
+                e
+                for e in events
                 if e.get("type") == "m.room.message" and e.get("origin_server_ts", 0) >= since_ts
             )
             if not events or min(e.get("origin_server_ts", 0) for e in events) < since_ts:
@@ -140,13 +147,16 @@ class Router:
             what = "Edits" if relates.get("rel_type") == "m.replace" else f"{msgtype} messages"
             await self.hs.intent(portal.voice).send_notice(
                 RoomID(room_id),
-                f"{what} are not bridged yet: this one did not reach "
-                f"{', '.join(targets)}.",
+                f"{what} are not bridged yet: this one did not reach {', '.join(targets)}.",
             )
             return
         member = await self.portals.sender(room_id, sender, portal.voice)
         text = str(content.get("body", ""))
-        html = content.get("formatted_body") if content.get("format") == "org.matrix.custom.html" else None
+        html = (
+            content.get("formatted_body")
+            if content.get("format") == "org.matrix.custom.html"
+            else None
+        )
         if msgtype == "m.emote":
             text = f"* {member.display_name} {text}"
         payload = {
@@ -196,5 +206,5 @@ class Router:
 
 def _ms(moment: datetime) -> int:
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)

@@ -22,6 +22,7 @@ from mautrix.types import PaginationDirection, RoomID, UserID
 from bridge.devtools.stack import LocalStack, Sandbox
 from bridge.devtools.synapse import LocalSynapse
 from bridge.logs import setup_logging
+
 NATIVE_LOCALPART = "julie.bernard"
 NATIVE_DISPLAYNAME = "Julie Bernard - Médecin"
 TIMEOUT_S = 90.0
@@ -56,8 +57,9 @@ class SandboxUser:
         self.base = f"{sandbox.url}/_sandbox/users/{self.idnps}"
 
     async def start_conversation(self, with_: list[str], title: str) -> str:
-        async with self.http.post(f"{self.base}/conversations",
-                                  json={"with": with_, "title": title}) as resp:
+        async with self.http.post(
+            f"{self.base}/conversations", json={"with": with_, "title": title}
+        ) as resp:
             resp.raise_for_status()
             return str((await resp.json())["conversation_id"])
 
@@ -67,8 +69,9 @@ class SandboxUser:
             return list((await resp.json())["conversations"])
 
     async def send(self, conversation_id: str, text: str) -> None:
-        async with self.http.post(f"{self.base}/conversations/{conversation_id}/messages",
-                                  json={"text": text}) as resp:
+        async with self.http.post(
+            f"{self.base}/conversations/{conversation_id}/messages", json={"text": text}
+        ) as resp:
             resp.raise_for_status()
 
     async def inbox(self) -> list[dict[str, Any]]:
@@ -102,8 +105,9 @@ class NativeUser:
         await self.client.send_text(RoomID(room_id), text)
 
     async def messages(self, room_id: str) -> list[tuple[str, str]]:
-        resp = await self.client.get_messages(RoomID(room_id), PaginationDirection.FORWARD,
-                                              limit=100)
+        resp = await self.client.get_messages(
+            RoomID(room_id), PaginationDirection.FORWARD, limit=100
+        )
         return [
             (str(e.sender), str(e.content.get("body", "")))
             for e in resp.events
@@ -111,8 +115,9 @@ class NativeUser:
         ]
 
 
-async def play_script(http: ClientSession, sandboxes: list[Sandbox],
-                      native: NativeUser) -> dict[str, list[str]]:
+async def play_script(
+    http: ClientSession, sandboxes: list[Sandbox], native: NativeUser
+) -> dict[str, list[str]]:
     """The scripted conversation; returns each side's transcript. Raises when a side misses one."""
     first, second = sandboxes[0], sandboxes[1]
     alice = SandboxUser(http, first, first.users[0])
@@ -123,10 +128,13 @@ async def play_script(http: ClientSession, sandboxes: list[Sandbox],
         "bob": f"[{stamp}] Oui, je passe vers 15 h.",
         "native": f"[{stamp}] Merci, je prépare l'ordonnance.",
     }
-    say(f"{alice.name} ({first.type_name}) opens a conversation with {bob.name} "
-        f"({second.type_name}) and {native.user_id} (Matrix)")
-    conversation = await alice.start_conversation([bob.idnps, native.user_id],
-                                                  f"Demo {stamp}: suivi post-opératoire")
+    say(
+        f"{alice.name} ({first.type_name}) opens a conversation with {bob.name} "
+        f"({second.type_name}) and {native.user_id} (Matrix)"
+    )
+    conversation = await alice.start_conversation(
+        [bob.idnps, native.user_id], f"Demo {stamp}: suivi post-opératoire"
+    )
     await alice.send(conversation, lines["alice"])
 
     room_id = await wait_for("the invite to reach the Matrix user", native.invites)
@@ -140,16 +148,22 @@ async def play_script(http: ClientSession, sandboxes: list[Sandbox],
         return None
 
     bob_conv = await wait_for(f"the conversation to open on {second.type_name}", bob_conversation)
-    await wait_for(f"{bob.name} to receive the first message",
-                   lambda: _inbox_has(bob, lines["alice"]))
+    await wait_for(
+        f"{bob.name} to receive the first message", lambda: _inbox_has(bob, lines["alice"])
+    )
     await bob.send(bob_conv, lines["bob"])
-    await wait_for("the Matrix user to see both vendor messages",
-                   lambda: _room_has(native, room_id, [lines["alice"], lines["bob"]]))
+    await wait_for(
+        "the Matrix user to see both vendor messages",
+        lambda: _room_has(native, room_id, [lines["alice"], lines["bob"]]),
+    )
     await native.send(room_id, lines["native"])
-    await wait_for(f"{alice.name} to see the other two",
-                   lambda: _inbox_has(alice, lines["bob"], lines["native"]))
-    await wait_for(f"{bob.name} to see the Matrix message",
-                   lambda: _inbox_has(bob, lines["native"]))
+    await wait_for(
+        f"{alice.name} to see the other two",
+        lambda: _inbox_has(alice, lines["bob"], lines["native"]),
+    )
+    await wait_for(
+        f"{bob.name} to see the Matrix message", lambda: _inbox_has(bob, lines["native"])
+    )
 
     transcript = {
         f"{alice.name} on {first.type_name}": [
@@ -177,8 +191,10 @@ async def _room_has(user: NativeUser, room_id: str, texts: list[str]) -> bool:
 
 async def run_demo(state_dir: Path, *, once: bool) -> int:
     setup_logging("WARNING")
-    say(f"EIMIS bridge demo (state in {state_dir}/). The sandboxes emulate vendor-style APIs; "
-        "they are not the vendors' real services.")
+    say(
+        f"EIMIS bridge demo (state in {state_dir}/). The sandboxes emulate vendor-style APIs; "
+        "they are not the vendors' real services."
+    )
     # The sandboxes keep their data in memory, so their ids start again at every run: the
     # bridge's database must start again too (Synapse keeps its rooms and accounts).
     for stale in state_dir.glob("bridge.db*"):
@@ -198,8 +214,9 @@ async def run_demo(state_dir: Path, *, once: bool) -> int:
             for sandbox in sandboxes:
                 async with http.get(f"{sandbox.url}/_sandbox/users") as resp:
                     sandbox.users = (await resp.json())["users"]
-            client = ClientAPI(UserID(native_id), base_url=hs.url, token=native_token,
-                               client_session=http)
+            client = ClientAPI(
+                UserID(native_id), base_url=hs.url, token=native_token, client_session=http
+            )
             await client.set_displayname(NATIVE_DISPLAYNAME)
             native = NativeUser(client, native_id)
             _write_demo_json(state_dir, hs, native_id, native_password, sandboxes)
@@ -217,9 +234,11 @@ async def run_demo(state_dir: Path, *, once: bool) -> int:
             say("\nVerified on every side." if ok else "\nThe scripted conversation FAILED.")
             if once:
                 return 0 if ok else 1
-            say(f"\nStill running. Log in with any Matrix client at {hs.url} as {native_id} "
+            say(
+                f"\nStill running. Log in with any Matrix client at {hs.url} as {native_id} "
                 f"(password in {state_dir}/demo.json); the sandboxes' users are listed there "
-                "too. Ctrl-C to stop.")
+                "too. Ctrl-C to stop."
+            )
             await asyncio.Event().wait()
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 0
@@ -236,15 +255,15 @@ def _native_password(state_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def _write_demo_json(state_dir: Path, hs: LocalSynapse, native_id: str, password: str,
-                     sandboxes: list[Sandbox]) -> None:
+def _write_demo_json(
+    state_dir: Path, hs: LocalSynapse, native_id: str, password: str, sandboxes: list[Sandbox]
+) -> None:
     data = {
         "homeserver_url": hs.url,
         "server_name": hs.server_name,
         "native_users": [{"user_id": native_id, "password": password}],
         "sandboxes": {
-            s.type_name: {"url": s.url, "users": [u["idnps"] for u in s.users]}
-            for s in sandboxes
+            s.type_name: {"url": s.url, "users": [u["idnps"] for u in s.users]} for s in sandboxes
         },
     }
     path = state_dir / "demo.json"
