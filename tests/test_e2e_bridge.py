@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp import ClientSession
@@ -15,15 +13,18 @@ from aiohttp import ClientSession
 from bridge.devtools.demo import SandboxUser, wait_for
 from bridge.devtools.stack import LocalStack
 
+from e2e_helpers import (
+    conversation_titled,
+    counter,
+    inbox_texts,
+    portal_of,
+    received,
+    unique,
+    users_of,
+)
 from matrix_user import MatrixUser, connect, text_is
 
 pytestmark = pytest.mark.e2e
-
-_counter = itertools.count(1)
-
-
-def unique(text: str) -> str:
-    return f"{text} #{next(_counter)}"
 
 
 @pytest.fixture(scope="module")
@@ -38,50 +39,15 @@ async def http() -> AsyncIterator[ClientSession]:
         yield session
 
 
-async def users_of(stack: LocalStack, http: ClientSession, type_name: str) -> list[SandboxUser]:
-    sandbox = stack.sandboxes[type_name]
-    async with http.get(f"{sandbox.url}/_sandbox/users") as resp:
-        users = (await resp.json())["users"]
-    return [SandboxUser(http, sandbox, user) for user in users]
-
-
 @pytest.fixture
 async def native(stack: LocalStack) -> AsyncIterator[MatrixUser]:
-    localpart = f"native{next(_counter)}"
+    localpart = f"native{next(counter)}"
     user_id, token = await stack.synapse.register_user(localpart, "correct horse battery")
     user = await connect(stack.synapse.url, user_id, token)
     try:
         yield user
     finally:
         await user.close()
-
-
-async def conversation_titled(user: SandboxUser, title: str) -> str | None:
-    for conversation in await user.conversations():
-        if conversation.get("title") == title:
-            return str(conversation["conversation_id"])
-    return None
-
-
-async def inbox_texts(user: SandboxUser) -> list[str]:
-    return [m["text"] for m in await user.inbox()]
-
-
-async def received(user: SandboxUser, text: str) -> dict[str, Any] | None:
-    for message in await user.inbox():
-        if message["text"] == text:
-            return message
-    return None
-
-
-async def portal_of(stack: LocalStack, connector: str, conversation_id: str) -> str:
-    assert stack.bridge is not None
-
-    async def lookup() -> str | None:
-        assert stack.bridge is not None
-        return await stack.bridge.stores.portals.by_conversation(connector, conversation_id)
-
-    return str(await wait_for("the portal room", lookup, timeout=30))
 
 
 async def test_pandalab_user_reaches_medipeps_user_and_back(
@@ -255,14 +221,14 @@ async def test_replayed_transaction_is_processed_once_also_after_restart(
     room_id, _ = await _open_portal_with_native(stack, http, native, bob)
     text = unique("Transaction rejouée")
     event = {
-        "event_id": f"$replayed-{next(_counter)}",
+        "event_id": f"$replayed-{next(counter)}",
         "room_id": room_id,
         "type": "m.room.message",
         "sender": native.user_id,
         "origin_server_ts": 1_700_000_000_000,
         "content": {"msgtype": "m.text", "body": text},
     }
-    txn_url = f"{stack.bridge_url}/_matrix/app/v1/transactions/replay-{next(_counter)}"
+    txn_url = f"{stack.bridge_url}/_matrix/app/v1/transactions/replay-{next(counter)}"
     headers = {"Authorization": f"Bearer {stack.registration['hs_token']}"}
 
     async def put() -> None:

@@ -105,11 +105,14 @@ class NativeUser:
         await self.client.send_text(RoomID(room_id), text)
 
     async def messages(self, room_id: str) -> list[tuple[str, str]]:
+        """(sender's display name, body) of the room's messages, oldest first."""
         resp = await self.client.get_messages(
             RoomID(room_id), PaginationDirection.FORWARD, limit=100
         )
+        members = await self.client.get_joined_members(RoomID(room_id))
+        names = {str(uid): str(m.displayname or uid) for uid, m in members.items()}
         return [
-            (str(e.sender), str(e.content.get("body", "")))
+            (names.get(str(e.sender), str(e.sender)), str(e.content.get("body", "")))
             for e in resp.events
             if str(e.type) == "m.room.message"
         ]

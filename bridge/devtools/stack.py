@@ -66,7 +66,7 @@ class LocalStack:
         self.synapse = LocalSynapse(
             self.state_dir / "synapse",
             server_name=SERVER_NAME,
-            port=free_port(),
+            port=None,  # the port of the previous run on this state, when free (stable URL)
             appservice_registrations=[self.registration_path],
         )
         self.raw_config = self._raw_config()
