@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 from pydantic import SecretStr
 
+from connectors import http
 from connectors.base import ConnectorError
 
 _DEFAULT_TIMEOUT_S = 15.0
@@ -53,9 +53,9 @@ class MedipepsClient:
     async def get_professional(self, idnps: str) -> dict[str, Any] | None:
         """``GET /mp/professionals/{idnps}``: the professional's JSON, or None when unknown."""
         status, body = await self._call(
-            "GET", f"/mp/professionals/{quote(idnps, safe='')}", allow_404=True
+            "GET", f"/mp/professionals/{http.segment(idnps)}", allow_404=True
         )
-        return None if status == 404 else _object(body, "professional")
+        return None if status == 404 else http.response_object(body, "Medipeps", "professional")
 
     async def create_conversation(self, body: dict[str, Any]) -> int:
         """``POST /mp/conversations``; returns ``conv`` (the same for a repeated request_ref)."""
@@ -72,7 +72,7 @@ class MedipepsClient:
         _, data = await self._call(
             "GET", "/mp/events", params={"after": str(after), "limit": str(limit)}
         )
-        events = _object(data, "events page").get("events")
+        events = http.response_object(data, "Medipeps", "events page").get("events")
         if not isinstance(events, list):
             raise ConnectorError("Medipeps answered an events page without a list", retriable=False)
         return EventsPage(events=events, cursor=_int_field(data, "cursor", "events page"))
@@ -94,60 +94,25 @@ class MedipepsClient:
             async with self._http().request(
                 method, self._base + path, json=json, params=params, headers=headers
             ) as resp:
-                body = await _read_json(resp)
+                body = await http.read_json(resp)
                 if not (resp.status == 404 and allow_404):
-                    _raise_for_status(what, resp.status, body)
+                    http.raise_for_status(what, resp.status, body, _vendor_error)
                 return resp.status, body
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise ConnectorError(f"{what}: {_describe(exc)}", retriable=True) from exc
+            raise ConnectorError(f"{what}: {http.describe(exc)}", retriable=True) from exc
 
 
 # --- Helpers --------------------------------------------------------------------------------------
 
 
-async def _read_json(resp: aiohttp.ClientResponse) -> Any:
-    """The response's JSON body, or None when it has none (an HTML error page, an empty body)."""
-    try:
-        return await resp.json(content_type=None)
-    except ValueError:
-        return None
-
-
-def _raise_for_status(what: str, status: int, body: Any) -> None:
-    if status < 400:
-        return
-    detail = f"{what}: HTTP {status}{_vendor_error(body)}"
-    raise ConnectorError(detail, retriable=status >= 500 or status == 429)
-
-
-def _vendor_error(body: Any) -> str:
-    """`` (CODE: detail)`` from a vendor error body, bounded; empty when there is none."""
-    if not isinstance(body, dict):
-        return ""
-    parts = [
-        str(p)[:200] for p in (body.get("code"), body.get("detail")) if isinstance(p, str) and p
-    ]
-    return f" ({': '.join(parts)})" if parts else ""
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}"[:300]
-
-
-def _object(body: Any, what: str) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise ConnectorError(
-            f"Medipeps answered a malformed {what} (not an object)", retriable=False
-        )
-    return body
-
-
 def _int_field(body: Any, key: str, what: str) -> int:
-    value = _object(body, what).get(key)
+    value = http.response_object(body, "Medipeps", what).get(key)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ConnectorError(
             f"Medipeps answered a {what} without an integer {key!r}", retriable=False
         )
     return value
+
+
+def _vendor_error(body: Any) -> str:
+    return http.error_fields(body, "code", "detail")

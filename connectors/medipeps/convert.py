@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from bridge.directory.idnps import Idnps, InvalidIdnps
+from connectors import payload
 from connectors.base import (
     ConversationCreated,
     MessageReceived,
@@ -16,14 +16,12 @@ from connectors.base import (
     RemoteUser,
     Sender,
 )
-
-
-class InvalidPayload(ValueError):
-    """A vendor payload the connector cannot turn into a bridge type; the message says why.
-
-    Messages name fields and rules, never message content.
-    """
-
+from connectors.payload import InvalidPayload
+from connectors.payload import idnps as _idnps
+from connectors.payload import int_field as _int
+from connectors.payload import list_field as _list
+from connectors.payload import obj as _obj
+from connectors.payload import str_field as _str
 
 # --- Vendor -> bridge -----------------------------------------------------------------------------
 
@@ -85,13 +83,7 @@ def _new_msg(event: dict[str, Any]) -> RemoteEvent:
 
 
 def participant_from_ref(ref: str) -> Participant:
-    """A guest reference: a Matrix user id (``@user:server``) or an IDNPS."""
-    if ref.startswith("@"):
-        localpart, sep, server = ref[1:].partition(":")
-        if not (localpart and sep and server):
-            raise InvalidPayload("a guest starting with '@' is not a Matrix user id")
-        return Participant(mxid=ref)
-    return Participant(idnps=_idnps(ref, "a guest"))
+    return payload.participant(ref, "a guest")
 
 
 def user_from_json(body: dict[str, Any]) -> RemoteUser:
@@ -156,41 +148,5 @@ def _sender_ref(sender: Sender) -> str:
 # --- Field readers --------------------------------------------------------------------------------
 
 
-def _obj(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise InvalidPayload(f"{where} is missing or not an object")
-    return value
-
-
-def _list(container: dict[str, Any], key: str, where: str) -> list[Any]:
-    value = container.get(key)
-    if not isinstance(value, list):
-        raise InvalidPayload(f"{where}.{key} is missing or not a list")
-    return value
-
-
-def _str(container: dict[str, Any], key: str, where: str) -> str:
-    value = container.get(key)
-    if not isinstance(value, str) or not value:
-        raise InvalidPayload(f"{where}.{key} is missing or not a non-empty string")
-    return value
-
-
-def _int(container: dict[str, Any], key: str, where: str) -> int:
-    value = container.get(key)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidPayload(f"{where}.{key} is missing or not an integer")
-    return value
-
-
 def _ref(guest: Any, where: str) -> str:
     return _str(_obj(guest, where), "ref", where)
-
-
-def _idnps(value: Any, where: str) -> Idnps:
-    if not isinstance(value, str):
-        raise InvalidPayload(f"{where} is missing or not a string IDNPS")
-    try:
-        return Idnps(value)
-    except InvalidIdnps as exc:
-        raise InvalidPayload(f"{where} is not a valid IDNPS: {exc}") from exc

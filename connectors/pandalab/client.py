@@ -6,11 +6,11 @@ import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 from pydantic import SecretStr
 
+from connectors import http
 from connectors.base import ConnectorError
 
 _TOKEN_MARGIN_S = 30.0
@@ -68,8 +68,10 @@ class PandaLabClient:
 
     async def get_user(self, idnps: str) -> dict[str, Any] | None:
         """``GET /api/v1/users/{idnps}``: the user's JSON, or None for an unknown user."""
-        status, body = await self._call("GET", f"/api/v1/users/{_segment(idnps)}", allow_404=True)
-        return None if status == 404 else _object(body, "user")
+        status, body = await self._call(
+            "GET", f"/api/v1/users/{http.segment(idnps)}", allow_404=True
+        )
+        return None if status == 404 else http.response_object(body, "PandaLab", "user")
 
     async def create_conversation(self, body: dict[str, Any], idempotency_key: str) -> str:
         """``POST /api/v1/conversations``; returns the conversation id (the same for a repeat)."""
@@ -82,7 +84,7 @@ class PandaLabClient:
         self, conversation_id: str, body: dict[str, Any], idempotency_key: str
     ) -> str:
         """``POST /api/v1/conversations/{id}/messages``; returns the message id."""
-        path = f"/api/v1/conversations/{_segment(conversation_id)}/messages"
+        path = f"/api/v1/conversations/{http.segment(conversation_id)}/messages"
         _, data = await self._call("POST", path, json=body, idempotency_key=idempotency_key)
         return _string_field(data, "id", "message")
 
@@ -135,15 +137,15 @@ class PandaLabClient:
             async with self._http().request(
                 method, self._base + path, json=json, headers=headers
             ) as resp:
-                body = await _read_json(resp)
+                body = await http.read_json(resp)
                 if resp.status == 401:
                     raise _TokenRejected
                 if resp.status == 404 and allow_404:
                     return resp.status, body
-                _raise_for_status(what, resp.status, body)
+                http.raise_for_status(what, resp.status, body, _vendor_error)
                 return resp.status, body
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise ConnectorError(f"{what}: {_describe(exc)}", retriable=True) from exc
+            raise ConnectorError(f"{what}: {http.describe(exc)}", retriable=True) from exc
 
     async def _access_token(self) -> str:
         """The cached token, or a new one when there is none or it is about to expire."""
@@ -169,10 +171,10 @@ class PandaLabClient:
         what = "PandaLab token request"
         try:
             async with self._http().post(self._base + "/oauth/token", data=form) as resp:
-                body = await _read_json(resp)
-                _raise_for_status(what, resp.status, body)
+                body = await http.read_json(resp)
+                http.raise_for_status(what, resp.status, body, _vendor_error)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise ConnectorError(f"{what}: {_describe(exc)}", retriable=True) from exc
+            raise ConnectorError(f"{what}: {http.describe(exc)}", retriable=True) from exc
         token = _string_field(body, "access_token", "token")
         lifetime = body.get("expires_in", 0)
         if not isinstance(lifetime, (int, float)) or isinstance(lifetime, bool):
@@ -183,51 +185,12 @@ class PandaLabClient:
 # --- Helpers --------------------------------------------------------------------------------------
 
 
-def _segment(value: str) -> str:
-    """A URL path segment: ids never open another path."""
-    return quote(value, safe="")
-
-
-async def _read_json(resp: aiohttp.ClientResponse) -> Any:
-    """The response's JSON body, or None when it has none (an HTML error page, an empty body)."""
-    try:
-        return await resp.json(content_type=None)
-    except ValueError:
-        return None
-
-
-def _raise_for_status(what: str, status: int, body: Any) -> None:
-    if status < 400:
-        return
-    detail = f"{what}: HTTP {status}{_vendor_error(body)}"
-    raise ConnectorError(detail, retriable=status >= 500 or status == 429)
-
-
-def _vendor_error(body: Any) -> str:
-    """`` (code: sentence)`` from a vendor error body, bounded; empty when there is none."""
-    if not isinstance(body, dict):
-        return ""
-    code, message = body.get("error"), body.get("message")
-    parts = [str(p)[:200] for p in (code, message) if isinstance(p, str) and p]
-    return f" ({': '.join(parts)})" if parts else ""
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}"[:300]
-
-
-def _object(body: Any, what: str) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise ConnectorError(
-            f"PandaLab answered a malformed {what} (not an object)", retriable=False
-        )
-    return body
-
-
 def _string_field(body: Any, key: str, what: str) -> str:
-    value = _object(body, what).get(key)
+    value = http.response_object(body, "PandaLab", what).get(key)
     if not isinstance(value, str) or not value:
         raise ConnectorError(f"PandaLab answered a {what} without a {key!r}", retriable=False)
     return value
+
+
+def _vendor_error(body: Any) -> str:
+    return http.error_fields(body, "error", "message")

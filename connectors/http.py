@@ -1,0 +1,55 @@
+"""HTTP plumbing every vendor client needs: JSON bodies, status mapping, safe error sentences."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from connectors.base import ConnectorError
+
+
+async def read_json(resp: aiohttp.ClientResponse) -> Any:
+    """The response's JSON body, or None when it has none (an HTML error page, an empty body)."""
+    try:
+        return await resp.json(content_type=None)
+    except ValueError:
+        return None
+
+
+def raise_for_status(what: str, status: int, body: Any, vendor_error: Callable[[Any], str]) -> None:
+    """Map an HTTP error to ConnectorError: 5xx and 429 may succeed later, other 4xx never."""
+    if status < 400:
+        return
+    detail = f"{what}: HTTP {status}{vendor_error(body)}"
+    raise ConnectorError(detail, retriable=status >= 500 or status == 429)
+
+
+def error_fields(body: Any, *keys: str) -> str:
+    """`` (code: sentence)`` from a vendor error body's ``keys``, bounded; empty when none."""
+    if not isinstance(body, dict):
+        return ""
+    parts = [str(body[k])[:200] for k in keys if isinstance(body.get(k), str) and body[k]]
+    return f" ({': '.join(parts)})" if parts else ""
+
+
+def describe(exc: BaseException) -> str:
+    """A transport failure in a few words (no URL query strings, no credentials)."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def segment(value: str) -> str:
+    """A URL path segment: ids never open another path."""
+    return quote(value, safe="")
+
+
+def response_object(body: Any, vendor: str, what: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ConnectorError(
+            f"{vendor} answered a malformed {what} (not an object)", retriable=False
+        )
+    return body
