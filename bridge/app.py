@@ -23,7 +23,7 @@ from bridge.db.inbox import InboxItem
 from bridge.db.outbox import OutboxItem
 from bridge.db.stores import Stores
 from bridge.matrix.homeserver import Homeserver, HomeserverCheckFailed
-from connectors.base import EventSink, RemoteEvent
+from connectors.base import REMOTE_EVENT_TYPES, EventSink, RemoteEvent, event_to_json
 
 log = logging.getLogger("eimis.bridge")
 
@@ -159,13 +159,13 @@ class Bridge:
 
     def _emitter(self, connector_id: str) -> EventSink:
         async def emit(event: RemoteEvent) -> None:
-            if not isinstance(event, RemoteEvent):
+            if not isinstance(event, REMOTE_EVENT_TYPES):
                 raise TypeError(f"connectors emit RemoteEvent, not {type(event).__name__}")
             await self.stores.inbox.store_remote(
                 connector_id,
                 event.event_id,
                 remote_lane(connector_id, event.conversation_id),
-                event.to_json(),
+                event_to_json(event),
             )
             self.inbox.notify()
 

@@ -2,26 +2,50 @@
 
 A connector turns one vendor's API into the bridge's vocabulary. The required part is small
 (start/stop, create a remote conversation, send a message into one, describe a remote user);
-everything else is an optional capability the connector declares, so the bridge knows what it can
-ask for and degrades what a vendor cannot show. Vendor events enter the bridge as typed
-``RemoteEvent``s through ``ConnectorContext.emit``, which returns only once the event is durably
-stored: a connector acknowledges its vendor (or advances its poll cursor) after ``emit`` returns.
+everything else is an optional capability the connector declares in ``capabilities``, so the
+bridge knows what it can ask for and degrades what a vendor cannot show (an edit becomes a marked
+correction, a reaction a short message ...), telling the sender. Vendor events enter the bridge as
+typed ``RemoteEvent``s through ``ConnectorContext.emit``, which returns only once the event is
+durably stored: a connector acknowledges its vendor (or advances its poll cursor) after ``emit``.
+
+Text conventions, both ways: text is in the connector's declared ``formatting`` (``plain`` or
+``markdown``); a mention of a person is written ``@<display name>`` in the text and listed in
+``mentions``. A connector with its own mention syntax converts to and from that form.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 from aiohttp import web
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, TypeAdapter
 
 from bridge.directory.idnps import Idnps
 
-Formatting = Literal["plain", "markdown", "html"]
+Formatting = Literal["plain", "markdown"]
+MessageKind = Literal["text", "notice", "emote"]
+FILE_MSGTYPES = ("m.image", "m.file", "m.audio", "m.video")
+
+
+# --- Capabilities ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileLimit:
+    """What a vendor accepts for one kind of file: a size and MIME types (``image/*`` allowed)."""
+
+    max_size: int
+    mime_types: frozenset[str] = frozenset({"*/*"})
+
+    def allows(self, mime_type: str) -> bool:
+        major = mime_type.split("/", 1)[0]
+        return bool({"*/*", f"{major}/*", mime_type} & self.mime_types)
 
 
 @dataclass(frozen=True)
@@ -30,15 +54,31 @@ class Capabilities:
 
     formatting: Formatting = "plain"
     max_text_length: int | None = None
-    message_types: frozenset[str] = frozenset({"m.text", "m.notice"})
+    """In characters. Longer text is split into several messages or refused (``long_text``)."""
+    long_text: Literal["split", "refuse"] = "split"
+    files: Mapping[str, FileLimit] = field(default_factory=dict)
+    """By Matrix msgtype (``m.image``, ``m.file``, ``m.audio``, ``m.video``): what it accepts."""
+    locations: bool = False
+    mentions: bool = False
     replies: bool = False
     edits: bool = False
     deletions: bool = False
     reactions: bool = False
     read_receipts: bool = False
     typing: bool = False
-    max_file_size: int | None = None
-    mime_types: frozenset[str] = frozenset()
+    delivery_status: bool = False
+    """The vendor shows its users whether their message reached everyone (report_delivery)."""
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["files"] = {
+            msgtype: {"max_size": limit.max_size, "mime_types": sorted(limit.mime_types)}
+            for msgtype, limit in self.files.items()
+        }
+        return data
+
+
+# --- People ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -71,11 +111,55 @@ class Participant:
             raise ValueError("a Participant is an IDNPS or a Matrix user id, exactly one of them")
 
 
+@dataclass(frozen=True)
+class Mention:
+    """A person mentioned in a message: written ``@<display_name>`` in the text."""
+
+    display_name: str
+    idnps: Idnps | None = None
+    mxid: str | None = None
+
+
+@dataclass(frozen=True)
+class Sender:
+    """Who wrote what the bridge delivers: another vendor's professional or a Matrix user."""
+
+    mxid: str
+    display_name: str
+    idnps: Idnps | None = None
+
+    @property
+    def ref(self) -> str:
+        """How vendors name people from outside: the IDNPS when known, else the Matrix id."""
+        return self.idnps or self.mxid
+
+
+# --- Content --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Location:
+    latitude: float
+    longitude: float
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class RemoteAttachment:
+    """A file attached to a vendor message. ``source`` is the connector's own handle for it
+    (a download URL, an inline payload ...), passed back to ``open_attachment``."""
+
+    name: str
+    mime_type: str
+    size: int | None
+    source: str
+
+
 # --- Events a connector emits (vendor -> bridge) -------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True)
-class RemoteEvent:
+class _Event:
     """Base of every vendor event.
 
     ``event_id`` is unique per connector and stable across redeliveries of the same vendor event:
@@ -86,45 +170,9 @@ class RemoteEvent:
     conversation_id: str
     timestamp: datetime
 
-    kind: ClassVar[str] = "event"
-
-    def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"kind": self.kind}
-        for name in self.__dataclass_fields__:
-            value = getattr(self, name)
-            if isinstance(value, datetime):
-                value = value.isoformat()
-            elif isinstance(value, tuple):
-                value = [_participant_json(v) if isinstance(v, Participant) else v for v in value]
-            data[name] = value
-        return data
-
-    @staticmethod
-    def from_json(data: dict[str, Any]) -> RemoteEvent:
-        kinds: dict[str, type[RemoteEvent]] = {
-            cls.kind: cls for cls in (ConversationCreated, MessageReceived)
-        }
-        data = dict(data)
-        cls = kinds[data.pop("kind")]
-        data["timestamp"] = datetime.fromisoformat(data["timestamp"])
-        if cls is ConversationCreated:
-            data["creator"] = Idnps(data["creator"])
-            data["members"] = tuple(Idnps(m) for m in data["members"])
-            data["participants"] = tuple(
-                Participant(idnps=Idnps(p["idnps"]) if p.get("idnps") else None, mxid=p.get("mxid"))
-                for p in data["participants"]
-            )
-        elif cls is MessageReceived:
-            data["sender"] = Idnps(data["sender"])
-        return cls(**data)
-
-
-def _participant_json(p: Participant) -> dict[str, str | None]:
-    return {"idnps": p.idnps, "mxid": p.mxid}
-
 
 @dataclass(frozen=True, kw_only=True)
-class ConversationCreated(RemoteEvent):
+class ConversationCreated(_Event):
     """A vendor user opened a conversation that includes people outside the vendor.
 
     ``members`` are the vendor's own users in it (creator included); ``participants`` are the
@@ -135,31 +183,108 @@ class ConversationCreated(RemoteEvent):
     members: tuple[Idnps, ...]
     participants: tuple[Participant, ...]
     title: str | None = None
-
-    kind: ClassVar[str] = "conversation.created"
+    kind: Literal["conversation.created"] = "conversation.created"
 
 
 @dataclass(frozen=True, kw_only=True)
-class MessageReceived(RemoteEvent):
-    """A vendor user wrote a message in a bridged conversation."""
+class MessageReceived(_Event):
+    """A vendor user wrote a message (text, a file, a location) in a bridged conversation."""
 
     message_id: str
     sender: Idnps
     text: str
+    message_kind: MessageKind = "text"
+    reply_to: str | None = None
+    """The vendor message id this one answers."""
+    mentions: tuple[Mention, ...] = ()
+    attachment: RemoteAttachment | None = None
+    location: Location | None = None
+    kind: Literal["message"] = "message"
 
-    kind: ClassVar[str] = "message"
+
+@dataclass(frozen=True, kw_only=True)
+class MessageEdited(_Event):
+    message_id: str
+    sender: Idnps
+    text: str
+    mentions: tuple[Mention, ...] = ()
+    kind: Literal["message.edited"] = "message.edited"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MessageDeleted(_Event):
+    message_id: str
+    sender: Idnps
+    kind: Literal["message.deleted"] = "message.deleted"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReactionAdded(_Event):
+    reaction_id: str
+    message_id: str
+    sender: Idnps
+    key: str
+    """The emoji (or short text) the user reacted with."""
+    kind: Literal["reaction.added"] = "reaction.added"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReactionRemoved(_Event):
+    reaction_id: str
+    message_id: str
+    sender: Idnps
+    kind: Literal["reaction.removed"] = "reaction.removed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReadUpTo(_Event):
+    """A vendor user has read the conversation up to this message (inclusive)."""
+
+    sender: Idnps
+    message_id: str
+    kind: Literal["read"] = "read"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TypingChanged(_Event):
+    sender: Idnps
+    typing: bool
+    kind: Literal["typing"] = "typing"
+
+
+RemoteEvent = (
+    ConversationCreated
+    | MessageReceived
+    | MessageEdited
+    | MessageDeleted
+    | ReactionAdded
+    | ReactionRemoved
+    | ReadUpTo
+    | TypingChanged
+)
+REMOTE_EVENT_TYPES = (
+    ConversationCreated,
+    MessageReceived,
+    MessageEdited,
+    MessageDeleted,
+    ReactionAdded,
+    ReactionRemoved,
+    ReadUpTo,
+    TypingChanged,
+)
+_EVENTS: TypeAdapter[Any] = TypeAdapter(Annotated[RemoteEvent, Field(discriminator="kind")])
+
+
+def event_to_json(event: RemoteEvent) -> dict[str, Any]:
+    return dict(_EVENTS.dump_python(event, mode="json"))
+
+
+def event_from_json(data: dict[str, Any]) -> RemoteEvent:
+    event: RemoteEvent = _EVENTS.validate_python(data)
+    return event
 
 
 # --- Operations the bridge asks of a connector (bridge -> vendor) -------------------------------
-
-
-@dataclass(frozen=True)
-class Sender:
-    """Who wrote a message the bridge delivers: another vendor's professional or a Matrix user."""
-
-    mxid: str
-    display_name: str
-    idnps: Idnps | None = None
 
 
 @dataclass(frozen=True)
@@ -176,19 +301,50 @@ class NewConversation:
     external: tuple[Sender, ...]
 
 
+AttachmentOpener = Callable[[], AbstractAsyncContextManager[AsyncIterator[bytes]]]
+
+
+@dataclass(frozen=True)
+class OutboundAttachment:
+    """A file to deliver. ``open()`` streams it in chunks (it is never whole in memory); each
+    call starts again from the beginning, so a retried delivery can re-read it."""
+
+    name: str
+    mime_type: str
+    size: int
+    open: AttachmentOpener = field(compare=False)
+
+
 @dataclass(frozen=True)
 class OutboundMessage:
     """A message the bridge delivers into a vendor conversation.
 
     ``request_id`` is stable for this message and connector (derived from the Matrix event id):
-    the vendor must show a repeat only once.
+    the vendor must show a repeat only once. ``text`` is already in the connector's formatting,
+    cut to its maximum length.
     """
 
     request_id: str
     sender: Sender
     text: str
-    html: str | None
     timestamp: datetime
+    html: str | None = None
+    """The sanitised HTML the text came from, for connectors that can use it."""
+    message_kind: MessageKind = "text"
+    reply_to: str | None = None
+    """The vendor message id this one answers (only when the connector declares replies)."""
+    mentions: tuple[Mention, ...] = ()
+    attachment: OutboundAttachment | None = None
+    location: Location | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    """What happened to a vendor user's message on the other side of the bridge."""
+
+    status: Literal["delivered", "degraded", "failed"]
+    detail: str
+    """A sentence for the sender: what was changed or why it could not be delivered."""
 
 
 # --- What the bridge gives a connector ---------------------------------------------------------
@@ -228,7 +384,11 @@ class ConnectorError(Exception):
 
 
 class Connector(abc.ABC):
-    """One vendor. Subclasses set ``type_name``, ``Settings`` and ``capabilities``."""
+    """One vendor. Subclasses set ``type_name``, ``Settings`` and ``capabilities``.
+
+    Optional operations below raise ``NotImplementedError`` unless the matching capability is
+    declared; the bridge never calls one whose capability is off.
+    """
 
     type_name: ClassVar[str]
     """The connector type, as written in the config (``type: ...``)."""
@@ -264,7 +424,48 @@ class Connector(abc.ABC):
     async def get_user(self, idnps: Idnps) -> RemoteUser | None:
         """Describe one of this vendor's users, or None when the vendor does not know them."""
 
-    # Optional ---------------------------------------------------------------------------------
+    # Optional, by capability -------------------------------------------------------------------
+
+    async def open_attachment(
+        self, attachment: RemoteAttachment
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Stream the bytes of a file a vendor user sent (any connector that emits files)."""
+        raise NotImplementedError
+
+    async def edit_message(
+        self, conversation_id: str, message_id: str, message: OutboundMessage
+    ) -> None:
+        """Replace a delivered message's text (``edits``)."""
+        raise NotImplementedError
+
+    async def delete_message(self, conversation_id: str, message_id: str, sender: Sender) -> None:
+        """Delete a delivered message (``deletions``)."""
+        raise NotImplementedError
+
+    async def add_reaction(
+        self, conversation_id: str, message_id: str, sender: Sender, key: str, request_id: str
+    ) -> str:
+        """React to a message (``reactions``); return the vendor's reaction id."""
+        raise NotImplementedError
+
+    async def remove_reaction(
+        self, conversation_id: str, message_id: str, reaction_id: str, sender: Sender
+    ) -> None:
+        raise NotImplementedError
+
+    async def mark_read(self, conversation_id: str, reader: Sender, message_id: str) -> None:
+        """``reader`` has read up to this message (``read_receipts``)."""
+        raise NotImplementedError
+
+    async def set_typing(self, conversation_id: str, who: Sender, typing: bool) -> None:
+        """``typing``: best effort, never retried."""
+        raise NotImplementedError
+
+    async def report_delivery(
+        self, conversation_id: str, message_id: str, report: DeliveryReport
+    ) -> None:
+        """Tell a vendor user what became of their message (``delivery_status``)."""
+        raise NotImplementedError
 
     def web_routes(self) -> list[web.RouteDef]:
         """Routes the bridge mounts under ``/connectors/<connector id>`` (webhooks)."""

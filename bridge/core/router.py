@@ -20,7 +20,7 @@ from bridge.core.portals import SEND_MESSAGE, Portals
 from bridge.db.inbox import MATRIX_ORIGIN, InboxItem
 from bridge.db.stores import Stores
 from bridge.matrix.homeserver import Homeserver, derived_txn_id
-from connectors.base import ConversationCreated, MessageReceived, RemoteEvent
+from connectors.base import ConversationCreated, MessageReceived, RemoteEvent, event_from_json
 
 log = logging.getLogger("eimis.router")
 
@@ -47,7 +47,7 @@ class Router:
             if item.origin == MATRIX_ORIGIN:
                 await self._matrix_event(item.payload)
             else:
-                await self._remote_event(item.origin, RemoteEvent.from_json(item.payload))
+                await self._remote_event(item.origin, event_from_json(item.payload))
         except PermanentFailure as failure:
             log.warning("Inbox item %d cannot be processed: %s", item.seq, failure)
             await self.stores.inbox.mark_failed(item.seq, str(failure))

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+from typing import Any
+
+from pydantic import GetCoreSchemaHandler
+from pydantic_core import core_schema
 
 _DIGITS = re.compile(r"[0-9]+")
 
@@ -70,6 +74,13 @@ class Idnps(str):
                 f"an IDNPS starts with '8' (RPPS) or '0' (ADELI); this one starts with {kind!r}"
             )
         return super().__new__(cls, value)
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        # Lets pydantic models and dataclasses hold a checked Idnps (and say which rule failed).
+        return core_schema.no_info_after_validator_function(cls, core_schema.str_schema())
 
     @classmethod
     def is_valid(cls, value: str) -> bool:
