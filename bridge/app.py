@@ -13,16 +13,20 @@ from bridge.config import Config, load_tokens
 from bridge.core.connectors import ConnectorSet, validate_connectors
 from bridge.core.delivery import Delivery
 from bridge.core.errors import PermanentFailure
+from bridge.core.from_matrix import FromMatrix
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.lanes import LaneScheduler
 from bridge.core.portals import Portals
 from bridge.core.router import Router, remote_lane
+from bridge.core.status import StatusReporter
+from bridge.core.to_matrix import ToMatrix
 from bridge.db.connector_state import ConnectorStateStore
 from bridge.db.database import open_database
 from bridge.db.inbox import InboxItem
 from bridge.db.outbox import OutboxItem
 from bridge.db.stores import Stores
 from bridge.matrix.homeserver import Homeserver, HomeserverCheckFailed
+from bridge.matrix.media import MediaRepository
 from connectors.base import REMOTE_EVENT_TYPES, EventSink, RemoteEvent, event_to_json
 
 log = logging.getLogger("eimis.bridge")
@@ -63,7 +67,18 @@ class Bridge:
                 f"{spec.connector_id}",
             )
         self.portals = Portals(self.stores, self.homeserver, self.connectors, self.ids)
-        self.delivery = Delivery(self.stores, self.homeserver, self.connectors)
+        self.media = MediaRepository(
+            self.config.homeserver.url, as_token, self._session, self.config.media.chunk_size
+        )
+        self.status = StatusReporter(self.stores, self.homeserver, self.connectors)
+        self.delivery = Delivery(
+            self.stores,
+            self.homeserver,
+            self.connectors,
+            self.media,
+            self.config.media,
+            self.status,
+        )
         self.outbox = LaneScheduler[OutboxItem](
             "outbox",
             self.stores.outbox.pending,
@@ -71,7 +86,20 @@ class Bridge:
             self.delivery.record_error,
             fetch_lane=self.stores.outbox.pending_in_lane,
         )
-        self.router = Router(self.stores, self.homeserver, self.portals, self.outbox.notify)
+        self.router = Router(
+            self.stores,
+            self.homeserver,
+            FromMatrix(self.stores, self.homeserver, self.portals, self.outbox.notify),
+            ToMatrix(
+                self.stores,
+                self.homeserver,
+                self.portals,
+                self.media,
+                self.config.media,
+                self.status,
+                self.outbox.notify,
+            ),
+        )
         self.inbox = LaneScheduler[InboxItem](
             "inbox",
             self.stores.inbox.pending,

@@ -115,6 +115,31 @@ class ConnectorConfig(_Strict):
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
+class MediaConfig(_Strict):
+    max_file_size: int = Field(100 * 1024 * 1024, gt=0, description="Largest file bridged, bytes")
+    allowed_mime_types: tuple[str, ...] = Field(
+        (
+            "image/*",
+            "audio/*",
+            "video/*",
+            "application/pdf",
+            "application/dicom",
+            "text/plain",
+            "text/csv",
+            "application/msword",
+            "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+            "application/vnd.oasis.opendocument.text",
+        ),
+        description="MIME types bridged; 'type/*' matches a whole family",
+    )
+    chunk_size: int = Field(64 * 1024, ge=4096, le=4 * 1024 * 1024)
+
+    def allows(self, mime_type: str) -> bool:
+        major = mime_type.split("/", 1)[0].strip().lower()
+        wanted = {mime_type.strip().lower(), f"{major}/*", "*/*"}
+        return any(pattern.lower() in wanted for pattern in self.allowed_mime_types)
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(False, alias="json")
@@ -125,6 +150,7 @@ class Config(_Strict):
     appservice: AppserviceConfig
     database: DatabaseConfig = DatabaseConfig()
     connectors: dict[str, ConnectorConfig] = Field(default_factory=dict)
+    media: MediaConfig = MediaConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @field_validator("connectors")

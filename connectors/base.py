@@ -56,6 +56,8 @@ class Capabilities:
     max_text_length: int | None = None
     """In characters. Longer text is split into several messages or refused (``long_text``)."""
     long_text: Literal["split", "refuse"] = "split"
+    message_kinds: frozenset[MessageKind] = frozenset({"text"})
+    """Kinds shown as such; the others arrive as text (an emote as ``* Name text``)."""
     files: Mapping[str, FileLimit] = field(default_factory=dict)
     """By Matrix msgtype (``m.image``, ``m.file``, ``m.audio``, ``m.video``): what it accepts."""
     locations: bool = False
@@ -71,6 +73,7 @@ class Capabilities:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data["message_kinds"] = sorted(self.message_kinds)
         data["files"] = {
             msgtype: {"max_size": limit.max_size, "mime_types": sorted(limit.mime_types)}
             for msgtype, limit in self.files.items()

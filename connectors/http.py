@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+from yarl import URL
 
 from connectors.base import ConnectorError
 
@@ -53,3 +54,39 @@ def response_object(body: Any, vendor: str, what: str) -> dict[str, Any]:
             f"{vendor} answered a malformed {what} (not an object)", retriable=False
         )
     return body
+
+
+# --- Streaming file transfers -------------------------------------------------------------------
+
+CHUNK_SIZE = 64 * 1024
+"""Bytes per chunk when streaming a file in or out."""
+
+TRANSFER_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60)
+"""For file transfers: no overall limit (a large file takes its time), but a stalled connection
+(no byte for a minute) fails."""
+
+
+def same_origin(url: str, base: str) -> bool:
+    """Whether ``url`` is on the scheme, host and port of ``base`` (credentials never leave it)."""
+    try:
+        a, b = URL(url), URL(base)
+    except ValueError:
+        return False
+    return a.is_absolute() and (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
+
+
+def path_of(url: str) -> str:
+    """The path of ``url`` for an error sentence (no query string, no credentials)."""
+    try:
+        return URL(url).path[:200]
+    except ValueError:
+        return "<invalid URL>"
+
+
+async def iter_body(resp: aiohttp.ClientResponse, what: str) -> AsyncIterator[bytes]:
+    """The response body in chunks; a transport failure mid-way is a retriable ConnectorError."""
+    try:
+        async for chunk in resp.content.iter_chunked(CHUNK_SIZE):
+            yield chunk
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise ConnectorError(f"{what}: {describe(exc)}", retriable=True) from exc

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bridge.directory.idnps import Idnps, InvalidIdnps
-from connectors.base import Participant
+from connectors.base import Mention, Participant
 
 
 class InvalidPayload(ValueError):
@@ -44,6 +44,36 @@ def text_field(container: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
+def optional_str(container: dict[str, Any], key: str, where: str) -> str | None:
+    """A string field that may be absent or null."""
+    value = container.get(key)
+    if value is not None and not isinstance(value, str):
+        raise InvalidPayload(f"{where}.{key} is not a string")
+    return value
+
+
+def optional_obj(container: dict[str, Any], key: str, where: str) -> dict[str, Any] | None:
+    """An object field that may be absent or null."""
+    value = container.get(key)
+    if value is None:
+        return None
+    return obj(value, f"{where}.{key}")
+
+
+def number_field(container: dict[str, Any], key: str, where: str) -> float:
+    value = container.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise InvalidPayload(f"{where}.{key} is missing or not a number")
+    return float(value)
+
+
+def bool_field(container: dict[str, Any], key: str, where: str) -> bool:
+    value = container.get(key)
+    if not isinstance(value, bool):
+        raise InvalidPayload(f"{where}.{key} is missing or not a boolean")
+    return value
+
+
 def int_field(container: dict[str, Any], key: str, where: str) -> int:
     value = container.get(key)
     if not isinstance(value, int) or isinstance(value, bool):
@@ -68,3 +98,9 @@ def participant(ref: str, where: str) -> Participant:
             raise InvalidPayload(f"{where} starting with '@' is not a Matrix user id")
         return Participant(mxid=ref)
     return Participant(idnps=idnps(ref, where))
+
+
+def mention(ref: str, display_name: str, where: str) -> Mention:
+    """A mentioned person by their reference (an IDNPS or a Matrix user id)."""
+    person = participant(ref, where)
+    return Mention(display_name=display_name, idnps=person.idnps, mxid=person.mxid)

@@ -50,3 +50,87 @@ async def portal_of(stack: LocalStack, connector: str, conversation_id: str) -> 
         return await stack.bridge.stores.portals.by_conversation(connector, conversation_id)
 
     return str(await wait_for("the portal room", lookup, timeout=30))
+
+
+class AppUser(SandboxUser):
+    """A vendor user doing everything the vendor's app allows (USER_API.md v2)."""
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        async with self.http.request(method, f"{self.base}{path}", **kwargs) as resp:
+            body = await resp.json(content_type=None) if resp.content_length != 0 else None
+            if resp.status >= 400:
+                raise AssertionError(f"{method} {path}: {resp.status} {body}")
+            return body
+
+    async def post(self, conversation_id: str, **fields: Any) -> str:
+        body = await self._json("POST", f"/conversations/{conversation_id}/messages", json=fields)
+        return str(body["message_id"])
+
+    async def upload(self, data: bytes, mime_type: str, name: str) -> str:
+        body = await self._json(
+            "POST",
+            "/files",
+            data=data,
+            headers={"Content-Type": mime_type, "X-Filename": name},
+        )
+        return str(body["file_id"])
+
+    async def download(self, file_id: str) -> bytes:
+        async with self.http.get(f"{self.base}/files/{file_id}") as resp:
+            assert resp.status == 200, resp.status
+            return await resp.read()
+
+    async def edit(self, conversation_id: str, message_id: str, text: str) -> None:
+        await self._json(
+            "PATCH", f"/conversations/{conversation_id}/messages/{message_id}", json={"text": text}
+        )
+
+    async def delete(self, conversation_id: str, message_id: str) -> None:
+        await self._json("DELETE", f"/conversations/{conversation_id}/messages/{message_id}")
+
+    async def react(self, conversation_id: str, message_id: str, emoji: str) -> str:
+        body = await self._json(
+            "POST",
+            f"/conversations/{conversation_id}/messages/{message_id}/reactions",
+            json={"emoji": emoji},
+        )
+        return str(body["reaction_id"])
+
+    async def unreact(self, conversation_id: str, message_id: str, reaction_id: str) -> None:
+        await self._json(
+            "DELETE",
+            f"/conversations/{conversation_id}/messages/{message_id}/reactions/{reaction_id}",
+        )
+
+    async def read(self, conversation_id: str, message_id: str) -> None:
+        await self._json(
+            "POST", f"/conversations/{conversation_id}/read", json={"up_to": message_id}
+        )
+
+    async def type(self, conversation_id: str, typing: bool = True) -> None:
+        await self._json(
+            "POST", f"/conversations/{conversation_id}/typing", json={"typing": typing}
+        )
+
+    async def conversation(self, conversation_id: str) -> dict[str, Any]:
+        return dict(await self._json("GET", f"/conversations/{conversation_id}"))
+
+    async def message(self, conversation_id: str, message_id: str) -> dict[str, Any] | None:
+        for message in (await self.conversation(conversation_id))["messages"]:
+            if message["message_id"] == message_id:
+                return dict(message)
+        return None
+
+
+async def app_users_of(stack: LocalStack, http: ClientSession, type_name: str) -> list[AppUser]:
+    sandbox = stack.sandboxes[type_name]
+    async with http.get(f"{sandbox.url}/_sandbox/users") as resp:
+        users = (await resp.json())["users"]
+    return [AppUser(http, sandbox, user) for user in users]
+
+
+async def inbox_message(user: SandboxUser, predicate: Any) -> dict[str, Any] | None:
+    for message in await user.inbox():
+        if predicate(message):
+            return message
+    return None

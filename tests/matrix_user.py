@@ -7,7 +7,16 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
-from nio import AsyncClient, ErrorResponse, RoomMessage, RoomPreset, SyncResponse
+import aiohttp
+from nio import (
+    AsyncClient,
+    ErrorResponse,
+    ReceiptEvent,
+    RoomMessage,
+    RoomPreset,
+    SyncResponse,
+    TypingNoticeEvent,
+)
 
 __all__ = ["MatrixUser", "MatrixUserError", "connect", "login", "text_is"]
 
@@ -57,7 +66,10 @@ class MatrixUser:
     def __init__(self, client: AsyncClient) -> None:
         self.client = client
         self._messages: dict[str, list[RoomMessage]] = {}
+        self._events: dict[str, list[dict[str, Any]]] = {}
+        self._ephemeral: dict[str, list[dict[str, Any]]] = {}
         self._seen_event_ids: set[str] = set()
+        self._seen_raw_ids: set[str] = set()
         self._accepted: set[str] = set()
         self._sync_lock = asyncio.Lock()
 
@@ -76,6 +88,13 @@ class MatrixUser:
         if not isinstance(resp, SyncResponse):
             raise MatrixUserError(f"/sync of {self.user_id} failed: {resp}")
         for room_id, info in resp.rooms.join.items():
+            for event in info.timeline.events:
+                source = getattr(event, "source", None)
+                if isinstance(source, dict) and source.get("event_id") not in self._seen_raw_ids:
+                    self._seen_raw_ids.add(str(source.get("event_id")))
+                    self._events.setdefault(room_id, []).append(source)
+            for edu in info.ephemeral:
+                self._ephemeral.setdefault(room_id, []).append(_ephemeral_json(edu))
             for event in info.timeline.events:
                 if isinstance(event, RoomMessage) and event.event_id not in self._seen_event_ids:
                     self._seen_event_ids.add(event.event_id)
@@ -138,6 +157,82 @@ class MatrixUser:
                 )
             await self.sync(timeout=min(remaining, _MAX_LONG_POLL))
 
+    def events(self, room_id: str) -> list[dict[str, Any]]:
+        """Every timeline event seen in ``room_id`` (raw JSON), oldest first."""
+        return list(self._events.get(room_id, ()))
+
+    async def wait_for_event(
+        self, room_id: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0
+    ) -> dict[str, Any]:
+        """Sync until a timeline event (raw JSON) in ``room_id`` matches ``predicate``."""
+        return await self._wait(lambda: self._events.get(room_id, ()), predicate, timeout)
+
+    async def wait_for_ephemeral(
+        self, room_id: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0
+    ) -> dict[str, Any]:
+        """Sync until an ephemeral event (typing, receipt) in ``room_id`` matches."""
+        return await self._wait(lambda: self._ephemeral.get(room_id, ()), predicate, timeout)
+
+    async def _wait(
+        self,
+        seen: Callable[[], Any],
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout: float,
+    ) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            for event in seen():
+                if predicate(event):
+                    return dict(event)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"{self.user_id}: no matching event within {timeout} s")
+            await self.sync(timeout=min(remaining, _MAX_LONG_POLL))
+
+    async def send(self, room_id: str, event_type: str, content: dict[str, Any]) -> str:
+        """Send any room event and return its event id."""
+        resp = await self.client.room_send(room_id, event_type, content)
+        if isinstance(resp, ErrorResponse):
+            raise MatrixUserError(f"{self.user_id} could not send to {room_id}: {resp}")
+        return str(resp.event_id)
+
+    async def redact(self, room_id: str, event_id: str) -> str:
+        resp = await self.client.room_redact(room_id, event_id)
+        if isinstance(resp, ErrorResponse):
+            raise MatrixUserError(f"{self.user_id} could not redact: {resp}")
+        return str(resp.event_id)
+
+    async def upload(self, data: bytes, mime_type: str, filename: str) -> str:
+        """Upload bytes to the media repository; return the mxc:// URI."""
+        resp, _ = await self.client.upload(
+            lambda *_: data, content_type=mime_type, filename=filename, filesize=len(data)
+        )
+        uri = getattr(resp, "content_uri", None)
+        if not uri:
+            raise MatrixUserError(f"upload failed: {resp}")
+        return str(uri)
+
+    async def download(self, mxc: str) -> bytes:
+        """A file's bytes through authenticated media."""
+        server, media_id = mxc.removeprefix("mxc://").split("/", 1)
+        url = f"{self.client.homeserver}/_matrix/client/v1/media/download/{server}/{media_id}"
+        headers = {"Authorization": f"Bearer {self.client.access_token}"}
+        async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as resp:
+            if resp.status != 200:
+                raise MatrixUserError(f"download of {mxc} failed: {resp.status}")
+            return await resp.read()
+
+    async def read_receipt(self, room_id: str, event_id: str) -> None:
+        resp = await self.client.room_read_markers(room_id, event_id, event_id)
+        if isinstance(resp, ErrorResponse):
+            raise MatrixUserError(f"read receipt failed: {resp}")
+
+    async def typing(self, room_id: str, typing: bool = True) -> None:
+        resp = await self.client.room_typing(room_id, typing, timeout=30000)
+        if isinstance(resp, ErrorResponse):
+            raise MatrixUserError(f"typing failed: {resp}")
+
     async def send_text(self, room_id: str, text: str) -> str:
         """Send an m.text message and return its event id."""
         resp = await self.client.room_send(
@@ -178,3 +273,18 @@ class MatrixUser:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def _ephemeral_json(edu: Any) -> dict[str, Any]:
+    """nio parses typing and receipts into objects without their JSON; rebuild the JSON."""
+    if isinstance(edu, TypingNoticeEvent):
+        return {"type": "m.typing", "content": {"user_ids": list(edu.users)}}
+    if isinstance(edu, ReceiptEvent):
+        content: dict[str, Any] = {}
+        for receipt in edu.receipts:
+            by_type = content.setdefault(receipt.event_id, {})
+            by_type.setdefault(str(receipt.receipt_type), {})[receipt.user_id] = {
+                "ts": receipt.timestamp
+            }
+        return {"type": "m.receipt", "content": content}
+    return {"type": type(edu).__name__, "content": {}}

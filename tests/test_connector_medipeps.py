@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,17 +24,23 @@ from connectors.base import (
     ConnectorContext,
     ConnectorError,
     ConversationCreated,
+    DeliveryReport,
+    MessageDeleted,
     MessageReceived,
     NewConversation,
+    OutboundAttachment,
     OutboundMessage,
     Participant,
+    ReadUpTo,
+    RemoteAttachment,
     RemoteEvent,
     Sender,
 )
 from connectors.medipeps import MedipepsConnector
 from connectors.medipeps.connector import MedipepsSettings
-from connectors.medipeps.convert import from_epoch_ms, to_epoch_ms
+from connectors.medipeps.convert import event_from_feed, from_epoch_ms, to_epoch_ms
 from connectors.medipeps.sandbox import API_KEY, USERS, create_app
+from connectors.payload import InvalidPayload
 from connectors.sandbox.webtools import KERNEL_KEY
 
 CONNECTOR_ID = "mp"
@@ -174,6 +185,33 @@ class Harness:
             assert resp.status == 200, await resp.text()
             data: dict[str, Any] = await resp.json()
             return data
+
+    async def user_call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, expect: int = 200
+    ) -> Any:
+        """A user-side API call that must answer ``expect``; its JSON body (None when empty)."""
+        url = f"{self.sandbox.url}/_sandbox/{path}"
+        async with self.http.request(method, url, json=body) as resp:
+            text = await resp.text()
+            assert resp.status == expect, text
+            return json.loads(text) if text else None
+
+    async def user_upload(self, idnps: str, name: str, mime_type: str, data: bytes) -> str:
+        headers = {"Content-Type": mime_type, "X-Filename": name}
+        url = f"{self.sandbox.url}/_sandbox/users/{idnps}/files"
+        async with self.http.post(url, data=data, headers=headers) as resp:
+            assert resp.status == 201, await resp.text()
+            return str((await resp.json())["file_id"])
+
+    async def user_download(self, idnps: str, file_id: str) -> bytes:
+        url = f"{self.sandbox.url}/_sandbox/users/{idnps}/files/{file_id}"
+        async with self.http.get(url) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.read()
+
+    async def view(self, idnps: str, conversation_id: str) -> dict[str, Any]:
+        """The user's conversation view (messages, read markers, delivery reports)."""
+        return dict(await self.user_get(f"users/{idnps}/conversations/{conversation_id}"))
 
     async def open_conversation(self, creator: str, with_: list[str], title: str) -> str:
         data = await self.user_post(
@@ -486,3 +524,304 @@ def test_settings_and_capabilities() -> None:
     assert MedipepsConnector.capabilities.formatting == "plain"
     assert MedipepsConnector.capabilities.max_text_length == 4000
     assert isinstance(MedipepsConnector.sandbox_app(), web.Application)
+
+
+# --- v2: rich messages ----------------------------------------------------------------------------
+
+CAROL = Sender(mxid=OUTSIDER_MXID, display_name="Carol")
+DR_X = Sender(mxid="@dr.x:matrix.example.org", display_name="Dr X", idnps=OUTSIDER)
+CHUNK = 64 * 1024
+MIB = 1024 * 1024
+
+
+def file_attachment(
+    data: bytes, name: str, mime_type: str, opened: list[str] | None = None, size: int | None = None
+) -> OutboundAttachment:
+    """A file the bridge would stream from its media store, in 64 KiB chunks."""
+
+    @asynccontextmanager
+    async def open_file() -> AsyncIterator[AsyncIterator[bytes]]:
+        if opened is not None:
+            opened.append(name)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, len(data), CHUNK):
+                yield data[start : start + CHUNK]
+
+        yield chunks()
+
+    return OutboundAttachment(name, mime_type, len(data) if size is None else size, open_file)
+
+
+def message(
+    request_id: str, text: str = "", sender: Sender = CAROL, **fields: Any
+) -> OutboundMessage:
+    return OutboundMessage(
+        request_id=request_id, sender=sender, text=text, timestamp=datetime.now(UTC), **fields
+    )
+
+
+async def read_attachment(
+    connector: MedipepsConnector, attachment: RemoteAttachment
+) -> tuple[bytes, int]:
+    """The file's bytes through ``open_attachment``, and the largest chunk it streamed."""
+    parts: list[bytes] = []
+    async with await connector.open_attachment(attachment) as chunks:
+        async for chunk in chunks:
+            parts.append(chunk)
+    return b"".join(parts), max((len(p) for p in parts), default=0)
+
+
+def by_id(messages: list[dict[str, Any]], message_id: str) -> dict[str, Any]:
+    [found] = [m for m in messages if m["message_id"] == message_id]
+    return found
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def bridged_conversation(harness: Harness, request_id: str = "portal-v2") -> str:
+    """A conversation the bridge opened: Nathalie and Pierre with Carol and Dr X."""
+    return await harness.connector.create_conversation(
+        NewConversation(request_id, "V2", (NATHALIE, PIERRE), (CAROL, DR_X))
+    )
+
+
+def test_v2_capabilities() -> None:
+    caps = MedipepsConnector.capabilities
+    assert (caps.formatting, caps.max_text_length, caps.long_text) == ("plain", 4000, "split")
+    assert set(caps.files) == {"m.image", "m.file"}
+    assert caps.files["m.image"].mime_types == {"image/jpeg", "image/png"}
+    assert caps.files["m.file"].mime_types == {"application/pdf", "image/jpeg", "image/png"}
+    assert all(limit.max_size == MIB for limit in caps.files.values())
+    assert caps.replies and caps.deletions and caps.read_receipts and caps.delivery_status
+    assert not (caps.mentions or caps.locations or caps.edits or caps.reactions or caps.typing)
+
+
+# Vendor -> bridge
+
+
+async def test_v2_inbound_reply_file_delete_and_read(harness: Harness) -> None:
+    conv = await bridged_conversation(harness)
+    first = await harness.write(NATHALIE, conv, "Bonjour")
+    path = f"users/{PIERRE}/conversations/{conv}/messages"
+    reply = await harness.user_post(
+        path, {"text": "Dr X, voir ci-dessous", "reply_to": first, "mentions": [str(OUTSIDER)]}
+    )
+    png = b"\x89PNG\r\n\x1a\n" + os.urandom(700_000)
+    file_id = await harness.user_upload(PIERRE, "radio.png", "image/png", png)
+    with_file = await harness.user_post(path, {"text": "", "file_id": file_id})
+    await harness.user_call(
+        "DELETE", f"users/{NATHALIE}/conversations/{conv}/messages/{first}", expect=204
+    )
+    await harness.user_call(
+        "POST",
+        f"users/{PIERRE}/conversations/{conv}/read",
+        {"up_to": with_file["message_id"]},
+        expect=204,
+    )
+
+    await wait_for(lambda: len(harness.recorder.ids) == 5, "five events")
+    hello, answer, filed, deleted, read = harness.recorder.events[-5:]
+    assert isinstance(hello, MessageReceived) and hello.reply_to is None
+    assert isinstance(answer, MessageReceived)
+    assert (answer.message_id, answer.reply_to) == (reply["message_id"], first)
+    assert answer.text == "Dr X, voir ci-dessous" and answer.mentions == ()
+
+    assert isinstance(filed, MessageReceived) and filed.message_id == with_file["message_id"]
+    assert filed.text == "" and filed.attachment is not None
+    assert (filed.attachment.name, filed.attachment.mime_type) == ("radio.png", "image/png")
+    assert filed.attachment.size == len(png)
+    assert filed.attachment.source.startswith("inline:")
+    data, largest_chunk = await read_attachment(harness.connector, filed.attachment)
+    assert sha256(data) == sha256(png)
+    assert largest_chunk <= CHUNK
+
+    assert isinstance(deleted, MessageDeleted)
+    assert (deleted.event_id, deleted.message_id, deleted.sender) == (
+        f"del-{first}",
+        first,
+        NATHALIE,
+    )
+    assert deleted.conversation_id == conv
+    assert isinstance(read, ReadUpTo)
+    assert (read.sender, read.message_id, read.conversation_id) == (
+        PIERRE,
+        with_file["message_id"],
+        conv,
+    )
+    assert len(set(harness.recorder.ids)) == len(harness.recorder.ids)
+
+
+async def test_v2_unsupported_user_actions_emit_nothing(harness: Harness) -> None:
+    conv = await harness.open_conversation(NATHALIE, [OUTSIDER], "Limites")
+    mid = await harness.write(NATHALIE, conv, "texte")
+    base = f"users/{NATHALIE}/conversations/{conv}"
+    await harness.user_call("PATCH", f"{base}/messages/{mid}", {"text": "autre"}, expect=501)
+    await harness.user_call("POST", f"{base}/messages/{mid}/reactions", {"emoji": "👍"}, expect=501)
+    await harness.user_call("POST", f"{base}/typing", {"typing": True}, expect=501)
+    last = await harness.write(NATHALIE, conv, "dernier")
+    await wait_for(lambda: f"msg-{last}" in harness.recorder.ids, "the last message")
+    assert harness.recorder.ids == [f"conv-{conv}", f"msg-{mid}", f"msg-{last}"]
+
+
+async def test_v2_open_attachment_refuses_a_foreign_source(harness: Harness) -> None:
+    foreign = RemoteAttachment("x.pdf", "application/pdf", 1, "https://example.org/x.pdf")
+    with pytest.raises(ConnectorError) as refused:
+        await read_attachment(harness.connector, foreign)
+    assert refused.value.retriable is False
+
+
+# Bridge -> vendor
+
+
+async def test_v2_outbound_reply_and_files(harness: Harness) -> None:
+    conv = await bridged_conversation(harness)
+    asked = await harness.write(NATHALIE, conv, "Une question")
+    answer = await harness.connector.send_message(
+        conv, message("$mp-1", "Réponse pour Nathalie Girard", sender=DR_X, reply_to=asked)
+    )
+    png = b"\x89PNG\r\n\x1a\n" + os.urandom(MIB - 8)  # exactly 1 MiB: the limit is inclusive
+    opened: list[str] = []
+    image = await harness.connector.send_message(
+        conv,
+        message("$mp-2", "", attachment=file_attachment(png, "radio.png", "image/png", opened)),
+    )
+    pdf = b"%PDF-1.7\n" + os.urandom(123_457)
+    document = await harness.connector.send_message(
+        conv,
+        message(
+            "$mp-3", "Le compte rendu", attachment=file_attachment(pdf, "cr.pdf", "application/pdf")
+        ),
+    )
+    assert opened == ["radio.png"]
+
+    inbox = (await harness.user_get(f"users/{NATHALIE}/inbox"))["messages"]
+    replied = by_id(inbox, answer)
+    assert replied["reply_to"] == asked and replied["sender"] == OUTSIDER
+    assert replied["text"] == "Réponse pour Nathalie Girard"
+    for sent, data, name, mime in (
+        (image, png, "radio.png", "image/png"),
+        (document, pdf, "cr.pdf", "application/pdf"),
+    ):
+        attachment = by_id(inbox, sent)["attachment"]
+        assert (attachment["name"], attachment["mime_type"], attachment["size"]) == (
+            name,
+            mime,
+            len(data),
+        )
+        assert sha256(await harness.user_download(NATHALIE, attachment["file_id"])) == sha256(data)
+
+
+async def test_v2_outbound_files_medipeps_refuses(harness: Harness) -> None:
+    conv = await bridged_conversation(harness)
+    opened: list[str] = []
+    cases = [
+        file_attachment(os.urandom(2 * MIB), "big.png", "image/png", opened),
+        file_attachment(b"notes", "notes.txt", "text/plain", opened),
+    ]
+    for n, attachment in enumerate(cases):
+        with pytest.raises(ConnectorError) as refused:
+            await harness.connector.send_message(
+                conv, message(f"$no-{n}", "x", attachment=attachment)
+            )
+        assert refused.value.retriable is False
+    assert opened == []  # refused before reading a byte
+
+    # A stream longer than it claimed is refused too, once it passes the limit.
+    liar = file_attachment(os.urandom(MIB + 1), "liar.png", "image/png", opened, size=1000)
+    with pytest.raises(ConnectorError) as refused_liar:
+        await harness.connector.send_message(conv, message("$no-3", "x", attachment=liar))
+    assert refused_liar.value.retriable is False
+    assert (await harness.user_get(f"users/{NATHALIE}/inbox"))["messages"] == []
+
+
+async def test_v2_outbound_delete_read_and_delivery(harness: Harness) -> None:
+    conv = await bridged_conversation(harness)
+    connector = harness.connector
+    asked = await harness.write(NATHALIE, conv, "Une question")
+    sent = await connector.send_message(conv, message("$del-1", "à effacer"))
+
+    await connector.delete_message(conv, sent, CAROL)
+    await connector.delete_message(conv, sent, CAROL)  # again: still a success
+    await connector.delete_message(conv, "999999", CAROL)  # 404: already gone
+    deleted = by_id((await harness.user_get(f"users/{NATHALIE}/inbox"))["messages"], sent)
+    assert deleted["deleted"] is True and deleted["text"] == ""
+
+    await connector.mark_read(conv, DR_X, asked)
+    assert (await harness.view(NATHALIE, conv))["read_up_to"] == {str(OUTSIDER): asked}
+
+    report = DeliveryReport("failed", "Le destinataire n'a pas pu être joint.")
+    await connector.report_delivery(conv, asked, report)
+    mine = by_id((await harness.view(NATHALIE, conv))["messages"], asked)
+    assert mine["delivery"] == [{"status": "failed", "detail": report.detail}]
+
+    with pytest.raises(ConnectorError) as bad_id:
+        await connector.send_message(conv, message("$del-2", "secret", reply_to="not-a-number"))
+    assert bad_id.value.retriable is False and "secret" not in str(bad_id.value)
+
+    # Nothing the bridge did comes back through the feed (no echo).
+    last = await harness.write(NATHALIE, conv, "fin")
+    await wait_for(lambda: harness.recorder.ids[-1:] == [f"msg-{last}"], "the last message")
+    assert harness.recorder.ids == [f"msg-{asked}", f"msg-{last}"]
+
+
+async def test_v2_unsupported_operations_raise_not_implemented(harness: Harness) -> None:
+    connector = harness.connector
+    with pytest.raises(NotImplementedError):
+        await connector.edit_message("1", "1", message("$x", "y"))
+    with pytest.raises(NotImplementedError):
+        await connector.add_reaction("1", "1", CAROL, "👍", "$r")
+    with pytest.raises(NotImplementedError):
+        await connector.remove_reaction("1", "1", "1", CAROL)
+    with pytest.raises(NotImplementedError):
+        await connector.set_typing("1", CAROL, True)
+
+
+def test_v2_inline_attachment_from_the_feed() -> None:
+    data = os.urandom(5000)
+    b64 = base64.b64encode(data).decode()
+    wrapped = "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76))
+    event = {
+        "seq": 9,
+        "type": "NEW_MSG",
+        "at": 1_700_000_000_000,
+        "msg": {
+            "msg": 4,
+            "conv": 2,
+            "author": str(NATHALIE),
+            "body": "",
+            "at": 1_700_000_000_000,
+            "reply_to": None,
+            "attachment": {
+                "filename": "a.png",
+                "mime": "image/png",
+                "size": 5000,
+                "data_b64": wrapped,
+            },
+        },
+    }
+    parsed = event_from_feed(event)
+    assert isinstance(parsed, MessageReceived) and parsed.attachment is not None
+    assert parsed.attachment.source == "inline:" + b64 and parsed.attachment.size == 5000
+    event["msg"]["attachment"]["data_b64"] = "not base64!"  # type: ignore[index]
+    with pytest.raises(InvalidPayload):
+        event_from_feed(event)
+
+
+async def test_v2_pages_cut_short_by_files_are_followed_at_once(harness: Harness) -> None:
+    await harness.connector.stop()
+    conv = await harness.open_conversation(NATHALIE, [OUTSIDER], "Pièces jointes")
+    path = f"users/{NATHALIE}/conversations/{conv}/messages"
+    sent = []
+    for n in range(8):  # 8 MiB of files: more than one page's ~8 MiB of base64
+        file_id = await harness.user_upload(
+            NATHALIE, f"scan{n}.png", "image/png", b"\x89PNG\r\n\x1a\n" + os.urandom(MIB - 8)
+        )
+        sent.append((await harness.user_post(path, {"text": "", "file_id": file_id}))["message_id"])
+    recorder = Recorder()
+    # With a 60 s interval, only polling again at once after a short page with files reads all.
+    await harness.make_connector(recorder, poll_interval_s=60).start()
+    expected = [f"conv-{conv}"] + [f"msg-{m}" for m in sent]
+    await wait_for(lambda: recorder.ids == expected, "every file message", timeout=10)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -20,15 +23,27 @@ from connectors.base import (
     ConnectorContext,
     ConnectorError,
     ConversationCreated,
+    DeliveryReport,
+    Location,
+    Mention,
+    MessageDeleted,
+    MessageEdited,
     MessageReceived,
     NewConversation,
+    OutboundAttachment,
     OutboundMessage,
     Participant,
+    ReactionAdded,
+    ReactionRemoved,
+    ReadUpTo,
+    RemoteAttachment,
     RemoteEvent,
     Sender,
+    TypingChanged,
 )
 from connectors.pandalab import PandaLabConnector
 from connectors.pandalab.connector import SANDBOX_WEBHOOK_SECRET, PandaLabSettings
+from connectors.pandalab.convert import from_markdown, to_markdown
 from connectors.pandalab.sandbox import USERS, create_app, sign
 
 CONNECTOR_ID = "pl"
@@ -167,6 +182,33 @@ class Harness:
             assert resp.status == 200, await resp.text()
             data: dict[str, Any] = await resp.json()
             return data
+
+    async def user_call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, expect: int = 200
+    ) -> Any:
+        """A user-side API call that must answer ``expect``; its JSON body (None when empty)."""
+        url = f"{self.sandbox.url}/_sandbox/{path}"
+        async with self.http.request(method, url, json=body) as resp:
+            text = await resp.text()
+            assert resp.status == expect, text
+            return json.loads(text) if text else None
+
+    async def user_upload(self, idnps: str, name: str, mime_type: str, data: bytes) -> str:
+        headers = {"Content-Type": mime_type, "X-Filename": name}
+        url = f"{self.sandbox.url}/_sandbox/users/{idnps}/files"
+        async with self.http.post(url, data=data, headers=headers) as resp:
+            assert resp.status == 201, await resp.text()
+            return str((await resp.json())["file_id"])
+
+    async def user_download(self, idnps: str, file_id: str) -> bytes:
+        url = f"{self.sandbox.url}/_sandbox/users/{idnps}/files/{file_id}"
+        async with self.http.get(url) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.read()
+
+    async def view(self, idnps: str, conversation_id: str) -> dict[str, Any]:
+        """The user's conversation view (messages, read markers, typing, delivery reports)."""
+        return dict(await self.user_get(f"users/{idnps}/conversations/{conversation_id}"))
 
     async def open_conversation(self, creator: str, with_: list[str], title: str) -> str:
         data = await self.user_post(
@@ -464,9 +506,7 @@ async def test_outbound_message_by_idnps_sender(harness: Harness) -> None:
         NewConversation("portal-2", None, (ALICE,), (Sender("@x:example.org", "X"),))
     )
     sender = Sender(mxid="@dr.y:example.org", display_name="Dr Y", idnps=OUTSIDER)
-    await harness.connector.send_message(
-        conv, OutboundMessage("$e2", sender, "hello", None, datetime.now(UTC))
-    )
+    await harness.connector.send_message(conv, message("$e2", "hello", sender=sender))
     [received] = (await harness.user_get(f"users/{ALICE}/inbox"))["messages"]
     assert received["sender"] == OUTSIDER
 
@@ -475,7 +515,7 @@ async def test_vendor_refusals_map_to_permanent_errors(harness: Harness) -> None
     with pytest.raises(ConnectorError) as unknown_conv:
         await harness.connector.send_message(
             "no-such-conversation",
-            OutboundMessage("$e3", Sender("@x:example.org", "X"), "hi", None, datetime.now(UTC)),
+            message("$e3", "hi", sender=Sender("@x:example.org", "X")),
         )
     assert unknown_conv.value.retriable is False
     assert "404" in str(unknown_conv.value) and "conversation_not_found" in str(unknown_conv.value)
@@ -556,14 +596,14 @@ async def test_vendor_down_is_a_retriable_error(harness: Harness) -> None:
     conv = await harness.connector.create_conversation(
         NewConversation("portal-4", None, (ALICE,), (Sender("@x:example.org", "X"),))
     )
-    message = OutboundMessage("$e4", Sender("@x:example.org", "X"), "hi", None, datetime.now(UTC))
+    outgoing = message("$e4", "hi", sender=Sender("@x:example.org", "X"))
     await harness.sandbox.down()
     with pytest.raises(ConnectorError) as down:
-        await harness.connector.send_message(conv, message)
+        await harness.connector.send_message(conv, outgoing)
     assert down.value.retriable is True
 
     await harness.sandbox.start()
-    sent = await harness.connector.send_message(conv, message)
+    sent = await harness.connector.send_message(conv, outgoing)
     inbox = (await harness.user_get(f"users/{ALICE}/inbox"))["messages"]
     assert [m["message_id"] for m in inbox] == [sent]
 
@@ -614,3 +654,365 @@ def test_settings_and_capabilities() -> None:
     assert PandaLabConnector.capabilities.formatting == "markdown"
     assert PandaLabConnector.capabilities.max_text_length == 10000
     assert isinstance(PandaLabConnector.sandbox_app(), web.Application)
+
+
+# --- v2: rich messages ----------------------------------------------------------------------------
+
+CAROL = Sender(mxid=OUTSIDER_MXID, display_name="Carol")
+DR_X = Sender(mxid="@dr.x:matrix.example.org", display_name="Dr X", idnps=OUTSIDER)
+CHUNK = 64 * 1024
+
+
+def file_attachment(
+    data: bytes, name: str, mime_type: str, opened: list[str] | None = None
+) -> OutboundAttachment:
+    """A file the bridge would stream from its media store, in 64 KiB chunks."""
+
+    @asynccontextmanager
+    async def open_file() -> AsyncIterator[AsyncIterator[bytes]]:
+        if opened is not None:
+            opened.append(name)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, len(data), CHUNK):
+                yield data[start : start + CHUNK]
+
+        yield chunks()
+
+    return OutboundAttachment(name, mime_type, len(data), open_file)
+
+
+def message(
+    request_id: str, text: str = "", sender: Sender = CAROL, **fields: Any
+) -> OutboundMessage:
+    return OutboundMessage(
+        request_id=request_id, sender=sender, text=text, timestamp=datetime.now(UTC), **fields
+    )
+
+
+async def read_attachment(
+    connector: PandaLabConnector, attachment: RemoteAttachment
+) -> tuple[bytes, int]:
+    """The file's bytes through ``open_attachment``, and the largest chunk it streamed."""
+    parts: list[bytes] = []
+    async with await connector.open_attachment(attachment) as chunks:
+        async for chunk in chunks:
+            parts.append(chunk)
+    return b"".join(parts), max((len(p) for p in parts), default=0)
+
+
+def events_of(harness: Harness, kind: type[RemoteEvent]) -> list[Any]:
+    return [e for e in harness.recorder.events if isinstance(e, kind)]
+
+
+def by_id(messages: list[dict[str, Any]], message_id: str) -> dict[str, Any]:
+    [found] = [m for m in messages if m["message_id"] == message_id]
+    return found
+
+
+async def bridged_conversation(harness: Harness, request_id: str = "portal-v2") -> str:
+    """A conversation the bridge opened: Alice and Bob with Carol (Matrix) and Dr X (IDNPS)."""
+    return await harness.connector.create_conversation(
+        NewConversation(request_id, "V2", (ALICE, BOB), (CAROL, DR_X))
+    )
+
+
+def test_v2_capabilities() -> None:
+    caps = PandaLabConnector.capabilities
+    assert (caps.formatting, caps.max_text_length, caps.long_text) == ("markdown", 10000, "split")
+    assert set(caps.files) == {"m.image", "m.file", "m.audio", "m.video"}
+    for limit in caps.files.values():
+        assert limit.max_size == 512 * 1024 * 1024
+        assert limit.allows("application/x-anything") and limit.allows("video/mp4")
+    assert caps.locations and caps.mentions and caps.replies and caps.edits and caps.deletions
+    assert caps.reactions and caps.read_receipts and caps.typing and caps.delivery_status
+
+
+# Vendor -> bridge
+
+
+async def test_v2_inbound_reply_mentions_file_and_location(harness: Harness) -> None:
+    conv = await bridged_conversation(harness)
+    path = f"users/{BOB}/conversations/{conv}/messages"
+    first = await harness.write(ALICE, conv, "Bonjour")
+    reply = await harness.user_post(
+        path,
+        {
+            "text": "@Camille Martin et @Carol, voir ci-dessous",
+            "reply_to": first,
+            "mentions": [str(ALICE), OUTSIDER_MXID],
+        },
+    )
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
+    file_id = await harness.user_upload(BOB, "radio.png", "image/png", png)
+    with_file = await harness.user_post(path, {"text": "La radio", "file_id": file_id})
+    located = await harness.user_post(
+        path, {"text": "Ici", "location": {"lat": 48.8566, "lon": 2.3522, "label": "Cabinet"}}
+    )
+
+    await wait_for(lambda: len(events_of(harness, MessageReceived)) == 4, "four messages")
+    _, answer, filed, placed = events_of(harness, MessageReceived)
+    assert answer.message_id == reply["message_id"] and answer.reply_to == first
+    assert answer.text == "@Camille Martin et @Carol, voir ci-dessous"
+    assert answer.mentions == (
+        Mention("Camille Martin", idnps=ALICE),
+        Mention("Carol", mxid=OUTSIDER_MXID),
+    )
+    assert answer.message_kind == "text" and answer.attachment is None and answer.location is None
+
+    assert filed.message_id == with_file["message_id"] and filed.text == "La radio"
+    assert filed.attachment is not None
+    assert (filed.attachment.name, filed.attachment.mime_type) == ("radio.png", "image/png")
+    assert filed.attachment.size == len(png)
+    assert filed.attachment.source == f"{harness.sandbox.url}/api/v1/files/{file_id}"
+    data, _ = await read_attachment(harness.connector, filed.attachment)
+    assert data == png
+
+    assert placed.message_id == located["message_id"]
+    assert placed.location == Location(48.8566, 2.3522, "Cabinet")
+    assert len({e.event_id for e in harness.recorder.events}) == len(harness.recorder.events)
+
+
+async def test_v2_open_attachment_streams_a_10_mb_file(harness: Harness) -> None:
+    conv = await harness.open_conversation(ALICE, [OUTSIDER], "Gros fichier")
+    big = os.urandom(10_000_000)
+    file_id = await harness.user_upload(ALICE, "scanner.dcm", "application/dicom", big)
+    await harness.user_post(
+        f"users/{ALICE}/conversations/{conv}/messages", {"text": "", "file_id": file_id}
+    )
+    await wait_for(lambda: len(events_of(harness, MessageReceived)) == 1, "the file message")
+    [event] = events_of(harness, MessageReceived)
+    assert event.attachment is not None and event.attachment.size == len(big)
+
+    data, largest_chunk = await read_attachment(harness.connector, event.attachment)
+    assert hashlib.sha256(data).hexdigest() == hashlib.sha256(big).hexdigest()
+    assert largest_chunk <= CHUNK  # streamed, not read whole
+
+
+async def test_v2_open_attachment_keeps_the_token_on_the_api_origin(harness: Harness) -> None:
+    elsewhere = RemoteAttachment("x.pdf", "application/pdf", 1, "http://127.0.0.2:9/api/v1/files/x")
+    with pytest.raises(ConnectorError) as refused:
+        await read_attachment(harness.connector, elsewhere)
+    assert refused.value.retriable is False
+    assert "origin" in str(refused.value)
+
+    gone = RemoteAttachment("x.pdf", "application/pdf", 1, f"{harness.sandbox.url}/api/v1/files/x")
+    with pytest.raises(ConnectorError) as missing:
+        await read_attachment(harness.connector, gone)
+    assert missing.value.retriable is False and "404" in str(missing.value)
+
+
+async def test_v2_inbound_edit_reactions_read_typing_delete(harness: Harness) -> None:
+    conv = await harness.open_conversation(ALICE, [BOB, OUTSIDER], "Actions")
+    mid = await harness.write(ALICE, conv, "première version")
+    alice = f"users/{ALICE}/conversations/{conv}"
+    bob = f"users/{BOB}/conversations/{conv}"
+    await harness.user_call("PATCH", f"{alice}/messages/{mid}", {"text": "seconde version"})
+    reaction = await harness.user_call(
+        "POST", f"{bob}/messages/{mid}/reactions", {"emoji": "👍"}, expect=201
+    )
+    reaction_id = reaction["reaction_id"]
+    await harness.user_call("DELETE", f"{bob}/messages/{mid}/reactions/{reaction_id}", expect=204)
+    await harness.user_call("POST", f"{bob}/read", {"up_to": mid}, expect=204)
+    await harness.user_call("POST", f"{bob}/typing", {"typing": True}, expect=204)
+    await harness.user_call("DELETE", f"{alice}/messages/{mid}", expect=204)
+
+    await wait_for(lambda: len(harness.recorder.events) == 8, "eight events")
+    _, _, edited, added, removed, read, typing, deleted = harness.recorder.events
+    assert isinstance(edited, MessageEdited)
+    assert (edited.message_id, edited.sender, edited.text) == (mid, ALICE, "seconde version")
+    assert edited.conversation_id == conv and edited.mentions == ()
+    assert isinstance(added, ReactionAdded)
+    assert (added.reaction_id, added.message_id, added.sender, added.key) == (
+        reaction_id,
+        mid,
+        BOB,
+        "👍",
+    )
+    assert isinstance(removed, ReactionRemoved)
+    assert (removed.reaction_id, removed.message_id, removed.sender) == (reaction_id, mid, BOB)
+    assert isinstance(read, ReadUpTo) and (read.sender, read.message_id) == (BOB, mid)
+    assert isinstance(typing, TypingChanged) and (typing.sender, typing.typing) == (BOB, True)
+    assert isinstance(deleted, MessageDeleted)
+    assert (deleted.message_id, deleted.sender, deleted.conversation_id) == (mid, ALICE, conv)
+    assert len({e.event_id for e in harness.recorder.events}) == 8
+    assert all(e.timestamp.utcoffset() is not None for e in harness.recorder.events)
+
+
+# Bridge -> vendor
+
+
+async def test_v2_outbound_reply_mentions_kinds_location(harness: Harness) -> None:
+    conv = await bridged_conversation(harness)
+    asked = await harness.write(ALICE, conv, "Une question")
+    mentions = (Mention("Camille Martin", idnps=ALICE), Mention("Carol", mxid=OUTSIDER_MXID))
+    answer = await harness.connector.send_message(
+        conv,
+        message(
+            "$v2-1",
+            "@Camille Martin, voyez avec @Carol",
+            sender=DR_X,
+            reply_to=asked,
+            mentions=mentions,
+            message_kind="notice",
+        ),
+    )
+    emote = await harness.connector.send_message(
+        conv, message("$v2-2", "réfléchit", message_kind="emote")
+    )
+    place = Location(48.8566, 2.3522, "Cabinet")
+    located = await harness.connector.send_message(conv, message("$v2-3", "", location=place))
+
+    inbox = (await harness.user_get(f"users/{BOB}/inbox"))["messages"]
+    replied = by_id(inbox, answer)
+    assert replied["reply_to"] == asked and replied["kind"] == "notice"
+    assert replied["sender"] == OUTSIDER and replied["sender_name"] == "Dr X"
+    assert replied["mentions"] == [str(ALICE), OUTSIDER_MXID]
+    assert replied["text"] == f"@[Camille Martin]({ALICE}), voyez avec @[Carol]({OUTSIDER_MXID})"
+    assert by_id(inbox, emote)["kind"] == "emote"
+    assert by_id(inbox, emote)["reply_to"] is None
+    assert by_id(inbox, located)["location"] == {"lat": 48.8566, "lon": 2.3522, "label": "Cabinet"}
+
+
+async def test_v2_outbound_file_is_streamed_and_arrives_intact(harness: Harness) -> None:
+    conv = await bridged_conversation(harness)
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    opened: list[str] = []
+    outgoing = message(
+        "$file-1",
+        "Le compte rendu",
+        attachment=file_attachment(data, "cr.pdf", "application/pdf", opened),
+    )
+    sent = await harness.connector.send_message(conv, outgoing)
+    assert opened == ["cr.pdf"]
+
+    received = by_id((await harness.user_get(f"users/{ALICE}/inbox"))["messages"], sent)
+    attachment = received["attachment"]
+    assert (attachment["name"], attachment["mime_type"], attachment["size"]) == (
+        "cr.pdf",
+        "application/pdf",
+        len(data),
+    )
+    assert received["text"] == "Le compte rendu"
+    downloaded = await harness.user_download(ALICE, attachment["file_id"])
+    assert hashlib.sha256(downloaded).hexdigest() == hashlib.sha256(data).hexdigest()
+
+    # A retry of the same delivery (lost answer) shows the message once.
+    assert await harness.connector.send_message(conv, outgoing) == sent
+    inbox = (await harness.user_get(f"users/{ALICE}/inbox"))["messages"]
+    assert [m["message_id"] for m in inbox] == [sent]
+
+
+async def test_v2_outbound_file_over_100_mib_is_refused_before_upload(harness: Harness) -> None:
+    conv = await bridged_conversation(harness)
+    opened: list[str] = []
+    huge = file_attachment(b"", "film.mp4", "video/mp4", opened)
+    huge = OutboundAttachment(huge.name, huge.mime_type, 512 * 1024 * 1024 + 1, huge.open)
+    with pytest.raises(ConnectorError) as refused:
+        await harness.connector.send_message(conv, message("$huge", attachment=huge))
+    assert refused.value.retriable is False
+    assert opened == [] and "/api/v1/uploads" not in harness.sandbox.paths
+
+
+async def test_v2_upload_reopens_the_file_after_a_refused_token(harness: Harness) -> None:
+    client = harness.connector.client
+    opened: list[str] = []
+    note = file_attachment(b"tiny note", "note.txt", "text/plain", opened)
+    file_id, upload_url = await client.create_upload(
+        {"name": "note.txt", "mime_type": "text/plain", "size": note.size}, "upload-key"
+    )
+    client.clock = FakeClock()  # the client believes its token still fresh
+    harness.clock.now += 3601  # ... but the vendor has expired it
+    await client.upload(upload_url, note.open, note.mime_type)
+    assert opened == ["note.txt", "note.txt"]
+    assert file_id
+
+
+async def test_v2_outbound_edit_and_delete(harness: Harness) -> None:
+    conv = await bridged_conversation(harness)
+    sent = await harness.connector.send_message(conv, message("$ed-1", "version 1"))
+    mention = (Mention("Camille Martin", idnps=ALICE),)
+    await harness.connector.edit_message(
+        conv, sent, message("$ed-2", "version 2 pour @Camille Martin", mentions=mention)
+    )
+    edited = by_id((await harness.user_get(f"users/{ALICE}/inbox"))["messages"], sent)
+    assert edited["edited"] is True
+    assert edited["text"] == f"version 2 pour @[Camille Martin]({ALICE})"
+    assert edited["mentions"] == [str(ALICE)]
+
+    await harness.connector.delete_message(conv, sent, CAROL)
+    await harness.connector.delete_message(conv, sent, CAROL)  # again: still a success
+    deleted = by_id((await harness.user_get(f"users/{ALICE}/inbox"))["messages"], sent)
+    assert deleted["deleted"] is True and deleted["text"] == ""
+    await harness.connector.delete_message(conv, "no-such-message", CAROL)  # 404: already gone
+
+    with pytest.raises(ConnectorError) as unknown:
+        await harness.connector.edit_message(conv, "no-such-message", message("$ed-3", "secret"))
+    assert unknown.value.retriable is False and "404" in str(unknown.value)
+    assert "secret" not in str(unknown.value)
+
+
+async def test_v2_outbound_unknown_reply_is_a_permanent_error(harness: Harness) -> None:
+    conv = await bridged_conversation(harness)
+    with pytest.raises(ConnectorError) as refused:
+        await harness.connector.send_message(
+            conv, message("$re-1", "diagnostic confidentiel", reply_to="no-such-message")
+        )
+    assert refused.value.retriable is False
+    assert "message_not_found" in str(refused.value)
+    assert "confidentiel" not in str(refused.value)
+
+
+async def test_v2_outbound_reactions_read_typing_delivery(harness: Harness) -> None:
+    conv = await bridged_conversation(harness)
+    asked = await harness.write(ALICE, conv, "Une question")
+    connector = harness.connector
+
+    reaction_id = await connector.add_reaction(conv, asked, CAROL, "👍", "$react-1")
+    assert await connector.add_reaction(conv, asked, CAROL, "👍", "$react-1") == reaction_id
+    view = await harness.view(ALICE, conv)
+    assert by_id(view["messages"], asked)["reactions"] == [
+        {"reaction_id": reaction_id, "sender": OUTSIDER_MXID, "emoji": "👍"}
+    ]
+    await connector.remove_reaction(conv, asked, reaction_id, CAROL)
+    await connector.remove_reaction(conv, asked, reaction_id, CAROL)  # already gone: fine
+    assert by_id((await harness.view(ALICE, conv))["messages"], asked)["reactions"] == []
+
+    await connector.mark_read(conv, CAROL, asked)
+    assert (await harness.view(ALICE, conv))["read_up_to"] == {OUTSIDER_MXID: asked}
+
+    await connector.set_typing(conv, DR_X, True)
+    assert (await harness.view(ALICE, conv))["typing"] == [str(OUTSIDER)]
+    await connector.set_typing(conv, DR_X, False)
+    assert (await harness.view(ALICE, conv))["typing"] == []
+
+    report = DeliveryReport("degraded", "Le tableau a été envoyé comme texte.")
+    await connector.report_delivery(conv, asked, report)
+    mine = by_id((await harness.view(ALICE, conv))["messages"], asked)
+    assert mine["delivery"] == [{"status": "degraded", "detail": report.detail}]
+
+    # Nothing the bridge did comes back through the webhook (no echo).
+    await harness.write(ALICE, conv, "fin")
+    await wait_for(lambda: len(harness.recorder.events) == 2, "the last message")
+    assert [type(e) for e in harness.recorder.events] == [MessageReceived, MessageReceived]
+
+
+# Conversions
+
+
+def test_v2_mentions_round_trip() -> None:
+    mentions = (
+        Mention("Jean", idnps=OUTSIDER),
+        Mention("Jean Dupont", mxid="@jd:example.org"),
+        Mention("Dr [X]", idnps=ALICE),
+    )
+    text = "@Jean Dupont, @Jean et @Dr [X] ; @Jeanne n'est pas mentionnée"
+    markdown = to_markdown(text, None, mentions)
+    assert markdown == (
+        f"@[Jean Dupont](@jd:example.org), @[Jean]({OUTSIDER}) et @[Dr \\[X\\]]({ALICE}) ; "
+        "@Jeanne n'est pas mentionnée"
+    )
+    back, found = from_markdown(markdown, {}, "data.message")
+    assert back == text
+    assert set(found) == set(mentions)
+    assert to_markdown("sans mention", None, ()) == "sans mention"

@@ -245,6 +245,8 @@ async def test_feed_has_vendor_user_events_only(sandbox: TestClient[Any, Any]) -
         "author": PIERRE,
         "body": "Résultats reçus",
         "at": new_msg["at"],
+        "reply_to": None,
+        "attachment": None,
     }
     assert isinstance(new_msg["at"], int) and new_msg["at"] >= new_conv["at"]
 

@@ -51,9 +51,11 @@ class AppserviceServer:
     async def put_transaction(self, request: web.Request) -> web.Response:
         check_hs_token(request, self._hs_token)
         txn_id = request.match_info["txn_id"]
-        events = _parse_events(await _json_body(request))
+        body = await _json_body(request)
+        events = _parse_events(body)
+        ephemeral = _parse_ephemeral(body)
         try:
-            new = await self._inbox.store_transaction(txn_id, events)
+            new = await self._inbox.store_transaction(txn_id, events, ephemeral)
         except Exception:
             # Not stored, so not acknowledged: the homeserver will send it again.
             log.exception("Could not store transaction %s", txn_id)
@@ -116,6 +118,23 @@ def _parse_events(body: Any) -> list[dict[str, Any]]:
             raise matrix_error(
                 400, "M_BAD_JSON", f"events[{index}] lacks a string event_id/room_id/type/sender"
             )
-    # Ephemeral events (typing, receipts) and E2EE extensions are bridged by later capabilities;
-    # until then they are not stored (they carry no message a clinician wrote).
     return events
+
+
+BRIDGED_EPHEMERAL = {"m.typing", "m.receipt"}
+
+
+def _parse_ephemeral(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Typing and read receipts of rooms (MSC2409). Presence is not bridged; other ephemeral
+    types are ignored, as the specification asks of unknown event types."""
+    ephemeral = body.get("ephemeral", body.get("de.sorunome.msc2409.ephemeral", []))
+    if not isinstance(ephemeral, list):
+        raise matrix_error(400, "M_BAD_JSON", "'ephemeral' must be a list")
+    return [
+        edu
+        for edu in ephemeral
+        if isinstance(edu, dict)
+        and edu.get("type") in BRIDGED_EPHEMERAL
+        and isinstance(edu.get("room_id"), str)
+        and isinstance(edu.get("content"), dict)
+    ]

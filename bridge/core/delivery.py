@@ -1,111 +1,420 @@
 """Delivery: carries outbox items to the vendors, in order per (connector, portal room).
 
 Each call carries an idempotency key (the portal room for a new conversation, the Matrix event id
-for a message), so a retry after a timeout or a crash never shows anything twice.
+for a message, reaction or edit), so a retry after a timeout or a crash never shows anything
+twice. What a vendor cannot show is degraded (``outbound.py``) and the sender is told
+(``status.py``): nothing is silently lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
-from mautrix.types import RoomID
-
+from bridge.config import MediaConfig
+from bridge.core import operations as op
 from bridge.core.connectors import ConnectorSet
 from bridge.core.errors import PermanentFailure
 from bridge.core.members import Member
-from bridge.core.portals import CREATE_CONVERSATION, SEND_MESSAGE
+from bridge.core.outbound import (
+    Undeliverable,
+    check_file,
+    file_ref,
+    location,
+    location_as_text,
+    message_kind,
+    render_text,
+)
+from bridge.core.status import StatusReporter
 from bridge.db.outbox import OutboxItem
+from bridge.db.portal import PortalLink
 from bridge.db.stores import Stores
 from bridge.directory.idnps import Idnps
 from bridge.matrix.homeserver import Homeserver
-from connectors.base import ConnectorError, NewConversation, OutboundMessage
+from bridge.matrix.media import MediaError, MediaRepository
+from connectors.base import (
+    Connector,
+    ConnectorError,
+    Mention,
+    NewConversation,
+    OutboundAttachment,
+    OutboundMessage,
+)
 
 log = logging.getLogger("eimis.delivery")
 
 
+class TooLarge(Exception):
+    pass
+
+
 class Delivery:
-    def __init__(self, stores: Stores, homeserver: Homeserver, connectors: ConnectorSet) -> None:
+    def __init__(
+        self,
+        stores: Stores,
+        homeserver: Homeserver,
+        connectors: ConnectorSet,
+        media: MediaRepository,
+        media_config: MediaConfig,
+        status: StatusReporter,
+    ) -> None:
         self.stores = stores
         self.hs = homeserver
         self.connectors = connectors
+        self.media = media
+        self.media_config = media_config
+        self.status = status
+        self._told_retrying: set[int] = set()
 
     async def handle(self, item: OutboxItem) -> None:
         """Deliver one item; raises only for failures worth retrying."""
         try:
-            await self._deliver(item)
-        except ConnectorError as error:
+            notes = await self._deliver(item)
+        except (ConnectorError, MediaError) as error:
             if error.retriable:
                 raise
-            await self._give_up(item, str(error))
+            await self._give_up(item, str(error), unsupported=False)
+            return
+        except Undeliverable as refusal:
+            await self._give_up(item, str(refusal), unsupported=True)
             return
         except PermanentFailure as failure:
-            await self._give_up(item, str(failure))
+            await self._give_up(item, str(failure), unsupported=False)
             return
         await self.stores.outbox.mark_done(item.seq)
+        self._told_retrying.discard(item.seq)
+        if notes is not None:
+            await self._report(item, "SUCCESS", "; ".join(notes))
 
     async def record_error(self, item: OutboxItem, error: Exception) -> None:
         await self.stores.outbox.record_attempt(item.seq, _describe(error))
+        if item.seq not in self._told_retrying and "sender" in item.payload:
+            self._told_retrying.add(item.seq)
+            await self._report(
+                item,
+                "FAIL_RETRIABLE",
+                f"{item.connector} is not answering; the bridge keeps trying",
+            )
 
-    async def _deliver(self, item: OutboxItem) -> None:
+    async def _report(
+        self, item: OutboxItem, outcome: Any, detail: str, unsupported: bool = False
+    ) -> None:
+        if "sender" not in item.payload or item.operation == op.MARK_READ:
+            return
+        await self.status.report(
+            room_id=item.room_id,
+            event_id=item.payload["event_id"],
+            sender=Member.from_json(item.payload["sender"]),
+            target=item.connector,
+            outcome=outcome,
+            detail=detail,
+            unsupported=unsupported,
+        )
+
+    async def _give_up(self, item: OutboxItem, reason: str, *, unsupported: bool) -> None:
+        log.warning("Delivery %d to %s failed for good: %s", item.seq, item.connector, reason)
+        await self.stores.outbox.mark_failed(item.seq, reason)
+        self._told_retrying.discard(item.seq)
+        if item.operation == op.CREATE_CONVERSATION:
+            await self.status._notice(
+                item.room_id,
+                f"This conversation could not be opened on {item.connector}: {reason}",
+                txn_id=f"eimis.create-failed.{item.seq}",
+            )
+        else:
+            await self._report(item, "FAIL_PERMANENT", reason, unsupported)
+
+    # Dispatch ----------------------------------------------------------------------------------
+
+    async def _deliver(self, item: OutboxItem) -> list[str] | None:
+        """Do the operation; return the degradations made (None: nothing to report)."""
         connector = self.connectors.get(item.connector)
         if connector is None:
             raise PermanentFailure(f"connector {item.connector!r} is not running")
         link = await self.stores.portals.link(item.room_id, item.connector)
         if link is None:
             raise PermanentFailure(f"the room is not linked to {item.connector}")
-        if item.operation == CREATE_CONVERSATION:
-            if link.conversation_id is not None:
-                return
-            conversation_id = await connector.create_conversation(
-                NewConversation(
-                    request_id=item.room_id,
-                    title=item.payload.get("title"),
-                    members=tuple(Idnps(m) for m in item.payload["members"]),
-                    external=tuple(
-                        Member.from_json(m).as_sender() for m in item.payload["external"]
-                    ),
-                )
+        if item.operation == op.CREATE_CONVERSATION:
+            await self._create_conversation(item, connector, link)
+            return None
+        if link.conversation_id is None:
+            raise PermanentFailure(f"the {item.connector} conversation was never opened")
+        conversation = link.conversation_id
+        handlers = {
+            op.SEND_MESSAGE: self._send_message,
+            op.EDIT_MESSAGE: self._edit_message,
+            op.REDACT: self._redact,
+            op.ADD_REACTION: self._add_reaction,
+            op.MARK_READ: self._mark_read,
+        }
+        handler = handlers.get(item.operation)
+        if handler is None:
+            raise PermanentFailure(f"unknown outbox operation {item.operation!r}")
+        return await handler(item, connector, conversation)
+
+    async def _create_conversation(
+        self, item: OutboxItem, connector: Connector, link: PortalLink
+    ) -> None:
+        if link.conversation_id is not None:
+            return
+        conversation_id = await connector.create_conversation(
+            NewConversation(
+                request_id=item.room_id,
+                title=item.payload.get("title"),
+                members=tuple(Idnps(m) for m in item.payload["members"]),
+                external=tuple(Member.from_json(m).as_sender() for m in item.payload["external"]),
             )
-            await self.stores.portals.set_conversation(
-                item.room_id, item.connector, conversation_id
+        )
+        await self.stores.portals.set_conversation(item.room_id, item.connector, conversation_id)
+        log.info("Opened %s conversation %s for %s", item.connector, conversation_id, item.room_id)
+
+    # Messages ----------------------------------------------------------------------------------
+
+    async def _send_message(
+        self, item: OutboxItem, connector: Connector, conversation: str
+    ) -> list[str]:
+        payload = item.payload
+        content: dict[str, Any] = payload["content"]
+        caps = connector.capabilities
+        vendor = item.connector
+        sender = Member.from_json(payload["sender"])
+        notes: list[str] = []
+        if content.get("eimis.unknown_msgtype"):
+            notes.append(
+                f"{content['eimis.unknown_msgtype']} is not a bridged message type: "
+                "sent as its text"
             )
-            log.info(
-                "Opened %s conversation %s for %s", item.connector, conversation_id, item.room_id
+        reply_to = await self._reply_target(item, connector, notes)
+        base = dict(
+            sender=sender.as_sender(),
+            timestamp=_when(payload.get("ts")),
+            message_kind=message_kind(content),
+            reply_to=reply_to,
+        )
+        ref = file_ref(content)
+        place = location(content)
+        if ref is not None:
+            ceiling = check_file(
+                ref, caps, vendor, self.media_config.max_file_size, self.media_config.allows
             )
-        elif item.operation == SEND_MESSAGE:
-            event_id = item.payload["event_id"]
-            if await self.stores.messages.remote_for(item.connector, event_id):
-                return
-            if link.conversation_id is None:
-                raise PermanentFailure(f"the {item.connector} conversation was never opened")
-            remote_id = await connector.send_message(
-                link.conversation_id,
+            attachment = OutboundAttachment(
+                name=ref.name,
+                mime_type=ref.mime_type,
+                size=max(ref.size, 0),
+                open=lambda: self._stream(ref.mxc, ceiling),
+            )
+            messages = [
                 OutboundMessage(
-                    request_id=event_id,
-                    sender=Member.from_json(item.payload["sender"]).as_sender(),
-                    text=item.payload["text"],
-                    html=item.payload.get("html"),
-                    timestamp=datetime.fromtimestamp((item.payload.get("ts") or 0) / 1000, tz=UTC),
+                    request_id=payload["event_id"], text="", attachment=attachment, **base
+                )
+            ]
+        elif place is not None and caps.locations:
+            messages = [
+                OutboundMessage(request_id=payload["event_id"], text="", location=place, **base)
+            ]
+        elif place is not None:
+            notes.append(f"{vendor} cannot show locations: sent as a map link")
+            messages = [
+                OutboundMessage(
+                    request_id=payload["event_id"], text=location_as_text(place), **base
+                )
+            ]
+        else:
+            rendered = render_text(content, caps, sender.display_name, vendor)
+            notes.extend(rendered.notes)
+            mentions = await self._mentions(item, rendered.mention_mxids)
+            messages = [
+                OutboundMessage(
+                    request_id=payload["event_id"] if i == 0 else f"{payload['event_id']}#{i}",
+                    text=part,
+                    html=rendered.html if len(rendered.parts) == 1 else None,
+                    mentions=mentions,
+                    **{**base, "reply_to": reply_to if i == 0 else None},
+                )
+                for i, part in enumerate(rendered.parts)
+            ]
+        for message in messages:
+            remote_id = await connector.send_message(conversation, message)
+            await self.stores.messages.add(vendor, remote_id, item.room_id, payload["event_id"])
+        return notes
+
+    async def _reply_target(
+        self, item: OutboxItem, connector: Connector, notes: list[str]
+    ) -> str | None:
+        reply_event = item.payload.get("reply_to_event")
+        if not reply_event:
+            return None
+        if not connector.capabilities.replies:
+            notes.append(f"{item.connector} has no replies: sent without the quoted message")
+            return None
+        target = await self._message_ref(item.connector, reply_event)
+        if target is None:
+            notes.append(
+                f"the message it answers never reached {item.connector}: sent without the quote"
+            )
+        return target
+
+    async def _message_ref(self, connector_id: str, event_id: str) -> str | None:
+        for ref in await self.stores.messages.remotes_for(connector_id, event_id):
+            if op.parse_reaction_ref(ref) is None:
+                return ref
+        return None
+
+    async def _mentions(self, item: OutboxItem, mxids: list[str]) -> tuple[Mention, ...]:
+        portal = await self.stores.portals.get(item.room_id)
+        found = []
+        for mxid in dict.fromkeys(mxids):
+            ghost = await self.stores.ghosts.get(mxid)
+            if ghost is not None:
+                found.append(Mention(ghost.display_name or mxid, Idnps(ghost.idnps), mxid))
+            elif portal is not None:
+                name = await self.hs.display_name(item.room_id, mxid, viewer=portal.voice)
+                found.append(Mention(name, None, mxid))
+        return tuple(found)
+
+    @contextlib.asynccontextmanager
+    async def _stream(self, mxc: str, ceiling: int) -> AsyncIterator[AsyncIterator[bytes]]:
+        """The file's bytes from the homeserver, refusing to pass more than ``ceiling``."""
+        async with self.media.download(mxc) as chunks:
+
+            async def bounded() -> AsyncIterator[bytes]:
+                seen = 0
+                async for chunk in chunks:
+                    seen += len(chunk)
+                    if seen > ceiling:
+                        raise Undeliverable("the file is larger than announced and than allowed")
+                    yield chunk
+
+            yield bounded()
+
+    async def _edit_message(
+        self, item: OutboxItem, connector: Connector, conversation: str
+    ) -> list[str] | None:
+        payload = item.payload
+        target = await self._message_ref(item.connector, payload["target_event"])
+        if target is None:
+            return None  # the original never reached this vendor: nothing to correct there
+        sender = Member.from_json(payload["sender"])
+        caps = connector.capabilities
+        rendered = render_text(payload["content"], caps, sender.display_name, item.connector)
+        mentions = await self._mentions(item, rendered.mention_mxids)
+        notes = list(rendered.notes)
+        text = rendered.parts[0]
+        if len(rendered.parts) > 1:
+            notes.append("the correction was cut to the vendor's length limit")
+        if caps.edits:
+            await connector.edit_message(
+                conversation,
+                target,
+                OutboundMessage(
+                    request_id=payload["event_id"],
+                    sender=sender.as_sender(),
+                    text=text,
+                    timestamp=_when(payload.get("ts")),
+                    html=rendered.html,
+                    mentions=mentions,
                 ),
             )
-            await self.stores.messages.add(item.connector, remote_id, item.room_id, event_id)
-        else:
-            raise PermanentFailure(f"unknown outbox operation {item.operation!r}")
+            return notes
+        notes.append(f"{item.connector} has no edits: sent as a marked correction")
+        remote_id = await connector.send_message(
+            conversation,
+            OutboundMessage(
+                request_id=payload["event_id"],
+                sender=sender.as_sender(),
+                text=f"✏️ Correction: {text}",
+                timestamp=_when(payload.get("ts")),
+                reply_to=target if caps.replies else None,
+                mentions=mentions,
+            ),
+        )
+        await self.stores.messages.add(item.connector, remote_id, item.room_id, payload["event_id"])
+        return notes
 
-    async def _give_up(self, item: OutboxItem, reason: str) -> None:
-        log.warning("Delivery %d to %s failed for good: %s", item.seq, item.connector, reason)
-        await self.stores.outbox.mark_failed(item.seq, reason)
-        portal = await self.stores.portals.get(item.room_id)
-        if portal is not None:
-            what = "A message" if item.operation == SEND_MESSAGE else "This conversation"
-            await self.hs.intent(portal.voice).send_notice(
-                RoomID(item.room_id),
-                f"{what} could not be delivered to {item.connector}: {reason}",
+    async def _redact(
+        self, item: OutboxItem, connector: Connector, conversation: str
+    ) -> list[str] | None:
+        payload = item.payload
+        refs = await self.stores.messages.remotes_for(item.connector, payload["target_event"])
+        if not refs:
+            return None  # it never reached this vendor
+        sender = Member.from_json(payload["sender"]).as_sender()
+        caps = connector.capabilities
+        notes: list[str] = []
+        for ref in refs:
+            reaction = op.parse_reaction_ref(ref)
+            if reaction is not None:
+                if caps.reactions:
+                    await connector.remove_reaction(conversation, reaction[0], reaction[1], sender)
+            elif caps.deletions:
+                await connector.delete_message(conversation, ref, sender)
+            else:
+                notes.append(f"{item.connector} cannot delete messages: its users were told")
+                remote_id = await connector.send_message(
+                    conversation,
+                    OutboundMessage(
+                        request_id=f"{payload['event_id']}:{ref}",
+                        sender=sender,
+                        text=f"🗑 {sender.display_name} deleted a message.",
+                        timestamp=_when(payload.get("ts")),
+                        reply_to=ref if caps.replies else None,
+                    ),
+                )
+                await self.stores.messages.add(
+                    item.connector, remote_id, item.room_id, payload["event_id"]
+                )
+        return notes
+
+    async def _add_reaction(
+        self, item: OutboxItem, connector: Connector, conversation: str
+    ) -> list[str] | None:
+        payload = item.payload
+        target = await self._message_ref(item.connector, payload["target_event"])
+        if target is None:
+            return None
+        sender = Member.from_json(payload["sender"]).as_sender()
+        caps = connector.capabilities
+        if caps.reactions:
+            reaction_id = await connector.add_reaction(
+                conversation, target, sender, payload["key"], payload["event_id"]
             )
+            await self.stores.messages.add(
+                item.connector,
+                op.reaction_ref(target, reaction_id),
+                item.room_id,
+                payload["event_id"],
+            )
+            return []
+        remote_id = await connector.send_message(
+            conversation,
+            OutboundMessage(
+                request_id=payload["event_id"],
+                sender=sender,
+                text=f"{sender.display_name} reacted {payload['key']}",
+                timestamp=_when(payload.get("ts")),
+                message_kind="notice",
+                reply_to=target if caps.replies else None,
+            ),
+        )
+        await self.stores.messages.add(item.connector, remote_id, item.room_id, payload["event_id"])
+        return [f"{item.connector} has no reactions: sent as a short message"]
+
+    async def _mark_read(self, item: OutboxItem, connector: Connector, conversation: str) -> None:
+        target = await self._message_ref(item.connector, item.payload["event_id"])
+        if target is not None and connector.capabilities.read_receipts:
+            reader = Member.from_json(item.payload["sender"]).as_sender()
+            await connector.mark_read(conversation, reader, target)
+        return None
+
+
+def _when(ts: Any) -> datetime:
+    return datetime.fromtimestamp((ts or 0) / 1000, tz=UTC)
 
 
 def _describe(error: Exception) -> str:
-    if isinstance(error, ConnectorError):
+    if isinstance(error, ConnectorError | MediaError):
         return str(error)[:300]
     return type(error).__name__

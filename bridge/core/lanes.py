@@ -224,6 +224,8 @@ class LaneScheduler(Generic[T]):
                     attempt,
                     type(error).__name__,
                     delay,
+                    # The traceback only at DEBUG: exception texts may quote what was processed.
+                    exc_info=self._log.isEnabledFor(logging.DEBUG),
                 )
                 with contextlib.suppress(Exception):
                     await self._on_error(item, error)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 
 from mautrix.errors import MatrixRequestError
-from mautrix.types import RoomID
+from mautrix.types import EventType, RoomID
 
+from bridge.core import operations as op
 from bridge.core.connectors import ConnectorSet
 from bridge.core.errors import PermanentFailure, UnknownUser
 from bridge.core.ghost_ids import GhostIds
@@ -19,8 +20,7 @@ from connectors.base import ConversationCreated, Participant, RemoteUser
 
 log = logging.getLogger("eimis.portals")
 
-CREATE_CONVERSATION = "create_conversation"
-SEND_MESSAGE = "send_message"
+CAPABILITIES_EVENT = EventType.find("eu.eimis.bridge.capabilities", EventType.Class.STATE)
 
 
 class Portals:
@@ -133,6 +133,7 @@ class Portals:
                     room_id, connector_id, event.title, everyone, conn=conn
                 )
         log.info("Opened portal %s for %s conversation %s", room_id, source, event.conversation_id)
+        await self.publish_capabilities(room_id, self.ids.bot_mxid)
         if unreachable:
             await self.hs.send_notice(
                 room_id,
@@ -188,7 +189,29 @@ class Portals:
                 room_id, ref.connector, portal.title, everyone, conn=conn
             )
         log.info("Opened portal %s for a Matrix invite to a %s user", room_id, ref.connector)
+        await self.publish_capabilities(room_id, portal.voice)
         return True
+
+    async def publish_capabilities(self, room_id: str, voice: str) -> None:
+        """Room state saying what each vendor in the room can show (one event per connector).
+
+        Clients and people can see ahead of time that, say, reactions become short messages.
+        """
+        for link in await self.stores.portals.links(room_id):
+            connector = self.connectors.get(link.connector)
+            if connector is None:
+                continue
+            content = {
+                "connector": link.connector,
+                "type": connector.type_name,
+                "capabilities": connector.capabilities.to_json(),
+            }
+            try:
+                await self.hs.intent(voice).send_state_event(
+                    RoomID(room_id), CAPABILITIES_EVENT, content, state_key=link.connector
+                )
+            except MatrixRequestError as error:
+                log.warning("Could not publish capabilities in %s (%s)", room_id, error.errcode)
 
     async def _queue_conversation(
         self, room_id: str, connector_id: str, title: str | None, everyone: list[Member], *, conn
@@ -198,7 +221,7 @@ class Portals:
         await self.stores.outbox.enqueue(
             connector_id,
             room_id,
-            CREATE_CONVERSATION,
+            op.CREATE_CONVERSATION,
             f"create:{room_id}",
             {
                 "title": title,

@@ -27,7 +27,12 @@ class InboxStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def store_transaction(self, txn_id: str, events: list[dict[str, Any]]) -> bool:
+    async def store_transaction(
+        self,
+        txn_id: str,
+        events: list[dict[str, Any]],
+        ephemeral: list[dict[str, Any]] | None = None,
+    ) -> bool:
         """Store a homeserver transaction in one database transaction.
 
         Returns False when this transaction id was stored before (a redelivery): the caller acks
@@ -48,6 +53,11 @@ class InboxStore:
             rows = [
                 (MATRIX_ORIGIN, event["event_id"], event["room_id"], json.dumps(event), now)
                 for event in events
+            ]
+            # Typing and receipts have no event id: the transaction id makes them unique.
+            rows += [
+                (MATRIX_ORIGIN, f"edu:{txn_id}:{index}", edu["room_id"], json.dumps(edu), now)
+                for index, edu in enumerate(ephemeral or ())
             ]
             if rows:
                 await conn.executemany(

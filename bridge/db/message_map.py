@@ -23,6 +23,16 @@ class MessageMapStore:
             event_id,
         )
 
+    async def remotes_for(self, connector: str, event_id: str) -> list[str]:
+        """Every vendor id of one Matrix event (a long message may have been split)."""
+        rows = await self.db.fetch(
+            "SELECT remote_id FROM message_map WHERE connector = $1 AND event_id = $2 "
+            "ORDER BY remote_id",
+            connector,
+            event_id,
+        )
+        return [r["remote_id"] for r in rows]
+
     async def add(
         self,
         connector: str,

@@ -68,6 +68,8 @@ class LocalStack:
             server_name=SERVER_NAME,
             port=None,  # the port of the previous run on this state, when free (stable URL)
             appservice_registrations=[self.registration_path],
+            # Large enough for the streaming benchmark's 200 MB file.
+            extra_config={"max_upload_size": "300M"},
         )
         self.raw_config = self._raw_config()
         self.config: Config = parse_config(self.raw_config)

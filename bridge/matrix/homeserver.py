@@ -7,10 +7,11 @@ import logging
 from typing import Any
 
 from aiohttp import ClientSession
+from mautrix.api import Method, Path
 from mautrix.appservice import AppServiceAPI, IntentAPI
 from mautrix.appservice.state_store.asyncpg import PgASStateStore
 from mautrix.errors import MatrixRequestError
-from mautrix.types import EventType, RoomCreatePreset, RoomID, UserID
+from mautrix.types import EventID, EventType, RoomCreatePreset, RoomID, UserID
 from mautrix.util.async_db import Database
 
 from bridge.config import Config
@@ -122,6 +123,15 @@ class Homeserver:
             RoomID(room_id), EventType.ROOM_MESSAGE, content, txn_id=txn_id, timestamp=ts_ms
         )
         return str(event_id)
+
+    async def redact(self, mxid: str, room_id: str, event_id: str, *, txn_id: str) -> None:
+        """Redact as ``mxid`` with a derived transaction id (a retry redacts once)."""
+        intent = self.intent(mxid)
+        await intent.api.request(
+            Method.PUT,
+            Path.v3.rooms[RoomID(room_id)].redact[EventID(event_id)][txn_id],
+            {},
+        )
 
     async def send_notice(self, room_id: str, text: str, *, txn_id: str) -> None:
         await self.bot.send_message_event(

@@ -67,6 +67,18 @@ class MedipepsClient:
         _, data = await self._call("POST", f"/mp/conversations/{conv}/messages", json=body)
         return _int_field(data, "msg", "message")
 
+    async def delete_message(self, conv: int, msg: int) -> None:
+        """``DELETE /mp/conversations/{conv}/messages/{msg}``; already gone (404) is a success."""
+        await self._call("DELETE", f"/mp/conversations/{conv}/messages/{msg}", allow_404=True)
+
+    async def mark_read(self, conv: int, body: dict[str, Any]) -> None:
+        """``POST /mp/conversations/{conv}/read``."""
+        await self._call("POST", f"/mp/conversations/{conv}/read", json=body)
+
+    async def report_status(self, conv: int, msg: int, body: dict[str, Any]) -> None:
+        """``POST /mp/conversations/{conv}/messages/{msg}/status``, shown to the author."""
+        await self._call("POST", f"/mp/conversations/{conv}/messages/{msg}/status", json=body)
+
     async def events(self, after: int, limit: int) -> EventsPage:
         """``GET /mp/events?after=&limit=``: the events with ``seq > after``, oldest first."""
         _, data = await self._call(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, ClassVar
 
 from aiohttp import web
@@ -15,14 +18,25 @@ from connectors.base import (
     Connector,
     ConnectorContext,
     ConnectorError,
+    DeliveryReport,
+    FileLimit,
     NewConversation,
+    OutboundAttachment,
     OutboundMessage,
+    RemoteAttachment,
     RemoteUser,
+    Sender,
 )
 from connectors.medipeps import convert
 from connectors.medipeps.client import MedipepsClient
+from connectors.payload import InvalidPayload
 
 CURSOR_KEY = "cursor"
+MAX_FILE_SIZE = 1024 * 1024
+"""Medipeps' inline file limit (1 MiB decoded)."""
+FILE_MIME_TYPES = frozenset({"image/jpeg", "image/png", "application/pdf"})
+_DECODE_STEP = 4 * 16 * 1024
+"""Base64 characters decoded at a time when streaming an inline file (48 KiB of bytes)."""
 
 
 class InvalidStoredCursor(Exception):
@@ -45,7 +59,21 @@ class MedipepsConnector(Connector):
 
     type_name: ClassVar[str] = "medipeps"
     Settings: ClassVar[type[BaseModel]] = MedipepsSettings
-    capabilities: ClassVar[Capabilities] = Capabilities(formatting="plain", max_text_length=4000)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        formatting="plain",
+        max_text_length=4000,
+        long_text="split",
+        files={
+            "m.image": FileLimit(MAX_FILE_SIZE, frozenset({"image/jpeg", "image/png"})),
+            "m.file": FileLimit(
+                MAX_FILE_SIZE, frozenset({"application/pdf", "image/jpeg", "image/png"})
+            ),
+        },
+        replies=True,
+        deletions=True,
+        read_receipts=True,
+        delivery_status=True,
+    )
 
     backoff_initial_s: float = 1.0
     """First wait after a failed poll; doubles per consecutive failure up to ``backoff_max_s``."""
@@ -85,12 +113,41 @@ class MedipepsConnector(Connector):
         return str(conv)
 
     async def send_message(self, conversation_id: str, message: OutboundMessage) -> str:
+        """Post the message (plain text; a file travels inline, base64-encoded)."""
+        conv = _conv(conversation_id)
+        attachment = None
+        if message.attachment is not None:
+            attachment = await _inline_attachment(message.attachment)
         try:
-            conv = convert.parse_conversation_id(conversation_id)
+            body = convert.message_body(message, attachment)
         except ValueError as exc:
             raise ConnectorError(f"Medipeps: {exc}", retriable=False) from exc
-        msg = await self.client.post_message(conv, convert.message_body(message))
+        msg = await self.client.post_message(conv, body)
         return str(msg)
+
+    async def open_attachment(
+        self, attachment: RemoteAttachment
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Stream an inline file a Medipeps user sent: its base64 data, decoded chunk by chunk."""
+        try:
+            data = convert.inline_data(attachment.source)
+        except ValueError as exc:
+            raise ConnectorError(f"Medipeps: {exc}", retriable=False) from exc
+        return _decoded(data)
+
+    async def delete_message(self, conversation_id: str, message_id: str, sender: Sender) -> None:
+        del sender  # Medipeps deletes by message id
+        await self.client.delete_message(_conv(conversation_id), _msg(message_id))
+
+    async def mark_read(self, conversation_id: str, reader: Sender, message_id: str) -> None:
+        body = {"reader_ref": reader.ref, "up_to": _msg(message_id)}
+        await self.client.mark_read(_conv(conversation_id), body)
+
+    async def report_delivery(
+        self, conversation_id: str, message_id: str, report: DeliveryReport
+    ) -> None:
+        body = {"status": report.status, "detail": report.detail}
+        await self.client.report_status(_conv(conversation_id), _msg(message_id), body)
 
     async def get_user(self, idnps: Idnps) -> RemoteUser | None:
         body = await self.client.get_professional(idnps)
@@ -98,7 +155,7 @@ class MedipepsConnector(Connector):
             return None
         try:
             return convert.user_from_json(body)
-        except convert.InvalidPayload as exc:
+        except InvalidPayload as exc:
             raise ConnectorError(
                 f"Medipeps answered a malformed professional: {exc}", retriable=False
             ) from exc
@@ -106,14 +163,15 @@ class MedipepsConnector(Connector):
     # Vendor -> bridge -----------------------------------------------------------------------------
 
     async def _poll_forever(self) -> None:
-        """Poll until cancelled: at once after a full page, else every ``poll_interval_s``."""
+        """Poll until cancelled: at once after a page that may not be the last, else every
+        ``poll_interval_s``."""
         cursor: int | None = None
         failures = 0
         while True:
             try:
                 if cursor is None:
                     cursor = await self._load_cursor()
-                full, cursor = await self._poll_once(cursor)
+                more, cursor = await self._poll_once(cursor)
             except Exception as exc:  # noqa: BLE001 - any failure: back off, never die
                 failures += 1
                 delay = self._backoff(failures)
@@ -133,11 +191,12 @@ class MedipepsConnector(Connector):
                     failures,
                 )
                 failures = 0
-            if not full:
+            if not more:
                 await asyncio.sleep(self.settings.poll_interval_s)
 
     async def _poll_once(self, cursor: int) -> tuple[bool, int]:
-        """Read one page, emit it in order, then store the new cursor. Returns (page full, cursor).
+        """Read one page, emit it in order, then store the new cursor. Returns (more may follow,
+        cursor): a full page, or one holding files (Medipeps cuts those pages short).
 
         If an emit fails, the cursor is not stored: the next poll re-reads the page, and the bridge
         ignores the events it already stored (their ``event_id`` is stable).
@@ -147,12 +206,13 @@ class MedipepsConnector(Connector):
             await self._emit_one(raw)
         if page.cursor != cursor:
             await self.ctx.store.set(CURSOR_KEY, str(page.cursor))
-        return len(page.events) >= self.settings.page_size, page.cursor
+        full = len(page.events) >= self.settings.page_size
+        return full or any(convert.has_attachment(raw) for raw in page.events), page.cursor
 
     async def _emit_one(self, raw: Any) -> None:
         try:
             event = convert.event_from_feed(raw)
-        except convert.InvalidPayload as exc:
+        except InvalidPayload as exc:
             # Skip, do not stall: an event we cannot parse (invalid IDNPS, unknown type ...) would
             # fail the same way on every re-read and block the feed forever. It is not dropped
             # silently either: it is logged at ERROR with its seq and the reason (no content), so
@@ -194,6 +254,73 @@ class MedipepsConnector(Connector):
         from connectors.medipeps.sandbox import API_KEY
 
         return {"api_url": sandbox_url, "api_key": API_KEY}
+
+
+def _conv(conversation_id: str) -> int:
+    try:
+        return convert.parse_conversation_id(conversation_id)
+    except ValueError as exc:
+        raise ConnectorError(f"Medipeps: {exc}", retriable=False) from exc
+
+
+def _msg(message_id: str) -> int:
+    try:
+        return convert.parse_message_id(message_id)
+    except ValueError as exc:
+        raise ConnectorError(f"Medipeps: {exc}", retriable=False) from exc
+
+
+async def _inline_attachment(attachment: OutboundAttachment) -> dict[str, str]:
+    """The ``attachment`` field of a message: the file base64-encoded chunk by chunk.
+
+    A file Medipeps would refuse (over 1 MiB, another MIME type) is refused here, permanently,
+    before anything is read.
+    """
+    mime_type = attachment.mime_type.split(";", 1)[0].strip().lower()
+    if mime_type not in FILE_MIME_TYPES:
+        raise ConnectorError(
+            f"Medipeps accepts only {', '.join(sorted(FILE_MIME_TYPES))} files, "
+            f"not {mime_type[:100]!r}",
+            retriable=False,
+        )
+    if attachment.size > MAX_FILE_SIZE:
+        raise ConnectorError(
+            f"Medipeps: the file is {attachment.size} bytes, over the {MAX_FILE_SIZE} bytes "
+            "(1 MiB) Medipeps accepts",
+            retriable=False,
+        )
+    parts: list[str] = []
+    carry = b""
+    total = 0
+    async with attachment.open() as chunks:
+        async for chunk in chunks:
+            total += len(chunk)
+            if total > MAX_FILE_SIZE:
+                raise ConnectorError(
+                    f"Medipeps: the file is over the {MAX_FILE_SIZE} bytes (1 MiB) Medipeps "
+                    "accepts (longer than declared)",
+                    retriable=False,
+                )
+            data = carry + chunk
+            cut = len(data) - len(data) % 3  # whole 3-byte groups encode without padding
+            parts.append(base64.b64encode(data[:cut]).decode("ascii"))
+            carry = data[cut:]
+    parts.append(base64.b64encode(carry).decode("ascii"))
+    return {"filename": attachment.name, "mime": mime_type, "data_b64": "".join(parts)}
+
+
+@asynccontextmanager
+async def _decoded(data: str) -> AsyncIterator[AsyncIterator[bytes]]:
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(data), _DECODE_STEP):
+            try:
+                yield base64.b64decode(data[start : start + _DECODE_STEP], validate=True)
+            except ValueError as exc:
+                raise ConnectorError(
+                    "Medipeps: the inline file is not valid base64", retriable=False
+                ) from exc
+
+    yield chunks()
 
 
 def _settings(settings: BaseModel) -> MedipepsSettings:

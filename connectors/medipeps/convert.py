@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 from datetime import UTC, datetime
 from typing import Any
 
 from connectors import payload
 from connectors.base import (
     ConversationCreated,
+    MessageDeleted,
     MessageReceived,
     NewConversation,
     OutboundMessage,
     Participant,
+    ReadUpTo,
+    RemoteAttachment,
     RemoteEvent,
     RemoteUser,
-    Sender,
 )
 from connectors.payload import InvalidPayload
 from connectors.payload import idnps as _idnps
@@ -22,6 +25,8 @@ from connectors.payload import int_field as _int
 from connectors.payload import list_field as _list
 from connectors.payload import obj as _obj
 from connectors.payload import str_field as _str
+
+INLINE_PREFIX = "inline:"
 
 # --- Vendor -> bridge -----------------------------------------------------------------------------
 
@@ -32,6 +37,12 @@ def event_seq(raw: Any) -> int | None:
     return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
 
 
+def has_attachment(raw: Any) -> bool:
+    """Whether a feed event carries an inline file (pages holding files may be cut short)."""
+    msg = raw.get("msg") if isinstance(raw, dict) else None
+    return isinstance(msg, dict) and msg.get("attachment") is not None
+
+
 def event_from_feed(raw: Any) -> RemoteEvent:
     """One ``/mp/events`` entry as a ``RemoteEvent``; ``event_id`` is stable across re-reads."""
     event = _obj(raw, "the event")
@@ -40,6 +51,10 @@ def event_from_feed(raw: Any) -> RemoteEvent:
         return _new_conv(event)
     if kind == "NEW_MSG":
         return _new_msg(event)
+    if kind == "DEL_MSG":
+        return _del_msg(event)
+    if kind == "READ":
+        return _read(event)
     raise InvalidPayload(f"unknown event type {str(kind)[:60]!r}")
 
 
@@ -70,16 +85,73 @@ def _new_msg(event: dict[str, Any]) -> RemoteEvent:
     msg = _obj(event.get("msg"), "msg")
     msg_id = _int(msg, "msg", "msg")
     body = msg.get("body")
-    if not isinstance(body, str):
-        raise InvalidPayload("msg.body is missing or not a string")
+    if body is not None and not isinstance(body, str):
+        raise InvalidPayload("msg.body is not a string")
+    reply_to = msg.get("reply_to")
+    if reply_to is not None:
+        reply_to = str(_int(msg, "reply_to", "msg"))
     return MessageReceived(
         event_id=f"msg-{msg_id}",
         conversation_id=str(_int(msg, "conv", "msg")),
         timestamp=from_epoch_ms(_int(msg, "at", "msg")),
         message_id=str(msg_id),
         sender=_idnps(msg.get("author"), "msg.author"),
-        text=body,
+        text=body or "",
+        reply_to=reply_to,
+        attachment=_attachment(payload.optional_obj(msg, "attachment", "msg")),
     )
+
+
+def _del_msg(event: dict[str, Any]) -> RemoteEvent:
+    msg = _obj(event.get("msg"), "msg")
+    msg_id = _int(msg, "msg", "msg")
+    return MessageDeleted(
+        event_id=f"del-{msg_id}",
+        conversation_id=str(_int(msg, "conv", "msg")),
+        timestamp=from_epoch_ms(_int(event, "at", "the event")),
+        message_id=str(msg_id),
+        sender=_idnps(msg.get("author"), "msg.author"),
+    )
+
+
+def _read(event: dict[str, Any]) -> RemoteEvent:
+    read = _obj(event.get("read"), "read")
+    conv = _int(read, "conv", "read")
+    reader = _idnps(read.get("reader"), "read.reader")
+    up_to = _int(read, "up_to", "read")
+    return ReadUpTo(
+        event_id=f"read-{conv}-{reader}-{up_to}",
+        conversation_id=str(conv),
+        timestamp=from_epoch_ms(_int(event, "at", "the event")),
+        sender=reader,
+        message_id=str(up_to),
+    )
+
+
+def _attachment(attachment: dict[str, Any] | None) -> RemoteAttachment | None:
+    """An inline file: its base64 data travels in ``source`` (``inline:<data>``, at most 1 MiB
+    decoded), which ``open_attachment`` decodes."""
+    if attachment is None:
+        return None
+    where = "msg.attachment"
+    data = "".join(_str(attachment, "data_b64", where).split())  # tolerate wrapped lines
+    try:
+        size = len(base64.b64decode(data, validate=True))
+    except ValueError as exc:
+        raise InvalidPayload(f"{where}.data_b64 is not valid base64") from exc
+    return RemoteAttachment(
+        name=_str(attachment, "filename", where),
+        mime_type=_str(attachment, "mime", where),
+        size=size,
+        source=INLINE_PREFIX + data,
+    )
+
+
+def inline_data(source: str) -> str:
+    """The base64 data of an inline attachment's ``source``; ValueError when it is not one."""
+    if not source.startswith(INLINE_PREFIX):
+        raise ValueError("the attachment is not an inline Medipeps file")
+    return source[len(INLINE_PREFIX) :]
 
 
 def participant_from_ref(ref: str) -> Participant:
@@ -119,19 +191,26 @@ def conversation_body(conversation: NewConversation) -> dict[str, Any]:
     return {
         "subject": conversation.title,
         "participants": [str(m) for m in conversation.members],
-        "guests": [{"ref": _sender_ref(s), "label": s.display_name} for s in conversation.external],
+        "guests": [{"ref": s.ref, "label": s.display_name} for s in conversation.external],
         "request_ref": conversation.request_id,
     }
 
 
-def message_body(message: OutboundMessage) -> dict[str, Any]:
+def message_body(
+    message: OutboundMessage, attachment: dict[str, str] | None = None
+) -> dict[str, Any]:
     """The ``POST /mp/conversations/{conv}/messages`` body (plain text)."""
-    return {
-        "author_ref": _sender_ref(message.sender),
+    body: dict[str, Any] = {
+        "author_ref": message.sender.ref,
         "author_label": message.sender.display_name,
         "body": message.text,
         "request_ref": message.request_id,
     }
+    if message.reply_to is not None:
+        body["reply_to"] = parse_message_id(message.reply_to)
+    if attachment is not None:
+        body["attachment"] = attachment
+    return body
 
 
 def parse_conversation_id(conversation_id: str) -> int:
@@ -141,8 +220,11 @@ def parse_conversation_id(conversation_id: str) -> int:
     return int(conversation_id)
 
 
-def _sender_ref(sender: Sender) -> str:
-    return str(sender.idnps) if sender.idnps else sender.mxid
+def parse_message_id(message_id: str) -> int:
+    """The bridge's message id back to Medipeps' integer ``msg``."""
+    if not message_id.isascii() or not message_id.isdigit():
+        raise ValueError("a Medipeps message id is a non-negative integer")
+    return int(message_id)
 
 
 # --- Field readers --------------------------------------------------------------------------------

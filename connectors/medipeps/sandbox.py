@@ -1,32 +1,52 @@
-"""The Medipeps-style sandbox: the vendor API of API.md (API key, polled events feed)."""
+"""The Medipeps-style sandbox: the vendor API of API.md (API key, polled events feed, inline
+files) on the kernel. Medipeps-style has no edits, reactions, typing or locations."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import functools
 import hmac
 import itertools
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import Field
 
 from bridge.directory.idnps import Idnps
 from connectors.sandbox.app import new_sandbox_app
+from connectors.sandbox.errors import SandboxError, bad_request, file_too_large
+from connectors.sandbox.files import FileStore, StoredFile, sanitize_name
 from connectors.sandbox.kernel import (
+    MAX_TEXT_BYTES,
+    AttachmentSource,
     Conversation,
     External,
+    FileRules,
     IdKind,
     Kernel,
     Message,
-    SandboxError,
+    Reaction,
     SandboxUser,
-    bad_request,
 )
 from connectors.sandbox.webtools import Body, epoch_ms, read_body
 
 API_KEY = "medipeps-sandbox-key"
 MAX_EVENTS_LIMIT = 500
 DEFAULT_EVENTS_LIMIT = 100
+
+MAX_FILE_BYTES = 1024 * 1024
+"""Largest inline file, decoded (1 MiB)."""
+FILE_MIME_TYPES = frozenset({"image/jpeg", "image/png", "application/pdf"})
+MAX_FILE_B64_CHARS = 4 * ((MAX_FILE_BYTES + 2) // 3)
+MAX_MESSAGE_BODY_BYTES = MAX_FILE_B64_CHARS + 3 * MAX_TEXT_BYTES + 64 * 1024
+"""A message body may carry an inline file: room for its base64 and the longest text."""
+FEED_PAGE_INLINE_BUDGET = 8 * 1024 * 1024
+"""A feed page stops early (but holds at least one event) once its inline files reach this many
+base64 characters, so no page is hundreds of megabytes."""
 
 USERS: tuple[SandboxUser, ...] = (
     SandboxUser(Idnps("810000034560"), "Nathalie", "Girard", "Médecin généraliste"),
@@ -43,7 +63,11 @@ _CODES = {
     403: "FORBIDDEN",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
+    409: "CONFLICT",
     413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    416: "RANGE_NOT_SATISFIABLE",
+    501: "NOT_IMPLEMENTED",
 }
 
 
@@ -51,16 +75,38 @@ def medipeps_error(error: SandboxError) -> dict[str, Any]:
     return {"code": _CODES.get(error.status, "ERROR"), "detail": error.message}
 
 
+@dataclass(frozen=True)
+class _Stored:
+    """A kept feed event; an inline file is read from disk only when a page is served."""
+
+    event: dict[str, Any]
+    file: StoredFile | None = None
+
+
 class EventFeed:
     """The kept, ordered events feed (``seq`` 1, 2, ...) that the bridge polls with a cursor."""
 
-    def __init__(self) -> None:
-        self._events: list[dict[str, Any]] = []
+    def __init__(self, files: FileStore | None = None) -> None:
+        self._files = files or FileStore()
+        self._events: list[_Stored] = []
 
     def read(self, after: int, limit: int) -> tuple[list[dict[str, Any]], int]:
-        """Events with ``seq > after`` (at most ``limit``), and the cursor to read from next."""
-        events = self._events[after : after + limit]
-        return events, (events[-1]["seq"] if events else after)
+        """Events with ``seq > after`` (at most ``limit``, fewer once the page's inline files
+        reach ``FEED_PAGE_INLINE_BUDGET``), and the cursor to read from next."""
+        page: list[dict[str, Any]] = []
+        inline = 0
+        for stored in self._events[after : after + limit]:
+            if stored.file is None:
+                page.append(stored.event)
+                continue
+            if page and inline >= FEED_PAGE_INLINE_BUDGET:
+                break
+            data = base64.b64encode(self._files.read_bytes(stored.file)).decode("ascii")
+            inline += len(data)
+            msg = dict(stored.event["msg"])
+            msg["attachment"] = {**msg["attachment"], "data_b64": data}
+            page.append({**stored.event, "msg": msg})
+        return page, (page[-1]["seq"] if page else after)
 
     # EventPublisher -------------------------------------------------------------------------
 
@@ -81,20 +127,70 @@ class EventFeed:
     def message_created(self, conversation: Conversation, message: Message) -> None:
         assert message.author is not None
         at = epoch_ms(message.created_at)
+        attachment = message.attachment
         self._append(
             "NEW_MSG",
             at,
+            file=attachment,
             msg={
                 "msg": int(message.id),
                 "conv": int(conversation.id),
                 "author": str(message.author),
                 "body": message.text,
                 "at": at,
+                "reply_to": None if message.reply_to is None else int(message.reply_to),
+                "attachment": None
+                if attachment is None
+                else {
+                    "filename": attachment.name,
+                    "mime": attachment.mime_type,
+                    "size": attachment.size,
+                },
             },
         )
 
-    def _append(self, event_type: str, at: int, **payload: Any) -> None:
-        self._events.append({"seq": len(self._events) + 1, "type": event_type, "at": at, **payload})
+    def message_deleted(self, conversation: Conversation, message: Message) -> None:
+        assert message.author is not None and message.deleted_at is not None
+        self._append(
+            "DEL_MSG",
+            epoch_ms(message.deleted_at),
+            msg={
+                "msg": int(message.id),
+                "conv": int(conversation.id),
+                "author": str(message.author),
+            },
+        )
+
+    def conversation_read(
+        self, conversation: Conversation, reader: Idnps, up_to: Message, at: datetime
+    ) -> None:
+        self._append(
+            "READ",
+            epoch_ms(at),
+            read={"conv": int(conversation.id), "reader": str(reader), "up_to": int(up_to.id)},
+        )
+
+    # Medipeps-style has no edits, reactions or typing: the kernel never publishes them here.
+
+    def message_edited(self, conversation: Conversation, message: Message) -> None:
+        raise AssertionError("Medipeps-style has no edits")
+
+    def reaction_added(self, conversation: Conversation, reaction: Reaction) -> None:
+        raise AssertionError("Medipeps-style has no reactions")
+
+    def reaction_removed(self, conversation: Conversation, reaction: Reaction) -> None:
+        raise AssertionError("Medipeps-style has no reactions")
+
+    def typing_changed(
+        self, conversation: Conversation, who: Idnps, typing: bool, at: datetime
+    ) -> None:
+        raise AssertionError("Medipeps-style has no typing notifications")
+
+    def _append(
+        self, event_type: str, at: int, file: StoredFile | None = None, **payload: Any
+    ) -> None:
+        event = {"seq": len(self._events) + 1, "type": event_type, "at": at, **payload}
+        self._events.append(_Stored(event, file))
 
 
 class GuestBody(Body):
@@ -109,11 +205,52 @@ class NewConversationBody(Body):
     request_ref: str = Field(min_length=1, max_length=255)
 
 
+class InlineFileBody(Body):
+    filename: str = Field(min_length=1, max_length=1024)
+    mime: str = Field(max_length=255)
+    data_b64: str
+
+
 class NewMessageBody(Body):
     author_ref: str = Field(max_length=255)
     author_label: str = Field(min_length=1, max_length=255)
-    body: str
+    body: str | None = None
     request_ref: str = Field(min_length=1, max_length=255)
+    reply_to: int | None = Field(default=None, ge=0)
+    attachment: InlineFileBody | None = None
+
+
+class ReadBody(Body):
+    reader_ref: str = Field(max_length=255)
+    up_to: int = Field(ge=0)
+
+
+class StatusBody(Body):
+    status: Literal["delivered", "degraded", "failed"]
+    detail: str = Field(default="", max_length=1000)
+
+
+RULES = FileRules(max_bytes=MAX_FILE_BYTES, mime_types=FILE_MIME_TYPES)
+
+
+def decode_inline_file(attachment: InlineFileBody) -> bytes:
+    """The file's bytes, checked: 415 for a MIME type Medipeps refuses, 413 over 1 MiB decoded,
+    400 for data that is not standard base64."""
+    mime = _mime(attachment.mime)
+    RULES.check(0, mime)
+    encoded = "".join(attachment.data_b64.split())  # tolerate wrapped lines
+    if len(encoded) > MAX_FILE_B64_CHARS:
+        raise file_too_large(MAX_FILE_BYTES)
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request("attachment.data_b64 is not valid standard base64.") from None
+    RULES.check(len(data), mime)
+    return data
+
+
+def _mime(value: str) -> str:
+    return value.split(";", 1)[0].strip().lower()
 
 
 def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -128,27 +265,47 @@ def _int_query(request: web.Request, name: str, default: int, low: int, high: in
     return value
 
 
-def _conv_id(request: web.Request) -> str:
-    raw = request.match_info["conv"]
+def _path_id(request: web.Request, name: str, what: str) -> str:
+    raw = request.match_info[name]
     if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
-        raise SandboxError(
-            404, "conversation_not_found", f"No conversation has the id {raw[:40]!r}."
-        )
+        raise SandboxError(404, f"{what}_not_found", f"No {what} has the id {raw[:40]!r}.")
     return str(int(raw))
+
+
+def _conv_id(request: web.Request) -> str:
+    return _path_id(request, "conv", "conversation")
 
 
 FEED_KEY = web.AppKey("medipeps_feed", EventFeed)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_app(*, api_key: str = API_KEY, users: Sequence[SandboxUser] = USERS) -> web.Application:
-    """The Medipeps-style sandbox app; every ``/mp/*`` call needs ``X-Api-Key: <api_key>``."""
+def create_app(
+    *,
+    api_key: str = API_KEY,
+    users: Sequence[SandboxUser] = USERS,
+    files_dir: str | None = None,
+) -> web.Application:
+    """The Medipeps-style sandbox app; every ``/mp/*`` call needs ``X-Api-Key: <api_key>``.
+
+    Files are kept in a temporary directory under ``files_dir`` (the system's default when
+    None), removed when the app is cleaned up.
+    """
     counters: dict[IdKind, itertools.count[int]] = {
         "conversation": itertools.count(1),
         "message": itertools.count(1),
+        "reaction": itertools.count(1),
     }
-    kernel = Kernel(users, vendor_name="Medipeps", new_id=lambda kind: str(next(counters[kind])))
-    feed = EventFeed()
+    files = FileStore(files_dir)
+    kernel = Kernel(
+        users,
+        vendor_name="Medipeps",
+        new_id=lambda kind: str(next(counters[kind])),
+        features=(),
+        file_rules=RULES,
+        files=files,
+    )
+    feed = EventFeed(files)
     kernel.publisher = feed
     expected_key = api_key.encode()
 
@@ -167,6 +324,7 @@ def create_app(*, api_key: str = API_KEY, users: Sequence[SandboxUser] = USERS) 
 
     app.middlewares.append(require_api_key)
     routes = web.RouteTableDef()
+    msg_path = "/mp/conversations/{conv}/messages/{msg}"
 
     @routes.get("/mp/professionals/{idnps}")
     async def get_professional(request: web.Request) -> web.Response:
@@ -192,10 +350,47 @@ def create_app(*, api_key: str = API_KEY, users: Sequence[SandboxUser] = USERS) 
     @routes.post("/mp/conversations/{conv}/messages")
     async def post_message(request: web.Request) -> web.Response:
         conv = _conv_id(request)
-        body = await read_body(request, NewMessageBody)
+        body = await read_body(request, NewMessageBody, max_bytes=MAX_MESSAGE_BODY_BYTES)
         author = External(body.author_ref, body.author_label)
-        message, _ = kernel.api_writes(body.request_ref, conv, author, body.body)
+        attachment: AttachmentSource | None = None
+        if body.attachment is not None:
+            attachment = functools.partial(
+                files.put_bytes,
+                decode_inline_file(body.attachment),
+                name=sanitize_name(body.attachment.filename),
+                mime_type=_mime(body.attachment.mime),
+                owner=None,
+            )
+        message, _ = kernel.api_writes(
+            body.request_ref,
+            conv,
+            author,
+            body.body or "",
+            reply_to=None if body.reply_to is None else str(body.reply_to),
+            attachment=attachment,
+        )
         return web.json_response({"msg": int(message.id), "at": epoch_ms(message.created_at)})
+
+    @routes.delete(msg_path)
+    async def delete_message(request: web.Request) -> web.Response:
+        conv = _conv_id(request)
+        kernel.api_deletes(conv, _path_id(request, "msg", "message"))
+        return web.Response(status=204)
+
+    @routes.post("/mp/conversations/{conv}/read")
+    async def mark_read(request: web.Request) -> web.Response:
+        conv = _conv_id(request)
+        body = await read_body(request, ReadBody)
+        kernel.api_reads(conv, External(body.reader_ref, body.reader_ref), str(body.up_to))
+        return web.Response(status=204)
+
+    @routes.post(msg_path + "/status")
+    async def report_status(request: web.Request) -> web.Response:
+        conv = _conv_id(request)
+        msg = _path_id(request, "msg", "message")
+        body = await read_body(request, StatusBody)
+        kernel.api_reports_delivery(conv, msg, body.status, body.detail)
+        return web.Response(status=204)
 
     @routes.get("/mp/events")
     async def events(request: web.Request) -> web.Response:

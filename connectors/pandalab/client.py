@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 import aiohttp
 from pydantic import SecretStr
 
 from connectors import http
-from connectors.base import ConnectorError
+from connectors.base import AttachmentOpener, ConnectorError
 
 _TOKEN_MARGIN_S = 30.0
 """Refresh a token this long (at most a tenth of its lifetime) before the vendor says it expires,
 for clock skew and slow requests."""
 
 _DEFAULT_TIMEOUT_S = 15.0
+_TYPING_TIMEOUT_S = 5.0
+
+T = TypeVar("T")
 
 
 class _TokenRejected(Exception):
@@ -69,7 +73,7 @@ class PandaLabClient:
     async def get_user(self, idnps: str) -> dict[str, Any] | None:
         """``GET /api/v1/users/{idnps}``: the user's JSON, or None for an unknown user."""
         status, body = await self._call(
-            "GET", f"/api/v1/users/{http.segment(idnps)}", allow_404=True
+            "GET", f"/api/v1/users/{http.segment(idnps)}", accept=(404,)
         )
         return None if status == 404 else http.response_object(body, "PandaLab", "user")
 
@@ -84,9 +88,102 @@ class PandaLabClient:
         self, conversation_id: str, body: dict[str, Any], idempotency_key: str
     ) -> str:
         """``POST /api/v1/conversations/{id}/messages``; returns the message id."""
-        path = f"/api/v1/conversations/{http.segment(conversation_id)}/messages"
+        path = f"{_conversation(conversation_id)}/messages"
         _, data = await self._call("POST", path, json=body, idempotency_key=idempotency_key)
         return _string_field(data, "id", "message")
+
+    async def edit_message(
+        self, conversation_id: str, message_id: str, body: dict[str, Any], idempotency_key: str
+    ) -> None:
+        """``PATCH /api/v1/conversations/{id}/messages/{message_id}``."""
+        await self._call(
+            "PATCH",
+            _message(conversation_id, message_id),
+            json=body,
+            idempotency_key=idempotency_key,
+        )
+
+    async def delete_message(self, conversation_id: str, message_id: str) -> None:
+        """``DELETE .../messages/{message_id}``; a message already gone (404) is a success."""
+        await self._call("DELETE", _message(conversation_id, message_id), accept=(404,))
+
+    async def add_reaction(
+        self, conversation_id: str, message_id: str, body: dict[str, Any], idempotency_key: str
+    ) -> str:
+        """``POST .../messages/{message_id}/reactions``; returns the reaction id."""
+        path = f"{_message(conversation_id, message_id)}/reactions"
+        _, data = await self._call("POST", path, json=body, idempotency_key=idempotency_key)
+        return _string_field(data, "id", "reaction")
+
+    async def remove_reaction(
+        self, conversation_id: str, message_id: str, reaction_id: str
+    ) -> None:
+        """``DELETE .../reactions/{reaction_id}``; a reaction already gone (404) is a success."""
+        path = f"{_message(conversation_id, message_id)}/reactions/{http.segment(reaction_id)}"
+        await self._call("DELETE", path, accept=(404,))
+
+    async def mark_read(self, conversation_id: str, body: dict[str, Any]) -> None:
+        """``POST /api/v1/conversations/{id}/read``."""
+        await self._call("POST", f"{_conversation(conversation_id)}/read", json=body)
+
+    async def set_typing(self, conversation_id: str, body: dict[str, Any]) -> None:
+        """``POST /api/v1/conversations/{id}/typing`` (best effort: a short timeout)."""
+        await self._call(
+            "POST",
+            f"{_conversation(conversation_id)}/typing",
+            json=body,
+            timeout=aiohttp.ClientTimeout(total=_TYPING_TIMEOUT_S),
+        )
+
+    async def report_delivery(
+        self, conversation_id: str, message_id: str, body: dict[str, Any]
+    ) -> None:
+        """``POST .../messages/{message_id}/delivery``: what became of a user's message."""
+        path = f"{_message(conversation_id, message_id)}/delivery"
+        await self._call("POST", path, json=body)
+
+    async def create_upload(self, body: dict[str, Any], idempotency_key: str) -> tuple[str, str]:
+        """``POST /api/v1/uploads``; returns the file id and the URL to PUT the bytes to."""
+        _, data = await self._call(
+            "POST", "/api/v1/uploads", json=body, idempotency_key=idempotency_key
+        )
+        return _string_field(data, "file_id", "upload"), _string_field(data, "upload_url", "upload")
+
+    async def upload(self, upload_url: str, opener: AttachmentOpener, mime_type: str) -> None:
+        """``PUT <upload_url>``: stream the file's chunks as the body (never whole in memory).
+
+        On a refused token the file is opened again from the start for the second attempt. A 409
+        means the upload already has its bytes (a retried delivery: the upload was created with
+        the same idempotency key and completed before), which is a success.
+        """
+        what = f"PandaLab PUT {http.path_of(upload_url)}"
+        self._check_origin(upload_url, what)
+
+        async def attempt(token: str) -> None:
+            async with opener() as chunks:
+                await self._send(
+                    "PUT",
+                    upload_url,
+                    token,
+                    data=chunks,
+                    content_type=mime_type,
+                    accept=(409,),
+                    timeout=http.TRANSFER_TIMEOUT,
+                    what=what,
+                )
+
+        await self._authorized(what, attempt)
+
+    @asynccontextmanager
+    async def download(self, url: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        """``GET /api/v1/files/{file_id}`` (at ``url``): the file's bytes, streamed in chunks."""
+        what = f"PandaLab GET {http.path_of(url)}"
+        self._check_origin(url, what)
+        resp = await self._authorized(what, lambda token: self._open_download(url, token, what))
+        try:
+            yield http.iter_body(resp, what)
+        finally:
+            resp.release()
 
     async def set_webhook(self, url: str, secret: SecretStr) -> None:
         """``PUT /api/v1/webhook``: where the vendor pushes events, signed with ``secret``."""
@@ -103,49 +200,98 @@ class PandaLabClient:
         *,
         json: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
-        allow_404: bool = False,
+        accept: tuple[int, ...] = (),
+        timeout: aiohttp.ClientTimeout | None = None,
     ) -> tuple[int, Any]:
-        """One authenticated call; on a 401 fetch a new token once and retry."""
+        """One authenticated JSON call on the API."""
+        what = f"PandaLab {method} {path}"
+        return await self._authorized(
+            what,
+            lambda token: self._send(
+                method,
+                self._base + path,
+                token,
+                json=json,
+                idempotency_key=idempotency_key,
+                accept=accept,
+                timeout=timeout,
+                what=what,
+            ),
+        )
+
+    async def _authorized(self, what: str, attempt: Callable[[str], Awaitable[T]]) -> T:
+        """Run ``attempt`` with the access token; on a 401 fetch a new token once and retry."""
         token = await self._access_token()
         try:
-            return await self._send(method, path, token, json, idempotency_key, allow_404)
+            return await attempt(token)
         except _TokenRejected:
             self._forget_token(token)
         token = await self._access_token()
         try:
-            return await self._send(method, path, token, json, idempotency_key, allow_404)
+            return await attempt(token)
         except _TokenRejected:
             self._forget_token(token)
             raise ConnectorError(
-                f"PandaLab {method} {path}: access token refused twice (401)", retriable=False
+                f"{what}: access token refused twice (401)", retriable=False
             ) from None
 
     async def _send(
         self,
         method: str,
-        path: str,
+        url: str,
         token: str,
-        json: dict[str, Any] | None,
-        idempotency_key: str | None,
-        allow_404: bool,
+        *,
+        what: str,
+        json: dict[str, Any] | None = None,
+        data: AsyncIterator[bytes] | None = None,
+        content_type: str | None = None,
+        idempotency_key: str | None = None,
+        accept: tuple[int, ...] = (),
+        timeout: aiohttp.ClientTimeout | None = None,
     ) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key
-        what = f"PandaLab {method} {path}"
+        if content_type is not None:
+            headers["Content-Type"] = content_type
         try:
             async with self._http().request(
-                method, self._base + path, json=json, headers=headers
+                method, url, json=json, data=data, headers=headers, timeout=timeout
             ) as resp:
                 body = await http.read_json(resp)
                 if resp.status == 401:
                     raise _TokenRejected
-                if resp.status == 404 and allow_404:
+                if resp.status in accept:
                     return resp.status, body
                 http.raise_for_status(what, resp.status, body, _vendor_error)
                 return resp.status, body
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise ConnectorError(f"{what}: {http.describe(exc)}", retriable=True) from exc
+
+    async def _open_download(self, url: str, token: str, what: str) -> aiohttp.ClientResponse:
+        """The response to a file download, status checked, its body not read yet."""
+        headers = {"Authorization": f"Bearer {token}"}
+        try:
+            resp = await self._http().get(url, headers=headers, timeout=http.TRANSFER_TIMEOUT)
+            if resp.status < 400:
+                return resp
+            try:
+                body = await http.read_json(resp)
+            finally:
+                resp.release()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise ConnectorError(f"{what}: {http.describe(exc)}", retriable=True) from exc
+        if resp.status == 401:
+            raise _TokenRejected
+        http.raise_for_status(what, resp.status, body, _vendor_error)
+        raise AssertionError("unreachable: raise_for_status raised")  # pragma: no cover
+
+    def _check_origin(self, url: str, what: str) -> None:
+        """The access token only goes to the API's own origin."""
+        if not http.same_origin(url, self._base):
+            raise ConnectorError(
+                f"{what}: the URL is not on the PandaLab API's origin; refused", retriable=False
+            )
 
     async def _access_token(self) -> str:
         """The cached token, or a new one when there is none or it is about to expire."""
@@ -183,6 +329,14 @@ class PandaLabClient:
 
 
 # --- Helpers --------------------------------------------------------------------------------------
+
+
+def _conversation(conversation_id: str) -> str:
+    return f"/api/v1/conversations/{http.segment(conversation_id)}"
+
+
+def _message(conversation_id: str, message_id: str) -> str:
+    return f"{_conversation(conversation_id)}/messages/{http.segment(message_id)}"
 
 
 def _string_field(body: Any, key: str, what: str) -> str:

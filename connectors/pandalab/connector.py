@@ -6,6 +6,8 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar
 
 from aiohttp import web
@@ -13,16 +15,26 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
 
 from bridge.directory.idnps import Idnps
 from connectors.base import (
+    FILE_MSGTYPES,
     Capabilities,
     Connector,
     ConnectorContext,
     ConnectorError,
+    DeliveryReport,
+    FileLimit,
     NewConversation,
+    OutboundAttachment,
     OutboundMessage,
+    RemoteAttachment,
     RemoteUser,
+    Sender,
 )
 from connectors.pandalab import convert
 from connectors.pandalab.client import PandaLabClient
+from connectors.payload import InvalidPayload
+
+MAX_FILE_SIZE = 512 * 1024 * 1024
+"""PandaLab's file size limit (512 MiB: imaging videos), any MIME type."""
 
 SIGNATURE_HEADER = "X-PandaLab-Signature"
 TIMESTAMP_HEADER = "X-PandaLab-Timestamp"
@@ -48,7 +60,20 @@ class PandaLabConnector(Connector):
     type_name: ClassVar[str] = "pandalab"
     Settings: ClassVar[type[BaseModel]] = PandaLabSettings
     capabilities: ClassVar[Capabilities] = Capabilities(
-        formatting="markdown", max_text_length=10000
+        formatting="markdown",
+        max_text_length=10000,
+        long_text="split",
+        message_kinds=frozenset({"text", "notice", "emote"}),
+        files={msgtype: FileLimit(MAX_FILE_SIZE) for msgtype in FILE_MSGTYPES},
+        locations=True,
+        mentions=True,
+        replies=True,
+        edits=True,
+        deletions=True,
+        reactions=True,
+        read_receipts=True,
+        typing=True,
+        delivery_status=True,
     )
 
     def __init__(self, ctx: ConnectorContext) -> None:
@@ -82,9 +107,76 @@ class PandaLabConnector(Connector):
         )
 
     async def send_message(self, conversation_id: str, message: OutboundMessage) -> str:
+        """Post the message; a file is uploaded first (streamed), then attached by its id."""
+        file_id = None
+        if message.attachment is not None:
+            file_id = await self._upload(message.attachment, message.request_id)
         return await self.client.post_message(
-            conversation_id, convert.message_body(message), idempotency_key=message.request_id
+            conversation_id,
+            convert.message_body(message, file_id),
+            idempotency_key=message.request_id,
         )
+
+    async def _upload(self, attachment: OutboundAttachment, request_id: str) -> str:
+        if attachment.size > MAX_FILE_SIZE:
+            raise ConnectorError(
+                f"PandaLab: the file is {attachment.size} bytes, over the "
+                f"{MAX_FILE_SIZE} bytes (512 MiB) PandaLab accepts",
+                retriable=False,
+            )
+        file_id, upload_url = await self.client.create_upload(
+            convert.upload_body(attachment), idempotency_key=f"{request_id}:upload"
+        )
+        await self.client.upload(upload_url, attachment.open, attachment.mime_type)
+        return file_id
+
+    async def open_attachment(
+        self, attachment: RemoteAttachment
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Stream a file a PandaLab user sent, from its download URL (with the access token)."""
+        return self.client.download(attachment.source)
+
+    async def edit_message(
+        self, conversation_id: str, message_id: str, message: OutboundMessage
+    ) -> None:
+        await self.client.edit_message(
+            conversation_id,
+            message_id,
+            convert.edit_body(message),
+            idempotency_key=message.request_id,
+        )
+
+    async def delete_message(self, conversation_id: str, message_id: str, sender: Sender) -> None:
+        del sender  # PandaLab deletes by message id; only its poster (this client) may
+        await self.client.delete_message(conversation_id, message_id)
+
+    async def add_reaction(
+        self, conversation_id: str, message_id: str, sender: Sender, key: str, request_id: str
+    ) -> str:
+        body = {"sender": convert.sender_json(sender), "emoji": key}
+        return await self.client.add_reaction(
+            conversation_id, message_id, body, idempotency_key=request_id
+        )
+
+    async def remove_reaction(
+        self, conversation_id: str, message_id: str, reaction_id: str, sender: Sender
+    ) -> None:
+        del sender
+        await self.client.remove_reaction(conversation_id, message_id, reaction_id)
+
+    async def mark_read(self, conversation_id: str, reader: Sender, message_id: str) -> None:
+        body = {"reader": convert.sender_json(reader), "up_to": message_id}
+        await self.client.mark_read(conversation_id, body)
+
+    async def set_typing(self, conversation_id: str, who: Sender, typing: bool) -> None:
+        body = {"who": convert.sender_json(who), "typing": typing}
+        await self.client.set_typing(conversation_id, body)
+
+    async def report_delivery(
+        self, conversation_id: str, message_id: str, report: DeliveryReport
+    ) -> None:
+        body = {"status": report.status, "detail": report.detail}
+        await self.client.report_delivery(conversation_id, message_id, body)
 
     async def get_user(self, idnps: Idnps) -> RemoteUser | None:
         body = await self.client.get_user(idnps)
@@ -92,7 +184,7 @@ class PandaLabConnector(Connector):
             return None
         try:
             return convert.user_from_json(body)
-        except convert.InvalidPayload as exc:
+        except InvalidPayload as exc:
             raise ConnectorError(
                 f"PandaLab answered a malformed user: {exc}", retriable=False
             ) from exc
@@ -116,7 +208,7 @@ class PandaLabConnector(Connector):
             return self._refuse(400, "malformed_json", "the body is not valid JSON")
         try:
             event = convert.event_from_webhook(payload)
-        except convert.InvalidPayload as exc:
+        except InvalidPayload as exc:
             return self._refuse(400, "invalid_event", str(exc))
         try:
             await self.ctx.emit(event)

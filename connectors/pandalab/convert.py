@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from connectors import payload
 from connectors.base import (
     ConversationCreated,
+    Location,
+    Mention,
+    MessageDeleted,
+    MessageEdited,
     MessageReceived,
     NewConversation,
+    OutboundAttachment,
     OutboundMessage,
     Participant,
+    ReactionAdded,
+    ReactionRemoved,
+    ReadUpTo,
+    RemoteAttachment,
     RemoteEvent,
     RemoteUser,
     Sender,
+    TypingChanged,
 )
 from connectors.payload import InvalidPayload
 from connectors.payload import idnps as _idnps
@@ -25,9 +37,18 @@ from connectors.payload import text_field as _text
 
 # --- Vendor -> bridge -----------------------------------------------------------------------------
 
+MESSAGE_KINDS: frozenset[str] = frozenset({"text", "notice", "emote"})
+
+_MENTION = re.compile(r"@\[((?:\\.|[^\]\\])+)\]\(([^()\s]+)\)")
+"""A PandaLab mention in Markdown: ``@[Display Name](ref)``; a backslash escapes a bracket."""
+_ESCAPED = re.compile(r"\\(.)")
+
 
 def event_from_webhook(payload: Any) -> RemoteEvent:
-    """A webhook body (``{"id", "type", "created_at", "data"}``) as a ``RemoteEvent``."""
+    """A webhook body (``{"id", "type", "created_at", "data"}``) as a ``RemoteEvent``.
+
+    Every event's ``event_id`` is the webhook event id, which PandaLab keeps across redeliveries.
+    """
     envelope = _obj(payload, "the webhook body")
     event_id = _str(envelope, "id", "the webhook body")
     kind = _str(envelope, "type", "the webhook body")
@@ -35,9 +56,10 @@ def event_from_webhook(payload: Any) -> RemoteEvent:
     if kind == "conversation.created":
         created_at = _timestamp(envelope, "created_at", "the webhook body")
         return _conversation_created(event_id, created_at, data)
-    if kind == "message.created":
-        return _message_created(event_id, data)
-    raise InvalidPayload(f"unknown event type {kind[:60]!r}")
+    parser = _PARSERS.get(kind)
+    if parser is None:
+        raise InvalidPayload(f"unknown event type {kind[:60]!r}")
+    return parser(event_id, data)
 
 
 def _conversation_created(event_id: str, created_at: datetime, data: dict[str, Any]) -> RemoteEvent:
@@ -66,14 +88,165 @@ def _conversation_created(event_id: str, created_at: datetime, data: dict[str, A
 def _message_created(event_id: str, data: dict[str, Any]) -> RemoteEvent:
     msg = _obj(data.get("message"), "data.message")
     where = "data.message"
+    text, mentions = from_markdown(_optional_text(msg, "markdown", where), msg, where)
+    kind = msg.get("kind")
     return MessageReceived(
         event_id=event_id,
         conversation_id=_str(msg, "conversation_id", where),
         timestamp=_timestamp(msg, "created_at", where),
         message_id=_str(msg, "id", where),
         sender=_idnps(msg.get("author"), f"{where}.author"),
-        text=_text(msg, "markdown", where),
+        text=text,
+        message_kind=kind if kind in MESSAGE_KINDS else "text",
+        reply_to=payload.optional_str(msg, "reply_to", where) or None,
+        mentions=mentions,
+        attachment=_attachment(msg, where),
+        location=_location(msg, where),
     )
+
+
+def _message_edited(event_id: str, data: dict[str, Any]) -> RemoteEvent:
+    msg = _obj(data.get("message"), "data.message")
+    where = "data.message"
+    text, mentions = from_markdown(_text(msg, "markdown", where), msg, where)
+    return MessageEdited(
+        event_id=event_id,
+        conversation_id=_str(msg, "conversation_id", where),
+        timestamp=_timestamp(msg, "edited_at", where),
+        message_id=_str(msg, "id", where),
+        sender=_idnps(msg.get("author"), f"{where}.author"),
+        text=text,
+        mentions=mentions,
+    )
+
+
+def _message_deleted(event_id: str, data: dict[str, Any]) -> RemoteEvent:
+    msg = _obj(data.get("message"), "data.message")
+    where = "data.message"
+    return MessageDeleted(
+        event_id=event_id,
+        conversation_id=_str(msg, "conversation_id", where),
+        timestamp=_timestamp(msg, "deleted_at", where),
+        message_id=_str(msg, "id", where),
+        sender=_idnps(msg.get("author"), f"{where}.author"),
+    )
+
+
+def _reaction_added(event_id: str, data: dict[str, Any]) -> RemoteEvent:
+    reaction = _obj(data.get("reaction"), "data.reaction")
+    where = "data.reaction"
+    return ReactionAdded(
+        event_id=event_id,
+        conversation_id=_str(reaction, "conversation_id", where),
+        timestamp=_timestamp(reaction, "created_at", where),
+        reaction_id=_str(reaction, "id", where),
+        message_id=_str(reaction, "message_id", where),
+        sender=_idnps(reaction.get("author"), f"{where}.author"),
+        key=_str(reaction, "emoji", where),
+    )
+
+
+def _reaction_removed(event_id: str, data: dict[str, Any]) -> RemoteEvent:
+    reaction = _obj(data.get("reaction"), "data.reaction")
+    where = "data.reaction"
+    return ReactionRemoved(
+        event_id=event_id,
+        conversation_id=_str(reaction, "conversation_id", where),
+        timestamp=_timestamp(reaction, "created_at", where),
+        reaction_id=_str(reaction, "id", where),
+        message_id=_str(reaction, "message_id", where),
+        sender=_idnps(reaction.get("author"), f"{where}.author"),
+    )
+
+
+def _conversation_read(event_id: str, data: dict[str, Any]) -> RemoteEvent:
+    read = _obj(data.get("read"), "data.read")
+    where = "data.read"
+    return ReadUpTo(
+        event_id=event_id,
+        conversation_id=_str(read, "conversation_id", where),
+        timestamp=_timestamp(read, "at", where),
+        sender=_idnps(read.get("reader"), f"{where}.reader"),
+        message_id=_str(read, "up_to", where),
+    )
+
+
+def _conversation_typing(event_id: str, data: dict[str, Any]) -> RemoteEvent:
+    typing = _obj(data.get("typing"), "data.typing")
+    where = "data.typing"
+    return TypingChanged(
+        event_id=event_id,
+        conversation_id=_str(typing, "conversation_id", where),
+        timestamp=_timestamp(typing, "at", where),
+        sender=_idnps(typing.get("who"), f"{where}.who"),
+        typing=payload.bool_field(typing, "typing", where),
+    )
+
+
+_PARSERS: dict[str, Callable[[str, dict[str, Any]], RemoteEvent]] = {
+    "message.created": _message_created,
+    "message.edited": _message_edited,
+    "message.deleted": _message_deleted,
+    "reaction.added": _reaction_added,
+    "reaction.removed": _reaction_removed,
+    "conversation.read": _conversation_read,
+    "conversation.typing": _conversation_typing,
+}
+
+
+def from_markdown(
+    markdown: str, message: dict[str, Any], where: str
+) -> tuple[str, tuple[Mention, ...]]:
+    """PandaLab Markdown to the bridge's convention: each ``@[Name](ref)`` becomes ``@Name``
+    and a ``Mention``; people listed in ``mentions`` but not written in the text are kept too."""
+    mentions: dict[str, Mention] = {}
+
+    def plain(match: re.Match[str]) -> str:
+        name = _ESCAPED.sub(r"\1", match.group(1))
+        ref = match.group(2)
+        mentions.setdefault(ref, payload.mention(ref, name, f"{where}.markdown mention"))
+        return "@" + name
+
+    text = _MENTION.sub(plain, markdown)
+    listed = message.get("mentions")
+    if listed is not None:
+        if not isinstance(listed, list):
+            raise InvalidPayload(f"{where}.mentions is not a list")
+        for i, entry in enumerate(listed):
+            item = _obj(entry, f"{where}.mentions[{i}]")
+            ref = _str(item, "ref", f"{where}.mentions[{i}]")
+            if ref not in mentions:
+                name = _str(item, "display_name", f"{where}.mentions[{i}]")
+                mentions[ref] = payload.mention(ref, name, f"{where}.mentions[{i}].ref")
+    return text, tuple(mentions.values())
+
+
+def _attachment(message: dict[str, Any], where: str) -> RemoteAttachment | None:
+    attachment = payload.optional_obj(message, "attachment", where)
+    if attachment is None:
+        return None
+    where = f"{where}.attachment"
+    size = attachment.get("size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise InvalidPayload(f"{where}.size is not a non-negative integer")
+    return RemoteAttachment(
+        name=_str(attachment, "name", where),
+        mime_type=_str(attachment, "mime_type", where),
+        size=size,
+        source=_str(attachment, "url", where),
+    )
+
+
+def _location(message: dict[str, Any], where: str) -> Location | None:
+    location = payload.optional_obj(message, "location", where)
+    if location is None:
+        return None
+    where = f"{where}.location"
+    latitude = payload.number_field(location, "lat", where)
+    longitude = payload.number_field(location, "lon", where)
+    if not (-90 <= latitude <= 90 and -180 <= longitude <= 180):
+        raise InvalidPayload(f"{where} is not a valid latitude and longitude")
+    return Location(latitude, longitude, payload.optional_str(location, "label", where))
 
 
 def participant_from_ref(ref: str) -> Participant:
@@ -98,29 +271,79 @@ def conversation_body(conversation: NewConversation) -> dict[str, Any]:
     return {
         "title": conversation.title,
         "members": [str(m) for m in conversation.members],
-        "external_participants": [_sender_json(s) for s in conversation.external],
+        "external_participants": [sender_json(s) for s in conversation.external],
     }
 
 
-def message_body(message: OutboundMessage) -> dict[str, Any]:
+def message_body(message: OutboundMessage, file_id: str | None = None) -> dict[str, Any]:
     """The ``POST /api/v1/conversations/{id}/messages`` body."""
+    body: dict[str, Any] = {
+        "sender": sender_json(message.sender),
+        "markdown": to_markdown(message.text, message.html, message.mentions),
+        "kind": message.message_kind,
+        "mentions": mentions_json(message.mentions),
+    }
+    if message.reply_to is not None:
+        body["reply_to"] = message.reply_to
+    if file_id is not None:
+        body["attachment"] = {"file_id": file_id}
+    if message.location is not None:
+        body["location"] = {
+            "lat": message.location.latitude,
+            "lon": message.location.longitude,
+            "label": message.location.description,
+        }
+    return body
+
+
+def edit_body(message: OutboundMessage) -> dict[str, Any]:
+    """The ``PATCH .../messages/{message_id}`` body: the new text and its mentions."""
     return {
-        "sender": _sender_json(message.sender),
-        "markdown": to_markdown(message.text, message.html),
+        "markdown": to_markdown(message.text, message.html, message.mentions),
+        "mentions": mentions_json(message.mentions),
     }
 
 
-def to_markdown(text: str, html: str | None) -> str:
-    """The Markdown PandaLab shows for a Matrix message. For now the plain body, as is."""
-    del html  # HTML -> Markdown conversion is a later issue.
-    return text
+def upload_body(attachment: OutboundAttachment) -> dict[str, Any]:
+    """The ``POST /api/v1/uploads`` body."""
+    return {"name": attachment.name, "mime_type": attachment.mime_type, "size": attachment.size}
 
 
-def _sender_json(sender: Sender) -> dict[str, str]:
-    return {
-        "ref": str(sender.idnps) if sender.idnps else sender.mxid,
-        "display_name": sender.display_name,
-    }
+def to_markdown(text: str, html: str | None, mentions: Sequence[Mention] = ()) -> str:
+    """The Markdown PandaLab shows for a bridge message (already Markdown): each ``@Name`` of a
+    mention becomes PandaLab's ``@[Name](ref)``."""
+    del html  # the text is already Markdown (the connector's declared formatting)
+    refs = {m.display_name: ref for m in mentions if m.display_name and (ref := mention_ref(m))}
+    if not refs:
+        return text
+    names = sorted(refs, key=len, reverse=True)  # "@Jean Dupont" before "@Jean"
+    pattern = re.compile("@(" + "|".join(re.escape(n) for n in names) + r")(?!\w)")
+    return pattern.sub(lambda m: f"@[{_escape_name(m.group(1))}]({refs[m.group(1)]})", text)
+
+
+def mention_ref(mention: Mention) -> str | None:
+    return str(mention.idnps) if mention.idnps else mention.mxid
+
+
+def mentions_json(mentions: Sequence[Mention]) -> list[dict[str, str]]:
+    return [
+        {"ref": ref, "display_name": m.display_name}
+        for m in mentions
+        if (ref := mention_ref(m)) is not None
+    ]
+
+
+def sender_json(sender: Sender) -> dict[str, str]:
+    return {"ref": sender.ref, "display_name": sender.display_name}
+
+
+def _escape_name(name: str) -> str:
+    return re.sub(r"([\\\[\]])", r"\\\1", name)
+
+
+def _optional_text(container: dict[str, Any], key: str, where: str) -> str:
+    """Message text that may be empty or null (a file or a location alone)."""
+    return payload.optional_str(container, key, where) or ""
 
 
 # --- Field readers --------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The PandaLab-style sandbox: the vendor API of API.md (OAuth2, webhook push) on the kernel."""
+"""The PandaLab-style sandbox: the vendor API of API.md (OAuth2, webhook push, uploads) on the
+kernel."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import secrets
 import time
 import uuid
@@ -16,7 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote_plus
 
 import aiohttp
@@ -26,14 +28,18 @@ from yarl import URL
 
 from bridge.directory.idnps import Idnps
 from connectors.sandbox.app import new_sandbox_app
+from connectors.sandbox.errors import SandboxError, bad_request, file_too_large
+from connectors.sandbox.files import FileStore, file_response, parse_mime_type, sanitize_name
 from connectors.sandbox.kernel import (
+    MAX_MENTIONS,
     Conversation,
     External,
+    FileRules,
     Kernel,
+    Location,
     Message,
-    SandboxError,
+    Reaction,
     SandboxUser,
-    bad_request,
 )
 from connectors.sandbox.webtools import MAX_BODY_BYTES, Body, iso8601, read_body
 
@@ -55,6 +61,9 @@ USERS: tuple[SandboxUser, ...] = (
 _USER_NAMESPACE = uuid.UUID("5a3c7f0e-8d1b-4f6a-9c2e-2b7d4e9f1a60")
 _REALM = 'realm="PandaLab sandbox"'
 MAX_KEY_LENGTH = 255
+MAX_FILE_BYTES = 512 * 1024 * 1024
+"""Largest file (512 MiB): a larger declared size is refused with 413 ``file_too_large``."""
+MAX_ID_LENGTH = 64
 
 
 def user_uuid(user: SandboxUser) -> str:
@@ -113,10 +122,39 @@ class WebhookTarget:
 
 
 @dataclass(frozen=True)
+class FileUrl:
+    """Where an event says a file can be downloaded; rendered to an absolute URL when the event
+    is first sent (the API's origin is the one the bridge reaches the sandbox at)."""
+
+    file_id: str
+
+
+@dataclass
 class PendingEvent:
     id: str
     type: str
-    body: bytes
+    envelope: dict[str, Any]
+    body: bytes | None = None
+
+
+_MENTION_NAME_SPECIALS = re.compile(r"([\\\[\]])")
+
+
+def markdown_with_mentions(text: str, mentions: Sequence[External]) -> str:
+    """The user's text as PandaLab Markdown: each ``@Display Name`` of a mentioned person
+    becomes ``@[Display Name](ref)`` (a backslash escapes ``\\``, ``[`` and ``]`` in the name)."""
+    refs = {m.display_name: m.ref for m in mentions if m.display_name}
+    if not refs:
+        return text
+    names = sorted(refs, key=len, reverse=True)  # "@Jean Dupont" before "@Jean"
+    pattern = re.compile("@(" + "|".join(re.escape(n) for n in names) + r")(?!\w)")
+
+    def markup(match: re.Match[str]) -> str:
+        name = match.group(1)
+        escaped = _MENTION_NAME_SPECIALS.sub(r"\\\1", name)
+        return f"@[{escaped}]({refs[name]})"
+
+    return pattern.sub(markup, text)
 
 
 class WebhookPusher:
@@ -133,9 +171,11 @@ class WebhookPusher:
         retry_initial: float,
         retry_max: float,
         wall_clock: Callable[[], float] = time.time,
+        file_url: Callable[[str], str] = lambda file_id: f"/api/v1/files/{file_id}",
     ) -> None:
         self.retry_initial = retry_initial
         self.retry_max = retry_max
+        self.file_url = file_url
         self._wall_clock = wall_clock
         self._pending: deque[PendingEvent] = deque()
         self._target: WebhookTarget | None = None
@@ -170,6 +210,8 @@ class WebhookPusher:
 
     def message_created(self, conversation: Conversation, message: Message) -> None:
         assert message.author is not None
+        attachment = message.attachment
+        location = message.location
         self._publish(
             "message.created",
             {
@@ -177,8 +219,90 @@ class WebhookPusher:
                     "id": message.id,
                     "conversation_id": conversation.id,
                     "author": str(message.author),
-                    "markdown": message.text,
+                    "markdown": markdown_with_mentions(message.text, message.mentions),
                     "created_at": iso8601(message.created_at),
+                    "kind": message.kind,
+                    "reply_to": message.reply_to,
+                    "mentions": _mentions_json(message.mentions),
+                    "attachment": None
+                    if attachment is None
+                    else {
+                        "file_id": attachment.id,
+                        "name": attachment.name,
+                        "mime_type": attachment.mime_type,
+                        "size": attachment.size,
+                        "url": FileUrl(attachment.id),
+                    },
+                    "location": None
+                    if location is None
+                    else {"lat": location.lat, "lon": location.lon, "label": location.label},
+                }
+            },
+        )
+
+    def message_edited(self, conversation: Conversation, message: Message) -> None:
+        assert message.author is not None and message.edited_at is not None
+        self._publish(
+            "message.edited",
+            {
+                "message": {
+                    "id": message.id,
+                    "conversation_id": conversation.id,
+                    "author": str(message.author),
+                    "markdown": markdown_with_mentions(message.text, message.mentions),
+                    "mentions": _mentions_json(message.mentions),
+                    "edited_at": iso8601(message.edited_at),
+                }
+            },
+        )
+
+    def message_deleted(self, conversation: Conversation, message: Message) -> None:
+        assert message.author is not None and message.deleted_at is not None
+        self._publish(
+            "message.deleted",
+            {
+                "message": {
+                    "id": message.id,
+                    "conversation_id": conversation.id,
+                    "author": str(message.author),
+                    "deleted_at": iso8601(message.deleted_at),
+                }
+            },
+        )
+
+    def reaction_added(self, conversation: Conversation, reaction: Reaction) -> None:
+        self._publish("reaction.added", _reaction_json(reaction, reaction.created_at))
+
+    def reaction_removed(self, conversation: Conversation, reaction: Reaction) -> None:
+        assert reaction.removed_at is not None
+        self._publish("reaction.removed", _reaction_json(reaction, reaction.removed_at))
+
+    def conversation_read(
+        self, conversation: Conversation, reader: Idnps, up_to: Message, at: datetime
+    ) -> None:
+        self._publish(
+            "conversation.read",
+            {
+                "read": {
+                    "conversation_id": conversation.id,
+                    "reader": str(reader),
+                    "up_to": up_to.id,
+                    "at": iso8601(at),
+                }
+            },
+        )
+
+    def typing_changed(
+        self, conversation: Conversation, who: Idnps, typing: bool, at: datetime
+    ) -> None:
+        self._publish(
+            "conversation.typing",
+            {
+                "typing": {
+                    "conversation_id": conversation.id,
+                    "who": str(who),
+                    "typing": typing,
+                    "at": iso8601(at),
                 }
             },
         )
@@ -191,9 +315,22 @@ class WebhookPusher:
             "created_at": iso8601(datetime.now(UTC)),
             "data": data,
         }
-        body = json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode()
-        self._pending.append(PendingEvent(event_id, event_type, body))
+        self._pending.append(PendingEvent(event_id, event_type, envelope))
         self._work.set()
+
+    def _body(self, event: PendingEvent) -> bytes:
+        """The event's JSON, rendered once (a redelivery sends the very same bytes)."""
+        if event.body is None:
+
+            def render(value: Any) -> str:
+                if isinstance(value, FileUrl):
+                    return self.file_url(value.file_id)
+                raise TypeError(f"cannot render {type(value).__name__}")
+
+            event.body = json.dumps(
+                event.envelope, ensure_ascii=False, separators=(",", ":"), default=render
+            ).encode()
+        return event.body
 
     # Delivery -------------------------------------------------------------------------------
 
@@ -225,15 +362,16 @@ class WebhookPusher:
         event: PendingEvent,
         attempt: int,
     ) -> bool:
+        body = self._body(event)
         timestamp = str(int(self._wall_clock()))
         headers = {
             "Content-Type": "application/json",
             "X-PandaLab-Timestamp": timestamp,
-            "X-PandaLab-Signature": sign(target.secret, timestamp, event.body),
+            "X-PandaLab-Signature": sign(target.secret, timestamp, body),
         }
         try:
             async with session.post(
-                target.url, data=event.body, headers=headers, allow_redirects=False
+                target.url, data=body, headers=headers, allow_redirects=False
             ) as resp:
                 delivered = 200 <= resp.status < 300
                 status = str(resp.status)
@@ -252,6 +390,38 @@ class WebhookPusher:
         return delivered
 
 
+def _mentions_json(mentions: Sequence[External]) -> list[dict[str, str]]:
+    return [{"ref": m.ref, "display_name": m.display_name} for m in mentions]
+
+
+def _reaction_json(reaction: Reaction, at: datetime) -> dict[str, Any]:
+    assert reaction.author is not None
+    return {
+        "reaction": {
+            "id": reaction.id,
+            "message_id": reaction.message_id,
+            "conversation_id": reaction.conversation_id,
+            "author": str(reaction.author),
+            "emoji": reaction.emoji,
+            "created_at": iso8601(at),
+        }
+    }
+
+
+# --- Uploads ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Upload:
+    """A file announced by ``POST /api/v1/uploads``, waiting for (or given) its bytes."""
+
+    file_id: str
+    name: str
+    mime_type: str
+    size: int
+    state: Literal["pending", "receiving", "done"] = "pending"
+
+
 # --- Request bodies ---------------------------------------------------------------------------
 
 
@@ -266,9 +436,55 @@ class NewConversationBody(Body):
     external_participants: list[ExternalBody] = Field(default_factory=list, max_length=100)
 
 
+class AttachmentBody(Body):
+    file_id: str = Field(max_length=MAX_ID_LENGTH)
+
+
+class LocationBody(Body):
+    lat: float
+    lon: float
+    label: str | None = Field(default=None, max_length=255)
+
+
 class NewMessageBody(Body):
     sender: ExternalBody
+    markdown: str | None = None
+    kind: Literal["text", "notice", "emote"] = "text"
+    reply_to: str | None = Field(default=None, max_length=MAX_ID_LENGTH)
+    attachment: AttachmentBody | None = None
+    location: LocationBody | None = None
+    mentions: list[ExternalBody] = Field(default_factory=list, max_length=MAX_MENTIONS)
+
+
+class EditBody(Body):
     markdown: str
+    mentions: list[ExternalBody] = Field(default_factory=list, max_length=MAX_MENTIONS)
+
+
+class ReactionBody(Body):
+    sender: ExternalBody
+    emoji: str = Field(max_length=64)
+
+
+class ReadBody(Body):
+    reader: ExternalBody
+    up_to: str = Field(max_length=MAX_ID_LENGTH)
+
+
+class TypingBody(Body):
+    who: ExternalBody
+    typing: bool
+
+
+class DeliveryBody(Body):
+    status: Literal["delivered", "degraded", "failed"]
+    detail: str = Field(default="", max_length=1000)
+
+
+class UploadBody(Body):
+    name: str = Field(min_length=1, max_length=1024)
+    mime_type: str = Field(max_length=255)
+    size: int = Field(ge=0)
 
 
 class WebhookBody(Body):
@@ -276,12 +492,20 @@ class WebhookBody(Body):
     secret: str = Field(min_length=1, max_length=1024)
 
 
-def _idempotency_key(request: web.Request) -> str:
+def _idempotency_key(request: web.Request, *, required: bool = True) -> str | None:
     key = request.headers.get("Idempotency-Key", "").strip()
     if not key:
-        raise bad_request("The Idempotency-Key header is required on this call.")
+        if required:
+            raise bad_request("The Idempotency-Key header is required on this call.")
+        return None
     if len(key) > MAX_KEY_LENGTH:
         raise bad_request(f"The Idempotency-Key header is longer than {MAX_KEY_LENGTH} characters.")
+    return key
+
+
+def _required_key(request: web.Request) -> str:
+    key = _idempotency_key(request)
+    assert key is not None
     return key
 
 
@@ -293,6 +517,17 @@ def _webhook_url(text: str) -> str:
     if url is None or url.scheme not in ("http", "https") or not url.host:
         raise bad_request("The webhook url must be an absolute http:// or https:// URL.")
     return text
+
+
+def _people(bodies: Sequence[ExternalBody]) -> list[External]:
+    return [External(b.ref, b.display_name) for b in bodies]
+
+
+def _origin(request: web.Request) -> str:
+    try:
+        return str(request.url.origin())
+    except ValueError:
+        return f"{request.scheme}://127.0.0.1"
 
 
 # --- The app ----------------------------------------------------------------------------------
@@ -312,17 +547,37 @@ def create_app(
     retry_max: float = 30.0,
     delivery_timeout: float = 10.0,
     clock: Callable[[], float] = time.monotonic,
+    max_file_bytes: int = MAX_FILE_BYTES,
+    files_dir: str | None = None,
+    public_url: str | None = None,
 ) -> web.Application:
     """The PandaLab-style sandbox app.
 
     ``token_lifetime`` is in seconds, measured on ``clock`` (tests pass a fake clock);
     ``retry_initial``/``retry_max`` bound the webhook redelivery backoff, in seconds.
+    Files are kept in a temporary directory under ``files_dir`` (the system's default when
+    None), removed when the app is cleaned up. Upload and download URLs are on ``public_url``
+    when given, else on the origin the API client last called the sandbox at.
     """
-    kernel = Kernel(users, vendor_name="PandaLab", new_id=lambda _kind: str(uuid.uuid4()))
-    pusher = WebhookPusher(retry_initial=retry_initial, retry_max=retry_max)
+    files = FileStore(files_dir)
+    kernel = Kernel(
+        users,
+        vendor_name="PandaLab",
+        new_id=lambda _kind: str(uuid.uuid4()),
+        file_rules=FileRules(max_bytes=max_file_bytes),
+        files=files,
+    )
+    api_origin = [public_url.rstrip("/") if public_url else "http://127.0.0.1"]
+
+    def file_url(file_id: str) -> str:
+        return f"{api_origin[0]}/api/v1/files/{file_id}"
+
+    pusher = WebhookPusher(retry_initial=retry_initial, retry_max=retry_max, file_url=file_url)
     kernel.publisher = pusher
     tokens = TokenIssuer(token_lifetime, clock)
     by_idnps = {user.idnps: user_uuid(user) for user in kernel.users.values()}
+    uploads: dict[str, Upload] = {}
+    upload_keys: dict[str, str] = {}
 
     app = new_sandbox_app(kernel, pandalab_error)
     app[PUSHER_KEY] = pusher
@@ -335,10 +590,14 @@ def create_app(
                 raise _invalid_token("The Authorization: Bearer <access_token> header is missing.")
             if not tokens.valid(token.strip()):
                 raise _invalid_token("The access token is unknown or expired; get a new one.")
+            if public_url is None:
+                api_origin[0] = _origin(request)
         return await handler(request)
 
     app.middlewares.append(require_token)
     routes = web.RouteTableDef()
+    conv = "/api/v1/conversations/{conversation_id}"
+    msg = conv + "/messages/{message_id}"
 
     @routes.post("/oauth/token")
     async def issue_token(request: web.Request) -> web.Response:
@@ -401,27 +660,178 @@ def create_app(
 
     @routes.post("/api/v1/conversations")
     async def create_conversation(request: web.Request) -> web.Response:
-        key = _idempotency_key(request)
+        key = _required_key(request)
         body = await read_body(request, NewConversationBody)
-        external = [External(p.ref, p.display_name) for p in body.external_participants]
+        external = _people(body.external_participants)
         conversation, new = kernel.api_creates_conversation(key, body.title, body.members, external)
         return web.json_response(
             {"id": conversation.id, "created_at": iso8601(conversation.created_at)},
             status=201 if new else 200,
         )
 
-    @routes.post("/api/v1/conversations/{conversation_id}/messages")
+    @routes.post(conv + "/messages")
     async def post_message(request: web.Request) -> web.Response:
-        key = _idempotency_key(request)
+        key = _required_key(request)
         body = await read_body(request, NewMessageBody)
-        sender = External(body.sender.ref, body.sender.display_name)
+        attachment = None
+        if body.attachment is not None:
+            stored = kernel.api_file(body.attachment.file_id)
+            attachment = lambda: stored  # noqa: E731
+        location = None
+        if body.location is not None:
+            location = Location(body.location.lat, body.location.lon, body.location.label)
         message, new = kernel.api_writes(
-            key, request.match_info["conversation_id"], sender, body.markdown
+            key,
+            request.match_info["conversation_id"],
+            External(body.sender.ref, body.sender.display_name),
+            body.markdown or "",
+            kind=body.kind,
+            reply_to=body.reply_to,
+            attachment=attachment,
+            location=location,
+            mentions=_people(body.mentions),
         )
         return web.json_response(
             {"id": message.id, "created_at": iso8601(message.created_at)},
             status=201 if new else 200,
         )
+
+    @routes.patch(msg)
+    async def edit_message(request: web.Request) -> web.Response:
+        key = _required_key(request)
+        body = await read_body(request, EditBody)
+        message, edited_at = kernel.api_edits(
+            key,
+            request.match_info["conversation_id"],
+            request.match_info["message_id"],
+            body.markdown,
+            _people(body.mentions),
+        )
+        return web.json_response({"id": message.id, "edited_at": iso8601(edited_at)})
+
+    @routes.delete(msg)
+    async def delete_message(request: web.Request) -> web.Response:
+        kernel.api_deletes(request.match_info["conversation_id"], request.match_info["message_id"])
+        return web.Response(status=204)
+
+    @routes.post(msg + "/reactions")
+    async def add_reaction(request: web.Request) -> web.Response:
+        key = _required_key(request)
+        body = await read_body(request, ReactionBody)
+        reaction, new = kernel.api_reacts(
+            key,
+            request.match_info["conversation_id"],
+            request.match_info["message_id"],
+            External(body.sender.ref, body.sender.display_name),
+            body.emoji,
+        )
+        return web.json_response({"id": reaction.id}, status=201 if new else 200)
+
+    @routes.delete(msg + "/reactions/{reaction_id}")
+    async def remove_reaction(request: web.Request) -> web.Response:
+        kernel.api_unreacts(
+            request.match_info["conversation_id"],
+            request.match_info["message_id"],
+            request.match_info["reaction_id"],
+        )
+        return web.Response(status=204)
+
+    @routes.post(conv + "/read")
+    async def mark_read(request: web.Request) -> web.Response:
+        body = await read_body(request, ReadBody)
+        reader = External(body.reader.ref, body.reader.display_name)
+        kernel.api_reads(request.match_info["conversation_id"], reader, body.up_to)
+        return web.Response(status=204)
+
+    @routes.post(conv + "/typing")
+    async def set_typing(request: web.Request) -> web.Response:
+        body = await read_body(request, TypingBody)
+        who = External(body.who.ref, body.who.display_name)
+        kernel.api_types(request.match_info["conversation_id"], who, body.typing)
+        return web.Response(status=204)
+
+    @routes.post(msg + "/delivery")
+    async def report_delivery(request: web.Request) -> web.Response:
+        body = await read_body(request, DeliveryBody)
+        kernel.api_reports_delivery(
+            request.match_info["conversation_id"],
+            request.match_info["message_id"],
+            body.status,
+            body.detail,
+        )
+        return web.Response(status=204)
+
+    @routes.post("/api/v1/uploads")
+    async def create_upload(request: web.Request) -> web.Response:
+        key = _idempotency_key(request, required=False)
+        body = await read_body(request, UploadBody)
+        mime_type = parse_mime_type(body.mime_type)
+        if body.size > max_file_bytes:
+            raise file_too_large(max_file_bytes)
+        existing = upload_keys.get(key) if key is not None else None
+        if existing is not None:
+            upload = uploads[existing]
+        else:
+            upload = Upload(files.new_id(), sanitize_name(body.name), mime_type, body.size)
+            uploads[upload.file_id] = upload
+            if key is not None:
+                upload_keys[key] = upload.file_id
+        base = public_url.rstrip("/") if public_url else _origin(request)
+        return web.json_response(
+            {"file_id": upload.file_id, "upload_url": f"{base}/api/v1/uploads/{upload.file_id}"},
+            status=200 if existing is not None else 201,
+        )
+
+    @routes.put("/api/v1/uploads/{file_id}")
+    async def receive_upload(request: web.Request) -> web.Response:
+        upload = uploads.get(request.match_info["file_id"])
+        if upload is None:
+            raise SandboxError(
+                404,
+                "file_not_found",
+                "No upload has this id; create one with POST /api/v1/uploads.",
+            )
+        if upload.state != "pending":
+            raise SandboxError(
+                409,
+                "upload_conflict",
+                "This file is already uploaded."
+                if upload.state == "done"
+                else "This file is being uploaded by another request.",
+            )
+        mismatch = SandboxError(
+            400,
+            "size_mismatch",
+            f"The body must be exactly the {upload.size} bytes declared for this upload.",
+        )
+        declared = request.content_length
+        if declared is not None and declared != upload.size:
+            raise mismatch
+        upload.state = "receiving"
+        try:
+            stored = await files.receive(
+                request.content,
+                name=upload.name,
+                mime_type=upload.mime_type,
+                owner=None,
+                max_bytes=upload.size,
+                too_large=mismatch,
+                file_id=upload.file_id,
+            )
+            if stored.size != upload.size:
+                files.discard(stored)
+                raise mismatch
+        except BaseException:
+            upload.state = "pending"
+            raise
+        files.add(stored)
+        upload.state = "done"
+        log.debug("upload: file %s stored (%d bytes)", stored.id, stored.size)
+        return web.Response(status=204)
+
+    @routes.get("/api/v1/files/{file_id}")
+    async def download(request: web.Request) -> web.FileResponse:
+        return file_response(kernel.api_file(request.match_info["file_id"]))
 
     @routes.put("/api/v1/webhook")
     async def set_webhook(request: web.Request) -> web.Response:

@@ -1,6 +1,9 @@
-"""Assembles a sandbox aiohttp app: the kernel, JSON errors, the body limit, the user-side API."""
+"""Assembles a sandbox aiohttp app: the kernel, JSON errors, the body limit, the user-side API,
+and the file store's temporary directory (removed when the app is cleaned up)."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -24,4 +27,13 @@ def new_sandbox_app(kernel: Kernel, vendor_error: ErrorFormatter) -> web.Applica
     )
     app[KERNEL_KEY] = kernel
     add_user_routes(app, kernel)
+
+    async def file_store(app: web.Application) -> AsyncIterator[None]:
+        kernel.files.open()
+        try:
+            yield
+        finally:
+            kernel.files.close()
+
+    app.cleanup_ctx.append(file_store)
     return app

@@ -1,49 +1,63 @@
 """The vendor-neutral emulator core: users, conversations, messages, inboxes and idempotency keys.
 
 A sandbox is this kernel plus a vendor layer that serves the vendor-style API and publishes the
-kernel's events in the vendor's own format. Everything here is synchronous and in memory: aiohttp
-handlers run on one event loop, so each kernel call is atomic (no await between an idempotency
-check and the creation it guards).
+kernel's events in the vendor's own format. Everything here is synchronous and in memory (file
+bytes live in the ``FileStore``): aiohttp handlers run on one event loop, so each kernel call is
+atomic (no await between an idempotency check and the creation it guards).
+
+Two sides act on the kernel. The *user side* (``user_*`` methods) is what a professional does in
+the vendor's app; in a conversation with people outside the vendor, each action is published
+(webhook, feed) for the bridge. The *API side* (``api_*`` methods) is the bridge itself, through
+the vendor API: its actions are shown to users and never published back (no echo).
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal, Protocol
 
 from bridge.directory.idnps import Idnps, InvalidIdnps
+from connectors.sandbox.errors import (
+    SandboxError,
+    bad_request,
+    file_too_large,
+    not_supported,
+)
+from connectors.sandbox.files import FileStore, StoredFile
 
 MAX_TEXT_BYTES = 64 * 1024
 """Largest message text, in UTF-8 bytes; more is refused with 413."""
 
 MAX_MXID_LENGTH = 255
+MAX_MENTIONS = 50
+MAX_EMOJI_LENGTH = 32
+MAX_DETAIL_LENGTH = 1000
+TYPING_TIMEOUT = timedelta(seconds=30)
+"""Someone is shown typing until they say they stopped, write, or this long after they last
+said they were typing."""
+
 _MXID = re.compile(r"@[^:\s]+:\S+")
 
-IdKind = Literal["conversation", "message"]
+IdKind = Literal["conversation", "message", "reaction"]
+MessageKind = Literal["text", "notice", "emote"]
+DeliveryStatus = Literal["delivered", "degraded", "failed"]
+Feature = Literal["edit", "react", "typing", "location"]
+"""What a vendor may lack; the user side answers 501 for an action its vendor lacks."""
 
+_FEATURE_NAMES: dict[str, str] = {
+    "edit": "editing messages",
+    "react": "reactions",
+    "typing": "typing notifications",
+    "location": "sharing a location",
+}
 
-class SandboxError(Exception):
-    """A request the sandbox refuses: an HTTP status, a machine code and a sentence for humans.
-
-    ``code`` is vendor-neutral (``invalid_request``, ``user_not_found`` ...); each vendor layer
-    maps it to its own error format.
-    """
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers: dict[str, str] = dict(headers or {})
-
-
-def bad_request(message: str) -> SandboxError:
-    return SandboxError(400, "invalid_request", message)
+AttachmentSource = Callable[[], StoredFile]
+"""Gives the file to attach; called only once the message is certain to be created (so an
+inline file is written to disk only then, and never for a repeated idempotency key)."""
 
 
 @dataclass(frozen=True)
@@ -72,8 +86,57 @@ class External:
 
 
 @dataclass(frozen=True)
+class Location:
+    lat: float
+    lon: float
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class FileRules:
+    """The vendor's rules for attached files: a size limit and, when set, the MIME types."""
+
+    max_bytes: int
+    mime_types: frozenset[str] | None = None
+
+    def check(self, size: int, mime_type: str) -> None:
+        if self.mime_types is not None and mime_type not in self.mime_types:
+            allowed = ", ".join(sorted(self.mime_types))
+            raise SandboxError(
+                415,
+                "unsupported_media_type",
+                f"Files of type {mime_type!r} are not accepted; allowed: {allowed}.",
+            )
+        if size > self.max_bytes:
+            raise file_too_large(self.max_bytes)
+
+
+@dataclass
+class Reaction:
+    id: str
+    message_id: str
+    conversation_id: str
+    sender_ref: str
+    sender_name: str
+    emoji: str
+    created_at: datetime
+    author: Idnps | None
+    removed_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    status: DeliveryStatus
+    detail: str
+    at: datetime
+
+
+@dataclass
 class Message:
-    """One message; ``author`` is set when a user of this vendor wrote it, None for the API."""
+    """One message; ``author`` is set when a user of this vendor wrote it, None for the API.
+
+    Edits and deletions change it in place, so every view shows its current state.
+    """
 
     id: str
     conversation_id: str
@@ -82,6 +145,20 @@ class Message:
     text: str
     created_at: datetime
     author: Idnps | None
+    position: int = 0
+    kind: MessageKind = "text"
+    reply_to: str | None = None
+    mentions: tuple[External, ...] = ()
+    attachment: StoredFile | None = None
+    location: Location | None = None
+    edited_at: datetime | None = None
+    deleted_at: datetime | None = None
+    reactions: list[Reaction] = field(default_factory=list)
+    delivery: list[DeliveryReport] = field(default_factory=list)
+
+    @property
+    def deleted(self) -> bool:
+        return self.deleted_at is not None
 
 
 @dataclass
@@ -95,19 +172,38 @@ class Conversation:
     external: tuple[External, ...]
     created_at: datetime
     messages: list[Message] = field(default_factory=list)
+    read_up_to: dict[str, Message] = field(default_factory=dict)
+    typing: dict[str, datetime] = field(default_factory=dict)
 
 
 class EventPublisher(Protocol):
     """What a vendor layer does with the kernel's events (push them, or keep them for polling).
 
-    The kernel calls it only for what the bridge must learn: conversations with external
-    participants created by a vendor user, and messages vendor users write in such conversations.
-    Calls are synchronous: a publisher queues, it does not wait for delivery.
+    The kernel calls it only for what the bridge must learn: actions of vendor users in
+    conversations with external participants (and the creation of such conversations), in the
+    order they happen. Calls are synchronous: a publisher queues, it does not wait for delivery.
+    A vendor lacking a feature is never called for it.
     """
 
     def conversation_created(self, conversation: Conversation) -> None: ...
 
     def message_created(self, conversation: Conversation, message: Message) -> None: ...
+
+    def message_edited(self, conversation: Conversation, message: Message) -> None: ...
+
+    def message_deleted(self, conversation: Conversation, message: Message) -> None: ...
+
+    def reaction_added(self, conversation: Conversation, reaction: Reaction) -> None: ...
+
+    def reaction_removed(self, conversation: Conversation, reaction: Reaction) -> None: ...
+
+    def conversation_read(
+        self, conversation: Conversation, reader: Idnps, up_to: Message, at: datetime
+    ) -> None: ...
+
+    def typing_changed(
+        self, conversation: Conversation, who: Idnps, typing: bool, at: datetime
+    ) -> None: ...
 
 
 def parse_idnps(value: str) -> Idnps:
@@ -130,9 +226,10 @@ def parse_ref(value: str) -> str:
     return str(parse_idnps(value))
 
 
-def check_text(text: str) -> str:
-    """Refuse an empty text (400) or one longer than ``MAX_TEXT_BYTES`` (413)."""
-    if not text.strip():
+def check_text(text: str, *, may_be_empty: bool = False) -> str:
+    """Refuse an empty text (400, unless the message has a file or a location) or one longer
+    than ``MAX_TEXT_BYTES`` (413)."""
+    if not text.strip() and not may_be_empty:
         raise bad_request("The message text cannot be empty.")
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > MAX_TEXT_BYTES:
@@ -142,6 +239,21 @@ def check_text(text: str) -> str:
             f"The message text is {size} bytes; the limit is {MAX_TEXT_BYTES} bytes (64 KiB).",
         )
     return text
+
+
+def check_location(location: Location) -> Location:
+    lat, lon = location.lat, location.lon
+    if not (math.isfinite(lat) and math.isfinite(lon) and -90 <= lat <= 90 and -180 <= lon <= 180):
+        raise bad_request(
+            "The location needs a latitude within [-90, 90] and a longitude within [-180, 180]."
+        )
+    return location
+
+
+def check_emoji(emoji: str) -> str:
+    if not emoji.strip() or len(emoji) > MAX_EMOJI_LENGTH:
+        raise bad_request(f"The emoji must be 1 to {MAX_EMOJI_LENGTH} characters.")
+    return emoji
 
 
 def _utcnow() -> datetime:
@@ -158,6 +270,9 @@ class Kernel:
         vendor_name: str,
         new_id: Callable[[IdKind], str],
         clock: Callable[[], datetime] = _utcnow,
+        features: Iterable[Feature] = ("edit", "react", "typing", "location"),
+        file_rules: FileRules | None = None,
+        files: FileStore | None = None,
     ) -> None:
         self.vendor_name = vendor_name
         self.users: dict[Idnps, SandboxUser] = {}
@@ -166,12 +281,26 @@ class Kernel:
                 raise ValueError(f"duplicate sandbox user {user.idnps}")
             self.users[user.idnps] = user
         self.publisher: EventPublisher | None = None
+        self.features = frozenset(features)
+        self.file_rules = file_rules or FileRules(max_bytes=100 * 1024 * 1024)
+        self.files = files or FileStore()
         self._new_id = new_id
         self._clock = clock
         self._conversations: dict[str, Conversation] = {}
         self._messages: dict[str, Message] = {}
+        self._reactions: dict[str, Reaction] = {}
         self._inboxes: dict[Idnps, list[Message]] = {idnps: [] for idnps in self.users}
         self._idempotency: dict[tuple[str, ...], str] = {}
+        self._edit_keys: dict[tuple[str, ...], datetime] = {}
+        self._attached_to: dict[str, list[Message]] = {}
+
+    def now(self) -> datetime:
+        return self._clock()
+
+    def require(self, feature: Feature) -> None:
+        """501 ``not_supported`` when the vendor lacks ``feature``."""
+        if feature not in self.features:
+            raise not_supported(self.vendor_name, _FEATURE_NAMES[feature])
 
     # Lookups ------------------------------------------------------------------------------------
 
@@ -195,12 +324,60 @@ class Kernel:
             )
         return conversation
 
+    def message(self, conversation: Conversation, message_id: str) -> Message:
+        """A message of ``conversation``, or 404 ``message_not_found``."""
+        message = self._messages.get(message_id)
+        if message is None or message.conversation_id != conversation.id:
+            raise SandboxError(
+                404,
+                "message_not_found",
+                f"No message has the id {message_id[:64]!r} in conversation {conversation.id}.",
+            )
+        return message
+
+    def member_conversation(self, user: SandboxUser, conversation_id: str) -> Conversation:
+        """A conversation ``user`` is a member of: 404 when unknown, 403 when not a member."""
+        conversation = self.conversation(conversation_id)
+        if user.idnps not in conversation.members:
+            raise SandboxError(
+                403,
+                "not_a_member",
+                f"User {user.idnps} is not a member of conversation {conversation.id}.",
+            )
+        return conversation
+
     def conversations_of(self, idnps: Idnps) -> list[Conversation]:
         return [c for c in self._conversations.values() if idnps in c.members]
 
     def inbox(self, idnps: Idnps) -> list[Message]:
         """Messages the user received, in the order received (never the user's own)."""
         return list(self._inboxes[idnps])
+
+    def typing_now(self, conversation: Conversation) -> list[str]:
+        """Who is typing in the conversation, in the order they started."""
+        now = self._clock()
+        return [ref for ref, at in conversation.typing.items() if now - at <= TYPING_TIMEOUT]
+
+    def user_file(self, user: SandboxUser, file_id: str) -> StoredFile:
+        """A file ``user`` may download: their own upload, or attached to a message (not
+        deleted) of one of their conversations; 404 otherwise."""
+        stored = self.files.get(file_id)
+        if stored is not None:
+            if stored.owner == str(user.idnps):
+                return stored
+            for message in self._attached_to.get(stored.id, ()):
+                conversation = self._conversations[message.conversation_id]
+                if message.attachment is stored and user.idnps in conversation.members:
+                    return stored
+        raise _file_not_found(file_id)
+
+    def api_file(self, file_id: str) -> StoredFile:
+        """A file the API client may download: its own upload, or one that was attached to a
+        message (even if that message was deleted since); 404 otherwise."""
+        stored = self.files.get(file_id)
+        if stored is None or (stored.owner is not None and stored.id not in self._attached_to):
+            raise _file_not_found(file_id)
+        return stored
 
     # User side (the vendor's app) ---------------------------------------------------------------
 
@@ -220,25 +397,140 @@ class Kernel:
         if len(members) + len(external) < 2:
             raise bad_request("A conversation needs at least one person besides its creator.")
         conversation = self._new_conversation(title, creator.idnps, members, external)
-        if conversation.external and self.publisher is not None:
-            self.publisher.conversation_created(conversation)
+        if (publisher := self._announce(conversation)) is not None:
+            publisher.conversation_created(conversation)
         return conversation
 
-    def user_writes(self, author: SandboxUser, conversation_id: str, text: str) -> Message:
+    def user_writes(
+        self,
+        author: SandboxUser,
+        conversation_id: str,
+        text: str,
+        *,
+        reply_to: str | None = None,
+        file_id: str | None = None,
+        location: Location | None = None,
+        mentions: Sequence[str] = (),
+    ) -> Message:
         """A vendor user writes; announced when the conversation has external participants."""
-        conversation = self.conversation(conversation_id)
-        if author.idnps not in conversation.members:
-            raise SandboxError(
-                403,
-                "not_a_member",
-                f"User {author.idnps} is not a member of conversation {conversation.id}.",
-            )
+        conversation = self.member_conversation(author, conversation_id)
+        if location is not None:
+            self.require("location")
+            check_location(location)
+        attachment = None
+        if file_id is not None:
+            attachment = self.user_file(author, file_id)
+            self.file_rules.check(attachment.size, attachment.mime_type)
+        check_text(text, may_be_empty=attachment is not None or location is not None)
+        if reply_to is not None:
+            self.message(conversation, reply_to)
+        people = self._mentions(conversation, mentions)
+        was_typing = conversation.typing.pop(str(author.idnps), None) is not None
         message = self._new_message(
-            conversation, author.idnps, author.display_name, check_text(text), author.idnps
+            conversation,
+            author.idnps,
+            author.display_name,
+            text,
+            author.idnps,
+            reply_to=reply_to,
+            mentions=people,
+            attachment=attachment,
+            location=location,
         )
-        if conversation.external and self.publisher is not None:
-            self.publisher.message_created(conversation, message)
+        if (publisher := self._announce(conversation)) is not None:
+            if was_typing:
+                publisher.typing_changed(conversation, author.idnps, False, message.created_at)
+            publisher.message_created(conversation, message)
         return message
+
+    def user_edits(
+        self,
+        author: SandboxUser,
+        conversation_id: str,
+        message_id: str,
+        text: str,
+        mentions: Sequence[str] = (),
+    ) -> Message:
+        """A vendor user edits one of their messages."""
+        self.require("edit")
+        conversation = self.member_conversation(author, conversation_id)
+        message = self.message(conversation, message_id)
+        if message.author != author.idnps:
+            raise _not_author("edit", "message", message.id)
+        self._check_editable(message, text)
+        people = self._mentions(conversation, mentions)
+        self._apply_edit(message, text, people)
+        if (publisher := self._announce(conversation)) is not None:
+            publisher.message_edited(conversation, message)
+        return message
+
+    def user_deletes(self, author: SandboxUser, conversation_id: str, message_id: str) -> None:
+        """A vendor user deletes one of their messages (again: nothing happens)."""
+        conversation = self.member_conversation(author, conversation_id)
+        message = self.message(conversation, message_id)
+        if message.author != author.idnps:
+            raise _not_author("delete", "message", message.id)
+        if message.deleted:
+            return
+        self._apply_delete(message)
+        if (publisher := self._announce(conversation)) is not None:
+            publisher.message_deleted(conversation, message)
+
+    def user_reacts(
+        self, author: SandboxUser, conversation_id: str, message_id: str, emoji: str
+    ) -> tuple[Reaction, bool]:
+        """A vendor user reacts; returns the reaction and whether it is new (one reaction per
+        person and emoji: a repeat returns the existing one)."""
+        self.require("react")
+        conversation = self.member_conversation(author, conversation_id)
+        message = self._live_message(conversation, message_id, "react to")
+        existing = self._same_reaction(message, str(author.idnps), check_emoji(emoji))
+        if existing is not None:
+            return existing, False
+        reaction = self._new_reaction(
+            message, str(author.idnps), author.display_name, emoji, author.idnps
+        )
+        if (publisher := self._announce(conversation)) is not None:
+            publisher.reaction_added(conversation, reaction)
+        return reaction, True
+
+    def user_unreacts(
+        self, author: SandboxUser, conversation_id: str, message_id: str, reaction_id: str
+    ) -> None:
+        """A vendor user takes back one of their reactions (again: nothing happens)."""
+        self.require("react")
+        conversation = self.member_conversation(author, conversation_id)
+        message = self.message(conversation, message_id)
+        reaction = self._reaction(message, reaction_id)
+        if reaction.author != author.idnps:
+            raise _not_author("remove", "reaction", reaction.id)
+        removed = self._remove_reaction(message, reaction)
+        if removed and (publisher := self._announce(conversation)) is not None:
+            publisher.reaction_removed(conversation, reaction)
+
+    def user_reads(self, reader: SandboxUser, conversation_id: str, up_to: str) -> None:
+        """A vendor user has read the conversation up to a message; announced when the marker
+        moves forward (it never moves back)."""
+        conversation = self.member_conversation(reader, conversation_id)
+        message = self.message(conversation, up_to)
+        moved = self._move_marker(conversation, str(reader.idnps), message)
+        if moved and (publisher := self._announce(conversation)) is not None:
+            publisher.conversation_read(conversation, reader.idnps, message, self._clock())
+
+    def user_types(self, who: SandboxUser, conversation_id: str, typing: bool) -> None:
+        """A vendor user starts (or goes on) typing, or stops; starting is announced every time
+        (a refresh), stopping when they were typing."""
+        self.require("typing")
+        conversation = self.member_conversation(who, conversation_id)
+        ref = str(who.idnps)
+        now = self._clock()
+        if typing:
+            conversation.typing.pop(ref, None)
+            conversation.typing[ref] = now
+        elif conversation.typing.pop(ref, None) is None:
+            return
+        if (publisher := self._announce(conversation)) is not None:
+            publisher.typing_changed(conversation, who.idnps, typing, now)
 
     # Vendor API side (the bridge) ---------------------------------------------------------------
 
@@ -272,22 +564,153 @@ class Kernel:
         self._idempotency[("conversation", key)] = conversation.id
         return conversation, True
 
+    def api_message_for_key(self, conversation_id: str, key: str) -> Message | None:
+        """The message an earlier call with this idempotency key created, if any."""
+        existing = self._idempotency.get(("message", conversation_id, key))
+        return None if existing is None else self._messages[existing]
+
     def api_writes(
-        self, key: str, conversation_id: str, sender: External, text: str
+        self,
+        key: str,
+        conversation_id: str,
+        sender: External,
+        text: str,
+        *,
+        kind: MessageKind = "text",
+        reply_to: str | None = None,
+        attachment: AttachmentSource | None = None,
+        location: Location | None = None,
+        mentions: Sequence[External] = (),
     ) -> tuple[Message, bool]:
         """The bridge delivers a message from someone outside the vendor; returns it and whether
         it is new. Shown in the members' inboxes, never announced back (no echo)."""
         conversation = self.conversation(conversation_id)
         ref = self._external_ref(sender.ref)
-        check_text(text)
-        existing = self._idempotency.get(("message", conversation.id, key))
+        if location is not None:
+            self.require("location")
+            check_location(location)
+        check_text(text, may_be_empty=attachment is not None or location is not None)
+        if reply_to is not None:
+            self.message(conversation, reply_to)
+        people = tuple(External(parse_ref(m.ref), m.display_name) for m in mentions)
+        existing = self.api_message_for_key(conversation.id, key)
         if existing is not None:
-            return self._messages[existing], False
-        message = self._new_message(conversation, ref, sender.display_name, text, None)
+            return existing, False
+        conversation.typing.pop(ref, None)
+        message = self._new_message(
+            conversation,
+            ref,
+            sender.display_name,
+            text,
+            None,
+            kind=kind,
+            reply_to=reply_to,
+            mentions=people,
+            attachment=attachment() if attachment is not None else None,
+            location=location,
+        )
         self._idempotency[("message", conversation.id, key)] = message.id
         return message, True
 
+    def api_edits(
+        self,
+        key: str,
+        conversation_id: str,
+        message_id: str,
+        text: str,
+        mentions: Sequence[External] = (),
+    ) -> tuple[Message, datetime]:
+        """The bridge edits a message it posted; returns it and when the edit (the first with
+        this key: a repeated key does not apply again) was made."""
+        self.require("edit")
+        conversation = self.conversation(conversation_id)
+        message = self.message(conversation, message_id)
+        done = self._edit_keys.get((message.id, key))
+        if done is not None:
+            return message, done
+        if message.author is not None:
+            raise _not_author("edit", "message", message.id)
+        self._check_editable(message, text)
+        people = tuple(External(parse_ref(m.ref), m.display_name) for m in mentions)
+        self._apply_edit(message, text, people)
+        assert message.edited_at is not None
+        self._edit_keys[(message.id, key)] = message.edited_at
+        return message, message.edited_at
+
+    def api_deletes(self, conversation_id: str, message_id: str) -> None:
+        """The bridge deletes a message it posted (again: nothing happens)."""
+        conversation = self.conversation(conversation_id)
+        message = self.message(conversation, message_id)
+        if message.author is not None:
+            raise _not_author("delete", "message", message.id)
+        if not message.deleted:
+            self._apply_delete(message)
+
+    def api_reacts(
+        self, key: str, conversation_id: str, message_id: str, sender: External, emoji: str
+    ) -> tuple[Reaction, bool]:
+        """The bridge adds a reaction for someone outside the vendor; returns it and whether it
+        is new (a repeated key, or the same person and emoji again, returns the existing one)."""
+        self.require("react")
+        conversation = self.conversation(conversation_id)
+        message = self.message(conversation, message_id)
+        ref = self._external_ref(sender.ref)
+        check_emoji(emoji)
+        existing_id = self._idempotency.get(("reaction", conversation.id, key))
+        if existing_id is not None:
+            return self._reactions[existing_id], False
+        self._live_message(conversation, message_id, "react to")
+        reaction = self._same_reaction(message, ref, emoji)
+        new = reaction is None
+        if reaction is None:
+            reaction = self._new_reaction(message, ref, sender.display_name, emoji, None)
+        self._idempotency[("reaction", conversation.id, key)] = reaction.id
+        return reaction, new
+
+    def api_unreacts(self, conversation_id: str, message_id: str, reaction_id: str) -> None:
+        """The bridge removes a reaction it added (again: nothing happens)."""
+        self.require("react")
+        conversation = self.conversation(conversation_id)
+        message = self.message(conversation, message_id)
+        reaction = self._reaction(message, reaction_id)
+        if reaction.author is not None:
+            raise _not_author("remove", "reaction", reaction.id)
+        self._remove_reaction(message, reaction)
+
+    def api_reads(self, conversation_id: str, reader: External, up_to: str) -> None:
+        """Someone outside the vendor has read the conversation up to a message."""
+        conversation = self.conversation(conversation_id)
+        ref = self._external_ref(reader.ref)
+        self._move_marker(conversation, ref, self.message(conversation, up_to))
+
+    def api_types(self, conversation_id: str, who: External, typing: bool) -> None:
+        """Someone outside the vendor starts or stops typing."""
+        self.require("typing")
+        conversation = self.conversation(conversation_id)
+        ref = self._external_ref(who.ref)
+        conversation.typing.pop(ref, None)
+        if typing:
+            conversation.typing[ref] = self._clock()
+
+    def api_reports_delivery(
+        self, conversation_id: str, message_id: str, status: DeliveryStatus, detail: str
+    ) -> None:
+        """What became of a vendor user's message outside the vendor, shown to its author."""
+        conversation = self.conversation(conversation_id)
+        message = self.message(conversation, message_id)
+        if message.author is None:
+            raise bad_request(
+                f"Delivery statuses are reported on messages written by {self.vendor_name} "
+                "users; this message came through the API."
+            )
+        message.delivery.append(DeliveryReport(status, detail, self._clock()))
+
     # Internals ----------------------------------------------------------------------------------
+
+    def _announce(self, conversation: Conversation) -> EventPublisher | None:
+        """Where to publish an action of a vendor user in ``conversation``: nowhere (None) when
+        nobody outside the vendor is in it."""
+        return self.publisher if conversation.external else None
 
     def _external_ref(self, raw: str) -> str:
         ref = parse_ref(raw)
@@ -296,6 +719,103 @@ class Kernel:
                 f"{ref} is a {self.vendor_name} user, not someone outside {self.vendor_name}."
             )
         return ref
+
+    def _mentions(self, conversation: Conversation, refs: Sequence[str]) -> tuple[External, ...]:
+        """Mentioned refs with the name the vendor shows for them."""
+        if len(refs) > MAX_MENTIONS:
+            raise bad_request(f"A message mentions at most {MAX_MENTIONS} people.")
+        people: list[External] = []
+        for raw in refs:
+            ref = parse_ref(raw)
+            if any(p.ref == ref for p in people):
+                continue
+            user = self.users.get(Idnps(ref)) if not ref.startswith("@") else None
+            name = user.display_name if user is not None else ref
+            for person in conversation.external:
+                if person.ref == ref:
+                    name = person.display_name
+            people.append(External(ref, name))
+        return tuple(people)
+
+    def _check_editable(self, message: Message, text: str) -> None:
+        if message.deleted:
+            raise SandboxError(409, "message_deleted", f"Message {message.id} was deleted.")
+        check_text(
+            text, may_be_empty=message.attachment is not None or message.location is not None
+        )
+
+    def _apply_edit(self, message: Message, text: str, mentions: tuple[External, ...]) -> None:
+        message.text = text
+        message.mentions = mentions
+        message.edited_at = self._clock()
+
+    def _apply_delete(self, message: Message) -> None:
+        message.deleted_at = self._clock()
+        message.text = ""
+        message.mentions = ()
+        message.attachment = None
+        message.location = None
+        for reaction in message.reactions:
+            reaction.removed_at = message.deleted_at
+        message.reactions.clear()
+
+    def _live_message(self, conversation: Conversation, message_id: str, action: str) -> Message:
+        message = self.message(conversation, message_id)
+        if message.deleted:
+            raise SandboxError(
+                409, "message_deleted", f"Message {message.id} was deleted; cannot {action} it."
+            )
+        return message
+
+    @staticmethod
+    def _same_reaction(message: Message, ref: str, emoji: str) -> Reaction | None:
+        for reaction in message.reactions:
+            if reaction.sender_ref == ref and reaction.emoji == emoji:
+                return reaction
+        return None
+
+    def _reaction(self, message: Message, reaction_id: str) -> Reaction:
+        reaction = self._reactions.get(reaction_id)
+        if reaction is None or reaction.message_id != message.id:
+            raise SandboxError(
+                404,
+                "reaction_not_found",
+                f"No reaction has the id {reaction_id[:64]!r} on message {message.id}.",
+            )
+        return reaction
+
+    def _new_reaction(
+        self, message: Message, ref: str, name: str, emoji: str, author: Idnps | None
+    ) -> Reaction:
+        reaction = Reaction(
+            id=self._new_id("reaction"),
+            message_id=message.id,
+            conversation_id=message.conversation_id,
+            sender_ref=ref,
+            sender_name=name,
+            emoji=emoji,
+            created_at=self._clock(),
+            author=author,
+        )
+        self._reactions[reaction.id] = reaction
+        message.reactions.append(reaction)
+        return reaction
+
+    def _remove_reaction(self, message: Message, reaction: Reaction) -> bool:
+        """Remove it; False when it was already removed."""
+        if reaction.removed_at is not None:
+            return False
+        reaction.removed_at = self._clock()
+        message.reactions.remove(reaction)
+        return True
+
+    @staticmethod
+    def _move_marker(conversation: Conversation, ref: str, message: Message) -> bool:
+        current = conversation.read_up_to.get(ref)
+        if current is not None and current.position >= message.position:
+            return False
+        conversation.read_up_to[ref] = message
+        return True
 
     def _new_conversation(
         self,
@@ -322,6 +842,12 @@ class Kernel:
         sender_name: str,
         text: str,
         author: Idnps | None,
+        *,
+        kind: MessageKind = "text",
+        reply_to: str | None = None,
+        mentions: tuple[External, ...] = (),
+        attachment: StoredFile | None = None,
+        location: Location | None = None,
     ) -> Message:
         message = Message(
             id=self._new_id("message"),
@@ -331,10 +857,26 @@ class Kernel:
             text=text,
             created_at=self._clock(),
             author=author,
+            position=len(conversation.messages),
+            kind=kind,
+            reply_to=reply_to,
+            mentions=mentions,
+            attachment=attachment,
+            location=location,
         )
         conversation.messages.append(message)
         self._messages[message.id] = message
+        if attachment is not None:
+            self._attached_to.setdefault(attachment.id, []).append(message)
         for member in conversation.members:
             if member != author:
                 self._inboxes[member].append(message)
         return message
+
+
+def _not_author(action: str, what: str, item_id: str) -> SandboxError:
+    return SandboxError(403, "not_author", f"Only the author of {what} {item_id} can {action} it.")
+
+
+def _file_not_found(file_id: str) -> SandboxError:
+    return SandboxError(404, "file_not_found", f"No file has the id {file_id[:64]!r} here.")

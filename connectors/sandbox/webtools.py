@@ -50,18 +50,33 @@ def user_api_error(error: SandboxError) -> dict[str, Any]:
     return {"error": error.code, "message": error.message}
 
 
-async def read_body(request: web.Request, model: type[M]) -> M:
+async def read_limited(request: web.Request, max_bytes: int) -> bytes:
+    """The whole request body, refused with 413 as soon as it goes over ``max_bytes``."""
+    too_large = SandboxError(
+        413, "body_too_large", f"The request body is larger than {max_bytes} bytes."
+    )
+    declared = request.content_length
+    if declared is not None and declared > max_bytes:
+        raise too_large
+    buffer = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        buffer += chunk
+        if len(buffer) > max_bytes:
+            raise too_large
+    return bytes(buffer)
+
+
+async def read_body(request: web.Request, model: type[M], max_bytes: int = MAX_BODY_BYTES) -> M:
     """The request's JSON object validated as ``model``, or a 400/413 with a sentence."""
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise SandboxError(
-            413, "body_too_large", f"The request body is larger than {MAX_BODY_BYTES} bytes."
-        ) from None
+    raw = await read_limited(request, max_bytes)
     if not raw.strip():
         raise bad_request("The request body is empty; a JSON object is expected.")
     try:
-        data = json.loads(raw)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request("The request body is not valid UTF-8.") from None
+    try:
+        data = json.loads(text)
     except (ValueError, RecursionError):
         raise bad_request("The request body is not valid JSON.") from None
     if not isinstance(data, dict):
@@ -100,6 +115,7 @@ _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     413: "body_too_large",
+    416: "range_not_satisfiable",
 }
 
 

@@ -1,0 +1,182 @@
+"""Benchmark: a 200 MB file crosses the bridge both ways with a bounded memory rise.
+
+The bridge runs as its own process (``eimis-bridge run``), so its peak resident memory
+(``VmHWM``) is its own. The baseline is the same process after a 1 MB file, measured in the same
+run; the figure is the rise caused by the large file, and its ratio to the file's size (a bridge
+that held the file whole would show a ratio of 1 or more).
+
+Usage: ``python bench/media_memory.py [--size-mb 200]``; merges its keys into
+``bench/results/latest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import ClientSession, ClientTimeout
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bridge.devtools.demo import SandboxUser, wait_for  # noqa: E402
+from bridge.devtools.stack import LocalStack  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "latest.json"
+CHUNK = 1024 * 1024
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def make_file(path: Path, size: int) -> str:
+    digest = hashlib.sha256()
+    with path.open("wb") as out:
+        left = size
+        while left:
+            chunk = os.urandom(min(CHUNK, left))
+            digest.update(chunk)
+            out.write(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+async def file_chunks(path: Path):
+    with path.open("rb") as source:
+        while chunk := source.read(CHUNK):
+            yield chunk
+
+
+async def sha256_of_download(http: ClientSession, url: str) -> str:
+    digest = hashlib.sha256()
+    async with http.get(url, timeout=ClientTimeout(total=None)) as resp:
+        resp.raise_for_status()
+        async for chunk in resp.content.iter_chunked(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Native:
+    def __init__(self, http: ClientSession, hs_url: str, user_id: str, token: str) -> None:
+        self.http, self.url, self.user_id = http, hs_url, user_id
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        async with self.http.request(method, f"{self.url}{path}", headers=self.headers,
+                                     **kwargs) as resp:
+            body = await resp.json(content_type=None)
+            if resp.status >= 400:
+                raise RuntimeError(f"{method} {path}: {resp.status} {body}")
+            return body
+
+    async def upload(self, path: Path, mime: str) -> str:
+        async with self.http.post(
+            f"{self.url}/_matrix/media/v3/upload", params={"filename": path.name},
+            data=file_chunks(path), timeout=ClientTimeout(total=None),
+            headers={**self.headers, "Content-Type": mime,
+                     "Content-Length": str(path.stat().st_size)},
+        ) as resp:
+            body = await resp.json()
+            if resp.status != 200:
+                raise RuntimeError(f"upload: {resp.status} {body}")
+            return str(body["content_uri"])
+
+
+async def run(size_mb: int) -> dict[str, float]:
+    work = Path(tempfile.mkdtemp(prefix="eimis-bench-"))
+    stack = LocalStack(work / "stack")
+    await stack.start(with_bridge=False)
+    bridge = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "run", "-c", str(stack.state_dir / "config.yaml")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        async with ClientSession() as http:
+            await wait_for("the bridge", lambda: _ready(http, stack.bridge_url), 60)
+            user_id, token = await stack.synapse.register_user("bench", "bench-password-1")
+            native = Native(http, stack.synapse.url, user_id, token)
+            sandbox = stack.sandboxes["pandalab"]
+            async with http.get(f"{sandbox.url}/_sandbox/users") as resp:
+                alice = SandboxUser(http, sandbox, (await resp.json())["users"][0])
+            ghost = f"@eimis_pandalab_{alice.idnps}:{stack.synapse.server_name}"
+            room = (await native.call("POST", "/_matrix/client/v3/createRoom", json={
+                "invite": [ghost], "is_direct": True, "preset": "trusted_private_chat"}))["room_id"]
+            opener = f"bench {time.time()}"
+            await native.call("PUT", f"/_matrix/client/v3/rooms/{room}/send/m.room.message/o1",
+                              json={"msgtype": "m.text", "body": opener})
+
+            async def alice_has(name: str) -> dict[str, Any] | None:
+                for m in await alice.inbox():
+                    if (m.get("attachment") or {}).get("name") == name:
+                        return m
+                return None
+
+            async def matrix_to_vendor(name: str, size: int) -> float:
+                path = work / name
+                digest = make_file(path, size)
+                mxc = await native.upload(path, "application/pdf")
+                await native.call(
+                    "PUT", f"/_matrix/client/v3/rooms/{room}/send/m.room.message/{name}",
+                    json={"msgtype": "m.file", "body": name, "url": mxc,
+                          "info": {"mimetype": "application/pdf", "size": size}})
+                message = await wait_for(f"{name} at PandaLab", lambda: alice_has(name), 600)
+                got = await sha256_of_download(
+                    http, f"{alice.base}/files/{message['attachment']['file_id']}")
+                assert got == digest, "the file arrived altered"
+                path.unlink()
+                return peak_rss_mb(bridge.pid)
+
+            small = await matrix_to_vendor("small.pdf", 1024 * 1024)
+            large = await matrix_to_vendor("large.pdf", size_mb * 1024 * 1024)
+            file_mb = float(size_mb)
+            rise = large - small
+            return {
+                "media_file_mb": file_mb,
+                "media_bridge_peak_rss_mb_baseline": round(small, 1),
+                "media_bridge_peak_rss_mb_large": round(large, 1),
+                "media_rss_rise_mb_matrix_to_vendor": round(rise, 1),
+                "media_rss_rise_ratio_to_file_size": round(rise / file_mb, 4),
+            }
+    finally:
+        bridge.terminate()
+        bridge.wait(30)
+        await stack.stop()
+
+
+async def _ready(http: ClientSession, url: str) -> bool:
+    try:
+        async with http.get(f"{url}/ready") as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=200)
+    args = parser.parse_args()
+    figures = asyncio.run(run(args.size_mb))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    merged = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    merged.update(figures)
+    RESULTS.write_text(json.dumps(merged, indent=2) + "\n")
+    width = max(len(k) for k in figures)
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

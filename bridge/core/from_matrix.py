@@ -1,0 +1,306 @@
+"""Matrix -> vendors: what happens in a portal room becomes outbox deliveries, per connector.
+
+Never back to the connector whose ghost did it (echo suppression); the bridge's own notices and
+statuses are not bridged. Rendering for each vendor happens at delivery time (``delivery.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mautrix.types import PaginationDirection, RoomID
+
+from bridge.core import operations as op
+from bridge.core.portals import Portals
+from bridge.db.portal import Portal
+from bridge.db.stores import Stores
+from bridge.matrix.homeserver import Homeserver
+
+log = logging.getLogger("eimis.from_matrix")
+
+BRIDGED_MSGTYPES = {
+    "m.text",
+    "m.notice",
+    "m.emote",
+    "m.image",
+    "m.file",
+    "m.audio",
+    "m.video",
+    "m.location",
+}
+
+
+class FromMatrix:
+    def __init__(
+        self, stores: Stores, homeserver: Homeserver, portals: Portals, outbox_notify: Any
+    ) -> None:
+        self.stores = stores
+        self.hs = homeserver
+        self.portals = portals
+        self.ids = portals.ids
+        self._outbox_notify = outbox_notify
+        self._typing: dict[str, set[str]] = {}
+
+    async def handle(self, raw: dict[str, Any]) -> None:
+        if not isinstance(raw.get("content", {}), dict):
+            log.warning("Skipping a %s event with malformed content", raw.get("type"))
+            return
+        kind = raw.get("type")
+        if kind == "m.room.member":
+            await self._membership(raw)
+        elif kind == "m.room.message":
+            await self._message(raw)
+        elif kind == "m.reaction":
+            await self._reaction(raw)
+        elif kind == "m.room.redaction":
+            await self._redaction(raw)
+        elif kind == "m.receipt":
+            await self._receipts(raw)
+        elif kind == "m.typing":
+            await self._typing_changed(raw)
+
+    # Membership --------------------------------------------------------------------------------
+
+    async def _membership(self, raw: dict[str, Any]) -> None:
+        content = raw.get("content") or {}
+        target = raw.get("state_key", "")
+        if content.get("membership") != "invite" or not self.ids.in_namespace(target):
+            return
+        if target == self.ids.bot_mxid:
+            return  # the admin room arrives with the operators' issue; the bot stays out for now
+        if self.ids.in_namespace(raw["sender"]):
+            return  # the bridge invited its own ghost while opening a portal: already handled
+        opened = await self.portals.open_from_invite(
+            raw["room_id"], raw["sender"], target, bool(content.get("is_direct"))
+        )
+        if opened:
+            await self._catch_up(raw["room_id"], target, int(raw.get("origin_server_ts") or 0))
+
+    async def _catch_up(self, room_id: str, viewer: str, since_ts: int) -> None:
+        """Route what was said between the invite and the ghost's join.
+
+        The homeserver only sends an appservice the events of rooms where one of its users is
+        joined, so a message written right after inviting a ghost would otherwise never arrive.
+        Outbox items are keyed by event id, so a message that does arrive later is not doubled.
+        """
+        missed: list[dict[str, Any]] = []
+        from_token = None
+        for _ in range(10):  # at most 10 pages of 50 events back to the invite
+            page = await self.hs.intent(viewer).get_messages(
+                RoomID(room_id), PaginationDirection.BACKWARD, from_token=from_token, limit=50
+            )
+            events = [e.serialize() for e in page.events]
+            missed.extend(
+                e
+                for e in events
+                if e.get("type") in ("m.room.message", "m.reaction")
+                and e.get("origin_server_ts", 0) >= since_ts
+            )
+            if not events or min(e.get("origin_server_ts", 0) for e in events) < since_ts:
+                break
+            from_token = page.end
+        for event in reversed(missed):
+            event.setdefault("room_id", room_id)
+            await self.handle(event)
+
+    # Room events -------------------------------------------------------------------------------
+
+    async def _targets(self, raw: dict[str, Any]) -> tuple[Portal, list[str]] | None:
+        """The portal and the connectors an event of this sender goes to, or None."""
+        sender = raw.get("sender", "")
+        if sender == self.ids.bot_mxid:
+            return None
+        portal = await self.stores.portals.get(raw["room_id"])
+        if portal is None:
+            return None
+        source = self.ids.parse(sender)
+        if source is None and self.ids.in_namespace(sender):
+            return None
+        targets = [
+            link.connector
+            for link in await self.stores.portals.links(portal.room_id)
+            if (source is None or link.connector != source.connector)
+            and link.connector in self.portals.connectors
+        ]
+        return (portal, targets) if targets else None
+
+    async def _enqueue(
+        self,
+        raw: dict[str, Any],
+        operation: str,
+        payload: dict[str, Any],
+        targets: list[str],
+        dedup_key: str | None = None,
+    ) -> None:
+        room_id = raw["room_id"]
+        async with self.stores.db.acquire() as conn, conn.transaction():
+            for connector_id in targets:
+                await self.stores.outbox.enqueue(
+                    connector_id,
+                    room_id,
+                    operation,
+                    dedup_key or raw["event_id"],
+                    payload,
+                    conn=conn,
+                )
+        self._outbox_notify()
+
+    async def _sender(self, raw: dict[str, Any], portal: Portal) -> dict[str, Any]:
+        member = await self.portals.sender(raw["room_id"], raw["sender"], portal.voice)
+        return member.to_json()
+
+    async def _message(self, raw: dict[str, Any]) -> None:
+        found = await self._targets(raw)
+        if found is None:
+            return
+        portal, targets = found
+        content = raw.get("content") or {}
+        if content.get("msgtype") in (None, "") and not content:
+            return  # redacted before we saw it: nothing left to bridge
+        relates = content.get("m.relates_to") or {}
+        sender = await self._sender(raw, portal)
+        if relates.get("rel_type") == "m.replace" and isinstance(relates.get("event_id"), str):
+            new_content = content.get("m.new_content")
+            if not isinstance(new_content, dict):
+                return
+            await self._enqueue(
+                raw,
+                op.EDIT_MESSAGE,
+                {
+                    "event_id": raw["event_id"],
+                    "target_event": relates["event_id"],
+                    "sender": sender,
+                    "content": new_content,
+                    "ts": raw.get("origin_server_ts"),
+                },
+                targets,
+            )
+            return
+        if content.get("msgtype") not in BRIDGED_MSGTYPES:
+            # Unknown message types still reach vendors as their plain-text body (the spec's
+            # fallback), and the sender is told through the send status.
+            content = {
+                "msgtype": "m.text",
+                "body": str(content.get("body") or ""),
+                "eimis.unknown_msgtype": str(content.get("msgtype")),
+            }
+        reply_to = (relates.get("m.in_reply_to") or {}).get("event_id")
+        await self._enqueue(
+            raw,
+            op.SEND_MESSAGE,
+            {
+                "event_id": raw["event_id"],
+                "sender": sender,
+                "content": content,
+                "ts": raw.get("origin_server_ts"),
+                "reply_to_event": reply_to if isinstance(reply_to, str) else None,
+            },
+            targets,
+        )
+
+    async def _reaction(self, raw: dict[str, Any]) -> None:
+        relates = (raw.get("content") or {}).get("m.relates_to") or {}
+        if relates.get("rel_type") != "m.annotation":
+            return
+        key, target = relates.get("key"), relates.get("event_id")
+        if not isinstance(key, str) or not isinstance(target, str) or not key:
+            return
+        found = await self._targets(raw)
+        if found is None:
+            return
+        portal, targets = found
+        await self._enqueue(
+            raw,
+            op.ADD_REACTION,
+            {
+                "event_id": raw["event_id"],
+                "target_event": target,
+                "sender": await self._sender(raw, portal),
+                "key": key[:64],
+                "ts": raw.get("origin_server_ts"),
+            },
+            targets,
+        )
+
+    async def _redaction(self, raw: dict[str, Any]) -> None:
+        target = raw.get("redacts") or (raw.get("content") or {}).get("redacts")
+        if not isinstance(target, str):
+            return
+        found = await self._targets(raw)
+        if found is None:
+            return
+        portal, targets = found
+        await self._enqueue(
+            raw,
+            op.REDACT,
+            {
+                "event_id": raw["event_id"],
+                "target_event": target,
+                "sender": await self._sender(raw, portal),
+                "ts": raw.get("origin_server_ts"),
+            },
+            targets,
+        )
+
+    # Ephemeral ---------------------------------------------------------------------------------
+
+    async def _receipts(self, raw: dict[str, Any]) -> None:
+        room_id = raw.get("room_id")
+        content = raw.get("content")
+        if not isinstance(room_id, str) or not isinstance(content, dict):
+            return
+        portal = await self.stores.portals.get(room_id)
+        if portal is None:
+            return
+        links = [
+            link.connector
+            for link in await self.stores.portals.links(room_id)
+            if (c := self.portals.connectors.get(link.connector)) is not None
+            and c.capabilities.read_receipts
+        ]
+        if not links:
+            return
+        for event_id, by_type in content.items():
+            readers = (by_type or {}).get("m.read") if isinstance(by_type, dict) else None
+            if not isinstance(readers, dict):
+                continue
+            for reader in readers:
+                if self.ids.in_namespace(reader):
+                    continue  # our ghosts' receipts are the vendors' own read markers
+                fake = {"room_id": room_id, "sender": reader, "event_id": event_id}
+                member = await self._sender(fake, portal)
+                await self._enqueue(
+                    fake,
+                    op.MARK_READ,
+                    {"event_id": event_id, "sender": member},
+                    links,
+                    dedup_key=f"read:{reader}:{event_id}",
+                )
+
+    async def _typing_changed(self, raw: dict[str, Any]) -> None:
+        """Typing is best effort: delivered at once, never queued or retried."""
+        room_id = raw.get("room_id")
+        user_ids = (raw.get("content") or {}).get("user_ids")
+        if not isinstance(room_id, str) or not isinstance(user_ids, list):
+            return
+        now = {u for u in user_ids if isinstance(u, str) and not self.ids.in_namespace(u)}
+        before = self._typing.get(room_id, set())
+        self._typing[room_id] = now
+        changes = [(u, True) for u in now - before] + [(u, False) for u in before - now]
+        if not changes or await self.stores.portals.get(room_id) is None:
+            return
+        for link in await self.stores.portals.links(room_id):
+            connector = self.portals.connectors.get(link.connector)
+            if connector is None or not connector.capabilities.typing or not link.conversation_id:
+                continue
+            for user_id, typing in changes:
+                portal = await self.stores.portals.get(room_id)
+                assert portal is not None
+                member = await self.portals.sender(room_id, user_id, portal.voice)
+                try:
+                    await connector.set_typing(link.conversation_id, member.as_sender(), typing)
+                except Exception as error:  # best effort by design
+                    log.debug(
+                        "Typing not delivered to %s: %s", link.connector, type(error).__name__
+                    )

@@ -1,0 +1,188 @@
+"""Matrix content made fit for one vendor: its formatting, its limits, its capabilities.
+
+Everything a vendor cannot show is degraded here, and each degradation is written down as a
+sentence for the sender (the message send status, or the vendor's delivery report).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from bridge.formatting.convert import html_to_markdown, html_to_plain
+from bridge.formatting.mentions import pills_to_mentions
+from bridge.formatting.sanitize import (
+    sanitize_html,
+    strip_plain_reply_fallback,
+    strip_reply_fallback,
+)
+from bridge.formatting.split import split_text
+from connectors.base import FILE_MSGTYPES, Capabilities, FileLimit, Location, MessageKind
+
+TEXT_MSGTYPES = {"m.text": "text", "m.notice": "notice", "m.emote": "emote"}
+_GEO = re.compile(r"^geo:(-?\d+(?:\.\d+)?),(-?\d+(?:\.\d+)?)")
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]+")
+
+
+class Undeliverable(Exception):
+    """This content cannot reach this vendor at all; the message says why, for the sender."""
+
+
+@dataclass
+class RenderedText:
+    parts: list[str]
+    html: str | None
+    mention_mxids: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FileRef:
+    mxc: str
+    name: str
+    mime_type: str
+    size: int
+    msgtype: str
+
+
+def render_text(
+    content: dict[str, Any], caps: Capabilities, sender_name: str, vendor: str
+) -> RenderedText:
+    """The text of a Matrix message in the vendor's formatting, split to its length limit."""
+    body = content.get("body") if isinstance(content.get("body"), str) else ""
+    html = (
+        content.get("formatted_body") if content.get("format") == "org.matrix.custom.html" else None
+    )
+    if not isinstance(html, str):
+        html = None
+    is_reply = bool(
+        ((content.get("m.relates_to") or {}).get("m.in_reply_to") or {}).get("event_id")
+    )
+    notes: list[str] = []
+    mention_mxids: list[str] = []
+    if html is not None:
+        html = sanitize_html(strip_reply_fallback(html) if is_reply else html)
+        named, mention_mxids = pills_to_mentions(html)
+        if caps.formatting == "markdown":
+            text = html_to_markdown(named)
+        else:
+            text = html_to_plain(named)
+            if _has_formatting(named):
+                notes.append(f"formatting removed: {vendor} shows plain text only")
+    else:
+        text = strip_plain_reply_fallback(body) if is_reply else body
+        mentions = content.get("m.mentions")
+        if isinstance(mentions, dict) and isinstance(mentions.get("user_ids"), list):
+            mention_mxids = [m for m in mentions["user_ids"] if isinstance(m, str)]
+    if not text.strip():
+        raise Undeliverable("the message is empty")
+    kind = message_kind(content)
+    if kind not in caps.message_kinds:
+        if kind == "emote":
+            text = f"* {sender_name} {text}"
+        elif kind == "notice":
+            notes.append(f"{vendor} has no notices: sent as an ordinary message")
+    parts = [text]
+    limit = caps.max_text_length
+    if limit is not None and len(text) > limit:
+        if caps.long_text == "refuse":
+            raise Undeliverable(
+                f"the message is {len(text)} characters long; {vendor} accepts {limit} at most"
+            )
+        parts = split_text(text, limit)
+        notes.append(f"split into {len(parts)} messages ({vendor} accepts {limit} characters)")
+    return RenderedText(parts or [""], html, mention_mxids, notes)
+
+
+def message_kind(content: dict[str, Any]) -> MessageKind:
+    kind = TEXT_MSGTYPES.get(str(content.get("msgtype")), "text")
+    return kind  # type: ignore[return-value]
+
+
+def _has_formatting(html: str) -> bool:
+    return bool(re.search(r"<(?!br\b|/?p\b)[a-z]", html, re.IGNORECASE))
+
+
+# --- Files ----------------------------------------------------------------------------------------
+
+
+def file_ref(content: dict[str, Any]) -> FileRef | None:
+    """The file of an m.image/m.file/m.audio/m.video message, or None when it has none."""
+    msgtype = content.get("msgtype")
+    url = content.get("url")
+    if msgtype not in FILE_MSGTYPES or not isinstance(url, str):
+        return None
+    info = content.get("info") if isinstance(content.get("info"), dict) else {}
+    name = content.get("filename") or content.get("body") or "file"
+    size = info.get("size")
+    return FileRef(
+        mxc=url,
+        name=safe_filename(str(name)),
+        mime_type=str(info.get("mimetype") or "application/octet-stream").lower(),
+        size=size if isinstance(size, int) and size >= 0 else -1,
+        msgtype=str(msgtype),
+    )
+
+
+def file_limit(caps: Capabilities, msgtype: str) -> FileLimit | None:
+    """The vendor's rule for this kind of file, falling back to its generic file rule."""
+    return caps.files.get(msgtype) or caps.files.get("m.file")
+
+
+def check_file(ref: FileRef, caps: Capabilities, vendor: str, max_size: int, allowed: Any) -> int:
+    """The largest size to accept while streaming; raises Undeliverable with the reason."""
+    if not allowed(ref.mime_type):
+        raise Undeliverable(f"files of type {ref.mime_type} are not allowed in this space")
+    limit = file_limit(caps, ref.msgtype)
+    if limit is None:
+        raise Undeliverable(f"{vendor} does not accept files")
+    if not limit.allows(ref.mime_type):
+        raise Undeliverable(f"{vendor} does not accept files of type {ref.mime_type}")
+    ceiling = min(limit.max_size, max_size)
+    if ref.size > ceiling:
+        who = vendor if limit.max_size <= max_size else "this space"
+        raise Undeliverable(f"the file is {_mib(ref.size)}; {who} accepts {_mib(ceiling)} at most")
+    return ceiling
+
+
+def safe_filename(name: str) -> str:
+    """A file name with no path, no control characters, at most 200 characters."""
+    name = unicodedata.normalize("NFC", name).replace("\\", "/").rsplit("/", 1)[-1]
+    name = _UNSAFE_NAME.sub("_", name).strip(" .")
+    if len(name) > 200:
+        stem, dot, ext = name.rpartition(".")
+        name = (stem[:190] + dot + ext[:9]) if dot and len(ext) < 10 else name[:200]
+    return name or "file"
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f} MiB"
+
+
+# --- Locations ------------------------------------------------------------------------------------
+
+
+def location(content: dict[str, Any]) -> Location | None:
+    geo = content.get("geo_uri")
+    if content.get("msgtype") != "m.location" or not isinstance(geo, str):
+        return None
+    match = _GEO.match(geo)
+    if match is None:
+        return None
+    lat, lon = float(match.group(1)), float(match.group(2))
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+        return None
+    body = content.get("body")
+    return Location(lat, lon, body if isinstance(body, str) and body else None)
+
+
+def location_as_text(place: Location) -> str:
+    label = f"{place.description} " if place.description else ""
+    url = (
+        f"https://www.openstreetmap.org/?mlat={place.latitude}&mlon={place.longitude}"
+        f"#map=17/{place.latitude}/{place.longitude}"
+    )
+    return f"📍 {label}(geo:{place.latitude},{place.longitude}) {quote(url, safe=':/?&=#')}"

@@ -1,0 +1,133 @@
+"""Telling senders what became of their message: Matrix send statuses, vendor delivery reports.
+
+A Matrix sender gets a ``com.beeper.message_send_status`` event per vendor (SUCCESS with what was
+changed, FAIL_RETRIABLE while retrying, FAIL_PERMANENT with the reason) and, for a failure, a
+notice in the room. A vendor sender whose message went through Matrix to another vendor gets the
+same news through its vendor's delivery status, when the vendor has one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from mautrix.errors import MatrixRequestError
+from mautrix.types import EventType, RoomID
+
+from bridge.core.connectors import ConnectorSet
+from bridge.core.members import Member
+from bridge.core.operations import parse_reaction_ref
+from bridge.db.stores import Stores
+from bridge.matrix.homeserver import Homeserver, derived_txn_id
+from connectors.base import ConnectorError, DeliveryReport
+
+log = logging.getLogger("eimis.status")
+
+SEND_STATUS = EventType.find("com.beeper.message_send_status", EventType.Class.MESSAGE)
+Outcome = Literal["SUCCESS", "FAIL_RETRIABLE", "FAIL_PERMANENT"]
+
+
+class StatusReporter:
+    def __init__(self, stores: Stores, homeserver: Homeserver, connectors: ConnectorSet) -> None:
+        self.stores = stores
+        self.hs = homeserver
+        self.connectors = connectors
+
+    async def report(
+        self,
+        *,
+        room_id: str,
+        event_id: str,
+        sender: Member,
+        target: str,
+        outcome: Outcome,
+        detail: str,
+        unsupported: bool = False,
+    ) -> None:
+        """What happened to ``event_id`` on its way to connector ``target``."""
+        if sender.connector is None:
+            await self._matrix_status(room_id, event_id, target, outcome, detail, unsupported)
+        elif outcome != "FAIL_RETRIABLE":
+            status: Literal["delivered", "degraded", "failed"] = (
+                "failed" if outcome == "FAIL_PERMANENT" else "degraded" if detail else "delivered"
+            )
+            await self.vendor_report(
+                sender.connector,
+                room_id,
+                event_id,
+                DeliveryReport(
+                    status, f"{target}: {detail}" if detail else f"delivered to {target}"
+                ),
+            )
+        if outcome == "FAIL_PERMANENT":
+            await self._notice(
+                room_id,
+                f"A message could not be delivered to {target}: {detail}",
+                txn_id=derived_txn_id("failed", event_id, target),
+            )
+
+    async def vendor_report(
+        self, connector_id: str, room_id: str, event_id: str, report: DeliveryReport
+    ) -> None:
+        """Tell a vendor user (through their vendor) what became of their message."""
+        connector = self.connectors.get(connector_id)
+        if connector is None or not connector.capabilities.delivery_status:
+            return
+        # Only a message a vendor user wrote has a delivery status (not a reaction).
+        remote_ids = [
+            ref
+            for ref in await self.stores.messages.remotes_for(connector_id, event_id)
+            if parse_reaction_ref(ref) is None
+        ]
+        link = await self.stores.portals.link(room_id, connector_id)
+        if not remote_ids or link is None or link.conversation_id is None:
+            return
+        try:
+            await connector.report_delivery(link.conversation_id, remote_ids[0], report)
+        except (ConnectorError, NotImplementedError) as error:
+            log.warning("Delivery report to %s failed: %s", connector_id, type(error).__name__)
+
+    async def _matrix_status(
+        self,
+        room_id: str,
+        event_id: str,
+        target: str,
+        outcome: Outcome,
+        detail: str,
+        unsupported: bool,
+    ) -> None:
+        content: dict[str, object] = {
+            "network": target,
+            "m.relates_to": {"rel_type": "m.reference", "event_id": event_id},
+            "status": outcome,
+        }
+        if outcome != "SUCCESS":
+            content["reason"] = "m_unsupported" if unsupported else "m_foreign_network_error"
+        if detail:
+            content["message"] = detail
+        portal = await self.stores.portals.get(room_id)
+        if portal is None:
+            return
+        try:
+            await self.hs.intent(portal.voice).send_message_event(
+                RoomID(room_id),
+                SEND_STATUS,
+                content,
+                txn_id=derived_txn_id("status", event_id, target, outcome),
+            )
+        except MatrixRequestError as error:
+            log.warning("Could not send a message status (%s)", error.errcode)
+
+    async def _notice(self, room_id: str, text: str, *, txn_id: str) -> None:
+        portal = await self.stores.portals.get(room_id)
+        if portal is None:
+            return
+        try:
+            await self.hs.intent(portal.voice).send_message_event(
+                RoomID(room_id),
+                EventType.ROOM_MESSAGE,
+                {"msgtype": "m.notice", "body": text},
+                txn_id=txn_id,
+            )
+        except MatrixRequestError as error:
+            log.warning("Could not post a notice (%s)", error.errcode)

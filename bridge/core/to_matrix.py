@@ -1,0 +1,363 @@
+"""Vendors -> Matrix: a vendor event becomes what its sender's ghost does in the portal room.
+
+Every send uses a transaction id derived from the vendor event, so a retry after a crash cannot
+duplicate it, and the message map is checked first, so a redelivered event changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from mautrix.errors import MatrixRequestError
+from mautrix.types import EventID, EventType, RoomID
+
+from bridge.config import MediaConfig
+from bridge.core import operations as op
+from bridge.core.errors import PermanentFailure
+from bridge.core.outbound import safe_filename
+from bridge.core.portals import Portals
+from bridge.core.status import StatusReporter
+from bridge.db.stores import Stores
+from bridge.formatting.convert import markdown_to_html, plain_to_html
+from bridge.formatting.mentions import mentions_to_pills
+from bridge.matrix.homeserver import Homeserver, derived_txn_id
+from bridge.matrix.media import MediaError, MediaRepository
+from connectors.base import (
+    Capabilities,
+    Connector,
+    ConversationCreated,
+    DeliveryReport,
+    Mention,
+    MessageDeleted,
+    MessageEdited,
+    MessageReceived,
+    ReactionAdded,
+    ReactionRemoved,
+    ReadUpTo,
+    RemoteEvent,
+    TypingChanged,
+)
+
+log = logging.getLogger("eimis.to_matrix")
+
+KIND_MSGTYPES = {"text": "m.text", "notice": "m.notice", "emote": "m.emote"}
+TYPING_TIMEOUT_MS = 30_000
+
+
+class ToMatrix:
+    def __init__(
+        self,
+        stores: Stores,
+        homeserver: Homeserver,
+        portals: Portals,
+        media: MediaRepository,
+        media_config: MediaConfig,
+        status: StatusReporter,
+        outbox_notify: Any,
+    ) -> None:
+        self.stores = stores
+        self.hs = homeserver
+        self.portals = portals
+        self.media = media
+        self.media_config = media_config
+        self.status = status
+        self._outbox_notify = outbox_notify
+
+    async def handle(self, connector_id: str, event: RemoteEvent) -> None:
+        connector = self.portals.connectors.get(connector_id)
+        if connector is None:
+            raise PermanentFailure(f"connector {connector_id!r} is not running")
+        if isinstance(event, ConversationCreated):
+            await self.portals.open_from_remote(connector_id, event)
+            self._outbox_notify()
+            return
+        room_id = await self.stores.portals.by_conversation(connector_id, event.conversation_id)
+        if room_id is None:
+            raise PermanentFailure(
+                f"{connector_id} conversation {event.conversation_id} is not bridged to a room"
+            )
+        if isinstance(event, MessageReceived):
+            await self._message(connector, connector_id, room_id, event)
+        elif isinstance(event, MessageEdited):
+            await self._edit(connector, connector_id, room_id, event)
+        elif isinstance(event, MessageDeleted):
+            await self._delete(connector_id, room_id, event)
+        elif isinstance(event, ReactionAdded):
+            await self._reaction(connector_id, room_id, event)
+        elif isinstance(event, ReactionRemoved):
+            await self._unreact(connector_id, room_id, event)
+        elif isinstance(event, ReadUpTo):
+            await self._read(connector_id, room_id, event)
+        elif isinstance(event, TypingChanged):
+            await self._typing(connector_id, room_id, event)
+
+    async def _ghost(self, connector_id: str, idnps: Any, room_id: str) -> str:
+        ghost = await self.portals.ghost(connector_id, idnps)
+        await self.hs.intent(ghost.mxid).ensure_joined(RoomID(room_id))
+        return ghost.mxid
+
+    # Messages ----------------------------------------------------------------------------------
+
+    async def _message(
+        self, connector: Connector, connector_id: str, room_id: str, event: MessageReceived
+    ) -> None:
+        if await self.stores.messages.event_for(connector_id, event.message_id):
+            return
+        sender = await self._ghost(connector_id, event.sender, room_id)
+        relates: dict[str, Any] = {}
+        if event.reply_to:
+            target = await self.stores.messages.event_for(connector_id, event.reply_to)
+            if target:
+                relates = {"m.relates_to": {"m.in_reply_to": {"event_id": target}}}
+        if event.attachment is not None:
+            content = await self._file(connector, connector_id, room_id, sender, event)
+            if content is None:
+                return
+        elif event.location is not None:
+            place = event.location
+            label = place.description or "Location"
+            content = {
+                "msgtype": "m.location",
+                "body": label,
+                "geo_uri": f"geo:{place.latitude},{place.longitude}",
+            }
+        else:
+            content = await self._text_content(
+                connector.capabilities, connector_id, event.text, event.mentions
+            )
+            content["msgtype"] = KIND_MSGTYPES.get(event.message_kind, "m.text")
+        content.update(relates)
+        event_id = await self.hs.send_message(
+            sender,
+            room_id,
+            content,
+            txn_id=derived_txn_id(connector_id, "message", event.message_id),
+            ts_ms=_ms(event.timestamp),
+        )
+        await self.stores.messages.add(connector_id, event.message_id, room_id, event_id)
+        await self.status.vendor_report(
+            connector_id, room_id, event_id, DeliveryReport("delivered", "delivered to Matrix")
+        )
+        if event.text and event.attachment is not None:
+            # A caption travels as its own message after the file.
+            caption = await self._text_content(
+                connector.capabilities, connector_id, event.text, event.mentions
+            )
+            caption["msgtype"] = "m.text"
+            await self.hs.send_message(
+                sender,
+                room_id,
+                caption,
+                txn_id=derived_txn_id(connector_id, "caption", event.message_id),
+                ts_ms=_ms(event.timestamp),
+            )
+
+    async def _text_content(
+        self, caps: Capabilities, connector_id: str, text: str, mentions: tuple[Mention, ...]
+    ) -> dict[str, Any]:
+        html = markdown_to_html(text) if caps.formatting == "markdown" else plain_to_html(text)
+        pills = []
+        for mention in mentions:
+            mxid = await self._mention_mxid(connector_id, mention)
+            if mxid:
+                pills.append((mention.display_name, mxid))
+        if pills:
+            html = mentions_to_pills(html, pills)
+        content: dict[str, Any] = {"body": text}
+        if html.strip() != plain_to_html(text).strip() or caps.formatting == "markdown":
+            content["format"] = "org.matrix.custom.html"
+            content["formatted_body"] = html
+        content["m.mentions"] = {"user_ids": [mxid for _, mxid in pills]} if pills else {}
+        return content
+
+    async def _mention_mxid(self, connector_id: str, mention: Mention) -> str | None:
+        if mention.mxid:
+            return mention.mxid
+        if mention.idnps is None:
+            return None
+        try:
+            return (await self.portals.ghost(connector_id, mention.idnps)).mxid
+        except PermanentFailure:
+            found = await self.portals.find_professional(mention.idnps, exclude=connector_id)
+            return found.mxid if found else None
+
+    async def _file(
+        self,
+        connector: Connector,
+        connector_id: str,
+        room_id: str,
+        sender: str,
+        event: MessageReceived,
+    ) -> dict[str, Any] | None:
+        """Stream the vendor's file into the media repository; None when refused (reported)."""
+        attachment = event.attachment
+        assert attachment is not None
+        mime = attachment.mime_type.lower()
+        name = safe_filename(attachment.name)
+        refusal = None
+        if not self.media_config.allows(mime):
+            refusal = f"files of type {mime} are not allowed in this space"
+        elif attachment.size is not None and attachment.size > self.media_config.max_file_size:
+            refusal = (
+                f"the file is larger than this space accepts "
+                f"({self.media_config.max_file_size // (1024 * 1024)} MiB)"
+            )
+        if refusal is None:
+            try:
+                stream = await connector.open_attachment(attachment)
+                async with stream as chunks:
+                    mxc = await self.media.upload(
+                        _bounded(chunks, self.media_config.max_file_size),
+                        user_id=sender,
+                        mime_type=mime,
+                        filename=name,
+                        size=attachment.size,
+                    )
+            except _TooLarge:
+                refusal = "the file is larger than this space accepts"
+            except MediaError as error:
+                if error.retriable:
+                    raise
+                refusal = str(error)
+        if refusal is not None:
+            await self._refused(connector_id, room_id, event, refusal)
+            return None
+        msgtype = _file_msgtype(mime)
+        info: dict[str, Any] = {"mimetype": mime}
+        if attachment.size is not None:
+            info["size"] = attachment.size
+        return {"msgtype": msgtype, "body": name, "filename": name, "url": mxc, "info": info}
+
+    async def _refused(
+        self, connector_id: str, room_id: str, event: MessageReceived, reason: str
+    ) -> None:
+        """Tell the vendor sender, and the room, that a file did not cross."""
+        log.info("A %s file was refused: %s", connector_id, reason)
+        connector = self.portals.connectors.get(connector_id)
+        link = await self.stores.portals.link(room_id, connector_id)
+        if (
+            connector is not None
+            and connector.capabilities.delivery_status
+            and link
+            and link.conversation_id
+        ):
+            try:
+                await connector.report_delivery(
+                    link.conversation_id, event.message_id, DeliveryReport("failed", reason)
+                )
+            except Exception as error:
+                log.warning("Delivery report to %s failed: %s", connector_id, type(error).__name__)
+        ghost = await self.portals.ghost(connector_id, event.sender)
+        await self.status._notice(
+            room_id,
+            f"{ghost.display_name} sent a file that could not be bridged: {reason}.",
+            txn_id=derived_txn_id(connector_id, "refused", event.message_id),
+        )
+
+    async def _edit(
+        self, connector: Connector, connector_id: str, room_id: str, event: MessageEdited
+    ) -> None:
+        target = await self.stores.messages.event_for(connector_id, event.message_id)
+        if target is None:
+            raise PermanentFailure("the edited message was never bridged")
+        sender = await self._ghost(connector_id, event.sender, room_id)
+        new = await self._text_content(
+            connector.capabilities, connector_id, event.text, event.mentions
+        )
+        new["msgtype"] = "m.text"
+        content = {
+            **{k: v for k, v in new.items() if k != "m.mentions"},
+            "body": f"* {new['body']}",
+            "m.new_content": new,
+            "m.relates_to": {"rel_type": "m.replace", "event_id": target},
+        }
+        if "formatted_body" in new:
+            content["formatted_body"] = f"* {new['formatted_body']}"
+        await self.hs.send_message(
+            sender,
+            room_id,
+            content,
+            txn_id=derived_txn_id(connector_id, "edit", event.event_id),
+            ts_ms=_ms(event.timestamp),
+        )
+
+    async def _delete(self, connector_id: str, room_id: str, event: MessageDeleted) -> None:
+        target = await self.stores.messages.event_for(connector_id, event.message_id)
+        if target is None:
+            return  # never bridged: nothing to remove
+        sender = await self._ghost(connector_id, event.sender, room_id)
+        txn_id = derived_txn_id(connector_id, "delete", event.message_id)
+        try:
+            await self.hs.redact(sender, room_id, target, txn_id=txn_id)
+        except MatrixRequestError as error:
+            if error.http_status != 403:
+                raise
+            # Someone else's message (e.g. a moderator action on the vendor side): the bot can.
+            await self.hs.redact(self.hs.config.bot_mxid, room_id, target, txn_id=txn_id)
+
+    async def _reaction(self, connector_id: str, room_id: str, event: ReactionAdded) -> None:
+        ref = op.reaction_ref(event.message_id, event.reaction_id)
+        if await self.stores.messages.event_for(connector_id, ref):
+            return
+        target = await self.stores.messages.event_for(connector_id, event.message_id)
+        if target is None:
+            raise PermanentFailure("the message reacted to was never bridged")
+        sender = await self._ghost(connector_id, event.sender, room_id)
+        event_id = await self.hs.intent(sender).send_message_event(
+            RoomID(room_id),
+            EventType.REACTION,
+            {"m.relates_to": {"rel_type": "m.annotation", "event_id": target, "key": event.key}},
+            txn_id=derived_txn_id(connector_id, "reaction", event.reaction_id),
+        )
+        await self.stores.messages.add(connector_id, ref, room_id, str(event_id))
+
+    async def _unreact(self, connector_id: str, room_id: str, event: ReactionRemoved) -> None:
+        ref = op.reaction_ref(event.message_id, event.reaction_id)
+        target = await self.stores.messages.event_for(connector_id, ref)
+        if target is None:
+            return
+        sender = await self._ghost(connector_id, event.sender, room_id)
+        txn_id = derived_txn_id(connector_id, "unreact", event.reaction_id)
+        await self.hs.redact(sender, room_id, target, txn_id=txn_id)
+
+    async def _read(self, connector_id: str, room_id: str, event: ReadUpTo) -> None:
+        target = await self.stores.messages.event_for(connector_id, event.message_id)
+        if target is None:
+            return  # a message the bridge never carried: no Matrix event to mark
+        sender = await self._ghost(connector_id, event.sender, room_id)
+        await self.hs.intent(sender).send_receipt(RoomID(room_id), EventID(target))
+
+    async def _typing(self, connector_id: str, room_id: str, event: TypingChanged) -> None:
+        age_ms = (datetime.now(UTC) - event.timestamp).total_seconds() * 1000
+        if event.typing and age_ms > TYPING_TIMEOUT_MS:
+            return  # stale (e.g. replayed after an outage): typing is a live signal only
+        sender = await self._ghost(connector_id, event.sender, room_id)
+        await self.hs.intent(sender).set_typing(
+            RoomID(room_id), timeout=TYPING_TIMEOUT_MS if event.typing else 0
+        )
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _bounded(chunks: Any, limit: int) -> Any:
+    seen = 0
+    async for chunk in chunks:
+        seen += len(chunk)
+        if seen > limit:
+            raise _TooLarge()
+        yield chunk
+
+
+def _file_msgtype(mime: str) -> str:
+    major = mime.split("/", 1)[0]
+    return {"image": "m.image", "audio": "m.audio", "video": "m.video"}.get(major, "m.file")
+
+
+def _ms(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
