@@ -139,16 +139,64 @@ async def run(size_mb: int) -> dict[str, float]:
                 path.unlink()
                 return peak_rss_mb(bridge.pid)
 
+            async def vendor_to_matrix(name: str, size: int) -> float:
+                path = work / name
+                digest = make_file(path, size)
+                async with http.post(
+                    f"{alice.base}/files", data=file_chunks(path),
+                    headers={"Content-Type": "video/mp4", "X-Filename": name,
+                             "Content-Length": str(size)},
+                    timeout=ClientTimeout(total=None),
+                ) as resp:
+                    file_id = (await resp.json())["file_id"]
+                conversation = (await alice.conversations())[0]["conversation_id"]
+                async with http.post(
+                    f"{alice.base}/conversations/{conversation}/messages",
+                    json={"text": "", "file_id": file_id},
+                ) as resp:
+                    resp.raise_for_status()
+
+                async def arrived() -> str | None:
+                    page = await native.call(
+                        "GET", f"/_matrix/client/v3/rooms/{room}/messages",
+                        params={"dir": "b", "limit": "20"})
+                    for event in page["chunk"]:
+                        if (event.get("content") or {}).get("body") == name:
+                            return str(event["content"]["url"])
+                    return None
+
+                mxc = await wait_for(f"{name} on Matrix", arrived, 600)
+                server, media_id = mxc.removeprefix("mxc://").split("/", 1)
+                digest_got = hashlib.sha256()
+                async with http.get(
+                    f"{stack.synapse.url}/_matrix/client/v1/media/download/{server}/{media_id}",
+                    headers=native.headers, timeout=ClientTimeout(total=None),
+                ) as resp:
+                    async for chunk in resp.content.iter_chunked(CHUNK):
+                        digest_got.update(chunk)
+                assert digest_got.hexdigest() == digest, "the file arrived altered"
+                path.unlink()
+                return peak_rss_mb(bridge.pid)
+
+            started = time.monotonic()
             small = await matrix_to_vendor("small.pdf", 1024 * 1024)
             large = await matrix_to_vendor("large.pdf", size_mb * 1024 * 1024)
+            to_vendor_s = time.monotonic() - started
+            started = time.monotonic()
+            large_back = await vendor_to_matrix("large.mp4", size_mb * 1024 * 1024)
+            to_matrix_s = time.monotonic() - started
             file_mb = float(size_mb)
-            rise = large - small
             return {
                 "media_file_mb": file_mb,
                 "media_bridge_peak_rss_mb_baseline": round(small, 1),
-                "media_bridge_peak_rss_mb_large": round(large, 1),
-                "media_rss_rise_mb_matrix_to_vendor": round(rise, 1),
-                "media_rss_rise_ratio_to_file_size": round(rise / file_mb, 4),
+                "media_bridge_peak_rss_mb_after_matrix_to_vendor": round(large, 1),
+                "media_bridge_peak_rss_mb_after_vendor_to_matrix": round(large_back, 1),
+                "media_rss_rise_mb_matrix_to_vendor": round(large - small, 1),
+                "media_rss_rise_mb_vendor_to_matrix": round(large_back - small, 1),
+                "media_rss_rise_ratio_to_file_size": round(max(large, large_back) - small, 1)
+                / file_mb,
+                "media_seconds_matrix_to_vendor": round(to_vendor_s, 1),
+                "media_seconds_vendor_to_matrix": round(to_matrix_s, 1),
             }
     finally:
         bridge.terminate()

@@ -10,12 +10,13 @@ import aiohttp
 from yarl import URL
 
 from connectors.base import ConnectorError
+from connectors.payload import parse_json
 
 
 async def read_json(resp: aiohttp.ClientResponse) -> Any:
     """The response's JSON body, or None when it has none (an HTML error page, an empty body)."""
     try:
-        return await resp.json(content_type=None)
+        return parse_json(await resp.read())
     except ValueError:
         return None
 

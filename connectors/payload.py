@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from bridge.directory.idnps import Idnps, InvalidIdnps
 from connectors.base import Mention, Participant
+
+
+def parse_json(raw: bytes) -> Any:
+    """JSON from a vendor. Invalid UTF-8 inside it (a vendor bug) becomes U+FFFD instead of
+    costing the whole event or feed page; a body that is not JSON still raises ValueError."""
+    return json.loads(raw.decode("utf-8", errors="replace"))
 
 
 class InvalidPayload(ValueError):

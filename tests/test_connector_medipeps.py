@@ -825,3 +825,38 @@ async def test_v2_pages_cut_short_by_files_are_followed_at_once(harness: Harness
     await harness.make_connector(recorder, poll_interval_s=60).start()
     expected = [f"conv-{conv}"] + [f"msg-{m}" for m in sent]
     await wait_for(lambda: recorder.ids == expected, "every file message", timeout=10)
+
+
+async def test_invalid_utf8_in_the_feed_is_kept_with_replacement_characters(
+    harness: Harness,
+) -> None:
+    """One bad byte from the vendor must neither stall the feed nor drop the event."""
+    author = str(rpps(1))
+    page = (
+        b'{"events": [{"seq": 1, "type": "NEW_MSG", "at": 1700000000000, "msg": {"msg": 7, '
+        b'"conv": 3, "author": "' + author.encode() + b'", "body": "Tension \xff\xfe ok", '
+        b'"at": 1700000000000}}], "cursor": 1}'
+    )
+
+    async def events(request: web.Request) -> web.Response:
+        body = page if request.query.get("after") == "0" else b'{"events": [], "cursor": 1}'
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/mp/events", events)
+    vendor = Served(app)
+    await vendor.start()
+    try:
+        recorder = Recorder()
+        connector = harness.make_connector(recorder, api_url=vendor.url)
+        await connector.start()
+        for _ in range(200):
+            if recorder.events:
+                break
+            await asyncio.sleep(0.01)
+        [event] = recorder.events
+        assert isinstance(event, MessageReceived)
+        assert event.text == "Tension \ufffd\ufffd ok"
+        assert await harness.store.get("cursor") == "1"
+    finally:
+        await vendor.close()

@@ -1016,3 +1016,15 @@ def test_v2_mentions_round_trip() -> None:
     assert back == text
     assert set(found) == set(mentions)
     assert to_markdown("sans mention", None, ()) == "sans mention"
+
+
+async def test_invalid_utf8_inside_a_signed_event_is_kept_with_replacement_characters(
+    harness: Harness,
+) -> None:
+    """A vendor bug (one bad byte in a title) must not cost the whole event, nor stall the
+    vendor's redelivery queue: the byte becomes U+FFFD and the rest arrives."""
+    body = json.dumps(envelope()).encode().replace(b'"title": null', b'"title": "Bilan \xff"')
+    status, _ = await post_webhook(harness, body)
+    assert status == 200
+    [event] = harness.recorder.events
+    assert event.title == "Bilan \ufffd"

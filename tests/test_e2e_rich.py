@@ -587,3 +587,47 @@ async def test_portal_rooms_publish_what_each_vendor_supports(
     assert published["medipeps"]["edits"] is False
     assert published["medipeps"]["max_text_length"] == 4000
     assert "m.image" in published["medipeps"]["files"]
+
+
+# --- Hostile input -------------------------------------------------------------------------------
+
+
+async def test_malformed_matrix_events_neither_crash_nor_block_the_conversation(
+    trio: Trio, http: ClientSession
+) -> None:
+    def bad(n: int, kind: str, content: Any) -> dict[str, Any]:
+        return {
+            "event_id": f"$malformed-{next(counter)}-{n}",
+            "room_id": trio.room_id,
+            "type": kind,
+            "sender": trio.native.user_id,
+            "origin_server_ts": 1,
+            "content": content,
+        }
+
+    transaction = {
+        "events": [
+            bad(1, "m.room.message", "not an object"),
+            bad(2, "m.room.message", {"msgtype": "m.text", "body": 12345}),
+            bad(3, "m.room.message", {"msgtype": "m.image", "url": 7}),
+            bad(4, "m.reaction", {"m.relates_to": "nonsense"}),
+            bad(5, "m.room.redaction", {"redacts": ["x"]}),
+            bad(
+                6,
+                "m.room.message",
+                {
+                    "msgtype": "m.text",
+                    "body": "x",
+                    "m.relates_to": {"rel_type": "m.replace", "event_id": 5},
+                },
+            ),
+        ]
+    }
+    url = f"{trio.stack.bridge_url}/_matrix/app/v1/transactions/malformed-{next(counter)}"
+    headers = {"Authorization": f"Bearer {trio.stack.registration['hs_token']}"}
+    async with http.put(url, json=transaction, headers=headers) as resp:
+        assert resp.status == 200
+    after = unique("Toujours là")
+    await trio.native.send_text(trio.room_id, after)
+    await vendor_copy(trio.alice, lambda m: m["text"] == after)
+    await vendor_copy(trio.bob, lambda m: m["text"] == after)

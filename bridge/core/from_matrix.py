@@ -63,7 +63,7 @@ class FromMatrix:
     # Membership --------------------------------------------------------------------------------
 
     async def _membership(self, raw: dict[str, Any]) -> None:
-        content = raw.get("content") or {}
+        content = _obj(raw.get("content"))
         target = raw.get("state_key", "")
         if content.get("membership") != "invite" or not self.ids.in_namespace(target):
             return
@@ -155,10 +155,10 @@ class FromMatrix:
         if found is None:
             return
         portal, targets = found
-        content = raw.get("content") or {}
-        if content.get("msgtype") in (None, "") and not content:
+        content = _obj(raw.get("content"))
+        if not content:
             return  # redacted before we saw it: nothing left to bridge
-        relates = content.get("m.relates_to") or {}
+        relates = _obj(content.get("m.relates_to"))
         sender = await self._sender(raw, portal)
         if relates.get("rel_type") == "m.replace" and isinstance(relates.get("event_id"), str):
             new_content = content.get("m.new_content")
@@ -177,6 +177,8 @@ class FromMatrix:
                 targets,
             )
             return
+        if not isinstance(content.get("body", ""), str):
+            content = {**content, "body": ""}
         if content.get("msgtype") not in BRIDGED_MSGTYPES:
             # Unknown message types still reach vendors as their plain-text body (the spec's
             # fallback), and the sender is told through the send status.
@@ -185,7 +187,7 @@ class FromMatrix:
                 "body": str(content.get("body") or ""),
                 "eimis.unknown_msgtype": str(content.get("msgtype")),
             }
-        reply_to = (relates.get("m.in_reply_to") or {}).get("event_id")
+        reply_to = _obj(relates.get("m.in_reply_to")).get("event_id")
         await self._enqueue(
             raw,
             op.SEND_MESSAGE,
@@ -200,7 +202,7 @@ class FromMatrix:
         )
 
     async def _reaction(self, raw: dict[str, Any]) -> None:
-        relates = (raw.get("content") or {}).get("m.relates_to") or {}
+        relates = _obj(_obj(raw.get("content")).get("m.relates_to"))
         if relates.get("rel_type") != "m.annotation":
             return
         key, target = relates.get("key"), relates.get("event_id")
@@ -224,7 +226,7 @@ class FromMatrix:
         )
 
     async def _redaction(self, raw: dict[str, Any]) -> None:
-        target = raw.get("redacts") or (raw.get("content") or {}).get("redacts")
+        target = raw.get("redacts") or _obj(raw.get("content")).get("redacts")
         if not isinstance(target, str):
             return
         found = await self._targets(raw)
@@ -281,7 +283,7 @@ class FromMatrix:
     async def _typing_changed(self, raw: dict[str, Any]) -> None:
         """Typing is best effort: delivered at once, never queued or retried."""
         room_id = raw.get("room_id")
-        user_ids = (raw.get("content") or {}).get("user_ids")
+        user_ids = _obj(raw.get("content")).get("user_ids")
         if not isinstance(room_id, str) or not isinstance(user_ids, list):
             return
         now = {u for u in user_ids if isinstance(u, str) and not self.ids.in_namespace(u)}
@@ -304,3 +306,8 @@ class FromMatrix:
                     log.debug(
                         "Typing not delivered to %s: %s", link.connector, type(error).__name__
                     )
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    """A JSON object from an event, or {} when the sender put something else there."""
+    return value if isinstance(value, dict) else {}

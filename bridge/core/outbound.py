@@ -59,7 +59,7 @@ def render_text(
     if not isinstance(html, str):
         html = None
     is_reply = bool(
-        ((content.get("m.relates_to") or {}).get("m.in_reply_to") or {}).get("event_id")
+        _obj(_obj(content.get("m.relates_to")).get("m.in_reply_to")).get("event_id")
     )
     notes: list[str] = []
     mention_mxids: list[str] = []
@@ -115,7 +115,7 @@ def file_ref(content: dict[str, Any]) -> FileRef | None:
     url = content.get("url")
     if msgtype not in FILE_MSGTYPES or not isinstance(url, str):
         return None
-    info = content.get("info") if isinstance(content.get("info"), dict) else {}
+    info = _obj(content.get("info"))
     name = content.get("filename") or content.get("body") or "file"
     size = info.get("size")
     return FileRef(
@@ -186,3 +186,7 @@ def location_as_text(place: Location) -> str:
         f"#map=17/{place.latitude}/{place.longitude}"
     )
     return f"📍 {label}(geo:{place.latitude},{place.longitude}) {quote(url, safe=':/?&=#')}"
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}

@@ -49,6 +49,12 @@ class Router:
             log.warning("Inbox item %d cannot be processed: %s", item.seq, failure)
             await self.stores.inbox.mark_failed(item.seq, str(failure))
             return
+        except (AttributeError, TypeError, KeyError, ValueError) as error:
+            # Malformed input the parsers did not foresee: retrying cannot help, and waiting on
+            # it would hold the whole conversation. Recorded as failed for the operators.
+            log.error("Inbox item %d is malformed (%s); skipped", item.seq, type(error).__name__)
+            await self.stores.inbox.mark_failed(item.seq, f"malformed: {type(error).__name__}")
+            return
         except MatrixRequestError as error:
             if 400 <= error.http_status < 500 and error.http_status != 429:
                 log.warning(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
@@ -31,7 +30,7 @@ from connectors.base import (
 )
 from connectors.pandalab import convert
 from connectors.pandalab.client import PandaLabClient
-from connectors.payload import InvalidPayload
+from connectors.payload import InvalidPayload, parse_json
 
 MAX_FILE_SIZE = 512 * 1024 * 1024
 """PandaLab's file size limit (512 MiB: imaging videos), any MIME type."""
@@ -203,7 +202,7 @@ class PandaLabConnector(Connector):
         if refusal is not None:
             return self._refuse(401, "unauthorized", refusal)
         try:
-            payload = json.loads(raw)
+            payload = parse_json(raw)
         except ValueError:
             return self._refuse(400, "malformed_json", "the body is not valid JSON")
         try:
