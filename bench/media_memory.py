@@ -97,7 +97,10 @@ class Native:
 
 async def run(size_mb: int) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="eimis-bench-"))
-    stack = LocalStack(work / "stack")
+    # The space's file limit is raised for the large file (the default is 100 MiB).
+    stack = LocalStack(
+        work / "stack", config_overrides={"media": {"max_file_size": 300 * 1024 * 1024}}
+    )
     await stack.start(with_bridge=False)
     bridge = subprocess.Popen(
         [sys.executable, "-m", "bridge", "run", "-c", str(stack.state_dir / "config.yaml")],

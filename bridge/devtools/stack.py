@@ -49,6 +49,7 @@ class LocalStack:
         *,
         database_url: str | None = None,
         log_level: str = "WARNING",
+        config_overrides: dict[str, Any] | None = None,
     ) -> None:
         self.state_dir = state_dir.resolve()
         self.database_url = database_url or f"sqlite:{self.state_dir / 'bridge.db'}"
@@ -71,7 +72,7 @@ class LocalStack:
             # Large enough for the streaming benchmark's 200 MB file.
             extra_config={"max_upload_size": "300M"},
         )
-        self.raw_config = self._raw_config()
+        self.raw_config = {**self._raw_config(), **(config_overrides or {})}
         self.config: Config = parse_config(self.raw_config)
         self.registration: dict[str, Any] = {}
         self.bridge: Bridge | None = None
