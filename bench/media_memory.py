@@ -196,8 +196,9 @@ async def run(size_mb: int) -> dict[str, float]:
                 "media_bridge_peak_rss_mb_after_vendor_to_matrix": round(large_back, 1),
                 "media_rss_rise_mb_matrix_to_vendor": round(large - small, 1),
                 "media_rss_rise_mb_vendor_to_matrix": round(large_back - small, 1),
-                "media_rss_rise_ratio_to_file_size": round(max(large, large_back) - small, 1)
-                / file_mb,
+                "media_rss_rise_ratio_to_file_size": round(
+                    (max(large, large_back) - small) / file_mb, 4
+                ),
                 "media_seconds_matrix_to_vendor": round(to_vendor_s, 1),
                 "media_seconds_vendor_to_matrix": round(to_matrix_s, 1),
             }
