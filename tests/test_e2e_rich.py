@@ -631,3 +631,29 @@ async def test_malformed_matrix_events_neither_crash_nor_block_the_conversation(
     await trio.native.send_text(trio.room_id, after)
     await vendor_copy(trio.alice, lambda m: m["text"] == after)
     await vendor_copy(trio.bob, lambda m: m["text"] == after)
+
+
+async def test_audio_and_video_reach_the_vendor_that_takes_them_and_are_refused_elsewhere(
+    trio: Trio,
+) -> None:
+    for msgtype, mime, name in (
+        ("m.audio", "audio/ogg", f"dictee-{next(counter)}.ogg"),
+        ("m.video", "video/mp4", f"geste-{next(counter)}.mp4"),
+    ):
+        data = b"OggS" + bytes(range(256)) * 64
+        mxc = await trio.native.upload(data, mime, name)
+        event_id = await trio.native.send(
+            trio.room_id,
+            "m.room.message",
+            {
+                "msgtype": msgtype,
+                "body": name,
+                "url": mxc,
+                "info": {"mimetype": mime, "size": len(data)},
+            },
+        )
+        at_alice = await vendor_copy(trio.alice, file_named(name))
+        assert at_alice["attachment"]["mime_type"] == mime
+        assert await trio.alice.download(at_alice["attachment"]["file_id"]) == data
+        refused = await send_status(trio, event_id, "medipeps")
+        assert refused["status"] == "FAIL_PERMANENT" and mime in refused["message"]
