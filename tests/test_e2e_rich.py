@@ -538,6 +538,12 @@ async def test_read_receipts_cross_in_both_directions(trio: Trio) -> None:
     await wait_for("the read marker at PandaLab", marked, 30)
 
     bob_copy = await vendor_copy(trio.bob, lambda m: m["text"] == text)
+
+    async def marked_at_bob() -> bool:
+        view = await trio.bob.conversation(trio.bob_conv)
+        return view["read_up_to"].get(trio.native.user_id) == bob_copy["message_id"]
+
+    await wait_for("the read marker at Medipeps", marked_at_bob, 30)
     await trio.bob.read(trio.bob_conv, bob_copy["message_id"])
     bob_ghost = trio.ghost(trio.bob, "medipeps")
     await trio.native.wait_for_ephemeral(
