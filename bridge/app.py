@@ -78,6 +78,7 @@ class Bridge:
             self.media,
             self.config.media,
             self.status,
+            max_attempts=self.config.delivery.max_attempts,
         )
         self.outbox = LaneScheduler[OutboxItem](
             "outbox",
@@ -86,6 +87,7 @@ class Bridge:
             self.delivery.record_error,
             fetch_lane=self.stores.outbox.pending_in_lane,
         )
+        self.delivery.attach(self.outbox)
         self.router = Router(
             self.stores,
             self.homeserver,

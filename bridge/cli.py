@@ -45,6 +45,19 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--list", action="store_true", help="list the connector types")
 
+    dead = sub.add_parser("dead-letters", help="list deliveries that spent their retry budget")
+    dead.add_argument("-c", "--config", type=Path, required=True, help="bridge config file")
+    dead.add_argument("--connector", help="only this connector's")
+
+    retry = sub.add_parser("retry", help="put a dead letter (or all) back in its queue")
+    retry.add_argument("-c", "--config", type=Path, required=True, help="bridge config file")
+    retry.add_argument("id", help="dead letter id (from dead-letters), or 'all'")
+
+    discard = sub.add_parser("discard", help="drop a dead letter; its conversation flows again")
+    discard.add_argument("-c", "--config", type=Path, required=True, help="bridge config file")
+    discard.add_argument("id", type=int, help="dead letter id (from dead-letters)")
+    discard.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
     demo = sub.add_parser("demo", help="local Synapse + bridge + sandboxes + a scripted chat")
     demo.add_argument(
         "--once",
@@ -64,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args.config)
         if args.command == "sandbox":
             return _sandbox(args.type, args.host, args.port, args.list)
+        if args.command in ("dead-letters", "retry", "discard"):
+            return asyncio.run(_dead_letter_command(args))
         if args.command == "demo":
             from bridge.devtools.demo import run_demo
 
@@ -74,6 +89,53 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 1
+
+
+async def _dead_letter_command(args: argparse.Namespace) -> int:
+    """Operator commands on dead letters, straight on the database (the bridge may be running:
+    it picks released work up on its next idle rescan)."""
+    from bridge.db.database import open_database
+    from bridge.db.dead_letters import DeadLetterStore
+
+    config = load_config(args.config)
+    db = await open_database(config.database)
+    try:
+        store = DeadLetterStore(db)
+        if args.command == "dead-letters":
+            letters = await store.list(args.connector)
+            if not letters:
+                print("No dead letters.")
+                return 0
+            print(f"{'id':>8}  {'connector':<12} {'attempts':>8} {'held':>5}  room / last error")
+            for d in letters:
+                print(f"{d.seq:>8}  {d.connector:<12} {d.attempts:>8} {d.held:>5}  {d.room_id}")
+                print(f"{'':>8}  {d.operation}: {d.last_error or ''}")
+            return 0
+        if args.command == "retry":
+            if args.id == "all":
+                count = await store.retry(None)
+            elif args.id.isdigit():
+                count = await store.retry(int(args.id))
+            else:
+                print("retry takes a dead letter id or 'all'", file=sys.stderr)
+                return 2
+            print(f"{count} dead letter(s) back in their queue.")
+            return 0 if count or args.id == "all" else 1
+        if not args.yes:
+            answer = input(
+                f"Discard dead letter {args.id}? Its content is deleted and it will never be "
+                "delivered. [y/N] "
+            )
+            if answer.strip().lower() not in ("y", "yes"):
+                print("Nothing discarded.")
+                return 1
+        if await store.discard(args.id):
+            print(f"Dead letter {args.id} discarded; its conversation flows again.")
+            return 0
+        print(f"No dead letter {args.id}.", file=sys.stderr)
+        return 1
+    finally:
+        await db.stop()
 
 
 def _generate_registration(config_path: Path, registration_path: Path) -> int:

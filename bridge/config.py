@@ -140,6 +140,12 @@ class MediaConfig(_Strict):
         return any(pattern.lower() in wanted for pattern in self.allowed_mime_types)
 
 
+class DeliveryConfig(_Strict):
+    max_attempts: int = Field(
+        10, ge=1, description="Retry budget of one delivery a vendor refuses (5xx, 429...)"
+    )
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(False, alias="json")
@@ -151,6 +157,7 @@ class Config(_Strict):
     database: DatabaseConfig = DatabaseConfig()
     connectors: dict[str, ConnectorConfig] = Field(default_factory=dict)
     media: MediaConfig = MediaConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @field_validator("connectors")

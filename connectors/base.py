@@ -379,11 +379,25 @@ class ConnectorContext:
 
 
 class ConnectorError(Exception):
-    """A vendor call failed. ``retriable`` says whether trying again later may succeed."""
+    """A vendor call failed. ``retriable`` says whether trying again later may succeed.
 
-    def __init__(self, message: str, *, retriable: bool) -> None:
+    ``unreachable``: the vendor did not answer at all (connection refused, timeout): the bridge
+    marks the connector down and waits for it instead of spending the delivery's retry budget.
+    ``retry_after``: seconds the vendor asked to wait (HTTP 429 ``Retry-After``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retriable: bool,
+        unreachable: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.retriable = retriable
+        self.unreachable = unreachable
+        self.retry_after = retry_after
 
 
 class Connector(abc.ABC):

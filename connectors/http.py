@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -21,12 +21,42 @@ async def read_json(resp: aiohttp.ClientResponse) -> Any:
         return None
 
 
-def raise_for_status(what: str, status: int, body: Any, vendor_error: Callable[[Any], str]) -> None:
-    """Map an HTTP error to ConnectorError: 5xx and 429 may succeed later, other 4xx never."""
+def raise_for_status(
+    what: str,
+    status: int,
+    body: Any,
+    vendor_error: Callable[[Any], str],
+    headers: Mapping[str, str] | None = None,
+) -> None:
+    """Map an HTTP error to ConnectorError: 5xx and 429 may succeed later, other 4xx never.
+
+    A 429's ``Retry-After`` (seconds) is kept so the bridge waits at least that long.
+    """
     if status < 400:
         return
     detail = f"{what}: HTTP {status}{vendor_error(body)}"
-    raise ConnectorError(detail, retriable=status >= 500 or status == 429)
+    retry_after = None
+    if status == 429 and headers is not None:
+        retry_after = retry_after_seconds(headers.get("Retry-After"))
+    raise ConnectorError(
+        detail, retriable=status >= 500 or status == 429, retry_after=retry_after
+    )
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """``Retry-After`` in seconds (delta-seconds form; an HTTP date counts as unknown)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return min(max(seconds, 0.0), 3600.0)
+
+
+def transport_error(what: str, exc: BaseException) -> ConnectorError:
+    """The vendor did not answer: retriable, and a sign the connector is down."""
+    return ConnectorError(f"{what}: {describe(exc)}", retriable=True, unreachable=True)
 
 
 def error_fields(body: Any, *keys: str) -> str:
@@ -90,4 +120,4 @@ async def iter_body(resp: aiohttp.ClientResponse, what: str) -> AsyncIterator[by
         async for chunk in resp.content.iter_chunked(CHUNK_SIZE):
             yield chunk
     except (TimeoutError, aiohttp.ClientError) as exc:
-        raise ConnectorError(f"{what}: {describe(exc)}", retriable=True) from exc
+        raise transport_error(what, exc) from exc

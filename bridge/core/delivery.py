@@ -18,6 +18,8 @@ from bridge.config import MediaConfig
 from bridge.core import operations as op
 from bridge.core.connectors import ConnectorSet
 from bridge.core.errors import PermanentFailure
+from bridge.core.health import ConnectorHealth
+from bridge.core.lanes import LaneScheduler
 from bridge.core.members import Member
 from bridge.core.outbound import (
     Undeliverable,
@@ -60,6 +62,7 @@ class Delivery:
         media: MediaRepository,
         media_config: MediaConfig,
         status: StatusReporter,
+        max_attempts: int = 10,
     ) -> None:
         self.stores = stores
         self.hs = homeserver
@@ -67,15 +70,40 @@ class Delivery:
         self.media = media
         self.media_config = media_config
         self.status = status
+        self.max_attempts = max_attempts
+        self.health = ConnectorHealth(self._vendor_back)
+        self._scheduler: LaneScheduler[OutboxItem] | None = None
+        self._attempts: dict[int, int] = {}
         self._told_retrying: set[int] = set()
+
+    def attach(self, scheduler: LaneScheduler[OutboxItem]) -> None:
+        self._scheduler = scheduler
+
+    def _vendor_back(self, connector: str) -> None:
+        if self._scheduler is not None:
+            self._scheduler.retry_now(f"{connector}\x1f")
 
     async def handle(self, item: OutboxItem) -> None:
         """Deliver one item; raises only for failures worth retrying."""
         try:
             notes = await self._deliver(item)
-        except (ConnectorError, MediaError) as error:
-            if error.retriable:
+        except ConnectorError as error:
+            if error.unreachable:
+                self.health.unreachable(item.connector)
                 raise
+            self.health.answered(item.connector)
+            if not error.retriable:
+                await self._give_up(item, str(error), unsupported=False)
+                return
+            attempts = self._attempts.get(item.seq, item.attempts) + 1
+            self._attempts[item.seq] = attempts
+            if attempts >= self.max_attempts:
+                await self._dead_letter(item, str(error), attempts)
+                return
+            raise
+        except MediaError as error:
+            if error.retriable:
+                raise  # the homeserver's trouble, not this delivery's: no budget spent
             await self._give_up(item, str(error), unsupported=False)
             return
         except Undeliverable as refusal:
@@ -84,8 +112,10 @@ class Delivery:
         except PermanentFailure as failure:
             await self._give_up(item, str(failure), unsupported=False)
             return
+        self.health.answered(item.connector)
         await self.stores.outbox.mark_done(item.seq)
         self._told_retrying.discard(item.seq)
+        self._attempts.pop(item.seq, None)
         if notes is not None:
             await self._report(item, "SUCCESS", "; ".join(notes))
 
@@ -113,6 +143,33 @@ class Delivery:
             detail=detail,
             unsupported=unsupported,
         )
+
+    async def _dead_letter(self, item: OutboxItem, reason: str, attempts: int) -> None:
+        """The retry budget is spent: park the delivery and hold the rest of its conversation."""
+        log.warning(
+            "Delivery %d to %s is a dead letter after %d attempts: %s",
+            item.seq,
+            item.connector,
+            attempts,
+            reason,
+        )
+        await self.stores.outbox.mark_dead(item.seq, reason)
+        self._attempts.pop(item.seq, None)
+        self._told_retrying.discard(item.seq)
+        if self._scheduler is not None:
+            self._scheduler.drop_backlog(item.lane)
+        detail = (
+            f"{item.connector} refused it {attempts} times ({reason}); later messages of "
+            "this conversation wait until an operator retries or discards it"
+        )
+        if item.operation == op.CREATE_CONVERSATION:
+            await self.status._notice(
+                item.room_id,
+                f"This conversation is held: {detail}",
+                txn_id=f"eimis.dead.{item.seq}",
+            )
+        else:
+            await self._report(item, "FAIL_PERMANENT", detail)
 
     async def _give_up(self, item: OutboxItem, reason: str, *, unsupported: bool) -> None:
         log.warning("Delivery %d to %s failed for good: %s", item.seq, item.connector, reason)

@@ -97,6 +97,7 @@ class LaneScheduler(Generic[T]):
         self._buffered = 0
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
+        self._retry_now: dict[str, asyncio.Event] = {}
         self._dispatcher: asyncio.Task[None] | None = None
 
     # Lifecycle ---------------------------------------------------------------------------------
@@ -120,6 +121,27 @@ class LaneScheduler(Generic[T]):
     def notify(self) -> None:
         """New work was stored: look for it now rather than at the next poll."""
         self._wake.set()
+
+    def retry_now(self, lane_prefix: str = "") -> None:
+        """Lanes waiting to retry (whose name starts with ``lane_prefix``) try again at once:
+        e.g. all of a connector's conversations when its vendor answers again."""
+        for lane, event in self._retry_now.items():
+            if lane.startswith(lane_prefix):
+                event.set()
+
+    def drop_backlog(self, lane_name: str) -> None:
+        """Forget what this lane has read ahead (it stays in storage): after a dead letter,
+        the rest of the conversation must wait, and is read again once released."""
+        lane = self._lanes.get(lane_name)
+        if lane is None or not lane.queue:
+            return
+        current = lane.queue[0]
+        dropped = len(lane.queue) - 1
+        lane.queue.clear()
+        lane.queue.append(current)
+        lane.tail_seq = current.seq
+        lane.overflowing = False
+        self._buffered -= dropped
 
     @property
     def buffered(self) -> int:
@@ -146,6 +168,10 @@ class LaneScheduler(Generic[T]):
                 self._offer(item)
             if len(items) == min(self._batch_size, room):
                 continue
+            if not items:
+                # Idle: read everything pending again next time, so work released behind the
+                # cursor (a dead letter retried or discarded, by another process) is found.
+                self._cursor = 0
             await self._sleep_or_wake(self._poll_interval_s)
 
     def _offer(self, item: T) -> None:
@@ -227,6 +253,15 @@ class LaneScheduler(Generic[T]):
                     # The traceback only at DEBUG: exception texts may quote what was processed.
                     exc_info=self._log.isEnabledFor(logging.DEBUG),
                 )
+                retry_after = getattr(error, "retry_after", None)
+                if isinstance(retry_after, int | float) and retry_after > delay:
+                    delay = float(retry_after)
                 with contextlib.suppress(Exception):
                     await self._on_error(item, error)
-                await asyncio.sleep(delay)
+                wake = self._retry_now.setdefault(item.lane, asyncio.Event())
+                wake.clear()
+                try:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(wake.wait(), delay)
+                finally:
+                    self._retry_now.pop(item.lane, None)

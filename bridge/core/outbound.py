@@ -58,9 +58,7 @@ def render_text(
     )
     if not isinstance(html, str):
         html = None
-    is_reply = bool(
-        _obj(_obj(content.get("m.relates_to")).get("m.in_reply_to")).get("event_id")
-    )
+    is_reply = bool(_obj(_obj(content.get("m.relates_to")).get("m.in_reply_to")).get("event_id"))
     notes: list[str] = []
     mention_mxids: list[str] = []
     if html is not None:

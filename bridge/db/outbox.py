@@ -12,6 +12,12 @@ from bridge.db.clock import now_ms
 from bridge.db.ordering import serialize_appends
 
 _LANE_SEPARATOR = "\x1f"
+_COLUMNS = "o.seq, o.connector, o.room_id, o.operation, o.dedup_key, o.payload, o.attempts"
+# A dead letter holds everything after it in its conversation: order before delivery.
+_NOT_HELD = (
+    "NOT EXISTS (SELECT 1 FROM outbox d WHERE d.state = 'dead' AND d.connector = o.connector "
+    "AND d.room_id = o.room_id AND d.seq < o.seq)"
+)
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,8 @@ class OutboxStore:
 
     async def pending(self, after_seq: int, limit: int) -> list[OutboxItem]:
         rows = await self.db.fetch(
-            "SELECT seq, connector, room_id, operation, dedup_key, payload, attempts FROM outbox "
-            "WHERE state = 'pending' AND seq > $1 ORDER BY seq LIMIT $2",
+            f"SELECT {_COLUMNS} FROM outbox o "
+            f"WHERE o.state = 'pending' AND o.seq > $1 AND {_NOT_HELD} ORDER BY o.seq LIMIT $2",
             after_seq,
             limit,
         )
@@ -75,9 +81,9 @@ class OutboxStore:
     async def pending_in_lane(self, lane: str, after_seq: int, limit: int) -> list[OutboxItem]:
         connector, _, room_id = lane.partition(_LANE_SEPARATOR)
         rows = await self.db.fetch(
-            "SELECT seq, connector, room_id, operation, dedup_key, payload, attempts FROM outbox "
-            "WHERE connector = $1 AND room_id = $2 AND state = 'pending' AND seq > $3 "
-            "ORDER BY seq LIMIT $4",
+            f"SELECT {_COLUMNS} FROM outbox o "
+            "WHERE o.connector = $1 AND o.room_id = $2 AND o.state = 'pending' AND o.seq > $3 "
+            f"AND {_NOT_HELD} ORDER BY o.seq LIMIT $4",
             connector,
             room_id,
             after_seq,
@@ -94,6 +100,11 @@ class OutboxStore:
     async def mark_failed(self, seq: int, reason: str) -> None:
         await self.db.execute(
             "UPDATE outbox SET state = 'failed', last_error = $2 WHERE seq = $1", seq, reason
+        )
+
+    async def mark_dead(self, seq: int, reason: str) -> None:
+        await self.db.execute(
+            "UPDATE outbox SET state = 'dead', last_error = $2 WHERE seq = $1", seq, reason
         )
 
     async def record_attempt(self, seq: int, error: str) -> None:

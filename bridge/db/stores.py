@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from mautrix.util.async_db import Database
 
+from bridge.db.dead_letters import DeadLetterStore
 from bridge.db.ghost import GhostStore
 from bridge.db.inbox import InboxStore
 from bridge.db.message_map import MessageMapStore
@@ -21,6 +22,7 @@ class Stores:
     portals: PortalStore
     ghosts: GhostStore
     messages: MessageMapStore
+    dead_letters: DeadLetterStore
 
     @classmethod
     def of(cls, db: Database) -> Stores:
@@ -31,4 +33,5 @@ class Stores:
             PortalStore(db),
             GhostStore(db),
             MessageMapStore(db),
+            DeadLetterStore(db),
         )

@@ -29,14 +29,28 @@ class Sandbox:
     port: int
     app_factory: Any
     runner: web.AppRunner | None = None
+    site: web.TCPSite | None = None
     users: list[dict[str, Any]] = field(default_factory=list)
 
-    async def start(self, *, with_bridge: bool = True) -> None:
-        self.runner = web.AppRunner(self.app_factory(), access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+    async def start(self) -> None:
+        """Listen (again) on the same port; the vendor's data survives a stop()."""
+        if self.runner is None:
+            self.runner = web.AppRunner(self.app_factory(), access_log=None)
+            await self.runner.setup()
+        self.site = web.TCPSite(self.runner, "127.0.0.1", self.port)
+        await self.site.start()
 
     async def stop(self) -> None:
+        """Stop answering (a vendor outage): connections are refused until start()."""
+        if self.site is not None:
+            await self.site.stop()
+            self.site = None
+            # Kept-alive connections would go on being served: close them too.
+            if self.runner is not None and self.runner.server is not None:
+                await self.runner.server.shutdown(1.0)
+
+    async def close(self) -> None:
+        await self.stop()
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -128,7 +142,7 @@ class LocalStack:
         finally:
             await self.synapse.stop()
             for sandbox in self.sandboxes.values():
-                await sandbox.stop()
+                await sandbox.close()
 
     async def __aenter__(self) -> LocalStack:
         try:

@@ -108,10 +108,10 @@ class MedipepsClient:
             ) as resp:
                 body = await http.read_json(resp)
                 if not (resp.status == 404 and allow_404):
-                    http.raise_for_status(what, resp.status, body, _vendor_error)
+                    http.raise_for_status(what, resp.status, body, _vendor_error, resp.headers)
                 return resp.status, body
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise ConnectorError(f"{what}: {http.describe(exc)}", retriable=True) from exc
+            raise http.transport_error(what, exc) from exc
 
 
 # --- Helpers --------------------------------------------------------------------------------------

@@ -263,10 +263,10 @@ class PandaLabClient:
                     raise _TokenRejected
                 if resp.status in accept:
                     return resp.status, body
-                http.raise_for_status(what, resp.status, body, _vendor_error)
+                http.raise_for_status(what, resp.status, body, _vendor_error, resp.headers)
                 return resp.status, body
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise ConnectorError(f"{what}: {http.describe(exc)}", retriable=True) from exc
+            raise http.transport_error(what, exc) from exc
 
     async def _open_download(self, url: str, token: str, what: str) -> aiohttp.ClientResponse:
         """The response to a file download, status checked, its body not read yet."""
@@ -280,10 +280,10 @@ class PandaLabClient:
             finally:
                 resp.release()
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise ConnectorError(f"{what}: {http.describe(exc)}", retriable=True) from exc
+            raise http.transport_error(what, exc) from exc
         if resp.status == 401:
             raise _TokenRejected
-        http.raise_for_status(what, resp.status, body, _vendor_error)
+        http.raise_for_status(what, resp.status, body, _vendor_error, resp.headers)
         raise AssertionError("unreachable: raise_for_status raised")  # pragma: no cover
 
     def _check_origin(self, url: str, what: str) -> None:
@@ -318,9 +318,9 @@ class PandaLabClient:
         try:
             async with self._http().post(self._base + "/oauth/token", data=form) as resp:
                 body = await http.read_json(resp)
-                http.raise_for_status(what, resp.status, body, _vendor_error)
+                http.raise_for_status(what, resp.status, body, _vendor_error, resp.headers)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise ConnectorError(f"{what}: {http.describe(exc)}", retriable=True) from exc
+            raise http.transport_error(what, exc) from exc
         token = _string_field(body, "access_token", "token")
         lifetime = body.get("expires_in", 0)
         if not isinstance(lifetime, (int, float)) or isinstance(lifetime, bool):
