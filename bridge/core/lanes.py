@@ -244,6 +244,9 @@ class LaneScheduler(Generic[T]):
             except Exception as error:
                 attempt += 1
                 delay = self._backoff.delay(attempt, self._rng)
+                retry_after = getattr(error, "retry_after", None)
+                if isinstance(retry_after, int | float) and retry_after > delay:
+                    delay = float(retry_after)  # the other side asked for at least this long
                 self._log.warning(
                     "Item %d failed (attempt %d: %s); its conversation waits %.1fs",
                     item.seq,
@@ -253,9 +256,6 @@ class LaneScheduler(Generic[T]):
                     # The traceback only at DEBUG: exception texts may quote what was processed.
                     exc_info=self._log.isEnabledFor(logging.DEBUG),
                 )
-                retry_after = getattr(error, "retry_after", None)
-                if isinstance(retry_after, int | float) and retry_after > delay:
-                    delay = float(retry_after)
                 with contextlib.suppress(Exception):
                     await self._on_error(item, error)
                 wake = self._retry_now.setdefault(item.lane, asyncio.Event())
