@@ -109,6 +109,7 @@ class Bridge:
             self.router.record_error,
             fetch_lane=self.stores.inbox.pending_in_lane,
         )
+        self.router.on_homeserver_back = self.inbox.retry_now
         server = AppserviceServer(
             hs_token=hs_token,
             inbox=self.stores.inbox,

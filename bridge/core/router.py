@@ -8,9 +8,10 @@ Matrix events go to ``FromMatrix`` (deliveries for the vendors); vendor events g
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from mautrix.errors import MatrixRequestError
+from mautrix.errors import MatrixConnectionError, MatrixRequestError
 from mautrix.types import Event, StateEvent
 
 from bridge.core.errors import PermanentFailure
@@ -36,6 +37,8 @@ class Router:
         self.hs = homeserver
         self.from_matrix = from_matrix
         self.to_matrix = to_matrix
+        self._homeserver_down = False
+        self.on_homeserver_back: Callable[[], None] = lambda: None
 
     async def handle(self, item: InboxItem) -> None:
         """Process one inbox item; raises only for failures worth retrying."""
@@ -45,6 +48,11 @@ class Router:
                 await self.from_matrix.handle(item.payload)
             else:
                 await self.to_matrix.handle(item.origin, event_from_json(item.payload))
+        except MatrixConnectionError:
+            if not self._homeserver_down:
+                self._homeserver_down = True
+                log.warning("The homeserver does not answer; conversations wait for it")
+            raise
         except PermanentFailure as failure:
             log.warning("Inbox item %d cannot be processed: %s", item.seq, failure)
             await self.stores.inbox.mark_failed(item.seq, str(failure))
@@ -66,6 +74,10 @@ class Router:
                 await self.stores.inbox.mark_failed(item.seq, f"homeserver: {error.errcode}")
                 return
             raise
+        if self._homeserver_down:
+            self._homeserver_down = False
+            log.info("The homeserver answers again; waiting conversations resume")
+            self.on_homeserver_back()
         await self.stores.inbox.mark_done(item.seq)
 
     async def record_error(self, item: InboxItem, error: Exception) -> None:
