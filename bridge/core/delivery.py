@@ -163,7 +163,7 @@ class Delivery:
             "this conversation wait until an operator retries or discards it"
         )
         if item.operation == op.CREATE_CONVERSATION:
-            await self.status._notice(
+            await self.status.notice(
                 item.room_id,
                 f"This conversation is held: {detail}",
                 txn_id=f"eimis.dead.{item.seq}",
@@ -176,7 +176,7 @@ class Delivery:
         await self.stores.outbox.mark_failed(item.seq, reason)
         self._told_retrying.discard(item.seq)
         if item.operation == op.CREATE_CONVERSATION:
-            await self.status._notice(
+            await self.status.notice(
                 item.room_id,
                 f"This conversation could not be opened on {item.connector}: {reason}",
                 txn_id=f"eimis.create-failed.{item.seq}",

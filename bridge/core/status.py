@@ -60,7 +60,7 @@ class StatusReporter:
                 ),
             )
         if outcome == "FAIL_PERMANENT":
-            await self._notice(
+            await self.notice(
                 room_id,
                 f"A message could not be delivered to {target}: {detail}",
                 txn_id=derived_txn_id("failed", event_id, target),
@@ -118,7 +118,7 @@ class StatusReporter:
         except MatrixRequestError as error:
             log.warning("Could not send a message status (%s)", error.errcode)
 
-    async def _notice(self, room_id: str, text: str, *, txn_id: str) -> None:
+    async def notice(self, room_id: str, text: str, *, txn_id: str) -> None:
         portal = await self.stores.portals.get(room_id)
         if portal is None:
             return

@@ -250,7 +250,7 @@ class ToMatrix:
             except Exception as error:
                 log.warning("Delivery report to %s failed: %s", connector_id, type(error).__name__)
         ghost = await self.portals.ghost(connector_id, event.sender)
-        await self.status._notice(
+        await self.status.notice(
             room_id,
             f"{ghost.display_name} sent a file that could not be bridged: {reason}.",
             txn_id=derived_txn_id(connector_id, "refused", event.message_id),

@@ -28,7 +28,7 @@ class MediaRepository:
     session: ClientSession
     chunk_size: int = 64 * 1024
 
-    def _headers(self, user_id: str | None = None) -> dict[str, str]:
+    def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.as_token}"}
 
     @contextlib.asynccontextmanager
