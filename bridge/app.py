@@ -79,6 +79,7 @@ class Bridge:
             self.config.media,
             self.status,
             max_attempts=self.config.delivery.max_attempts,
+            success_statuses=self.config.delivery.success_statuses,
         )
         self.outbox = LaneScheduler[OutboxItem](
             "outbox",
@@ -100,6 +101,7 @@ class Bridge:
                 self.config.media,
                 self.status,
                 self.outbox.notify,
+                success_statuses=self.config.delivery.success_statuses,
             ),
         )
         self.inbox = LaneScheduler[InboxItem](

@@ -144,6 +144,10 @@ class DeliveryConfig(_Strict):
     max_attempts: int = Field(
         10, ge=1, description="Retry budget of one delivery a vendor refuses (5xx, 429...)"
     )
+    success_statuses: bool = Field(
+        False,
+        description="Also confirm plain successes (degraded and failed deliveries always are)",
+    )
 
 
 class LoggingConfig(_Strict):

@@ -33,7 +33,11 @@ PNG = base64.b64decode(
 
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
-    async with LocalStack(Path(tmp_path_factory.mktemp("rich"))) as local:
+    # Plain successes are confirmed too here, so every test can look for its status.
+    async with LocalStack(
+        Path(tmp_path_factory.mktemp("rich")),
+        config_overrides={"delivery": {"success_statuses": True}},
+    ) as local:
         yield local
 
 

@@ -63,6 +63,7 @@ class Delivery:
         media_config: MediaConfig,
         status: StatusReporter,
         max_attempts: int = 10,
+        success_statuses: bool = False,
     ) -> None:
         self.stores = stores
         self.hs = homeserver
@@ -71,6 +72,7 @@ class Delivery:
         self.media_config = media_config
         self.status = status
         self.max_attempts = max_attempts
+        self.success_statuses = success_statuses
         self.health = ConnectorHealth(self._vendor_back)
         self._scheduler: LaneScheduler[OutboxItem] | None = None
         self._attempts: dict[int, int] = {}
@@ -116,7 +118,7 @@ class Delivery:
         await self.stores.outbox.mark_done(item.seq)
         self._told_retrying.discard(item.seq)
         self._attempts.pop(item.seq, None)
-        if notes is not None:
+        if notes or (notes is not None and self.success_statuses):
             await self._report(item, "SUCCESS", "; ".join(notes))
 
     async def record_error(self, item: OutboxItem, error: Exception) -> None:

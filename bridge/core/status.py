@@ -12,7 +12,6 @@ import logging
 from typing import Literal
 
 from mautrix.errors import MatrixRequestError
-from mautrix.types import EventType, RoomID
 
 from bridge.core.connectors import ConnectorSet
 from bridge.core.members import Member
@@ -23,7 +22,7 @@ from connectors.base import ConnectorError, DeliveryReport
 
 log = logging.getLogger("eimis.status")
 
-SEND_STATUS = EventType.find("com.beeper.message_send_status", EventType.Class.MESSAGE)
+SEND_STATUS = "com.beeper.message_send_status"
 Outcome = Literal["SUCCESS", "FAIL_RETRIABLE", "FAIL_PERMANENT"]
 
 
@@ -109,8 +108,9 @@ class StatusReporter:
         if portal is None:
             return
         try:
-            await self.hs.intent(portal.voice).send_message_event(
-                RoomID(room_id),
+            await self.hs.send_event(
+                portal.voice,
+                room_id,
                 SEND_STATUS,
                 content,
                 txn_id=derived_txn_id("status", event_id, target, outcome),
@@ -123,11 +123,9 @@ class StatusReporter:
         if portal is None:
             return
         try:
-            await self.hs.intent(portal.voice).send_message_event(
-                RoomID(room_id),
-                EventType.ROOM_MESSAGE,
-                {"msgtype": "m.notice", "body": text},
-                txn_id=txn_id,
+            await self.hs.send_event(
+                portal.voice, room_id, "m.room.message",
+                {"msgtype": "m.notice", "body": text}, txn_id=txn_id,
             )
         except MatrixRequestError as error:
             log.warning("Could not post a notice (%s)", error.errcode)

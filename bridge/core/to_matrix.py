@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mautrix.errors import MatrixRequestError
-from mautrix.types import EventID, EventType, RoomID
+from mautrix.types import EventID, RoomID
 
 from bridge.config import MediaConfig
 from bridge.core import operations as op
@@ -56,6 +56,7 @@ class ToMatrix:
         media_config: MediaConfig,
         status: StatusReporter,
         outbox_notify: Any,
+        success_statuses: bool = False,
     ) -> None:
         self.stores = stores
         self.hs = homeserver
@@ -64,6 +65,7 @@ class ToMatrix:
         self.media_config = media_config
         self.status = status
         self._outbox_notify = outbox_notify
+        self.success_statuses = success_statuses
 
     async def handle(self, connector_id: str, event: RemoteEvent) -> None:
         connector = self.portals.connectors.get(connector_id)
@@ -137,9 +139,10 @@ class ToMatrix:
             ts_ms=_ms(event.timestamp),
         )
         await self.stores.messages.add(connector_id, event.message_id, room_id, event_id)
-        await self.status.vendor_report(
-            connector_id, room_id, event_id, DeliveryReport("delivered", "delivered to Matrix")
-        )
+        if self.success_statuses:
+            await self.status.vendor_report(
+                connector_id, room_id, event_id, DeliveryReport("delivered", "delivered to Matrix")
+            )
         if event.text and event.attachment is not None:
             # A caption travels as its own message after the file.
             caption = await self._text_content(
@@ -305,9 +308,10 @@ class ToMatrix:
         if target is None:
             raise PermanentFailure("the message reacted to was never bridged")
         sender = await self._ghost(connector_id, event.sender, room_id)
-        event_id = await self.hs.intent(sender).send_message_event(
-            RoomID(room_id),
-            EventType.REACTION,
+        event_id = await self.hs.send_event(
+            sender,
+            room_id,
+            "m.reaction",
             {"m.relates_to": {"rel_type": "m.annotation", "event_id": target, "key": event.key}},
             txn_id=derived_txn_id(connector_id, "reaction", event.reaction_id),
         )
