@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) bench/media_memory.py
+	$(PY) bench/run.py
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check bridge connectors tests

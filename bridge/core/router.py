@@ -38,6 +38,7 @@ class Router:
         self.from_matrix = from_matrix
         self.to_matrix = to_matrix
         self._homeserver_down = False
+        self._failed_once: set[int] = set()
         self.on_homeserver_back: Callable[[], None] = lambda: None
 
     async def handle(self, item: InboxItem) -> None:
@@ -47,7 +48,10 @@ class Router:
                 await self._update_state(item.payload)
                 await self.from_matrix.handle(item.payload)
             else:
-                await self.to_matrix.handle(item.origin, event_from_json(item.payload))
+                retrying = item.attempts > 0 or item.seq in self._failed_once
+                await self.to_matrix.handle(
+                    item.origin, event_from_json(item.payload), retrying=retrying
+                )
         except MatrixConnectionError:
             if not self._homeserver_down:
                 self._homeserver_down = True
@@ -78,9 +82,11 @@ class Router:
             self._homeserver_down = False
             log.info("The homeserver answers again; waiting conversations resume")
             self.on_homeserver_back()
+        self._failed_once.discard(item.seq)
         await self.stores.inbox.mark_done(item.seq)
 
     async def record_error(self, item: InboxItem, error: Exception) -> None:
+        self._failed_once.add(item.seq)
         await self.stores.inbox.record_attempt(item.seq, type(error).__name__)
 
     async def _update_state(self, raw: dict[str, Any]) -> None:

@@ -124,8 +124,11 @@ class StatusReporter:
             return
         try:
             await self.hs.send_event(
-                portal.voice, room_id, "m.room.message",
-                {"msgtype": "m.notice", "body": text}, txn_id=txn_id,
+                portal.voice,
+                room_id,
+                "m.room.message",
+                {"msgtype": "m.notice", "body": text},
+                txn_id=txn_id,
             )
         except MatrixRequestError as error:
             log.warning("Could not post a notice (%s)", error.errcode)

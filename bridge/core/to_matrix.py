@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mautrix.errors import MatrixRequestError
-from mautrix.types import EventID, RoomID
+from mautrix.types import EventID, PaginationDirection, RoomID
 
 from bridge.config import MediaConfig
 from bridge.core import operations as op
@@ -42,6 +42,8 @@ from connectors.base import (
 
 log = logging.getLogger("eimis.to_matrix")
 
+SOURCE_KEY = "eu.eimis.source"
+"""Marks a ghost's message with the vendor message it carries (``<connector>:<message id>``)."""
 KIND_MSGTYPES = {"text": "m.text", "notice": "m.notice", "emote": "m.emote"}
 TYPING_TIMEOUT_MS = 30_000
 
@@ -67,7 +69,10 @@ class ToMatrix:
         self._outbox_notify = outbox_notify
         self.success_statuses = success_statuses
 
-    async def handle(self, connector_id: str, event: RemoteEvent) -> None:
+    async def handle(
+        self, connector_id: str, event: RemoteEvent, *, retrying: bool = False
+    ) -> None:
+        """``retrying``: this event failed before, so a send may have happened unseen."""
         connector = self.portals.connectors.get(connector_id)
         if connector is None:
             raise PermanentFailure(f"connector {connector_id!r} is not running")
@@ -81,7 +86,7 @@ class ToMatrix:
                 f"{connector_id} conversation {event.conversation_id} is not bridged to a room"
             )
         if isinstance(event, MessageReceived):
-            await self._message(connector, connector_id, room_id, event)
+            await self._message(connector, connector_id, room_id, event, retrying)
         elif isinstance(event, MessageEdited):
             await self._edit(connector, connector_id, room_id, event)
         elif isinstance(event, MessageDeleted):
@@ -103,7 +108,12 @@ class ToMatrix:
     # Messages ----------------------------------------------------------------------------------
 
     async def _message(
-        self, connector: Connector, connector_id: str, room_id: str, event: MessageReceived
+        self,
+        connector: Connector,
+        connector_id: str,
+        room_id: str,
+        event: MessageReceived,
+        retrying: bool = False,
     ) -> None:
         if await self.stores.messages.event_for(connector_id, event.message_id):
             return
@@ -131,7 +141,10 @@ class ToMatrix:
             )
             content["msgtype"] = KIND_MSGTYPES.get(event.message_kind, "m.text")
         content.update(relates)
-        event_id = await self.hs.send_message(
+        source = f"{connector_id}:{event.message_id}"
+        content[SOURCE_KEY] = source
+        sent = await self._already_sent(sender, room_id, source) if retrying else None
+        event_id = sent or await self.hs.send_message(
             sender,
             room_id,
             content,
@@ -156,6 +169,21 @@ class ToMatrix:
                 txn_id=derived_txn_id(connector_id, "caption", event.message_id),
                 ts_ms=_ms(event.timestamp),
             )
+
+    async def _already_sent(self, sender: str, room_id: str, source: str) -> str | None:
+        """The event a previous attempt sent for this vendor message, if it did.
+
+        The derived transaction id protects a resend only while the homeserver remembers it
+        (Synapse keeps appservice transaction ids in memory: a restart forgets them), so a retry
+        first looks for its own earlier event among the room's latest ones.
+        """
+        page = await self.hs.intent(sender).get_messages(
+            RoomID(room_id), PaginationDirection.BACKWARD, limit=100
+        )
+        for item in page.events:
+            if str(item.sender) == sender and (item.content or {}).get(SOURCE_KEY) == source:
+                return str(item.event_id)
+        return None
 
     async def _text_content(
         self, caps: Capabilities, connector_id: str, text: str, mentions: tuple[Mention, ...]

@@ -27,7 +27,13 @@ async def open_database(config: DatabaseConfig) -> Database:
     """Connect, run pending migrations (ours and mautrix's state store), and return the pool."""
     # aiosqlite logs every statement with its parameters (message content) at DEBUG.
     logging.getLogger("aiosqlite").setLevel(logging.INFO)
-    db_args = {"min_size": config.min_size, "max_size": config.max_size}
+    # mautrix exits the whole process on an asyncpg internal error (which a PostgreSQL restart
+    # under load can cause on a pooled connection); the bridge retries the failed work instead.
+    db_args: dict[str, object] = {
+        "min_size": config.min_size,
+        "max_size": config.max_size,
+        "meow_exit_on_ice": False,
+    }
     if config.is_sqlite:
         # One connection: SQLite has one writer anyway, and a single connection keeps every
         # transaction strictly serialised (WAL lets readers of other processes go on).
