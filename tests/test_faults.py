@@ -710,13 +710,11 @@ async def test_vendor_down_for_a_while_catches_up_in_order(
             assert medipeps_shows() == before, "something reached Medipeps while it was down"
 
             await medipeps.start()
-            back_at = time.monotonic()
+            # Caught up within the bound (the wait fails past it), in order, once each.
             await wait_delivered(chat, "Medipeps to catch up", timeout=CATCH_UP_BOUND_S)
-            catch_up_s = time.monotonic() - back_at
             # Bob writes again once Medipeps is back: its feed is polled again too.
             await chat.write_rounds(range(DOWN_ROUNDS, DOWN_ROUNDS + 5))
             await assert_exactly_once_in_order(chat)
-            print(f"Medipeps down {down_for:.1f} s, caught up in {catch_up_s:.1f} s")
 
 
 # -- 3. Synapse restarted during traffic ----------------------------------------------------------
