@@ -28,6 +28,8 @@ from aiohttp import ClientSession, ClientTimeout
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from native_user import NativeUser, bridge_ready, file_chunks  # noqa: E402
+
 from bridge.devtools.demo import SandboxUser, wait_for  # noqa: E402
 from bridge.devtools.stack import LocalStack  # noqa: E402
 
@@ -54,12 +56,6 @@ def make_file(path: Path, size: int) -> str:
     return digest.hexdigest()
 
 
-async def file_chunks(path: Path):
-    with path.open("rb") as source:
-        while chunk := source.read(CHUNK):
-            yield chunk
-
-
 async def sha256_of_download(http: ClientSession, url: str) -> str:
     digest = hashlib.sha256()
     async with http.get(url, timeout=ClientTimeout(total=None)) as resp:
@@ -67,32 +63,6 @@ async def sha256_of_download(http: ClientSession, url: str) -> str:
         async for chunk in resp.content.iter_chunked(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-class Native:
-    def __init__(self, http: ClientSession, hs_url: str, user_id: str, token: str) -> None:
-        self.http, self.url, self.user_id = http, hs_url, user_id
-        self.headers = {"Authorization": f"Bearer {token}"}
-
-    async def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        async with self.http.request(method, f"{self.url}{path}", headers=self.headers,
-                                     **kwargs) as resp:
-            body = await resp.json(content_type=None)
-            if resp.status >= 400:
-                raise RuntimeError(f"{method} {path}: {resp.status} {body}")
-            return body
-
-    async def upload(self, path: Path, mime: str) -> str:
-        async with self.http.post(
-            f"{self.url}/_matrix/media/v3/upload", params={"filename": path.name},
-            data=file_chunks(path), timeout=ClientTimeout(total=None),
-            headers={**self.headers, "Content-Type": mime,
-                     "Content-Length": str(path.stat().st_size)},
-        ) as resp:
-            body = await resp.json()
-            if resp.status != 200:
-                raise RuntimeError(f"upload: {resp.status} {body}")
-            return str(body["content_uri"])
 
 
 async def run(size_mb: int) -> dict[str, float]:
@@ -104,22 +74,31 @@ async def run(size_mb: int) -> dict[str, float]:
     await stack.start(with_bridge=False)
     bridge = subprocess.Popen(
         [sys.executable, "-m", "bridge", "run", "-c", str(stack.state_dir / "config.yaml")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         async with ClientSession() as http:
-            await wait_for("the bridge", lambda: _ready(http, stack.bridge_url), 60)
+            await wait_for("the bridge", lambda: bridge_ready(http, stack.bridge_url), 60)
             user_id, token = await stack.synapse.register_user("bench", "bench-password-1")
-            native = Native(http, stack.synapse.url, user_id, token)
+            native = NativeUser(http, stack.synapse.url, user_id, token)
             sandbox = stack.sandboxes["pandalab"]
             async with http.get(f"{sandbox.url}/_sandbox/users") as resp:
                 alice = SandboxUser(http, sandbox, (await resp.json())["users"][0])
             ghost = f"@eimis_pandalab_{alice.idnps}:{stack.synapse.server_name}"
-            room = (await native.call("POST", "/_matrix/client/v3/createRoom", json={
-                "invite": [ghost], "is_direct": True, "preset": "trusted_private_chat"}))["room_id"]
+            room = (
+                await native.call(
+                    "POST",
+                    "/_matrix/client/v3/createRoom",
+                    json={"invite": [ghost], "is_direct": True, "preset": "trusted_private_chat"},
+                )
+            )["room_id"]
             opener = f"bench {time.time()}"
-            await native.call("PUT", f"/_matrix/client/v3/rooms/{room}/send/m.room.message/o1",
-                              json={"msgtype": "m.text", "body": opener})
+            await native.call(
+                "PUT",
+                f"/_matrix/client/v3/rooms/{room}/send/m.room.message/o1",
+                json={"msgtype": "m.text", "body": opener},
+            )
 
             async def alice_has(name: str) -> dict[str, Any] | None:
                 for m in await alice.inbox():
@@ -132,12 +111,19 @@ async def run(size_mb: int) -> dict[str, float]:
                 digest = make_file(path, size)
                 mxc = await native.upload(path, "application/pdf")
                 await native.call(
-                    "PUT", f"/_matrix/client/v3/rooms/{room}/send/m.room.message/{name}",
-                    json={"msgtype": "m.file", "body": name, "url": mxc,
-                          "info": {"mimetype": "application/pdf", "size": size}})
+                    "PUT",
+                    f"/_matrix/client/v3/rooms/{room}/send/m.room.message/{name}",
+                    json={
+                        "msgtype": "m.file",
+                        "body": name,
+                        "url": mxc,
+                        "info": {"mimetype": "application/pdf", "size": size},
+                    },
+                )
                 message = await wait_for(f"{name} at PandaLab", lambda: alice_has(name), 600)
                 got = await sha256_of_download(
-                    http, f"{alice.base}/files/{message['attachment']['file_id']}")
+                    http, f"{alice.base}/files/{message['attachment']['file_id']}"
+                )
                 assert got == digest, "the file arrived altered"
                 path.unlink()
                 return peak_rss_mb(bridge.pid)
@@ -146,9 +132,13 @@ async def run(size_mb: int) -> dict[str, float]:
                 path = work / name
                 digest = make_file(path, size)
                 async with http.post(
-                    f"{alice.base}/files", data=file_chunks(path),
-                    headers={"Content-Type": "video/mp4", "X-Filename": name,
-                             "Content-Length": str(size)},
+                    f"{alice.base}/files",
+                    data=file_chunks(path),
+                    headers={
+                        "Content-Type": "video/mp4",
+                        "X-Filename": name,
+                        "Content-Length": str(size),
+                    },
                     timeout=ClientTimeout(total=None),
                 ) as resp:
                     file_id = (await resp.json())["file_id"]
@@ -161,8 +151,10 @@ async def run(size_mb: int) -> dict[str, float]:
 
                 async def arrived() -> str | None:
                     page = await native.call(
-                        "GET", f"/_matrix/client/v3/rooms/{room}/messages",
-                        params={"dir": "b", "limit": "20"})
+                        "GET",
+                        f"/_matrix/client/v3/rooms/{room}/messages",
+                        params={"dir": "b", "limit": "20"},
+                    )
                     for event in page["chunk"]:
                         if (event.get("content") or {}).get("body") == name:
                             return str(event["content"]["url"])
@@ -173,7 +165,8 @@ async def run(size_mb: int) -> dict[str, float]:
                 digest_got = hashlib.sha256()
                 async with http.get(
                     f"{stack.synapse.url}/_matrix/client/v1/media/download/{server}/{media_id}",
-                    headers=native.headers, timeout=ClientTimeout(total=None),
+                    headers=native.headers,
+                    timeout=ClientTimeout(total=None),
                 ) as resp:
                     async for chunk in resp.content.iter_chunked(CHUNK):
                         digest_got.update(chunk)
@@ -206,14 +199,6 @@ async def run(size_mb: int) -> dict[str, float]:
         bridge.terminate()
         bridge.wait(30)
         await stack.stop()
-
-
-async def _ready(http: ClientSession, url: str) -> bool:
-    try:
-        async with http.get(f"{url}/ready") as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 def main() -> None:

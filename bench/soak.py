@@ -24,60 +24,10 @@ from aiohttp import ClientSession
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from native_user import NativeUser, bridge_ready  # noqa: E402
+
 from bridge.devtools.demo import SandboxUser, wait_for  # noqa: E402
 from bridge.devtools.stack import LocalStack  # noqa: E402
-
-
-class Native:
-    """The native Matrix user, over the raw client-server API."""
-
-    def __init__(self, http: ClientSession, url: str, user_id: str, token: str) -> None:
-        self.http, self.url, self.user_id = http, url, user_id
-        self.headers = {"Authorization": f"Bearer {token}"}
-        self.since: str | None = None
-        self.txn = 0
-
-    async def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        async with self.http.request(
-            method, f"{self.url}{path}", headers=self.headers, **kwargs
-        ) as resp:
-            body = await resp.json(content_type=None)
-            if resp.status >= 400:
-                raise RuntimeError(f"{method} {path}: {resp.status}")
-            return body
-
-    async def join_invites(self) -> list[str]:
-        params = {"timeout": "1000", **({"since": self.since} if self.since else {})}
-        sync = await self.call("GET", "/_matrix/client/v3/sync", params=params)
-        self.since = sync.get("next_batch")
-        rooms = list((sync.get("rooms") or {}).get("invite", {}))
-        for room in rooms:
-            await self.call("POST", f"/_matrix/client/v3/rooms/{room}/join", json={})
-        return rooms
-
-    async def send(self, room: str, text: str) -> None:
-        self.txn += 1
-        await self.call(
-            "PUT",
-            f"/_matrix/client/v3/rooms/{room}/send/m.room.message/s{self.txn}",
-            json={"msgtype": "m.text", "body": text},
-        )
-
-    async def bodies(self, room: str) -> list[str]:
-        found, token = [], None
-        while True:
-            params = {"dir": "f", "limit": "500", **({"from": token} if token else {})}
-            page = await self.call(
-                "GET", f"/_matrix/client/v3/rooms/{room}/messages", params=params
-            )
-            found += [
-                e["content"].get("body", "")
-                for e in page.get("chunk", [])
-                if e.get("type") == "m.room.message"
-            ]
-            token = page.get("end")
-            if not page.get("chunk") or not token:
-                return found
 
 
 class BridgeProcess:
@@ -103,14 +53,6 @@ class BridgeProcess:
             self.proc.wait(30)
 
 
-async def ready(http: ClientSession, url: str) -> bool:
-    try:
-        async with http.get(f"{url}/ready") as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
 def score(expected: list[str], received: list[str]) -> Counter[str]:
     """delivered / lost / duplicated / out_of_order of one stream at one receiver."""
     counts: Counter[str] = Counter()
@@ -132,9 +74,9 @@ async def soak(args: argparse.Namespace) -> Counter[str]:
     bridge.start()
     try:
         async with ClientSession() as http:
-            await wait_for("the bridge", lambda: ready(http, stack.bridge_url), 60)
+            await wait_for("the bridge", lambda: bridge_ready(http, stack.bridge_url), 60)
             user_id, token = await stack.synapse.register_user("soak", "soak-password-1")
-            native = Native(http, stack.synapse.url, user_id, token)
+            native = NativeUser(http, stack.synapse.url, user_id, token)
             people: dict[str, list[SandboxUser]] = {}
             for name, sandbox in stack.sandboxes.items():
                 async with http.get(f"{sandbox.url}/_sandbox/users") as resp:
@@ -202,7 +144,7 @@ async def soak(args: argparse.Namespace) -> Counter[str]:
             if down_to >= args.messages:
                 await stack.sandboxes["medipeps"].start()
             await wait_for(
-                "the bridge after the last fault", lambda: ready(http, stack.bridge_url), 60
+                "the bridge after the last fault", lambda: bridge_ready(http, stack.bridge_url), 60
             )
 
             async def receivers(c: int) -> dict[str, list[str]]:
@@ -239,7 +181,7 @@ async def soak(args: argparse.Namespace) -> Counter[str]:
         await stack.stop()
 
 
-async def _joined(native: Native, rooms: list[str], wanted: int) -> bool:
+async def _joined(native: NativeUser, rooms: list[str], wanted: int) -> bool:
     rooms += [r for r in await native.join_invites() if r not in rooms]
     return len(rooms) >= wanted
 

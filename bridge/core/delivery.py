@@ -49,10 +49,6 @@ from connectors.base import (
 log = logging.getLogger("eimis.delivery")
 
 
-class TooLarge(Exception):
-    pass
-
-
 class Delivery:
     def __init__(
         self,
