@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 from aiohttp import ClientSession, ClientTimeout, web
 
@@ -27,7 +28,13 @@ from bridge.db.outbox import OutboxItem
 from bridge.db.stores import Stores
 from bridge.matrix.homeserver import Homeserver, HomeserverCheckFailed
 from bridge.matrix.media import MediaRepository
-from connectors.base import REMOTE_EVENT_TYPES, EventSink, RemoteEvent, event_to_json
+from connectors.base import (
+    REMOTE_EVENT_TYPES,
+    BatchSink,
+    EventSink,
+    RemoteEvent,
+    event_to_json,
+)
 
 log = logging.getLogger("eimis.bridge")
 
@@ -62,6 +69,7 @@ class Bridge:
             self.connectors.add(
                 spec,
                 emit=self._emitter(spec.connector_id),
+                emit_all=self._batch_emitter(spec.connector_id),
                 store=ConnectorStateStore(self.db, spec.connector_id),
                 public_base_url=f"{self.config.appservice.webhook_base_url}/connectors/"
                 f"{spec.connector_id}",
@@ -89,10 +97,11 @@ class Bridge:
             fetch_lane=self.stores.outbox.pending_in_lane,
         )
         self.delivery.attach(self.outbox)
+        from_matrix = FromMatrix(self.stores, self.homeserver, self.portals)
         self.router = Router(
             self.stores,
             self.homeserver,
-            FromMatrix(self.stores, self.homeserver, self.portals, self.outbox.notify),
+            from_matrix,
             ToMatrix(
                 self.stores,
                 self.homeserver,
@@ -101,8 +110,10 @@ class Bridge:
                 self.config.media,
                 self.status,
                 self.outbox.notify,
+                relay=from_matrix.handle,
                 success_statuses=self.config.delivery.success_statuses,
             ),
+            outbox_notify=self.outbox.notify,
         )
         self.inbox = LaneScheduler[InboxItem](
             "inbox",
@@ -191,18 +202,33 @@ class Bridge:
                 delay = min(delay * 2, 5.0)
 
     def _emitter(self, connector_id: str) -> EventSink:
+        store = self._batch_emitter(connector_id)
+
         async def emit(event: RemoteEvent) -> None:
-            if not isinstance(event, REMOTE_EVENT_TYPES):
-                raise TypeError(f"connectors emit RemoteEvent, not {type(event).__name__}")
-            await self.stores.inbox.store_remote(
-                connector_id,
-                event.event_id,
-                remote_lane(connector_id, event.conversation_id),
-                event_to_json(event),
+            await store([event])
+
+        return emit
+
+    def _batch_emitter(self, connector_id: str) -> BatchSink:
+        async def store(events: Sequence[RemoteEvent]) -> None:
+            for event in events:
+                if not isinstance(event, REMOTE_EVENT_TYPES):
+                    raise TypeError(f"connectors emit RemoteEvent, not {type(event).__name__}")
+            # Group-committed: concurrent emits (webhook deliveries) share one transaction.
+            await self.stores.commit.commit(
+                [
+                    self.stores.inbox.remote_write(
+                        connector_id,
+                        event.event_id,
+                        remote_lane(connector_id, event.conversation_id),
+                        event_to_json(event),
+                    )
+                    for event in events
+                ]
             )
             self.inbox.notify()
 
-        return emit
+        return store
 
     async def query_user(self, mxid: str) -> bool:
         """The homeserver asks whether a user of our namespace exists (e.g. before an invite)."""

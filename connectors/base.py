@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -357,6 +357,10 @@ class EventSink(Protocol):
     async def __call__(self, event: RemoteEvent) -> None: ...
 
 
+class BatchSink(Protocol):
+    async def __call__(self, events: Sequence[RemoteEvent]) -> None: ...
+
+
 class KeyValueStore(Protocol):
     """Small persistent per-connector state (a poll cursor, a registered webhook id ...)."""
 
@@ -376,6 +380,17 @@ class ConnectorContext:
     public_base_url: str
     """The bridge's public URL for this connector's web routes (``.../connectors/<id>``)."""
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("eimis.connector"))
+    emit_all: BatchSink | None = None
+    """Stores several events in one go, in their order (the bridge gives one; tests may not)."""
+
+    async def emit_many(self, events: Sequence[RemoteEvent]) -> None:
+        """``emit`` for a page of events at once: returns once all are durably stored, in
+        order. A polling connector emits a page with it before it moves its cursor."""
+        if self.emit_all is not None:
+            await self.emit_all(events)
+            return
+        for event in events:
+            await self.emit(event)
 
 
 class ConnectorError(Exception):

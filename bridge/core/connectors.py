@@ -10,7 +10,7 @@ from importlib.metadata import entry_points
 from pydantic import BaseModel, ValidationError
 
 from bridge.config import Config, ConfigError, format_validation_error
-from connectors.base import Connector, ConnectorContext, EventSink, KeyValueStore
+from connectors.base import BatchSink, Connector, ConnectorContext, EventSink, KeyValueStore
 
 ENTRY_POINT_GROUP = "eimis_bridge.connectors"
 
@@ -67,6 +67,7 @@ class ConnectorSet:
         spec: ConnectorSpec,
         *,
         emit: EventSink,
+        emit_all: BatchSink,
         store: KeyValueStore,
         public_base_url: str,
     ) -> Connector:
@@ -74,6 +75,7 @@ class ConnectorSet:
             connector_id=spec.connector_id,
             settings=spec.settings,
             emit=emit,
+            emit_all=emit_all,
             store=store,
             public_base_url=public_base_url,
             log=logging.getLogger(f"eimis.connector.{spec.connector_id}"),

@@ -31,6 +31,7 @@ from bridge.core.outbound import (
     render_text,
 )
 from bridge.core.status import StatusReporter
+from bridge.db.group_commit import Write
 from bridge.db.outbox import OutboxItem
 from bridge.db.portal import PortalLink
 from bridge.db.stores import Stores
@@ -83,8 +84,9 @@ class Delivery:
 
     async def handle(self, item: OutboxItem) -> None:
         """Deliver one item; raises only for failures worth retrying."""
+        writes: list[Write] = []
         try:
-            notes = await self._deliver(item)
+            notes = await self._deliver(item, writes)
         except ConnectorError as error:
             if error.unreachable:
                 self.health.unreachable(item.connector)
@@ -111,7 +113,7 @@ class Delivery:
             await self._give_up(item, str(failure), unsupported=False)
             return
         self.health.answered(item.connector)
-        await self.stores.outbox.mark_done(item.seq)
+        await self.stores.commit.commit([*writes, self.stores.outbox.done_write(item.seq)])
         self._told_retrying.discard(item.seq)
         self._attempts.pop(item.seq, None)
         if notes or (notes is not None and self.success_statuses):
@@ -184,8 +186,11 @@ class Delivery:
 
     # Dispatch ----------------------------------------------------------------------------------
 
-    async def _deliver(self, item: OutboxItem) -> list[str] | None:
-        """Do the operation; return the degradations made (None: nothing to report)."""
+    async def _deliver(self, item: OutboxItem, writes: list[Write]) -> list[str] | None:
+        """Do the operation; return the degradations made (None: nothing to report).
+
+        The message ids it maps are added to ``writes``, committed with the item's completion.
+        """
         connector = self.connectors.get(item.connector)
         if connector is None:
             raise PermanentFailure(f"connector {item.connector!r} is not running")
@@ -208,7 +213,7 @@ class Delivery:
         handler = handlers.get(item.operation)
         if handler is None:
             raise PermanentFailure(f"unknown outbox operation {item.operation!r}")
-        return await handler(item, connector, conversation)
+        return await handler(item, connector, conversation, writes)
 
     async def _create_conversation(
         self, item: OutboxItem, connector: Connector, link: PortalLink
@@ -229,7 +234,7 @@ class Delivery:
     # Messages ----------------------------------------------------------------------------------
 
     async def _send_message(
-        self, item: OutboxItem, connector: Connector, conversation: str
+        self, item: OutboxItem, connector: Connector, conversation: str, writes: list[Write]
     ) -> list[str]:
         payload = item.payload
         content: dict[str, Any] = payload["content"]
@@ -293,7 +298,9 @@ class Delivery:
             ]
         for message in messages:
             remote_id = await connector.send_message(conversation, message)
-            await self.stores.messages.add(vendor, remote_id, item.room_id, payload["event_id"])
+            writes.append(
+                self.stores.messages.add_write(vendor, remote_id, item.room_id, payload["event_id"])
+            )
         return notes
 
     async def _reply_target(
@@ -346,7 +353,7 @@ class Delivery:
             yield bounded()
 
     async def _edit_message(
-        self, item: OutboxItem, connector: Connector, conversation: str
+        self, item: OutboxItem, connector: Connector, conversation: str, writes: list[Write]
     ) -> list[str] | None:
         payload = item.payload
         target = await self._message_ref(item.connector, payload["target_event"])
@@ -386,11 +393,15 @@ class Delivery:
                 mentions=mentions,
             ),
         )
-        await self.stores.messages.add(item.connector, remote_id, item.room_id, payload["event_id"])
+        writes.append(
+            self.stores.messages.add_write(
+                item.connector, remote_id, item.room_id, payload["event_id"]
+            )
+        )
         return notes
 
     async def _redact(
-        self, item: OutboxItem, connector: Connector, conversation: str
+        self, item: OutboxItem, connector: Connector, conversation: str, writes: list[Write]
     ) -> list[str] | None:
         payload = item.payload
         refs = await self.stores.messages.remotes_for(item.connector, payload["target_event"])
@@ -418,13 +429,15 @@ class Delivery:
                         reply_to=ref if caps.replies else None,
                     ),
                 )
-                await self.stores.messages.add(
-                    item.connector, remote_id, item.room_id, payload["event_id"]
+                writes.append(
+                    self.stores.messages.add_write(
+                        item.connector, remote_id, item.room_id, payload["event_id"]
+                    )
                 )
         return notes
 
     async def _add_reaction(
-        self, item: OutboxItem, connector: Connector, conversation: str
+        self, item: OutboxItem, connector: Connector, conversation: str, writes: list[Write]
     ) -> list[str] | None:
         payload = item.payload
         target = await self._message_ref(item.connector, payload["target_event"])
@@ -436,11 +449,13 @@ class Delivery:
             reaction_id = await connector.add_reaction(
                 conversation, target, sender, payload["key"], payload["event_id"]
             )
-            await self.stores.messages.add(
-                item.connector,
-                op.reaction_ref(target, reaction_id),
-                item.room_id,
-                payload["event_id"],
+            writes.append(
+                self.stores.messages.add_write(
+                    item.connector,
+                    op.reaction_ref(target, reaction_id),
+                    item.room_id,
+                    payload["event_id"],
+                )
             )
             return []
         remote_id = await connector.send_message(
@@ -454,10 +469,16 @@ class Delivery:
                 reply_to=target if caps.replies else None,
             ),
         )
-        await self.stores.messages.add(item.connector, remote_id, item.room_id, payload["event_id"])
+        writes.append(
+            self.stores.messages.add_write(
+                item.connector, remote_id, item.room_id, payload["event_id"]
+            )
+        )
         return [f"{item.connector} has no reactions: sent as a short message"]
 
-    async def _mark_read(self, item: OutboxItem, connector: Connector, conversation: str) -> None:
+    async def _mark_read(
+        self, item: OutboxItem, connector: Connector, conversation: str, writes: list[Write]
+    ) -> None:
         target = await self._message_ref(item.connector, item.payload["event_id"])
         if target is not None and connector.capabilities.read_receipts:
             reader = Member.from_json(item.payload["sender"]).as_sender()

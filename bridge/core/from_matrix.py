@@ -2,6 +2,9 @@
 
 Never back to the connector whose ghost did it (echo suppression); the bridge's own notices and
 statuses are not bridged. Rendering for each vendor happens at delivery time (``delivery.py``).
+
+``handle`` returns the deliveries to queue as writes: the router commits them together with the
+inbox item's own completion, so an event is either fully routed or not at all.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from mautrix.types import PaginationDirection, RoomID
 
 from bridge.core import operations as op
 from bridge.core.portals import Portals
+from bridge.db.group_commit import Write
 from bridge.db.portal import Portal
 from bridge.db.stores import Stores
 from bridge.matrix.homeserver import Homeserver
@@ -32,52 +36,53 @@ BRIDGED_MSGTYPES = {
 
 
 class FromMatrix:
-    def __init__(
-        self, stores: Stores, homeserver: Homeserver, portals: Portals, outbox_notify: Any
-    ) -> None:
+    def __init__(self, stores: Stores, homeserver: Homeserver, portals: Portals) -> None:
         self.stores = stores
         self.hs = homeserver
         self.portals = portals
         self.ids = portals.ids
-        self._outbox_notify = outbox_notify
         self._typing: dict[str, set[str]] = {}
 
-    async def handle(self, raw: dict[str, Any]) -> None:
+    async def handle(self, raw: dict[str, Any]) -> list[Write]:
+        """The outbox writes this event calls for (none for what is not bridged)."""
         if not isinstance(raw.get("content", {}), dict):
             log.warning("Skipping a %s event with malformed content", raw.get("type"))
-            return
+            return []
         kind = raw.get("type")
         if kind == "m.room.member":
-            await self._membership(raw)
-        elif kind == "m.room.message":
-            await self._message(raw)
-        elif kind == "m.reaction":
-            await self._reaction(raw)
-        elif kind == "m.room.redaction":
-            await self._redaction(raw)
-        elif kind == "m.receipt":
-            await self._receipts(raw)
-        elif kind == "m.typing":
+            return await self._membership(raw)
+        if kind == "m.room.message":
+            return await self._message(raw)
+        if kind == "m.reaction":
+            return await self._reaction(raw)
+        if kind == "m.room.redaction":
+            return await self._redaction(raw)
+        if kind == "m.receipt":
+            return await self._receipts(raw)
+        if kind == "m.typing":
             await self._typing_changed(raw)
+        return []
 
     # Membership --------------------------------------------------------------------------------
 
-    async def _membership(self, raw: dict[str, Any]) -> None:
+    async def _membership(self, raw: dict[str, Any]) -> list[Write]:
         content = _obj(raw.get("content"))
         target = raw.get("state_key", "")
+        self.portals.member_changed(raw["room_id"], target, content.get("membership"))
         if content.get("membership") != "invite" or not self.ids.in_namespace(target):
-            return
+            return []
         if target == self.ids.bot_mxid:
-            return  # the admin room arrives with the operators' issue; the bot stays out for now
+            return []  # the admin room arrives with the operators' issue; the bot stays out for now
         if self.ids.in_namespace(raw["sender"]):
-            return  # the bridge invited its own ghost while opening a portal: already handled
+            return []  # the bridge invited its own ghost while opening a portal: already handled
         opened = await self.portals.open_from_invite(
             raw["room_id"], raw["sender"], target, bool(content.get("is_direct"))
         )
-        if opened:
-            await self._catch_up(raw["room_id"], target, int(raw.get("origin_server_ts") or 0))
+        if not opened:
+            return []
+        return await self._catch_up(raw["room_id"], target, int(raw.get("origin_server_ts") or 0))
 
-    async def _catch_up(self, room_id: str, viewer: str, since_ts: int) -> None:
+    async def _catch_up(self, room_id: str, viewer: str, since_ts: int) -> list[Write]:
         """Route what was said between the invite and the ghost's join.
 
         The homeserver only sends an appservice the events of rooms where one of its users is
@@ -100,9 +105,11 @@ class FromMatrix:
             if not events or min(e.get("origin_server_ts", 0) for e in events) < since_ts:
                 break
             from_token = page.end
+        writes: list[Write] = []
         for event in reversed(missed):
             event.setdefault("room_id", room_id)
-            await self.handle(event)
+            writes += await self.handle(event)
+        return writes
 
     # Room events -------------------------------------------------------------------------------
 
@@ -125,46 +132,41 @@ class FromMatrix:
         ]
         return (portal, targets) if targets else None
 
-    async def _enqueue(
+    def _enqueue(
         self,
         raw: dict[str, Any],
         operation: str,
         payload: dict[str, Any],
         targets: list[str],
         dedup_key: str | None = None,
-    ) -> None:
-        room_id = raw["room_id"]
-        async with self.stores.db.acquire() as conn, conn.transaction():
-            for connector_id in targets:
-                await self.stores.outbox.enqueue(
-                    connector_id,
-                    room_id,
-                    operation,
-                    dedup_key or raw["event_id"],
-                    payload,
-                    conn=conn,
-                )
-        self._outbox_notify()
+    ) -> list[Write]:
+        """One delivery per target connector, keyed by the event (a repeat changes nothing)."""
+        return [
+            self.stores.outbox.enqueue_write(
+                connector_id, raw["room_id"], operation, dedup_key or raw["event_id"], payload
+            )
+            for connector_id in targets
+        ]
 
     async def _sender(self, raw: dict[str, Any], portal: Portal) -> dict[str, Any]:
         member = await self.portals.sender(raw["room_id"], raw["sender"], portal.voice)
         return member.to_json()
 
-    async def _message(self, raw: dict[str, Any]) -> None:
+    async def _message(self, raw: dict[str, Any]) -> list[Write]:
         found = await self._targets(raw)
         if found is None:
-            return
+            return []
         portal, targets = found
         content = _obj(raw.get("content"))
         if not content:
-            return  # redacted before we saw it: nothing left to bridge
+            return []  # redacted before we saw it: nothing left to bridge
         relates = _obj(content.get("m.relates_to"))
         sender = await self._sender(raw, portal)
         if relates.get("rel_type") == "m.replace" and isinstance(relates.get("event_id"), str):
             new_content = content.get("m.new_content")
             if not isinstance(new_content, dict):
-                return
-            await self._enqueue(
+                return []
+            return self._enqueue(
                 raw,
                 op.EDIT_MESSAGE,
                 {
@@ -176,7 +178,6 @@ class FromMatrix:
                 },
                 targets,
             )
-            return
         if not isinstance(content.get("body", ""), str):
             content = {**content, "body": ""}
         if content.get("msgtype") not in BRIDGED_MSGTYPES:
@@ -188,7 +189,7 @@ class FromMatrix:
                 "eimis.unknown_msgtype": str(content.get("msgtype")),
             }
         reply_to = _obj(relates.get("m.in_reply_to")).get("event_id")
-        await self._enqueue(
+        return self._enqueue(
             raw,
             op.SEND_MESSAGE,
             {
@@ -201,18 +202,18 @@ class FromMatrix:
             targets,
         )
 
-    async def _reaction(self, raw: dict[str, Any]) -> None:
+    async def _reaction(self, raw: dict[str, Any]) -> list[Write]:
         relates = _obj(_obj(raw.get("content")).get("m.relates_to"))
         if relates.get("rel_type") != "m.annotation":
-            return
+            return []
         key, target = relates.get("key"), relates.get("event_id")
         if not isinstance(key, str) or not isinstance(target, str) or not key:
-            return
+            return []
         found = await self._targets(raw)
         if found is None:
-            return
+            return []
         portal, targets = found
-        await self._enqueue(
+        return self._enqueue(
             raw,
             op.ADD_REACTION,
             {
@@ -225,15 +226,15 @@ class FromMatrix:
             targets,
         )
 
-    async def _redaction(self, raw: dict[str, Any]) -> None:
+    async def _redaction(self, raw: dict[str, Any]) -> list[Write]:
         target = raw.get("redacts") or _obj(raw.get("content")).get("redacts")
         if not isinstance(target, str):
-            return
+            return []
         found = await self._targets(raw)
         if found is None:
-            return
+            return []
         portal, targets = found
-        await self._enqueue(
+        return self._enqueue(
             raw,
             op.REDACT,
             {
@@ -247,14 +248,14 @@ class FromMatrix:
 
     # Ephemeral ---------------------------------------------------------------------------------
 
-    async def _receipts(self, raw: dict[str, Any]) -> None:
+    async def _receipts(self, raw: dict[str, Any]) -> list[Write]:
         room_id = raw.get("room_id")
         content = raw.get("content")
         if not isinstance(room_id, str) or not isinstance(content, dict):
-            return
+            return []
         portal = await self.stores.portals.get(room_id)
         if portal is None:
-            return
+            return []
         links = [
             link.connector
             for link in await self.stores.portals.links(room_id)
@@ -262,7 +263,8 @@ class FromMatrix:
             and c.capabilities.read_receipts
         ]
         if not links:
-            return
+            return []
+        writes: list[Write] = []
         for event_id, by_type in content.items():
             readers = (by_type or {}).get("m.read") if isinstance(by_type, dict) else None
             if not isinstance(readers, dict):
@@ -272,13 +274,14 @@ class FromMatrix:
                     continue  # our ghosts' receipts are the vendors' own read markers
                 fake = {"room_id": room_id, "sender": reader, "event_id": event_id}
                 member = await self._sender(fake, portal)
-                await self._enqueue(
+                writes += self._enqueue(
                     fake,
                     op.MARK_READ,
                     {"event_id": event_id, "sender": member},
                     links,
                     dedup_key=f"read:{reader}:{event_id}",
                 )
+        return writes
 
     async def _typing_changed(self, raw: dict[str, Any]) -> None:
         """Typing is best effort: delivered at once, never queued or retried."""

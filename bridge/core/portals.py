@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from cachetools import LRUCache
 from mautrix.errors import MatrixRequestError
 from mautrix.types import EventType, RoomID
 
@@ -21,6 +22,7 @@ from connectors.base import ConversationCreated, Participant, RemoteUser
 log = logging.getLogger("eimis.portals")
 
 CAPABILITIES_EVENT = EventType.find("eu.eimis.bridge.capabilities", EventType.Class.STATE)
+MEMBER_CACHE_SIZE = 50_000
 
 
 class Portals:
@@ -35,6 +37,23 @@ class Portals:
         self.hs = homeserver
         self.connectors = connectors
         self.ids = ids
+        # Per (room, user): a native member's display name, and ghosts known to be joined. Both
+        # change only through membership events, which ``member_changed`` is told of.
+        self._names: LRUCache[tuple[str, str], str] = LRUCache(MEMBER_CACHE_SIZE)
+        self._joined: LRUCache[tuple[str, str], bool] = LRUCache(MEMBER_CACHE_SIZE)
+
+    def member_changed(self, room_id: str, mxid: str, membership: object) -> None:
+        """A membership event (join, leave, new display name ...) arrived for this member."""
+        self._names.pop((room_id, mxid), None)
+        if membership != "join":
+            self._joined.pop((room_id, mxid), None)
+
+    async def ensure_joined(self, room_id: str, ghost_mxid: str) -> None:
+        """The ghost is in the room (joined once, then remembered until it leaves)."""
+        if (room_id, ghost_mxid) in self._joined:
+            return
+        await self.hs.intent(ghost_mxid).ensure_joined(RoomID(room_id))
+        self._joined[(room_id, ghost_mxid)] = True
 
     # Ghosts ------------------------------------------------------------------------------------
 
@@ -97,7 +116,11 @@ class Portals:
             row = await self.stores.ghosts.get(mxid)
             if row is not None and row.display_name:
                 return Member(mxid, row.display_name, ref.connector, ref.idnps)
-        return Member(mxid, await self.hs.display_name(room_id, mxid, viewer=voice))
+        name = self._names.get((room_id, mxid))
+        if name is None:
+            name = await self.hs.display_name(room_id, mxid, viewer=voice)
+            self._names[(room_id, mxid)] = name
+        return Member(mxid, name)
 
     # Opening portals ---------------------------------------------------------------------------
 
@@ -122,7 +145,7 @@ class Portals:
         )
         for member in everyone:
             if member.connector is not None:
-                await self.hs.intent(member.mxid).ensure_joined(RoomID(room_id))
+                await self.ensure_joined(room_id, member.mxid)
         async with self.stores.db.acquire() as conn, conn.transaction():
             await self.stores.portals.create(
                 Portal(room_id, event.title, len(everyone) == 2, self.ids.bot_mxid), conn=conn
@@ -132,6 +155,7 @@ class Portals:
                 await self._queue_conversation(
                     room_id, connector_id, event.title, everyone, conn=conn
                 )
+        self.stores.portals.forget(room_id)
         log.info("Opened portal %s for %s conversation %s", room_id, source, event.conversation_id)
         await self.publish_capabilities(room_id, self.ids.bot_mxid)
         if unreachable:
@@ -188,6 +212,7 @@ class Portals:
             await self._queue_conversation(
                 room_id, ref.connector, portal.title, everyone, conn=conn
             )
+        self.stores.portals.forget(room_id)
         log.info("Opened portal %s for a Matrix invite to a %s user", room_id, ref.connector)
         await self.publish_capabilities(room_id, portal.voice)
         return True

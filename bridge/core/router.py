@@ -1,8 +1,10 @@
 """The router: processes the inbox in order, per conversation, and records each item's fate.
 
 Matrix events go to ``FromMatrix`` (deliveries for the vendors); vendor events go to
-``ToMatrix`` (what ghosts do in the rooms). Every step is idempotent, so an item processed twice
-(after a crash between the work and its ``done`` mark) changes nothing the second time.
+``ToMatrix`` (what ghosts do in the rooms). Both return the writes their work calls for, and the
+router commits them together with the item's ``done`` mark, in a group commit shared with the
+other lanes. Every step is idempotent, so an item processed twice (after a crash between the
+work and that commit) changes nothing the second time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from mautrix.types import Event, StateEvent
 from bridge.core.errors import PermanentFailure
 from bridge.core.from_matrix import FromMatrix
 from bridge.core.to_matrix import ToMatrix
+from bridge.db.group_commit import Write
 from bridge.db.inbox import MATRIX_ORIGIN, InboxItem
 from bridge.db.stores import Stores
 from bridge.matrix.homeserver import Homeserver
@@ -31,25 +34,32 @@ def remote_lane(connector: str, conversation_id: str) -> str:
 
 class Router:
     def __init__(
-        self, stores: Stores, homeserver: Homeserver, from_matrix: FromMatrix, to_matrix: ToMatrix
+        self,
+        stores: Stores,
+        homeserver: Homeserver,
+        from_matrix: FromMatrix,
+        to_matrix: ToMatrix,
+        outbox_notify: Callable[[], None],
     ) -> None:
         self.stores = stores
         self.hs = homeserver
         self.from_matrix = from_matrix
         self.to_matrix = to_matrix
+        self._outbox_notify = outbox_notify
         self._homeserver_down = False
         self._failed_once: set[int] = set()
         self.on_homeserver_back: Callable[[], None] = lambda: None
 
     async def handle(self, item: InboxItem) -> None:
         """Process one inbox item; raises only for failures worth retrying."""
+        writes: list[Write]
         try:
             if item.origin == MATRIX_ORIGIN:
                 await self._update_state(item.payload)
-                await self.from_matrix.handle(item.payload)
+                writes = await self.from_matrix.handle(item.payload)
             else:
                 retrying = item.attempts > 0 or item.seq in self._failed_once
-                await self.to_matrix.handle(
+                writes = await self.to_matrix.handle(
                     item.origin, event_from_json(item.payload), retrying=retrying
                 )
         except MatrixConnectionError:
@@ -82,8 +92,10 @@ class Router:
             self._homeserver_down = False
             log.info("The homeserver answers again; waiting conversations resume")
             self.on_homeserver_back()
+        await self.stores.commit.commit([*writes, self.stores.inbox.done_write(item.seq)])
         self._failed_once.discard(item.seq)
-        await self.stores.inbox.mark_done(item.seq)
+        if any(write.appends_to == "outbox" for write in writes):
+            self._outbox_notify()
 
     async def record_error(self, item: InboxItem, error: Exception) -> None:
         self._failed_once.add(item.seq)

@@ -2,11 +2,17 @@
 
 Every send uses a transaction id derived from the vendor event, so a retry after a crash cannot
 duplicate it, and the message map is checked first, so a redelivered event changes nothing.
+
+What a ghost sends is also relayed at once to the room's other connectors (``relay``, the same
+routing as for any room event): the vendors need not wait for the homeserver to push the event
+back, and a push the homeserver loses or delays (it happens around restarts) loses nothing. When
+the push does arrive, its deliveries are already queued under the same keys and it adds nothing.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +25,7 @@ from bridge.core.errors import PermanentFailure
 from bridge.core.outbound import safe_filename
 from bridge.core.portals import Portals
 from bridge.core.status import StatusReporter
+from bridge.db.group_commit import Write
 from bridge.db.stores import Stores
 from bridge.formatting.convert import markdown_to_html, plain_to_html
 from bridge.formatting.mentions import mentions_to_pills
@@ -47,6 +54,9 @@ SOURCE_KEY = "eu.eimis.source"
 KIND_MSGTYPES = {"text": "m.text", "notice": "m.notice", "emote": "m.emote"}
 TYPING_TIMEOUT_MS = 30_000
 
+Relay = Callable[[dict[str, Any]], Awaitable[list[Write]]]
+"""Routes a room event to the vendors: ``FromMatrix.handle``."""
+
 
 class ToMatrix:
     def __init__(
@@ -58,6 +68,7 @@ class ToMatrix:
         media_config: MediaConfig,
         status: StatusReporter,
         outbox_notify: Any,
+        relay: Relay,
         success_statuses: bool = False,
     ) -> None:
         self.stores = stores
@@ -67,43 +78,71 @@ class ToMatrix:
         self.media_config = media_config
         self.status = status
         self._outbox_notify = outbox_notify
+        self._relay = relay
         self.success_statuses = success_statuses
 
     async def handle(
         self, connector_id: str, event: RemoteEvent, *, retrying: bool = False
-    ) -> None:
-        """``retrying``: this event failed before, so a send may have happened unseen."""
+    ) -> list[Write]:
+        """Do what the event says in its room; return the writes that record it.
+
+        ``retrying``: this event failed before, so a send may have happened unseen.
+        """
         connector = self.portals.connectors.get(connector_id)
         if connector is None:
             raise PermanentFailure(f"connector {connector_id!r} is not running")
         if isinstance(event, ConversationCreated):
             await self.portals.open_from_remote(connector_id, event)
             self._outbox_notify()
-            return
+            return []
         room_id = await self.stores.portals.by_conversation(connector_id, event.conversation_id)
         if room_id is None:
             raise PermanentFailure(
                 f"{connector_id} conversation {event.conversation_id} is not bridged to a room"
             )
         if isinstance(event, MessageReceived):
-            await self._message(connector, connector_id, room_id, event, retrying)
-        elif isinstance(event, MessageEdited):
-            await self._edit(connector, connector_id, room_id, event)
-        elif isinstance(event, MessageDeleted):
-            await self._delete(connector_id, room_id, event)
-        elif isinstance(event, ReactionAdded):
-            await self._reaction(connector_id, room_id, event)
-        elif isinstance(event, ReactionRemoved):
-            await self._unreact(connector_id, room_id, event)
-        elif isinstance(event, ReadUpTo):
+            return await self._message(connector, connector_id, room_id, event, retrying)
+        if isinstance(event, MessageEdited):
+            return await self._edit(connector, connector_id, room_id, event)
+        if isinstance(event, MessageDeleted):
+            return await self._delete(connector_id, room_id, event)
+        if isinstance(event, ReactionAdded):
+            return await self._reaction(connector_id, room_id, event)
+        if isinstance(event, ReactionRemoved):
+            return await self._unreact(connector_id, room_id, event)
+        if isinstance(event, ReadUpTo):
             await self._read(connector_id, room_id, event)
         elif isinstance(event, TypingChanged):
             await self._typing(connector_id, room_id, event)
+        return []
 
     async def _ghost(self, connector_id: str, idnps: Any, room_id: str) -> str:
         ghost = await self.portals.ghost(connector_id, idnps)
-        await self.hs.intent(ghost.mxid).ensure_joined(RoomID(room_id))
+        await self.portals.ensure_joined(room_id, ghost.mxid)
         return ghost.mxid
+
+    async def _relayed(
+        self,
+        room_id: str,
+        sender: str,
+        event_id: str,
+        event_type: str,
+        content: dict[str, Any],
+        ts_ms: int | None = None,
+        **extra: Any,
+    ) -> list[Write]:
+        """The deliveries of an event a ghost just sent, for the room's other connectors."""
+        return await self._relay(
+            {
+                "type": event_type,
+                "room_id": room_id,
+                "sender": sender,
+                "event_id": event_id,
+                "content": content,
+                "origin_server_ts": ts_ms or int(datetime.now(UTC).timestamp() * 1000),
+                **extra,
+            }
+        )
 
     # Messages ----------------------------------------------------------------------------------
 
@@ -114,9 +153,9 @@ class ToMatrix:
         room_id: str,
         event: MessageReceived,
         retrying: bool = False,
-    ) -> None:
+    ) -> list[Write]:
         if await self.stores.messages.event_for(connector_id, event.message_id):
-            return
+            return []
         sender = await self._ghost(connector_id, event.sender, room_id)
         relates: dict[str, Any] = {}
         if event.reply_to:
@@ -126,7 +165,7 @@ class ToMatrix:
         if event.attachment is not None:
             content = await self._file(connector, connector_id, room_id, sender, event)
             if content is None:
-                return
+                return []
         elif event.location is not None:
             place = event.location
             label = place.description or "Location"
@@ -144,14 +183,16 @@ class ToMatrix:
         source = f"{connector_id}:{event.message_id}"
         content[SOURCE_KEY] = source
         sent = await self._already_sent(sender, room_id, source) if retrying else None
+        ts_ms = _ms(event.timestamp)
         event_id = sent or await self.hs.send_message(
             sender,
             room_id,
             content,
             txn_id=derived_txn_id(connector_id, "message", event.message_id),
-            ts_ms=_ms(event.timestamp),
+            ts_ms=ts_ms,
         )
-        await self.stores.messages.add(connector_id, event.message_id, room_id, event_id)
+        writes = [self.stores.messages.add_write(connector_id, event.message_id, room_id, event_id)]
+        writes += await self._relayed(room_id, sender, event_id, "m.room.message", content, ts_ms)
         if self.success_statuses:
             await self.status.vendor_report(
                 connector_id, room_id, event_id, DeliveryReport("delivered", "delivered to Matrix")
@@ -162,13 +203,17 @@ class ToMatrix:
                 connector.capabilities, connector_id, event.text, event.mentions
             )
             caption["msgtype"] = "m.text"
-            await self.hs.send_message(
+            caption_id = await self.hs.send_message(
                 sender,
                 room_id,
                 caption,
                 txn_id=derived_txn_id(connector_id, "caption", event.message_id),
-                ts_ms=_ms(event.timestamp),
+                ts_ms=ts_ms,
             )
+            writes += await self._relayed(
+                room_id, sender, caption_id, "m.room.message", caption, ts_ms
+            )
+        return writes
 
     async def _already_sent(self, sender: str, room_id: str, source: str) -> str | None:
         """The event a previous attempt sent for this vendor message, if it did.
@@ -289,7 +334,7 @@ class ToMatrix:
 
     async def _edit(
         self, connector: Connector, connector_id: str, room_id: str, event: MessageEdited
-    ) -> None:
+    ) -> list[Write]:
         target = await self.stores.messages.event_for(connector_id, event.message_id)
         if target is None:
             raise PermanentFailure("the edited message was never bridged")
@@ -306,53 +351,70 @@ class ToMatrix:
         }
         if "formatted_body" in new:
             content["formatted_body"] = f"* {new['formatted_body']}"
-        await self.hs.send_message(
+        ts_ms = _ms(event.timestamp)
+        event_id = await self.hs.send_message(
             sender,
             room_id,
             content,
             txn_id=derived_txn_id(connector_id, "edit", event.event_id),
-            ts_ms=_ms(event.timestamp),
+            ts_ms=ts_ms,
         )
+        return await self._relayed(room_id, sender, event_id, "m.room.message", content, ts_ms)
 
-    async def _delete(self, connector_id: str, room_id: str, event: MessageDeleted) -> None:
+    async def _delete(self, connector_id: str, room_id: str, event: MessageDeleted) -> list[Write]:
         target = await self.stores.messages.event_for(connector_id, event.message_id)
         if target is None:
-            return  # never bridged: nothing to remove
+            return []  # never bridged: nothing to remove
         sender = await self._ghost(connector_id, event.sender, room_id)
         txn_id = derived_txn_id(connector_id, "delete", event.message_id)
         try:
-            await self.hs.redact(sender, room_id, target, txn_id=txn_id)
+            event_id = await self.hs.redact(sender, room_id, target, txn_id=txn_id)
         except MatrixRequestError as error:
             if error.http_status != 403:
                 raise
             # Someone else's message (e.g. a moderator action on the vendor side): the bot can.
-            await self.hs.redact(self.hs.config.bot_mxid, room_id, target, txn_id=txn_id)
+            sender = self.hs.config.bot_mxid
+            event_id = await self.hs.redact(sender, room_id, target, txn_id=txn_id)
+        return await self._redacted(room_id, sender, str(event_id), target)
 
-    async def _reaction(self, connector_id: str, room_id: str, event: ReactionAdded) -> None:
+    async def _redacted(self, room_id: str, sender: str, event_id: str, target: str) -> list[Write]:
+        content = {"redacts": target}
+        return await self._relayed(
+            room_id, sender, event_id, "m.room.redaction", content, redacts=target
+        )
+
+    async def _reaction(self, connector_id: str, room_id: str, event: ReactionAdded) -> list[Write]:
         ref = op.reaction_ref(event.message_id, event.reaction_id)
         if await self.stores.messages.event_for(connector_id, ref):
-            return
+            return []
         target = await self.stores.messages.event_for(connector_id, event.message_id)
         if target is None:
             raise PermanentFailure("the message reacted to was never bridged")
         sender = await self._ghost(connector_id, event.sender, room_id)
+        content = {
+            "m.relates_to": {"rel_type": "m.annotation", "event_id": target, "key": event.key}
+        }
         event_id = await self.hs.send_event(
             sender,
             room_id,
             "m.reaction",
-            {"m.relates_to": {"rel_type": "m.annotation", "event_id": target, "key": event.key}},
+            content,
             txn_id=derived_txn_id(connector_id, "reaction", event.reaction_id),
         )
-        await self.stores.messages.add(connector_id, ref, room_id, str(event_id))
+        writes = [self.stores.messages.add_write(connector_id, ref, room_id, str(event_id))]
+        return writes + await self._relayed(room_id, sender, str(event_id), "m.reaction", content)
 
-    async def _unreact(self, connector_id: str, room_id: str, event: ReactionRemoved) -> None:
+    async def _unreact(
+        self, connector_id: str, room_id: str, event: ReactionRemoved
+    ) -> list[Write]:
         ref = op.reaction_ref(event.message_id, event.reaction_id)
         target = await self.stores.messages.event_for(connector_id, ref)
         if target is None:
-            return
+            return []
         sender = await self._ghost(connector_id, event.sender, room_id)
         txn_id = derived_txn_id(connector_id, "unreact", event.reaction_id)
-        await self.hs.redact(sender, room_id, target, txn_id=txn_id)
+        event_id = await self.hs.redact(sender, room_id, target, txn_id=txn_id)
+        return await self._redacted(room_id, sender, str(event_id), target)
 
     async def _read(self, connector_id: str, room_id: str, event: ReadUpTo) -> None:
         target = await self.stores.messages.event_for(connector_id, event.message_id)

@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from mautrix.util.async_db import Database
 
+from bridge.db.cache import ReadThroughCache
+
+CACHE_SIZE = 20_000
+
 
 @dataclass(frozen=True)
 class GhostRow:
@@ -16,14 +20,21 @@ class GhostRow:
 
 
 class GhostStore:
-    def __init__(self, db: Database) -> None:
+    """Ghost rows are cached (bounded): every message of a vendor user looks its ghost up. The
+    bridge process is their only writer."""
+
+    def __init__(self, db: Database, cache_size: int = CACHE_SIZE) -> None:
         self.db = db
+        self._cache: ReadThroughCache[str, GhostRow | None] = ReadThroughCache(cache_size)
 
     async def get(self, mxid: str) -> GhostRow | None:
-        row = await self.db.fetchrow(
-            "SELECT mxid, connector, idnps, display_name FROM ghost WHERE mxid = $1", mxid
-        )
-        return GhostRow(**dict(row)) if row else None
+        async def load() -> GhostRow | None:
+            row = await self.db.fetchrow(
+                "SELECT mxid, connector, idnps, display_name FROM ghost WHERE mxid = $1", mxid
+            )
+            return GhostRow(**dict(row)) if row else None
+
+        return await self._cache.get(mxid, load)
 
     async def upsert(self, mxid: str, connector: str, idnps: str, display_name: str) -> None:
         await self.db.execute(
@@ -34,3 +45,4 @@ class GhostStore:
             idnps,
             display_name,
         )
+        self._cache.forget(mxid)

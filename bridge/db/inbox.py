@@ -9,6 +9,7 @@ from typing import Any
 from mautrix.util.async_db import Database
 
 from bridge.db.clock import now_ms
+from bridge.db.group_commit import Write
 from bridge.db.ordering import serialize_appends
 
 MATRIX_ORIGIN = "matrix"
@@ -35,37 +36,34 @@ class InboxStore:
     ) -> bool:
         """Store a homeserver transaction in one database transaction.
 
-        Returns False when this transaction id was stored before (a redelivery): the caller acks
-        it without processing it again. Events are also deduplicated by event id, in case a
-        homeserver ever sends one event in two transactions.
+        Returns True when something in it was new. Events are deduplicated by event id, never by
+        transaction id: Synapse (on SQLite) numbers its transactions from 1 again after a
+        restart, so a known id may carry new events. The id is recorded (see
+        ``transaction_check``) only to notice such a restart.
         """
         now = now_ms()
+        rows = matrix_rows(txn_id, events, ephemeral)
         async with self.db.acquire() as conn, conn.transaction():
             await serialize_appends(conn, "inbox")
-            inserted = await conn.fetchval(
+            held = await _held(conn, [row[1] for row in rows])
+            fresh = [row for row in rows if row[1] not in held]
+            # received_at moves when a known id brings news: the id was reused, and is the
+            # homeserver's latest (see ``latest_transaction_ids``).
+            await conn.execute(
                 "INSERT INTO as_transaction (txn_id, received_at) VALUES ($1, $2) "
-                "ON CONFLICT (txn_id) DO NOTHING RETURNING txn_id",
+                "ON CONFLICT (txn_id) DO UPDATE SET received_at = excluded.received_at "
+                "WHERE $3",
                 txn_id,
                 now,
+                bool(fresh),
             )
-            if inserted is None:
-                return False
-            rows = [
-                (MATRIX_ORIGIN, event["event_id"], event["room_id"], json.dumps(event), now)
-                for event in events
-            ]
-            # Typing and receipts have no event id: the transaction id makes them unique.
-            rows += [
-                (MATRIX_ORIGIN, f"edu:{txn_id}:{index}", edu["room_id"], json.dumps(edu), now)
-                for index, edu in enumerate(ephemeral or ())
-            ]
-            if rows:
+            if fresh:
                 await conn.executemany(
                     "INSERT INTO inbox (origin, dedup_key, lane, payload, received_at) "
                     "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (origin, dedup_key) DO NOTHING",
-                    rows,
+                    [(*row, now) for row in fresh],
                 )
-        return True
+        return bool(fresh)
 
     async def store_remote(
         self, connector: str, event_id: str, lane: str, payload: dict[str, Any]
@@ -103,6 +101,24 @@ class InboxStore:
             limit,
         )
         return [_item(r) for r in rows]
+
+    @staticmethod
+    def remote_write(connector: str, event_id: str, lane: str, payload: dict[str, Any]) -> Write:
+        """``store_remote`` as a write for a group commit (a stored event id changes nothing)."""
+        return Write(
+            "INSERT INTO inbox (origin, dedup_key, lane, payload, received_at) "
+            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (origin, dedup_key) DO NOTHING",
+            (connector, event_id, lane, json.dumps(payload), now_ms()),
+            appends_to="inbox",
+        )
+
+    @staticmethod
+    def done_write(seq: int) -> Write:
+        """``mark_done`` as a write for a group commit: the payload goes with it."""
+        return Write(
+            "UPDATE inbox SET state = 'done', payload = NULL, last_error = NULL WHERE seq = $1",
+            (seq,),
+        )
 
     async def mark_done(self, seq: int) -> None:
         # The payload goes: content is kept only as long as delivery needs it.

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from mautrix.util.async_db import Connection, Database
 
+from bridge.db.group_commit import Write
+
+_ADD = (
+    "INSERT INTO message_map (connector, remote_id, room_id, event_id) "
+    "VALUES ($1, $2, $3, $4) ON CONFLICT (connector, remote_id) DO NOTHING"
+)
+
 
 class MessageMapStore:
     def __init__(self, db: Database) -> None:
@@ -42,11 +49,9 @@ class MessageMapStore:
         *,
         conn: Connection | None = None,
     ) -> None:
-        await (conn or self.db).execute(
-            "INSERT INTO message_map (connector, remote_id, room_id, event_id) "
-            "VALUES ($1, $2, $3, $4) ON CONFLICT (connector, remote_id) DO NOTHING",
-            connector,
-            remote_id,
-            room_id,
-            event_id,
-        )
+        await (conn or self.db).execute(_ADD, connector, remote_id, room_id, event_id)
+
+    @staticmethod
+    def add_write(connector: str, remote_id: str, room_id: str, event_id: str) -> Write:
+        """``add`` as a write for a group commit."""
+        return Write(_ADD, (connector, remote_id, room_id, event_id))

@@ -9,9 +9,15 @@ from typing import Any
 from mautrix.util.async_db import Connection, Database
 
 from bridge.db.clock import now_ms
+from bridge.db.group_commit import Write
 from bridge.db.ordering import serialize_appends
 
 _LANE_SEPARATOR = "\x1f"
+_ENQUEUE = (
+    "INSERT INTO outbox (connector, room_id, operation, dedup_key, payload, created_at) "
+    "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (connector, dedup_key) DO NOTHING"
+)
+_DONE = "UPDATE outbox SET state = 'done', payload = NULL, last_error = NULL WHERE seq = $1"
 _COLUMNS = "o.seq, o.connector, o.room_id, o.operation, o.dedup_key, o.payload, o.attempts"
 # A dead letter holds everything after it in its conversation: order before delivery.
 _NOT_HELD = (
@@ -56,18 +62,24 @@ class OutboxStore:
                     connector, room_id, operation, dedup_key, payload, conn=own
                 )
         await serialize_appends(conn, "outbox")
-        seq = await conn.fetchval(
-            "INSERT INTO outbox (connector, room_id, operation, dedup_key, payload, created_at) "
-            "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (connector, dedup_key) DO NOTHING "
-            "RETURNING seq",
-            connector,
-            room_id,
-            operation,
-            dedup_key,
-            json.dumps(payload),
-            now_ms(),
+        write = self.enqueue_write(connector, room_id, operation, dedup_key, payload)
+        return await conn.fetchval(f"{write.sql} RETURNING seq", *write.args) is not None
+
+    @staticmethod
+    def enqueue_write(
+        connector: str, room_id: str, operation: str, dedup_key: str, payload: dict[str, Any]
+    ) -> Write:
+        """``enqueue`` as a write for a group commit (a repeated dedup key changes nothing)."""
+        return Write(
+            _ENQUEUE,
+            (connector, room_id, operation, dedup_key, json.dumps(payload), now_ms()),
+            appends_to="outbox",
         )
-        return seq is not None
+
+    @staticmethod
+    def done_write(seq: int) -> Write:
+        """``mark_done`` as a write for a group commit."""
+        return Write(_DONE, (seq,))
 
     async def pending(self, after_seq: int, limit: int) -> list[OutboxItem]:
         rows = await self.db.fetch(
@@ -92,10 +104,7 @@ class OutboxStore:
         return [_item(r) for r in rows]
 
     async def mark_done(self, seq: int, *, conn: Connection | None = None) -> None:
-        await (conn or self.db).execute(
-            "UPDATE outbox SET state = 'done', payload = NULL, last_error = NULL WHERE seq = $1",
-            seq,
-        )
+        await (conn or self.db).execute(_DONE, seq)
 
     async def mark_failed(self, seq: int, reason: str) -> None:
         await self.db.execute(

@@ -1,4 +1,9 @@
-"""Portals (one Matrix room per bridged conversation) and their links to vendor conversations."""
+"""Portals (one Matrix room per bridged conversation) and their links to vendor conversations.
+
+Every event of a portal room looks its portal and links up, so they are cached (bounded, least
+recently used out first). The bridge process is the only writer of these tables; a write made
+in a caller's transaction (``conn=``) is followed by ``forget(room_id)`` once committed.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,11 @@ from dataclasses import dataclass
 
 from mautrix.util.async_db import Connection, Database
 
+from bridge.db.cache import ReadThroughCache
 from bridge.db.clock import now_ms
+
+CACHE_SIZE = 20_000
+"""Rooms whose portal and links stay in memory (a few hundred bytes each)."""
 
 
 @dataclass(frozen=True)
@@ -27,10 +36,21 @@ class PortalLink:
 
 
 class PortalStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, cache_size: int = CACHE_SIZE) -> None:
         self.db = db
+        self._portals: ReadThroughCache[str, Portal | None] = ReadThroughCache(cache_size)
+        self._links: ReadThroughCache[str, tuple[PortalLink, ...]] = ReadThroughCache(cache_size)
+        self._rooms: ReadThroughCache[tuple[str, str], str | None] = ReadThroughCache(cache_size)
+
+    def forget(self, room_id: str) -> None:
+        """Drop what is cached about this room (after a write in a caller's transaction)."""
+        self._portals.forget(room_id)
+        self._links.forget(room_id)
 
     async def get(self, room_id: str) -> Portal | None:
+        return await self._portals.get(room_id, lambda: self._load(room_id))
+
+    async def _load(self, room_id: str) -> Portal | None:
         row = await self.db.fetchrow(
             "SELECT room_id, title, is_direct, voice FROM portal WHERE room_id = $1", room_id
         )
@@ -48,30 +68,38 @@ class PortalStore:
             portal.voice,
             now_ms(),
         )
+        self._portals.forget(portal.room_id)
 
     async def links(self, room_id: str) -> list[PortalLink]:
+        return list(await self._links.get(room_id, lambda: self._load_links(room_id)))
+
+    async def _load_links(self, room_id: str) -> tuple[PortalLink, ...]:
         rows = await self.db.fetch(
             "SELECT room_id, connector, conversation_id FROM portal_link WHERE room_id = $1 "
             "ORDER BY connector",
             room_id,
         )
-        return [PortalLink(r["room_id"], r["connector"], r["conversation_id"]) for r in rows]
+        return tuple(PortalLink(r["room_id"], r["connector"], r["conversation_id"]) for r in rows)
 
     async def link(self, room_id: str, connector: str) -> PortalLink | None:
-        row = await self.db.fetchrow(
-            "SELECT room_id, connector, conversation_id FROM portal_link "
-            "WHERE room_id = $1 AND connector = $2",
-            room_id,
-            connector,
-        )
-        return PortalLink(row["room_id"], row["connector"], row["conversation_id"]) if row else None
+        for link in await self.links(room_id):
+            if link.connector == connector:
+                return link
+        return None
 
     async def by_conversation(self, connector: str, conversation_id: str) -> str | None:
         """The room bridged to this vendor conversation, if any."""
-        return await self.db.fetchval(
-            "SELECT room_id FROM portal_link WHERE connector = $1 AND conversation_id = $2",
-            connector,
-            conversation_id,
+
+        async def load() -> str | None:
+            return await self.db.fetchval(
+                "SELECT room_id FROM portal_link WHERE connector = $1 AND conversation_id = $2",
+                connector,
+                conversation_id,
+            )
+
+        # Only found rooms are kept: a conversation, once bridged, stays bridged to its room.
+        return await self._rooms.get(
+            (connector, conversation_id), load, keep=lambda room: room is not None
         )
 
     async def add_link(
@@ -89,6 +117,7 @@ class PortalStore:
             connector,
             conversation_id,
         )
+        self._links.forget(room_id)
 
     async def set_conversation(self, room_id: str, connector: str, conversation_id: str) -> None:
         await self.db.execute(
@@ -97,6 +126,7 @@ class PortalStore:
             connector,
             conversation_id,
         )
+        self._links.forget(room_id)
 
     async def count(self) -> int:
         return int(await self.db.fetchval("SELECT COUNT(*) FROM portal"))

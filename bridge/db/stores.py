@@ -8,6 +8,7 @@ from mautrix.util.async_db import Database
 
 from bridge.db.dead_letters import DeadLetterStore
 from bridge.db.ghost import GhostStore
+from bridge.db.group_commit import GroupCommit
 from bridge.db.inbox import InboxStore
 from bridge.db.message_map import MessageMapStore
 from bridge.db.outbox import OutboxStore
@@ -23,6 +24,8 @@ class Stores:
     ghosts: GhostStore
     messages: MessageMapStore
     dead_letters: DeadLetterStore
+    commit: GroupCommit
+    """Where the workers' per-item writes are committed together."""
 
     @classmethod
     def of(cls, db: Database) -> Stores:
@@ -34,4 +37,5 @@ class Stores:
             GhostStore(db),
             MessageMapStore(db),
             DeadLetterStore(db),
+            GroupCommit(db),
         )

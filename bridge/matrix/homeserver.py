@@ -145,14 +145,16 @@ class Homeserver:
         )
         return str(response["event_id"])
 
-    async def redact(self, mxid: str, room_id: str, event_id: str, *, txn_id: str) -> None:
-        """Redact as ``mxid`` with a derived transaction id (a retry redacts once)."""
+    async def redact(self, mxid: str, room_id: str, event_id: str, *, txn_id: str) -> str:
+        """Redact as ``mxid`` with a derived transaction id (a retry redacts once); returns the
+        redaction's event id."""
         intent = self.intent(mxid)
-        await intent.api.request(
+        answer = await intent.api.request(
             Method.PUT,
             Path.v3.rooms[RoomID(room_id)].redact[EventID(event_id)][txn_id],
             {},
         )
+        return str(answer["event_id"])
 
     async def send_notice(self, room_id: str, text: str, *, txn_id: str) -> None:
         await self.bot.send_message_event(

@@ -24,6 +24,7 @@ from connectors.base import (
     OutboundAttachment,
     OutboundMessage,
     RemoteAttachment,
+    RemoteEvent,
     RemoteUser,
     Sender,
 )
@@ -202,16 +203,16 @@ class MedipepsConnector(Connector):
         ignores the events it already stored (their ``event_id`` is stable).
         """
         page = await self.client.events(after=cursor, limit=self.settings.page_size)
-        for raw in page.events:
-            await self._emit_one(raw)
+        events = [event for raw in page.events if (event := self._parse(raw)) is not None]
+        await self.ctx.emit_many(events)
         if page.cursor != cursor:
             await self.ctx.store.set(CURSOR_KEY, str(page.cursor))
         full = len(page.events) >= self.settings.page_size
         return full or any(convert.has_attachment(raw) for raw in page.events), page.cursor
 
-    async def _emit_one(self, raw: Any) -> None:
+    def _parse(self, raw: Any) -> RemoteEvent | None:
         try:
-            event = convert.event_from_feed(raw)
+            return convert.event_from_feed(raw)
         except InvalidPayload as exc:
             # Skip, do not stall: an event we cannot parse (invalid IDNPS, unknown type ...) would
             # fail the same way on every re-read and block the feed forever. It is not dropped
@@ -223,8 +224,7 @@ class MedipepsConnector(Connector):
                 convert.event_seq(raw),
                 exc,
             )
-            return
-        await self.ctx.emit(event)
+            return None
 
     async def _load_cursor(self) -> int:
         stored = await self.ctx.store.get(CURSOR_KEY)
