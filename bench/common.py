@@ -119,7 +119,7 @@ async def start_stub(http: ClientSession, log_dir: Path, as_token: str) -> Child
     child = python_child(
         "stub-homeserver",
         "bench/stub_homeserver.py",
-        ["--port", str(port), "--domain", DOMAIN, "--as-token", as_token],
+        ["--port", str(port), "--domain", DOMAIN, f"--as-token={as_token}"],
         log_dir,
         f"http://127.0.0.1:{port}",
     )

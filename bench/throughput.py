@@ -421,8 +421,7 @@ async def core_naive(http: ClientSession, work: Path, events: int) -> dict[str, 
                 [
                     "--port",
                     str(port),
-                    "--hs-token",
-                    hs_token,
+                    f"--hs-token={hs_token}",  # a token may begin with "-"
                     "--sandbox-url",
                     sandbox.url,
                     "--rooms",

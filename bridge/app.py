@@ -154,6 +154,7 @@ class Bridge:
             await connector.start()
             self._started_connectors.append(connector_id)
             log.info("Connector %s (%s) started", connector_id, type(connector).type_name)
+        await self.router.start()
         if not paused:
             self.inbox.start()
             self.outbox.start()

@@ -49,6 +49,13 @@ class Router:
         self._homeserver_down = False
         self._failed_once: set[int] = set()
         self.on_homeserver_back: Callable[[], None] = lambda: None
+        self.recovered_up_to: int | None = None
+        """Inbox items up to this seq were stored before this process started: a crash may have
+        left their work half done, so it is checked before it is redone. None: check all."""
+
+    async def start(self) -> None:
+        """Note where this run's own items begin (call before the inbox worker starts)."""
+        self.recovered_up_to = await self.stores.inbox.max_seq()
 
     async def handle(self, item: InboxItem) -> None:
         """Process one inbox item; raises only for failures worth retrying."""
@@ -59,8 +66,12 @@ class Router:
                 writes = await self.from_matrix.handle(item.payload)
             else:
                 retrying = item.attempts > 0 or item.seq in self._failed_once
+                recovered = self.recovered_up_to is None or item.seq <= self.recovered_up_to
                 writes = await self.to_matrix.handle(
-                    item.origin, event_from_json(item.payload), retrying=retrying
+                    item.origin,
+                    event_from_json(item.payload),
+                    retrying=retrying,
+                    recovered=recovered or retrying,
                 )
         except MatrixConnectionError:
             if not self._homeserver_down:

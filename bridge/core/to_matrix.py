@@ -82,11 +82,19 @@ class ToMatrix:
         self.success_statuses = success_statuses
 
     async def handle(
-        self, connector_id: str, event: RemoteEvent, *, retrying: bool = False
+        self,
+        connector_id: str,
+        event: RemoteEvent,
+        *,
+        retrying: bool = False,
+        recovered: bool = True,
     ) -> list[Write]:
         """Do what the event says in its room; return the writes that record it.
 
         ``retrying``: this event failed before, so a send may have happened unseen.
+        ``recovered``: it may have been processed before (it was stored before this run began,
+        or failed once): the message map is checked first. A fresh message skips that read (the
+        inbox already refused a second copy of the vendor event).
         """
         connector = self.portals.connectors.get(connector_id)
         if connector is None:
@@ -101,7 +109,7 @@ class ToMatrix:
                 f"{connector_id} conversation {event.conversation_id} is not bridged to a room"
             )
         if isinstance(event, MessageReceived):
-            return await self._message(connector, connector_id, room_id, event, retrying)
+            return await self._message(connector, connector_id, room_id, event, retrying, recovered)
         if isinstance(event, MessageEdited):
             return await self._edit(connector, connector_id, room_id, event)
         if isinstance(event, MessageDeleted):
@@ -153,8 +161,9 @@ class ToMatrix:
         room_id: str,
         event: MessageReceived,
         retrying: bool = False,
+        recovered: bool = True,
     ) -> list[Write]:
-        if await self.stores.messages.event_for(connector_id, event.message_id):
+        if recovered and await self.stores.messages.event_for(connector_id, event.message_id):
             return []
         sender = await self._ghost(connector_id, event.sender, room_id)
         relates: dict[str, Any] = {}
