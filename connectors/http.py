@@ -13,6 +13,12 @@ from connectors.base import ConnectorError
 from connectors.payload import parse_json
 
 
+def new_session(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+    """A client session for a vendor API. Vendor APIs authenticate each request (a key, a
+    token): no cookie is kept or replayed, which also spares the cookie jar on every call."""
+    return aiohttp.ClientSession(timeout=timeout, cookie_jar=aiohttp.DummyCookieJar())
+
+
 async def read_json(resp: aiohttp.ClientResponse) -> Any:
     """The response's JSON body, or None when it has none (an HTML error page, an empty body)."""
     try:

@@ -40,7 +40,7 @@ class MedipepsClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+            self._session = http.new_session(self._timeout)
         return self._session
 
     async def close(self) -> None:

@@ -60,7 +60,7 @@ class PandaLabClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+            self._session = http.new_session(self._timeout)
         return self._session
 
     async def close(self) -> None:
