@@ -102,3 +102,12 @@ async def upgrade_v1(conn: Connection, scheme: Scheme) -> None:
             PRIMARY KEY (connector, key)
         )"""
     )
+
+
+@upgrade_table.register(description="Index the dead letters that hold their conversations")
+async def upgrade_v2(conn: Connection, scheme: Scheme) -> None:
+    # Every read of pending deliveries asks whether a dead letter holds the row's conversation;
+    # without this index that is a scan of the conversation's whole history, row after row.
+    await conn.execute(
+        "CREATE INDEX outbox_dead ON outbox (connector, room_id, seq) WHERE state = 'dead'"
+    )
