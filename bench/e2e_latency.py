@@ -4,14 +4,16 @@ The deployment is ``LocalStack``'s (Synapse, both sandboxes) with the bridge in 
 (``eimis-bridge run``). A PandaLab-style user opens a conversation with a Medipeps-style user;
 each sample is one message written in the PandaLab-style app (the sandbox's user API) until it
 appears at the Medipeps-style vendor API (the sandbox's kernel, timestamped in this process).
-Its path: webhook -> bridge inbox -> ghost send to Synapse -> Synapse's appservice transaction
-back to the bridge -> outbox -> Medipeps-style API.
+Its path: webhook -> bridge inbox -> ghost send to Synapse -> outbox -> Medipeps-style API (the
+bridge relays what a ghost sent to the room's other vendors itself, without waiting for Synapse
+to push the event back in an appservice transaction; that push, when it comes, adds nothing).
 
 The baseline, measured in the same run and interleaved sample by sample: Synapse's own
 client-send -> appservice-delivery latency. A tiny appservice (registered beside the bridge,
 non-exclusive namespace of one native user alone in a room) timestamps the transaction that
-carries a message the native user sent through ``PUT /rooms/{room}/send``. The bridge's path
-contains one such hop, so ``e2e_overhead_ratio`` is what the bridge adds around it.
+carries a message the native user sent through ``PUT /rooms/{room}/send``. It is what a bridge
+that waits for the homeserver's push pays at least once on this path, so
+``e2e_overhead_ratio`` compares the bridge's whole path with that one Synapse hop.
 
 Usage: ``python bench/e2e_latency.py [--samples 100]``.
 """
