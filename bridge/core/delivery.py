@@ -31,7 +31,7 @@ from bridge.core.outbound import (
     render_text,
 )
 from bridge.core.status import StatusReporter
-from bridge.db.group_commit import Write
+from bridge.db.group_commit import GroupCommit, Write
 from bridge.db.outbox import OutboxItem
 from bridge.db.portal import PortalLink
 from bridge.db.stores import Stores
@@ -71,6 +71,9 @@ class Delivery:
         self.max_attempts = max_attempts
         self.success_statuses = success_statuses
         self.health = ConnectorHealth(self._vendor_back)
+        # Its own group commit: on PostgreSQL, completed deliveries commit while the router's
+        # batch (other rows) is committing.
+        self._commit = GroupCommit(stores.db)
         self._scheduler: LaneScheduler[OutboxItem] | None = None
         self._attempts: dict[int, int] = {}
         self._told_retrying: set[int] = set()
@@ -113,7 +116,7 @@ class Delivery:
             await self._give_up(item, str(failure), unsupported=False)
             return
         self.health.answered(item.connector)
-        await self.stores.commit.commit([*writes, self.stores.outbox.done_write(item.seq)])
+        await self._commit.commit([*writes, self.stores.outbox.done_write(item.seq)])
         self._told_retrying.discard(item.seq)
         self._attempts.pop(item.seq, None)
         if notes or (notes is not None and self.success_statuses):
