@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 
 from aiohttp import ClientSession, ClientTimeout, web
+from mautrix.types import Membership, RoomID
 
 from bridge.appservice.server import AppserviceServer
 from bridge.config import Config, load_tokens
@@ -18,11 +19,13 @@ from bridge.core.from_matrix import FromMatrix
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.lanes import LaneScheduler
 from bridge.core.portals import Portals
+from bridge.core.reconcile import Reconciler, TransactionWatch
 from bridge.core.router import Router, remote_lane
 from bridge.core.status import StatusReporter
 from bridge.core.to_matrix import ToMatrix
 from bridge.db.connector_state import ConnectorStateStore
 from bridge.db.database import open_database
+from bridge.db.group_commit import GroupCommit
 from bridge.db.inbox import InboxItem
 from bridge.db.outbox import OutboxItem
 from bridge.db.stores import Stores
@@ -63,6 +66,8 @@ class Bridge:
         as_token, hs_token = load_tokens(self.config)
         self.db = await open_database(self.config.database)
         self.stores = Stores.of(self.db)
+        self._intake = GroupCommit(self.db)
+        """Vendor events' commits (the router and deliveries have their own)."""
         self._session = ClientSession(timeout=ClientTimeout(total=60))
         self.homeserver = Homeserver(self.config, as_token, self.db, self._session)
         for spec in specs:
@@ -122,7 +127,20 @@ class Bridge:
             self.router.record_error,
             fetch_lane=self.stores.inbox.pending_in_lane,
         )
-        self.router.on_homeserver_back = self.inbox.retry_now
+        self.reconciler = Reconciler(
+            self.stores.inbox,
+            self.homeserver,
+            self._timeline_readers,
+            self.inbox.notify,
+            self.config.reconcile,
+        )
+        self.reconciler.hold()  # transactions wait for the start-up reconciliation
+
+        def homeserver_back() -> None:
+            self.inbox.retry_now()
+            self.reconciler.request("the homeserver answers again")
+
+        self.router.on_homeserver_back = homeserver_back
         server = AppserviceServer(
             hs_token=hs_token,
             inbox=self.stores.inbox,
@@ -130,6 +148,7 @@ class Bridge:
             query_user=self.query_user,
             ready=self.readiness,
             max_body_bytes=self.config.appservice.max_body_bytes,
+            watch=TransactionWatch(self.stores.inbox, self.reconciler),
         )
         for connector_id, connector in self.connectors:
             routes = connector.web_routes()
@@ -149,6 +168,7 @@ class Bridge:
             self.config.appservice.port,
         )
         self.homeserver_info = await self._check_homeserver()
+        await self.reconciler.start()
         await self.homeserver.bot.set_displayname(self.config.appservice.bot_displayname)
         for connector_id, connector in self.connectors:
             await connector.start()
@@ -161,6 +181,8 @@ class Bridge:
         log.info("Bridge running with connectors: %s", ", ".join(self.connectors.ids()) or "none")
 
     async def stop(self) -> None:
+        if getattr(self, "reconciler", None) is not None:
+            await self.reconciler.stop()
         for scheduler in (getattr(self, "inbox", None), getattr(self, "outbox", None)):
             if scheduler is not None:
                 await scheduler.stop()
@@ -216,7 +238,7 @@ class Bridge:
                 if not isinstance(event, REMOTE_EVENT_TYPES):
                     raise TypeError(f"connectors emit RemoteEvent, not {type(event).__name__}")
             # Group-committed: concurrent emits (webhook deliveries) share one transaction.
-            await self.stores.commit.commit(
+            await self._intake.commit(
                 [
                     self.stores.inbox.remote_write(
                         connector_id,
@@ -230,6 +252,15 @@ class Bridge:
             self.inbox.notify()
 
         return store
+
+    async def _timeline_readers(self, room_id: str) -> list[str]:
+        """Who of the bridge reads a portal's timeline: its voice, else a ghost joined there."""
+        portal = await self.stores.portals.get(room_id)
+        if portal is None:
+            return []
+        members = await self.homeserver.state_store.get_members(RoomID(room_id), (Membership.JOIN,))
+        ghosts = [str(m) for m in members if self.ids.in_namespace(m) and m != portal.voice]
+        return [portal.voice, *ghosts]
 
     async def query_user(self, mxid: str) -> bool:
         """The homeserver asks whether a user of our namespace exists (e.g. before an invite)."""

@@ -150,6 +150,23 @@ class DeliveryConfig(_Strict):
     )
 
 
+class ReconcileConfig(_Strict):
+    """Reading portal rooms' timelines for events the homeserver never pushed (see README)."""
+
+    interval_s: float = Field(
+        300.0, ge=0, description="Seconds between periodic sweeps; 0: only after signs of a fault"
+    )
+    active_within_s: float = Field(
+        3600.0, gt=0, description="Rooms with homeserver events this recent are read"
+    )
+    max_rooms: int = Field(100, ge=1, description="Most rooms read by one pass")
+    max_pages: int = Field(5, ge=1, description="Most /messages pages read per room and pass")
+    page_size: int = Field(100, ge=10, le=1000, description="Events per /messages page")
+    hold_transactions_s: float = Field(
+        20.0, gt=0, le=50, description="Longest a transaction waits for a pass before it is stored"
+    )
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(False, alias="json")
@@ -162,6 +179,7 @@ class Config(_Strict):
     connectors: dict[str, ConnectorConfig] = Field(default_factory=dict)
     media: MediaConfig = MediaConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    reconcile: ReconcileConfig = ReconcileConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @field_validator("connectors")

@@ -2,7 +2,9 @@
 
 What the homeserver relies on: a 200 means the whole transaction is durably stored (so it will
 not resend it), anything else means nothing was stored (so it must resend), and a resend of a
-stored transaction is acknowledged without being processed twice.
+stored transaction is acknowledged without being processed twice. Events are recognised by
+event id, not by transaction id: a transaction id reused with new events (Synapse numbers them
+from 1 again after a restart) is stored like any other.
 """
 
 from __future__ import annotations
@@ -145,6 +147,35 @@ async def test_transaction_replayed_is_acknowledged_but_not_stored_or_processed_
     assert await again.json() == {}
     assert await hs.stored_event_ids() == ["$event1"]
     assert len(hs.stored_calls) == 1
+
+
+async def test_reused_transaction_id_with_new_events_is_stored_and_processed(
+    hs: Harness,
+) -> None:
+    # Synapse on SQLite numbers its transactions from 1 again after a restart.
+    first = await hs.put("1", {"events": [event(1)]})
+    reused = await hs.put("1", {"events": [event(2), event(3)]})
+
+    assert (first.status, reused.status) == (200, 200)
+    assert await hs.stored_event_ids() == ["$event1", "$event2", "$event3"]
+    assert len(hs.stored_calls) == 2
+
+
+async def test_ephemeral_events_of_a_reused_transaction_id_are_stored(hs: Harness) -> None:
+    def typing(*user_ids: str) -> dict[str, Any]:
+        return {
+            "type": "m.typing",
+            "room_id": "!room:eimis.example",
+            "content": {"user_ids": user_ids},
+        }
+
+    await hs.put("1", {"events": [], "ephemeral": [typing("@alice:eimis.example")]})
+    await hs.put("1", {"events": [], "ephemeral": [typing("@alice:eimis.example")]})  # resent
+    await hs.put("1", {"events": [], "ephemeral": [typing()]})  # the id reused
+
+    payloads = [item.payload for item in await hs.inbox.pending(0, 10)]
+    assert [p["content"]["user_ids"] for p in payloads] == [["@alice:eimis.example"], []]
+    assert len(hs.stored_calls) == 2
 
 
 async def test_transaction_without_events_is_acknowledged(hs: Harness) -> None:

@@ -42,16 +42,7 @@ from connectors.sandbox.webtools import KERNEL_KEY
 from e2e_helpers import conversation_titled, counter, users_of
 from matrix_user import MatrixUser, MatrixUserError, connect
 
-# Work in progress for the reliability issue (still open): these fault-injection tests take
-# several minutes and some document open bugs as strict xfails. They run on demand with
-# EIMIS_FAULT_TESTS=1 until that issue lands and they join the default run.
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(
-        not os.environ.get("EIMIS_FAULT_TESTS"),
-        reason="fault-injection tests run with EIMIS_FAULT_TESTS=1 (reliability issue, open)",
-    ),
-]
+pytestmark = pytest.mark.e2e
 
 PL, MP, MX = "pl", "mp", "mx"
 """The three writers' streams: PandaLab (Alice), Medipeps (Bob), Matrix (the native user)."""
@@ -257,28 +248,24 @@ async def wait_delivered(
         pytest.fail(f"{error} ({what}): " + "; ".join(problems(seen, chat.sent, sides)))
 
 
-async def assert_exactly_once_in_order(chat: Chat, *, appservice_race_known: bool = False) -> None:
+async def assert_exactly_once_in_order(chat: Chat) -> None:
     """A closing round, then the strict check once it has arrived everywhere.
 
     Each stream reaches each side through FIFO lanes, so when a stream's closing message has
     arrived, every earlier one has either arrived (once or twice) or never will: the picture is
-    final, and a lost message fails the test at once rather than after a timeout.
-
-    ``appservice_race_known``: when every difference is a message whose room event Synapse left
-    in an unsent appservice transaction or delivered after a later one (APPSERVICE_RACE), the
-    test is marked xfail with that evidence; any other difference fails it.
+    final, and a lost message fails the test at once rather than after a timeout. A failure
+    says which messages Synapse never pushed to the bridge, or pushed after a later one.
     """
     await chat.write_rounds([1 + max(int(t.rsplit("-", 1)[1]) for t in chat.sent[PL])])
     closing = {stream: texts[-1:] for stream, texts in chat.sent.items()}
     seen = await wait_delivered(chat, "the closing round on every side", texts=closing)
     found = problems(seen, chat.sent)
-    if found and appservice_race_known:
+    if found:
         stranded, late = await appservice_delivery_faults(chat)
-        if (stranded or late) and only_appservice_faults(seen, chat.sent, stranded, late):
-            pytest.xfail(
-                f"{APPSERVICE_RACE} This run: {found}; left in an unsent Synapse transaction: "
-                f"{sorted(stranded)}; handed to the bridge after a later event: {sorted(late)}."
-            )
+        found += [
+            f"never pushed by Synapse (in an unsent appservice transaction): {sorted(stranded)}",
+            f"pushed by Synapse after a later event of the room: {sorted(late)}",
+        ]
     assert not found, "not exactly once, in order:\n" + "\n".join(found)
     senders = chat.senders
     for sender, body in await chat.room_events():
@@ -287,23 +274,18 @@ async def assert_exactly_once_in_order(chat: Chat, *, appservice_race_known: boo
             assert sender == senders[stream], f"{body!r} was sent by {sender} in the room"
 
 
-APPSERVICE_RACE = (
-    "bridge gap over a Synapse race, intermittent (about one run in six here): when the bridge "
-    "comes back after a SIGKILL, Synapse still marks it down while its recoverer resends the "
-    "stored transactions (synapse/appservice/scheduler.py _Recoverer.retry). An event the "
-    "restarted bridge causes meanwhile (a ghost's message from its backlog) is stored as a new "
-    "transaction but not sent, the service being down (_TransactionController.send); if the "
-    "recoverer has already found nothing more to send, it marks the service up and that "
-    "transaction stays unsent until the next failure starts a recoverer: the message reaches the "
-    "other vendor late and out of order, or never. The bridge takes the appservice push as "
-    "complete and ordered, and never checks the portal rooms' timelines against its inbox."
-)
-
-
 async def appservice_delivery_faults(chat: Chat) -> tuple[set[str], set[str]]:
     """Bodies of the room's messages whose event Synapse left in an unsent appservice
     transaction (never in the bridge's inbox), and of those it handed to the bridge after a
-    later event of the room (by the inbox's order)."""
+    later event of the room (by the inbox's order).
+
+    Seen before the bridge read its rooms' timelines (``bridge/core/reconcile.py``): when the
+    bridge came back after a SIGKILL, Synapse still marked it down while its recoverer resent
+    the stored transactions (synapse/appservice/scheduler.py _Recoverer.retry); an event caused
+    meanwhile was stored as a new transaction but not sent (_TransactionController.send), and if
+    the recoverer had already found nothing more to send, it marked the service up and that
+    transaction stayed unsent. The bridge now notices the jump in transaction ids that follows.
+    """
     with contextlib.closing(sqlite3.connect(chat.stack.synapse.state_dir / "homeserver.db")) as db:
         events = db.execute(
             "SELECT e.event_id, json_extract(j.json, '$.content.body') FROM events e "
@@ -332,31 +314,6 @@ async def appservice_delivery_faults(chat: Chat) -> tuple[set[str], set[str]]:
                 late.add(body)
             first_of_later = min(first_of_later, received[event_id])
     return stranded, late
-
-
-def only_appservice_faults(
-    seen: dict[str, list[str]], sent: dict[str, list[str]], stranded: set[str], late: set[str]
-) -> bool:
-    """Whether every difference from "each stream once, in order" on the vendors' sides is a
-    message in ``stranded`` (missing) or ``late`` (missing or out of place), the room being
-    right."""
-    if problems(seen, sent, ["matrix"]):
-        return False
-    for side in ("pandalab", "medipeps"):
-        for stream, written in sent.items():
-            got = [t for t in seen[side] if stream_of(t) == stream]
-            if stream not in RECEIVES[side]:
-                if got:
-                    return False
-                continue
-            missing = set(written) - set(got)
-            if len(set(got)) != len(got) or not set(got) <= set(written):
-                return False
-            if not missing <= stranded | late:
-                return False
-            if [t for t in got if t not in late] != [t for t in written if t not in late | missing]:
-                return False
-    return True
 
 
 @contextlib.asynccontextmanager
@@ -619,7 +576,7 @@ async def test_bridge_killed_three_times_during_traffic_both_ways_loses_and_doub
         assert bridge.kills == len(KILLED_BEFORE_ROUND)
         # Killed mid-work, not between quiet spells: messages were on their way.
         assert sum(undelivered_at_kills) > 0, undelivered_at_kills
-        await assert_exactly_once_in_order(chat, appservice_race_known=True)
+        await assert_exactly_once_in_order(chat)
         await stop_cleanly_and_check_storage(stack, bridge)
 
 
@@ -725,21 +682,6 @@ AFTER_ROUNDS = 8
 PG_RESTARTS = 3
 
 
-SYNAPSE_TXN_IDS_REUSED = (
-    "bridge bug, deterministic: Matrix messages are lost after a Synapse restart. "
-    "bridge/db/inbox.py InboxStore.store_transaction (called by bridge/appservice/server.py "
-    "AppserviceServer.put_transaction) answers 200 without storing anything for any transaction id "
-    "already in as_transaction, and keeps those ids forever. Synapse on SQLite numbers appservice "
-    "transactions from max(application_services_txns.txn_id) + 1 at start-up, a table that only "
-    "holds unsent transactions, so after a restart it counts from 1 again: every new transaction "
-    "whose number the bridge saw before the restart is acknowledged and its events dropped (native "
-    "users' messages, and the ghosts' messages that carry vendor-to-vendor traffic, never reach "
-    "the vendors; the log says 'Transaction N was stored before; acknowledged again'). Events are "
-    "already deduplicated by event id (inbox ON CONFLICT (origin, dedup_key)), so it is the "
-    "transaction-id shortcut that loses them."
-)
-
-
 async def homeserver_down(http: ClientSession, stack: LocalStack) -> bool:
     try:
         async with http.get(
@@ -750,8 +692,12 @@ async def homeserver_down(http: ClientSession, stack: LocalStack) -> bool:
         return True
 
 
-@pytest.mark.xfail(strict=True, reason=SYNAPSE_TXN_IDS_REUSED)
 async def test_synapse_restarted_during_traffic_loses_nothing(tmp_path: Path) -> None:
+    """Synapse on SQLite numbers appservice transactions from max(application_services_txns) + 1
+    at start-up, a table that only holds unsent ones: after a restart it counts from 1 again.
+    The bridge once acknowledged every known id without storing its events (native users'
+    messages, and ghosts' messages carrying vendor-to-vendor traffic, were lost); it now
+    deduplicates by event id only, and reads the timelines when the ids start again."""
     async with (
         LocalStack(tmp_path / "stack") as stack,
         ClientSession() as http,
@@ -841,20 +787,6 @@ async def test_postgresql_restarted_during_traffic_loses_nothing(
 
 # -- 5. an answer lost in a Synapse restart -------------------------------------------------------
 
-SEND_TXN_ID_FORGOTTEN = (
-    "bridge bug, deterministic: a vendor message is doubled in the room when the answer to its "
-    "send is lost and Synapse restarts before the resend. Synapse remembers the transaction ids "
-    "of appservice requests without a device only in memory (HttpTransactionCache, keyed by "
-    "path and appservice id; event_txn_id_device_id is written only for requests with a "
-    "device), so after a restart the derived txn id of ToMatrix._message protects nothing. "
-    "ToMatrix._already_sent (1f52c9f) looks for the earlier event only when the inbox item "
-    "failed before (Router passes retrying=True); the resend that doubles here is the one "
-    "mautrix makes inside the same call: bridge/matrix/homeserver.py Homeserver.send_event -> "
-    "IntentAPI.api.request with AppServiceAPI(default_retry_count=3) retries a ClientError "
-    "(here the connection dropped without an answer) after 4 s with the same body and txn id, "
-    "so the look-up never runs. The message map is written only after the send returns."
-)
-
 
 class LossyProxy:
     """Between the bridge and Synapse: forwards every request, but can lose the answer to one
@@ -918,10 +850,15 @@ class LossyProxy:
         return answer
 
 
-@pytest.mark.xfail(strict=True, reason=SEND_TXN_ID_FORGOTTEN)
 async def test_send_whose_answer_is_lost_in_a_synapse_restart_is_not_doubled(
     tmp_path: Path,
 ) -> None:
+    """Synapse remembers the transaction ids of appservice requests without a device only in
+    memory (HttpTransactionCache; event_txn_id_device_id is written only with a device), so
+    after a restart a derived txn id protects nothing. A send must therefore never be resent
+    inside the call (mautrix's retries, aiohttp's own resend of a PUT whose connection dropped):
+    the failure surfaces, the lane retries the inbox item, and ToMatrix._already_sent finds the
+    event the unanswered attempt sent."""
     proxy_port = free_port()
     stack = LocalStack(
         tmp_path / "stack",
@@ -968,21 +905,6 @@ def _is_set(event: asyncio.Event) -> Any:
 
 # -- 6. events Synapse holds for a busy bridge when it restarts -----------------------------------
 
-SYNAPSE_DROPS_QUEUED_EVENTS = (
-    "bridge gap over a Synapse limitation (element-hq/synapse#11637, open): while a transaction "
-    "to the appservice is in flight, Synapse keeps the next events only in memory "
-    "(synapse/appservice/scheduler.py _ServiceQueuer) and has already advanced "
-    "appservice_stream_position past them (handlers/appservice.py), so a restart loses them; a "
-    "transaction it had stored and was sending is not resent either, since the appservice is "
-    "still marked up and only recoverers of down services resend stored transactions. The "
-    "bridge only learns of room events through transactions (bridge/appservice/server.py) and "
-    "never compares the portal rooms' timelines with its inbox after the homeserver or itself "
-    "restarts (the only catch-up, FromMatrix._catch_up, covers an invite), so the native "
-    "user's messages never reach the vendors, silently. The same reconciliation would cover a "
-    "transaction Synapse stores while it marks the bridge down and never sends once the "
-    "recoverer has finished (seen intermittently in test 1 after a SIGKILL)."
-)
-
 
 def synapse_handed_over(stack: LocalStack) -> bool:
     """Synapse has passed every event to its appservice sender (its stream position is at the
@@ -997,10 +919,15 @@ def synapse_handed_over(stack: LocalStack) -> bool:
     return position[0] >= newest[0] and unsent[0] >= 1
 
 
-@pytest.mark.xfail(strict=True, reason=SYNAPSE_DROPS_QUEUED_EVENTS)
 async def test_events_synapse_holds_for_a_busy_bridge_across_its_restart_are_not_lost(
     tmp_path: Path,
 ) -> None:
+    """While a transaction to the appservice is in flight, Synapse keeps the next events only in
+    memory (synapse/appservice/scheduler.py _ServiceQueuer) and has already advanced
+    appservice_stream_position past them, so a restart loses them (element-hq/synapse#11637);
+    the transaction it was sending is not resent either while the service is marked up. The
+    bridge notices the homeserver hanging up on that transaction and reads the room's timeline
+    for what it never received, before storing what comes next."""
     async with (
         stack_with_bridge_process(tmp_path / "stack", None) as (stack, http, bridge),
         open_chat(stack, http) as chat,

@@ -139,9 +139,38 @@ async def test_transaction_stores_all_its_events_in_order(stores: Stores) -> Non
 async def test_transaction_replayed_is_not_stored_twice(stores: Stores) -> None:
     assert await stores.inbox.store_transaction("txn1", [event(1), event(2)])
     assert not await stores.inbox.store_transaction("txn1", [event(1), event(2)])
-    # Even if the homeserver resent the id with other content, the id decides.
-    assert not await stores.inbox.store_transaction("txn1", [event(9)])
     assert await stores.inbox.count("pending") == 2
+
+
+async def test_reused_transaction_id_with_new_events_stores_them(stores: Stores) -> None:
+    # Synapse on SQLite numbers its transactions from 1 again after a restart: the id is no
+    # proof that the events were seen.
+    assert await stores.inbox.store_transaction("1", [event(1), event(2)])
+    assert await stores.inbox.store_transaction("1", [event(2), event(3)])
+
+    items = await stores.inbox.pending(0, 10)
+    assert [i.payload["event_id"] for i in items] == ["$event1", "$event2", "$event3"]
+    assert await stores.inbox.transaction_check("1", [event(3)]) == (True, True)
+    assert await stores.inbox.transaction_check("1", [event(4)]) == (True, False)
+    assert await stores.inbox.transaction_check("2", [event(1)]) == (False, True)
+
+
+async def test_ephemeral_events_are_stored_once_per_transaction_and_content(
+    stores: Stores,
+) -> None:
+    typing = {"type": "m.typing", "room_id": "!room:eimis.example", "content": {"user_ids": []}}
+    receipt = {
+        "type": "m.receipt",
+        "room_id": "!room:eimis.example",
+        "content": {"$event1": {"m.read": {"@alice:eimis.example": {"ts": 1}}}},
+    }
+    assert await stores.inbox.store_transaction("1", [], [typing])
+    assert not await stores.inbox.store_transaction("1", [], [typing])  # sent again
+    assert await stores.inbox.store_transaction("1", [], [receipt])  # the id reused
+    assert await stores.inbox.store_transaction("2", [], [typing])
+
+    payloads = [i.payload for i in await stores.inbox.pending(0, 10)]
+    assert payloads == [typing, receipt, typing]
 
 
 async def test_transaction_replayed_after_restart_is_not_stored_twice(open_db: Open) -> None:
@@ -157,8 +186,8 @@ async def test_transaction_replayed_after_restart_is_not_stored_twice(open_db: O
 
 
 async def test_empty_transaction_is_recorded(stores: Stores) -> None:
-    assert await stores.inbox.store_transaction("empty", [])
-    assert not await stores.inbox.store_transaction("empty", [])
+    assert not await stores.inbox.store_transaction("empty", [])  # nothing new in it
+    assert await stores.inbox.transaction_seen("empty")
     assert await stores.inbox.pending(0, 10) == []
 
 
@@ -185,6 +214,57 @@ async def test_event_sent_in_two_transactions_is_stored_once(stores: Stores) -> 
 
     ids = [i.payload["event_id"] for i in await stores.inbox.pending(0, 10)]
     assert ids == ["$event1", "$event2", "$event3"]
+
+
+async def test_missed_events_are_stored_like_a_transaction_would_and_only_once(
+    stores: Stores,
+) -> None:
+    inbox = stores.inbox
+    assert await inbox.store_transaction("1", [event(1)])
+    # Found in the room's timeline: stored in the order given, what is held is skipped.
+    assert await inbox.store_missed([event(1), event(2), event(3)]) == 2
+    assert await inbox.store_missed([event(2)]) == 0
+    # The transaction that brings them late changes nothing.
+    assert not await inbox.store_transaction("2", [event(2), event(3)])
+
+    items = await inbox.pending(0, 10)
+    assert [(i.payload["event_id"], i.lane) for i in items] == [
+        ("$event1", "!room:eimis.example"),
+        ("$event2", "!room:eimis.example"),
+        ("$event3", "!room:eimis.example"),
+    ]
+    held = await inbox.held_events(["$event3", "$event1", "$nope"])
+    assert set(held) == {"$event1", "$event3"} and held["$event1"] < held["$event3"]
+    assert await inbox.max_seq() == held["$event3"]
+
+
+async def test_active_rooms_are_those_with_recent_homeserver_events_newest_first(
+    stores: Stores,
+) -> None:
+    inbox = stores.inbox
+    await inbox.store_transaction("1", [event(1, "!old:x")])
+    await stores.db.execute("UPDATE inbox SET received_at = 1000")
+    await inbox.store_transaction("2", [event(2, "!a:x"), event(3, "!b:x")])
+    await inbox.store_remote("pandalab", "ev1", "pandalab\x1fc1", {"text": "a"})
+    await inbox.store_transaction("3", [event(4, "!a:x")])
+
+    assert await inbox.active_rooms(since_ms=2000, limit=10) == ["!a:x", "!b:x"]
+    assert await inbox.active_rooms(since_ms=0, limit=1) == ["!a:x"]
+    assert await inbox.active_rooms(since_ms=0, limit=10, scan=1) == ["!a:x"]
+
+
+async def test_latest_transaction_ids_follow_a_reused_id(stores: Stores) -> None:
+    inbox = stores.inbox
+    await inbox.store_transaction("1", [event(1)])
+    await inbox.store_transaction("2", [event(2)])
+    await stores.db.execute("UPDATE as_transaction SET received_at = 1000 WHERE txn_id = '1'")
+    await stores.db.execute("UPDATE as_transaction SET received_at = 2000 WHERE txn_id = '2'")
+    await inbox.store_transaction("1", [event(1)])  # sent again: not news
+    assert [t for t, _ in await inbox.latest_transaction_ids()][:1] == ["2"]
+    await inbox.store_transaction("1", [event(3)])  # reused with news: the latest
+    assert [t for t, _ in await inbox.latest_transaction_ids()][:1] == ["1"]
+    await inbox.forget_transactions(before_ms=10**15)
+    assert await inbox.latest_transaction_ids() == []
 
 
 # --- Inbox: vendor events ------------------------------------------------------------------------
@@ -237,7 +317,7 @@ async def test_done_item_is_no_longer_pending_and_its_content_is_gone(stores: St
     assert stored["last_error"] is None
     assert await inbox.count("done") == 1
     # Still deduplicated after its content is gone: a later resend is not processed again.
-    assert await inbox.store_transaction("t2", [event(1)])
+    assert not await inbox.store_transaction("t2", [event(1)])
     assert await inbox.count("pending") == 1
 
 
@@ -516,3 +596,65 @@ async def test_items_of_one_lane_are_read_back_by_lane(stores: Stores) -> None:
     items = await stores.outbox.pending(0, 10)
     room0 = await stores.outbox.pending_in_lane(items[0].lane, 0, 10)
     assert [i.payload["n"] for i in room0] == [0, 2]
+
+
+# -- group commit -----------------------------------------------------------------------------
+
+
+async def test_group_commit_stores_every_concurrent_write_in_few_transactions(
+    stores: Stores,
+) -> None:
+    """Workers committing at once share transactions, and each one's appends keep its order."""
+    import asyncio
+
+    async def worker(lane: int) -> None:
+        for n in range(10):
+            write = stores.outbox.enqueue_write("pl", f"!r{lane}:x", "send", f"$e{lane}-{n}", {})
+            await stores.commit.commit([write])
+
+    await asyncio.gather(*(worker(lane) for lane in range(20)))
+    assert await stores.outbox.depth() == 200
+    assert stores.commit.batches < 200 / 2, "commits were not grouped"
+    for lane in range(20):
+        items = await stores.outbox.pending_in_lane(f"pl\x1f!r{lane}:x", 0, 50)
+        assert [i.dedup_key for i in items] == [f"$e{lane}-{n}" for n in range(10)]
+
+
+async def test_group_commit_fails_only_the_worker_whose_write_fails(stores: Stores) -> None:
+    import asyncio
+
+    from bridge.db.group_commit import Write
+
+    good = [
+        stores.commit.commit([stores.outbox.enqueue_write("pl", "!r:x", "send", f"$g{n}", {})])
+        for n in range(5)
+    ]
+    bad = stores.commit.commit([Write("INSERT INTO no_such_table (x) VALUES ($1)", (1,))])
+    results = await asyncio.gather(*good, bad, return_exceptions=True)
+    assert results[:5] == [None] * 5
+    assert isinstance(results[5], Exception)
+    assert await stores.outbox.depth() == 5
+
+
+async def test_a_repeated_delivery_key_in_a_group_commit_queues_it_once(stores: Stores) -> None:
+    write = stores.outbox.enqueue_write("pl", "!r:x", "send", "$same", {"text": "a"})
+    await stores.commit.commit([write, write])
+    await stores.commit.commit([write])
+    assert await stores.outbox.depth() == 1
+
+
+async def test_cached_portal_links_follow_every_write(stores: Stores) -> None:
+    """Links are cached; a conversation opened later or a link added is seen at once."""
+    await stores.portals.create(Portal("!p:x", None, True, "@bot:x"))
+    await stores.portals.add_link("!p:x", "pl", None)
+    assert [
+        (link.connector, link.conversation_id) for link in await stores.portals.links("!p:x")
+    ] == [("pl", None)]
+    await stores.portals.set_conversation("!p:x", "pl", "c1")
+    assert (await stores.portals.link("!p:x", "pl")).conversation_id == "c1"  # type: ignore[union-attr]
+    await stores.portals.add_link("!p:x", "mp", "c2")
+    assert {link.connector for link in await stores.portals.links("!p:x")} == {"pl", "mp"}
+    assert await stores.portals.by_conversation("mp", "c2") == "!p:x"
+    assert await stores.portals.get("!nope:x") is None
+    await stores.portals.create(Portal("!nope:x", "t", False, "@bot:x"))
+    assert (await stores.portals.get("!nope:x")) is not None

@@ -1,21 +1,29 @@
 """The application-service HTTP API the homeserver calls, plus liveness and readiness probes.
 
 A transaction is written whole to the durable inbox, in one database transaction, before the
-homeserver gets its 200; a transaction id already stored is acknowledged and not processed again.
+homeserver gets its 200. Events are deduplicated by event id, never by transaction id: Synapse
+reuses transaction ids after a restart. What the ids say about events the homeserver may have
+lost (ids that start again or jump, a homeserver gone before its answer) goes to a
+``TransactionWatch`` (``bridge/core/reconcile.py``), which reads the rooms' timelines before the
+transaction is stored.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from bridge.appservice.auth import check_hs_token
 from bridge.appservice.errors import matrix_error
 from bridge.db.inbox import InboxStore
+
+if TYPE_CHECKING:
+    from bridge.core.reconcile import TransactionWatch
 
 log = logging.getLogger("eimis.appservice")
 
@@ -30,9 +38,12 @@ class AppserviceServer:
         query_user: Callable[[str], Awaitable[bool]],
         ready: Callable[[], Awaitable[dict[str, bool]]],
         max_body_bytes: int,
+        watch: TransactionWatch | None = None,
     ) -> None:
         self._hs_token = hs_token
         self._inbox = inbox
+        self._watch = watch
+        self._one_at_a_time = asyncio.Lock()
         self._on_stored = on_stored
         self._query_user = query_user
         self._ready = ready
@@ -54,17 +65,29 @@ class AppserviceServer:
         body = await _json_body(request)
         events = _parse_events(body)
         ephemeral = _parse_ephemeral(body)
-        try:
-            new = await self._inbox.store_transaction(txn_id, events, ephemeral)
-        except Exception:
-            # Not stored, so not acknowledged: the homeserver will send it again.
-            log.exception("Could not store transaction %s", txn_id)
-            raise matrix_error(503, "M_UNKNOWN", "Storage unavailable, retry later") from None
+        # The homeserver sends one transaction at a time; the watch reads them in that order.
+        async with self._one_at_a_time:
+            try:
+                restarted = False
+                if self._watch is not None:
+                    restarted = await self._watch.before_store(txn_id, events, ephemeral)
+                new = await self._inbox.store_transaction(txn_id, events, ephemeral)
+            except Exception:
+                # Not stored, so not acknowledged: the homeserver will send it again.
+                log.exception("Could not store transaction %s", txn_id)
+                raise matrix_error(503, "M_UNKNOWN", "Storage unavailable, retry later") from None
+            if self._watch is not None:
+                self._watch.stored(txn_id, restarted)
         if new:
             log.debug("Stored transaction %s (%d events)", txn_id, len(events))
             self._on_stored()
         else:
-            log.info("Transaction %s was stored before; acknowledged again", txn_id)
+            log.info("Transaction %s brought nothing new; acknowledged again", txn_id)
+        transport = request.transport
+        if self._watch is not None and (transport is None or transport.is_closing()):
+            # Stored, but nobody waits for the answer: the homeserver went away meanwhile, and
+            # what it held in memory for the bridge may be gone with it.
+            self._watch.hung_up(txn_id)
         return web.json_response({})
 
     async def get_user(self, request: web.Request) -> web.Response:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from mautrix.util.async_db import Database
+from mautrix.util.async_db import Connection, Database
 
 from bridge.db.clock import now_ms
 from bridge.db.group_commit import Write
@@ -145,6 +146,114 @@ class InboxStore:
         return bool(
             await self.db.fetchval("SELECT 1 FROM as_transaction WHERE txn_id = $1", txn_id)
         )
+
+    # Noticing what the homeserver did not send (``bridge/core/reconcile.py``) -------------------
+
+    async def transaction_check(
+        self,
+        txn_id: str,
+        events: list[dict[str, Any]],
+        ephemeral: list[dict[str, Any]] | None = None,
+    ) -> tuple[bool, bool]:
+        """(whether this transaction id was stored before, whether all it carries is held)."""
+        keys = [row[1] for row in matrix_rows(txn_id, events, ephemeral)]
+        async with self.db.acquire() as conn:
+            seen = bool(
+                await conn.fetchval("SELECT 1 FROM as_transaction WHERE txn_id = $1", txn_id)
+            )
+            held = await _held(conn, keys)
+        return seen, all(key in held for key in keys)
+
+    async def latest_transaction_ids(self, limit: int = 16) -> list[tuple[str, int]]:
+        """(id, received_at) of the transactions stored (or reused with news) last, newest
+        first."""
+        rows = await self.db.fetch(
+            "SELECT txn_id, received_at FROM as_transaction ORDER BY received_at DESC LIMIT $1",
+            limit,
+        )
+        return [(row["txn_id"], int(row["received_at"])) for row in rows]
+
+    async def forget_transactions(self, before_ms: int) -> None:
+        """Drop transaction ids older than ``before_ms``: they only serve to notice restarts."""
+        await self.db.execute("DELETE FROM as_transaction WHERE received_at < $1", before_ms)
+
+    async def held_events(self, event_ids: list[str]) -> dict[str, int]:
+        """The inbox sequence number of each of ``event_ids`` the inbox holds."""
+        async with self.db.acquire() as conn:
+            return await _held(conn, event_ids)
+
+    async def store_missed(self, events: list[dict[str, Any]]) -> int:
+        """Store room events that no transaction brought, oldest first, exactly as a transaction
+        would have (same keys: a later arrival changes nothing); returns how many were new."""
+        now = now_ms()
+        rows = matrix_rows("", events)
+        async with self.db.acquire() as conn, conn.transaction():
+            await serialize_appends(conn, "inbox")
+            held = await _held(conn, [row[1] for row in rows])
+            fresh = [row for row in rows if row[1] not in held]
+            if fresh:
+                await conn.executemany(
+                    "INSERT INTO inbox (origin, dedup_key, lane, payload, received_at) "
+                    "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (origin, dedup_key) DO NOTHING",
+                    [(*row, now) for row in fresh],
+                )
+        return len({row[1] for row in fresh})
+
+    async def max_seq(self) -> int:
+        return int(await self.db.fetchval("SELECT COALESCE(MAX(seq), 0) FROM inbox") or 0)
+
+    async def active_rooms(self, since_ms: int, limit: int, scan: int = 20_000) -> list[str]:
+        """Rooms with homeserver events received since ``since_ms``, most recent first; only the
+        newest ``scan`` inbox rows are looked at (the primary key bounds the work)."""
+        newest = await self.max_seq()
+        rows = await self.db.fetch(
+            "SELECT lane, MAX(seq) AS last FROM inbox "
+            "WHERE seq > $1 AND origin = $2 AND received_at >= $3 "
+            "GROUP BY lane ORDER BY last DESC LIMIT $4",
+            newest - scan,
+            MATRIX_ORIGIN,
+            since_ms,
+            limit,
+        )
+        return [row["lane"] for row in rows]
+
+
+def matrix_rows(
+    txn_id: str, events: list[dict[str, Any]], ephemeral: list[dict[str, Any]] | None = None
+) -> list[tuple[str, str, str, str]]:
+    """(origin, dedup_key, lane, payload) of each event and EDU of a homeserver transaction.
+
+    Room events are keyed by event id. Typing and receipts have none: the transaction id, their
+    place in it and a digest of their content make the key, so a transaction resent whole is
+    stored once while a reused transaction id (a restarted homeserver) still brings news.
+    """
+    rows = [
+        (MATRIX_ORIGIN, event["event_id"], event["room_id"], json.dumps(event)) for event in events
+    ]
+    for index, edu in enumerate(ephemeral or ()):
+        digest = hashlib.sha256(
+            json.dumps(edu, sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest()[:16]
+        rows.append(
+            (MATRIX_ORIGIN, f"edu:{txn_id}:{index}:{digest}", edu["room_id"], json.dumps(edu))
+        )
+    return rows
+
+
+async def _held(conn: Connection, keys: list[str]) -> dict[str, int]:
+    """The seq of each of ``keys`` (homeserver dedup keys) already in the inbox."""
+    held: dict[str, int] = {}
+    unique = list(dict.fromkeys(k for k in keys if isinstance(k, str)))
+    for start in range(0, len(unique), 200):
+        chunk = unique[start : start + 200]
+        marks = ", ".join(f"${i + 2}" for i in range(len(chunk)))
+        rows = await conn.fetch(
+            f"SELECT dedup_key, seq FROM inbox WHERE origin = $1 AND dedup_key IN ({marks})",
+            MATRIX_ORIGIN,
+            *chunk,
+        )
+        held.update((row["dedup_key"], int(row["seq"])) for row in rows)
+    return held
 
 
 def _item(row: Any) -> InboxItem:

@@ -23,6 +23,33 @@ class HomeserverCheckFailed(Exception):
     """The homeserver cannot be used; the message says what to fix."""
 
 
+SEND_RETRIES = 0
+"""In-call retries of an event send. None: mautrix resends a request whose answer was lost with
+the same transaction id, which Synapse forgets when it restarts (it keeps appservice transaction
+ids in memory), so such a retry can double a message. The lanes retry instead, and a retry of
+a vendor message looks for the event an unanswered attempt sent (``ToMatrix._already_sent``).
+Other calls (reads, joins, profiles, typing, receipts) keep mautrix's retries: repeating them
+changes nothing."""
+
+
+def _never_resending(session: ClientSession) -> ClientSession:
+    """A session on the same connection pool that never resends a request by itself.
+
+    aiohttp resends a PUT once, at once, when the connection drops before the answer (it takes
+    PUT for idempotent, aio-libs/aiohttp#10790): for a Matrix send that is the same doubling
+    as mautrix's retries. The switch is private (aiohttp's own test client uses it); if a
+    later aiohttp drops it, the fault tests (a send whose answer is lost) say so.
+    """
+    sends = ClientSession(
+        connector=session.connector, connector_owner=False, timeout=session.timeout
+    )
+    if "_retry_connection" in getattr(ClientSession, "ATTRS", ()):
+        sends._retry_connection = False
+    else:
+        log.warning("This aiohttp may resend a Matrix send whose answer was lost")
+    return sends
+
+
 def derived_txn_id(*parts: str) -> str:
     """A transaction id derived from the source of an event, so a resend cannot duplicate it."""
     digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:40]
@@ -43,9 +70,18 @@ class Homeserver:
             log=api_log,  # type: ignore[arg-type]
             state_store=self.state_store,
             client_session=session,
-            default_retry_count=3,
+            default_retry_count=3,  # not for event sends: see SEND_RETRIES
         )
         self.bot = self.api.bot_intent()
+        self._sends = AppServiceAPI(
+            base_url=config.homeserver.url,
+            bot_mxid=UserID(config.bot_mxid),
+            token=as_token,
+            log=api_log,  # type: ignore[arg-type]
+            state_store=self.state_store,
+            client_session=_never_resending(session),
+            default_retry_count=SEND_RETRIES,
+        )
 
     def intent(self, mxid: str) -> IntentAPI:
         return self.api.intent(UserID(mxid))
@@ -136,30 +172,36 @@ class Homeserver:
 
         The bridge already knows its users are joined with the right to speak; skipping
         mautrix's per-send power-level check saves a state lookup on every message.
+
+        Never retried inside the call (``SEND_RETRIES``): a failure surfaces, so the caller's
+        own retry can first look for an event an unanswered attempt may have sent.
         """
-        response = await self.intent(mxid).api.request(
+        response = await self._sends.user(UserID(mxid)).request(
             Method.PUT,
             Path.v3.rooms[RoomID(room_id)].send[event_type][txn_id],
             content,
             timestamp=ts_ms,
+            retry_count=SEND_RETRIES,
         )
         return str(response["event_id"])
 
     async def redact(self, mxid: str, room_id: str, event_id: str, *, txn_id: str) -> str:
         """Redact as ``mxid`` with a derived transaction id (a retry redacts once); returns the
         redaction's event id."""
-        intent = self.intent(mxid)
-        answer = await intent.api.request(
+        answer = await self._sends.user(UserID(mxid)).request(
             Method.PUT,
             Path.v3.rooms[RoomID(room_id)].redact[EventID(event_id)][txn_id],
             {},
+            retry_count=SEND_RETRIES,
         )
         return str(answer["event_id"])
 
     async def send_notice(self, room_id: str, text: str, *, txn_id: str) -> None:
-        await self.bot.send_message_event(
-            RoomID(room_id),
-            EventType.ROOM_MESSAGE,
+        """A notice from the bot (a member of the rooms it opened)."""
+        await self.send_event(
+            self.config.bot_mxid,
+            room_id,
+            str(EventType.ROOM_MESSAGE),
             {"msgtype": "m.notice", "body": text},
             txn_id=txn_id,
         )
