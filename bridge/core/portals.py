@@ -194,10 +194,16 @@ class Portals:
         if await self.stores.portals.link(room_id, ref.connector) is not None:
             # Adding someone to an existing vendor conversation needs a capability the
             # foundation connectors do not declare yet; say so rather than pretend.
-            await self.hs.intent(portal.voice).send_notice(
-                RoomID(room_id),
-                f"{ghost.display_name} joined on Matrix, but adding people to an existing "
-                f"{ref.connector} conversation is not supported yet.",
+            await self.hs.send_event(
+                portal.voice,
+                room_id,
+                "m.room.message",
+                {
+                    "msgtype": "m.notice",
+                    "body": f"{ghost.display_name} joined on Matrix, but adding people to an "
+                    f"existing {ref.connector} conversation is not supported yet.",
+                },
+                txn_id=derived_txn_id("join-unsupported", room_id, ghost_mxid),
             )
             return False
         member_ids = await self.hs.joined_members(room_id, viewer=ghost_mxid)

@@ -212,7 +212,11 @@ class ToMatrix:
                 connector.capabilities, connector_id, event.text, event.mentions
             )
             caption["msgtype"] = "m.text"
-            caption_id = await self.hs.send_message(
+            caption[SOURCE_KEY] = f"{source}#caption"
+            caption_sent = (
+                await self._already_sent(sender, room_id, caption[SOURCE_KEY]) if retrying else None
+            )
+            caption_id = caption_sent or await self.hs.send_message(
                 sender,
                 room_id,
                 caption,
