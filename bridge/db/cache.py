@@ -18,7 +18,9 @@ V = TypeVar("V")
 
 class ReadThroughCache(Generic[K, V]):
     def __init__(self, size: int) -> None:
-        self._data: LRUCache[K, V] = LRUCache(size)
+        """``size`` 0: nothing is kept (every read goes to the database)."""
+        self._data: LRUCache[K, V] = LRUCache(max(size, 1))
+        self._keeps = size > 0
         self._generation = 0
 
     async def get(
@@ -33,7 +35,7 @@ class ReadThroughCache(Generic[K, V]):
             pass
         generation = self._generation
         value = await load()
-        if generation == self._generation and keep(value):
+        if self._keeps and generation == self._generation and keep(value):
             self._data[key] = value
         return value
 

@@ -28,13 +28,15 @@ class Stores:
     """Where the workers' per-item writes are committed together."""
 
     @classmethod
-    def of(cls, db: Database) -> Stores:
+    def of(cls, db: Database, *, cache_size: int | None = None) -> Stores:
+        """``cache_size``: rows each read-through cache keeps (None: the default, 0: none)."""
+        sized = {} if cache_size is None else {"cache_size": cache_size}
         return cls(
             db,
             InboxStore(db),
             OutboxStore(db),
-            PortalStore(db),
-            GhostStore(db),
+            PortalStore(db, **sized),
+            GhostStore(db, **sized),
             MessageMapStore(db),
             DeadLetterStore(db),
             GroupCommit(db),
