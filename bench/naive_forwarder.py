@@ -89,9 +89,16 @@ def main() -> None:
     parser.add_argument("--rooms", required=True)
     parser.add_argument("--homeserver", default="http://127.0.0.1:9")
     parser.add_argument("--domain", default="eimis.localhost")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop, as the bridge does")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    asyncio.run(serve(args))
+    if args.uvloop:
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve(args))
+    else:
+        asyncio.run(serve(args))
 
 
 if __name__ == "__main__":

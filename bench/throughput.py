@@ -403,8 +403,10 @@ def _cprofile_window(pid: int, out: Path):
 # Baselines -------------------------------------------------------------------------------------
 
 
-async def core_naive(http: ClientSession, work: Path, events: int) -> dict[str, Any]:
-    env = Environment(work, "naive")
+async def core_naive(
+    http: ClientSession, work: Path, events: int, *, uvloop: bool = False
+) -> dict[str, Any]:
+    env = Environment(work, "naive-uvloop" if uvloop else "naive")
     _, hs_token = new_tokens()
     try:
         sandbox = env.add(await start_sandbox(http, env.dir))
@@ -426,6 +428,7 @@ async def core_naive(http: ClientSession, work: Path, events: int) -> dict[str, 
                     sandbox.url,
                     "--rooms",
                     str(mapping),
+                    *(["--uvloop"] if uvloop else []),
                 ],
                 env.dir,
                 f"http://127.0.0.1:{port}",
@@ -808,6 +811,11 @@ async def run(
             lambda: core_naive(http, work, events),
         )
         await attempt(
+            "core_naive_uvloop",
+            "core: baseline (a') naive forwarder on uvloop, the bridge's event loop",
+            lambda: core_naive(http, work, events, uvloop=True),
+        )
+        await attempt(
             "core_ceiling",
             "core: baseline (b) client ceiling",
             lambda: client_ceiling(http, work, events),
@@ -855,6 +863,13 @@ async def run(
         figures["core_baseline_naive_events_per_s"] = round(naive["events_per_s"], 1)
         figures["core_baseline_naive_order_violations"] = naive["order_violations"]
         figures["core_baseline_naive_delivered"] = naive["delivered"]
+    naive_uvloop = measured.get("core_naive_uvloop")
+    if naive_uvloop is not None:
+        figures["core_baseline_naive_uvloop_events_per_s"] = round(naive_uvloop["events_per_s"], 1)
+        if sqlite is not None:
+            figures["core_ratio_vs_baseline_same_loop"] = round(
+                sqlite["events_per_s"] / naive_uvloop["events_per_s"], 3
+            )
     if ceiling is not None:
         figures["core_baseline_client_ceiling_events_per_s"] = round(ceiling["events_per_s"], 1)
     if sqlite is not None and naive is not None:

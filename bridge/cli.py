@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -171,11 +173,24 @@ def _run(config_path: Path) -> int:
             await bridge.stop()
 
     try:
-        asyncio.run(serve())
+        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+            runner.run(serve())
     except HomeserverCheckFailed as error:
         print(f"Homeserver check failed: {error}", file=sys.stderr)
         return 3
     return 0
+
+
+def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when installed (about twice asyncio's for the HTTP both ways), else
+    asyncio's own. ``EIMIS_EVENT_LOOP=asyncio`` forces the latter."""
+    if os.environ.get("EIMIS_EVENT_LOOP", "").lower() == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _sandbox(type_name: str | None, host: str, port: int, list_only: bool) -> int:
