@@ -197,6 +197,8 @@ class Bridge:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if getattr(self, "homeserver", None) is not None:
+            await self.homeserver.close()
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -73,15 +73,20 @@ class Homeserver:
             default_retry_count=3,  # not for event sends: see SEND_RETRIES
         )
         self.bot = self.api.bot_intent()
+        self._send_session = _never_resending(session)
         self._sends = AppServiceAPI(
             base_url=config.homeserver.url,
             bot_mxid=UserID(config.bot_mxid),
             token=as_token,
             log=api_log,  # type: ignore[arg-type]
             state_store=self.state_store,
-            client_session=_never_resending(session),
+            client_session=self._send_session,
             default_retry_count=SEND_RETRIES,
         )
+
+    async def close(self) -> None:
+        """Release the sends' session (the connection pool is the caller's, closed by it)."""
+        await self._send_session.close()
 
     def intent(self, mxid: str) -> IntentAPI:
         return self.api.intent(UserID(mxid))
