@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -67,12 +68,24 @@ def _parser() -> argparse.ArgumentParser:
         help="exit after the scripted conversation: 0 only if every side saw it",
     )
     demo.add_argument("--state-dir", type=Path, default=Path(".demo"))
+
+    for module in _command_modules():
+        module.register(sub)
     return parser
+
+
+def _command_modules() -> list[Any]:
+    from bridge.commands import directory, trust
+
+    return [directory, trust]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        handler = getattr(args, "handler", None)
+        if handler is not None:
+            return int(handler(args))
         if args.command == "generate-registration":
             return _generate_registration(args.config, args.registration)
         if args.command == "run":

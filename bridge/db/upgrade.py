@@ -111,3 +111,61 @@ async def upgrade_v2(conn: Connection, scheme: Scheme) -> None:
     await conn.execute(
         "CREATE INDEX outbox_dead ON outbox (connector, room_id, seq) WHERE state = 'dead'"
     )
+
+
+@upgrade_table.register(description="The directory of professionals and their Matrix IDs")
+async def upgrade_v3(conn: Connection, scheme: Scheme) -> None:
+    # One row per professional (valid IDNPS only), from the connectors' user lists, the ANS bulk
+    # extract (PS_LibreAcces) or FHIR Practitioner/PractitionerRole resources.
+    await conn.execute(
+        """CREATE TABLE professional (
+            idnps            TEXT PRIMARY KEY,
+            given_name       TEXT NOT NULL,
+            family_name      TEXT NOT NULL,
+            profession_code  TEXT,
+            profession_label TEXT,
+            source           TEXT NOT NULL,
+            updated_at       BIGINT NOT NULL
+        )"""
+    )
+    # Where a professional can be reached: a connector's ghost or a native account (several
+    # per person is the "several accounts" case; ``preferred`` marks the one chosen).
+    await conn.execute(
+        """CREATE TABLE professional_mxid (
+            idnps     TEXT NOT NULL,
+            mxid      TEXT NOT NULL,
+            kind      TEXT NOT NULL,
+            connector TEXT,
+            preferred BOOLEAN NOT NULL DEFAULT false,
+            PRIMARY KEY (idnps, mxid)
+        )"""
+    )
+    await conn.execute("CREATE INDEX professional_mxid_mxid ON professional_mxid (mxid)")
+
+
+@upgrade_table.register(description="The trust list and per-person permissions")
+async def upgrade_v4(conn: Connection, scheme: Scheme) -> None:
+    # Homeservers of the trust space added at run time (the config's list is the floor).
+    await conn.execute(
+        """CREATE TABLE trusted_server (
+            server_name TEXT PRIMARY KEY,
+            added_at    BIGINT NOT NULL,
+            added_by    TEXT NOT NULL
+        )"""
+    )
+    # TI-Messenger's permission concept, for vendor users: a default and exceptions.
+    await conn.execute(
+        """CREATE TABLE permission (
+            idnps           TEXT PRIMARY KEY,
+            default_setting TEXT NOT NULL,
+            updated_at      BIGINT NOT NULL
+        )"""
+    )
+    await conn.execute(
+        """CREATE TABLE permission_exception (
+            idnps TEXT NOT NULL,
+            kind  TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (idnps, kind, value)
+        )"""
+    )
