@@ -53,6 +53,13 @@ ROWS: list[tuple[str, str, str, Check]] = [
         None,
     ),
     ("core_ratio_vs_baseline", "core / naive forwarder", ">= 1.2", lambda v: v >= 1.2),
+    (
+        "directory_import_s_sqlite",
+        "directory: 100,000-line PS_LibreAcces import, SQLite (s)",
+        "< 60",
+        lambda v: v < 60,
+    ),
+    ("directory_import_s_postgres", "  same, PostgreSQL (s)", "", None),
     ("core_ratio_vs_baseline_same_loop", "  core / naive forwarder on uvloop", "", None),
     ("core_ratio_vs_client_ceiling", "core / client ceiling", ">= 0.6", lambda v: v >= 0.6),
     ("core_order_violations", "core order violations (SQLite + PostgreSQL)", "0", lambda v: v == 0),
@@ -172,13 +179,34 @@ async def _media(media_memory: Any, size_mb: int) -> dict[str, Any]:
             shutil.rmtree(path, ignore_errors=True)
 
 
+async def _directory(directory_import: Any) -> dict[str, Any]:
+    """A 100,000-line PS_LibreAcces extract imported into an empty directory, then again."""
+    from common import postgres_database
+
+    async with postgres_database("eimis_bench_directory") as pg_url:
+        measured = await directory_import.measure(100_000, pg_url)
+    figures: dict[str, Any] = {}
+    for engine, run in measured.items():
+        key = "postgres" if engine == "postgresql" else engine
+        figures[f"directory_import_lines_per_s_{key}"] = run["first_import_lines_per_s"]
+        figures[f"directory_import_s_{key}"] = run["first_import_s"]
+        figures[f"directory_reimport_lines_per_s_{key}"] = run["reimport_lines_per_s"]
+        figures[f"directory_import_rejected_{key}"] = run["rejected"]
+    return figures
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    import directory_import
     import e2e_latency
     import media_memory
     import scale
     import throughput
 
-    only = set(args.only.split(",")) if args.only else {"throughput", "scale", "e2e", "media"}
+    only = (
+        set(args.only.split(","))
+        if args.only
+        else {"throughput", "scale", "e2e", "media", "directory"}
+    )
     if RESULTS.exists():  # errors of earlier runs are not this run's
         old = json.loads(RESULTS.read_text())
         merge_results({}, drop=tuple(k for k in old if k.endswith("_error")))
@@ -196,6 +224,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         ("scale", lambda: scale.run(log=log)),
         ("e2e", lambda: e2e_latency.run(args.samples, log=log)),
         ("media", lambda: _media(media_memory, args.media_mb)),
+        ("directory", lambda: _directory(directory_import)),
     ]
     for name, step in steps:
         if name not in only:

@@ -23,12 +23,14 @@ from bridge.core.reconcile import Reconciler, TransactionWatch
 from bridge.core.router import Router, remote_lane
 from bridge.core.status import StatusReporter
 from bridge.core.to_matrix import ToMatrix
+from bridge.core.trust import TrustWatcher
 from bridge.db.connector_state import ConnectorStateStore
 from bridge.db.database import open_database
 from bridge.db.group_commit import GroupCommit
 from bridge.db.inbox import InboxItem
 from bridge.db.outbox import OutboxItem
 from bridge.db.stores import Stores
+from bridge.directory.names import GhostNames
 from bridge.matrix.homeserver import Homeserver, HomeserverCheckFailed
 from bridge.matrix.media import MediaRepository
 from connectors.base import (
@@ -70,6 +72,13 @@ class Bridge:
         """Vendor events' commits (the router and deliveries have their own)."""
         self._session = ClientSession(timeout=ClientTimeout(total=60))
         self.homeserver = Homeserver(self.config, as_token, self.db, self._session)
+        self.homeserver.trust.replace_extra(await self.stores.trusted_servers.names())
+        self.trust_watcher = TrustWatcher(
+            self.homeserver.trust,
+            self.stores.trusted_servers.names,
+            self._apply_trust,
+            self.config.trust.poll_interval_s,
+        )
         for spec in specs:
             self.connectors.add(
                 spec,
@@ -170,17 +179,27 @@ class Bridge:
         self.homeserver_info = await self._check_homeserver()
         await self.reconciler.start()
         await self.homeserver.bot.set_displayname(self.config.appservice.bot_displayname)
+        # Ghosts named after the directory, now and whenever an import changes it.
+        self.ghost_names = GhostNames(
+            self.stores, self.homeserver, self.config.directory.sync_interval_s
+        )
+        await self.ghost_names.start()
         for connector_id, connector in self.connectors:
             await connector.start()
             self._started_connectors.append(connector_id)
             log.info("Connector %s (%s) started", connector_id, type(connector).type_name)
         await self.router.start()
+        self.trust_watcher.start()  # and brings every portal's ACL to the list at once
         if not paused:
             self.inbox.start()
             self.outbox.start()
         log.info("Bridge running with connectors: %s", ", ".join(self.connectors.ids()) or "none")
 
     async def stop(self) -> None:
+        if getattr(self, "ghost_names", None) is not None:
+            await self.ghost_names.stop()
+        if getattr(self, "trust_watcher", None) is not None:
+            await self.trust_watcher.stop()
         if getattr(self, "reconciler", None) is not None:
             await self.reconciler.stop()
         for scheduler in (getattr(self, "inbox", None), getattr(self, "outbox", None)):
@@ -254,6 +273,10 @@ class Bridge:
             self.inbox.notify()
 
         return store
+
+    async def _apply_trust(self) -> None:
+        """The trust list changed (or the bridge started): every portal's ACL follows it."""
+        await self.homeserver.update_server_acls(await self.stores.trusted_servers.portal_voices())
 
     async def _timeline_readers(self, room_id: str) -> list[str]:
         """Who of the bridge reads a portal's timeline: its voice, else a ghost joined there."""

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 _ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 CONNECTOR_ID = re.compile(r"^[a-z][a-z0-9]{0,31}$")
@@ -167,6 +175,61 @@ class ReconcileConfig(_Strict):
     )
 
 
+class TrustConfig(_Strict):
+    """The EIMIS trust space: homeservers whose users may share a conversation with the bridge's.
+
+    The bridge's own ``homeserver.domain`` is always trusted; ``eimis-bridge trust add`` adds
+    more at run time (stored in the database, picked up by the running bridge).
+    """
+
+    servers: tuple[str, ...] = Field(
+        (), description="Server names (hostname[:port]) of the trust space besides our own"
+    )
+    poll_interval_s: float = Field(
+        2.0, gt=0, le=5, description="How often the running bridge re-reads the trust list"
+    )
+
+    @field_validator("servers", mode="before")
+    @classmethod
+    def _server_names(cls, value: Any) -> Any:
+        from bridge.core.trust import InvalidServerName, validate_server_name
+
+        if value is None:
+            return ()
+        if not isinstance(value, list | tuple):
+            raise ValueError("must be a list of server names (hostname[:port])")
+        names = []
+        for index, item in enumerate(value):
+            try:
+                names.append(validate_server_name(item))
+            except InvalidServerName as error:
+                raise ValueError(f"entry {index}: {error}") from None
+        return tuple(names)
+
+
+class DirectoryConfig(_Strict):
+    """The directory of professionals (README, "The directory"): the FHIR endpoint that
+    ``eimis-bridge directory fetch`` reads, and how often the running bridge applies changes."""
+
+    fhir_url: str | None = Field(
+        None, description="FHIR R4 base URL of the Annuaire Santé API (Practitioner search)"
+    )
+    fhir_api_key: SecretStr | None = Field(
+        None, description="Sent as the ESANTE-API-KEY header; write it ${ENV_VAR}"
+    )
+    fhir_page_size: int = Field(100, ge=1, le=1000, description="Practitioners per FHIR page")
+    sync_interval_s: float = Field(
+        10.0, ge=0, description="How often the running bridge renames ghosts after imports"
+    )
+
+    @field_validator("fhir_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/") if value else value
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(False, alias="json")
@@ -180,6 +243,8 @@ class Config(_Strict):
     media: MediaConfig = MediaConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     reconcile: ReconcileConfig = ReconcileConfig()
+    trust: TrustConfig = TrustConfig()
+    directory: DirectoryConfig = DirectoryConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @field_validator("connectors")

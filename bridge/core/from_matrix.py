@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from mautrix.errors import MatrixRequestError
 from mautrix.types import PaginationDirection, RoomID
 
 from bridge.core import operations as op
@@ -42,6 +43,8 @@ class FromMatrix:
         self.portals = portals
         self.ids = portals.ids
         self._typing: dict[str, set[str]] = {}
+        self.untrusted_dropped = 0
+        """Events from servers outside the trust list that were dropped (never delivered)."""
 
     async def handle(self, raw: dict[str, Any]) -> list[Write]:
         """The outbox writes this event calls for (none for what is not bridged)."""
@@ -49,6 +52,9 @@ class FromMatrix:
             log.warning("Skipping a %s event with malformed content", raw.get("type"))
             return []
         kind = raw.get("type")
+        sender = raw.get("sender")
+        if isinstance(sender, str) and not self.hs.trust.is_trusted(sender):
+            return await self._untrusted(raw)
         if kind == "m.room.member":
             return await self._membership(raw)
         if kind == "m.room.message":
@@ -63,6 +69,38 @@ class FromMatrix:
             await self._typing_changed(raw)
         return []
 
+    # Trust -------------------------------------------------------------------------------------
+
+    async def _untrusted(self, raw: dict[str, Any]) -> list[Write]:
+        """An event whose sender is on a server outside the trust list: never delivered to a
+        vendor (logged without content, counted); an invite of ours from there is refused."""
+        self.untrusted_dropped += 1
+        sender = str(raw.get("sender"))
+        log.warning(
+            "Dropped %s event %s in %s: sender's server %s is not in the trust list",
+            raw.get("type"),
+            raw.get("event_id"),
+            raw.get("room_id"),
+            sender.split(":", 1)[-1],
+        )
+        content = _obj(raw.get("content"))
+        target = raw.get("state_key")
+        if raw.get("type") == "m.room.member" and isinstance(target, str):
+            self.portals.member_changed(raw["room_id"], target, content.get("membership"))
+            if content.get("membership") == "invite" and self.ids.in_namespace(target):
+                await self._refuse(
+                    raw["room_id"], target, "the inviter's server is not in the EIMIS trust space"
+                )
+        return []
+
+    async def _refuse(self, room_id: str, invitee: str, reason: str) -> None:
+        """Decline an invite of one of ours with a reason the inviter sees."""
+        log.info("Refusing an invite for %s in %s: %s", invitee, room_id, reason)
+        try:
+            await self.hs.intent(invitee).leave_room(RoomID(room_id), reason=reason)
+        except MatrixRequestError as error:
+            log.warning("Could not refuse the invite for %s (%s)", invitee, error.errcode)
+
     # Membership --------------------------------------------------------------------------------
 
     async def _membership(self, raw: dict[str, Any]) -> list[Write]:
@@ -75,6 +113,12 @@ class FromMatrix:
             return []  # the admin room arrives with the operators' issue; the bot stays out for now
         if self.ids.in_namespace(raw["sender"]):
             return []  # the bridge invited its own ghost while opening a portal: already handled
+        ref = self.ids.parse(target)
+        if ref is not None:
+            reason = await self.portals.invite_refusal(raw["sender"], target, ref.idnps)
+            if reason is not None:
+                await self._refuse(raw["room_id"], target, reason)
+                return []
         opened = await self.portals.open_from_invite(
             raw["room_id"], raw["sender"], target, bool(content.get("is_direct"))
         )
@@ -272,6 +316,9 @@ class FromMatrix:
             for reader in readers:
                 if self.ids.in_namespace(reader):
                     continue  # our ghosts' receipts are the vendors' own read markers
+                if not self.hs.trust.is_trusted(reader):
+                    self.untrusted_dropped += 1
+                    continue
                 fake = {"room_id": room_id, "sender": reader, "event_id": event_id}
                 member = await self._sender(fake, portal)
                 writes += self._enqueue(
@@ -289,7 +336,11 @@ class FromMatrix:
         user_ids = _obj(raw.get("content")).get("user_ids")
         if not isinstance(room_id, str) or not isinstance(user_ids, list):
             return
-        now = {u for u in user_ids if isinstance(u, str) and not self.ids.in_namespace(u)}
+        now = {
+            u
+            for u in user_ids
+            if isinstance(u, str) and not self.ids.in_namespace(u) and self.hs.trust.is_trusted(u)
+        }
         before = self._typing.get(room_id, set())
         self._typing[room_id] = now
         changes = [(u, True) for u in now - before] + [(u, False) for u in before - now]

@@ -13,8 +13,10 @@ from bridge.core.connectors import ConnectorSet
 from bridge.core.errors import PermanentFailure, UnknownUser
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.members import Member
+from bridge.db.directory import GHOST
 from bridge.db.portal import Portal
 from bridge.db.stores import Stores
+from bridge.directory.choice import reachable
 from bridge.directory.idnps import Idnps
 from bridge.matrix.homeserver import Homeserver, derived_txn_id
 from connectors.base import ConversationCreated, Participant, RemoteUser
@@ -72,17 +74,34 @@ class Portals:
             user = await connector.get_user(idnps)
             if user is None:
                 raise UnknownUser(f"{connector_id} does not know the professional {idnps}")
-        if row is None or row.display_name != user.display_name:
-            await self.hs.ensure_ghost(mxid, user.display_name)
-            await self.stores.ghosts.upsert(mxid, connector_id, idnps, user.display_name)
-        return Member(mxid, user.display_name, connector_id, idnps)
+        # The connector's user list feeds the directory; the directory's entry names the ghost
+        # (an ANS-sourced entry wins over what the vendor says).
+        entry = await self.stores.directory.record_connector_user(
+            connector_id, idnps, user.given_name, user.family_name, user.profession, mxid
+        )
+        name = entry.display_name or user.display_name
+        if row is None or row.display_name != name:
+            await self.hs.ensure_ghost(mxid, name)
+            await self.stores.ghosts.upsert(mxid, connector_id, idnps, name)
+        return Member(mxid, name, connector_id, idnps)
 
     async def find_professional(self, idnps: Idnps, *, exclude: str) -> Member | None:
-        """The professional with this IDNPS on another connector, asking them in config order.
+        """The professional with this IDNPS, reached outside the ``exclude`` connector.
 
-        Foundation rule for a person known to several connectors: the first connector in the
-        configuration wins (the directory issue makes this choice explicit).
+        The directory is the source: of the Matrix IDs it lists, the choice follows
+        ``bridge.directory.choice`` (preferred, else a native account, else the first connector
+        in config order). When it lists none usable, the connectors are asked in config order
+        (and what they answer is recorded in the directory).
         """
+        mxids = await self.stores.directory.mxids(idnps)
+        for choice in reachable(mxids, self.connectors.ids(), exclude=exclude):
+            if choice.kind == GHOST and choice.connector is not None:
+                try:
+                    return await self.ghost(choice.connector, idnps)
+                except UnknownUser:
+                    continue  # no longer a user of that vendor: try the next way
+            entry = await self.stores.directory.get(idnps)
+            return Member(choice.mxid, entry.display_name if entry else choice.mxid)
         for connector_id, connector in self.connectors:
             if connector_id == exclude:
                 continue
@@ -131,10 +150,17 @@ class Portals:
         members = [await self.ghost(source, idnps) for idnps in dict.fromkeys(event.members)]
         others: list[Member] = []
         unreachable: list[str] = []
+        refused: list[str] = []
+        creator = self.ids.mxid(source, event.creator)
         for participant in event.participants:
             member = await self.resolve(source, participant)
             if member is None:
                 unreachable.append(str(participant.idnps or participant.mxid))
+            elif (
+                reason := await self.invite_refusal(creator, member.mxid, member.idnps)
+            ) is not None:
+                log.info("Not inviting %s to a %s conversation: %s", member.mxid, source, reason)
+                refused.append(f"{participant.idnps or participant.mxid} ({reason})")
             elif member.mxid not in {m.mxid for m in members + others}:
                 others.append(member)
         everyone = members + others
@@ -146,6 +172,11 @@ class Portals:
         for member in everyone:
             if member.connector is not None:
                 await self.ensure_joined(room_id, member.mxid)
+        if len(everyone) == 2:
+            first, second = everyone
+            for member, other in ((first, second), (second, first)):
+                if member.connector is not None:
+                    await self._record_direct(member.mxid, other.mxid, room_id)
         async with self.stores.db.acquire() as conn, conn.transaction():
             await self.stores.portals.create(
                 Portal(room_id, event.title, len(everyone) == 2, self.ids.bot_mxid), conn=conn
@@ -165,6 +196,32 @@ class Portals:
                 f"reachable): {', '.join(unreachable)}.",
                 txn_id=derived_txn_id("unreachable", room_id),
             )
+        if refused:
+            await self.hs.send_notice(
+                room_id,
+                f"Could not add to this conversation: {'; '.join(refused)}.",
+                txn_id=derived_txn_id("refused", room_id),
+            )
+
+    async def invite_refusal(
+        self, inviter: str, target: str, target_idnps: Idnps | None = None
+    ) -> str | None:
+        """Why ``target`` must not be invited by ``inviter``, or None when the invite may go.
+
+        Both must be on servers of the trust space; a vendor user's (``target_idnps``) own
+        permission setting must accept the inviter. The reason is shown to people.
+        """
+        trust = self.hs.trust
+        if not trust.is_trusted(inviter):
+            return f"the server of {inviter} is not in the EIMIS trust space"
+        if not trust.is_trusted(target):
+            return f"the server of {target} is not in the EIMIS trust space"
+        if target_idnps is not None:
+            permission = await self.stores.permissions.effective(target_idnps)
+            decision = permission.decide(inviter)
+            if not decision.allowed:
+                return decision.reason
+        return None
 
     async def open_from_invite(
         self, room_id: str, inviter: str, ghost_mxid: str, is_direct: bool
@@ -187,6 +244,7 @@ class Portals:
         except MatrixRequestError as error:
             raise PermanentFailure(f"{ghost_mxid} could not join ({error.errcode})") from None
         await self.hs.state_store.joined(RoomID(room_id), ghost.mxid)
+        await self._apply_policy(room_id, ghost_mxid, inviter if is_direct else None)
         portal = await self.stores.portals.get(room_id)
         if portal is None:
             portal = Portal(room_id, None, is_direct, ghost_mxid)
@@ -222,6 +280,34 @@ class Portals:
         log.info("Opened portal %s for a Matrix invite to a %s user", room_id, ref.connector)
         await self.publish_capabilities(room_id, portal.voice)
         return True
+
+    async def _record_direct(self, mxid: str, other: str, room_id: str) -> None:
+        try:
+            await self.hs.record_direct(mxid, other, room_id)
+        except MatrixRequestError as error:
+            log.warning("Could not record %s as direct for %s (%s)", room_id, mxid, error.errcode)
+
+    async def _apply_policy(self, room_id: str, ghost_mxid: str, direct_with: str | None) -> None:
+        """The inviter's room: the ghost applies what its power level lets it of the portal
+        policy (ACL, invite-only, members-only history, no guests) and records a direct chat."""
+        if direct_with is not None:
+            await self._record_direct(ghost_mxid, direct_with, room_id)
+        try:
+            changed, refused = await self.hs.apply_room_policy(
+                ghost_mxid, room_id, self.hs.trust.acl()
+            )
+        except MatrixRequestError as error:
+            log.warning("Could not apply the room policy in %s (%s)", room_id, error.errcode)
+            return
+        if changed:
+            log.info("Room policy in %s: set %s", room_id, ", ".join(changed))
+        if refused:
+            log.warning(
+                "Room policy in %s: %s lacks the power level to set %s",
+                room_id,
+                ghost_mxid,
+                ", ".join(refused),
+            )
 
     async def publish_capabilities(self, room_id: str, voice: str) -> None:
         """Room state saying what each vendor in the room can show (one event per connector).

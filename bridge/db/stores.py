@@ -7,12 +7,15 @@ from dataclasses import dataclass
 from mautrix.util.async_db import Database
 
 from bridge.db.dead_letters import DeadLetterStore
+from bridge.db.directory import DirectoryStore
 from bridge.db.ghost import GhostStore
 from bridge.db.group_commit import GroupCommit
 from bridge.db.inbox import InboxStore
 from bridge.db.message_map import MessageMapStore
 from bridge.db.outbox import OutboxStore
+from bridge.db.permissions import PermissionStore
 from bridge.db.portal import PortalStore
+from bridge.db.trust import TrustStore
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,9 @@ class Stores:
     dead_letters: DeadLetterStore
     commit: GroupCommit
     """Where the workers' per-item writes are committed together."""
+    trusted_servers: TrustStore
+    permissions: PermissionStore
+    directory: DirectoryStore
 
     @classmethod
     def of(cls, db: Database, *, cache_size: int | None = None) -> Stores:
@@ -40,4 +46,7 @@ class Stores:
             MessageMapStore(db),
             DeadLetterStore(db),
             GroupCommit(db),
+            trusted_servers=TrustStore(db),
+            permissions=PermissionStore(db),
+            directory=DirectoryStore(db),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from typing import Any
@@ -11,10 +12,18 @@ from mautrix.api import Method, Path
 from mautrix.appservice import AppServiceAPI, IntentAPI
 from mautrix.appservice.state_store.asyncpg import PgASStateStore
 from mautrix.errors import MatrixRequestError
-from mautrix.types import EventID, EventType, RoomCreatePreset, RoomID, UserID
+from mautrix.types import (
+    EventID,
+    EventType,
+    RoomCreatePreset,
+    RoomDirectoryVisibility,
+    RoomID,
+    UserID,
+)
 from mautrix.util.async_db import Database
 
 from bridge.config import Config
+from bridge.core.trust import SERVER_ACL, TrustList, acl_matches
 
 log = logging.getLogger("eimis.matrix")
 
@@ -50,6 +59,75 @@ def _never_resending(session: ClientSession) -> ClientSession:
     return sends
 
 
+PORTAL_HISTORY_VISIBILITY = "invited"
+"""Members see a portal's history from their invite on (not "joined"): a ghost or a native user
+invited into a portal must see what was said between the invite and their join (the bridge's
+catch-up after a ghost's invite reads exactly that), and nobody sees what came before."""
+
+BOT_LEVEL = 100
+POLICY_EVENTS = (
+    SERVER_ACL,
+    "m.room.encryption",
+    "m.room.power_levels",
+    "m.room.join_rules",
+    "m.room.history_visibility",
+)
+"""State that only the bot (level 100) may change in a portal."""
+
+
+def portal_power_levels(bot_mxid: str) -> dict[str, Any]:
+    """Power levels of a portal the bridge creates (the bot, ``bot_mxid``, creates it).
+
+    Everyone (ghosts and native members, level 0) sends messages, reactions and redactions of
+    their own events, and may invite; the room's rules (``POLICY_EVENTS``, guest access,
+    tombstone, the bridge's capability state, any other state) need the bot's level. Removing
+    or banning someone and redacting others' events need 50, which nobody but the bot has.
+    """
+    events = {event_type: BOT_LEVEL for event_type in POLICY_EVENTS}
+    events.update(
+        {
+            "m.room.guest_access": BOT_LEVEL,
+            "m.room.tombstone": BOT_LEVEL,
+            "m.room.canonical_alias": BOT_LEVEL,
+            "eu.eimis.bridge.capabilities": BOT_LEVEL,
+            "m.room.name": 50,
+            "m.room.topic": 50,
+            "m.room.avatar": 50,
+            "m.room.message": 0,
+            "m.reaction": 0,
+            "m.room.redaction": 0,
+        }
+    )
+    # No "users": the homeserver fills the creator (the bot) in at 100, or, from room version
+    # 12 on, gives creators unbounded power and refuses them in "users"; nobody else is listed.
+    del bot_mxid
+    return {
+        "users_default": 0,
+        "events": events,
+        "events_default": 0,
+        "state_default": BOT_LEVEL,
+        "invite": 0,
+        "kick": 50,
+        "ban": 50,
+        "redact": 50,
+        "notifications": {"room": 50},
+    }
+
+
+def _level_of(levels: dict[str, Any], mxid: str) -> int:
+    users = levels.get("users") if isinstance(levels.get("users"), dict) else {}
+    value = users.get(mxid, levels.get("users_default", 0))
+    return int(value) if isinstance(value, int | float) else 0
+
+
+def _required(levels: dict[str, Any], event_type: str) -> int:
+    events = levels.get("events") if isinstance(levels.get("events"), dict) else {}
+    if event_type in events:
+        return int(events[event_type])
+    # Without a power-levels event, state needs 0 (spec); with one, state_default (50 unset).
+    return int(levels.get("state_default", 50 if levels else 0))
+
+
 def derived_txn_id(*parts: str) -> str:
     """A transaction id derived from the source of an event, so a resend cannot duplicate it."""
     digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:40]
@@ -73,6 +151,9 @@ class Homeserver:
             default_retry_count=3,  # not for event sends: see SEND_RETRIES
         )
         self.bot = self.api.bot_intent()
+        self._direct_locks: dict[str, asyncio.Lock] = {}
+        self.trust = TrustList(config.homeserver.domain, config.trust.servers)
+        """The effective trust list (the running bridge refreshes it from the database)."""
         self._send_session = _never_resending(session)
         self._sends = AppServiceAPI(
             base_url=config.homeserver.url,
@@ -134,27 +215,176 @@ class Homeserver:
         return intent
 
     async def create_portal_room(
-        self, *, title: str | None, invite: list[str], is_direct: bool
+        self,
+        *,
+        title: str | None,
+        invite: list[str],
+        is_direct: bool,
     ) -> str:
+        """A portal room made by the bot with the room policy in its initial state.
+
+        Invite-only, never in the room directory, history visible to members from their invite
+        on, guests forbidden, ``m.room.server_acl`` (the trust list) from the first event, and
+        power levels that let everyone talk but only the bot change the room's rules
+        (``portal_power_levels``). ``is_direct`` marks the invites as a direct chat.
+        """
+        initial_state: list[dict[str, Any]] = [
+            {
+                "type": "m.room.join_rules",
+                "state_key": "",
+                "content": {"join_rule": "invite"},
+            },
+            {
+                "type": "m.room.history_visibility",
+                "state_key": "",
+                "content": {"history_visibility": PORTAL_HISTORY_VISIBILITY},
+            },
+            {
+                "type": "m.room.guest_access",
+                "state_key": "",
+                "content": {"guest_access": "forbidden"},
+            },
+        ]
+        initial_state.append({"type": SERVER_ACL, "state_key": "", "content": self.trust.acl()})
         room_id = await self.bot.create_room(
             name=title,
             is_direct=is_direct,
+            visibility=RoomDirectoryVisibility.PRIVATE,
             preset=RoomCreatePreset.PRIVATE,
             invitees=[UserID(u) for u in invite],
-            initial_state=[
-                {
-                    "type": "m.room.history_visibility",
-                    "state_key": "",
-                    "content": {"history_visibility": "invited"},
-                },
-                {
-                    "type": "m.room.guest_access",
-                    "state_key": "",
-                    "content": {"guest_access": "forbidden"},
-                },
-            ],
+            initial_state=initial_state,
+            power_level_override=portal_power_levels(self.config.bot_mxid),
         )
         return str(room_id)
+
+    # Room state and account data ---------------------------------------------------------------
+
+    async def get_state(self, mxid: str, room_id: str, event_type: str) -> dict[str, Any] | None:
+        """A state event's content as ``mxid`` (a member) sees it; None when there is none."""
+        try:
+            content = await self.api.user(UserID(mxid)).request(
+                Method.GET, Path.v3.rooms[RoomID(room_id)].state[event_type][""]
+            )
+        except MatrixRequestError as error:
+            if error.http_status == 404:
+                return None
+            raise
+        return content if isinstance(content, dict) else None
+
+    async def put_state(
+        self, mxid: str, room_id: str, event_type: str, content: dict[str, Any]
+    ) -> str:
+        """Send a state event (empty state key) as ``mxid``; returns its event id."""
+        answer = await self.api.user(UserID(mxid)).request(
+            Method.PUT, Path.v3.rooms[RoomID(room_id)].state[event_type][""], content
+        )
+        return str(answer["event_id"])
+
+    async def set_server_acl(self, mxid: str, room_id: str, acl: dict[str, Any]) -> bool:
+        """Make the room's ``m.room.server_acl`` say ``acl``; False when it already did."""
+        if acl_matches(await self.get_state(mxid, room_id, SERVER_ACL), acl):
+            return False
+        await self.put_state(mxid, room_id, SERVER_ACL, acl)
+        return True
+
+    async def update_server_acls(self, rooms: list[tuple[str, str]]) -> tuple[int, int]:
+        """Bring every (room, voice) ACL to the trust list; returns (changed, refused).
+
+        A room where the voice lacks the power level (a portal opened from a Matrix user's
+        invite) is logged and skipped; any other failure (the homeserver down) raises, so the
+        caller tries the whole pass again.
+        """
+        acl = self.trust.acl()
+        changed = refused = 0
+        limit = asyncio.Semaphore(8)
+
+        async def one(room_id: str, voice: str) -> None:
+            nonlocal changed, refused
+            async with limit:
+                try:
+                    if await self.set_server_acl(voice, room_id, acl):
+                        changed += 1
+                except MatrixRequestError as error:
+                    if error.http_status not in (403, 404):
+                        raise
+                    refused += 1
+                    log.warning(
+                        "Could not set the server ACL in %s as %s (%s)",
+                        room_id,
+                        voice,
+                        error.errcode,
+                    )
+
+        await asyncio.gather(*(one(room_id, voice) for room_id, voice in rooms))
+        if changed or refused:
+            log.info("Server ACL updated in %d portal(s), refused in %d", changed, refused)
+        return changed, refused
+
+    async def record_direct(self, mxid: str, other: str, room_id: str) -> None:
+        """Add the room to ``mxid``'s ``m.direct`` account data as a direct chat with ``other``."""
+        lock = self._direct_locks.setdefault(mxid, asyncio.Lock())
+        async with lock:
+            intent = self.intent(mxid)
+            try:
+                current = await intent.get_account_data("m.direct")
+            except MatrixRequestError as error:
+                if error.http_status != 404:
+                    raise
+                current = {}
+            direct = {k: list(v) for k, v in (current or {}).items() if isinstance(v, list)}
+            rooms = direct.setdefault(other, [])
+            if room_id in rooms:
+                return
+            rooms.append(room_id)
+            await intent.set_account_data("m.direct", direct)
+
+    async def apply_room_policy(
+        self, mxid: str, room_id: str, acl: dict[str, Any]
+    ) -> tuple[list[str], list[str]]:
+        """In a room the bridge did not create: apply the portal policy as far as ``mxid``'s
+        power level allows. Returns (what was changed, what could not be for lack of power).
+
+        Changes only what is weaker than the policy: the ACL (to the trust list), a public join
+        rule (to invite), world-readable or shared history (to invited), guest access (to
+        forbidden). Power levels are never touched: they are the room owner's.
+        """
+        levels = await self.get_state(mxid, room_id, "m.room.power_levels") or {}
+        mine = _level_of(levels, mxid)
+        wanted: list[tuple[str, str, Any, dict[str, Any]]] = [
+            (
+                "m.room.join_rules",
+                "join_rule",
+                ("invite", "knock", "restricted", "private"),
+                {"join_rule": "invite"},
+            ),
+            (
+                "m.room.history_visibility",
+                "history_visibility",
+                ("invited", "joined"),
+                {"history_visibility": PORTAL_HISTORY_VISIBILITY},
+            ),
+            ("m.room.guest_access", "guest_access", ("forbidden",), {"guest_access": "forbidden"}),
+        ]
+        changed: list[str] = []
+        refused: list[str] = []
+        for event_type, key, acceptable, content in wanted:
+            current = await self.get_state(mxid, room_id, event_type)
+            if current is not None and current.get(key) in acceptable:
+                continue
+            if event_type == "m.room.guest_access" and current is None:
+                continue  # absent means forbidden
+            if mine < _required(levels, event_type):
+                refused.append(event_type)
+                continue
+            await self.put_state(mxid, room_id, event_type, content)
+            changed.append(event_type)
+        if not acl_matches(await self.get_state(mxid, room_id, SERVER_ACL), acl):
+            if mine < _required(levels, SERVER_ACL):
+                refused.append(SERVER_ACL)
+            else:
+                await self.put_state(mxid, room_id, SERVER_ACL, acl)
+                changed.append(SERVER_ACL)
+        return changed, refused
 
     async def send_message(
         self, mxid: str, room_id: str, content: dict[str, Any], *, txn_id: str, ts_ms: int | None

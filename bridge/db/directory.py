@@ -1,0 +1,281 @@
+"""The directory of professionals: who they are and the Matrix IDs at which they can be reached.
+
+Tables (migration v3): ``professional`` (one row per valid IDNPS) and ``professional_mxid``
+(ghosts of each connector, native accounts; ``preferred`` marks an operator's explicit choice).
+
+Bulk imports go through ``upsert_batch``: one ``executemany`` per table and batch, in one
+transaction. A row is only rewritten when something in it changed, and every rewritten row
+gets the import's ``stamp`` as ``updated_at``, so "what changed in this import" and "what
+changed since the bridge last looked" are one indexed-free comparison each.
+
+Sources: ``ps`` (ANS bulk extract), ``fhir`` (FHIR Bundle or endpoint), ``connector:<id>`` (a
+connector's user list). The ANS sources are authoritative: what a connector says about a
+professional never overwrites an entry that came from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from mautrix.util.async_db import Database
+
+from bridge.db.clock import now_ms
+
+GHOST = "ghost"
+NATIVE = "native"
+CONNECTOR_SOURCE = "connector:"
+
+
+def display_name(given: str, family: str, label: str | None) -> str:
+    """``"<Given> <Family> - <Profession>"`` (EIMIS's naming), without the dash when unknown."""
+    name = " ".join(part for part in (given.strip(), family.strip()) if part)
+    return f"{name} - {label.strip()}" if label and label.strip() else name
+
+
+@dataclass(frozen=True)
+class Professional:
+    idnps: str
+    given_name: str
+    family_name: str
+    profession_code: str | None
+    profession_label: str | None
+    source: str
+    updated_at: int = 0
+
+    @property
+    def display_name(self) -> str:
+        return display_name(self.given_name, self.family_name, self.profession_label)
+
+
+@dataclass(frozen=True)
+class ProfessionalMxid:
+    idnps: str
+    mxid: str
+    kind: str
+    """``ghost`` (a connector's ghost) or ``native`` (an account on a homeserver)."""
+    connector: str | None
+    preferred: bool = False
+
+
+@dataclass(frozen=True)
+class Record:
+    """One professional as a source describes them, with native Matrix IDs it lists."""
+
+    professional: Professional
+    native_mxids: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    records: int
+    """Distinct professionals in the batch."""
+    mxids: int
+
+
+@dataclass(frozen=True)
+class Rename:
+    """A ghost whose display name differs from its directory entry."""
+
+    mxid: str
+    connector: str
+    idnps: str
+    old_name: str | None
+    new_name: str
+
+
+def _upsert(only_over: str = "") -> str:
+    """Insert, or rewrite a row only when something in it changed (``updated_at`` marks it)."""
+    return f"""
+INSERT INTO professional (idnps, given_name, family_name, profession_code, profession_label,
+                          source, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (idnps) DO UPDATE SET
+    given_name = excluded.given_name,
+    family_name = excluded.family_name,
+    profession_code = excluded.profession_code,
+    profession_label = excluded.profession_label,
+    source = excluded.source,
+    updated_at = excluded.updated_at
+WHERE (professional.given_name <> excluded.given_name
+   OR professional.family_name <> excluded.family_name
+   OR COALESCE(professional.profession_code, '') <> COALESCE(excluded.profession_code, '')
+   OR COALESCE(professional.profession_label, '') <> COALESCE(excluded.profession_label, '')
+   OR professional.source <> excluded.source){only_over}
+"""
+
+
+_UPSERT = _upsert()
+# A connector's word only fills gaps: it may replace an entry that came from a connector, never
+# one from the ANS sources (PS_LibreAcces, FHIR).
+_UPSERT_FROM_CONNECTOR = _upsert(f" AND professional.source LIKE '{CONNECTOR_SOURCE}%'")
+
+_ADD_MXID = """
+INSERT INTO professional_mxid (idnps, mxid, kind, connector, preferred)
+VALUES ($1, $2, $3, $4, false)
+ON CONFLICT (idnps, mxid) DO NOTHING
+"""
+
+_COLUMNS = "idnps, given_name, family_name, profession_code, profession_label, source, updated_at"
+
+
+class DirectoryStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # Bulk import -------------------------------------------------------------------------------
+
+    async def next_stamp(self) -> int:
+        """An ``updated_at`` for a new import: now, and later than anything stored."""
+        latest = await self.latest_stamp()
+        return max(now_ms(), latest + 1)
+
+    async def upsert_batch(self, records: Sequence[Record], stamp: int) -> BatchResult:
+        """Store a batch in one transaction. The last record of an IDNPS in the batch wins."""
+        by_idnps: dict[str, Record] = {}
+        for record in records:
+            by_idnps[record.professional.idnps] = record
+        rows = [
+            (
+                p.idnps,
+                p.given_name,
+                p.family_name,
+                p.profession_code,
+                p.profession_label,
+                p.source,
+                stamp,
+            )
+            for p in (r.professional for r in by_idnps.values())
+        ]
+        mxids = list(
+            dict.fromkeys(
+                (idnps, mxid, NATIVE, None)
+                for idnps, record in by_idnps.items()
+                for mxid in record.native_mxids
+            )
+        )
+        async with self.db.acquire() as conn, conn.transaction():
+            if rows:
+                await conn.executemany(_UPSERT, rows)
+            if mxids:
+                await conn.executemany(_ADD_MXID, mxids)
+        return BatchResult(len(rows), len(mxids))
+
+    async def count(self) -> int:
+        return int(await self.db.fetchval("SELECT COUNT(*) FROM professional"))
+
+    async def count_stamped(self, stamp: int) -> int:
+        """Rows written (new or changed) by the import that used ``stamp``."""
+        return int(
+            await self.db.fetchval("SELECT COUNT(*) FROM professional WHERE updated_at = $1", stamp)
+        )
+
+    async def latest_stamp(self) -> int:
+        value = await self.db.fetchval("SELECT MAX(updated_at) FROM professional")
+        return int(value or 0)
+
+    # One professional --------------------------------------------------------------------------
+
+    async def get(self, idnps: str) -> Professional | None:
+        row = await self.db.fetchrow(f"SELECT {_COLUMNS} FROM professional WHERE idnps = $1", idnps)
+        return Professional(**dict(row)) if row else None
+
+    async def by_mxid(self, mxid: str) -> Professional | None:
+        row = await self.db.fetchrow(
+            "SELECT p.idnps, p.given_name, p.family_name, p.profession_code, "
+            "p.profession_label, p.source, p.updated_at "
+            "FROM professional_mxid m JOIN professional p ON p.idnps = m.idnps "
+            "WHERE m.mxid = $1 ORDER BY p.idnps LIMIT 1",
+            mxid,
+        )
+        return Professional(**dict(row)) if row else None
+
+    async def mxids(self, idnps: str) -> list[ProfessionalMxid]:
+        rows = await self.db.fetch(
+            "SELECT idnps, mxid, kind, connector, preferred FROM professional_mxid "
+            "WHERE idnps = $1 ORDER BY mxid",
+            idnps,
+        )
+        return [
+            ProfessionalMxid(r["idnps"], r["mxid"], r["kind"], r["connector"], bool(r["preferred"]))
+            for r in rows
+        ]
+
+    async def record_connector_user(
+        self,
+        connector: str,
+        idnps: str,
+        given_name: str,
+        family_name: str,
+        profession_label: str | None,
+        ghost_mxid: str,
+    ) -> Professional:
+        """A connector described one of its users: note them (unless the ANS sources already
+        did) and their ghost. Returns the directory's entry, which names the ghost."""
+        stamp = await self.next_stamp()
+        source = f"{CONNECTOR_SOURCE}{connector}"
+        async with self.db.acquire() as conn, conn.transaction():
+            await conn.execute(
+                _UPSERT_FROM_CONNECTOR,
+                idnps,
+                given_name,
+                family_name,
+                None,
+                profession_label,
+                source,
+                stamp,
+            )
+            await conn.execute(_ADD_MXID, idnps, ghost_mxid, GHOST, connector)
+        entry = await self.get(idnps)
+        assert entry is not None
+        return entry
+
+    async def add_mxid(
+        self, idnps: str, mxid: str, kind: str, connector: str | None = None
+    ) -> None:
+        await self.db.execute(_ADD_MXID, idnps, mxid, kind, connector)
+
+    async def prefer(self, idnps: str, mxid: str) -> bool:
+        """Make ``mxid`` the one chosen for this professional; False when it is not listed."""
+        async with self.db.acquire() as conn, conn.transaction():
+            found = await conn.fetchval(
+                "SELECT COUNT(*) FROM professional_mxid WHERE idnps = $1 AND mxid = $2",
+                idnps,
+                mxid,
+            )
+            if not found:
+                return False
+            await conn.execute(
+                "UPDATE professional_mxid SET preferred = (mxid = $2) WHERE idnps = $1",
+                idnps,
+                mxid,
+            )
+        return True
+
+    # Ghosts named after the directory ----------------------------------------------------------
+
+    async def backfill_ghosts(self) -> None:
+        """Ghosts made before the directory existed are listed as ways to reach their person."""
+        await self.db.execute(
+            "INSERT INTO professional_mxid (idnps, mxid, kind, connector, preferred) "
+            f"SELECT idnps, mxid, '{GHOST}', connector, false FROM ghost "
+            # "WHERE true": SQLite's parser needs it between a SELECT and ON CONFLICT.
+            "WHERE true ON CONFLICT (idnps, mxid) DO NOTHING"
+        )
+
+    async def renames(self, since: int = 0) -> list[Rename]:
+        """Ghosts whose directory entry (written after ``since``) names them differently."""
+        rows = await self.db.fetch(
+            "SELECT g.mxid, g.connector, g.idnps, g.display_name, p.given_name, p.family_name, "
+            "p.profession_label FROM ghost g JOIN professional p ON p.idnps = g.idnps "
+            "WHERE p.updated_at > $1",
+            since,
+        )
+        renames = []
+        for r in rows:
+            new_name = display_name(r["given_name"], r["family_name"], r["profession_label"])
+            if new_name and new_name != r["display_name"]:
+                renames.append(
+                    Rename(r["mxid"], r["connector"], r["idnps"], r["display_name"], new_name)
+                )
+        return renames

@@ -1,0 +1,81 @@
+"""Ghosts carry their directory entry's name, and follow it when the directory changes.
+
+The directory is changed by imports (``eimis-bridge directory import|fetch``, another process)
+and by the bridge itself. The running bridge looks at the directory's latest ``updated_at``
+every ``directory.sync_interval_s``; when it moved, it renames (on the homeserver, then in its
+ghost table) every ghost whose entry was written since and now names it differently. At start,
+every ghost is compared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from mautrix.errors import MatrixRequestError
+
+from bridge.db.stores import Stores
+from bridge.matrix.homeserver import Homeserver
+
+log = logging.getLogger("eimis.directory")
+
+
+class GhostNames:
+    def __init__(self, stores: Stores, homeserver: Homeserver, interval_s: float) -> None:
+        self.stores = stores
+        self.hs = homeserver
+        self.interval_s = interval_s
+        self.seen = 0
+        """The directory's latest ``updated_at`` already applied."""
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.stores.directory.backfill_ghosts()
+        try:
+            await self.apply()
+        except Exception:  # the loop tries again; a rename is not worth failing the start
+            log.exception("Could not apply the directory's names to ghosts")
+        if self.interval_s > 0:
+            self._task = asyncio.create_task(self._loop(), name="directory-names")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def apply(self) -> int:
+        """Rename the ghosts whose entries changed since the last pass; returns how many."""
+        latest = await self.stores.directory.latest_stamp()
+        if latest == self.seen:
+            return 0
+        renamed = 0
+        failed = False
+        for rename in await self.stores.directory.renames(self.seen):
+            try:
+                await self.hs.ensure_ghost(rename.mxid, rename.new_name)
+            except MatrixRequestError as error:
+                log.warning("Could not rename the ghost %s (%s)", rename.mxid, error.errcode)
+                failed = True
+                continue
+            await self.stores.ghosts.upsert(
+                rename.mxid, rename.connector, rename.idnps, rename.new_name
+            )
+            renamed += 1
+        if renamed:
+            log.info("Renamed %d ghost(s) after their directory entries", renamed)
+        if not failed:
+            self.seen = latest
+        return renamed
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.apply()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("Could not apply directory changes to ghosts")

@@ -1,0 +1,178 @@
+"""The ANS bulk extract, "PS_LibreAcces_Personne_activite": ``|``-separated text, one line per
+activity of a professional (so one person may be on several lines), a header line first.
+
+The columns used are found by their header name, so their order (and the columns ANS adds or
+drops between versions: 52 to 56 of them so far) does not matter:
+
+==================================  ============================================
+``Identification nationale PP``     the IDNPS (else ``Type d'identifiant PP`` +
+                                    ``Identifiant PP``, which make the same)
+``Nom d'exercice``                  family name (required on each line)
+``Prénom d'exercice``               given name (may be empty)
+``Code profession``                 TRE_G15 code, e.g. ``10``
+``Libellé profession``              its label, e.g. ``Médecin``
+``MXID`` (not ANS: this bridge's)   native Matrix IDs, separated by ``,`` or ``;``
+==================================  ============================================
+
+Lines end with a ``|`` in ANS's files (an empty last column); a line with a different number of
+columns than the header is rejected, as are an invalid IDNPS (with the rule it fails) and a
+missing family name. Files are UTF-8 (older extracts: Windows-1252, read as such per line).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator
+
+from bridge.db.directory import Professional
+from bridge.directory.idnps import Idnps, InvalidIdnps
+from bridge.directory.records import DirectoryFormatError, Record, Rejected, matrix_id
+
+SOURCE = "ps"
+SEPARATOR = "|"
+
+IDNPS = "Identification nationale PP"
+ID_TYPE = "Type d'identifiant PP"
+ID = "Identifiant PP"
+FAMILY = "Nom d'exercice"
+GIVEN = "Prénom d'exercice"
+CODE = "Code profession"
+LABEL = "Libellé profession"
+MXID_COLUMNS = ("MXID", "MXIDs", "Matrix ID", "Identifiant Matrix")
+
+_SPACES = re.compile(r"\s+")
+_MXID_SPLIT = re.compile(r"[,;\s]+")
+
+
+def _key(name: str) -> str:
+    """Header names compared without case, accents' encoding, curly quotes or extra spaces."""
+    name = unicodedata.normalize("NFC", name).replace("’", "'").replace("\ufeff", "")
+    return _SPACES.sub(" ", name).strip().casefold()
+
+
+def _decode(raw: bytes | str) -> str:
+    if isinstance(raw, str):
+        return raw.rstrip("\r\n")
+    try:
+        return raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace").rstrip("\r\n")
+
+
+class _Layout:
+    def __init__(self, header: str) -> None:
+        names = header.split(SEPARATOR)
+        positions: dict[str, int] = {}
+        for position, name in enumerate(names):
+            positions.setdefault(_key(name), position)
+        self.columns = len(names)
+        # ANS ends every line with '|': a line without that last empty column is the same line.
+        self.tolerated = {self.columns, self.columns - 1} if names[-1].strip() == "" else None
+
+        def find(*wanted: str) -> int | None:
+            for name in wanted:
+                if _key(name) in positions:
+                    return positions[_key(name)]
+            return None
+
+        self.idnps = find(IDNPS)
+        self.id_type = find(ID_TYPE)
+        self.id = find(ID)
+        self.family = find(FAMILY)
+        self.given = find(GIVEN)
+        self.code = find(CODE)
+        self.label = find(LABEL)
+        self.mxid = find(*MXID_COLUMNS)
+        has_idnps = self.idnps is not None or (self.id_type is not None and self.id is not None)
+        missing = [
+            name
+            for name, found in (
+                (IDNPS, has_idnps),
+                (FAMILY, self.family is not None),
+                (GIVEN, self.given is not None),
+            )
+            if not found
+        ]
+        if missing:
+            raise DirectoryFormatError(
+                "not a PS_LibreAcces file: its header (line 1) has no column "
+                + ", ".join(repr(m) for m in missing)
+                + f" (found {len(names)} columns: {', '.join(repr(n) for n in names[:4])} ...)"
+            )
+
+    def fits(self, count: int) -> bool:
+        return count == self.columns or (self.tolerated is not None and count in self.tolerated)
+
+
+def parse(
+    lines: Iterable[bytes | str],
+    *,
+    foreign_mxid: Callable[[str], str | None] | None = None,
+) -> Iterator[Record | Rejected]:
+    """Records and rejections, line by line (line 1 is the header).
+
+    ``foreign_mxid(mxid)``: a reason to refuse a listed Matrix ID (e.g. it is in the bridge's
+    own ghost namespace), or None to accept it.
+    """
+    iterator = iter(lines)
+    layout: _Layout | None = None
+    number = 0
+    for raw in iterator:
+        number += 1
+        header = _decode(raw)
+        if header.strip():
+            layout = _Layout(header)
+            break
+    if layout is None:
+        raise DirectoryFormatError("the file is empty (a PS_LibreAcces file starts with a header)")
+    for raw in iterator:
+        number += 1
+        line = _decode(raw)
+        if not line.strip():
+            continue
+        fields = line.split(SEPARATOR)
+        if not layout.fits(len(fields)):
+            yield Rejected(
+                number, f"has {len(fields)} columns where the header has {layout.columns}"
+            )
+            continue
+        if layout.idnps is not None:
+            value = fields[layout.idnps].strip()
+        else:
+            assert layout.id_type is not None and layout.id is not None
+            value = fields[layout.id_type].strip() + fields[layout.id].strip()
+        try:
+            idnps = Idnps(value)
+        except InvalidIdnps as error:
+            yield Rejected(number, f"invalid IDNPS: {error}")
+            continue
+        family = fields[layout.family].strip()  # type: ignore[index]
+        if not family:
+            yield Rejected(number, f"missing name: {FAMILY!r} is empty (IDNPS {idnps})")
+            continue
+        given = fields[layout.given].strip()  # type: ignore[index]
+        code = fields[layout.code].strip() or None if layout.code is not None else None
+        label = fields[layout.label].strip() or None if layout.label is not None else None
+        mxids: list[str] = []
+        refused = None
+        if layout.mxid is not None:
+            for item in _MXID_SPLIT.split(fields[layout.mxid].strip()):
+                if not item:
+                    continue
+                mxid = matrix_id(item)
+                if mxid is None:
+                    refused = f"{item[:80]!r} is not a Matrix user ID (@user:server)"
+                    break
+                reason = foreign_mxid(mxid) if foreign_mxid is not None else None
+                if reason is not None:
+                    refused = f"{mxid}: {reason}"
+                    break
+                mxids.append(mxid)
+        if refused is not None:
+            yield Rejected(number, refused)
+            continue
+        yield Record(
+            Professional(idnps, given, family, code, label, SOURCE),
+            tuple(mxids),
+        )

@@ -1,0 +1,154 @@
+"""The directory end to end, through a real Synapse: a vendor user reaches, by IDNPS, a
+professional the bridge knows only from an imported directory (a native Matrix account), and a
+ghost's display name follows a directory import."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import ClientSession
+
+from bridge.cli import main
+from bridge.devtools.demo import wait_for
+from bridge.devtools.stack import LocalStack
+from bridge.directory.fhir import IDNPS_SYSTEM, PROFESSION_SYSTEM
+from bridge.directory.sample import HEADER, extract_line
+
+from e2e_helpers import portal_of, received, unique, users_of
+from matrix_user import MatrixUser, connect, text_is
+
+pytestmark = pytest.mark.e2e
+
+DIRECTORY_ONLY = "810099000050"  # on no vendor: only the directory knows them
+
+
+@pytest.fixture(scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
+    overrides = {"directory": {"sync_interval_s": 0.5}}
+    async with LocalStack(
+        Path(tmp_path_factory.mktemp("stack")), config_overrides=overrides
+    ) as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+async def http() -> AsyncIterator[ClientSession]:
+    async with ClientSession() as session:
+        yield session
+
+
+async def native_user(stack: LocalStack, localpart: str) -> MatrixUser:
+    user_id, token = await stack.synapse.register_user(localpart, "correct horse battery")
+    return await connect(stack.synapse.url, user_id, token)
+
+
+async def directory_cli(stack: LocalStack, *args: str) -> int:
+    """The operator's command, against the running stack's config and database."""
+    config = stack.state_dir / "config.yaml"
+    action, *rest = args
+    return await asyncio.to_thread(main, ["directory", action, "-c", str(config), *rest])
+
+
+def practitioner_bundle(idnps: str, family: str, given: str, mxid: str) -> dict[str, object]:
+    return {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {
+                "resource": {
+                    "resourceType": "Practitioner",
+                    "id": "p1",
+                    "identifier": [{"system": IDNPS_SYSTEM, "value": idnps}],
+                    "name": [{"use": "usual", "family": family, "given": [given]}],
+                }
+            },
+            {
+                "resource": {
+                    "resourceType": "PractitionerRole",
+                    "id": "r1",
+                    "practitioner": {"reference": "Practitioner/p1"},
+                    "code": [
+                        {"coding": [{"system": PROFESSION_SYSTEM, "code": "50"}]},
+                    ],
+                    "endpoint": [{"reference": "Endpoint/e1"}],
+                }
+            },
+            {
+                "resource": {
+                    "resourceType": "Endpoint",
+                    "id": "e1",
+                    "status": "active",
+                    "address": f"matrix:u/{mxid.removeprefix('@')}",
+                }
+            },
+        ],
+    }
+
+
+async def test_vendor_user_reaches_by_idnps_a_native_account_known_only_to_the_directory(
+    stack: LocalStack, http: ClientSession, tmp_path: Path
+) -> None:
+    native = await native_user(stack, "claire.petit")
+    try:
+        bundle = tmp_path / "directory.json"
+        bundle.write_text(
+            json.dumps(practitioner_bundle(DIRECTORY_ONLY, "Petit", "Claire", native.user_id)),
+            encoding="utf-8",
+        )
+        assert await directory_cli(stack, "import", str(bundle)) == 0
+
+        alice = (await users_of(stack, http, "pandalab"))[0]
+        title = unique("PandaLab to a directory entry")
+        conversation = await alice.start_conversation([DIRECTORY_ONLY], title)
+        hello = unique("Bonjour, avis obstétrical ?")
+        await alice.send(conversation, hello)
+
+        room_id = await portal_of(stack, "pandalab", conversation)
+        await native.accept_invites(room_id, timeout=30)
+        message = await native.wait_for_message(room_id, text_is(hello), timeout=30)
+        assert message.sender == f"@eimis_pandalab_{alice.idnps}:{stack.synapse.server_name}"
+
+        reply = unique("Oui, j'arrive")
+        await native.send_text(room_id, reply)
+        answer = await wait_for("Alice to get the reply", lambda: received(alice, reply), 30)
+        assert answer["sender"] == native.user_id
+    finally:
+        await native.close()
+
+
+async def test_a_ghosts_display_name_follows_a_directory_import(
+    stack: LocalStack, http: ClientSession, tmp_path: Path
+) -> None:
+    thomas = (await users_of(stack, http, "pandalab"))[4]
+    ghost = f"@eimis_pandalab_{thomas.idnps}:{stack.synapse.server_name}"
+    native = await native_user(stack, "observer")
+    try:
+        conversation = await thomas.start_conversation([native.user_id], unique("Names"))
+        hello = unique("Bonjour")
+        await thomas.send(conversation, hello)
+        room_id = await portal_of(stack, "pandalab", conversation)
+        await native.accept_invites(room_id, timeout=30)
+        await native.wait_for_message(room_id, text_is(hello), timeout=30)
+        before = (await native.client.get_displayname(ghost)).displayname
+        assert before == "Thomas Lefèvre - Masseur-kinésithérapeute"  # the vendor's, until now
+
+        extract = tmp_path / "PS_LibreAcces_Personne_activite.txt"
+        line = extract_line(thomas.idnps, "LEFÈVRE", "Thomas", "70", "Masseur-Kinésithérapeute")
+        extract.write_text(f"{HEADER}\n{line}\n", encoding="utf-8")
+        assert await directory_cli(stack, "import", str(extract)) == 0
+
+        wanted = "Thomas LEFÈVRE - Masseur-Kinésithérapeute"
+
+        async def renamed() -> bool:
+            return (await native.client.get_displayname(ghost)).displayname == wanted
+
+        await wait_for("the ghost's new display name", renamed, 30)
+        assert stack.bridge is not None
+        row = await stack.bridge.stores.ghosts.get(ghost)
+        assert row is not None and row.display_name == wanted
+    finally:
+        await native.close()
