@@ -5,6 +5,7 @@ Used by ``eimis-bridge demo`` and by the end-to-end tests, so both exercise the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,14 @@ class LocalStack:
         database_url: str | None = None,
         log_level: str = "WARNING",
         config_overrides: dict[str, Any] | None = None,
+        server_name: str = SERVER_NAME,
+        synapse_options: Mapping[str, Any] | None = None,
     ) -> None:
+        """``server_name`` and ``synapse_options`` (more LocalSynapse keyword arguments; an
+        ``extra_config`` there is merged over this stack's own) serve the federation harness
+        (bridge/devtools/federation.py); the defaults are the single-server stack."""
         self.state_dir = state_dir.resolve()
+        self.server_name = server_name
         self.database_url = database_url or f"sqlite:{self.state_dir / 'bridge.db'}"
         self.log_level = log_level
         self.bridge_port = free_port()
@@ -78,13 +85,15 @@ class LocalStack:
                 type_name, f"http://127.0.0.1:{port}", port, cls.sandbox_app
             )
         self.registration_path = self.state_dir / "registration.yaml"
+        options = dict(synapse_options or {})
         self.synapse = LocalSynapse(
             self.state_dir / "synapse",
-            server_name=SERVER_NAME,
+            server_name=server_name,
             port=None,  # the port of the previous run on this state, when free (stable URL)
             appservice_registrations=[self.registration_path],
             # Large enough for the streaming benchmark's 200 MB file.
-            extra_config={"max_upload_size": "300M"},
+            extra_config={"max_upload_size": "300M", **options.pop("extra_config", {})},
+            **options,
         )
         self.raw_config = {**self._raw_config(), **(config_overrides or {})}
         self.config: Config = parse_config(self.raw_config)
@@ -94,7 +103,7 @@ class LocalStack:
     def _raw_config(self) -> dict[str, Any]:
         types = available_types()
         return {
-            "homeserver": {"url": self.synapse.url, "domain": SERVER_NAME},
+            "homeserver": {"url": self.synapse.url, "domain": self.server_name},
             "appservice": {
                 "id": "eimis-bridge",
                 "address": f"http://127.0.0.1:{self.bridge_port}",

@@ -104,12 +104,18 @@ class LocalSynapse:
         start_timeout: float = 60.0,
         stop_timeout: float = 15.0,
         extra_config: Mapping[str, Any] | None = None,
+        extra_listeners: Sequence[Mapping[str, Any]] = (),
+        log_levels: Mapping[str, str] | None = None,
     ) -> None:
         """Describe a homeserver; nothing runs until :meth:`start`.
 
         ``port=None`` reuses the port of a previous run on the same ``state_dir`` when it is
         free, else picks a free one. ``extra_config`` is merged (top-level keys) over the
         generated config last, for options this class does not set itself.
+        ``extra_listeners`` are added after the plain HTTP listener on 127.0.0.1:``port``
+        (which stays first, and is what ``url`` points at), e.g. a TLS federation listener.
+        ``log_levels`` sets the level of individual Synapse loggers (e.g. one INFO logger under
+        a WARNING root); SQL logging never goes below INFO.
         """
         if database != "sqlite":
             raise NotImplementedError(
@@ -131,6 +137,13 @@ class LocalSynapse:
         self.start_timeout: float = start_timeout
         self.stop_timeout: float = stop_timeout
         self.extra_config: dict[str, Any] = dict(extra_config or {})
+        self.extra_listeners: tuple[dict[str, Any], ...] = tuple(dict(x) for x in extra_listeners)
+        self.log_levels: dict[str, str] = {
+            name: level.upper() for name, level in (log_levels or {}).items()
+        }
+        for name, level in self.log_levels.items():
+            if level not in _LOG_LEVELS:
+                raise ValueError(f"log level of {name!r} must be one of {_LOG_LEVELS}")
         self._proc: subprocess.Popen[bytes] | None = None
         self._stdout: IO[bytes] | None = None
         self._secret: str | None = None
@@ -401,7 +414,8 @@ class LocalSynapse:
                         "tls": False,
                         "x_forwarded": False,
                         "resources": [{"names": ["client", "federation"], "compress": False}],
-                    }
+                    },
+                    *self.extra_listeners,
                 ],
                 "database": {
                     "name": "sqlite3",
@@ -444,7 +458,14 @@ class LocalSynapse:
                 }
             },
             # Never below INFO for SQL: at DEBUG Synapse logs access tokens.
-            "loggers": {"synapse.storage.SQL": {"level": _max_level(self.log_level, "INFO")}},
+            "loggers": {
+                **{name: {"level": level} for name, level in self.log_levels.items()},
+                "synapse.storage.SQL": {
+                    "level": _max_level(
+                        self.log_levels.get("synapse.storage.SQL", self.log_level), "INFO"
+                    )
+                },
+            },
             "root": {"level": self.log_level, "handlers": ["file"]},
             "disable_existing_loggers": False,
         }

@@ -114,6 +114,10 @@ def portal_power_levels(bot_mxid: str) -> dict[str, Any]:
     }
 
 
+CREATOR_LEVEL = 2**63
+"""What a room creator can do in room versions 12 and later: anything."""
+
+
 def _level_of(levels: dict[str, Any], mxid: str) -> int:
     users = levels.get("users") if isinstance(levels.get("users"), dict) else {}
     value = users.get(mxid, levels.get("users_default", 0))
@@ -350,6 +354,12 @@ class Homeserver:
         """
         levels = await self.get_state(mxid, room_id, "m.room.power_levels") or {}
         mine = _level_of(levels, mxid)
+        create = await self.get_state(mxid, room_id, "m.room.create") or {}
+        creators = create.get("additional_creators")
+        if isinstance(creators, list) and mxid in creators:
+            # Room version 12 (MSC4289): a direct chat's invitees (Element's, or any client's
+            # "trusted_private_chat") are creators, above every power level.
+            mine = CREATOR_LEVEL
         wanted: list[tuple[str, str, Any, dict[str, Any]]] = [
             (
                 "m.room.join_rules",

@@ -1,0 +1,654 @@
+"""Real federation, end to end: homeservers on this machine federating over loopback TLS.
+
+- ``hs1`` runs the bridge (and the vendor sandboxes); ``hs2`` is trusted (hs1 and hs2 whitelist
+  each other, and the bridge's trust list holds hs2);
+- ``hs3`` is untrusted and outside hs1's ``federation_domain_whitelist``: Synapse itself
+  refuses it, before the bridge ever hears of it;
+- ``hs4`` is the variant: in hs1's whitelist (a member of the federation) but not in the
+  bridge's trust list, so the bridge (invites, events) and the portals' ``m.room.server_acl``
+  (joins) must refuse it.
+
+Each refusal is asserted at the layer that refuses. Assertions on the bridge's side of the trust
+list (issue 5 point 3) run inside ``trust_list_step()``: while ``TRUST_LIST_PENDING`` is set,
+their failure is an xfail, not a failure (the integrator sets it to False once point 3 is in).
+
+The whole module edits /etc/hosts (through ``bridge.devtools.federation.HostsEntries``, which
+always removes its entries); where it cannot, the module is skipped, or fails when CI is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import importlib.util
+import ipaddress
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from aiohttp import ClientSession
+from nio import RoomPreset
+
+from bridge.config import Config
+from bridge.devtools.demo import SandboxUser, wait_for
+from bridge.devtools.federation import LocalFederation, hosts_file_writable
+from bridge.devtools.stack import LocalStack
+
+from e2e_helpers import counter, inbox_texts, received, unique, users_of
+from matrix_user import MatrixUser, MatrixUserError, connect, text_is
+
+pytestmark = pytest.mark.e2e
+
+TRUST_LIST_PENDING = False
+"""Integrator: set to False when the bridge's trust list (issue 5 point 3) is in the tree."""
+TRUST_REASON = "waiting for the trust list (issue 5 point 3)"
+
+TRUST_IN_CONFIG = "trust" in Config.model_fields
+"""The config section ``trust: {servers: [...]}`` exists (else it cannot be given)."""
+
+SERVERS: dict[str, list[str] | None] = {
+    "hs1": ["hs2", "hs4"],  # the bridge's homeserver: hs4 is the "federated, not trusted" variant
+    "hs2": ["hs1"],  # trusted: hs1 and hs2 whitelist each other only
+    "hs3": None,  # untrusted, federates with anyone, refused by hs1's whitelist
+    "hs4": None,  # untrusted by the bridge, though hs1's whitelist lets it in
+}
+GAP_ORDER_REASON = (
+    "order after a federation gap: the bridge does not yet hold a room's deliveries until the "
+    "events before them are held (issue 5 point 5)"
+)
+BURST = 150
+REPLIES = 20
+PRUNING = re.compile(r"Pruning (\d+) events in room (\S+) from federation queue")
+# Synapse logs the pruning of its incoming federation queue at INFO, under a WARNING root.
+QUEUE_LOGGER = "synapse.storage.databases.main.event_federation"
+
+
+@contextlib.contextmanager
+def trust_list_step() -> Iterator[None]:
+    """Assertions on the bridge's side of the trust list: an xfail while it is pending."""
+    try:
+        yield
+    except (AssertionError, TimeoutError, MatrixUserError) as error:
+        if TRUST_LIST_PENDING:
+            pytest.xfail(f"{TRUST_REASON}: {type(error).__name__}: {error}")
+        raise
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)", pytrace=False)
+    pytest.skip(reason)
+
+
+# -- fixtures --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def fed(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalFederation]:
+    if importlib.util.find_spec("synapse") is None:
+        _unavailable("matrix-synapse is not installed (pip install -e '.[test]')")
+    reason = hosts_file_writable()
+    if reason is not None:
+        _unavailable(f"the federation tests resolve server names through /etc/hosts: {reason}")
+
+    def stack_options(names: dict[str, str]) -> dict[str, Any]:
+        overrides: dict[str, Any] = {
+            # A short sweep: under a burst, events Synapse never pushes are found quickly.
+            "reconcile": {"interval_s": 1.0, "active_within_s": 600},
+        }
+        if TRUST_IN_CONFIG:
+            overrides["trust"] = {"servers": [names["hs2"]]}
+        return {"config_overrides": overrides}
+
+    log_levels = {QUEUE_LOGGER: "INFO"}
+    federation = LocalFederation(
+        Path(tmp_path_factory.mktemp("federation")),
+        SERVERS,
+        bridge_on="hs1",
+        stack_options=stack_options,
+        synapse_options={label: {"log_levels": log_levels} for label in SERVERS},
+    )
+    async with federation:
+        yield federation
+    assert not federation.hosts.present(), "the /etc/hosts entries were not removed"
+
+
+@pytest.fixture(scope="module")
+def stack(fed: LocalFederation) -> LocalStack:
+    assert fed.stack is not None
+    return fed.stack
+
+
+@pytest.fixture(scope="module")
+async def http() -> AsyncIterator[ClientSession]:
+    async with ClientSession() as session:
+        yield session
+
+
+async def _user(fed: LocalFederation, label: str, name: str) -> MatrixUser:
+    synapse = fed[label].synapse
+    assert synapse is not None
+    user_id, token = await synapse.register_user(f"{name}{next(counter)}", "correct horse")
+    return await connect(synapse.url, user_id, token)
+
+
+def ghost_of(stack: LocalStack, connector: str, user: SandboxUser) -> str:
+    return f"@eimis_{connector}_{user.idnps}:{stack.server_name}"
+
+
+@dataclass
+class Conversation:
+    """A DM opened from hs2 to a PandaLab-style ghost, which a Medipeps-style user then joined."""
+
+    native: MatrixUser
+    room_id: str
+    alice: SandboxUser  # PandaLab-style
+    bob: SandboxUser  # Medipeps-style
+    alice_conversation: str
+    bob_conversation: str
+    seen: dict[str, Any] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+async def conversation(
+    fed: LocalFederation, stack: LocalStack, http: ClientSession
+) -> AsyncIterator[Conversation]:
+    native = await _user(fed, "hs2", "native")
+    try:
+        alice = (await users_of(stack, http, "pandalab"))[0]
+        bob = (await users_of(stack, http, "medipeps"))[0]
+        seen: dict[str, Any] = {}
+
+        # A native user on hs2 DMs the PandaLab-style ghost on hs1, by Matrix ID.
+        room_id = await native.create_dm(ghost_of(stack, "pandalab", alice))
+        hello = seen["hello"] = unique("Bonjour depuis hs2")
+        await native.send_text(room_id, hello)
+        seen["hello@alice"] = await wait_for(
+            "Alice to get hs2's DM", lambda: received(alice, hello)
+        )
+        alice_conversation = str(seen["hello@alice"]["conversation_id"])
+
+        # She answers; the answer crosses to hs2.
+        reply = seen["reply"] = unique("Réponse de PandaLab")
+        await alice.send(alice_conversation, reply)
+        seen["reply@hs2"] = await native.wait_for_message(room_id, text_is(reply), timeout=30)
+
+        # The native user invites the Medipeps-style ghost: Bob joins the conversation.
+        invite = await native.client.room_invite(room_id, ghost_of(stack, "medipeps", bob))
+        assert not isinstance(invite, Exception) and not hasattr(invite, "status_code"), invite
+        later = seen["later"] = unique("Bob est avec nous")
+        await native.send_text(room_id, later)
+        seen["later@bob"] = await wait_for("Bob to get hs2's message", lambda: received(bob, later))
+        seen["later@alice"] = await wait_for("Alice to get it", lambda: received(alice, later))
+        bob_conversation = str(seen["later@bob"]["conversation_id"])
+
+        answer = seen["answer"] = unique("Réponse de Medipeps")
+        await bob.send(bob_conversation, answer)
+        seen["answer@alice"] = await wait_for("Alice to get Bob's", lambda: received(alice, answer))
+        seen["answer@hs2"] = await native.wait_for_message(room_id, text_is(answer), timeout=30)
+
+        yield Conversation(native, room_id, alice, bob, alice_conversation, bob_conversation, seen)
+    finally:
+        await native.close()
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+async def join_via(user: MatrixUser, room_id: str, servers: list[str]) -> tuple[int, dict]:
+    """POST /join with ``server_name`` hints; (HTTP status, body)."""
+    query = "&".join(f"server_name={quote(s)}" for s in servers)
+    url = f"{user.client.homeserver}/_matrix/client/v3/join/{quote(room_id)}?{query}"
+    headers = {"Authorization": f"Bearer {user.client.access_token}"}
+    async with ClientSession() as http, http.post(url, json={}, headers=headers) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def state_event(user: MatrixUser, room_id: str, event_type: str) -> dict[str, Any] | None:
+    url = f"{user.client.homeserver}/_matrix/client/v3/rooms/{quote(room_id)}/state/{event_type}"
+    headers = {"Authorization": f"Bearer {user.client.access_token}"}
+    async with ClientSession() as http, http.get(url, headers=headers) as resp:
+        return await resp.json() if resp.status == 200 else None
+
+
+def acl_allows(acl: dict[str, Any], server_name: str) -> bool:
+    """Whether an ``m.room.server_acl`` content lets ``server_name`` in (the spec's rules)."""
+    host = server_name.rsplit(":", 1)[0] if server_name.count(":") == 1 else server_name
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host.strip("[]"))
+        if not acl.get("allow_ip_literals", True):
+            return False
+    if any(fnmatch.fnmatchcase(host, str(p)) for p in acl.get("deny", [])):
+        return False
+    return any(fnmatch.fnmatchcase(host, str(p)) for p in acl.get("allow", []))
+
+
+async def acl_matching(
+    reader: MatrixUser, room_id: str, allowed: list[str], denied: list[str], timeout: float
+) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        acl = await state_event(reader, room_id, "m.room.server_acl")
+        if acl is None:
+            return None
+        ok = all(acl_allows(acl, s) for s in allowed)
+        ok = ok and not any(acl_allows(acl, s) for s in denied)
+        return acl if ok else None
+
+    return dict(await wait_for(f"the server ACL of {room_id}", check, timeout))
+
+
+async def all_messages(user: MatrixUser, room_id: str) -> list[dict[str, Any]]:
+    """The room's m.room.message events through /messages (oldest first): the timeline as
+    the homeserver holds it, including what /sync skipped."""
+    events: list[dict[str, Any]] = []
+    token = ""
+    headers = {"Authorization": f"Bearer {user.client.access_token}"}
+    base = f"{user.client.homeserver}/_matrix/client/v3/rooms/{quote(room_id)}/messages"
+    async with ClientSession() as http:
+        while True:
+            params = {"dir": "b", "limit": "500"}
+            if token:
+                params["from"] = token
+            async with http.get(base, params=params, headers=headers) as resp:
+                assert resp.status == 200, await resp.text()
+                page = await resp.json()
+            chunk = page.get("chunk") or []
+            events.extend(e for e in chunk if e.get("type") == "m.room.message")
+            token = page.get("end") or ""
+            if not chunk or not token:
+                break
+    return list(reversed(events))
+
+
+async def put_transaction(stack: LocalStack, txn_id: str, events: list[dict[str, Any]]) -> int:
+    token = stack.registration["hs_token"]
+    url = f"{stack.bridge_url}/_matrix/app/v1/transactions/{txn_id}"
+    async with (
+        ClientSession() as http,
+        http.put(url, json={"events": events}, headers={"Authorization": f"Bearer {token}"}) as r,
+    ):
+        return r.status
+
+
+async def trust_cli(stack: LocalStack, *args: str) -> str:
+    config = stack.state_dir / "config.yaml"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bridge",
+        "trust",
+        args[0],
+        "-c",
+        str(config),
+        *args[1:],
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, f"eimis-bridge trust {' '.join(args)}: {text}"
+    return text
+
+
+class RecordsOf(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def pruned(synapse_log: Path, since: int) -> list[tuple[int, str]]:
+    text = synapse_log.read_text(errors="replace")[since:] if synapse_log.exists() else ""
+    return [(int(m[1]), m[2]) for m in PRUNING.finditer(text)]
+
+
+def log_size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def late(got: list[str], expected: list[str]) -> list[str]:
+    """The messages of ``expected`` delivered after one that comes later in ``expected``."""
+    rank = {text: i for i, text in enumerate(expected)}
+    highest, out = -1, []
+    for text in got:
+        if text not in rank:
+            continue
+        if rank[text] < highest:
+            out.append(text)
+        highest = max(highest, rank[text])
+    return out
+
+
+def first_disorder(got: list[str], expected: list[str]) -> str | None:
+    """None when ``got`` holds ``expected`` in that order, else where it first differs."""
+    mine = [t for t in got if t in set(expected)]
+    for i, (a, b) in enumerate(zip(mine, expected, strict=False)):
+        if a != b:
+            return f"position {i}: got {a!r}, expected {b!r}"
+    return None if len(mine) == len(expected) else f"{len(mine)} of {len(expected)}"
+
+
+# -- the conversation across servers ---------------------------------------------------------
+
+
+async def test_native_user_on_a_trusted_server_talks_with_both_vendors(
+    conversation: Conversation, stack: LocalStack
+) -> None:
+    seen, native = conversation.seen, conversation.native
+    assert seen["hello@alice"]["sender"] == native.user_id
+    assert seen["reply@hs2"].sender == ghost_of(stack, "pandalab", conversation.alice)
+    assert seen["later@bob"]["sender"] == native.user_id
+    assert seen["answer@alice"]["sender"] == conversation.bob.idnps
+    assert seen["answer@hs2"].sender == ghost_of(stack, "medipeps", conversation.bob)
+    # Once each.
+    alice_texts = await inbox_texts(conversation.alice)
+    bob_texts = await inbox_texts(conversation.bob)
+    for text in (seen["hello"], seen["later"], seen["answer"]):
+        assert alice_texts.count(text) == 1, text
+    assert bob_texts.count(seen["later"]) == 1
+    assert seen["answer"] not in bob_texts, "Bob's own message came back to him"
+
+
+async def test_portal_carries_an_acl_of_the_trusted_servers(
+    conversation: Conversation, fed: LocalFederation
+) -> None:
+    with trust_list_step():
+        acl = await acl_matching(
+            conversation.native,
+            conversation.room_id,
+            allowed=[fed.server_name("hs1"), fed.server_name("hs2")],
+            denied=[fed.server_name("hs3"), fed.server_name("hs4"), "evil.example", "127.0.0.1"],
+            timeout=15,
+        )
+        assert acl.get("allow_ip_literals") is False
+
+
+# -- a burst across the federation -----------------------------------------------------------
+
+
+async def test_burst_across_the_federation_arrives_once_and_in_order(
+    conversation: Conversation, fed: LocalFederation, stack: LocalStack
+) -> None:
+    """150 messages from hs2 at once, with both vendors answering meanwhile. Each vendor gets
+    each message exactly once, in order per sender; what Synapse did (pruned federation
+    queues) and what the bridge recovered (reconciliation) is recorded in burst.json."""
+    native, room_id = conversation.native, conversation.room_id
+    alice, bob = conversation.alice, conversation.bob
+    hs1_log, hs2_log = fed["hs1"].synapse.log_path, fed["hs2"].synapse.log_path  # type: ignore[union-attr]
+    hs1_at, hs2_at = log_size(hs1_log), log_size(hs2_log)
+    recon = RecordsOf()
+    recon_logger = logging.getLogger("eimis.reconcile")
+    recon_level = recon_logger.level
+    recon_logger.setLevel(logging.INFO)  # a sweep reports what it found at INFO
+    recon_logger.addHandler(recon)
+    tag = unique("burst")
+    natives = [f"{tag} hs2 {i:03d}" for i in range(BURST)]
+    from_alice = [f"{tag} pandalab {i:03d}" for i in range(REPLIES)]
+    from_bob = [f"{tag} medipeps {i:03d}" for i in range(REPLIES)]
+    began = time.monotonic()
+    try:
+
+        async def vendor(user: SandboxUser, conversation_id: str, texts: list[str]) -> None:
+            for text in texts:
+                await user.send(conversation_id, text)
+
+        await asyncio.gather(
+            *(native.send_text(room_id, text) for text in natives),
+            vendor(alice, conversation.alice_conversation, from_alice),
+            vendor(bob, conversation.bob_conversation, from_bob),
+        )
+        sent_s = time.monotonic() - began
+
+        async def arrived(user: SandboxUser, expected: list[str]) -> list[str] | None:
+            texts = [t for t in await inbox_texts(user) if t in set(expected)]
+            return texts if len(set(texts)) == len(expected) else None
+
+        alice_got = await wait_for(
+            "the burst at PandaLab", lambda: arrived(alice, natives + from_bob), 150
+        )
+        bob_got = await wait_for(
+            "the burst at Medipeps", lambda: arrived(bob, natives + from_alice), 150
+        )
+        delivered_s = time.monotonic() - began
+
+        async def at_hs2() -> list[str] | None:
+            bodies = [str(e["content"].get("body")) for e in await all_messages(native, room_id)]
+            mine = [b for b in bodies if b in set(from_alice + from_bob)]
+            return mine if len(set(mine)) == len(from_alice + from_bob) else None
+
+        hs2_got = await wait_for("the vendors' answers at hs2", at_hs2, 60)
+        # The order the native user's messages took in the room (hs2 decided it).
+        hs2_timeline = [
+            str(e["content"].get("body"))
+            for e in await all_messages(native, room_id)
+            if e["sender"] == native.user_id
+        ]
+        native_order = [b for b in hs2_timeline if b in set(natives)]
+    finally:
+        recon_logger.removeHandler(recon)
+        recon_logger.setLevel(recon_level)
+
+    # The native /sync view of hs2 (what a client sees live) may lack events hs2 pruned.
+    await native.sync()
+    synced = [getattr(e, "body", None) for e in native.messages(room_id)]
+    findings = {
+        "burst": BURST,
+        "vendor_replies_each": REPLIES,
+        "sent_s": round(sent_s, 1),
+        "delivered_s": round(delivered_s, 1),
+        "hs1_pruned_federation_queue": pruned(hs1_log, hs1_at),
+        "hs2_pruned_federation_queue": pruned(hs2_log, hs2_at),
+        "bridge_reconciliation": [m for m in recon.messages if "had not received" in m],
+        "hs2_sync_missing_vendor_answers": len(set(from_alice + from_bob) - set(synced)),
+        "duplicates": {
+            "pandalab": len(alice_got) - len(set(alice_got)),
+            "medipeps": len(bob_got) - len(set(bob_got)),
+            "hs2": len(hs2_got) - len(set(hs2_got)),
+        },
+        "order": {
+            "hs2 messages at pandalab": first_disorder(alice_got, native_order),
+            "hs2 messages at medipeps": first_disorder(bob_got, native_order),
+            "medipeps messages at pandalab": first_disorder(alice_got, from_bob),
+            "pandalab messages at medipeps": first_disorder(bob_got, from_alice),
+            "pandalab messages at hs2": first_disorder(hs2_got, from_alice),
+            "medipeps messages at hs2": first_disorder(hs2_got, from_bob),
+        },
+        "late_at_pandalab": late(alice_got, native_order),
+        "late_at_medipeps": late(bob_got, native_order),
+        # Informational: 150 parallel sends have no order of their own; hs2's timeline decides.
+        "hs2_timeline_vs_send_order": first_disorder(native_order, natives),
+    }
+    (fed.state_dir / "burst.json").write_text(json.dumps(findings, indent=2))
+    print("\nburst findings:", json.dumps(findings, indent=2))
+
+    assert sorted(native_order) == sorted(natives), "hs2's timeline lacks some of its own"
+    assert findings["duplicates"] == {"pandalab": 0, "medipeps": 0, "hs2": 0}, findings
+    disorder = {k: v for k, v in findings["order"].items() if v is not None}
+    if disorder and (
+        findings["hs1_pruned_federation_queue"] or findings["hs2_pruned_federation_queue"]
+    ):
+        # Synapse dropped events from its federation queue (a gap) and they reached the bridge
+        # after later ones. Holding a room's deliveries until its timeline before them is known
+        # to be held is bridge/core's part (issue 5 point 5), not yet in the tree.
+        pytest.xfail(f"{GAP_ORDER_REASON}: {json.dumps(disorder)}")
+    assert not disorder, findings
+
+
+# -- the untrusted servers -------------------------------------------------------------------
+
+
+async def test_server_outside_the_whitelist_is_refused_by_synapse(
+    conversation: Conversation, fed: LocalFederation, stack: LocalStack, http: ClientSession
+) -> None:
+    """hs3 is not in hs1's federation_domain_whitelist: hs1 refuses it before the bridge."""
+    outsider = await _user(fed, "hs3", "outsider")
+    try:
+        carol = (await users_of(stack, http, "pandalab"))[1]
+        ghost = ghost_of(stack, "pandalab", carol)
+        # Its invite to a ghost: hs1 answers hs3's /invite with "Federation denied".
+        room_id = await outsider.create_room()
+        answer = await outsider.client.room_invite(room_id, ghost)
+        assert getattr(answer, "status_code", None) == "M_FORBIDDEN", answer
+        assert "Federation denied" in str(answer.message), answer
+        assert stack.bridge is not None
+        assert await stack.bridge.stores.portals.get(room_id) is None
+        # Its join attempt to a portal, through both servers of the room.
+        status, body = await join_via(
+            outsider, conversation.room_id, [fed.server_name("hs1"), fed.server_name("hs2")]
+        )
+        assert status >= 400, body
+        # Its events: it is in no portal, so there is nowhere to send them.
+        sent = await outsider.client.room_send(
+            conversation.room_id, "m.room.message", {"msgtype": "m.text", "body": "intrus"}
+        )
+        assert getattr(sent, "status_code", None) is not None, sent
+        # And nothing of it reached a vendor.
+        for user in (carol, conversation.alice, conversation.bob):
+            assert all(m["sender"] != outsider.user_id for m in await user.inbox())
+        assert not await carol.conversations() or all(
+            outsider.user_id not in json.dumps(c) for c in await carol.conversations()
+        )
+    finally:
+        await outsider.close()
+
+
+async def test_invites_from_an_untrusted_server_are_refused_by_the_bridge(
+    fed: LocalFederation, stack: LocalStack, http: ClientSession
+) -> None:
+    """hs4 is in hs1's whitelist, so its invites reach hs1: the bot and the ghosts leave."""
+    stranger = await _user(fed, "hs4", "stranger")
+    try:
+        dan = (await users_of(stack, http, "pandalab"))[2]
+        ghost = ghost_of(stack, "pandalab", dan)
+        room_id = await stranger.create_room(invite=[ghost, stack.config.bot_mxid])
+        await stranger.send_text(room_id, unique("Bonjour d'un serveur inconnu"))
+        assert stack.bridge is not None
+
+        def left(user_id: str) -> Any:
+            return lambda e: (
+                e.get("type") == "m.room.member"
+                and e.get("state_key") == user_id
+                and (e.get("content") or {}).get("membership") == "leave"
+            )
+
+        with trust_list_step():
+            for refused in (ghost, stack.config.bot_mxid):
+                event = await stranger.wait_for_event(room_id, left(refused), timeout=15)
+                assert event["content"].get("reason"), f"{refused} left without a reason"
+            assert await stack.bridge.stores.portals.get(room_id) is None
+            assert not [m for m in await dan.inbox() if m["sender"] == stranger.user_id]
+            assert not await dan.conversations()
+    finally:
+        await stranger.close()
+
+
+async def test_a_join_from_an_untrusted_server_is_refused_by_the_room_acl(
+    fed: LocalFederation, stack: LocalStack, http: ClientSession
+) -> None:
+    """A user of the bridge's own homeserver (trusted) opens a portal and invites a user of
+    hs4: hs1 lets hs4 federate, the invitation is allowed, so only the portal's
+    m.room.server_acl stands between hs4 and the conversation."""
+    host = await _user(fed, "hs1", "host")
+    guest = await _user(fed, "hs4", "guest")
+    try:
+        erin = (await users_of(stack, http, "pandalab"))[3]
+        answer = await host.client.room_create(
+            preset=RoomPreset.trusted_private_chat,
+            invite=[ghost_of(stack, "pandalab", erin)],
+        )
+        room_id = str(answer.room_id)
+        hello = unique("Bonjour depuis hs1")
+        await host.send_text(room_id, hello)
+        await wait_for("Erin to get the message", lambda: received(erin, hello))
+
+        acl_missing: TimeoutError | None = None
+        try:
+            await acl_matching(
+                host,
+                room_id,
+                allowed=[fed.server_name("hs1"), fed.server_name("hs2")],
+                denied=[fed.server_name("hs4")],
+                timeout=15,
+            )
+        except TimeoutError as error:
+            acl_missing = error  # go on: the bridge's filter is checked below all the same
+        invited = await host.client.room_invite(room_id, guest.user_id)
+        assert getattr(invited, "status_code", None) is None, invited
+        status, body = await join_via(guest, room_id, [fed.server_name("hs1")])
+        if status == 200:
+            # No ACL stopped it: its events must still never reach the vendor (the bridge).
+            intrusion = unique("Message d'un serveur non approuvé")
+            await guest.send_text(room_id, intrusion)
+            sentinel = unique("Sentinelle de confiance")
+            await host.send_text(room_id, sentinel)
+            await wait_for("the sentinel at Erin's", lambda: received(erin, sentinel))
+            with trust_list_step():
+                assert intrusion not in await inbox_texts(erin), "an untrusted event was bridged"
+                raise AssertionError(f"hs4 joined a portal (no ACL stopped it): {body}")
+        with trust_list_step():
+            if acl_missing is not None:
+                raise acl_missing
+            assert status == 403, (status, body)
+            assert "banned" in str(body.get("error", "")).lower(), body
+    finally:
+        await guest.close()
+        await host.close()
+
+
+async def test_events_from_untrusted_servers_never_reach_a_vendor(
+    conversation: Conversation, fed: LocalFederation, stack: LocalStack
+) -> None:
+    """The bridge's own filter, whatever the homeserver lets through: events of hs3 and hs4
+    senders handed to the bridge in a transaction of hs1 are never delivered."""
+    now = int(time.time() * 1000)
+    forged = []
+    for label in ("hs3", "hs4"):
+        text = unique(f"Message forgé de {label}")
+        forged.append(text)
+        forged_event = {
+            "event_id": f"$forged-{label}-{next(counter)}",
+            "room_id": conversation.room_id,
+            "type": "m.room.message",
+            "sender": f"@mallory:{fed.server_name(label)}",
+            "origin_server_ts": now,
+            "content": {"msgtype": "m.text", "body": text},
+        }
+        status = await put_transaction(stack, f"forged-untrusted-{next(counter)}", [forged_event])
+        assert status == 200
+    sentinel = unique("Sentinelle après les messages forgés")
+    await conversation.native.send_text(conversation.room_id, sentinel)
+    await wait_for("the sentinel at Alice's", lambda: received(conversation.alice, sentinel))
+    await wait_for("the sentinel at Bob's", lambda: received(conversation.bob, sentinel))
+    with trust_list_step():
+        for user in (conversation.alice, conversation.bob):
+            texts = await inbox_texts(user)
+            assert not [t for t in forged if t in texts], "an untrusted server's event was bridged"
+
+
+async def test_trust_list_changes_reach_every_portal_within_five_seconds(
+    conversation: Conversation, fed: LocalFederation, stack: LocalStack
+) -> None:
+    hs4 = fed.server_name("hs4")
+    with trust_list_step():
+        await trust_cli(stack, "add", hs4)
+        try:
+            listed = await trust_cli(stack, "list")
+            assert hs4 in listed and fed.server_name("hs2") in listed, listed
+            await acl_matching(
+                conversation.native, conversation.room_id, [hs4], [fed.server_name("hs3")], 6.0
+            )
+        finally:
+            await trust_cli(stack, "remove", hs4)
+        await acl_matching(conversation.native, conversation.room_id, [], [hs4], 6.0)
