@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import shutil
 import sqlite3
@@ -80,6 +81,11 @@ def _idnps(i: int) -> str:
 
 
 def bulk_fill(path: Path) -> float:
+    from bridge.app import PORTAL_ACL_KEY
+    from bridge.core.trust import server_acl
+    from bridge.db.connector_state import BRIDGE_STATE
+    from bridge.directory.names import GHOSTS_LISTED_KEY
+
     """Bulk rows into a migrated SQLite database; returns the seconds it took."""
     started = time.monotonic()
     db = sqlite3.connect(path)
@@ -112,6 +118,17 @@ def bulk_fill(path: Path) -> float:
                 ("medipeps", str(i), _room(i % PORTALS), f"$scale{i:07d}event")
                 for i in range(MESSAGES)
             ),
+        )
+        # As a bridge already running with this trust list left them: every portal's ACL in
+        # line and every ghost listed in the directory. The one-time passes after an upgrade
+        # (all portals' ACL, all ghosts into the directory) are not what this measures.
+        acl = json.dumps(server_acl([DOMAIN]), sort_keys=True)
+        db.executemany(
+            "INSERT INTO connector_state (connector, key, value) VALUES (?, ?, ?)",
+            [
+                (BRIDGE_STATE, PORTAL_ACL_KEY, acl),
+                (BRIDGE_STATE, GHOSTS_LISTED_KEY, "1"),
+            ],
         )
     db.execute("ANALYZE")
     db.close()

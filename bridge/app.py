@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from bridge.core.router import Router, remote_lane
 from bridge.core.status import StatusReporter
 from bridge.core.to_matrix import ToMatrix
 from bridge.core.trust import TrustWatcher
-from bridge.db.connector_state import ConnectorStateStore
+from bridge.db.connector_state import BRIDGE_STATE, ConnectorStateStore
 from bridge.db.database import open_database
 from bridge.db.group_commit import GroupCommit
 from bridge.db.inbox import InboxItem
@@ -42,6 +43,9 @@ from connectors.base import (
 )
 
 log = logging.getLogger("eimis.bridge")
+
+PORTAL_ACL_KEY = "portal_server_acl"
+"""The ``m.room.server_acl`` content every portal was last brought to."""
 
 
 class Bridge:
@@ -275,8 +279,21 @@ class Bridge:
         return store
 
     async def _apply_trust(self) -> None:
-        """The trust list changed (or the bridge started): every portal's ACL follows it."""
-        await self.homeserver.update_server_acls(await self.stores.trusted_servers.portal_voices())
+        """The trust list changed (or the bridge started): every portal's ACL follows it.
+
+        The ACL last applied to every portal is remembered: a start with an unchanged list
+        touches no portal (a bridge with 100,000 portals starts at once), and a pass that
+        failed part-way is done again whole at the next poll."""
+        acl = self.homeserver.trust.acl()
+        applied = json.dumps(acl, sort_keys=True)
+        state = ConnectorStateStore(self.db, BRIDGE_STATE)
+        if await state.get(PORTAL_ACL_KEY) == applied:
+            return
+        after = ""
+        while page := await self.stores.trusted_servers.portal_voices_page(after, 500):
+            await self.homeserver.update_server_acls(page)
+            after = page[-1][0]
+        await state.set(PORTAL_ACL_KEY, applied)
 
     async def _timeline_readers(self, room_id: str) -> list[str]:
         """Who of the bridge reads a portal's timeline: its voice, else a ghost joined there."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from mautrix.util.async_db import Database
 
+BRIDGE_STATE = "eimis.bridge"
+"""The bridge's own keys live under this name, which no connector id can take."""
+
 
 class ConnectorStateStore:
     """The ``KeyValueStore`` a connector receives, bound to its connector id."""

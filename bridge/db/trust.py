@@ -51,6 +51,16 @@ class TrustStore:
         )
         return bool(rows)
 
+    async def portal_voices_page(self, after: str, limit: int) -> list[tuple[str, str]]:
+        """(room, voice) of the portals after room ``after``, in room order: a page at a time,
+        so a pass over 100,000 portals never holds them all."""
+        rows = await self.db.fetch(
+            "SELECT room_id, voice FROM portal WHERE room_id > $1 ORDER BY room_id LIMIT $2",
+            after,
+            limit,
+        )
+        return [(r["room_id"], r["voice"]) for r in rows]
+
     async def portal_voices(self) -> list[tuple[str, str]]:
         """(room, voice) of every portal: the rooms whose ACL follows the trust list."""
         rows = await self.db.fetch("SELECT room_id, voice FROM portal ORDER BY created_at")

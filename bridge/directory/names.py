@@ -3,8 +3,9 @@
 The directory is changed by imports (``eimis-bridge directory import|fetch``, another process)
 and by the bridge itself. The running bridge looks at the directory's latest ``updated_at``
 every ``directory.sync_interval_s``; when it moved, it renames (on the homeserver, then in its
-ghost table) every ghost whose entry was written since and now names it differently. At start,
-every ghost is compared.
+ghost table) every ghost whose entry was written since and now names it differently. What was
+applied is remembered in the database, so a start compares only what changed while the bridge
+was stopped (a bridge with 100,000 ghosts does not read them all at every start).
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ import logging
 
 from mautrix.errors import MatrixRequestError
 
+from bridge.db.connector_state import BRIDGE_STATE, ConnectorStateStore
 from bridge.db.stores import Stores
 from bridge.matrix.homeserver import Homeserver
 
 log = logging.getLogger("eimis.directory")
+
+SEEN_KEY = "directory_names_applied_up_to"
+GHOSTS_LISTED_KEY = "directory_ghosts_listed"
 
 
 class GhostNames:
@@ -28,10 +33,15 @@ class GhostNames:
         self.interval_s = interval_s
         self.seen = 0
         """The directory's latest ``updated_at`` already applied."""
+        self._state = ConnectorStateStore(stores.db, BRIDGE_STATE)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self.stores.directory.backfill_ghosts()
+        if await self._state.get(GHOSTS_LISTED_KEY) is None:
+            # Once: ghosts made before the directory existed; later ones are listed as made.
+            await self.stores.directory.backfill_ghosts()
+            await self._state.set(GHOSTS_LISTED_KEY, "1")
+        self.seen = int(await self._state.get(SEEN_KEY) or 0)
         try:
             await self.apply()
         except Exception:  # the loop tries again; a rename is not worth failing the start
@@ -68,6 +78,7 @@ class GhostNames:
             log.info("Renamed %d ghost(s) after their directory entries", renamed)
         if not failed:
             self.seen = latest
+            await self._state.set(SEEN_KEY, str(latest))
         return renamed
 
     async def _loop(self) -> None:
