@@ -329,6 +329,8 @@ class Delivery:
         return None
 
     async def _mentions(self, item: OutboxItem, mxids: list[str]) -> tuple[Mention, ...]:
+        if not mxids:
+            return ()
         portal = await self.stores.portals.get(item.room_id)
         found = []
         for mxid in dict.fromkeys(mxids):
