@@ -11,7 +11,11 @@ from typing import Any, NoReturn, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from aiohttp import ClientSession
+from mautrix.util.async_db import Database
 
+from bridge.config import DatabaseConfig
+from bridge.db.database import open_database
 from bridge.devtools.ports import free_port as _free_port
 from bridge.devtools.synapse import LocalSynapse
 
@@ -119,3 +123,28 @@ async def synapse_factory(tmp_path: Path) -> AsyncIterator[SynapseFactory]:
                 errors.append(e)
         if errors:
             raise errors[0]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The test runs twice: on a SQLite file, and on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:{tmp_path / 'state' / 'bridge.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    """The bridge's database (schema up to date) on each engine."""
+    database = await open_database(DatabaseConfig(url=database_url))
+    try:
+        yield database
+    finally:
+        await database.stop()
+
+
+@pytest.fixture(scope="module")
+async def http() -> AsyncIterator[ClientSession]:
+    """One HTTP client for a test module (sandbox users, probes, proxies)."""
+    async with ClientSession() as session:
+        yield session

@@ -35,12 +35,6 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Local
         yield local
 
 
-@pytest.fixture(scope="module")
-async def http() -> AsyncIterator[ClientSession]:
-    async with ClientSession() as session:
-        yield session
-
-
 async def native_user(stack: LocalStack, localpart: str) -> MatrixUser:
     user_id, token = await stack.synapse.register_user(localpart, "correct horse battery")
     return await connect(stack.synapse.url, user_id, token)

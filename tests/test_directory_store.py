@@ -23,15 +23,6 @@ DATA = Path(__file__).parent / "data" / "directory"
 GHOST_MARIE = "@eimis_pandalab_810099000019:eimis.example"
 
 
-@pytest.fixture(
-    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)],
-)
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:{tmp_path / 'state' / 'bridge.db'}"
-    return request.getfixturevalue("postgres_url")
-
-
 @pytest.fixture
 async def stores(database_url: str) -> AsyncIterator[Stores]:
     db = await open_database(DatabaseConfig(url=database_url))

@@ -33,12 +33,6 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Local
         yield local
 
 
-@pytest.fixture(scope="module")
-async def http() -> AsyncIterator[ClientSession]:
-    async with ClientSession() as session:
-        yield session
-
-
 @pytest.fixture
 async def native(stack: LocalStack) -> AsyncIterator[MatrixUser]:
     localpart = f"native{next(counter)}"

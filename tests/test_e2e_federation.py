@@ -129,12 +129,6 @@ def stack(fed: LocalFederation) -> LocalStack:
     return fed.stack
 
 
-@pytest.fixture(scope="module")
-async def http() -> AsyncIterator[ClientSession]:
-    async with ClientSession() as session:
-        yield session
-
-
 async def _user(fed: LocalFederation, label: str, name: str) -> MatrixUser:
     synapse = fed[label].synapse
     assert synapse is not None

@@ -80,12 +80,6 @@ class PushFilter:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[ClientSession]:
-    async with ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
 async def filtered_stack(
     tmp_path: Path, http: ClientSession
 ) -> AsyncIterator[tuple[LocalStack, PushFilter]]:

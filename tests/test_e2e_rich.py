@@ -41,12 +41,6 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Local
         yield local
 
 
-@pytest.fixture(scope="module")
-async def http() -> AsyncIterator[ClientSession]:
-    async with ClientSession() as session:
-        yield session
-
-
 @dataclass
 class Trio:
     alice: AppUser  # PandaLab-style, started the conversation

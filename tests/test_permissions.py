@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -10,9 +9,7 @@ import yaml
 from mautrix.util.async_db import Database
 
 from bridge.cli import main
-from bridge.config import DatabaseConfig
 from bridge.core.permissions import ALLOW_ALL, BLOCK_ALL, Permission, exception_change
-from bridge.db.database import open_database
 from bridge.db.permissions import PermissionStore
 
 IDNPS = "810000001916"
@@ -51,22 +48,6 @@ def test_allow_and_block_mean_add_or_remove_by_default() -> None:
 
 
 # --- The store, on both engines -----------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:{tmp_path / 'state' / 'bridge.db'}"
-    return request.getfixturevalue("postgres_url")
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = await open_database(DatabaseConfig(url=database_url))
-    try:
-        yield database
-    finally:
-        await database.stop()
 
 
 async def test_permission_store_round_trip(db: Database) -> None:

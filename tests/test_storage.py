@@ -23,15 +23,6 @@ from bridge.db.upgrade import upgrade_table
 Open = Callable[[], Awaitable[Database]]
 
 
-@pytest.fixture(
-    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)],
-)
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:{tmp_path / 'state' / 'bridge.db'}"
-    return request.getfixturevalue("postgres_url")
-
-
 @pytest.fixture
 async def open_db(database_url: str) -> AsyncIterator[Open]:
     """Open the test database (as many times as a test restarts); all are closed afterwards."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import yaml
 from mautrix.util.async_db import Database
 
 from bridge.cli import main
-from bridge.config import ConfigError, DatabaseConfig, parse_config
+from bridge.config import ConfigError, parse_config
 from bridge.core.trust import (
     InvalidServerName,
     TrustList,
@@ -23,7 +22,6 @@ from bridge.core.trust import (
     valid_mxid,
     validate_server_name,
 )
-from bridge.db.database import open_database
 from bridge.db.trust import TrustStore
 
 BASE = {
@@ -194,22 +192,6 @@ async def _until(condition: object, timeout: float = 5.0) -> None:
 
 
 # --- The store, on both engines -----------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:{tmp_path / 'state' / 'bridge.db'}"
-    return request.getfixturevalue("postgres_url")
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = await open_database(DatabaseConfig(url=database_url))
-    try:
-        yield database
-    finally:
-        await database.stop()
 
 
 async def test_trust_store_add_list_remove(db: Database) -> None:
