@@ -47,6 +47,7 @@ from mautrix.errors import MatrixConnectionError, MatrixRequestError
 from mautrix.types import RoomID
 
 from bridge.config import ReconcileConfig
+from bridge.core.periodic import Periodic
 from bridge.db.clock import now_ms
 from bridge.db.inbox import InboxStore
 from bridge.matrix.homeserver import Homeserver
@@ -115,7 +116,14 @@ class Reconciler:
         self._holds = 0
         self._requested: str | None = None
         self._runner: asyncio.Task[None] | None = None
-        self._sweeper: asyncio.Task[None] | None = None
+        self._sweeper = Periodic(
+            "periodic reconciliation",
+            lambda: self.run(SWEEP),
+            config.interval_s,
+            log,
+            # The homeserver down: its return asks for a pass of its own.
+            quiet=(HomeserverUnavailable,),
+        )
         self._verified: dict[str, int] = {}
         """Per room, the inbox seq of an event up to which its timeline is known to be held."""
         self.passes = 0
@@ -136,16 +144,15 @@ class Reconciler:
             self._release()
         with contextlib.suppress(Exception):
             await self.inbox.forget_transactions(now_ms() - TRANSACTION_IDS_KEPT_MS)
-        if self.config.interval_s > 0:
-            self._sweeper = asyncio.create_task(self._sweep_loop(), name="reconcile-sweep")
+        self._sweeper.start()
 
     async def stop(self) -> None:
-        for task in (self._sweeper, self._runner):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._sweeper = self._runner = None
+        await self._sweeper.stop()
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        self._runner = None
         self._open.set()
 
     # Triggers ----------------------------------------------------------------------------------
@@ -336,16 +343,6 @@ class Reconciler:
         finally:
             if holding:
                 self._release()
-
-    async def _sweep_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.interval_s)
-            try:
-                await self.run(SWEEP)
-            except HomeserverUnavailable:
-                pass  # the homeserver is down: its return asks for a pass of its own
-            except Exception:
-                log.exception("The periodic reconciliation failed")
 
     def _close(self) -> None:
         self._holds += 1

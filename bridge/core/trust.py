@@ -8,13 +8,13 @@ are one for the bridge too), and host names compare case-insensitively.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ipaddress
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
+
+from bridge.core.periodic import Periodic
 
 log = logging.getLogger("eimis.trust")
 
@@ -184,8 +184,7 @@ class TrustWatcher:
         self.trust = trust
         self._load = load
         self._changed = changed
-        self.interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
+        self._poll = Periodic("trust-list poll", self.refresh, interval_s, log, at_once=True)
         self._pending = False
         """The list changed but the callback has not completed yet (it is tried again)."""
 
@@ -204,21 +203,7 @@ class TrustWatcher:
         """Poll from now on; ``sweep``: run the callback once at once even if nothing changed
         (the list may have changed while the bridge was not running)."""
         self._pending = self._pending or sweep
-        self._task = asyncio.create_task(self._run(), name="trust-watcher")
+        self._poll.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.refresh()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                log.warning("Could not apply the trust list (tried again): %r", error)
-            await asyncio.sleep(self.interval_s)
+        await self._poll.stop()

@@ -10,12 +10,11 @@ was stopped (a bridge with 100,000 ghosts does not read them all at every start)
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from mautrix.errors import MatrixRequestError
 
+from bridge.core.periodic import Periodic
 from bridge.db.connector_state import BRIDGE_STATE, ConnectorStateStore
 from bridge.db.stores import Stores
 from bridge.matrix.homeserver import Homeserver
@@ -30,11 +29,10 @@ class GhostNames:
     def __init__(self, stores: Stores, homeserver: Homeserver, interval_s: float) -> None:
         self.stores = stores
         self.hs = homeserver
-        self.interval_s = interval_s
         self.seen = 0
         """The directory's latest ``updated_at`` already applied."""
         self._state = ConnectorStateStore(stores.db, BRIDGE_STATE)
-        self._task: asyncio.Task[None] | None = None
+        self._poll = Periodic("directory names pass", self.apply, interval_s, log)
 
     async def start(self) -> None:
         if await self._state.get(GHOSTS_LISTED_KEY) is None:
@@ -46,15 +44,10 @@ class GhostNames:
             await self.apply()
         except Exception:  # the loop tries again; a rename is not worth failing the start
             log.exception("Could not apply the directory's names to ghosts")
-        if self.interval_s > 0:
-            self._task = asyncio.create_task(self._loop(), name="directory-names")
+        self._poll.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._poll.stop()
 
     async def apply(self) -> int:
         """Rename the ghosts whose entries changed since the last pass; returns how many."""
@@ -80,13 +73,3 @@ class GhostNames:
             self.seen = latest
             await self._state.set(SEEN_KEY, str(latest))
         return renamed
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.apply()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("Could not apply directory changes to ghosts")
