@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from aiohttp import ClientSession
+from aiohttp import ClientSession, web
 
 from bridge.devtools.demo import SandboxUser, wait_for
 from bridge.devtools.stack import LocalStack
@@ -134,3 +134,30 @@ async def inbox_message(user: SandboxUser, predicate: Any) -> dict[str, Any] | N
         if predicate(message):
             return message
     return None
+
+
+class Proxy:
+    """An HTTP server on 127.0.0.1 that stands between two parties of a test and hands every
+    request to ``forward`` (subclasses decide what passes, what is changed or lost)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self.forward)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError

@@ -20,38 +20,22 @@ from bridge.devtools.demo import wait_for
 from bridge.devtools.ports import free_port
 from bridge.devtools.stack import LocalStack
 
-from e2e_helpers import inbox_texts, unique, users_of
+from e2e_helpers import Proxy, inbox_texts, unique, users_of
 
 pytestmark = pytest.mark.e2e
 
 GHOSTS_FILTERED = "@eimis_pandalab_"
 
 
-class PushFilter:
+class PushFilter(Proxy):
     """Forwards Synapse's calls to the bridge, minus the events of one connector's ghosts."""
 
     def __init__(self, bridge_url: str, http: ClientSession) -> None:
+        super().__init__(free_port())
         self.bridge_url = bridge_url
         self.http = http
-        self.port = free_port()
         self.dropped: list[str] = []
         """Bodies of the messages removed from the pushes."""
-        self.runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self.forward)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
 
     async def forward(self, request: web.Request) -> web.Response:
         body = await request.read()

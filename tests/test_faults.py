@@ -39,7 +39,7 @@ from bridge.devtools.stack import SERVER_NAME, LocalStack
 from bridge.directory.idnps import Idnps
 from connectors.sandbox.webtools import KERNEL_KEY
 
-from e2e_helpers import conversation_titled, counter, users_of
+from e2e_helpers import Proxy, conversation_titled, counter, users_of
 from matrix_user import MatrixUser, MatrixUserError, connect
 
 pytestmark = pytest.mark.e2e
@@ -788,33 +788,17 @@ async def test_postgresql_restarted_during_traffic_loses_nothing(
 # -- 5. an answer lost in a Synapse restart -------------------------------------------------------
 
 
-class LossyProxy:
+class LossyProxy(Proxy):
     """Between the bridge and Synapse: forwards every request, but can lose the answer to one
     message send after Synapse has stored the message, restarting Synapse in between."""
 
     def __init__(self, stack: LocalStack, http: ClientSession, port: int) -> None:
+        super().__init__(port)
         self.stack = stack
         self.http = http
-        self.port = port
         self.lose_answer_to: str | None = None
         """Body text of the send whose answer is lost (once)."""
         self.lost = asyncio.Event()
-        self.runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self.forward)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
