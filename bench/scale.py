@@ -47,19 +47,13 @@ from common import (  # noqa: E402
     open_bridge_db,
     rss_mb,
     start_bridge,
-    start_sandbox,
-    start_stub,
     wait_http,
 )
 from throughput import (  # noqa: E402
-    ROOMS,
     Environment,
     TransactionDriver,
-    create_conversations,
+    conversations_in,
     measure_transactions,
-    medipeps_users,
-    prefill_portals,
-    room_ids,
 )
 
 GHOSTS = 100_000
@@ -247,14 +241,11 @@ async def bridge_runs(http: ClientSession, work: Path, dbs: dict[str, Path]) -> 
     env = Environment(work, "scale")
     as_token, hs_token = new_tokens()
     try:
-        stub = env.add(await start_stub(http, env.dir, as_token))
-        sandbox = env.add(await start_sandbox(http, env.dir))
-        users = await medipeps_users(http, sandbox.url)
-        conversations = await create_conversations(http, sandbox.url, users, ROOMS)
-        rooms = room_ids(ROOMS)
+        setup = await conversations_in(http, env, as_token)
+        stub, sandbox, rooms = setup.stub, setup.sandbox, setup.rooms
         configs = {}
         for name, path in dbs.items():
-            await prefill_portals(f"sqlite:{path}", rooms, conversations, users)
+            await setup.prefill(f"sqlite:{path}")
             configs[name] = bridge_config(
                 homeserver_url=stub.url,
                 bridge_port=free_port(),

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,29 @@ class Environment:
     async def stop(self) -> None:
         for child in reversed(self.children):
             await child.stop()
+
+
+@dataclass
+class Conversations:
+    """A stub homeserver and a sandbox with ROOMS live conversations, and the rooms for them."""
+
+    stub: Child
+    sandbox: Child
+    users: list[dict[str, Any]]
+    conversations: list[Any]
+    rooms: list[str]
+
+    async def prefill(self, database_url: str) -> None:
+        """Portals linking each room to its conversation, as the bridge would have made them."""
+        await prefill_portals(database_url, self.rooms, self.conversations, self.users)
+
+
+async def conversations_in(http: ClientSession, env: Environment, as_token: str) -> Conversations:
+    stub = env.add(await start_stub(http, env.dir, as_token))
+    sandbox = env.add(await start_sandbox(http, env.dir))
+    users = await medipeps_users(http, sandbox.url)
+    conversations = await create_conversations(http, sandbox.url, users, ROOMS)
+    return Conversations(stub, sandbox, users, conversations, room_ids(ROOMS))
 
 
 # Driving transactions and waiting for deliveries ---------------------------------------------
@@ -296,12 +320,9 @@ async def core_bridge(
     env = Environment(work, name)
     as_token, hs_token = new_tokens()
     try:
-        stub = env.add(await start_stub(http, env.dir, as_token))
-        sandbox = env.add(await start_sandbox(http, env.dir))
-        users = await medipeps_users(http, sandbox.url)
-        conversations = await create_conversations(http, sandbox.url, users, ROOMS)
-        rooms = room_ids(ROOMS)
-        await prefill_portals(database_url, rooms, conversations, users)
+        setup = await conversations_in(http, env, as_token)
+        await setup.prefill(database_url)
+        stub, sandbox, rooms = setup.stub, setup.sandbox, setup.rooms
         config = bridge_config(
             homeserver_url=stub.url,
             bridge_port=free_port(),
@@ -509,12 +530,14 @@ async def vendor_to_matrix(
     env = Environment(work, "vendor-to-matrix")
     as_token, hs_token = new_tokens()
     try:
-        stub = env.add(await start_stub(http, env.dir, as_token))
-        sandbox = env.add(await start_sandbox(http, env.dir))
-        users = await medipeps_users(http, sandbox.url)
-        conversations = await create_conversations(http, sandbox.url, users, ROOMS)
-        rooms = room_ids(ROOMS)
-        await prefill_portals(database_url, rooms, conversations, users)
+        setup = await conversations_in(http, env, as_token)
+        await setup.prefill(database_url)
+        stub, sandbox, users, conversations = (
+            setup.stub,
+            setup.sandbox,
+            setup.users,
+            setup.conversations,
+        )
         # The feed is polled every poll_interval_s when idle (at once while pages are full): a
         # short interval so the run measures the bridge, not the idle wait before the first poll.
         config = bridge_config(
