@@ -169,3 +169,10 @@ async def upgrade_v4(conn: Connection, scheme: Scheme) -> None:
             PRIMARY KEY (idnps, kind, value)
         )"""
     )
+
+
+@upgrade_table.register(description="Index the directory by change time")
+async def upgrade_v5(conn: Connection, scheme: Scheme) -> None:
+    # The running bridge asks every few seconds whether the directory changed (its newest
+    # updated_at) and then which entries did: without this, a scan of the whole national list.
+    await conn.execute("CREATE INDEX professional_updated ON professional (updated_at)")
