@@ -31,6 +31,7 @@ from urllib.parse import quote
 
 import pytest
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
+from conftest import unavailable
 from yarl import URL
 
 from bridge.devtools.demo import SandboxUser, wait_for
@@ -754,7 +755,7 @@ async def test_postgresql_restarted_during_traffic_loses_nothing(
     bridge did until 1f52c9f). It happens on most restarts under traffic, not all: several
     restarts make a regression show reliably."""
     if not Path("/etc/postgresql").is_dir() or not shutil.which("pg_ctlcluster"):
-        pytest.skip("needs a local PostgreSQL cluster managed by pg_ctlcluster")
+        unavailable("needs a local PostgreSQL cluster managed by pg_ctlcluster")
     # The bridge runs as its own process, as deployed: what the restarts do to it is its own.
     async with (
         stack_with_bridge_process(tmp_path / "stack", postgres_url) as (

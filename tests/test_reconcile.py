@@ -53,6 +53,13 @@ class FakeHomeserver:
         self.reads: list[tuple[str, str]] = []
         self.gate: asyncio.Event | None = None
         """When set to an unset event, reads wait for it."""
+        self.calls = 0
+        """``/messages`` requests received (answered or not)."""
+
+    async def called(self, times: int) -> None:
+        """Return once ``/messages`` was asked at least ``times`` times."""
+        while self.calls < times:
+            await asyncio.sleep(0.01)
 
     def intent(self, mxid: str) -> Any:
         homeserver = self
@@ -69,6 +76,7 @@ class FakeHomeserver:
         return Intent()
 
     async def messages(self, viewer: str, path: str, query: dict[str, str]) -> dict[str, Any]:
+        self.calls += 1
         if self.gate is not None:
             await self.gate.wait()
         if self.down:
@@ -232,7 +240,7 @@ async def test_a_requested_pass_holds_transactions_until_it_is_done(setup: Setup
 
     setup.reconciler.request("the homeserver answers again")
     waiting = asyncio.create_task(setup.reconciler.wait_open())
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(setup.hs.called(1), 5)  # the pass is reading, held at the gate
     assert not waiting.done()
     setup.hs.gate.set()
     await asyncio.wait_for(waiting, 5)
@@ -246,7 +254,7 @@ async def test_a_requested_pass_retries_until_the_homeserver_answers(setup: Setu
     setup.hs.down = True
 
     setup.reconciler.request("the homeserver hung up on a transaction")
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(setup.hs.called(2), 10)  # refused once, and tried again
     setup.hs.down = False
     await asyncio.wait_for(setup.reconciler.wait_open(), 10)
     assert await setup.stored() == ["$event1", "$event2"]
