@@ -142,7 +142,12 @@ async def test_a_ghosts_display_name_follows_a_directory_import(
 
         await wait_for("the ghost's new display name", renamed, 30)
         assert stack.bridge is not None
-        row = await stack.bridge.stores.ghosts.get(ghost)
-        assert row is not None and row.display_name == wanted
+        bridge = stack.bridge
+
+        async def recorded() -> bool:  # the bridge renames on the homeserver, then records it
+            row = await bridge.stores.ghosts.get(ghost)
+            return row is not None and row.display_name == wanted
+
+        await wait_for("the ghost's new name in the bridge's table", recorded, 30)
     finally:
         await native.close()
