@@ -13,6 +13,7 @@ from mautrix.types import Membership, RoomID
 
 from bridge.appservice.server import AppserviceServer
 from bridge.config import Config, load_tokens
+from bridge.core.causal_order import CausalOrder
 from bridge.core.connectors import ConnectorSet, validate_connectors
 from bridge.core.delivery import Delivery
 from bridge.core.errors import PermanentFailure
@@ -154,6 +155,15 @@ class Bridge:
             self.reconciler.request("the homeserver answers again")
 
         self.router.on_homeserver_back = homeserver_back
+        self.causal_order = CausalOrder(
+            self.stores.inbox,
+            self.homeserver,
+            self._timeline_readers,
+            self.config.homeserver.domain,
+            self.inbox.notify,
+            self.config.reconcile,
+            asyncio.Lock(),
+        )
         server = AppserviceServer(
             hs_token=hs_token,
             inbox=self.stores.inbox,
@@ -162,6 +172,7 @@ class Bridge:
             ready=self.readiness,
             max_body_bytes=self.config.appservice.max_body_bytes,
             watch=TransactionWatch(self.stores.inbox, self.reconciler),
+            order=self.causal_order,
         )
         for connector_id, connector in self.connectors:
             routes = connector.web_routes()
@@ -182,6 +193,7 @@ class Bridge:
         )
         self.homeserver_info = await self._check_homeserver()
         await self.reconciler.start()
+        await self.causal_order.start()
         await self.homeserver.bot.set_displayname(self.config.appservice.bot_displayname)
         # Ghosts named after the directory, now and whenever an import changes it.
         self.ghost_names = GhostNames(
@@ -206,6 +218,8 @@ class Bridge:
             await self.trust_watcher.stop()
         if getattr(self, "reconciler", None) is not None:
             await self.reconciler.stop()
+        if getattr(self, "causal_order", None) is not None:
+            await self.causal_order.stop()
         for scheduler in (getattr(self, "inbox", None), getattr(self, "outbox", None)):
             if scheduler is not None:
                 await scheduler.stop()

@@ -173,6 +173,13 @@ class ReconcileConfig(_Strict):
     hold_transactions_s: float = Field(
         20.0, gt=0, le=50, description="Longest a transaction waits for a pass before it is stored"
     )
+    gap_wait_s: float = Field(
+        15.0,
+        ge=0,
+        le=600,
+        description="Longest a room's events from other servers wait for the events they follow "
+        "(a gap in what the homeserver holds); 0: forward them as pushed",
+    )
 
 
 class TrustConfig(_Strict):

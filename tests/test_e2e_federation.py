@@ -62,10 +62,6 @@ SERVERS: dict[str, list[str] | None] = {
     "hs3": None,  # untrusted, federates with anyone, refused by hs1's whitelist
     "hs4": None,  # untrusted by the bridge, though hs1's whitelist lets it in
 }
-GAP_ORDER_REASON = (
-    "order after a federation gap: the bridge does not yet hold a room's deliveries until the "
-    "events before them are held (issue 5 point 5)"
-)
 BURST = 150
 REPLIES = 20
 PRUNING = re.compile(r"Pruning (\d+) events in room (\S+) from federation queue")
@@ -241,9 +237,12 @@ async def acl_matching(
     return dict(await wait_for(f"the server ACL of {room_id}", check, timeout))
 
 
-async def all_messages(user: MatrixUser, room_id: str) -> list[dict[str, Any]]:
+async def all_messages(
+    user: MatrixUser, room_id: str, *, graph: bool = False
+) -> list[dict[str, Any]]:
     """The room's m.room.message events through /messages (oldest first): the timeline as
-    the homeserver holds it, including what /sync skipped."""
+    the homeserver holds it, including what /sync skipped. ``graph``: every event, in the
+    federation format (with ``prev_events``: the room graph)."""
     events: list[dict[str, Any]] = []
     token = ""
     headers = {"Authorization": f"Bearer {user.client.access_token}"}
@@ -251,17 +250,47 @@ async def all_messages(user: MatrixUser, room_id: str) -> list[dict[str, Any]]:
     async with ClientSession() as http:
         while True:
             params = {"dir": "b", "limit": "500"}
+            if graph:
+                params["filter"] = json.dumps({"event_format": "federation"})
             if token:
                 params["from"] = token
             async with http.get(base, params=params, headers=headers) as resp:
                 assert resp.status == 200, await resp.text()
                 page = await resp.json()
             chunk = page.get("chunk") or []
-            events.extend(e for e in chunk if e.get("type") == "m.room.message")
+            events.extend(e for e in chunk if graph or e.get("type") == "m.room.message")
             token = page.get("end") or ""
             if not chunk or not token:
                 break
     return list(reversed(events))
+
+
+def causal_violations(got: list[str], graph: list[dict[str, Any]]) -> list[str]:
+    """Messages of ``got`` delivered after a message that follows them in the room graph
+    (``prev_events``, transitively): what a reader would see as an answer before its question.
+    Messages sent concurrently (neither follows the other) may come in either order."""
+    prevs = {e["event_id"]: list(e.get("prev_events") or ()) for e in graph}
+    bodies = {
+        e["event_id"]: str(e["content"].get("body"))
+        for e in graph
+        if e.get("type") == "m.room.message" and isinstance(e.get("content"), dict)
+    }
+    before: dict[str, set[str]] = {}  # event id -> the bodies of the messages it follows
+    for event in graph:  # oldest first: an event's prev_events come before it
+        mine: set[str] = set()
+        for prev in prevs[event["event_id"]]:
+            mine |= before.get(prev, set())
+            if prev in bodies:
+                mine.add(bodies[prev])
+        before[event["event_id"]] = mine
+    follows = {bodies[i]: before[i] for i in bodies}
+    delivered: set[str] = set()
+    out = []
+    for text in got:
+        if text in follows and (follows[text] & set(got)) - delivered:
+            out.append(text)
+        delivered.add(text)
+    return out
 
 
 async def put_transaction(stack: LocalStack, txn_id: str, events: list[dict[str, Any]]) -> int:
@@ -387,6 +416,9 @@ async def test_burst_across_the_federation_arrives_once_and_in_order(
     recon_level = recon_logger.level
     recon_logger.setLevel(logging.INFO)  # a sweep reports what it found at INFO
     recon_logger.addHandler(recon)
+    assert stack.bridge is not None
+    order = stack.bridge.causal_order
+    gaps_before, released_before = order.gaps, order.released_at_deadline
     tag = unique("burst")
     natives = [f"{tag} hs2 {i:03d}" for i in range(BURST)]
     from_alice = [f"{tag} pandalab {i:03d}" for i in range(REPLIES)]
@@ -434,6 +466,7 @@ async def test_burst_across_the_federation_arrives_once_and_in_order(
         recon_logger.removeHandler(recon)
         recon_logger.setLevel(recon_level)
 
+    graph = await all_messages(native, room_id, graph=True)
     # The native /sync view of hs2 (what a client sees live) may lack events hs2 pruned.
     await native.sync()
     synced = [getattr(e, "body", None) for e in native.messages(room_id)]
@@ -452,15 +485,23 @@ async def test_burst_across_the_federation_arrives_once_and_in_order(
             "hs2": len(hs2_got) - len(set(hs2_got)),
         },
         "order": {
-            "hs2 messages at pandalab": first_disorder(alice_got, native_order),
-            "hs2 messages at medipeps": first_disorder(bob_got, native_order),
             "medipeps messages at pandalab": first_disorder(alice_got, from_bob),
             "pandalab messages at medipeps": first_disorder(bob_got, from_alice),
             "pandalab messages at hs2": first_disorder(hs2_got, from_alice),
             "medipeps messages at hs2": first_disorder(hs2_got, from_bob),
         },
-        "late_at_pandalab": late(alice_got, native_order),
-        "late_at_medipeps": late(bob_got, native_order),
+        # What the test asserts: no message before one it follows in the room graph.
+        "causal_violations": {
+            "pandalab": causal_violations(alice_got, graph),
+            "medipeps": causal_violations(bob_got, graph),
+            "hs2": causal_violations(hs2_got, graph),
+        },
+        "bridge_gaps_held": order.gaps - gaps_before,
+        "bridge_gaps_released_at_deadline": order.released_at_deadline - released_before,
+        # Informational: concurrent messages (same place in the graph) have no order of their
+        # own; these came in another order than hs2's timeline shows them.
+        "later_than_hs2_timeline_at_pandalab": late(alice_got, native_order),
+        "later_than_hs2_timeline_at_medipeps": late(bob_got, native_order),
         # Informational: 150 parallel sends have no order of their own; hs2's timeline decides.
         "hs2_timeline_vs_send_order": first_disorder(native_order, natives),
     }
@@ -470,14 +511,8 @@ async def test_burst_across_the_federation_arrives_once_and_in_order(
     assert sorted(native_order) == sorted(natives), "hs2's timeline lacks some of its own"
     assert findings["duplicates"] == {"pandalab": 0, "medipeps": 0, "hs2": 0}, findings
     disorder = {k: v for k, v in findings["order"].items() if v is not None}
-    if disorder and (
-        findings["hs1_pruned_federation_queue"] or findings["hs2_pruned_federation_queue"]
-    ):
-        # Synapse dropped events from its federation queue (a gap) and they reached the bridge
-        # after later ones. Holding a room's deliveries until its timeline before them is known
-        # to be held is bridge/core's part (issue 5 point 5), not yet in the tree.
-        pytest.xfail(f"{GAP_ORDER_REASON}: {json.dumps(disorder)}")
     assert not disorder, findings
+    assert findings["causal_violations"] == {"pandalab": [], "medipeps": [], "hs2": []}, findings
 
 
 # -- the untrusted servers -------------------------------------------------------------------

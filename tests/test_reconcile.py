@@ -24,6 +24,7 @@ from bridge.config import DatabaseConfig, ReconcileConfig
 from bridge.core.reconcile import HomeserverUnavailable, Reconciler, TransactionWatch
 from bridge.db.database import open_database
 from bridge.db.inbox import InboxStore
+from bridge.matrix.homeserver import Homeserver
 
 ROOM = "!portal:eimis.example"
 VOICE = "@eimis_bot:eimis.example"
@@ -55,6 +56,8 @@ class FakeHomeserver:
         """When set to an unset event, reads wait for it."""
         self.calls = 0
         """``/messages`` requests received (answered or not)."""
+
+    timeline_page = Homeserver.timeline_page  # the real request, to the fake's ``intent``
 
     async def called(self, times: int) -> None:
         """Return once ``/messages`` was asked at least ``times`` times."""

@@ -23,6 +23,7 @@ from bridge.appservice.errors import matrix_error
 from bridge.db.inbox import InboxStore
 
 if TYPE_CHECKING:
+    from bridge.core.causal_order import CausalOrder
     from bridge.core.reconcile import TransactionWatch
 
 log = logging.getLogger("eimis.appservice")
@@ -39,11 +40,15 @@ class AppserviceServer:
         ready: Callable[[], Awaitable[dict[str, bool]]],
         max_body_bytes: int,
         watch: TransactionWatch | None = None,
+        order: CausalOrder | None = None,
     ) -> None:
         self._hs_token = hs_token
         self._inbox = inbox
         self._watch = watch
-        self._one_at_a_time = asyncio.Lock()
+        self._order = order
+        # Shared with the causal order, which moves waiting rows: never while a transaction is
+        # half stored.
+        self._one_at_a_time = order.lock if order is not None else asyncio.Lock()
         self._on_stored = on_stored
         self._query_user = query_user
         self._ready = ready
@@ -71,7 +76,13 @@ class AppserviceServer:
                 restarted = False
                 if self._watch is not None:
                     restarted = await self._watch.before_store(txn_id, events, ephemeral)
-                new = await self._inbox.store_transaction(txn_id, events, ephemeral)
+                park: frozenset[str] = frozenset()
+                put_in_order = 0
+                if self._order is not None:
+                    admission = await self._order.before_store(events)
+                    park, put_in_order = admission.park, admission.stored
+                new = await self._inbox.store_transaction(txn_id, events, ephemeral, park)
+                new = new or put_in_order > 0
             except Exception:
                 # Not stored, so not acknowledged: the homeserver will send it again.
                 log.exception("Could not store transaction %s", txn_id)

@@ -42,9 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import ClientError
-from mautrix.api import Method, Path
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
-from mautrix.types import RoomID
 
 from bridge.config import ReconcileConfig
 from bridge.core.periodic import Periodic
@@ -293,19 +291,10 @@ class Reconciler:
         return found
 
     async def _messages(self, viewer: str, room_id: str, token: str | None) -> dict[str, Any]:
-        query = {"dir": "b", "limit": str(self.config.page_size)}
-        if token is not None:
-            query["from"] = token
         try:
-            answer = await self.hs.intent(viewer).api.request(
-                Method.GET,
-                Path.v3.rooms[RoomID(room_id)].messages,
-                query_params=query,
-                retry_count=0,
-            )
+            return await self.hs.timeline_page(viewer, room_id, token, self.config.page_size)
         except (MatrixConnectionError, ClientError, TimeoutError) as error:
             raise HomeserverUnavailable(type(error).__name__) from None
-        return answer if isinstance(answer, dict) else {}
 
     # Background --------------------------------------------------------------------------------
 

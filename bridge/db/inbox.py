@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,9 @@ from bridge.db.group_commit import Write
 from bridge.db.ordering import serialize_appends
 
 MATRIX_ORIGIN = "matrix"
+PENDING = "pending"
+WAITING = "waiting"
+"""Held behind a gap in its room's timeline (see ``settle``): not processed until released."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class InboxStore:
         txn_id: str,
         events: list[dict[str, Any]],
         ephemeral: list[dict[str, Any]] | None = None,
+        park: Collection[str] = (),
     ) -> bool:
         """Store a homeserver transaction in one database transaction.
 
@@ -41,6 +46,9 @@ class InboxStore:
         transaction id: Synapse (on SQLite) numbers its transactions from 1 again after a
         restart, so a known id may carry new events. The id is recorded (see
         ``transaction_check``) only to notice such a restart.
+
+        What belongs to a room in ``park``, or to a room that has waiting rows already, is
+        stored *waiting* (see ``settle``): held, in order, until the events before it are in.
         """
         now = now_ms()
         rows = matrix_rows(txn_id, events, ephemeral)
@@ -48,6 +56,7 @@ class InboxStore:
             await serialize_appends(conn, "inbox")
             held = await _held(conn, [row[1] for row in rows])
             fresh = [row for row in rows if row[1] not in held]
+            waiting = set(park) | await _waiting_lanes(conn, {row[2] for row in fresh})
             # received_at moves when a known id brings news: the id was reused, and is the
             # homeserver's latest (see ``latest_transaction_ids``).
             await conn.execute(
@@ -60,9 +69,9 @@ class InboxStore:
             )
             if fresh:
                 await conn.executemany(
-                    "INSERT INTO inbox (origin, dedup_key, lane, payload, received_at) "
-                    "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (origin, dedup_key) DO NOTHING",
-                    [(*row, now) for row in fresh],
+                    "INSERT INTO inbox (origin, dedup_key, lane, payload, received_at, state) "
+                    "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (origin, dedup_key) DO NOTHING",
+                    [(*row, now, WAITING if row[2] in waiting else PENDING) for row in fresh],
                 )
         return bool(fresh)
 
@@ -184,20 +193,92 @@ class InboxStore:
 
     async def store_missed(self, events: list[dict[str, Any]]) -> int:
         """Store room events that no transaction brought, oldest first, exactly as a transaction
-        would have (same keys: a later arrival changes nothing); returns how many were new."""
+        would have (same keys: a later arrival changes nothing; a room with waiting rows gets
+        these waiting too); returns how many were new."""
         now = now_ms()
         rows = matrix_rows("", events)
         async with self.db.acquire() as conn, conn.transaction():
             await serialize_appends(conn, "inbox")
             held = await _held(conn, [row[1] for row in rows])
             fresh = [row for row in rows if row[1] not in held]
+            waiting = await _waiting_lanes(conn, {row[2] for row in fresh})
             if fresh:
+                await conn.executemany(
+                    "INSERT INTO inbox (origin, dedup_key, lane, payload, received_at, state) "
+                    "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (origin, dedup_key) DO NOTHING",
+                    [(*row, now, WAITING if row[2] in waiting else PENDING) for row in fresh],
+                )
+        return len({row[1] for row in fresh})
+
+    # Holding a room until the events before its latest are in (``bridge/core/causal_order.py``)
+
+    async def held_states(self, event_ids: list[str]) -> dict[str, str]:
+        """The state (pending, done, failed, waiting) of each of ``event_ids`` the inbox holds."""
+        states: dict[str, str] = {}
+        unique = list(dict.fromkeys(event_ids))
+        for start in range(0, len(unique), 200):
+            chunk = unique[start : start + 200]
+            marks = ", ".join(f"${i + 2}" for i in range(len(chunk)))
+            rows = await self.db.fetch(
+                f"SELECT dedup_key, state FROM inbox WHERE origin = $1 AND dedup_key IN ({marks})",
+                MATRIX_ORIGIN,
+                *chunk,
+            )
+            states.update((row["dedup_key"], str(row["state"])) for row in rows)
+        return states
+
+    async def waiting_rooms(self) -> dict[str, int]:
+        """Rooms with waiting rows, and when the oldest of them was received (ms)."""
+        rows = await self.db.fetch(
+            "SELECT lane, MIN(received_at) AS since FROM inbox WHERE state = $1 GROUP BY lane",
+            WAITING,
+        )
+        return {row["lane"]: int(row["since"]) for row in rows}
+
+    async def settle(self, room_id: str, events: list[dict[str, Any]]) -> int:
+        """Put a room's events in the inbox in the order given (its timeline's, oldest first)
+        and release its waiting rows, in one database transaction.
+
+        Each of ``events`` the inbox lacks is stored; each it holds waiting is moved to this
+        place (a new sequence number, the payload it was stored with); the room's other waiting
+        rows (receipts, typing, events the caller did not list) follow in their own order. All
+        become pending. Returns how many events were new.
+        """
+        now = now_ms()
+        rows = matrix_rows("", events)
+        async with self.db.acquire() as conn, conn.transaction():
+            await serialize_appends(conn, "inbox")
+            states = {
+                row["dedup_key"]: row
+                for row in await conn.fetch(
+                    "SELECT seq, dedup_key, payload, received_at FROM inbox "
+                    "WHERE lane = $1 AND state = $2 ORDER BY seq",
+                    room_id,
+                    WAITING,
+                )
+            }
+            held = await _held(conn, [row[1] for row in rows])
+            ordered: list[tuple[str, str, str, str, int]] = []
+            new = 0
+            for origin, key, lane, payload in rows:
+                if key in states:
+                    row = states.pop(key)
+                    ordered.append((origin, key, lane, row["payload"], int(row["received_at"])))
+                elif key not in held:
+                    ordered.append((origin, key, lane, payload, now))
+                    new += 1
+            for row in states.values():
+                ordered.append(
+                    (MATRIX_ORIGIN, row["dedup_key"], room_id, row["payload"], row["received_at"])
+                )
+            await conn.execute("DELETE FROM inbox WHERE lane = $1 AND state = $2", room_id, WAITING)
+            if ordered:
                 await conn.executemany(
                     "INSERT INTO inbox (origin, dedup_key, lane, payload, received_at) "
                     "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (origin, dedup_key) DO NOTHING",
-                    [(*row, now) for row in fresh],
+                    ordered,
                 )
-        return len({row[1] for row in fresh})
+        return new
 
     async def max_seq(self) -> int:
         return int(await self.db.fetchval("SELECT COALESCE(MAX(seq), 0) FROM inbox") or 0)
@@ -254,6 +335,20 @@ async def _held(conn: Connection, keys: list[str]) -> dict[str, int]:
         )
         held.update((row["dedup_key"], int(row["seq"])) for row in rows)
     return held
+
+
+async def _waiting_lanes(conn: Connection, lanes: set[str]) -> set[str]:
+    """Which of ``lanes`` have waiting rows (a partial index makes this a look-up)."""
+    if not lanes:
+        return set()
+    chunk = list(lanes)
+    marks = ", ".join(f"${i + 2}" for i in range(len(chunk)))
+    rows = await conn.fetch(
+        f"SELECT DISTINCT lane FROM inbox WHERE state = $1 AND lane IN ({marks})",
+        WAITING,
+        *chunk,
+    )
+    return {row["lane"] for row in rows}
 
 
 def _item(row: Any) -> InboxItem:

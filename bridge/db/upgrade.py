@@ -176,3 +176,9 @@ async def upgrade_v5(conn: Connection, scheme: Scheme) -> None:
     # The running bridge asks every few seconds whether the directory changed (its newest
     # updated_at) and then which entries did: without this, a scan of the whole national list.
     await conn.execute("CREATE INDEX professional_updated ON professional (updated_at)")
+
+
+@upgrade_table.register(description="Index the rows waiting behind a gap in their room")
+async def upgrade_v6(conn: Connection, scheme: Scheme) -> None:
+    # Every transaction asks whether its rooms have waiting rows: a look-up, never a scan.
+    await conn.execute("CREATE INDEX inbox_waiting ON inbox (lane) WHERE state = 'waiting'")

@@ -132,6 +132,10 @@ def _required(levels: dict[str, Any], event_type: str) -> int:
     return int(levels.get("state_default", 50 if levels else 0))
 
 
+FEDERATION_FORMAT = '{"event_format":"federation"}'
+"""A ``/messages`` filter asking for events with their place in the room graph."""
+
+
 def derived_txn_id(*parts: str) -> str:
     """A transaction id derived from the source of an event, so a resend cannot duplicate it."""
     digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:40]
@@ -466,3 +470,30 @@ class Homeserver:
     async def joined_members(self, room_id: str, *, viewer: str) -> list[str]:
         members = await self.intent(viewer).get_joined_members(RoomID(room_id))
         return [str(u) for u in members]
+
+    async def timeline_page(
+        self,
+        viewer: str,
+        room_id: str,
+        token: str | None,
+        limit: int,
+        *,
+        federation_format: bool = False,
+    ) -> dict[str, Any]:
+        """One ``/messages`` page, newest first, read backwards from ``token`` (None: the live
+        end) as ``viewer``. ``federation_format`` asks for the events as servers exchange them
+        (``prev_events``, ``depth``: the room's graph), through the filter's ``event_format``;
+        a homeserver that ignores it answers in the client format. Not retried here: the
+        caller decides what a failure means."""
+        query = {"dir": "b", "limit": str(limit)}
+        if token is not None:
+            query["from"] = token
+        if federation_format:
+            query["filter"] = FEDERATION_FORMAT
+        answer = await self.intent(viewer).api.request(
+            Method.GET,
+            Path.v3.rooms[RoomID(room_id)].messages,
+            query_params=query,
+            retry_count=0,
+        )
+        return answer if isinstance(answer, dict) else {}
