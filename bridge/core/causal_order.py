@@ -266,6 +266,8 @@ class CausalOrder:
         """Events found ones follow, not yet seen: the highest depth each can have."""
         seen: set[str] = set()
         anchored = False
+        floor: int | None = None
+        """The lowest depth of an event held in order that the read passed."""
         token: str | None = None
         viewer_index = 0
         while walk.pages < self.config.max_pages:
@@ -306,6 +308,8 @@ class CausalOrder:
                 depth = _depth(event)
                 if in_order(event_id):
                     anchored = True
+                    if depth is not None:
+                        floor = depth if floor is None else min(floor, depth)
                 elif wanted:
                     walk.found.append(event)
                     for prev in _prevs(event):
@@ -316,7 +320,13 @@ class CausalOrder:
                     return walk
             token = page.get("end")
             if not chunk or not isinstance(token, str):
-                return walk  # the start of what the viewer may see: nothing below to wait for
+                # The start of what the viewer may see. What is still missing there and would
+                # lie above an event held in order is a gap; below, it is history the viewer
+                # may not see (from before the portal), not the bridge's to wait for.
+                walk.missing = {
+                    p for p, bound in needed.items() if floor is not None and bound > floor
+                }
+                return walk
             if (
                 depth is not None
                 and needed
