@@ -36,15 +36,16 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from aiohttp import ClientSession
+from aiohttp import ClientSession, web
 from nio import RoomPreset
 
 from bridge.config import Config
 from bridge.devtools.demo import SandboxUser, wait_for
 from bridge.devtools.federation import LocalFederation, hosts_file_writable
+from bridge.devtools.ports import free_port
 from bridge.devtools.stack import LocalStack
 
-from e2e_helpers import counter, inbox_texts, received, unique, users_of
+from e2e_helpers import Proxy, counter, inbox_texts, received, unique, users_of
 from matrix_user import MatrixUser, MatrixUserError, connect, text_is
 
 pytestmark = pytest.mark.e2e
@@ -97,10 +98,23 @@ async def fed(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalFe
     if reason is not None:
         _unavailable(f"the federation tests resolve server names through /etc/hosts: {reason}")
 
+    state_dir = Path(tmp_path_factory.mktemp("federation"))
+    bridge_port = free_port()
+    pushes = PushDelay(f"http://127.0.0.1:{bridge_port}")
+    await pushes.start()
+
     def stack_options(names: dict[str, str]) -> dict[str, Any]:
         overrides: dict[str, Any] = {
             # A short sweep: under a burst, events Synapse never pushes are found quickly.
             "reconcile": {"interval_s": 1.0, "active_within_s": 600},
+            # hs1 pushes to the bridge through ``PushDelay`` (transparent unless told).
+            "appservice": {
+                "id": "eimis-bridge",
+                "address": pushes.url,  # what hs1 calls
+                "hostname": "127.0.0.1",
+                "port": bridge_port,  # where the bridge listens
+                "registration": str(state_dir / "hs1" / "registration.yaml"),
+            },
         }
         if TRUST_IN_CONFIG:
             overrides["trust"] = {"servers": [names["hs2"]]}
@@ -108,15 +122,67 @@ async def fed(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalFe
 
     log_levels = {QUEUE_LOGGER: "INFO"}
     federation = LocalFederation(
-        Path(tmp_path_factory.mktemp("federation")),
+        state_dir,
         SERVERS,
         bridge_on="hs1",
         stack_options=stack_options,
         synapse_options={label: {"log_levels": log_levels} for label in SERVERS},
     )
-    async with federation:
-        yield federation
+    try:
+        async with federation:
+            assert federation.stack is not None
+            federation.stack.bridge_port = bridge_port
+            federation.pushes = pushes  # type: ignore[attr-defined]
+            yield federation
+    finally:
+        await pushes.stop()
     assert not federation.hosts.present(), "the /etc/hosts entries were not removed"
+
+
+class PushDelay(Proxy):
+    """Between hs1 and the bridge: forwards every call, except that a room event whose body is
+    in ``delayed`` is taken out of its transaction and pushed after the events of the next one
+    (what Synapse does with events it fetched late over federation)."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(free_port())
+        self.target = target
+        self.delayed: set[str] = set()
+        self.held: list[dict[str, Any]] = []
+        self.pushed: list[str] = []
+        """Bodies of the room messages as the bridge received them, in order."""
+
+    async def forward(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if request.method == "PUT" and "/transactions/" in request.path:
+            transaction = json.loads(body)
+            events = list(self.held)
+            self.held.clear()
+            kept = []
+            for event in transaction.get("events", []):
+                text = (event.get("content") or {}).get("body")
+                if text in self.delayed:
+                    self.delayed.discard(text)
+                    self.held.append(event)
+                else:
+                    kept.append(event)
+            events = kept + events  # what was held goes after this transaction's own
+            self.pushed.extend(str((e.get("content") or {}).get("body")) for e in events)
+            body = json.dumps({**transaction, "events": events}).encode()
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() not in ("host", "content-length", "transfer-encoding")
+        }
+        async with (
+            ClientSession() as http,
+            http.request(
+                request.method, self.target + request.path_qs, data=body, headers=headers
+            ) as resp,
+        ):
+            return web.Response(
+                status=resp.status, body=await resp.read(), content_type=resp.content_type
+            )
 
 
 @pytest.fixture(scope="module")
@@ -396,6 +462,33 @@ async def test_portal_carries_an_acl_of_the_trusted_servers(
             timeout=15,
         )
         assert acl.get("allow_ip_literals") is False
+
+
+# -- order across the federation ------------------------------------------------------------
+
+
+async def test_a_question_pushed_after_its_answer_still_reaches_the_vendors_first(
+    conversation: Conversation, fed: LocalFederation
+) -> None:
+    """hs1 pushes hs2's question after the answer that follows it (as Synapse does with events
+    it fetched late): the bridge reads the room graph and delivers the question first."""
+    native, room_id = conversation.native, conversation.room_id
+    pushes: PushDelay = fed.pushes  # type: ignore[attr-defined]
+    question, answer = unique("Allergie à la pénicilline ?"), unique("Oui, confirmée")
+    pushes.delayed.add(question)
+    await native.send_text(room_id, question)
+    await native.send_text(room_id, answer)
+
+    for user in (conversation.alice, conversation.bob):
+
+        async def both(user: SandboxUser = user) -> list[str] | None:
+            texts = [t for t in await inbox_texts(user) if t in (question, answer)]
+            return texts if len(texts) >= 2 else None
+
+        assert await wait_for("the question and its answer", both, 60) == [question, answer]
+    # The test proves something only if the bridge was pushed the answer first.
+    pushed = [t for t in pushes.pushed if t in (question, answer)]
+    assert pushed == [answer, question], pushed
 
 
 # -- a burst across the federation -----------------------------------------------------------
