@@ -45,7 +45,7 @@ from bridge.devtools.federation import LocalFederation, hosts_file_writable
 from bridge.devtools.ports import free_port
 from bridge.devtools.stack import LocalStack
 
-from e2e_helpers import Proxy, counter, inbox_texts, received, unique, users_of
+from e2e_helpers import Proxy, app_users_of, counter, inbox_texts, received, unique, users_of
 from matrix_user import MatrixUser, MatrixUserError, connect, text_is
 
 pytestmark = pytest.mark.e2e
@@ -732,6 +732,64 @@ async def test_a_join_from_an_untrusted_server_is_refused_by_the_room_acl(
                 raise acl_missing
             assert status == 403, (status, body)
             assert "banned" in str(body.get("error", "")).lower(), body
+    finally:
+        await guest.close()
+        await host.close()
+
+
+async def test_a_room_without_the_acl_gets_nothing_from_vendors_once_an_outsider_is_in(
+    fed: LocalFederation, stack: LocalStack, http: ClientSession
+) -> None:
+    """A user of hs1 opens a plain private chat: the ghost has no power to set the room's
+    ACL, so hs4's user can join. From then on the vendor user's messages are not sent into
+    the room (hs4 would read them): the vendor gets a failed delivery with the reason, and
+    hs4's messages never reach the vendor."""
+    host = await _user(fed, "hs1", "owner")
+    guest = await _user(fed, "hs4", "outsider")
+    try:
+        frank = (await app_users_of(stack, http, "pandalab"))[2]
+        answer = await host.client.room_create(
+            preset=RoomPreset.private_chat, invite=[ghost_of(stack, "pandalab", frank)]
+        )
+        room_id = str(answer.room_id)
+        hello = unique("Bonjour, salle sans ACL")
+        await host.send_text(room_id, hello)
+        got = await wait_for("Frank to get the message", lambda: received(frank, hello))
+        conversation_id = str(got["conversation_id"])
+        before = unique("Avant l'intrus")
+        await frank.send(conversation_id, before)
+        await host.wait_for_message(room_id, text_is(before), timeout=30)
+        assert await state_event(host, room_id, "m.room.server_acl") is None, "had the power"
+
+        invited = await host.client.room_invite(room_id, guest.user_id)
+        assert getattr(invited, "status_code", None) is None, invited
+        status, body = await join_via(guest, room_id, [fed.server_name("hs1")])
+        assert status == 200, (status, body)
+        intrusion = unique("Message de hs4")
+        await guest.send_text(room_id, intrusion)
+        sentinel = unique("Sentinelle")
+        await host.send_text(room_id, sentinel)
+        await wait_for("the sentinel at Frank's", lambda: received(frank, sentinel))
+        assert intrusion not in await inbox_texts(frank), "an untrusted event was bridged"
+
+        secret = unique("Résultat d'analyse confidentiel")
+        message_id = await frank.post(conversation_id, text=secret)
+
+        async def refused() -> dict[str, Any] | None:
+            message = await frank.message(conversation_id, message_id)
+            reports = (message or {}).get("delivery") or []
+            bad = [r for r in reports if r["status"] == "failed" and "trust space" in r["detail"]]
+            return bad[0] if bad else None
+
+        report = await wait_for("the failed delivery of Frank's message", refused, 30)
+        assert fed.server_name("hs4").split(":")[0] in str(report["detail"]), report
+        notice = await host.wait_for_message(
+            room_id, lambda e: "could not be bridged" in str(getattr(e, "body", "")), timeout=30
+        )
+        assert secret not in str(getattr(notice, "body", ""))
+        bodies = [str(e["content"].get("body")) for e in await all_messages(host, room_id)]
+        assert secret not in bodies, "the message went into a room hs4 reads"
+        assert before in bodies
     finally:
         await guest.close()
         await host.close()

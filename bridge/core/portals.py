@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 
 from cachetools import LRUCache
-from mautrix.errors import MatrixRequestError
-from mautrix.types import EventType, RoomID
+from mautrix.errors import IntentError, MatrixRequestError
+from mautrix.types import EventType, Membership, RoomID
 
 from bridge.core import operations as op
 from bridge.core.connectors import ConnectorSet
 from bridge.core.errors import PermanentFailure, UnknownUser
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.members import Member
+from bridge.core.trust import server_of
 from bridge.db.directory import GHOST
 from bridge.db.portal import Portal
 from bridge.db.stores import Stores
@@ -43,10 +44,15 @@ class Portals:
         # change only through membership events, which ``member_changed`` is told of.
         self._names: LRUCache[tuple[str, str], str] = LRUCache(MEMBER_CACHE_SIZE)
         self._joined: LRUCache[tuple[str, str], bool] = LRUCache(MEMBER_CACHE_SIZE)
+        # Per room: the trust list it was computed with, and the servers outside it.
+        self._outsiders: LRUCache[str, tuple[tuple[str, ...], list[str]]] = LRUCache(
+            MEMBER_CACHE_SIZE
+        )
 
     def member_changed(self, room_id: str, mxid: str, membership: object) -> None:
         """A membership event (join, leave, new display name ...) arrived for this member."""
         self._names.pop((room_id, mxid), None)
+        self._outsiders.pop(room_id, None)
         if membership != "join":
             self._joined.pop((room_id, mxid), None)
 
@@ -140,6 +146,31 @@ class Portals:
             name = await self.hs.display_name(room_id, mxid, viewer=voice)
             self._names[(room_id, mxid)] = name
         return Member(mxid, name)
+
+    async def outsiders(self, room_id: str, voice: str) -> list[str]:
+        """The servers outside the trust space with a member (joined or invited) in the room.
+
+        Vendors' messages never go into a room that has any: those servers would see them. The
+        portal's ACL keeps them out where the bridge could set it; in a room a Matrix user
+        opened without giving the bridge that power, this is what holds the line.
+        """
+        trusted = tuple(self.hs.trust.servers)
+        cached = self._outsiders.get(room_id)
+        if cached is not None and cached[0] == trusted:
+            return cached[1]
+        store = self.hs.state_store
+        if not await store.has_full_member_list(RoomID(room_id)):
+            # Once per room: membership events keep the state store current afterwards.
+            events = await self.hs.intent(voice).get_members(RoomID(room_id))
+            await store.set_members(RoomID(room_id), {e.state_key: e.content for e in events})
+        members = await store.get_members(
+            RoomID(room_id), memberships=(Membership.JOIN, Membership.INVITE)
+        )
+        servers = sorted(
+            {str(server_of(m)) for m in members if not self.hs.trust.is_trusted(str(m))}
+        )
+        self._outsiders[room_id] = (trusted, servers)
+        return servers
 
     # Opening portals ---------------------------------------------------------------------------
 
@@ -329,6 +360,11 @@ class Portals:
                 )
             except MatrixRequestError as error:
                 log.warning("Could not publish capabilities in %s (%s)", room_id, error.errcode)
+            except IntentError:
+                # A room a Matrix user opened without giving the bridge that power: the
+                # capabilities stay unpublished; the conversation is bridged all the same.
+                log.info("No power level to publish capabilities in %s", room_id)
+                return
 
     async def _queue_conversation(
         self, room_id: str, connector_id: str, title: str | None, everyone: list[Member], *, conn

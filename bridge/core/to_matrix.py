@@ -108,6 +108,10 @@ class ToMatrix:
             raise PermanentFailure(
                 f"{connector_id} conversation {event.conversation_id} is not bridged to a room"
             )
+        if isinstance(event, MessageReceived | MessageEdited | ReactionAdded):
+            outsiders = await self._outsiders(room_id)
+            if outsiders:
+                return await self._kept_inside(connector_id, room_id, event, outsiders)
         if isinstance(event, MessageReceived):
             return await self._message(connector, connector_id, room_id, event, retrying, recovered)
         if isinstance(event, MessageEdited):
@@ -319,11 +323,46 @@ class ToMatrix:
             info["size"] = attachment.size
         return {"msgtype": msgtype, "body": name, "filename": name, "url": mxc, "info": info}
 
+    async def _outsiders(self, room_id: str) -> list[str]:
+        portal = await self.stores.portals.get(room_id)
+        if portal is None:
+            return []
+        return await self.portals.outsiders(room_id, portal.voice)
+
+    async def _kept_inside(
+        self,
+        connector_id: str,
+        room_id: str,
+        event: MessageReceived | MessageEdited | ReactionAdded,
+        outsiders: list[str],
+    ) -> list[Write]:
+        """Members of servers outside the trust space are in the room: nothing goes in."""
+        reason = (
+            "the conversation includes members of servers outside the EIMIS trust space "
+            f"({', '.join(outsiders)})"
+        )
+        log.warning(
+            "A %s %s was not sent to %s: members of %s are in it",
+            connector_id,
+            type(event).__name__,
+            room_id,
+            ", ".join(outsiders),
+        )
+        if isinstance(event, MessageReceived):
+            await self._refused(connector_id, room_id, event, reason, what="a message")
+        return []
+
     async def _refused(
-        self, connector_id: str, room_id: str, event: MessageReceived, reason: str
+        self,
+        connector_id: str,
+        room_id: str,
+        event: MessageReceived,
+        reason: str,
+        *,
+        what: str = "a file",
     ) -> None:
-        """Tell the vendor sender, and the room, that a file did not cross."""
-        log.info("A %s file was refused: %s", connector_id, reason)
+        """Tell the vendor sender, and the room, that a file (or a message) did not cross."""
+        log.info("A %s %s was refused", connector_id, what.removeprefix("a "))
         connector = self.portals.connectors.get(connector_id)
         link = await self.stores.portals.link(room_id, connector_id)
         if (
@@ -341,7 +380,7 @@ class ToMatrix:
         ghost = await self.portals.ghost(connector_id, event.sender)
         await self.status.notice(
             room_id,
-            f"{ghost.display_name} sent a file that could not be bridged: {reason}.",
+            f"{ghost.display_name} sent {what} that could not be bridged: {reason}.",
             txn_id=derived_txn_id(connector_id, "refused", event.message_id),
         )
 
