@@ -161,10 +161,14 @@ class CausalOrder:
                 self._wake.set()
                 continue
             try:
-                walk = await self._walk(room_id, incoming)
-            except HomeserverUnavailable as error:
+                # Bounded: a homeserver that is slow to answer must not make it give up on its
+                # transaction (it would send it again, and wait again).
+                walk = await asyncio.wait_for(
+                    self._walk(room_id, incoming), self.config.hold_transactions_s
+                )
+            except (HomeserverUnavailable, TimeoutError) as error:
                 # Cannot look: store as pushed (the reconciler's sweep still finds what is lost).
-                log.warning("Cannot read %s to order it (%s)", room_id, error)
+                log.warning("Cannot read %s to order it (%s)", room_id, type(error).__name__)
                 continue
             if walk is None:
                 continue
