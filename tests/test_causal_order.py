@@ -16,13 +16,13 @@ from urllib.parse import unquote
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from fake_timeline import TimelineServer, page_backwards
 from mautrix.util.async_db import Database
 
 from bridge.appservice.server import AppserviceServer
 from bridge.config import ReconcileConfig
 from bridge.core.causal_order import FEDERATION_ONLY, CausalOrder
 from bridge.db.inbox import InboxStore
-from bridge.matrix.homeserver import Homeserver
 
 OWN = "eimis.example"
 ROOM = "!portal:eimis.example"
@@ -69,52 +69,31 @@ class Graph:
         return {k: v for k, v in event.items() if k not in FEDERATION_ONLY}
 
 
-class GraphHomeserver:
-    """Serves what the homeserver holds of a room: ``visible`` events of the graph, in graph
-    order (depth, then arrival), newest first, paged like /messages."""
-
-    timeline_page = Homeserver.timeline_page  # the real request, to the fake's ``intent``
+class GraphHomeserver(TimelineServer):
+    """Serves what the homeserver holds of the room (``holds``: a gap is an event of the graph
+    it does not hold yet) in graph order (depth, then arrival), newest first, paged like
+    /messages, in the federation format."""
 
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
         self.holds: set[str] = set()
-        """Event ids the homeserver holds (a gap: the graph has them, the homeserver not yet)."""
         self.federation_format = True
         self.reads = 0
 
     def hold(self, *names: str) -> None:
         self.holds |= {f"${n}" for n in names}
 
-    def intent(self, mxid: str) -> Any:
-        homeserver = self
-
-        class Api:
-            async def request(
-                self, method: Any, path: Any, *, query_params: dict[str, str], **_: Any
-            ) -> dict[str, Any]:
-                return homeserver.messages(str(path), query_params)
-
-        class Intent:
-            api = Api()
-
-        return Intent()
-
-    def messages(self, path: str, query: dict[str, str]) -> dict[str, Any]:
+    async def messages(self, viewer: str, path: str, query: dict[str, str]) -> dict[str, Any]:
         self.reads += 1
         assert unquote(path.split("/rooms/")[1].split("/")[0]) == ROOM
         assert json.loads(query["filter"]) == {"event_format": "federation"}
         held = [e for e in self.graph.events if e["event_id"] in self.holds]
-        timeline = sorted(held, key=lambda e: e["depth"])  # stable: arrival order within a depth
-        start = int(query.get("from", len(timeline)))
-        low = max(0, start - int(query["limit"]))
-        chunk = [dict(e) for e in reversed(timeline[low:start])]
+        page = page_backwards(sorted(held, key=lambda e: e["depth"]), query)  # stable sort
         if not self.federation_format:
-            chunk = [
-                {k: v for k, v in e.items() if k not in ("depth", "prev_events")} for e in chunk
+            page["chunk"] = [
+                {k: v for k, v in e.items() if k not in ("depth", "prev_events")}
+                for e in page["chunk"]
             ]
-        page: dict[str, Any] = {"chunk": chunk}
-        if low > 0:
-            page["end"] = str(low)
         return page
 
 
@@ -169,6 +148,23 @@ class Bridge:
     async def waiting(self) -> int:
         return await self.inbox.count("waiting")
 
+    async def released(self) -> None:
+        """Wait until no row of the room waits any more."""
+
+        async def none_waiting() -> bool:
+            return await self.waiting() == 0
+
+        await self.until(none_waiting)
+
+    async def __aenter__(self) -> Bridge:
+        await self.client.start_server()
+        await self.order.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.order.stop()
+        await self.client.close()
+
     async def until(self, condition: Any, timeout: float = 10.0) -> None:
         async def poll() -> None:
             while not await condition():
@@ -194,15 +190,9 @@ def graph() -> Graph:
 async def bridge(inbox: InboxStore, graph: Graph) -> AsyncIterator[Bridge]:
     homeserver = GraphHomeserver(graph)
     homeserver.hold("join")
-    b = Bridge(inbox, homeserver)
-    await b.client.start_server()
-    await b.order.start()
-    await b.push(graph.client("join"))
-    try:
+    async with Bridge(inbox, homeserver) as b:
+        await b.push(graph.client("join"))
         yield b
-    finally:
-        await b.order.stop()
-        await b.client.close()
 
 
 async def test_an_event_the_homeserver_holds_but_pushes_later_goes_before_what_follows_it(
@@ -233,11 +223,7 @@ async def test_a_room_waits_for_an_event_the_homeserver_does_not_have_yet(
     assert await bridge.waiting() == 2
     bridge.hs.hold("question")  # the homeserver fetched it, and pushes it late
     await bridge.push(graph.client("question"))
-
-    async def released() -> bool:
-        return await bridge.waiting() == 0
-
-    await bridge.until(released)
+    await bridge.released()
     assert await bridge.pending() == ["join", "question", "answer", "thanks"]
     assert bridge.order.gaps == 1 and bridge.order.released_at_deadline == 0
 
@@ -251,11 +237,7 @@ async def test_a_gap_filled_without_a_push_is_found_by_reading_the_room_again(
     await bridge.push(graph.client("answer"))
     assert await bridge.waiting() == 1
     bridge.hs.hold("question")  # backfilled: on the homeserver, never pushed
-
-    async def released() -> bool:
-        return await bridge.waiting() == 0
-
-    await bridge.until(released)
+    await bridge.released()
     assert await bridge.pending() == ["join", "question", "answer"]
 
 
@@ -264,28 +246,18 @@ async def test_a_gap_never_filled_is_released_at_the_deadline_and_the_late_event
 ) -> None:
     homeserver = GraphHomeserver(graph)
     homeserver.hold("join")
-    bridge = Bridge(inbox, homeserver, gap_wait_s=0.5)
-    await bridge.client.start_server()
-    await bridge.order.start()
-    try:
+    async with Bridge(inbox, homeserver, gap_wait_s=0.5) as bridge:
         await bridge.push(graph.client("join"))
         graph.add("question")
         graph.add("answer")
         homeserver.hold("answer")
         await bridge.push(graph.client("answer"))
-
-        async def released() -> bool:
-            return await bridge.waiting() == 0
-
-        await bridge.until(released)
+        await bridge.released()
         assert await bridge.pending() == ["join", "answer"], "not lost for want of the other"
         assert bridge.order.released_at_deadline == 1
         homeserver.hold("question")
         await bridge.push(graph.client("question"))
         assert await bridge.pending() == ["join", "answer", "question"]
-    finally:
-        await bridge.order.stop()
-        await bridge.client.close()
 
 
 async def test_waiting_rows_survive_a_restart_and_are_released_by_the_next_run(
@@ -293,32 +265,18 @@ async def test_waiting_rows_survive_a_restart_and_are_released_by_the_next_run(
 ) -> None:
     homeserver = GraphHomeserver(graph)
     homeserver.hold("join")
-    first = Bridge(inbox, homeserver)
-    await first.client.start_server()
-    await first.order.start()
-    await first.push(graph.client("join"))
-    graph.add("question")
-    graph.add("answer")
-    homeserver.hold("answer")
-    await first.push(graph.client("answer"))
-    assert await first.waiting() == 1
-    await first.order.stop()  # the bridge stops (or dies) while the room waits
-    await first.client.close()
-
+    async with Bridge(inbox, homeserver) as first:
+        await first.push(graph.client("join"))
+        graph.add("question")
+        graph.add("answer")
+        homeserver.hold("answer")
+        await first.push(graph.client("answer"))
+        assert await first.waiting() == 1
+    # The bridge stopped (or died) while the room waited.
     homeserver.hold("question")
-    second = Bridge(inbox, homeserver)
-    await second.client.start_server()
-    await second.order.start()
-    try:
-
-        async def released() -> bool:
-            return await second.waiting() == 0
-
-        await second.until(released)
+    async with Bridge(inbox, homeserver) as second:
+        await second.released()
         assert await second.pending() == ["join", "question", "answer"]
-    finally:
-        await second.order.stop()
-        await second.client.close()
 
 
 async def test_a_room_of_local_senders_only_is_never_read(bridge: Bridge, graph: Graph) -> None:
@@ -340,18 +298,12 @@ async def test_history_from_before_the_portal_is_never_stored(
     graph.add("join", sender=VOICE)
     homeserver = GraphHomeserver(graph)
     homeserver.hold("create", "old1", "old2", "join")
-    bridge = Bridge(inbox, homeserver)
-    await bridge.client.start_server()
-    await bridge.order.start()
-    try:
+    async with Bridge(inbox, homeserver) as bridge:
         await bridge.push(graph.client("join"))
         graph.add("hello")
         homeserver.hold("hello")
         await bridge.push(graph.client("hello"))
         assert await bridge.pending() == ["join", "hello"]
-    finally:
-        await bridge.order.stop()
-        await bridge.client.close()
 
 
 async def test_an_event_joining_two_branches_waits_for_both(bridge: Bridge, graph: Graph) -> None:
@@ -366,11 +318,7 @@ async def test_an_event_joining_two_branches_waits_for_both(bridge: Bridge, grap
     assert await bridge.waiting() == 1
     bridge.hs.hold("right")
     await bridge.push(graph.client("right"))
-
-    async def released() -> bool:
-        return await bridge.waiting() == 0
-
-    await bridge.until(released)
+    await bridge.released()
     assert await bridge.pending() == ["join", "left", "right", "merge"]
 
 

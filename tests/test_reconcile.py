@@ -17,6 +17,7 @@ from urllib.parse import unquote
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from fake_timeline import TimelineServer, page_backwards
 from mautrix.errors import MatrixConnectionError, make_request_error
 
 from bridge.appservice.server import AppserviceServer
@@ -24,7 +25,6 @@ from bridge.config import DatabaseConfig, ReconcileConfig
 from bridge.core.reconcile import HomeserverUnavailable, Reconciler, TransactionWatch
 from bridge.db.database import open_database
 from bridge.db.inbox import InboxStore
-from bridge.matrix.homeserver import Homeserver
 
 ROOM = "!portal:eimis.example"
 VOICE = "@eimis_bot:eimis.example"
@@ -43,7 +43,7 @@ def event(n: int, room: str = ROOM) -> dict[str, Any]:
     }
 
 
-class FakeHomeserver:
+class FakeHomeserver(TimelineServer):
     """Serves each room's timeline (oldest first) through ``/messages``, backwards, paged."""
 
     def __init__(self) -> None:
@@ -57,26 +57,10 @@ class FakeHomeserver:
         self.calls = 0
         """``/messages`` requests received (answered or not)."""
 
-    timeline_page = Homeserver.timeline_page  # the real request, to the fake's ``intent``
-
     async def called(self, times: int) -> None:
         """Return once ``/messages`` was asked at least ``times`` times."""
         while self.calls < times:
             await asyncio.sleep(0.01)
-
-    def intent(self, mxid: str) -> Any:
-        homeserver = self
-
-        class Api:
-            async def request(
-                self, method: Any, path: Any, *, query_params: dict[str, str], **_: Any
-            ) -> dict[str, Any]:
-                return await homeserver.messages(mxid, str(path), query_params)
-
-        class Intent:
-            api = Api()
-
-        return Intent()
 
     async def messages(self, viewer: str, path: str, query: dict[str, str]) -> dict[str, Any]:
         self.calls += 1
@@ -88,14 +72,7 @@ class FakeHomeserver:
         self.reads.append((viewer, room_id))
         if viewer in self.refused:
             raise make_request_error(403, "", "M_FORBIDDEN", "not in the room")
-        assert query["dir"] == "b"
-        timeline = self.timelines.get(room_id, [])
-        start = int(query.get("from", len(timeline)))
-        low = max(0, start - int(query["limit"]))
-        page: dict[str, Any] = {"chunk": [dict(e) for e in reversed(timeline[low:start])]}
-        if low > 0:
-            page["end"] = str(low)
-        return page
+        return page_backwards(self.timelines.get(room_id, []), query)
 
 
 class Setup:
