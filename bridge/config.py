@@ -237,6 +237,57 @@ class DirectoryConfig(_Strict):
         return value.rstrip("/") if value else value
 
 
+class SecretsConfig(_Strict):
+    """The key that seals secrets at rest (connector credentials, webhook secrets): AES-256-GCM.
+
+    The key is 32 random bytes, base64-encoded, read from ``key_file`` or else from the
+    environment variable named ``key_env``. Rotation: put the new key in place, list the old
+    one's file in ``previous_key_files`` (read-only: it still opens what it sealed), run
+    ``eimis-bridge secrets rotate`` (everything is sealed again with the new key), then drop it.
+    """
+
+    key_file: Path | None = Field(None, description="File holding the base64 key (mode 0600)")
+    key_env: str = Field("EIMIS_SECRETS_KEY", description="Environment variable with the key")
+    previous_key_files: tuple[Path, ...] = Field(
+        (), description="Keys being rotated out: they open, never seal"
+    )
+
+
+class MetricsConfig(_Strict):
+    """Prometheus metrics, on a listener of their own (not the appservice's)."""
+
+    enabled: bool = True
+    hostname: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535, description="0: any free port")
+
+
+class AuditConfig(_Strict):
+    """The audit log: metadata of every delivery (never content)."""
+
+    retention_days: float = Field(
+        183.0, gt=0, description="Kept this long after the conversation's last activity"
+    )
+    purge_interval_s: float = Field(3600.0, gt=0, description="How often expired rows go")
+
+
+class AdminConfig(_Strict):
+    """The admin room: a direct chat between an operator and the bridge bot."""
+
+    admins: tuple[str, ...] = Field((), description="Matrix IDs allowed to run commands")
+    notify_debounce_s: float = Field(
+        30.0, ge=0, description="Alerts within this window are grouped into one message"
+    )
+    stalled_after_s: float = Field(
+        300.0,
+        gt=0,
+        description="A connector with messages waiting and none delivered this "
+        "long is reported as stalled",
+    )
+    confirm_within_s: float = Field(
+        120.0, gt=0, description="How long a destructive command waits for its confirmation"
+    )
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(False, alias="json")
@@ -252,6 +303,10 @@ class Config(_Strict):
     reconcile: ReconcileConfig = ReconcileConfig()
     trust: TrustConfig = TrustConfig()
     directory: DirectoryConfig = DirectoryConfig()
+    secrets: SecretsConfig = SecretsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    audit: AuditConfig = AuditConfig()
+    admin: AdminConfig = AdminConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @field_validator("connectors")

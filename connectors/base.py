@@ -369,6 +369,33 @@ class KeyValueStore(Protocol):
     async def set(self, key: str, value: str) -> None: ...
 
 
+class SharedSecrets(Protocol):
+    """The secret a connector shares with its vendor to sign requests both ways (HMAC-SHA256).
+
+    Operators rotate it (``connector rotate-secret``) with a grace period: until it ends, the
+    previous secret is still accepted on incoming requests, while outgoing ones are signed with
+    the new one. The bridge keeps them sealed at rest (``bridge/secrets.py``)."""
+
+    def current(self) -> str | None:
+        """The secret to sign with (None: this connector has none stored by the bridge)."""
+        ...
+
+    def accepted(self) -> Sequence[str]:
+        """Secrets an incoming signature may use: the current one first, then those still in
+        their grace period."""
+        ...
+
+
+class NoSharedSecrets:
+    """For connectors whose credentials live in their settings only."""
+
+    def current(self) -> str | None:
+        return None
+
+    def accepted(self) -> Sequence[str]:
+        return ()
+
+
 @dataclass
 class ConnectorContext:
     """Everything a connector instance receives from the bridge."""
@@ -382,6 +409,10 @@ class ConnectorContext:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("eimis.connector"))
     emit_all: BatchSink | None = None
     """Stores several events in one go, in their order (the bridge gives one; tests may not)."""
+    secrets: SharedSecrets = field(default_factory=NoSharedSecrets)
+    """The secret shared with the vendor, when the bridge holds it (connectors added at run
+    time, webhook connectors); read it at each use: a rotation changes it under a running
+    connector."""
 
     async def emit_many(self, events: Sequence[RemoteEvent]) -> None:
         """``emit`` for a page of events at once: returns once all are durably stored, in

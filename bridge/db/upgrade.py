@@ -182,3 +182,54 @@ async def upgrade_v5(conn: Connection, scheme: Scheme) -> None:
 async def upgrade_v6(conn: Connection, scheme: Scheme) -> None:
     # Every transaction asks whether its rooms have waiting rows: a look-up, never a scan.
     await conn.execute("CREATE INDEX inbox_waiting ON inbox (lane) WHERE state = 'waiting'")
+
+
+@upgrade_table.register(description="Connectors registered at run time, and their secrets")
+async def upgrade_v7(conn: Connection, scheme: Scheme) -> None:
+    # Connector instances added (or overridden) at run time: the config's are not stored here
+    # unless an operator changed them. Secret values inside ``settings`` are sealed
+    # (bridge/secrets.py): the database alone reveals none.
+    await conn.execute(
+        """CREATE TABLE connector_instance (
+            connector_id TEXT PRIMARY KEY,
+            type         TEXT NOT NULL,
+            enabled      BOOLEAN NOT NULL DEFAULT true,
+            settings     TEXT NOT NULL,
+            created_at   BIGINT NOT NULL,
+            updated_at   BIGINT NOT NULL
+        )"""
+    )
+    # Webhook secrets: the current one (valid_until NULL) and, after a rotation, the previous
+    # one, accepted until valid_until (the grace period).
+    await conn.execute(
+        """CREATE TABLE connector_secret (
+            connector_id TEXT NOT NULL,
+            sealed       TEXT NOT NULL,
+            valid_until  BIGINT,
+            created_at   BIGINT NOT NULL
+        )"""
+    )
+    await conn.execute("CREATE INDEX connector_secret_by_id ON connector_secret (connector_id)")
+
+
+@upgrade_table.register(description="The audit log of deliveries (metadata only)")
+async def upgrade_v8(conn: Connection, scheme: Scheme) -> None:
+    await conn.execute(
+        f"""CREATE TABLE audit_log (
+            id          {_serial(scheme)},
+            at          BIGINT NOT NULL,
+            connector   TEXT NOT NULL,
+            direction   TEXT NOT NULL,
+            sender      TEXT,
+            recipient   TEXT,
+            portal      TEXT,
+            event_id    TEXT,
+            remote_id   TEXT,
+            kind        TEXT NOT NULL,
+            size        INTEGER,
+            outcome     TEXT NOT NULL,
+            detail      TEXT
+        )"""
+    )
+    await conn.execute("CREATE INDEX audit_at ON audit_log (at)")
+    await conn.execute("CREATE INDEX audit_portal ON audit_log (portal, at)")
