@@ -10,7 +10,7 @@ inbox item's own completion, so an event is either fully routed or not at all.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mautrix.errors import MatrixRequestError
 from mautrix.types import PaginationDirection, RoomID
@@ -21,6 +21,9 @@ from bridge.db.group_commit import Write
 from bridge.db.portal import Portal
 from bridge.db.stores import Stores
 from bridge.matrix.homeserver import Homeserver
+
+if TYPE_CHECKING:
+    from bridge.admin.room import AdminRoom
 
 log = logging.getLogger("eimis.from_matrix")
 
@@ -45,6 +48,8 @@ class FromMatrix:
         self._typing: dict[str, set[str]] = {}
         self.untrusted_dropped = 0
         """Events from servers outside the trust list that were dropped (never delivered)."""
+        self.admin: AdminRoom | None = None
+        """The operators' admin rooms (``bridge/admin``): their events are commands."""
 
     async def handle(self, raw: dict[str, Any]) -> list[Write]:
         """The outbox writes this event calls for (none for what is not bridged)."""
@@ -55,6 +60,8 @@ class FromMatrix:
         sender = raw.get("sender")
         if isinstance(sender, str) and not self.hs.trust.is_trusted(sender):
             return await self._untrusted(raw)
+        if self.admin is not None and await self.admin.handles(raw):
+            return []
         if kind == "m.room.member":
             return await self._membership(raw)
         if kind == "m.room.message":
@@ -107,10 +114,16 @@ class FromMatrix:
         content = _obj(raw.get("content"))
         target = raw.get("state_key", "")
         self.portals.member_changed(raw["room_id"], target, content.get("membership"))
+        if target == self.ids.bot_mxid and self.admin is not None:
+            if content.get("membership") == "invite":
+                await self.admin.on_bot_invite(raw["room_id"], str(raw.get("sender")))
+            elif content.get("membership") in ("leave", "ban"):
+                await self.admin.on_bot_left(raw["room_id"])
+            return []
         if content.get("membership") != "invite" or not self.ids.in_namespace(target):
             return []
         if target == self.ids.bot_mxid:
-            return []  # the admin room arrives with the operators' issue; the bot stays out for now
+            return []  # no admin room configured: the bot stays out
         if self.ids.in_namespace(raw["sender"]):
             return []  # the bridge invited its own ghost while opening a portal: already handled
         ref = self.ids.parse(target)

@@ -36,6 +36,10 @@ class GhostStore:
 
         return await self._cache.get(mxid, load)
 
+    def forget(self, mxid: str) -> None:
+        """The row was changed behind the cache (an erasure): read it again next time."""
+        self._cache.forget(mxid)
+
     async def upsert(self, mxid: str, connector: str, idnps: str, display_name: str) -> None:
         await self.db.execute(
             "INSERT INTO ghost (mxid, connector, idnps, display_name) VALUES ($1, $2, $3, $4) "

@@ -1,0 +1,542 @@
+"""The admin room's commands: what each does, on the running bridge's own state.
+
+Every command is a subparser of one ``AdminParser`` (``help`` lists them, ``<command> -h``
+explains one) and an async handler returning a ``Reply``. Destructive commands return a reply
+that asks for confirmation; the action runs only when the same operator answers ``yes``.
+Replies name ids, counts and times: never message content.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mautrix.errors import MatrixRequestError
+
+from bridge import __version__
+from bridge.admin.parser import AdminParser
+from bridge.admin.queries import AdminQueries, age
+from bridge.config import Config
+from bridge.core.connectors import ConnectorSet
+from bridge.core.ghost_ids import GhostIds
+from bridge.core.health import ConnectorHealth
+from bridge.core.trust import InvalidServerName, validate_server_name
+from bridge.db.stores import Stores
+from bridge.directory.idnps import Idnps, InvalidIdnps
+from bridge.directory.importer import DirectoryFormatError, import_file
+from bridge.matrix.homeserver import Homeserver
+from bridge.matrix.media import MediaError, MediaRepository
+
+FORGOTTEN_NAME = "Former participant"
+"""The display name an erased professional's ghosts keep (their old messages stay in rooms)."""
+
+
+@dataclass
+class Reply:
+    text: str
+    """Plain text, sent in a code block when ``pre``."""
+    pre: bool = False
+    confirm: Callable[[], Awaitable[Reply]] | None = None
+    """A destructive action waiting for the operator's ``yes``."""
+
+
+@dataclass
+class AdminContext:
+    """The running bridge, as the admin commands see it."""
+
+    config: Config
+    stores: Stores
+    homeserver: Homeserver
+    connectors: ConnectorSet
+    health: ConnectorHealth
+    media: MediaRepository
+    ids: GhostIds
+    started_at: float = field(default_factory=time.monotonic)
+    manager: Any = None
+    """The run-time connector manager (``connector add|...``), when the bridge has one."""
+    audit: Any = None
+    """The audit log (``audit``), when the bridge has one."""
+    extra_status: Callable[[], Awaitable[list[str]]] | None = None
+    """More status lines (inbox ordering, metrics ...)."""
+    uploads: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    """(room, sender) -> (mxc URI, file name) of the last file an operator sent."""
+
+    @property
+    def queries(self) -> AdminQueries:
+        return AdminQueries(self.stores.db)
+
+
+Handler = Callable[[AdminContext, argparse.Namespace, str], Awaitable[Reply]]
+"""(context, parsed arguments, the operator's Matrix ID and room, as 'room|sender')."""
+
+
+def build_parser() -> AdminParser:
+    parser = AdminParser(
+        prog="",
+        add_help=False,
+        description="Commands of the eimis-bridge admin room. '<command> -h' explains one.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=AdminParser)
+
+    def command(name: str, text: str, handler: Handler) -> AdminParser:
+        p = sub.add_parser(name, help=text, description=text, prog=name)
+        p.set_defaults(handler=handler)
+        return p
+
+    command("help", "list the commands", _help)
+    command("version", "the bridge's version", _version)
+    command("status", "bridge, homeserver, connectors, queues, dead letters, last errors", _status)
+    command("connectors", "the connectors and their state", _connectors)
+    c = command("connector", "manage one connector (run-time registry)", _connector)
+    c.add_argument(
+        "action", choices=("add", "enable", "disable", "remove", "rotate-secret", "test")
+    )
+    c.add_argument("name", help="connector id")
+    c.add_argument("--type", help="connector type (add)")
+    c.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a setting (add)"
+    )
+    c.add_argument("--grace", type=float, default=24.0, help="hours the old secret stays valid")
+    q = command("queue", "the next deliveries waiting for one connector", _queue)
+    q.add_argument("name", help="connector id")
+    d = command("dead-letters", "deliveries that spent their retry budget", _dead_letters)
+    d.add_argument("name", nargs="?", help="only this connector's")
+    r = command("retry", "put a dead letter (or all) back in its queue", _retry)
+    r.add_argument("id", help="dead letter id, or 'all'")
+    x = command("discard", "drop a dead letter (asks for confirmation)", _discard)
+    x.add_argument("id", type=int, help="dead letter id")
+    p = command("portals", "the portal rooms (20 most recent matching)", _portals)
+    p.add_argument("filter", nargs="?", default="", help="part of a room id, title or connector")
+    o = command("portal", "one portal: its links, queue and dead letters", _portal)
+    o.add_argument("room", help="room id")
+    w = command("whois", "a professional (IDNPS) or a Matrix ID", _whois)
+    w.add_argument("who", help="IDNPS or @user:server")
+    t = command("trust", "the trust list", _trust)
+    t.add_argument("action", choices=("list", "add", "remove"))
+    t.add_argument("server", nargs="?", help="server name (add, remove)")
+    i = command("directory", "the directory of professionals", _directory)
+    i.add_argument("action", choices=("import", "show"))
+    i.add_argument(
+        "source",
+        nargs="?",
+        help="import: a file path on the bridge's host (default: the last file you sent "
+        "here); show: an IDNPS",
+    )
+    i.add_argument("--format", choices=("ps", "fhir"), help="import: the file's format")
+    a = command("audit", "the audit log (metadata of deliveries)", _audit)
+    a.add_argument("--since", default="24h", help="how far back: 30m, 24h, 7d (default 24h)")
+    a.add_argument("--connector", help="only this connector's")
+    a.add_argument("--portal", help="only this room's")
+    a.add_argument("--limit", type=int, default=20, help="rows shown (default 20)")
+    f = command("forget", "erase a professional's data (RGPD; asks for confirmation)", _forget)
+    f.add_argument("idnps", help="the professional's IDNPS")
+    return parser
+
+
+# --- Handlers ------------------------------------------------------------------------------------
+
+
+async def _help(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
+    return Reply(build_parser().format_help().strip(), pre=True)
+
+
+async def _version(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
+    return Reply(f"eimis-bridge {__version__}")
+
+
+async def _status(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
+    lines = [f"eimis-bridge {__version__}, up {_duration(time.monotonic() - ctx.started_at)}"]
+    try:
+        await ctx.homeserver.bot.versions()
+        lines.append(f"Homeserver {ctx.config.homeserver.url}: answering")
+    except Exception as error:  # any failure is the answer here
+        lines.append(
+            f"Homeserver {ctx.config.homeserver.url}: NOT answering ({type(error).__name__})"
+        )
+    queries = ctx.queries
+    try:
+        inbox = await queries.inbox_counts()
+        depths = await queries.queue_depths()
+        dead = await ctx.stores.dead_letters.list()
+        lines.append(
+            f"Database: answering; inbox {inbox.get('pending', 0)} pending, "
+            f"{inbox.get('waiting', 0)} waiting for earlier events, {inbox.get('failed', 0)} failed"
+        )
+    except Exception as error:
+        lines.append(f"Database: NOT answering ({type(error).__name__})")
+        return Reply("\n".join(lines), pre=True)
+    dead_by: dict[str, int] = {}
+    for letter in dead:
+        dead_by[letter.connector] = dead_by.get(letter.connector, 0) + 1
+    lines.append("Connectors:")
+    for connector_id, connector in ctx.connectors:
+        depth = depths.get(connector_id)
+        state = ctx.health.state(connector_id)
+        line = (
+            f"  {connector_id} ({type(connector).type_name}): {state}, "
+            f"{depth.pending if depth else 0} queued"
+        )
+        if depth and depth.held:
+            line += f" ({depth.held} held behind dead letters)"
+        if depth and depth.pending:
+            line += f", oldest {age(depth.oldest_ms)}"
+        line += f", {dead_by.get(connector_id, 0)} dead letter(s)"
+        if depth and depth.last_error:
+            line += f"; last error: {depth.last_error[:160]}"
+        lines.append(line)
+    if ctx.extra_status is not None:
+        lines.extend(await ctx.extra_status())
+    return Reply("\n".join(lines), pre=True)
+
+
+async def _connectors(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
+    if ctx.manager is not None:
+        infos = await ctx.manager.list()
+        lines = [_connector_line(ctx, info) for info in infos]
+        return Reply("\n".join(lines) or "No connector.", pre=True)
+    lines = [f"{cid} ({type(c).type_name}): {ctx.health.state(cid)}" for cid, c in ctx.connectors]
+    return Reply("\n".join(lines) or "No connector.", pre=True)
+
+
+def _connector_line(ctx: AdminContext, info: Any) -> str:
+    parts = [f"{info.connector_id} ({info.type})"]
+    parts.append("enabled" if info.enabled else "disabled")
+    parts.append(f"from {info.origin}")
+    if getattr(info, "running", False):
+        parts.append(ctx.health.state(info.connector_id))
+    return ", ".join(parts)
+
+
+async def _connector(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
+    manager = ctx.manager
+    if manager is None:
+        return Reply("This bridge has no run-time connector registry.")
+    name, action = args.name, args.action
+    if action == "add":
+        if not args.type:
+            return Reply("connector add needs --type (one of the installed connector types).")
+        settings: dict[str, str] = {}
+        for pair in args.set:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                return Reply(f"--set takes KEY=VALUE, not {pair[:60]!r}.")
+            settings[key.strip()] = value
+        result = await manager.add(name, args.type, settings)
+        secret = getattr(result, "secret", result)
+        return Reply(
+            f"Connector {name} ({args.type}) added and started.\n"
+            f"Its shared secret, shown this once (give it to the vendor):\n{secret}",
+            pre=True,
+        )
+    if action == "enable":
+        await manager.enable(name)
+        return Reply(f"Connector {name} enabled.")
+    if action == "test":
+        return Reply(f"Connector {name}: {await manager.test(name)}")
+
+    async def run() -> Reply:
+        if action == "disable":
+            await manager.disable(name)
+            return Reply(f"Connector {name} disabled; its deliveries wait.")
+        if action == "remove":
+            await manager.remove(name)
+            return Reply(f"Connector {name} removed.")
+        secret = await manager.rotate_secret(name, args.grace * 3600)
+        return Reply(
+            f"New shared secret for {name}, shown this once; the old one is accepted for "
+            f"{args.grace:g} more hour(s):\n{secret}",
+            pre=True,
+        )
+
+    verb = {"disable": "Disable", "remove": "Remove", "rotate-secret": "Rotate the secret of"}
+    return Reply(f"{verb[action]} connector {name}? Answer 'yes' to confirm.", confirm=run)
+
+
+async def _queue(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
+    if args.name not in ctx.connectors:
+        return Reply(f"No running connector {args.name!r}: {', '.join(ctx.connectors.ids())}.")
+    items = await ctx.queries.queue(args.name)
+    if not items:
+        return Reply(f"Nothing waits for {args.name}.")
+    lines = [f"{'id':>8}  {'queued':>8}  {'tries':>5}  operation          room"]
+    for seq, room_id, operation, attempts, created in items:
+        lines.append(f"{seq:>8}  {age(created):>8}  {attempts:>5}  {operation:<18} {room_id}")
+    return Reply("\n".join(lines), pre=True)
+
+
+async def _dead_letters(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
+    letters = await ctx.stores.dead_letters.list(args.name)
+    if not letters:
+        return Reply("No dead letter.")
+    lines = [f"{'id':>8}  {'connector':<12} {'held':>5}  operation          room / last error"]
+    for letter in letters:
+        lines.append(
+            f"{letter.seq:>8}  {letter.connector:<12} {letter.held:>5}  {letter.operation:<18} "
+            f"{letter.room_id}\n{'':>10}{(letter.last_error or '')[:160]}"
+        )
+    lines.append("retry ID|all puts them back in their queue; discard ID drops one.")
+    return Reply("\n".join(lines), pre=True)
+
+
+async def _retry(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
+    if args.id == "all":
+        count = await ctx.stores.dead_letters.retry(None)
+    else:
+        try:
+            seq = int(args.id)
+        except ValueError:
+            return Reply(f"retry takes a dead letter id (a number) or 'all', not {args.id[:40]!r}.")
+        count = await ctx.stores.dead_letters.retry(seq)
+    if not count:
+        return Reply("No such dead letter (see dead-letters).")
+    return Reply(f"{count} dead letter(s) back in their queue; they go out in order.")
+
+
+async def _discard(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
+    letters = {letter.seq: letter for letter in await ctx.stores.dead_letters.list()}
+    letter = letters.get(args.id)
+    if letter is None:
+        return Reply("No such dead letter (see dead-letters).")
+
+    async def run() -> Reply:
+        if await ctx.stores.dead_letters.discard(args.id):
+            return Reply(f"Dead letter {args.id} discarded; its conversation flows again.")
+        return Reply(f"Dead letter {args.id} is gone already.")
+
+    return Reply(
+        f"Discard dead letter {args.id} ({letter.operation} to {letter.connector} in "
+        f"{letter.room_id})? Its content is dropped for good. Answer 'yes' to confirm.",
+        confirm=run,
+    )
+
+
+async def _portals(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
+    total, portals = await ctx.queries.portals(args.filter)
+    if not portals:
+        return Reply("No portal matches." if args.filter else "No portal yet.")
+    lines = [f"{total} portal(s){' matching' if args.filter else ''}; newest first:"]
+    for portal in portals:
+        links = ", ".join(connector for connector, _ in portal.connectors) or "no vendor"
+        kind = "direct" if portal.is_direct else "group"
+        lines.append(f"{portal.room_id}  {kind}  [{links}]  {portal.title or ''}".rstrip())
+    return Reply("\n".join(lines), pre=True)
+
+
+async def _portal(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
+    portal = await ctx.queries.portal(args.room)
+    if portal is None:
+        return Reply(f"{args.room[:80]} is not a portal room.")
+    pending, dead = await ctx.queries.portal_queue(portal.room_id)
+    lines = [
+        f"{portal.room_id} ({'direct' if portal.is_direct else 'group'}): {portal.title or ''}",
+        f"voice: {portal.voice}",
+    ]
+    for connector, conversation in portal.connectors:
+        lines.append(f"  {connector}: conversation {conversation or '(being opened)'}")
+    lines.append(f"deliveries waiting: {pending}; dead letters: {dead}")
+    return Reply("\n".join(lines), pre=True)
+
+
+async def _whois(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
+    value = args.who.strip()
+    directory = ctx.stores.directory
+    if value.startswith("@"):
+        ref = ctx.ids.parse(value)
+        if ref is not None:
+            idnps = str(ref.idnps)
+        else:
+            entry = await directory.by_mxid(value)
+            if entry is None:
+                return Reply(f"{value[:80]} is not in the directory and is not a ghost.")
+            idnps = entry.idnps
+    else:
+        try:
+            idnps = str(Idnps(value))
+        except InvalidIdnps as error:
+            return Reply(f"Invalid IDNPS: {error}")
+    entry = await directory.get(idnps)
+    lines = [f"IDNPS {idnps}"]
+    if entry is not None:
+        lines.append(f"name: {entry.display_name} (source: {entry.source})")
+    else:
+        lines.append("not in the directory")
+    for mxid in await directory.mxids(idnps):
+        mark = " (preferred)" if mxid.preferred else ""
+        where = f"{mxid.kind}, {mxid.connector}" if mxid.connector else mxid.kind
+        lines.append(f"  reached at {mxid.mxid} [{where}]{mark}")
+    for mxid, connector, name in await ctx.queries.ghosts_of(idnps):
+        lines.append(f"  ghost {mxid} ({connector}): {name or ''}")
+    permission = await ctx.stores.permissions.get(idnps)
+    if permission is not None:
+        lines.append(f"permissions: {permission.default_setting}")
+    return Reply("\n".join(lines), pre=True)
+
+
+async def _trust(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
+    store = ctx.stores.trusted_servers
+    trust = ctx.homeserver.trust
+    if args.action == "list":
+        added = {s.server_name: s for s in await store.list()}
+        lines = [f"{trust.own_domain} (this bridge's homeserver)"]
+        lines += [f"{s} (config)" for s in trust.config_servers]
+        lines += [f"{name} (added by {s.added_by})" for name, s in sorted(added.items())]
+        return Reply("Trusted servers:\n" + "\n".join(f"  {line}" for line in lines), pre=True)
+    if not args.server:
+        return Reply(f"trust {args.action} needs a server name.")
+    try:
+        server = validate_server_name(args.server)
+    except InvalidServerName as error:
+        return Reply(f"Invalid server name: {error}")
+    if args.action == "add":
+        if await store.add(server, who.partition("|")[2]):
+            return Reply(f"{server} trusted; every portal's ACL follows within seconds.")
+        return Reply(f"{server} was trusted already.")
+    if server in trust.config_servers or server == trust.own_domain:
+        return Reply(f"{server} comes from the config (or is ours): change trust.servers there.")
+
+    async def run() -> Reply:
+        if await store.remove(server):
+            return Reply(f"{server} no longer trusted; portals' ACLs follow within seconds.")
+        return Reply(f"{server} was not in the run-time list.")
+
+    return Reply(
+        f"Stop trusting {server}? Its users' events stop reaching vendors and portals' ACLs "
+        "shut it out. Answer 'yes' to confirm.",
+        confirm=run,
+    )
+
+
+async def _directory(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
+    if args.action == "show":
+        if not args.source:
+            return Reply("directory show needs an IDNPS.")
+        return await _whois(ctx, argparse.Namespace(who=args.source), who)
+    if args.source:
+        return await _import_path(ctx, Path(args.source), args.format, args.source)
+    upload = ctx.uploads.get(tuple(who.split("|", 1)))  # type: ignore[arg-type]
+    if upload is None:
+        return Reply(
+            "Send the file here first (PS_LibreAcces text or a FHIR Bundle), then "
+            "'directory import'; or give a path on the bridge's host."
+        )
+    mxc, name = upload
+    with tempfile.TemporaryDirectory(prefix="eimis-import-") as tmp:
+        path = Path(tmp) / (Path(name).name or "directory.txt")
+        try:
+            async with ctx.media.download(mxc) as chunks:
+                with path.open("wb") as out:
+                    async for chunk in chunks:
+                        out.write(chunk)
+        except (MediaError, MatrixRequestError) as error:
+            return Reply(f"Could not download {name}: {error}")
+        return await _import_path(ctx, path, args.format, name)
+
+
+async def _import_path(ctx: AdminContext, path: Path, fmt: str | None, shown: str) -> Reply:
+    def foreign(mxid: str) -> str | None:
+        if ctx.ids.in_namespace(mxid):
+            return "is in the bridge's own namespace (the bridge lists its ghosts itself)"
+        return None
+
+    try:
+        report = await import_file(
+            ctx.stores.directory, path, format=fmt, foreign_mxid=foreign, progress=False
+        )
+    except OSError as error:
+        return Reply(f"Cannot read {shown}: {error.strerror or error}")
+    except DirectoryFormatError as error:
+        return Reply(f"Cannot import {shown}: {error}")
+    lines = [
+        f"Read {report.lines:,} line(s) of {shown} in {report.seconds:.1f} s: "
+        f"{report.records:,} valid, {len(report.rejected):,} rejected.",
+        f"{report.added:,} professional(s) added, {report.changed:,} changed, "
+        f"{report.mxids:,} native Matrix ID(s); {await ctx.stores.directory.count():,} in all.",
+    ]
+    for rejected in report.rejected[:10]:
+        lines.append(f"  rejected: {rejected}")
+    if len(report.rejected) > 10:
+        lines.append(f"  ... and {len(report.rejected) - 10:,} more")
+    return Reply("\n".join(lines), pre=True)
+
+
+async def _audit(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
+    if ctx.audit is None:
+        return Reply("This bridge keeps no audit log.")
+    seconds = _parse_duration(args.since)
+    if seconds is None:
+        return Reply(f"--since takes a duration like 30m, 24h or 7d, not {args.since[:20]!r}.")
+    since_ms = int((time.time() - seconds) * 1000)
+    rows = await ctx.audit.query(
+        since_ms=since_ms, connector=args.connector, portal=args.portal, limit=max(1, args.limit)
+    )
+    if not rows:
+        return Reply("No audit record in that window.")
+    lines = [_audit_line(row) for row in rows]
+    lines.append("The full log: eimis-bridge audit --format csv|json (on the bridge's host).")
+    return Reply("\n".join(lines), pre=True)
+
+
+def _audit_line(row: Any) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row.at / 1000))
+    return (
+        f"{when}Z {row.connector} {row.direction} {row.kind} {row.outcome} "
+        f"{row.sender or '-'} -> {row.recipient or '-'} {row.portal or '-'}"
+    )
+
+
+async def _forget(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
+    try:
+        idnps = str(Idnps(args.idnps))
+    except InvalidIdnps as error:
+        return Reply(f"Invalid IDNPS: {error}")
+    ghosts = [mxid for mxid, _, _ in await ctx.queries.ghosts_of(idnps)]
+
+    async def run() -> Reply:
+        for ghost in ghosts:
+            with contextlib.suppress(MatrixRequestError):
+                await ctx.homeserver.intent(ghost).set_displayname(FORGOTTEN_NAME)
+        erased = await ctx.queries.forget(idnps, ghosts)
+        for ghost in ghosts:
+            ctx.stores.ghosts.forget(ghost)
+        return Reply(
+            f"Erased {idnps}: {erased.directory_rows} directory/permission row(s), "
+            f"{len(erased.ghosts)} ghost(s) renamed '{FORGOTTEN_NAME}', "
+            f"{erased.queued_items} queued item(s) emptied. The audit log keeps its "
+            "metadata until its retention ends."
+        )
+
+    return Reply(
+        f"Erase everything the bridge holds about {idnps} ({len(ghosts)} ghost(s))? Queued "
+        "messages from or to them are dropped. Answer 'yes' to confirm.",
+        confirm=run,
+    )
+
+
+# --- Helpers -------------------------------------------------------------------------------------
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
+
+
+def _parse_duration(text: str) -> float | None:
+    units = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+    number = text.rstrip("smhdin")
+    unit = text[len(number) :] or "s"
+    try:
+        value = float(number)
+    except ValueError:
+        return None
+    if unit not in units or value < 0:
+        return None
+    return value * units[unit]

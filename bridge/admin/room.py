@@ -1,0 +1,191 @@
+"""The admin room: a direct chat between an operator and the bridge bot.
+
+An operator (a Matrix ID in ``admin.admins``) invites the bot; the bot joins and the room becomes
+an admin room (remembered in the database). Anyone else who invites the bot, or writes in an
+admin room, gets a polite refusal. An operator's message is a command line (``help`` lists
+them); the answer is a notice from the bot. A destructive command asks for confirmation, which
+only the same operator, in the same room, can give by answering ``yes`` within
+``admin.confirm_within_s``.
+
+The bot's answers carry transaction ids derived from the command's event id, so an event
+processed twice (a crash between the answer and its inbox mark) is answered once.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from mautrix.errors import MatrixRequestError
+from mautrix.types import RoomID
+
+from bridge.admin.commands import AdminContext, Reply, build_parser
+from bridge.admin.parser import CommandError, HelpShown, parse, split
+from bridge.db.connector_state import BRIDGE_STATE, ConnectorStateStore
+from bridge.matrix.homeserver import derived_txn_id
+
+log = logging.getLogger("eimis.admin")
+
+ADMIN_ROOMS_KEY = "admin_rooms"
+REFUSAL = (
+    "Hello. I am the eimis-bridge bot: I take commands from this bridge's operators only. "
+    "If you need something from the bridge, please write to its operators."
+)
+YES = ("yes", "y", "oui", "confirm")
+
+
+@dataclass
+class _Pending:
+    action: Any
+    expires: float
+
+
+class AdminRoom:
+    def __init__(self, ctx: AdminContext) -> None:
+        self.ctx = ctx
+        self.admins = frozenset(ctx.config.admin.admins)
+        self.bot = ctx.config.bot_mxid
+        self._state = ConnectorStateStore(ctx.stores.db, BRIDGE_STATE)
+        self._rooms: set[str] | None = None
+        self._pending: dict[tuple[str, str], _Pending] = {}
+        self._parser = build_parser()
+
+    async def rooms(self) -> set[str]:
+        if self._rooms is None:
+            raw = await self._state.get(ADMIN_ROOMS_KEY)
+            self._rooms = set(json.loads(raw)) if raw else set()
+        return self._rooms
+
+    async def _remember(self, room_id: str, present: bool) -> None:
+        rooms = await self.rooms()
+        if (room_id in rooms) == present:
+            return
+        rooms.add(room_id) if present else rooms.discard(room_id)
+        await self._state.set(ADMIN_ROOMS_KEY, json.dumps(sorted(rooms)))
+
+    # Membership -------------------------------------------------------------------------------
+
+    async def on_bot_invite(self, room_id: str, inviter: str) -> None:
+        """The bot was invited: an operator's DM becomes an admin room; others are refused."""
+        intent = self.ctx.homeserver.bot
+        if inviter not in self.admins:
+            log.info("Refusing an invite of the bot from a non-operator")
+            try:
+                await intent.leave_room(RoomID(room_id), reason=REFUSAL)
+            except MatrixRequestError as error:
+                log.warning("Could not refuse the bot's invite (%s)", error.errcode)
+            return
+        try:
+            await intent.join_room_by_id(RoomID(room_id))
+        except MatrixRequestError as error:
+            log.warning("Could not join the admin room %s (%s)", room_id, error.errcode)
+            return
+        await self._remember(room_id, True)
+        log.info("Admin room %s opened by an operator", room_id)
+        await self._send(
+            room_id,
+            Reply(
+                "eimis-bridge admin room. Type 'help' for the commands, '<command> -h' for one. "
+                "I will also post here when a connector goes down, comes back, has its "
+                "credentials rejected, stalls, or a delivery becomes a dead letter."
+            ),
+            derived_txn_id("admin-welcome", room_id),
+        )
+
+    async def on_bot_left(self, room_id: str) -> None:
+        await self._remember(room_id, False)
+
+    # Messages ---------------------------------------------------------------------------------
+
+    async def handles(self, raw: dict[str, Any]) -> bool:
+        """Whether this room event belongs to an admin room (then it is dealt with here)."""
+        room_id = raw.get("room_id")
+        if not isinstance(room_id, str) or room_id not in await self.rooms():
+            return False
+        if raw.get("type") != "m.room.message" or raw.get("sender") == self.bot:
+            return True
+        sender = str(raw.get("sender"))
+        content = raw.get("content") if isinstance(raw.get("content"), dict) else {}
+        event_id = str(raw.get("event_id"))
+        txn_id = derived_txn_id("admin-reply", event_id)
+        if sender not in self.admins:
+            await self._send(room_id, Reply(REFUSAL), txn_id)
+            return True
+        if content.get("msgtype") == "m.file" and isinstance(content.get("url"), str):
+            name = str(content.get("filename") or content.get("body") or "upload")
+            self.ctx.uploads[(room_id, sender)] = (content["url"], name)
+            await self._send(
+                room_id,
+                Reply(f"Got {name[:80]}. 'directory import' imports it into the directory."),
+                txn_id,
+            )
+            return True
+        body = content.get("body")
+        if content.get("msgtype") != "m.text" or not isinstance(body, str) or not body.strip():
+            return True
+        await self._send(room_id, await self._answer(room_id, sender, body), txn_id)
+        return True
+
+    async def _answer(self, room_id: str, sender: str, body: str) -> Reply:
+        text = body.strip()
+        if text.startswith("!"):
+            text = text[1:]  # the habit of other bridges' bots
+        pending = self._pending.pop((room_id, sender), None)
+        if pending is not None:
+            if text.lower() in YES and pending.expires >= time.monotonic():
+                return await self._run_safely(pending.action)
+            if text.lower() in YES:
+                return Reply("That confirmation came too late; run the command again.")
+            if text.lower() in ("no", "n", "non", "cancel"):
+                return Reply("Cancelled.")
+            # Anything else: the pending action is dropped and the text read as a command.
+        try:
+            words = split(text)
+            if not words:
+                return Reply("Type 'help' for the commands.")
+            args = parse(self._parser, words)
+        except HelpShown as shown:
+            return Reply(str(shown), pre=True)
+        except CommandError as error:
+            return Reply(f"{error}\nType 'help' for the commands.", pre=True)
+        if getattr(args, "handler", None) is None:
+            return Reply("Type 'help' for the commands.")
+        log.info("Admin command %s by an operator", args.command)
+        reply = await self._run_safely(lambda: args.handler(self.ctx, args, f"{room_id}|{sender}"))
+        if reply.confirm is not None:
+            self._pending[(room_id, sender)] = _Pending(
+                reply.confirm, time.monotonic() + self.ctx.config.admin.confirm_within_s
+            )
+        return reply
+
+    async def _run_safely(self, action: Any) -> Reply:
+        try:
+            return await action()
+        except CommandError as error:
+            return Reply(str(error))
+        except ValueError as error:  # the operations' own "bad input" answers
+            return Reply(str(error))
+        except Exception as error:
+            log.exception("An admin command failed")
+            return Reply(f"The command failed ({type(error).__name__}); the bridge log has more.")
+
+    async def _send(self, room_id: str, reply: Reply, txn_id: str) -> None:
+        content: dict[str, Any] = {"msgtype": "m.notice", "body": reply.text}
+        if reply.pre:
+            content["format"] = "org.matrix.custom.html"
+            content["formatted_body"] = f"<pre><code>{html.escape(reply.text)}</code></pre>"
+        try:
+            await self.ctx.homeserver.send_event(
+                self.bot, room_id, "m.room.message", content, txn_id=txn_id
+            )
+        except MatrixRequestError as error:
+            log.warning("Could not answer in the admin room (%s)", error.errcode)
+
+    async def post(self, text: str, key: str) -> None:
+        """An alert to every admin room (``key`` makes the send idempotent)."""
+        for room_id in sorted(await self.rooms()):
+            await self._send(room_id, Reply(text), derived_txn_id("admin-alert", key, room_id))
