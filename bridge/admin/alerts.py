@@ -69,7 +69,7 @@ class AlertWatch:
             self._compare(self._last, current, now)
         self._last = current
         self._watch_stalls(current, now)
-        await self._flush(now)
+        await self._flush(time.monotonic())
 
     def _compare(self, before: Snapshot, now_: Snapshot, now: float) -> None:
         for connector, state in now_.states.items():
