@@ -6,25 +6,31 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import ClientSession, ClientTimeout, web
 from mautrix.types import Membership, RoomID
 
+from bridge import __version__
+from bridge.admin.console import Console
+from bridge.appservice.connector_routes import ConnectorRoutes
 from bridge.appservice.server import AppserviceServer
 from bridge.config import Config, load_tokens
 from bridge.core.causal_order import CausalOrder
+from bridge.core.connector_manager import ConnectorManager, Wiring
 from bridge.core.connectors import ConnectorSet, validate_connectors
 from bridge.core.delivery import Delivery
 from bridge.core.errors import PermanentFailure
 from bridge.core.from_matrix import FromMatrix
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.lanes import LaneScheduler
+from bridge.core.periodic import Periodic
 from bridge.core.portals import Portals
 from bridge.core.reconcile import Reconciler, TransactionWatch
 from bridge.core.router import Router, remote_lane
 from bridge.core.status import StatusReporter
 from bridge.core.to_matrix import ToMatrix
+from bridge.core.trail import Trail
 from bridge.core.trust import TrustWatcher
 from bridge.db.connector_state import BRIDGE_STATE, ConnectorStateStore
 from bridge.db.database import open_database
@@ -35,6 +41,7 @@ from bridge.db.stores import Stores
 from bridge.directory.names import GhostNames
 from bridge.matrix.homeserver import Homeserver, HomeserverCheckFailed
 from bridge.matrix.media import MediaRepository
+from bridge.metrics import Metrics, bridge_sampler
 from connectors.base import (
     REMOTE_EVENT_TYPES,
     BatchSink,
@@ -44,6 +51,9 @@ from connectors.base import (
 )
 
 log = logging.getLogger("eimis.bridge")
+
+READY_TIMEOUT_S = 5.0
+"""A readiness check that takes longer than this fails (a probe must answer, not hang)."""
 
 PORTAL_ACL_KEY = "portal_server_acl"
 """The ``m.room.server_acl`` content every portal was last brought to."""
@@ -60,8 +70,9 @@ class Bridge:
         )
         self._runner: web.AppRunner | None = None
         self._session: ClientSession | None = None
-        self._started_connectors: list[str] = []
+        self.connector_manager: ConnectorManager | None = None
         self.homeserver_info: dict[str, object] = {}
+        self.metrics = Metrics(__version__)
 
     async def start(self, *, paused: bool = False) -> None:
         """Open storage, serve the appservice API, check the homeserver, then start the work.
@@ -69,10 +80,13 @@ class Bridge:
         ``paused`` stores everything that arrives but processes nothing (maintenance; tests of
         what a crash between acknowledgement and processing leaves behind).
         """
-        specs = validate_connectors(self.config)
+        validate_connectors(self.config)
         as_token, hs_token = load_tokens(self.config)
         self.db = await open_database(self.config.database)
-        self.stores = Stores.of(self.db)
+        self.stores = Stores.of(self.db, secrets=self.config.secrets)
+        self.stores.audit.retention_days = self.config.audit.retention_days
+        trail = Trail(self.stores.audit, self.metrics)
+        """Every delivery's audit row and metrics."""
         self._intake = GroupCommit(self.db)
         """Vendor events' commits (the router and deliveries have their own)."""
         self._session = ClientSession(timeout=ClientTimeout(total=60))
@@ -84,15 +98,17 @@ class Bridge:
             self._apply_trust,
             self.config.trust.poll_interval_s,
         )
-        for spec in specs:
-            self.connectors.add(
-                spec,
-                emit=self._emitter(spec.connector_id),
-                emit_all=self._batch_emitter(spec.connector_id),
-                store=ConnectorStateStore(self.db, spec.connector_id),
-                public_base_url=f"{self.config.appservice.webhook_base_url}/connectors/"
-                f"{spec.connector_id}",
-            )
+        # Config connectors and those registered at run time; changes apply without a restart.
+        self.connector_routes = ConnectorRoutes()
+        self.connector_manager = ConnectorManager(
+            self.config,
+            self.stores.connector_registry,
+            connectors=self.connectors,
+            routes=self.connector_routes,
+            wire=self._wiring,
+            on_resumed=self._connector_resumed,
+        )
+        await self.connector_manager.load()
         self.portals = Portals(self.stores, self.homeserver, self.connectors, self.ids)
         self.media = MediaRepository(
             self.config.homeserver.url, as_token, self._session, self.config.media.chunk_size
@@ -107,6 +123,7 @@ class Bridge:
             self.status,
             max_attempts=self.config.delivery.max_attempts,
             success_statuses=self.config.delivery.success_statuses,
+            trail=trail,
         )
         self.outbox = LaneScheduler[OutboxItem](
             "outbox",
@@ -131,8 +148,10 @@ class Bridge:
                 self.outbox.notify,
                 relay=from_matrix.handle,
                 success_statuses=self.config.delivery.success_statuses,
+                trail=trail,
             ),
             outbox_notify=self.outbox.notify,
+            trail=trail,
         )
         self.inbox = LaneScheduler[InboxItem](
             "inbox",
@@ -174,12 +193,7 @@ class Bridge:
             watch=TransactionWatch(self.stores.inbox, self.reconciler),
             order=self.causal_order,
         )
-        for connector_id, connector in self.connectors:
-            routes = connector.web_routes()
-            if routes:
-                sub = web.Application()
-                sub.add_routes(routes)
-                server.app.add_subapp(f"/connectors/{connector_id}", sub)
+        self.connector_routes.mount(server.app)
         self._runner = web.AppRunner(server.app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(
@@ -191,6 +205,17 @@ class Bridge:
             self.config.appservice.hostname,
             self.config.appservice.port,
         )
+        if self.config.metrics.enabled:
+            self.metrics.watch(
+                bridge_sampler(
+                    self.stores,
+                    self.connectors,
+                    self.delivery.health,
+                    buffered=lambda: {"inbox": self.inbox.buffered, "outbox": self.outbox.buffered},
+                    untrusted_dropped=lambda: from_matrix.untrusted_dropped,
+                )
+            )
+            await self.metrics.start(self.config.metrics.hostname, self.config.metrics.port)
         self.homeserver_info = await self._check_homeserver()
         await self.reconciler.start()
         await self.causal_order.start()
@@ -200,18 +225,31 @@ class Bridge:
             self.stores, self.homeserver, self.config.directory.sync_interval_s
         )
         await self.ghost_names.start()
-        for connector_id, connector in self.connectors:
-            await connector.start()
-            self._started_connectors.append(connector_id)
-            log.info("Connector %s (%s) started", connector_id, type(connector).type_name)
+        self.audit_purge = Periodic(
+            "Audit log purge",
+            self._purge_audit,
+            self.config.audit.purge_interval_s,
+            log,
+            at_once=True,
+        )
+        self.audit_purge.start()
+        await self.connector_manager.start()
         await self.router.start()
         self.trust_watcher.start()  # and brings every portal's ACL to the list at once
+        # The operators' admin rooms: their events are commands; alerts are posted there.
+        self.console = Console(self)
+        from_matrix.admin = self.console.room if self.console.enabled else None
+        self.console.start()
         if not paused:
             self.inbox.start()
             self.outbox.start()
         log.info("Bridge running with connectors: %s", ", ".join(self.connectors.ids()) or "none")
 
     async def stop(self) -> None:
+        if getattr(self, "console", None) is not None:
+            await self.console.stop()
+        if getattr(self, "audit_purge", None) is not None:
+            await self.audit_purge.stop()
         if getattr(self, "ghost_names", None) is not None:
             await self.ghost_names.stop()
         if getattr(self, "trust_watcher", None) is not None:
@@ -223,17 +261,12 @@ class Bridge:
         for scheduler in (getattr(self, "inbox", None), getattr(self, "outbox", None)):
             if scheduler is not None:
                 await scheduler.stop()
-        for connector_id in reversed(self._started_connectors):
-            connector = self.connectors.get(connector_id)
-            if connector is not None:
-                try:
-                    await connector.stop()
-                except Exception:
-                    log.exception("Connector %s did not stop cleanly", connector_id)
-        self._started_connectors.clear()
+        if self.connector_manager is not None:
+            await self.connector_manager.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self.metrics.stop()
         if getattr(self, "homeserver", None) is not None:
             await self.homeserver.close()
         if self._session is not None:
@@ -262,6 +295,21 @@ class Bridge:
                 log.warning("Homeserver not ready yet; retrying in %.1fs", delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _wiring(self, connector_id: str) -> Wiring:
+        return Wiring(
+            emit=self._emitter(connector_id),
+            emit_all=self._batch_emitter(connector_id),
+            store=ConnectorStateStore(self.db, connector_id),
+            public_base_url=f"{self.config.appservice.webhook_base_url}/connectors/{connector_id}",
+        )
+
+    def _connector_resumed(self, connector_id: str) -> None:
+        """A connector runs again: its conversations waiting for it go on at once."""
+        lanes = f"{connector_id}\x1f"  # the lanes of its conversations, in both queues
+        for scheduler in (getattr(self, "inbox", None), getattr(self, "outbox", None)):
+            if scheduler is not None:
+                scheduler.retry_now(lanes)
 
     def _emitter(self, connector_id: str) -> EventSink:
         store = self._batch_emitter(connector_id)
@@ -334,19 +382,33 @@ class Bridge:
             return False
         return True
 
+    async def _purge_audit(self) -> None:
+        purged = await self.stores.audit.purge()
+        if purged:
+            log.info("Audit log: %d rows past their retention purged", purged)
+
     async def readiness(self) -> dict[str, bool]:
-        checks = {"database": False, "homeserver": False}
-        try:
+        """Ready when the database and the homeserver both answer, each within
+        ``READY_TIMEOUT_S`` (asked at once, never retried: a probe wants an answer now)."""
+
+        async def database() -> bool:
             await self.db.fetchval("SELECT 1")
-            checks["database"] = True
-        except Exception:
-            pass
-        try:
-            await self.homeserver.bot.versions(no_cache=True)
-            checks["homeserver"] = True
-        except Exception:
-            pass
-        return checks
+            return True
+
+        async def homeserver() -> bool:
+            assert self._session is not None
+            url = f"{self.config.homeserver.url.rstrip('/')}/_matrix/client/versions"
+            async with self._session.get(url, timeout=ClientTimeout(total=READY_TIMEOUT_S)) as r:
+                return r.status == 200
+
+        async def check(probe: Callable[[], Awaitable[bool]]) -> bool:
+            try:
+                return await asyncio.wait_for(probe(), READY_TIMEOUT_S)
+            except Exception:
+                return False
+
+        db_ok, hs_ok = await asyncio.gather(check(database), check(homeserver))
+        return {"database": db_ok, "homeserver": hs_ok}
 
     async def run_forever(self) -> None:
         await self.start()

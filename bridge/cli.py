@@ -75,9 +75,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _command_modules() -> list[Any]:
-    from bridge.commands import directory, trust
+    from bridge.commands import audit, connectors, directory, secrets, trust
 
-    return [directory, trust]
+    return [audit, directory, trust, connectors, secrets]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,8 @@ from bridge.directory.idnps import Idnps
 Formatting = Literal["plain", "markdown"]
 MessageKind = Literal["text", "notice", "emote"]
 FILE_MSGTYPES = ("m.image", "m.file", "m.audio", "m.video")
+PROBE_IDNPS = Idnps("899999999909")
+"""A valid IDNPS given to no one: what the default ``Connector.probe`` looks up."""
 
 
 # --- Capabilities ---------------------------------------------------------------------------------
@@ -430,6 +432,9 @@ class ConnectorError(Exception):
     ``unreachable``: the vendor did not answer at all (connection refused, timeout): the bridge
     marks the connector down and waits for it instead of spending the delivery's retry budget.
     ``retry_after``: seconds the vendor asked to wait (HTTP 429 ``Retry-After``).
+    ``credentials_rejected``: the vendor refused the bridge's credentials (HTTP 401 after a
+    token refresh): nothing will pass until an operator fixes them, so the bridge marks the
+    connector so, alerts the operators, and waits without spending retry budgets.
     """
 
     def __init__(
@@ -439,11 +444,13 @@ class ConnectorError(Exception):
         retriable: bool,
         unreachable: bool = False,
         retry_after: float | None = None,
+        credentials_rejected: bool = False,
     ) -> None:
         super().__init__(message)
-        self.retriable = retriable
+        self.retriable = retriable or credentials_rejected
         self.unreachable = unreachable
         self.retry_after = retry_after
+        self.credentials_rejected = credentials_rejected
 
 
 class Connector(abc.ABC):
@@ -533,6 +540,16 @@ class Connector(abc.ABC):
     def web_routes(self) -> list[web.RouteDef]:
         """Routes the bridge mounts under ``/connectors/<connector id>`` (webhooks)."""
         return []
+
+    async def probe(self) -> str:
+        """A cheap call proving the vendor answers and accepts the credentials (``connector
+        test``); returns a sentence saying what was checked, raises ``ConnectorError``. It may
+        run on an instance that was never started.
+
+        By default, asks about a professional nobody is: any answer, "unknown" included,
+        proves both. Override it when the vendor has a better check (a status endpoint)."""
+        await self.get_user(PROBE_IDNPS)
+        return "the vendor answers and accepts the credentials (a user look-up)"
 
     @classmethod
     def sandbox_app(cls) -> web.Application | None:

@@ -45,7 +45,10 @@ def raise_for_status(
     if status == 429 and headers is not None:
         retry_after = retry_after_seconds(headers.get("Retry-After"))
     raise ConnectorError(
-        detail, retriable=status >= 500 or status == 429, retry_after=retry_after
+        detail,
+        retriable=status >= 500 or status == 429,
+        retry_after=retry_after,
+        credentials_rejected=status == 401,
     )
 
 

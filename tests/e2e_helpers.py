@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 from typing import Any
 
@@ -11,6 +12,11 @@ from bridge.devtools.demo import SandboxUser, wait_for
 from bridge.devtools.stack import LocalStack
 
 counter = itertools.count(1)
+
+# A 1x1 PNG.
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
 
 
 def unique(text: str) -> str:
@@ -161,3 +167,81 @@ class Proxy:
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         raise NotImplementedError
+
+
+async def vendor_copy(user: SandboxUser, predicate: Any) -> dict[str, Any]:
+    """The first message in ``user``'s inbox that matches ``predicate``, once it has arrived."""
+    return await wait_for("the message at the vendor", lambda: inbox_message(user, predicate), 30)
+
+
+def file_named(name: str) -> Any:
+    """Matches a vendor message whose attachment is called ``name``."""
+    return lambda m: (m.get("attachment") or {}).get("name") == name
+
+
+# --- Matrix events --------------------------------------------------------------------------------
+
+
+def body_is(text: str) -> Any:
+    """Matches a Matrix event whose body is ``text``."""
+    return lambda e: (e.get("content") or {}).get("body") == text
+
+
+def relation(event: dict[str, Any]) -> dict[str, Any]:
+    """``m.relates_to`` of an event; empty for a redacted one."""
+    return dict((event.get("content") or {}).get("m.relates_to") or {})
+
+
+def redaction_of(event_id: str) -> Any:
+    """Matches the redaction of ``event_id`` (``redacts`` at the top level or in the content,
+    as room versions differ)."""
+    return lambda e: (
+        e.get("type") == "m.room.redaction"
+        and event_id in (e.get("redacts"), (e.get("content") or {}).get("redacts"))
+    )
+
+
+def reply_content(text: str, event_id: str) -> dict[str, Any]:
+    """A Matrix text message answering ``event_id``."""
+    return {
+        "msgtype": "m.text",
+        "body": text,
+        "m.relates_to": {"m.in_reply_to": {"event_id": event_id}},
+    }
+
+
+def edit_content(event_id: str, text: str) -> dict[str, Any]:
+    """A Matrix edit replacing the text of ``event_id`` by ``text``."""
+    return {
+        "msgtype": "m.text",
+        "body": f"* {text}",
+        "m.new_content": {"msgtype": "m.text", "body": text},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": event_id},
+    }
+
+
+def edit_of(event_id: str, text: str) -> Any:
+    """Matches a Matrix edit that replaces the text of ``event_id`` by ``text``."""
+    return lambda e: (
+        relation(e).get("event_id") == event_id
+        and (e.get("content") or {}).get("m.new_content", {}).get("body") == text
+    )
+
+
+def reaction_content(event_id: str, key: str) -> dict[str, Any]:
+    """A Matrix reaction ``key`` to ``event_id``."""
+    return {"m.relates_to": {"rel_type": "m.annotation", "event_id": event_id, "key": key}}
+
+
+async def published_capabilities(
+    stack: LocalStack, http: ClientSession, room_id: str, access_token: str
+) -> dict[str, dict[str, Any]]:
+    """What a portal room's state says each connector supports, by connector id."""
+    url = f"{stack.synapse.url}/_matrix/client/v3/rooms/{room_id}/state"
+    async with http.get(url, headers={"Authorization": f"Bearer {access_token}"}) as resp:
+        state = await resp.json()
+    return {
+        e["state_key"]: e["content"]["capabilities"]
+        for e in state
+        if e["type"] == "eu.eimis.bridge.capabilities"
+    }

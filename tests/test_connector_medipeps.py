@@ -8,8 +8,7 @@ import hashlib
 import json
 import logging
 import os
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -18,8 +17,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from connector_helpers import MemoryStore, Served, rpps, wait_for
 
-from bridge.directory.idnps import Idnps, luhn_check_digit
+from bridge.directory.idnps import Idnps
 from connectors.base import (
     ConnectorContext,
     ConnectorError,
@@ -47,12 +47,6 @@ CONNECTOR_ID = "mp"
 NATHALIE = USERS[0].idnps
 PIERRE = USERS[1].idnps
 OUTSIDER_MXID = "@carol:matrix.example.org"
-
-
-def rpps(n: int) -> Idnps:
-    """A valid RPPS-based IDNPS that is not a sandbox user."""
-    partial = f"9{n:09d}"
-    return Idnps("8" + partial + luhn_check_digit(partial))
 
 
 OUTSIDER = rpps(42)
@@ -89,58 +83,6 @@ class Recorder:
     def ids(self) -> list[str]:
         """Event ids once each, in first-seen order (the bridge stores each event id once)."""
         return list(dict.fromkeys(e.event_id for e in self.events))
-
-
-class MemoryStore:
-    def __init__(self) -> None:
-        self.data: dict[str, str] = {}
-
-    async def get(self, key: str) -> str | None:
-        return self.data.get(key)
-
-    async def set(self, key: str, value: str) -> None:
-        self.data[key] = value
-
-
-class Served:
-    """An aiohttp app on 127.0.0.1, which the test can take down and bring back on the same port."""
-
-    def __init__(self, app: web.Application) -> None:
-        self.app = app
-        self.runner = web.AppRunner(app)
-        self.site: web.TCPSite | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        if self.runner.server is None:
-            await self.runner.setup()
-        self.site = web.TCPSite(self.runner, "127.0.0.1", self.port)
-        await self.site.start()
-        self.port = self.runner.addresses[0][1]
-
-    async def down(self) -> None:
-        """Stop listening and drop open connections, as a crashed server would."""
-        assert self.site is not None and self.runner.server is not None
-        await self.site.stop()
-        self.site = None
-        self.runner.server.pre_shutdown()
-        await self.runner.server.shutdown(1.0)
-
-    async def close(self) -> None:
-        await self.runner.cleanup()
-
-
-async def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll ``condition`` until true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @dataclass

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from connector_helpers import MemoryStore, Recorder, Served, mounted, rpps, wait_for
 
-from bridge.directory.idnps import Idnps, luhn_check_digit
+from bridge.directory.idnps import Idnps
 from connectors.base import (
     ConnectorContext,
     ConnectorError,
@@ -47,16 +47,9 @@ from connectors.pandalab.convert import from_markdown, to_markdown
 from connectors.pandalab.sandbox import USERS, create_app, sign
 
 CONNECTOR_ID = "pl"
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ALICE = USERS[0].idnps
 BOB = USERS[1].idnps
 OUTSIDER_MXID = "@carol:matrix.example.org"
-
-
-def rpps(n: int) -> Idnps:
-    """A valid RPPS-based IDNPS that is not a sandbox user."""
-    partial = f"9{n:09d}"
-    return Idnps("8" + partial + luhn_check_digit(partial))
 
 
 OUTSIDER = rpps(42)
@@ -75,82 +68,6 @@ class FakeClock:
     def __call__(self) -> float:
         self.now += self.step
         return self.now
-
-
-@dataclass
-class Recorder:
-    """The bridge's event sink: records events; ``fail_next`` makes the next emits raise."""
-
-    events: list[RemoteEvent] = field(default_factory=list)
-    fail_next: int = 0
-    failures: int = 0
-
-    async def __call__(self, event: RemoteEvent) -> None:
-        if self.fail_next:
-            self.fail_next -= 1
-            self.failures += 1
-            raise RuntimeError("storage unavailable")
-        self.events.append(event)
-
-
-class MemoryStore:
-    def __init__(self) -> None:
-        self.data: dict[str, str] = {}
-
-    async def get(self, key: str) -> str | None:
-        return self.data.get(key)
-
-    async def set(self, key: str, value: str) -> None:
-        self.data[key] = value
-
-
-class Served:
-    """An aiohttp app on 127.0.0.1, which the test can take down and bring back on the same port."""
-
-    def __init__(self, app: web.Application) -> None:
-        self.app = app
-        self.paths: list[str] = []
-        """The path of every request served, in order."""
-        app.middlewares.append(self._record)
-        self.runner = web.AppRunner(app)
-        self.site: web.TCPSite | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @web.middleware
-    async def _record(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        self.paths.append(request.path)
-        return await handler(request)
-
-    async def start(self) -> None:
-        if self.site is None and not self.runner.server:
-            await self.runner.setup()
-        self.site = web.TCPSite(self.runner, "127.0.0.1", self.port)
-        await self.site.start()
-        self.port = self.runner.addresses[0][1]
-
-    async def down(self) -> None:
-        """Stop listening and drop open connections, as a crashed server would."""
-        assert self.site is not None and self.runner.server is not None
-        await self.site.stop()
-        self.site = None
-        self.runner.server.pre_shutdown()
-        await self.runner.server.shutdown(1.0)
-
-    async def close(self) -> None:
-        await self.runner.cleanup()
-
-
-async def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll ``condition`` until true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @dataclass
@@ -249,15 +166,6 @@ def new_connector(
     return connector
 
 
-def bridge_web_app(connector: PandaLabConnector) -> web.Application:
-    """The bridge's web server, as the bridge mounts connectors: routes under /connectors/<id>."""
-    sub = web.Application()
-    sub.add_routes(connector.web_routes())
-    app = web.Application()
-    app.add_subapp(f"/connectors/{CONNECTOR_ID}", sub)
-    return app
-
-
 @pytest.fixture
 async def harness() -> AsyncIterator[Harness]:
     clock = FakeClock()
@@ -268,7 +176,7 @@ async def harness() -> AsyncIterator[Harness]:
         # The receiver's port is known once it listens: build the connector, mount its routes,
         # listen, then give the connector its public URL before start() registers the webhook.
         connector = new_connector(sandbox, recorder, clock, public_base_url="")
-        receiver = Served(bridge_web_app(connector))
+        receiver = Served(mounted(connector, CONNECTOR_ID))
         await receiver.start()
         connector.ctx.public_base_url = f"{receiver.url}/connectors/{CONNECTOR_ID}"
         h = Harness(sandbox, receiver, connector, recorder, http, clock)
@@ -566,13 +474,15 @@ async def test_token_refreshed_once_on_401(harness: Harness) -> None:
     assert harness.token_requests - fetched == 1
 
 
-async def test_token_refused_twice_is_a_permanent_error(harness: Harness) -> None:
+async def test_token_refused_twice_says_the_credentials_are_rejected(harness: Harness) -> None:
+    """Nothing passes until an operator fixes the credentials: the bridge waits (and alerts)
+    instead of failing the deliveries for good."""
     fetched = harness.token_requests
     harness.connector.client.clock = FakeClock()
     harness.clock.step = 10_000  # the vendor expires every token before it is used
     with pytest.raises(ConnectorError) as refused:
         await harness.connector.get_user(ALICE)
-    assert refused.value.retriable is False
+    assert refused.value.credentials_rejected and refused.value.retriable
     assert "401" in str(refused.value)
     assert harness.token_requests - fetched == 1  # one refresh, no loop
 
@@ -584,7 +494,7 @@ async def test_bad_credentials_fail_start_permanently(harness: Harness) -> None:
             await connector.start()
     finally:
         await connector.stop()
-    assert refused.value.retriable is False
+    assert refused.value.credentials_rejected  # the operator must act: an alert, not retries
     assert "invalid_client" in str(refused.value)
     assert "s3cret-xyz" not in str(refused.value)
 

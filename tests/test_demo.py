@@ -31,7 +31,7 @@ def test_demo_once_verifies_the_conversation_on_every_side(tmp_path: Path) -> No
     assert demo["homeserver_url"].startswith("http://127.0.0.1:")
     assert demo["native_users"][0]["user_id"].startswith("@")
     assert demo["native_users"][0]["password"]
-    assert set(demo["sandboxes"]) == {"pandalab", "medipeps"}
+    assert set(demo["sandboxes"]) == {"pandalab", "medipeps", "webhook"}  # every type
     for sandbox in demo["sandboxes"].values():
         assert sandbox["url"].startswith("http://127.0.0.1:")
         assert len(sandbox["users"]) >= 2

@@ -7,7 +7,6 @@ a native Matrix user), so every feature is seen from all three sides.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,15 +19,27 @@ from aiohttp import ClientSession
 from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 
-from e2e_helpers import AppUser, app_users_of, counter, inbox_message, portal_of, unique
+from e2e_helpers import (
+    PNG,
+    AppUser,
+    app_users_of,
+    body_is,
+    counter,
+    edit_content,
+    edit_of,
+    file_named,
+    inbox_message,
+    portal_of,
+    published_capabilities,
+    reaction_content,
+    redaction_of,
+    reply_content,
+    unique,
+    vendor_copy,
+)
 from matrix_user import MatrixUser, connect
 
 pytestmark = pytest.mark.e2e
-
-# A 1x1 PNG.
-PNG = base64.b64decode(
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
-)
 
 
 @pytest.fixture(scope="module")
@@ -75,18 +86,6 @@ async def trio(stack: LocalStack, http: ClientSession) -> AsyncIterator[Trio]:
         yield Trio(alice, alice_conv, bob, str(message["conversation_id"]), native, room_id, stack)
     finally:
         await native.close()
-
-
-def file_named(name: str) -> Any:
-    return lambda m: (m.get("attachment") or {}).get("name") == name
-
-
-def body_is(text: str) -> Any:
-    return lambda e: (e.get("content") or {}).get("body") == text
-
-
-async def vendor_copy(user: AppUser, predicate: Any) -> dict[str, Any]:
-    return await wait_for("the message at the vendor", lambda: inbox_message(user, predicate), 30)
 
 
 async def send_status(trio: Trio, event_id: str, network: str) -> dict[str, Any]:
@@ -298,9 +297,7 @@ async def test_file_over_a_vendor_limit_or_of_a_forbidden_type_is_refused_with_a
             "info": {"mimetype": "application/pdf", "size": len(big)},
         },
     )
-    at_alice = await vendor_copy(
-        trio.alice, lambda m: (m.get("attachment") or {}).get("name") == name
-    )
+    at_alice = await vendor_copy(trio.alice, file_named(name))
     got = await trio.alice.download(at_alice["attachment"]["file_id"])
     assert hashlib.sha256(got).digest() == hashlib.sha256(big).digest()
     refused = await send_status(trio, event_id, "medipeps")
@@ -343,9 +340,7 @@ async def test_vendor_files_reach_matrix_through_authenticated_media(trio: Trio)
     assert event["content"]["msgtype"] == "m.image"
     assert await trio.native.download(event["content"]["url"]) == PNG
     # ... and on to the other vendor, through Matrix.
-    at_alice = await vendor_copy(
-        trio.alice, lambda m: (m.get("attachment") or {}).get("name") == image
-    )
+    at_alice = await vendor_copy(trio.alice, file_named(image))
     assert await trio.alice.download(at_alice["attachment"]["file_id"]) == PNG
 
 
@@ -378,11 +373,7 @@ async def test_replies_keep_their_target_in_every_direction(trio: Trio) -> None:
     await trio.native.send(
         trio.room_id,
         "m.room.message",
-        {
-            "msgtype": "m.text",
-            "body": answer,
-            "m.relates_to": {"m.in_reply_to": {"event_id": asked["event_id"]}},
-        },
+        reply_content(answer, asked["event_id"]),
     )
     at_alice = await vendor_copy(trio.alice, lambda m: m["text"] == answer)
     assert at_alice["reply_to"] == question_id
@@ -408,12 +399,7 @@ async def test_edits_reach_pandalab_as_edits_and_medipeps_as_marked_corrections(
     edit_id = await trio.native.send(
         trio.room_id,
         "m.room.message",
-        {
-            "msgtype": "m.text",
-            "body": f"* {corrected}",
-            "m.new_content": {"msgtype": "m.text", "body": corrected},
-            "m.relates_to": {"rel_type": "m.replace", "event_id": event_id},
-        },
+        edit_content(event_id, corrected),
     )
     edited = await vendor_copy(trio.alice, lambda m: m["text"] == corrected)
     assert edited["edited"] is True
@@ -428,10 +414,7 @@ async def test_edits_reach_pandalab_as_edits_and_medipeps_as_marked_corrections(
     await trio.alice.edit(trio.alice_conv, message_id, fixed)
     replaced = await trio.native.wait_for_event(
         trio.room_id,
-        lambda e: (
-            ((e.get("content") or {}).get("m.relates_to") or {}).get("event_id") == sent["event_id"]
-            and e["content"].get("m.new_content", {}).get("body") == fixed
-        ),
+        edit_of(sent["event_id"], fixed),
         30,
     )
     assert replaced["content"]["m.relates_to"]["rel_type"] == "m.replace"
@@ -462,10 +445,7 @@ async def test_deletions_cross_in_both_directions(trio: Trio) -> None:
     await trio.bob.delete(trio.bob_conv, message_id)
     await trio.native.wait_for_event(
         trio.room_id,
-        lambda e: (
-            e.get("type") == "m.room.redaction"
-            and sent["event_id"] in (e.get("redacts"), (e.get("content") or {}).get("redacts"))
-        ),
+        redaction_of(sent["event_id"]),
         30,
     )
 
@@ -479,7 +459,7 @@ async def test_reactions_reach_pandalab_and_become_short_messages_at_medipeps(
     reaction_id = await trio.native.send(
         trio.room_id,
         "m.reaction",
-        {"m.relates_to": {"rel_type": "m.annotation", "event_id": event["event_id"], "key": "👍"}},
+        reaction_content(event["event_id"], "👍"),
     )
 
     async def reacted() -> bool:
@@ -512,10 +492,7 @@ async def test_reactions_reach_pandalab_and_become_short_messages_at_medipeps(
     await trio.alice.unreact(trio.alice_conv, message_id, theirs)
     await trio.native.wait_for_event(
         trio.room_id,
-        lambda e: (
-            e.get("type") == "m.room.redaction"
-            and reaction["event_id"] in (e.get("redacts"), (e.get("content") or {}).get("redacts"))
-        ),
+        redaction_of(reaction["event_id"]),
         30,
     )
 
@@ -578,14 +555,7 @@ async def test_portal_rooms_publish_what_each_vendor_supports(
     trio: Trio, http: ClientSession
 ) -> None:
     token = trio.native.client.access_token
-    url = f"{trio.stack.synapse.url}/_matrix/client/v3/rooms/{trio.room_id}/state"
-    async with http.get(url, headers={"Authorization": f"Bearer {token}"}) as resp:
-        state = await resp.json()
-    published = {
-        e["state_key"]: e["content"]["capabilities"]
-        for e in state
-        if e["type"] == "eu.eimis.bridge.capabilities"
-    }
+    published = await published_capabilities(trio.stack, http, trio.room_id, token)
     assert published["pandalab"]["reactions"] is True
     assert published["medipeps"]["reactions"] is False
     assert published["medipeps"]["edits"] is False

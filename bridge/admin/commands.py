@@ -22,6 +22,7 @@ from mautrix.errors import MatrixRequestError
 from bridge import __version__
 from bridge.admin.parser import AdminParser
 from bridge.admin.queries import AdminQueries, age
+from bridge.commands.audit import parse_moment
 from bridge.config import Config
 from bridge.core.connectors import ConnectorSet
 from bridge.core.ghost_ids import GhostIds
@@ -103,6 +104,7 @@ def build_parser() -> AdminParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a setting (add)"
     )
     c.add_argument("--grace", type=float, default=24.0, help="hours the old secret stays valid")
+    c.add_argument("--force", action="store_true", help="remove even if portals use it")
     q = command("queue", "the next deliveries waiting for one connector", _queue)
     q.add_argument("name", help="connector id")
     d = command("dead-letters", "deliveries that spent their retry budget", _dead_letters)
@@ -130,7 +132,9 @@ def build_parser() -> AdminParser:
     )
     i.add_argument("--format", choices=("ps", "fhir"), help="import: the file's format")
     a = command("audit", "the audit log (metadata of deliveries)", _audit)
-    a.add_argument("--since", default="24h", help="how far back: 30m, 24h, 7d (default 24h)")
+    a.add_argument(
+        "--since", default="24h", help="how far back (30m, 24h, 7d) or an ISO time; default 24h"
+    )
     a.add_argument("--connector", help="only this connector's")
     a.add_argument("--portal", help="only this room's")
     a.add_argument("--limit", type=int, default=20, help="rows shown (default 20)")
@@ -205,12 +209,22 @@ async def _connectors(ctx: AdminContext, args: argparse.Namespace, who: str) -> 
 
 
 def _connector_line(ctx: AdminContext, info: Any) -> str:
-    parts = [f"{info.connector_id} ({info.type})"]
+    parts = [f"{info.connector_id} ({info.type_name})"]
     parts.append("enabled" if info.enabled else "disabled")
     parts.append(f"from {info.origin}")
-    if getattr(info, "running", False):
+    if info.running:
         parts.append(ctx.health.state(info.connector_id))
+    elif info.enabled:
+        parts.append("not running")
+    if info.secret_grace_until:
+        parts.append(f"previous secret accepted until {_when(info.secret_grace_until)}")
+    if info.problem:
+        parts.append(f"problem: {info.problem}")
     return ", ".join(parts)
+
+
+def _when(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ms / 1000))
 
 
 async def _connector(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
@@ -228,12 +242,13 @@ async def _connector(ctx: AdminContext, args: argparse.Namespace, who: str) -> R
                 return Reply(f"--set takes KEY=VALUE, not {pair[:60]!r}.")
             settings[key.strip()] = value
         result = await manager.add(name, args.type, settings)
-        secret = getattr(result, "secret", result)
-        return Reply(
-            f"Connector {name} ({args.type}) added and started.\n"
-            f"Its shared secret, shown this once (give it to the vendor):\n{secret}",
-            pre=True,
+        lines = [f"Connector {name} ({args.type}) added."]
+        lines.append("It runs." if result.running else f"It is not running: {result.problem}")
+        lines.append(f"Its webhooks: {result.webhook_base_url}")
+        lines.append(
+            f"Its shared secret, shown this once (give it to the vendor):\n{result.secret}"
         )
+        return Reply("\n".join(lines), pre=True)
     if action == "enable":
         await manager.enable(name)
         return Reply(f"Connector {name} enabled.")
@@ -245,7 +260,7 @@ async def _connector(ctx: AdminContext, args: argparse.Namespace, who: str) -> R
             await manager.disable(name)
             return Reply(f"Connector {name} disabled; its deliveries wait.")
         if action == "remove":
-            await manager.remove(name)
+            await manager.remove(name, force=args.force)
             return Reply(f"Connector {name} removed.")
         secret = await manager.rotate_secret(name, args.grace * 3600)
         return Reply(
@@ -468,12 +483,16 @@ async def _import_path(ctx: AdminContext, path: Path, fmt: str | None, shown: st
 async def _audit(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
     if ctx.audit is None:
         return Reply("This bridge keeps no audit log.")
-    seconds = _parse_duration(args.since)
-    if seconds is None:
-        return Reply(f"--since takes a duration like 30m, 24h or 7d, not {args.since[:20]!r}.")
-    since_ms = int((time.time() - seconds) * 1000)
+    try:
+        since_ms = parse_moment(args.since)
+    except ValueError as error:
+        return Reply(f"--since: {error}")
     rows = await ctx.audit.query(
-        since_ms=since_ms, connector=args.connector, portal=args.portal, limit=max(1, args.limit)
+        since_ms,
+        connector=args.connector,
+        portal=args.portal,
+        limit=max(1, min(args.limit, 200)),
+        latest=True,
     )
     if not rows:
         return Reply("No audit record in that window.")
@@ -527,16 +546,3 @@ def _duration(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds // size} {unit}"
     return f"{seconds} s"
-
-
-def _parse_duration(text: str) -> float | None:
-    units = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
-    number = text.rstrip("smhdin")
-    unit = text[len(number) :] or "s"
-    try:
-        value = float(number)
-    except ValueError:
-        return None
-    if unit not in units or value < 0:
-        return None
-    return value * units[unit]

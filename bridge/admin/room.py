@@ -25,6 +25,7 @@ from mautrix.types import RoomID
 
 from bridge.admin.commands import AdminContext, Reply, build_parser
 from bridge.admin.parser import CommandError, HelpShown, parse, split
+from bridge.core.connector_manager import ConnectorAdminError
 from bridge.db.connector_state import BRIDGE_STATE, ConnectorStateStore
 from bridge.matrix.homeserver import derived_txn_id
 
@@ -167,7 +168,7 @@ class AdminRoom:
             return await action()
         except CommandError as error:
             return Reply(str(error))
-        except ValueError as error:  # the operations' own "bad input" answers
+        except (ValueError, ConnectorAdminError) as error:  # "bad input" answers, as sentences
             return Reply(str(error))
         except Exception as error:
             log.exception("An admin command failed")

@@ -11,22 +11,59 @@ transaction is stored.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from bridge.appservice.auth import check_hs_token
-from bridge.appservice.errors import matrix_error
+from bridge.appservice.errors import MatrixError, matrix_error
 from bridge.db.inbox import InboxStore
+from bridge.logs import log_context
 
 if TYPE_CHECKING:
     from bridge.core.causal_order import CausalOrder
     from bridge.core.reconcile import TransactionWatch
 
 log = logging.getLogger("eimis.appservice")
+
+_request_ids = itertools.count(1)
+
+
+@web.middleware
+async def request_context(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Records logged while a request is served name it: a number and the path (never the
+    query string, where an old homeserver may put its token)."""
+    with log_context(request=next(_request_ids), path=request.path):
+        return await handler(request)
+
+
+@web.middleware
+async def matrix_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Under ``/_matrix/``, aiohttp's own refusals (no such endpoint, wrong method) are Matrix
+    errors too: ``M_UNRECOGNIZED``, as the specification asks of unknown endpoints."""
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if (
+            isinstance(error, MatrixError)
+            or error.status < 400
+            or not request.path.startswith("/_matrix/")
+        ):
+            raise
+        errcode = "M_UNRECOGNIZED" if error.status in (404, 405) else "M_UNKNOWN"
+        refusal = matrix_error(error.status, errcode, error.reason)
+        if "Allow" in error.headers:
+            refusal.headers["Allow"] = error.headers["Allow"]
+        raise refusal from None
 
 
 class AppserviceServer:
@@ -52,7 +89,10 @@ class AppserviceServer:
         self._on_stored = on_stored
         self._query_user = query_user
         self._ready = ready
-        self.app = web.Application(client_max_size=max_body_bytes)
+        # Also serves the connectors' routes (sub-applications): the middleware covers them.
+        self.app = web.Application(
+            client_max_size=max_body_bytes, middlewares=[request_context, matrix_errors]
+        )
         self.app.add_routes(
             [
                 web.put("/_matrix/app/v1/transactions/{txn_id}", self.put_transaction),
@@ -67,9 +107,23 @@ class AppserviceServer:
     async def put_transaction(self, request: web.Request) -> web.Response:
         check_hs_token(request, self._hs_token)
         txn_id = request.match_info["txn_id"]
+        if not _storable_id(txn_id):
+            raise matrix_error(
+                400, "M_INVALID_PARAM", "A transaction id is at most 255 bytes of UTF-8, no NUL"
+            )
         body = await _json_body(request)
-        events = _parse_events(body)
-        ephemeral = _parse_ephemeral(body)
+        events = _without_lone_surrogates(_parse_events(body))
+        ephemeral = _without_lone_surrogates(_parse_ephemeral(body))
+        with log_context(txn=txn_id):
+            return await self._store_transaction(request, txn_id, events, ephemeral)
+
+    async def _store_transaction(
+        self,
+        request: web.Request,
+        txn_id: str,
+        events: list[dict[str, Any]],
+        ephemeral: list[dict[str, Any]],
+    ) -> web.Response:
         # The homeserver sends one transaction at a time; the watch reads them in that order.
         async with self._one_at_a_time:
             try:
@@ -131,8 +185,26 @@ async def _json_body(request: web.Request) -> Any:
         return await request.json(loads=json.loads)
     except web.HTTPRequestEntityTooLarge:
         raise matrix_error(413, "M_TOO_LARGE", "Request body too large") from None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, LookupError, RecursionError):
+        # LookupError: a Content-Type charset Python has no text codec for; RecursionError:
+        # JSON nested deeper than the parser goes. Found by tests/test_fuzz_http.py (were 500s).
         raise matrix_error(400, "M_NOT_JSON", "Request body is not valid JSON") from None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """JSON may escape half a UTF-16 pair (``"\\ud800"``), which no UTF-8 text can hold: the
+    database, the HTML sanitizer and vendors' APIs would choke on it later, in a lane. Each one
+    becomes U+FFFD here, as invalid UTF-8 from vendors does; the event itself is kept."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value) if _SURROGATE.search(value) else value
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_lone_surrogates(v) for v in value]
+    return value
 
 
 def _parse_events(body: Any) -> list[dict[str, Any]]:
@@ -144,15 +216,35 @@ def _parse_events(body: Any) -> list[dict[str, Any]]:
     for index, event in enumerate(events):
         if not (
             isinstance(event, dict)
-            and isinstance(event.get("event_id"), str)
-            and isinstance(event.get("room_id"), str)
+            and _storable_id(event.get("event_id"))
+            and _storable_id(event.get("room_id"))
             and isinstance(event.get("type"), str)
             and isinstance(event.get("sender"), str)
         ):
             raise matrix_error(
-                400, "M_BAD_JSON", f"events[{index}] lacks a string event_id/room_id/type/sender"
+                400,
+                "M_BAD_JSON",
+                f"events[{index}] lacks a string event_id/room_id/type/sender (ids: at most "
+                f"{MAX_ID_BYTES} bytes of UTF-8, no NUL)",
             )
     return events
+
+
+MAX_ID_BYTES = 255
+"""The specification's limit on room and event ids, and the bridge's on transaction ids."""
+
+
+def _storable_id(value: object) -> bool:
+    """An id the inbox can key and index on any database: a string of valid UTF-8 (no lone
+    surrogate), without NUL (PostgreSQL refuses it), within ``MAX_ID_BYTES`` (a longer one can
+    exceed PostgreSQL's index row size). Any other was a 503, for ever: found by
+    tests/test_fuzz_http.py."""
+    if not isinstance(value, str) or "\x00" in value:
+        return False
+    try:
+        return len(value.encode("utf-8")) <= MAX_ID_BYTES
+    except UnicodeEncodeError:
+        return False
 
 
 BRIDGED_EPHEMERAL = {"m.typing", "m.receipt"}
@@ -169,6 +261,6 @@ def _parse_ephemeral(body: dict[str, Any]) -> list[dict[str, Any]]:
         for edu in ephemeral
         if isinstance(edu, dict)
         and edu.get("type") in BRIDGED_EPHEMERAL
-        and isinstance(edu.get("room_id"), str)
+        and _storable_id(edu.get("room_id"))
         and isinstance(edu.get("content"), dict)
     ]

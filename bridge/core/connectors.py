@@ -10,7 +10,14 @@ from importlib.metadata import entry_points
 from pydantic import BaseModel, ValidationError
 
 from bridge.config import Config, ConfigError, format_validation_error
-from connectors.base import BatchSink, Connector, ConnectorContext, EventSink, KeyValueStore
+from connectors.base import (
+    BatchSink,
+    Connector,
+    ConnectorContext,
+    EventSink,
+    KeyValueStore,
+    SharedSecrets,
+)
 
 ENTRY_POINT_GROUP = "eimis_bridge.connectors"
 
@@ -57,10 +64,17 @@ def validate_connectors(config: Config) -> list[ConnectorSpec]:
 
 
 class ConnectorSet:
-    """The running connector instances, in config order (the order IDNPS lookups try them)."""
+    """The connector instances, in config order (the order IDNPS lookups try them), then those
+    registered at run time.
+
+    An instance can be *held* (disabled by an operator, or not started yet): a stand-in takes
+    its place, so the conversations it is in still queue deliveries for it, which wait (the
+    stand-in answers as an unreachable vendor) until it runs again; lookups skip it.
+    """
 
     def __init__(self) -> None:
         self._by_id: dict[str, Connector] = {}
+        self._held: set[str] = set()
 
     def add(
         self,
@@ -70,6 +84,7 @@ class ConnectorSet:
         emit_all: BatchSink,
         store: KeyValueStore,
         public_base_url: str,
+        secrets: SharedSecrets | None = None,
     ) -> Connector:
         ctx = ConnectorContext(
             connector_id=spec.connector_id,
@@ -80,9 +95,25 @@ class ConnectorSet:
             public_base_url=public_base_url,
             log=logging.getLogger(f"eimis.connector.{spec.connector_id}"),
         )
+        if secrets is not None:
+            ctx.secrets = secrets
         connector = spec.cls(ctx)
         self._by_id[spec.connector_id] = connector
+        self._held.discard(spec.connector_id)
         return connector
+
+    def hold(self, connector_id: str, stand_in: Connector) -> None:
+        """Put a stand-in (``bridge/core/held_connector.py``) in the instance's place."""
+        self._by_id[connector_id] = stand_in
+        self._held.add(connector_id)
+
+    def discard(self, connector_id: str) -> None:
+        """Forget the instance: deliveries still queued for it fail."""
+        self._by_id.pop(connector_id, None)
+        self._held.discard(connector_id)
+
+    def is_held(self, connector_id: str) -> bool:
+        return connector_id in self._held
 
     def get(self, connector_id: str) -> Connector | None:
         return self._by_id.get(connector_id)
@@ -91,7 +122,9 @@ class ConnectorSet:
         return connector_id in self._by_id
 
     def __iter__(self) -> Iterator[tuple[str, Connector]]:
-        return iter(list(self._by_id.items()))
+        """The running instances (held ones skipped)."""
+        return iter([(i, c) for i, c in self._by_id.items() if i not in self._held])
 
     def ids(self) -> list[str]:
-        return list(self._by_id)
+        """The running instances' ids, in order."""
+        return [i for i in self._by_id if i not in self._held]

@@ -31,13 +31,17 @@ from bridge.core.outbound import (
     render_text,
 )
 from bridge.core.status import StatusReporter
+from bridge.core.trail import Trail
 from bridge.db.group_commit import GroupCommit, Write
+from bridge.db.message_map import MessageMapStore
 from bridge.db.outbox import OutboxItem
 from bridge.db.portal import PortalLink
 from bridge.db.stores import Stores
 from bridge.directory.idnps import Idnps
+from bridge.logs import log_context
 from bridge.matrix.homeserver import Homeserver
 from bridge.matrix.media import MediaError, MediaRepository
+from bridge.metrics import TO_VENDOR
 from connectors.base import (
     Connector,
     ConnectorError,
@@ -48,6 +52,8 @@ from connectors.base import (
 )
 
 log = logging.getLogger("eimis.delivery")
+
+_MAPPED = MessageMapStore.add_write("", "", "", "").sql
 
 
 class Delivery:
@@ -61,6 +67,7 @@ class Delivery:
         status: StatusReporter,
         max_attempts: int = 10,
         success_statuses: bool = False,
+        trail: Trail | None = None,
     ) -> None:
         self.stores = stores
         self.hs = homeserver
@@ -70,6 +77,8 @@ class Delivery:
         self.status = status
         self.max_attempts = max_attempts
         self.success_statuses = success_statuses
+        self.trail = trail or Trail(stores.audit)
+        """Each delivery's audit row (committed with it) and metrics."""
         self.health = ConnectorHealth(self._vendor_back)
         # Its own group commit: on PostgreSQL, completed deliveries commit while the router's
         # batch (other rows) is committing.
@@ -87,16 +96,24 @@ class Delivery:
 
     async def handle(self, item: OutboxItem) -> None:
         """Deliver one item; raises only for failures worth retrying."""
+        with log_context(connector=item.connector, room=item.room_id):
+            await self._handle(item)
+
+    async def _handle(self, item: OutboxItem) -> None:
         writes: list[Write] = []
+        seen: dict[str, str] = {}
         try:
-            notes = await self._deliver(item, writes)
+            notes = await self._deliver(item, writes, seen)
         except ConnectorError as error:
             if error.unreachable:
                 self.health.unreachable(item.connector)
                 raise
+            if error.credentials_rejected:
+                self.health.rejected(item.connector)
+                raise
             self.health.answered(item.connector)
             if not error.retriable:
-                await self._give_up(item, str(error), unsupported=False)
+                await self._give_up(item, str(error), unsupported=False, why="vendor_refused")
                 return
             attempts = self._attempts.get(item.seq, item.attempts) + 1
             self._attempts[item.seq] = attempts
@@ -107,22 +124,33 @@ class Delivery:
         except MediaError as error:
             if error.retriable:
                 raise  # the homeserver's trouble, not this delivery's: no budget spent
-            await self._give_up(item, str(error), unsupported=False)
+            await self._give_up(item, str(error), unsupported=False, why="media")
             return
         except Undeliverable as refusal:
-            await self._give_up(item, str(refusal), unsupported=True)
+            await self._give_up(item, str(refusal), unsupported=True, why="unsupported")
             return
         except PermanentFailure as failure:
-            await self._give_up(item, str(failure), unsupported=False)
+            await self._give_up(item, str(failure), unsupported=False, why="permanent")
             return
         self.health.answered(item.connector)
-        await self._commit.commit([*writes, self.stores.outbox.done_write(item.seq)])
+        # None: nothing to do there (an edit of a message that never reached this vendor...).
+        audit = self.trail.to_vendor(
+            item,
+            "delivered" if notes is not None else "skipped",
+            recipient=seen.get("conversation"),
+            remote_ids=[str(w.args[1]) for w in writes if w.sql == _MAPPED],
+            detail="degraded" if notes else None,
+        )
+        done = [*writes, audit, self.stores.outbox.done_write(item.seq)]
+        await self._commit.commit(done)
+        self.trail.committed(done, item.created_at)
         self._told_retrying.discard(item.seq)
         self._attempts.pop(item.seq, None)
         if notes or (notes is not None and self.success_statuses):
             await self._report(item, "SUCCESS", "; ".join(notes))
 
     async def record_error(self, item: OutboxItem, error: Exception) -> None:
+        self.trail.retried(item.connector, TO_VENDOR)
         await self.stores.outbox.record_attempt(item.seq, _describe(error))
         if item.seq not in self._told_retrying and "sender" in item.payload:
             self._told_retrying.add(item.seq)
@@ -156,6 +184,7 @@ class Delivery:
             attempts,
             reason,
         )
+        await self._audit(item, "dead_letter", "retries_exhausted")
         await self.stores.outbox.mark_dead(item.seq, reason)
         self._attempts.pop(item.seq, None)
         self._told_retrying.discard(item.seq)
@@ -174,8 +203,10 @@ class Delivery:
         else:
             await self._report(item, "FAIL_PERMANENT", detail)
 
-    async def _give_up(self, item: OutboxItem, reason: str, *, unsupported: bool) -> None:
+    async def _give_up(self, item: OutboxItem, reason: str, *, unsupported: bool, why: str) -> None:
+        """``why``: the reason's class, for the audit log (the reason's text stays out)."""
         log.warning("Delivery %d to %s failed for good: %s", item.seq, item.connector, reason)
+        await self._audit(item, "refused" if unsupported else "failed", why)
         await self.stores.outbox.mark_failed(item.seq, reason)
         self._told_retrying.discard(item.seq)
         if item.operation == op.CREATE_CONVERSATION:
@@ -187,22 +218,45 @@ class Delivery:
         else:
             await self._report(item, "FAIL_PERMANENT", reason, unsupported)
 
+    async def _audit(self, item: OutboxItem, outcome: str, why: str) -> None:
+        """The audit row of a delivery that did not happen, committed before the item's fate
+        (a crash between the two records it twice rather than never)."""
+        link = await self.stores.portals.link(item.room_id, item.connector)
+        write = self.trail.to_vendor(
+            item,
+            outcome,
+            recipient=link.conversation_id if link is not None else None,
+            detail=why,
+        )
+        await self._commit.commit([write])
+        self.trail.committed([write], item.created_at)
+
     # Dispatch ----------------------------------------------------------------------------------
 
-    async def _deliver(self, item: OutboxItem, writes: list[Write]) -> list[str] | None:
-        """Do the operation; return the degradations made (None: nothing to report).
+    async def _deliver(
+        self, item: OutboxItem, writes: list[Write], seen: dict[str, str] | None = None
+    ) -> list[str] | None:
+        """Do the operation; return the degradations made (None: nothing was done there, so
+        nothing to report).
 
-        The message ids it maps are added to ``writes``, committed with the item's completion.
+        The message ids it maps are added to ``writes``, committed with the item's completion;
+        ``seen`` gets the vendor ``conversation`` it went to (for the audit log).
         """
+        seen = {} if seen is None else seen
         connector = self.connectors.get(item.connector)
         if connector is None:
             raise PermanentFailure(f"connector {item.connector!r} is not running")
         link = await self.stores.portals.link(item.room_id, item.connector)
         if link is None:
             raise PermanentFailure(f"the room is not linked to {item.connector}")
+        if link.conversation_id is not None:
+            seen["conversation"] = link.conversation_id
         if item.operation == op.CREATE_CONVERSATION:
-            await self._create_conversation(item, connector, link)
-            return None
+            created = await self._create_conversation(item, connector, link)
+            if created is None:
+                return None  # opened before
+            seen["conversation"] = created
+            return []
         if link.conversation_id is None:
             raise PermanentFailure(f"the {item.connector} conversation was never opened")
         conversation = link.conversation_id
@@ -220,9 +274,10 @@ class Delivery:
 
     async def _create_conversation(
         self, item: OutboxItem, connector: Connector, link: PortalLink
-    ) -> None:
+    ) -> str | None:
+        """The conversation opened (None when it already was)."""
         if link.conversation_id is not None:
-            return
+            return None
         conversation_id = await connector.create_conversation(
             NewConversation(
                 request_id=item.room_id,
@@ -233,6 +288,7 @@ class Delivery:
         )
         await self.stores.portals.set_conversation(item.room_id, item.connector, conversation_id)
         log.info("Opened %s conversation %s for %s", item.connector, conversation_id, item.room_id)
+        return conversation_id
 
     # Messages ----------------------------------------------------------------------------------
 
@@ -483,11 +539,12 @@ class Delivery:
 
     async def _mark_read(
         self, item: OutboxItem, connector: Connector, conversation: str, writes: list[Write]
-    ) -> None:
+    ) -> list[str] | None:
         target = await self._message_ref(item.connector, item.payload["event_id"])
         if target is not None and connector.capabilities.read_receipts:
             reader = Member.from_json(item.payload["sender"]).as_sender()
             await connector.mark_read(conversation, reader, target)
+            return []  # marked (read markers get no send status: see ``_report``)
         return None
 
 

@@ -8,7 +8,9 @@ from typing import Literal
 
 log = logging.getLogger("eimis.health")
 
-State = Literal["CONNECTED", "DOWN"]
+State = Literal["CONNECTED", "DOWN", "REJECTED"]
+"""DOWN: the vendor does not answer. REJECTED: it answers, refusing the bridge's credentials.
+Either way deliveries wait, in order, without spending their retry budgets."""
 
 
 class ConnectorHealth:
@@ -26,8 +28,16 @@ class ConnectorHealth:
                 "Connector %s is down (its vendor does not answer); deliveries wait", connector
             )
 
+    def rejected(self, connector: str) -> None:
+        if self.state(connector) != "REJECTED":
+            self._state[connector] = "REJECTED"
+            log.warning(
+                "Connector %s: its vendor rejects the bridge's credentials; deliveries wait",
+                connector,
+            )
+
     def answered(self, connector: str) -> None:
-        if self.state(connector) == "DOWN":
+        if self.state(connector) != "CONNECTED":
             self._state[connector] = "CONNECTED"
             log.info("Connector %s is back; its deliveries resume in order", connector)
             self._on_back(connector)

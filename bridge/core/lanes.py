@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
+from bridge.logs import log_context
+
 
 class LaneItem(Protocol):
     @property
@@ -234,6 +236,11 @@ class LaneScheduler(Generic[T]):
         return bool(items)
 
     async def _run_item(self, item: T) -> None:
+        # Every record logged while the item is in hand names it: {"inbox": seq} / {"outbox": seq}.
+        with log_context(**{self.name: item.seq}):
+            await self._run_item_in_context(item)
+
+    async def _run_item_in_context(self, item: T) -> None:
         attempt = 0
         while True:
             try:

@@ -19,11 +19,14 @@ from mautrix.types import Event, StateEvent
 from bridge.core.errors import PermanentFailure
 from bridge.core.from_matrix import FromMatrix
 from bridge.core.to_matrix import ToMatrix
+from bridge.core.trail import Trail
 from bridge.db.group_commit import Write
 from bridge.db.inbox import MATRIX_ORIGIN, InboxItem
 from bridge.db.stores import Stores
+from bridge.logs import log_context
 from bridge.matrix.homeserver import Homeserver
-from connectors.base import event_from_json
+from bridge.metrics import TO_MATRIX
+from connectors.base import RemoteEvent, event_from_json
 
 log = logging.getLogger("eimis.router")
 
@@ -40,12 +43,15 @@ class Router:
         from_matrix: FromMatrix,
         to_matrix: ToMatrix,
         outbox_notify: Callable[[], None],
+        trail: Trail | None = None,
     ) -> None:
         self.stores = stores
         self.hs = homeserver
         self.from_matrix = from_matrix
         self.to_matrix = to_matrix
         self._outbox_notify = outbox_notify
+        self.trail = trail or Trail(stores.audit)
+        """Vendor events' audit rows are made by ``to_matrix``; counted here once committed."""
         self._homeserver_down = False
         self._failed_once: set[int] = set()
         self.on_homeserver_back: Callable[[], None] = lambda: None
@@ -59,7 +65,21 @@ class Router:
 
     async def handle(self, item: InboxItem) -> None:
         """Process one inbox item; raises only for failures worth retrying."""
+        if item.origin == MATRIX_ORIGIN:
+            room = item.payload.get("room_id")
+            context = log_context(room=room if isinstance(room, str) else None)
+        else:
+            conversation = item.payload.get("conversation_id")
+            context = log_context(
+                connector=item.origin,
+                conversation=conversation if isinstance(conversation, str) else None,
+            )
+        with context:
+            await self._handle(item)
+
+    async def _handle(self, item: InboxItem) -> None:
         writes: list[Write]
+        event: RemoteEvent | None = None
         try:
             if item.origin == MATRIX_ORIGIN:
                 await self._update_state(item.payload)
@@ -67,9 +87,10 @@ class Router:
             else:
                 retrying = item.attempts > 0 or item.seq in self._failed_once
                 recovered = self.recovered_up_to is None or item.seq <= self.recovered_up_to
+                event = event_from_json(item.payload)
                 writes = await self.to_matrix.handle(
                     item.origin,
-                    event_from_json(item.payload),
+                    event,
                     retrying=retrying,
                     recovered=recovered or retrying,
                 )
@@ -80,6 +101,7 @@ class Router:
             raise
         except PermanentFailure as failure:
             log.warning("Inbox item %d cannot be processed: %s", item.seq, failure)
+            await self._not_sent(item, event, "failed", "permanent")
             await self.stores.inbox.mark_failed(item.seq, str(failure))
             return
         except (AttributeError, TypeError, KeyError, ValueError) as error:
@@ -96,6 +118,7 @@ class Router:
                     error.errcode,
                     error.message,
                 )
+                await self._not_sent(item, event, "refused", f"homeserver:{error.errcode}")
                 await self.stores.inbox.mark_failed(item.seq, f"homeserver: {error.errcode}")
                 return
             raise
@@ -103,14 +126,30 @@ class Router:
             self._homeserver_down = False
             log.info("The homeserver answers again; waiting conversations resume")
             self.on_homeserver_back()
-        await self.stores.commit.commit([*writes, self.stores.inbox.done_write(item.seq)])
+        done = [*writes, self.stores.inbox.done_write(item.seq)]
+        await self.stores.commit.commit(done)
+        self.trail.committed(done, item.received_at)
         self._failed_once.discard(item.seq)
         if any(write.appends_to == "outbox" for write in writes):
             self._outbox_notify()
 
     async def record_error(self, item: InboxItem, error: Exception) -> None:
+        if item.origin != MATRIX_ORIGIN:
+            self.trail.retried(item.origin, TO_MATRIX)
         self._failed_once.add(item.seq)
         await self.stores.inbox.record_attempt(item.seq, type(error).__name__)
+
+    async def _not_sent(
+        self, item: InboxItem, event: RemoteEvent | None, outcome: str, why: str
+    ) -> None:
+        """The audit row of a vendor event that will never reach Matrix (committed before the
+        item is marked failed: a crash between records it twice rather than never)."""
+        if item.origin == MATRIX_ORIGIN or event is None:
+            return
+        room_id = await self.stores.portals.by_conversation(item.origin, event.conversation_id)
+        write = self.trail.to_matrix(item.origin, event, room_id, outcome, detail=why)
+        await self.stores.commit.commit([write])
+        self.trail.committed([write], None)
 
     async def _update_state(self, raw: dict[str, Any]) -> None:
         if "state_key" not in raw:

@@ -25,6 +25,7 @@ from bridge.core.errors import PermanentFailure
 from bridge.core.outbound import safe_filename
 from bridge.core.portals import Portals
 from bridge.core.status import StatusReporter
+from bridge.core.trail import Trail
 from bridge.db.group_commit import Write
 from bridge.db.stores import Stores
 from bridge.formatting.convert import markdown_to_html, plain_to_html
@@ -70,6 +71,7 @@ class ToMatrix:
         outbox_notify: Any,
         relay: Relay,
         success_statuses: bool = False,
+        trail: Trail | None = None,
     ) -> None:
         self.stores = stores
         self.hs = homeserver
@@ -80,6 +82,8 @@ class ToMatrix:
         self._outbox_notify = outbox_notify
         self._relay = relay
         self.success_statuses = success_statuses
+        self.trail = trail or Trail(stores.audit)
+        """What each event sent into Matrix (or refused) leaves in the audit log."""
 
     async def handle(
         self,
@@ -100,9 +104,13 @@ class ToMatrix:
         if connector is None:
             raise PermanentFailure(f"connector {connector_id!r} is not running")
         if isinstance(event, ConversationCreated):
+            known = await self.stores.portals.by_conversation(connector_id, event.conversation_id)
             await self.portals.open_from_remote(connector_id, event)
             self._outbox_notify()
-            return []
+            if known is not None:
+                return []  # opened before: its audit row exists
+            room = await self.stores.portals.by_conversation(connector_id, event.conversation_id)
+            return [self.trail.to_matrix(connector_id, event, room, "sent")]
         room_id = await self.stores.portals.by_conversation(connector_id, event.conversation_id)
         if room_id is None:
             raise PermanentFailure(
@@ -123,8 +131,8 @@ class ToMatrix:
         if isinstance(event, ReactionRemoved):
             return await self._unreact(connector_id, room_id, event)
         if isinstance(event, ReadUpTo):
-            await self._read(connector_id, room_id, event)
-        elif isinstance(event, TypingChanged):
+            return await self._read(connector_id, room_id, event)
+        if isinstance(event, TypingChanged):
             await self._typing(connector_id, room_id, event)
         return []
 
@@ -176,9 +184,11 @@ class ToMatrix:
             if target:
                 relates = {"m.relates_to": {"m.in_reply_to": {"event_id": target}}}
         if event.attachment is not None:
-            content = await self._file(connector, connector_id, room_id, sender, event)
+            content, refusal = await self._file(connector, connector_id, room_id, sender, event)
             if content is None:
-                return []
+                return [
+                    self.trail.to_matrix(connector_id, event, room_id, "refused", detail=refusal)
+                ]
         elif event.location is not None:
             place = event.location
             label = place.description or "Location"
@@ -204,7 +214,10 @@ class ToMatrix:
             txn_id=derived_txn_id(connector_id, "message", event.message_id),
             ts_ms=ts_ms,
         )
-        writes = [self.stores.messages.add_write(connector_id, event.message_id, room_id, event_id)]
+        writes = [
+            self.stores.messages.add_write(connector_id, event.message_id, room_id, event_id),
+            self.trail.to_matrix(connector_id, event, room_id, "sent", event_id=event_id),
+        ]
         writes += await self._relayed(room_id, sender, event_id, "m.room.message", content, ts_ms)
         if self.success_statuses:
             await self.status.vendor_report(
@@ -283,16 +296,19 @@ class ToMatrix:
         room_id: str,
         sender: str,
         event: MessageReceived,
-    ) -> dict[str, Any] | None:
-        """Stream the vendor's file into the media repository; None when refused (reported)."""
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        """Stream the vendor's file into the media repository: (its message content, None), or
+        (None, the refusal's class) when refused (reported to the sender and the room)."""
         attachment = event.attachment
         assert attachment is not None
         mime = attachment.mime_type.lower()
         name = safe_filename(attachment.name)
         refusal = None
+        why = None
         if not self.media_config.allows(mime):
-            refusal = f"files of type {mime} are not allowed in this space"
+            refusal, why = f"files of type {mime} are not allowed in this space", "type_not_allowed"
         elif attachment.size is not None and attachment.size > self.media_config.max_file_size:
+            why = "too_large"
             refusal = (
                 f"the file is larger than this space accepts "
                 f"({self.media_config.max_file_size // (1024 * 1024)} MiB)"
@@ -309,19 +325,19 @@ class ToMatrix:
                         size=attachment.size,
                     )
             except _TooLarge:
-                refusal = "the file is larger than this space accepts"
+                refusal, why = "the file is larger than this space accepts", "too_large"
             except MediaError as error:
                 if error.retriable:
                     raise
-                refusal = str(error)
+                refusal, why = str(error), "media"
         if refusal is not None:
             await self._refused(connector_id, room_id, event, refusal)
-            return None
+            return None, why
         msgtype = _file_msgtype(mime)
         info: dict[str, Any] = {"mimetype": mime}
         if attachment.size is not None:
             info["size"] = attachment.size
-        return {"msgtype": msgtype, "body": name, "filename": name, "url": mxc, "info": info}
+        return {"msgtype": msgtype, "body": name, "filename": name, "url": mxc, "info": info}, None
 
     async def _outsiders(self, room_id: str) -> list[str]:
         portal = await self.stores.portals.get(room_id)
@@ -350,7 +366,11 @@ class ToMatrix:
         )
         if isinstance(event, MessageReceived):
             await self._refused(connector_id, room_id, event, reason, what="a message")
-        return []
+        return [
+            self.trail.to_matrix(
+                connector_id, event, room_id, "refused", detail="untrusted_members"
+            )
+        ]
 
     async def _refused(
         self,
@@ -411,7 +431,11 @@ class ToMatrix:
             txn_id=derived_txn_id(connector_id, "edit", event.event_id),
             ts_ms=ts_ms,
         )
-        return await self._relayed(room_id, sender, event_id, "m.room.message", content, ts_ms)
+        audit = self.trail.to_matrix(connector_id, event, room_id, "sent", event_id=event_id)
+        return [
+            audit,
+            *await self._relayed(room_id, sender, event_id, "m.room.message", content, ts_ms),
+        ]
 
     async def _delete(self, connector_id: str, room_id: str, event: MessageDeleted) -> list[Write]:
         target = await self.stores.messages.event_for(connector_id, event.message_id)
@@ -427,7 +451,8 @@ class ToMatrix:
             # Someone else's message (e.g. a moderator action on the vendor side): the bot can.
             sender = self.hs.config.bot_mxid
             event_id = await self.hs.redact(sender, room_id, target, txn_id=txn_id)
-        return await self._redacted(room_id, sender, str(event_id), target)
+        audit = self.trail.to_matrix(connector_id, event, room_id, "sent", event_id=str(event_id))
+        return [audit, *await self._redacted(room_id, sender, str(event_id), target)]
 
     async def _redacted(self, room_id: str, sender: str, event_id: str, target: str) -> list[Write]:
         content = {"redacts": target}
@@ -453,7 +478,10 @@ class ToMatrix:
             content,
             txn_id=derived_txn_id(connector_id, "reaction", event.reaction_id),
         )
-        writes = [self.stores.messages.add_write(connector_id, ref, room_id, str(event_id))]
+        writes = [
+            self.stores.messages.add_write(connector_id, ref, room_id, str(event_id)),
+            self.trail.to_matrix(connector_id, event, room_id, "sent", event_id=str(event_id)),
+        ]
         return writes + await self._relayed(room_id, sender, str(event_id), "m.reaction", content)
 
     async def _unreact(
@@ -466,14 +494,16 @@ class ToMatrix:
         sender = await self._ghost(connector_id, event.sender, room_id)
         txn_id = derived_txn_id(connector_id, "unreact", event.reaction_id)
         event_id = await self.hs.redact(sender, room_id, target, txn_id=txn_id)
-        return await self._redacted(room_id, sender, str(event_id), target)
+        audit = self.trail.to_matrix(connector_id, event, room_id, "sent", event_id=str(event_id))
+        return [audit, *await self._redacted(room_id, sender, str(event_id), target)]
 
-    async def _read(self, connector_id: str, room_id: str, event: ReadUpTo) -> None:
+    async def _read(self, connector_id: str, room_id: str, event: ReadUpTo) -> list[Write]:
         target = await self.stores.messages.event_for(connector_id, event.message_id)
         if target is None:
-            return  # a message the bridge never carried: no Matrix event to mark
+            return []  # a message the bridge never carried: no Matrix event to mark
         sender = await self._ghost(connector_id, event.sender, room_id)
         await self.hs.intent(sender).send_receipt(RoomID(room_id), EventID(target))
+        return [self.trail.to_matrix(connector_id, event, room_id, "sent", event_id=target)]
 
     async def _typing(self, connector_id: str, room_id: str, event: TypingChanged) -> None:
         age_ms = (datetime.now(UTC) - event.timestamp).total_seconds() * 1000

@@ -27,6 +27,8 @@ class InboxItem:
     lane: str
     payload: dict[str, Any]
     attempts: int
+    received_at: int = 0
+    """When it was stored (ms): the delivery latency starts there."""
 
 
 class InboxStore:
@@ -95,7 +97,7 @@ class InboxStore:
 
     async def pending(self, after_seq: int, limit: int) -> list[InboxItem]:
         rows = await self.db.fetch(
-            "SELECT seq, origin, lane, payload, attempts FROM inbox "
+            "SELECT seq, origin, lane, payload, attempts, received_at FROM inbox "
             "WHERE state = 'pending' AND seq > $1 ORDER BY seq LIMIT $2",
             after_seq,
             limit,
@@ -104,7 +106,7 @@ class InboxStore:
 
     async def pending_in_lane(self, lane: str, after_seq: int, limit: int) -> list[InboxItem]:
         rows = await self.db.fetch(
-            "SELECT seq, origin, lane, payload, attempts FROM inbox "
+            "SELECT seq, origin, lane, payload, attempts, received_at FROM inbox "
             "WHERE lane = $1 AND state = 'pending' AND seq > $2 ORDER BY seq LIMIT $3",
             lane,
             after_seq,
@@ -353,5 +355,10 @@ async def _waiting_lanes(conn: Connection, lanes: set[str]) -> set[str]:
 
 def _item(row: Any) -> InboxItem:
     return InboxItem(
-        row["seq"], row["origin"], row["lane"], json.loads(row["payload"]), row["attempts"]
+        row["seq"],
+        row["origin"],
+        row["lane"],
+        json.loads(row["payload"]),
+        row["attempts"],
+        int(row["received_at"] or 0),
     )

@@ -18,7 +18,9 @@ _ENQUEUE = (
     "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (connector, dedup_key) DO NOTHING"
 )
 _DONE = "UPDATE outbox SET state = 'done', payload = NULL, last_error = NULL WHERE seq = $1"
-_COLUMNS = "o.seq, o.connector, o.room_id, o.operation, o.dedup_key, o.payload, o.attempts"
+_COLUMNS = (
+    "o.seq, o.connector, o.room_id, o.operation, o.dedup_key, o.payload, o.attempts, o.created_at"
+)
 # A dead letter holds everything after it in its conversation: order before delivery.
 _NOT_HELD = (
     "NOT EXISTS (SELECT 1 FROM outbox d WHERE d.state = 'dead' AND d.connector = o.connector "
@@ -35,6 +37,8 @@ class OutboxItem:
     dedup_key: str
     payload: dict[str, Any]
     attempts: int
+    created_at: int = 0
+    """When it was queued (ms): the delivery latency starts there."""
 
     @property
     def lane(self) -> str:
@@ -140,4 +144,5 @@ def _item(row: Any) -> OutboxItem:
         row["dedup_key"],
         json.loads(row["payload"]),
         row["attempts"],
+        int(row["created_at"] or 0),
     )

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from mautrix.util.async_db import Database
 
+from bridge.config import SecretsConfig
+from bridge.db.audit import AuditLog
+from bridge.db.connector_registry import ConnectorRegistry
 from bridge.db.dead_letters import DeadLetterStore
 from bridge.db.directory import DirectoryStore
 from bridge.db.ghost import GhostStore
@@ -16,6 +19,7 @@ from bridge.db.outbox import OutboxStore
 from bridge.db.permissions import PermissionStore
 from bridge.db.portal import PortalStore
 from bridge.db.trust import TrustStore
+from bridge.secrets import SecretBox
 
 
 @dataclass(frozen=True)
@@ -32,10 +36,20 @@ class Stores:
     trusted_servers: TrustStore
     permissions: PermissionStore
     directory: DirectoryStore
+    audit: AuditLog
+    connector_registry: ConnectorRegistry
+    """Connectors registered at run time and their sealed secrets."""
 
     @classmethod
-    def of(cls, db: Database, *, cache_size: int | None = None) -> Stores:
-        """``cache_size``: rows each read-through cache keeps (None: the default, 0: none)."""
+    def of(
+        cls,
+        db: Database,
+        *,
+        cache_size: int | None = None,
+        secrets: SecretsConfig | SecretBox | None = None,
+    ) -> Stores:
+        """``cache_size``: rows each read-through cache keeps (None: the default, 0: none).
+        ``secrets``: the key that opens sealed secrets (loaded when first needed)."""
         sized = {} if cache_size is None else {"cache_size": cache_size}
         return cls(
             db,
@@ -49,4 +63,6 @@ class Stores:
             trusted_servers=TrustStore(db),
             permissions=PermissionStore(db),
             directory=DirectoryStore(db),
+            audit=AuditLog(db),
+            connector_registry=ConnectorRegistry(db, secrets or SecretsConfig()),
         )

@@ -226,10 +226,11 @@ async def upgrade_v8(conn: Connection, scheme: Scheme) -> None:
             event_id    TEXT,
             remote_id   TEXT,
             kind        TEXT NOT NULL,
-            size        INTEGER,
+            size        BIGINT,
             outcome     TEXT NOT NULL,
             detail      TEXT
         )"""
     )
     await conn.execute("CREATE INDEX audit_at ON audit_log (at)")
     await conn.execute("CREATE INDEX audit_portal ON audit_log (portal, at)")
+    await conn.execute("CREATE INDEX audit_connector ON audit_log (connector, at)")

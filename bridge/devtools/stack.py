@@ -117,6 +117,8 @@ class LocalStack:
                 for name, s in self.sandboxes.items()
             },
             "logging": {"level": self.log_level},
+            # Any free port: several stacks run side by side (tests, demo).
+            "metrics": {"hostname": "127.0.0.1", "port": 0},
         }
 
     @property

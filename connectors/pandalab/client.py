@@ -232,7 +232,9 @@ class PandaLabClient:
         except _TokenRejected:
             self._forget_token(token)
             raise ConnectorError(
-                f"{what}: access token refused twice (401)", retriable=False
+                f"{what}: access token refused twice (401)",
+                retriable=False,
+                credentials_rejected=True,
             ) from None
 
     async def _send(

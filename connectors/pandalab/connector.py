@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
@@ -203,12 +204,20 @@ class PandaLabConnector(Connector):
             return self._refuse(401, "unauthorized", refusal)
         try:
             payload = parse_json(raw)
-        except ValueError:
+            # A \u escape of a lone surrogate is no character: nothing downstream can encode it.
+            json.dumps(payload, ensure_ascii=False).encode()
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than JSON parses
             return self._refuse(400, "malformed_json", "the body is not valid JSON")
         try:
             event = convert.event_from_webhook(payload)
         except InvalidPayload as exc:
             return self._refuse(400, "invalid_event", str(exc))
+        except (ValueError, OverflowError):  # a date out of range once in UTC, say
+            return self._refuse(400, "invalid_event", "a field is out of range")
+        if not (_storable_id(event.event_id) and _storable_id(event.conversation_id)):
+            return self._refuse(
+                400, "invalid_event", f"ids are at most {MAX_ID_BYTES} bytes, without NUL"
+            )
         try:
             await self.ctx.emit(event)
         except Exception as exc:  # noqa: BLE001 - any storage failure: let PandaLab redeliver
@@ -228,16 +237,18 @@ class PandaLabConnector(Connector):
         if not timestamp or not signature:
             return f"the {TIMESTAMP_HEADER} and {SIGNATURE_HEADER} headers are required"
         secret = self.settings.webhook_secret.get_secret_value().encode()
-        digest = hmac.new(secret, timestamp.encode() + b"." + raw, hashlib.sha256).hexdigest()
+        # aiohttp hands header bytes that are not UTF-8 over as lone surrogates: the HMAC is
+        # over the bytes sent.
+        stamp = timestamp.encode("utf-8", "surrogateescape")
+        digest = hmac.new(secret, stamp + b"." + raw, hashlib.sha256).hexdigest()
         if not hmac.compare_digest(
             f"sha256={digest}".encode(), signature.encode("utf-8", "replace")
         ):
             return "the signature does not match"
         try:
-            sent_at = int(timestamp)
-        except ValueError:
+            skew = abs(time.time() - int(timestamp))
+        except (ValueError, OverflowError):  # OverflowError: too large for a float
             return f"{TIMESTAMP_HEADER} is not a unix time in seconds"
-        skew = abs(time.time() - sent_at)
         if skew > self.settings.replay_window_s:
             return (
                 f"the timestamp is {skew:.0f} s away from the receiver's clock, outside the "
@@ -276,6 +287,16 @@ def _settings(settings: BaseModel) -> PandaLabSettings:
     if isinstance(settings, PandaLabSettings):
         return settings
     return PandaLabSettings.model_validate(settings.model_dump())
+
+
+MAX_ID_BYTES = 1024
+"""Longest event or conversation id stored: PostgreSQL cannot index much longer keys."""
+
+
+def _storable_id(value: str) -> bool:
+    """An id the inbox can key on any database (PostgreSQL refuses NUL and over-long index
+    rows: such an event was a 503, redelivered for ever; found by tests/test_fuzz_http.py)."""
+    return "\x00" not in value and len(value.encode("utf-8")) <= MAX_ID_BYTES
 
 
 def _json_error(status: int, code: str, message: str) -> web.Response:

@@ -15,7 +15,7 @@ import secrets
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -29,7 +29,13 @@ from yarl import URL
 from bridge.directory.idnps import Idnps
 from connectors.sandbox.app import new_sandbox_app
 from connectors.sandbox.errors import SandboxError, bad_request, file_too_large
-from connectors.sandbox.files import FileStore, file_response, parse_mime_type, sanitize_name
+from connectors.sandbox.files import (
+    FileStore,
+    attachment_json,
+    file_response,
+    parse_mime_type,
+    sanitize_name,
+)
 from connectors.sandbox.kernel import (
     MAX_MENTIONS,
     Conversation,
@@ -41,7 +47,13 @@ from connectors.sandbox.kernel import (
     Reaction,
     SandboxUser,
 )
-from connectors.sandbox.webtools import MAX_BODY_BYTES, Body, iso8601, read_body
+from connectors.sandbox.webtools import (
+    MAX_BODY_BYTES,
+    Body,
+    background_delivery,
+    iso8601,
+    read_body,
+)
 
 log = logging.getLogger("eimis.sandbox.pandalab")
 
@@ -226,13 +238,7 @@ class WebhookPusher:
                     "mentions": _mentions_json(message.mentions),
                     "attachment": None
                     if attachment is None
-                    else {
-                        "file_id": attachment.id,
-                        "name": attachment.name,
-                        "mime_type": attachment.mime_type,
-                        "size": attachment.size,
-                        "url": FileUrl(attachment.id),
-                    },
+                    else {**attachment_json(attachment), "url": FileUrl(attachment.id)},
                     "location": None
                     if location is None
                     else {"lat": location.lat, "lon": location.lon, "label": location.label},
@@ -841,16 +847,9 @@ def create_app(
 
     app.add_routes(routes)
 
-    async def delivery(app: web.Application) -> AsyncIterator[None]:
-        timeout = aiohttp.ClientTimeout(total=delivery_timeout)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            task = asyncio.create_task(pusher.run(session), name="pandalab-sandbox-webhook")
-            yield
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    app.cleanup_ctx.append(delivery)
+    app.cleanup_ctx.append(
+        background_delivery(pusher.run, name="pandalab-sandbox-webhook", timeout=delivery_timeout)
+    )
     return app
 
 

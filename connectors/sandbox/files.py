@@ -15,6 +15,7 @@ import unicodedata
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, overload
 from urllib.parse import quote
 
 from aiohttp import StreamReader, web
@@ -41,6 +42,23 @@ class StoredFile:
     size: int
     path: Path
     owner: str | None
+
+
+@overload
+def attachment_json(stored: StoredFile) -> dict[str, Any]: ...
+@overload
+def attachment_json(stored: None) -> None: ...
+def attachment_json(stored: StoredFile | None) -> dict[str, Any] | None:
+    """A file attached to a message as the sandboxes describe it (None for no file); a vendor
+    adds what its API says more, such as a download URL."""
+    if stored is None:
+        return None
+    return {
+        "file_id": stored.id,
+        "name": stored.name,
+        "mime_type": stored.mime_type,
+        "size": stored.size,
+    }
 
 
 def sanitize_name(name: str) -> str:

@@ -10,7 +10,12 @@ from aiohttp import web
 from pydantic import Field
 
 from connectors.sandbox.errors import bad_request, file_too_large
-from connectors.sandbox.files import file_response, parse_mime_type, sanitize_name
+from connectors.sandbox.files import (
+    attachment_json,
+    file_response,
+    parse_mime_type,
+    sanitize_name,
+)
 from connectors.sandbox.kernel import (
     MAX_MENTIONS,
     Conversation,
@@ -83,7 +88,6 @@ def conversation_json(conversation: Conversation) -> dict[str, Any]:
 
 def message_json(message: Message) -> dict[str, Any]:
     """A message as the app shows it: its current state (edits, deletion, reactions)."""
-    attachment = message.attachment
     location = message.location
     return {
         "conversation_id": message.conversation_id,
@@ -95,14 +99,7 @@ def message_json(message: Message) -> dict[str, Any]:
         "kind": message.kind,
         "reply_to": message.reply_to,
         "mentions": [m.ref for m in message.mentions],
-        "attachment": None
-        if attachment is None
-        else {
-            "file_id": attachment.id,
-            "name": attachment.name,
-            "mime_type": attachment.mime_type,
-            "size": attachment.size,
-        },
+        "attachment": attachment_json(message.attachment),
         "location": None
         if location is None
         else {"lat": location.lat, "lon": location.lon, "label": location.label},

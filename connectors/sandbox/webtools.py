@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
+import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -155,3 +158,21 @@ def error_middleware(vendor_error: ErrorFormatter) -> Middleware:
             return error_response(failure, formatter)
 
     return middleware
+
+
+def background_delivery(
+    run: Callable[[aiohttp.ClientSession], Awaitable[None]], *, name: str, timeout: float
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """An app cleanup context that runs ``run`` (a sandbox pushing events to the bridge) as a task
+    for the app's lifetime, on its own HTTP session whose requests give up after ``timeout``
+    seconds; the task is cancelled when the app shuts down."""
+
+    async def delivery(app: web.Application) -> AsyncIterator[None]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+            task = asyncio.create_task(run(session), name=name)
+            yield
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return delivery

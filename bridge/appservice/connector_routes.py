@@ -1,0 +1,78 @@
+"""The connectors' web routes (vendor webhooks), found at request time.
+
+aiohttp freezes an application's routes when it starts, so routes mounted once at start could
+never serve a connector registered later. One catch-all route, ``/connectors/{connector_id}/...``,
+is mounted instead, and each request goes to the routes its connector has now: a connector
+added at run time gets its webhooks at once, one disabled answers 503 (its vendor delivers
+again later, nothing is lost), one unknown 404.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from aiohttp import web
+
+PREFIX = "/connectors"
+RETRY_AFTER_S = 30
+
+
+class ConnectorRoutes:
+    def __init__(self) -> None:
+        self._routers: dict[str, web.UrlDispatcher] = {}
+        self._held: set[str] = set()
+
+    def mount(self, app: web.Application) -> None:
+        """Add the catch-all route (before the application starts)."""
+        app.router.add_route("*", PREFIX + "/{connector_id}/{tail:.*}", self._dispatch)
+
+    def serve(self, connector_id: str, routes: Sequence[web.AbstractRouteDef]) -> None:
+        """From now on, requests under the connector's path go to these routes (``web.get``,
+        ``web.post`` ... with paths relative to ``/connectors/<connector id>``)."""
+        router = web.UrlDispatcher()
+        prefix = f"{PREFIX}/{connector_id}"
+        for route in routes:
+            if not isinstance(route, web.RouteDef):
+                raise TypeError(
+                    f"connector {connector_id}: web_routes() must give route definitions "
+                    f"(web.get, web.post ...), not {type(route).__name__}"
+                )
+            router.add_route(route.method, prefix + route.path, route.handler, **route.kwargs)
+        self._routers[connector_id] = router
+        self._held.discard(connector_id)
+
+    def hold(self, connector_id: str) -> None:
+        """The connector exists but does not run: its vendor is asked to come back later."""
+        self._routers.pop(connector_id, None)
+        self._held.add(connector_id)
+
+    def drop(self, connector_id: str) -> None:
+        self._routers.pop(connector_id, None)
+        self._held.discard(connector_id)
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        connector_id = request.match_info["connector_id"]
+        router = self._routers.get(connector_id)
+        if router is None:
+            if connector_id in self._held:
+                return web.json_response(
+                    {
+                        "error": "connector_unavailable",
+                        "message": "this connector is not running; deliver again later",
+                    },
+                    status=503,
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                )
+            return web.json_response(
+                {"error": "not_found", "message": "no such connector"}, status=404
+            )
+        match = await router.resolve(request)
+        if match.http_exception is not None:
+            raise match.http_exception
+        # What aiohttp does for a sub-application: the handler sees its own match_info
+        # (path parameters of its route) on a copy of the request.
+        match.add_app(request.app)
+        match.freeze()
+        inner = request.clone()
+        inner._match_info = match
+        return await match.handler(inner)

@@ -1,0 +1,349 @@
+"""The generic webhook connector: any vendor that implements openapi.yaml, no Python needed.
+
+The vendor pushes its users' actions to ``POST /events`` (receiver.py) and serves the bridge's
+deliveries (client.py); both directions are signed with the secret the operator shares with
+the vendor. What the vendor can show is what it declared at registration (settings.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, ClassVar
+
+import aiohttp
+from aiohttp import web
+from pydantic import BaseModel
+
+from bridge.directory.idnps import Idnps
+from connectors import http
+from connectors.base import (
+    Capabilities,
+    Connector,
+    ConnectorContext,
+    ConnectorError,
+    DeliveryReport,
+    NewConversation,
+    OutboundAttachment,
+    OutboundMessage,
+    RemoteAttachment,
+    RemoteUser,
+    Sender,
+)
+from connectors.webhook import convert
+from connectors.webhook.client import WebhookClient, derived_key, idempotency_key
+from connectors.webhook.receiver import EventReceiver, TokenBucket
+from connectors.webhook.settings import WebhookSettings
+
+CONTRACT_VERSION = "1.0"
+"""``info.version`` of openapi.yaml, announced to the vendor."""
+
+
+class WebhookConnector(Connector):
+    """A vendor speaking the webhook contract; its capabilities come from its settings."""
+
+    type_name: ClassVar[str] = "webhook"
+    Settings: ClassVar[type[BaseModel]] = WebhookSettings
+
+    announce_retry_initial_s: float = 1.0
+    announce_retry_max_s: float = 60.0
+
+    def __init__(self, ctx: ConnectorContext) -> None:
+        super().__init__(ctx)
+        self.settings = _settings(ctx.settings)
+        # Per instance: each vendor declares its own (the bridge reads connector.capabilities).
+        self.capabilities: Capabilities = self.settings.capabilities.to_capabilities()  # type: ignore[misc]
+        self.client = WebhookClient(
+            self.settings.base_url, self.signing_secrets, timeout_s=self.settings.timeout_s
+        )
+        self.receiver = EventReceiver(
+            connector_id=ctx.connector_id,
+            secrets=self.accepted_secrets,
+            store=ctx.emit_many,
+            registration=self.registration,
+            max_body_bytes=self.settings.max_body_bytes,
+            max_events=self.settings.max_events_per_request,
+            replay_window_s=self.settings.replay_window_s,
+            rate=TokenBucket(self.settings.rate_limit_per_s, self.settings.rate_limit_burst),
+            log=self.log,
+        )
+        self._announcer: asyncio.Task[None] | None = None
+
+    # Secrets ------------------------------------------------------------------------------------
+
+    def accepted_secrets(self) -> Sequence[str]:
+        """Secrets an incoming signature may use: the bridge's (current, then those in their
+        grace period), else the config's ``secret``. Read at each request: a rotation changes
+        them under a running connector."""
+        held = list(self.ctx.secrets.accepted())
+        if held:
+            return held
+        current = self.ctx.secrets.current()
+        if current is not None:
+            return [current]
+        return [self.settings.secret.get_secret_value()] if self.settings.secret else []
+
+    def signing_secrets(self) -> Sequence[str]:
+        """Outgoing requests are signed with every accepted secret, current first, so a vendor
+        still on the previous secret during the grace period keeps accepting them."""
+        return self.accepted_secrets()
+
+    # Lifecycle ----------------------------------------------------------------------------------
+
+    @property
+    def events_url(self) -> str:
+        return f"{self.ctx.public_base_url.rstrip('/')}/events"
+
+    def registration(self) -> dict[str, Any]:
+        """``GET /capabilities``: what the bridge holds for this vendor."""
+        return {
+            "connector_id": self.ctx.connector_id,
+            "contract_version": CONTRACT_VERSION,
+            "events_url": self.events_url,
+            "capabilities": self.capabilities.to_json(),
+            "limits": {
+                "max_body_bytes": self.settings.max_body_bytes,
+                "max_events_per_request": self.settings.max_events_per_request,
+                "replay_window_s": self.settings.replay_window_s,
+            },
+        }
+
+    async def start(self) -> None:
+        """Tell the vendor where to push (``POST /bridge``). A vendor that is down or refuses
+        does not stop the bridge: the announcement is retried in the background."""
+        if not self.accepted_secrets():
+            self.log.error(
+                "webhook %s: no shared secret; the vendor's requests will be refused until the "
+                "operator sets one",
+                self.ctx.connector_id,
+            )
+        if not self.settings.announce:
+            return
+        try:
+            await self.announce()
+        except ConnectorError as exc:
+            self.log.warning(
+                "webhook %s: could not announce the events URL to the vendor (%s); retrying in "
+                "the background",
+                self.ctx.connector_id,
+                exc,
+            )
+            self._announcer = asyncio.create_task(
+                self._announce_until_done(), name=f"webhook-announce-{self.ctx.connector_id}"
+            )
+
+    async def announce(self) -> None:
+        body = {
+            "connector_id": self.ctx.connector_id,
+            "contract_version": CONTRACT_VERSION,
+            "events_url": self.events_url,
+        }
+        await self.client.post("/bridge", body, derived_key("bridge", self.events_url))
+        self.log.info("webhook %s: events URL announced to the vendor", self.ctx.connector_id)
+
+    async def _announce_until_done(self) -> None:
+        failures = 0
+        while True:
+            failures += 1
+            delay = min(
+                self.announce_retry_max_s,
+                self.announce_retry_initial_s * 2 ** min(failures - 1, 30),
+            )
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            try:
+                await self.announce()
+                return
+            except ConnectorError as exc:
+                self.log.warning(
+                    "webhook %s: announcing the events URL failed again (%s)",
+                    self.ctx.connector_id,
+                    exc,
+                )
+
+    async def stop(self) -> None:
+        task, self._announcer = self._announcer, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.client.close()
+
+    # Bridge -> vendor ---------------------------------------------------------------------------
+
+    async def create_conversation(self, conversation: NewConversation) -> str:
+        _, body = await self.client.post(
+            "/conversations",
+            convert.conversation_body(conversation),
+            idempotency_key(conversation.request_id),
+        )
+        return _answer_id(body, "conversation_id", "conversation")
+
+    async def send_message(self, conversation_id: str, message: OutboundMessage) -> str:
+        """Post the message; a file is uploaded first (streamed), then attached by its id."""
+        attachment = None
+        if message.attachment is not None:
+            attachment = await self._upload(message.attachment, message.request_id)
+        _, body = await self.client.post(
+            f"{_conversation(conversation_id)}/messages",
+            convert.message_body(message, self.capabilities.formatting, attachment),
+            idempotency_key(message.request_id),
+        )
+        return _answer_id(body, "message_id", "message")
+
+    async def _upload(self, attachment: OutboundAttachment, request_id: str) -> dict[str, Any]:
+        limit = self._file_limit(attachment.mime_type)
+        name = convert.file_name(attachment.name)
+        mime_type = attachment.mime_type.split(";", 1)[0].strip().lower()
+        uploaded = await self.client.upload(
+            attachment.open, name, mime_type, idempotency_key(f"{request_id}:file"), limit
+        )
+        return {
+            "file_id": uploaded.file_id,
+            "name": name,
+            "mime_type": mime_type,
+            "size": uploaded.size,
+        }
+
+    def _file_limit(self, mime_type: str) -> int:
+        """The largest size the vendor declared for a file of this type (the bridge already
+        checked the kind of file; this bounds what the upload may stream)."""
+        sizes = [
+            limit.max_size for limit in self.capabilities.files.values() if limit.allows(mime_type)
+        ]
+        if not sizes:
+            raise ConnectorError(
+                f"the vendor declared no files of type {mime_type[:100]!r}", retriable=False
+            )
+        return max(sizes)
+
+    async def open_attachment(
+        self, attachment: RemoteAttachment
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Stream a file a vendor user sent, from ``GET /files/{file_id}``."""
+        return self.client.download(attachment.source)
+
+    async def edit_message(
+        self, conversation_id: str, message_id: str, message: OutboundMessage
+    ) -> None:
+        await self.client.post(
+            f"{_message(conversation_id, message_id)}/edit",
+            convert.edit_body(message, self.capabilities.formatting),
+            idempotency_key(message.request_id),
+        )
+
+    async def delete_message(self, conversation_id: str, message_id: str, sender: Sender) -> None:
+        """A message already gone (404) counts as deleted."""
+        await self.client.post(
+            f"{_message(conversation_id, message_id)}/delete",
+            {"sender": convert.person_json(sender)},
+            derived_key("delete", conversation_id, message_id),
+            accept=(404,),
+        )
+
+    async def add_reaction(
+        self, conversation_id: str, message_id: str, sender: Sender, key: str, request_id: str
+    ) -> str:
+        reaction = convert.reaction_key(key)
+        if reaction is None:
+            raise ConnectorError("the reaction has no printable key", retriable=False)
+        _, body = await self.client.post(
+            f"{_message(conversation_id, message_id)}/reactions",
+            {"sender": convert.person_json(sender), "key": reaction},
+            idempotency_key(request_id),
+        )
+        return _answer_id(body, "reaction_id", "reaction")
+
+    async def remove_reaction(
+        self, conversation_id: str, message_id: str, reaction_id: str, sender: Sender
+    ) -> None:
+        """A reaction already gone (404) counts as removed."""
+        path = f"{_message(conversation_id, message_id)}/reactions/{http.segment(reaction_id)}"
+        await self.client.post(
+            f"{path}/delete",
+            {"sender": convert.person_json(sender)},
+            derived_key("unreact", conversation_id, message_id, reaction_id),
+            accept=(404,),
+        )
+
+    async def mark_read(self, conversation_id: str, reader: Sender, message_id: str) -> None:
+        await self.client.post(
+            f"{_conversation(conversation_id)}/read",
+            {"reader": convert.person_json(reader), "up_to": message_id},
+            derived_key("read", conversation_id, reader.mxid, message_id),
+        )
+
+    async def set_typing(self, conversation_id: str, who: Sender, typing: bool) -> None:
+        """Best effort: a short timeout; a fresh key each time (a refresh is a new request)."""
+        await self.client.post(
+            f"{_conversation(conversation_id)}/typing",
+            {"who": convert.person_json(who), "typing": typing},
+            derived_key("typing", conversation_id, who.mxid, str(random.random())),
+            timeout=aiohttp.ClientTimeout(total=self.settings.typing_timeout_s),
+        )
+
+    async def report_delivery(
+        self, conversation_id: str, message_id: str, report: DeliveryReport
+    ) -> None:
+        body = convert.delivery_body(report)
+        await self.client.post(
+            f"{_message(conversation_id, message_id)}/delivery",
+            body,
+            derived_key("delivery", conversation_id, message_id, body["status"], body["detail"]),
+        )
+
+    async def get_user(self, idnps: Idnps) -> RemoteUser | None:
+        status, body = await self.client.get(f"/users/{http.segment(idnps)}", accept=(404,))
+        if status == 404:
+            return None
+        try:
+            return convert.user_from_json(body, idnps)
+        except convert.InvalidAnswer as exc:
+            raise ConnectorError(
+                f"the vendor answered a malformed user: {exc}", retriable=False
+            ) from None
+
+    # Vendor -> bridge ---------------------------------------------------------------------------
+
+    def web_routes(self) -> list[web.RouteDef]:
+        return self.receiver.routes()
+
+    # Sandbox ------------------------------------------------------------------------------------
+
+    @classmethod
+    def sandbox_app(cls) -> web.Application:
+        from connectors.webhook.sandbox import create_app
+
+        return create_app()
+
+    @classmethod
+    def sandbox_settings(cls, sandbox_url: str) -> dict[str, Any]:
+        from connectors.webhook.sandbox import CAPABILITIES, SECRET
+
+        return {"base_url": sandbox_url, "secret": SECRET, "capabilities": CAPABILITIES}
+
+
+def _settings(settings: BaseModel) -> WebhookSettings:
+    """The context's settings as ``WebhookSettings`` (validated again if another model)."""
+    if isinstance(settings, WebhookSettings):
+        return settings
+    return WebhookSettings.model_validate(settings.model_dump())
+
+
+def _conversation(conversation_id: str) -> str:
+    return f"/conversations/{http.segment(conversation_id)}"
+
+
+def _message(conversation_id: str, message_id: str) -> str:
+    return f"{_conversation(conversation_id)}/messages/{http.segment(message_id)}"
+
+
+def _answer_id(body: Any, key: str, what: str) -> str:
+    try:
+        return convert.answer_id(body, key, what)
+    except convert.InvalidAnswer as exc:
+        raise ConnectorError(
+            f"the vendor answered a malformed {what}: {exc}", retriable=False
+        ) from None

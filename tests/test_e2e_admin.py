@@ -1,0 +1,220 @@
+"""The admin room, end to end: an operator (a matrix-nio user on a real Synapse) runs the bridge
+from a direct chat with its bot; anyone else is refused politely; alerts arrive grouped."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import ClientSession
+
+from bridge.devtools.demo import wait_for
+from bridge.devtools.stack import LocalStack
+from bridge.secrets import generate_key
+
+from e2e_helpers import counter, portal_of, received, unique, users_of
+from matrix_user import MatrixUser, connect
+
+pytestmark = pytest.mark.e2e
+
+ADMIN = "operator"
+
+
+@pytest.fixture(scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
+    state = Path(tmp_path_factory.mktemp("admin"))
+    key = state / "secrets.key"
+    key.write_text(generate_key())
+    key.chmod(0o600)
+    overrides = {
+        "secrets": {"key_file": str(key)},
+        "admin": {
+            "admins": [f"@{ADMIN}:eimis.localhost"],
+            "notify_debounce_s": 0.5,
+            "stalled_after_s": 60,
+        },
+    }
+    async with LocalStack(state, config_overrides=overrides) as local:
+        yield local
+
+
+async def _user(stack: LocalStack, localpart: str) -> MatrixUser:
+    user_id, token = await stack.synapse.register_user(localpart, "correct horse battery")
+    return await connect(stack.synapse.url, user_id, token)
+
+
+@pytest.fixture(scope="module")
+async def console(stack: LocalStack) -> AsyncIterator[Console]:
+    operator = await _user(stack, ADMIN)
+    try:
+        room_id = await operator.create_dm(stack.config.bot_mxid)
+        await operator.wait_for_message(room_id, _from_bot("admin room"), timeout=30)
+        yield Console(operator, room_id, stack.config.bot_mxid)
+    finally:
+        await operator.close()
+
+
+def _from_bot(fragment: str, bot: str = "") -> Any:
+    def match(event: Any) -> bool:
+        return (not bot or event.sender == bot) and fragment in str(getattr(event, "body", ""))
+
+    return match
+
+
+class Console:
+    """The operator typing commands and reading the bot's answers."""
+
+    def __init__(self, user: MatrixUser, room_id: str, bot: str) -> None:
+        self.user, self.room_id, self.bot = user, room_id, bot
+
+    async def run(self, command: str, expect: str, timeout: float = 30) -> str:
+        """Send a command; return the bot's first answer after it that contains ``expect``."""
+        before = {e.event_id for e in self.user.messages(self.room_id)}
+        await self.user.send_text(self.room_id, command)
+
+        def answer(event: Any) -> bool:
+            return (
+                event.event_id not in before
+                and event.sender == self.bot
+                and expect in str(event.body)
+            )
+
+        event = await self.user.wait_for_message(self.room_id, answer, timeout=timeout)
+        return str(event.body)
+
+
+async def test_help_lists_every_command_and_h_explains_one(console: Console) -> None:
+    text = await console.run("help", "COMMAND")
+    for command in (
+        "status", "connectors", "connector", "queue", "dead-letters", "retry", "discard",
+        "portals", "portal", "whois", "trust", "directory", "audit", "forget", "version",
+    ):  # fmt: skip
+        assert command in text, command
+    detail = await console.run("discard -h", "usage: discard")
+    assert "dead letter id" in detail
+
+
+async def test_a_wrong_command_says_what_was_wrong(console: Console) -> None:
+    text = await console.run("frobnicate", "invalid choice")
+    assert "frobnicate" in text and "help" in text
+    text = await console.run("retry", "required")
+    assert "id" in text
+    text = await console.run("whois 123", "Invalid IDNPS")
+    assert "starts with '8' (RPPS) or '0' (ADELI)" in text  # the rule that failed
+
+
+async def test_status_names_the_homeserver_the_database_and_each_connector(
+    console: Console,
+) -> None:
+    text = await console.run("status", "Connectors:")
+    assert "Homeserver" in text and "answering" in text
+    assert "Database: answering" in text
+    assert "pandalab" in text and "medipeps" in text
+    assert "eimis-bridge" in await console.run("version", "eimis-bridge")
+
+
+async def test_whois_and_portals_after_a_conversation(
+    console: Console, stack: LocalStack, http: ClientSession
+) -> None:
+    alice = (await users_of(stack, http, "pandalab"))[0]
+    bob = (await users_of(stack, http, "medipeps"))[0]
+    conversation = await alice.start_conversation([bob.idnps], unique("Staff"))
+    text = await console.run(f"whois {alice.idnps}", f"IDNPS {alice.idnps}")
+    assert f"eimis_pandalab_{alice.idnps}" in text
+    room_id = await portal_of(stack, "pandalab", conversation)
+    assert room_id in await console.run("portals medipeps", "portal(s) matching")
+    assert "No portal matches." in await console.run("portals no-such-thing", "portal")
+    detail = await console.run(f"portal {room_id}", "voice")
+    assert "pandalab: conversation" in detail and "medipeps: conversation" in detail
+    assert "No dead letter." in await console.run("dead-letters", "dead letter")
+
+
+async def test_trust_remove_asks_for_confirmation_and_only_yes_does_it(
+    console: Console, stack: LocalStack
+) -> None:
+    server = f"hs{next(counter)}.example"
+    assert "trusted" in await console.run(f"trust add {server}", server)
+    assert server in await console.run("trust list", "Trusted servers")
+    prompt = await console.run(f"trust remove {server}", "Answer 'yes'")
+    assert server in prompt
+    assert "Cancelled" in await console.run("no", "Cancelled")
+    assert server in await console.run("trust list", "Trusted servers")
+    await console.run(f"trust remove {server}", "Answer 'yes'")
+    assert "no longer trusted" in await console.run("yes", "no longer trusted")
+    assert server not in await console.run("trust list", "Trusted servers")
+
+
+async def test_someone_else_is_refused_politely(console: Console, stack: LocalStack) -> None:
+    stranger = await _user(stack, f"stranger{next(counter)}")
+    try:
+        room_id = await stranger.create_dm(stack.config.bot_mxid)
+
+        async def refused() -> bool:
+            await stranger.sync()
+            return room_id not in stranger.client.rooms or stack.config.bot_mxid not in (
+                stranger.client.rooms[room_id].invited_users
+            )
+
+        await wait_for("the bot to decline the stranger's invite", refused, 30)
+        # In the admin room itself, a guest the operator invited gets the same answer.
+        await console.user.client.room_invite(console.room_id, stranger.user_id)
+        await stranger.accept_invites(console.room_id, timeout=30)
+        await stranger.send_text(console.room_id, "status")
+        answer = await stranger.wait_for_message(
+            console.room_id, _from_bot("operators only", stack.config.bot_mxid), timeout=30
+        )
+        assert "Connectors:" not in str(answer.body)
+    finally:
+        await stranger.close()
+
+
+async def test_a_vendor_going_down_and_its_return_are_posted(
+    console: Console, stack: LocalStack, http: ClientSession
+) -> None:
+    alice = (await users_of(stack, http, "pandalab"))[1]
+    bob = (await users_of(stack, http, "medipeps"))[1]
+    conversation = await alice.start_conversation([bob.idnps], unique("Outage"))
+    hello = unique("avant la panne")
+    await alice.send(conversation, hello)
+    await wait_for("Bob to get the message", lambda: received(bob, hello), 60)
+    sandbox = stack.sandboxes["medipeps"]
+    await sandbox.stop()
+    try:
+        await alice.send(conversation, unique("pendant la panne"))
+        await console.user.wait_for_message(
+            console.room_id, _from_bot("medipeps is down", console.bot), timeout=60
+        )
+    finally:
+        await sandbox.start()
+    await console.user.wait_for_message(
+        console.room_id, _from_bot("medipeps is back", console.bot), timeout=90
+    )
+
+
+async def test_a_connector_registered_from_the_admin_room_shows_its_secret_once(
+    console: Console, stack: LocalStack
+) -> None:
+    name = f"acme{next(counter)}"
+    url = stack.sandboxes["webhook"].url
+    added = await console.run(f"connector add {name} --type webhook --set base_url={url}", name)
+    assert "shown this once" in added, added
+    secret = added.strip().splitlines()[-1]
+    assert len(secret) >= 32 and " " not in secret
+    listed = await console.run("connectors", name)
+    assert f"{name} (webhook), enabled, from runtime" in listed
+    assert secret not in listed  # never shown again
+    prompt = await console.run(f"connector rotate-secret {name} --grace 1", "Answer 'yes'")
+    assert name in prompt
+    rotated = await console.run("yes", "New shared secret")
+    new_secret = rotated.strip().splitlines()[-1]
+    assert new_secret != secret and len(new_secret) >= 32
+    assert "previous secret accepted until" in await console.run("connectors", name)
+    # The database holds none of it in clear.
+    assert stack.bridge is not None
+    rows = await stack.bridge.stores.db.fetch("SELECT sealed FROM connector_secret")
+    assert rows and all(s not in str(r["sealed"]) for r in rows for s in (secret, new_secret))
+    await console.run(f"connector remove {name} --force", "Answer 'yes'")
+    assert "removed" in await console.run("yes", "removed")
+    assert name not in await console.run("connectors", "pandalab")

@@ -1,0 +1,262 @@
+"""Logs never hold message content, tokens or secrets: a full exchange, logged at DEBUG as JSON,
+searched for everything it sent and every secret the bridge holds.
+
+Every library's logger the bridge uses is turned up to DEBUG too (mautrix's request lines,
+aiohttp, aiosqlite), more than an operator's ``logging.level: DEBUG`` does: what the handler
+writes must stay clean even then.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import ClientSession
+
+from bridge.devtools.demo import wait_for
+from bridge.devtools.stack import LocalStack
+from bridge.logs import (
+    ContextFilter,
+    JsonFormatter,
+    TextFormatter,
+    current_context,
+    log_context,
+    setup_logging,
+)
+
+from e2e_helpers import app_users_of, counter, inbox_message, portal_of, unique
+from matrix_user import connect
+
+LOUD_PREFIXES = ("eimis", "mau", "mautrix", "aiohttp", "aiosqlite", "asyncpg", "asyncio")
+SECRET_WORDS = ("secret", "key", "password", "token")
+# The test's own Matrix client (matrix-nio) logs what it syncs: it is not the bridge.
+NOT_THE_BRIDGE = ("nio", "peewee")
+
+
+@pytest.fixture(scope="module")
+def captured() -> Iterator[io.StringIO]:
+    """Everything logged while the module runs, as the bridge's JSON handler writes it."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    buffer = io.StringIO()
+    handler = setup_logging("DEBUG", json_format=True, stream=buffer)
+    try:
+        yield buffer
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        handler.close()
+
+
+def turn_up_libraries() -> dict[str, int]:
+    """Every already-made logger of the bridge and its libraries at DEBUG; their old levels."""
+    saved = {}
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(LOUD_PREFIXES):
+            logger = logging.getLogger(name)
+            saved[name] = logger.level
+            logger.setLevel(logging.DEBUG)
+    return saved
+
+
+@pytest.fixture(scope="module")
+async def stack(
+    tmp_path_factory: pytest.TempPathFactory, captured: io.StringIO
+) -> AsyncIterator[LocalStack]:
+    local = LocalStack(Path(tmp_path_factory.mktemp("hygiene")), log_level="DEBUG")
+    async with local:
+        saved = turn_up_libraries()  # after start: the bridge pins some of them when it starts
+        try:
+            yield local
+        finally:
+            for name, level in saved.items():
+                logging.getLogger(name).setLevel(level)
+
+
+def secrets_of(value: Any, key: str = "") -> list[str]:
+    """String values under secret-sounding keys, anywhere in a config tree."""
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in secrets_of(v, str(k))]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in secrets_of(v, key)]
+    if isinstance(value, str) and any(word in key.lower() for word in SECRET_WORDS):
+        return [value]
+    return []
+
+
+@pytest.mark.e2e
+async def test_a_full_exchange_logs_no_content_token_or_secret(
+    stack: LocalStack, http: ClientSession, captured: io.StringIO
+) -> None:
+    n = next(counter)
+    password = f"correct horse battery {n}"
+    user_id, token = await stack.synapse.register_user(f"hygiene{n}", password)
+    native = await connect(stack.synapse.url, user_id, token)
+    sent: list[str] = []
+    try:
+        alice = (await app_users_of(stack, http, "pandalab"))[0]
+        bob = (await app_users_of(stack, http, "medipeps"))[0]
+        conversation = await alice.start_conversation([bob.idnps, native.user_id], unique("Hyg"))
+
+        # Vendor -> vendor and vendor -> native.
+        first = unique("CONTENTALPHA tension 14/9 chambre 7")
+        sent.append(first)
+        await alice.post(conversation, text=first)
+        room_id = await portal_of(stack, "pandalab", conversation)
+        await native.accept_invites(room_id, timeout=30)
+        at_bob = await wait_for(
+            "Bob's copy", lambda: inbox_message(bob, lambda m: m["text"] == first), 30
+        )
+        await native.wait_for_message(room_id, lambda m: m.body == first, timeout=30)
+
+        # Vendor -> vendor, the other way.
+        second = unique("CONTENTBRAVO je passe voir le patient")
+        sent.append(second)
+        await bob.post(str(at_bob["conversation_id"]), text=second)
+        await wait_for(
+            "Alice's copy", lambda: inbox_message(alice, lambda m: m["text"] == second), 30
+        )
+
+        # Native -> vendors: a text and a file.
+        third = unique("CONTENTCHARLIE résultats normaux")
+        sent.append(third)
+        await native.send_text(room_id, third)
+        await wait_for(
+            "the native text", lambda: inbox_message(alice, lambda m: m["text"] == third), 30
+        )
+        secret_bytes = f"%PDF-1.4 CONTENTDELTA-FILE-{n} compte rendu opératoire".encode()
+        name = f"cr-CONTENTECHO-{n}.pdf"
+        mxc = await native.upload(secret_bytes, "application/pdf", name)
+        await native.send(
+            room_id,
+            "m.room.message",
+            {
+                "msgtype": "m.file",
+                "body": name,
+                "url": mxc,
+                "info": {"mimetype": "application/pdf", "size": len(secret_bytes)},
+            },
+        )
+        at_alice = await wait_for(
+            "the native file at PandaLab",
+            lambda: inbox_message(alice, lambda m: (m.get("attachment") or {}).get("name") == name),
+            30,
+        )
+        assert await alice.download(at_alice["attachment"]["file_id"]) == secret_bytes
+        # Vendor -> Matrix, a file.
+        vendor_bytes = f"%PDF-1.4 CONTENTFOXTROT-{n}".encode()
+        vendor_name = f"ecg-CONTENTGOLF-{n}.pdf"
+        file_id = await alice.upload(vendor_bytes, "application/pdf", vendor_name)
+        await alice.post(conversation, text="", file_id=file_id)
+        await native.wait_for_message(room_id, lambda m: m.body == vendor_name, timeout=30)
+    finally:
+        await native.close()
+
+    registration = stack.registration
+    forbidden = {
+        **{f"message {i}": text for i, text in enumerate(sent)},
+        "file content": f"CONTENTDELTA-FILE-{n}",
+        "file name": f"CONTENTECHO-{n}",
+        "vendor file content": f"CONTENTFOXTROT-{n}",
+        "vendor file name": f"CONTENTGOLF-{n}",
+        "as_token": registration["as_token"],
+        "hs_token": registration["hs_token"],
+        "native password": password,
+        "native access token": token,
+        **{
+            f"connector secret {i}": secret
+            for i, secret in enumerate(secrets_of(stack.raw_config["connectors"]))
+        },
+    }
+    records = [json.loads(line) for line in captured.getvalue().splitlines() if line.strip()]
+    bridge_records = [r for r in records if not str(r["logger"]).startswith(NOT_THE_BRIDGE)]
+    assert len(bridge_records) > 50, "the run must have logged plenty at DEBUG"
+    loggers = {r["logger"] for r in bridge_records}
+    assert any(name.startswith("eimis.matrix.api") for name in loggers), "request lines on"
+    assert any(
+        name.startswith("eimis.connector") or name.startswith("eimis.delivery") for name in loggers
+    )
+
+    leaks = [
+        (what, record)
+        for record in bridge_records
+        for what, secret in forbidden.items()
+        if secret and secret in json.dumps(record, ensure_ascii=False)
+    ]
+    assert not leaks, f"{len(leaks)} leak(s), first: {leaks[0]}"
+    for word in ("Bearer ", "access_token="):
+        assert not [r for r in bridge_records if word in json.dumps(r)], word
+
+    # Records carry their context: the item, the connector, the room, the transaction.
+    assert any({"outbox", "connector", "room"} <= set(r) for r in bridge_records)
+    assert any({"inbox", "connector", "conversation"} <= set(r) for r in bridge_records)
+    assert any({"txn", "request", "path"} <= set(r) for r in bridge_records)
+
+
+# --- The pieces ----------------------------------------------------------------------------------
+
+
+def make_record(
+    name: str = "eimis.test", level: int = logging.INFO, **extra: Any
+) -> logging.LogRecord:
+    record = logging.LogRecord(name, level, __file__, 1, "Delivery %d done", (7,), None)
+    for key, value in extra.items():
+        setattr(record, key, value)
+    return record
+
+
+def test_context_nests_leaves_out_nones_and_ends_with_its_block() -> None:
+    assert current_context() == {}
+    with log_context(room="!r:hs", connector=None):
+        with log_context(outbox=12, connector="vendora"):
+            assert current_context() == {"room": "!r:hs", "outbox": 12, "connector": "vendora"}
+        assert current_context() == {"room": "!r:hs"}
+    assert current_context() == {}
+
+
+def test_records_carry_their_context_in_json_and_in_text() -> None:
+    with log_context(room="!r:hs", outbox=12):
+        record = make_record()
+        assert ContextFilter().filter(record)
+    # Formatted later, out of the block: the record keeps the context it was logged in.
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["message"] == "Delivery 7 done" and entry["level"] == "INFO"
+    assert (entry["room"], entry["outbox"]) == ("!r:hs", 12)
+    assert TextFormatter().format(record).endswith("Delivery 7 done [room=!r:hs outbox=12]")
+    # Context never overwrites what a record is.
+    with log_context(level="spoofed", message="spoofed"):
+        spoof = make_record()
+        ContextFilter().filter(spoof)
+    entry = json.loads(JsonFormatter().format(spoof))
+    assert (entry["level"], entry["message"]) == ("INFO", "Delivery 7 done")
+
+
+def test_library_request_lines_lose_their_body_and_query() -> None:
+    body = '{"msgtype": "m.text", "body": "CONTENT"}'
+    url = "http://hs/_matrix/client/v3/rooms/%21r/send/m.room.message/t1?user_id=@g:hs&ts=1"
+    record = logging.LogRecord(
+        "eimis.matrix.api.api.@g:hs",
+        logging.DEBUG,
+        __file__,
+        1,
+        f"req #3: PUT {url} {body}",
+        (),
+        None,
+    )
+    record.matrix_http_request = {"req_id": 3, "method": "PUT", "url": url, "content": body}
+    assert ContextFilter().filter(record)
+    text = JsonFormatter().format(record)
+    assert "CONTENT" not in text and "user_id" not in text
+    assert json.loads(text)["message"] == (
+        "req #3: PUT http://hs/_matrix/client/v3/rooms/%21r/send/m.room.message/t1"
+    )
+    assert "content" not in record.matrix_http_request
+
+    # aiosqlite's DEBUG lines quote SQL parameters: never written; its warnings still are.
+    assert not ContextFilter().filter(make_record("aiosqlite", logging.DEBUG))
+    assert ContextFilter().filter(make_record("aiosqlite", logging.WARNING))
