@@ -23,6 +23,7 @@ COMMIT) rather than one thread hop per statement: that is most of a lone event's
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import re
@@ -65,7 +66,11 @@ class GroupCommit:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append((writes, future))
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_all(), name="group-commit")
+            # A context of its own: it commits every worker's writes, not the one that woke it
+            # (its log lines must not name that worker's item).
+            self._flusher = asyncio.create_task(
+                self._flush_all(), name="group-commit", context=contextvars.Context()
+            )
         await future
 
     async def _flush_all(self) -> None:
