@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
@@ -102,6 +102,9 @@ class Metrics:
         Info("eimis_bridge", "The running bridge", registry=self.registry).info(
             {"version": version}
         )
+        self._events: dict[tuple[str, str, str], Any] = {}
+        self._latency: dict[tuple[str, str], Any] = {}
+        """The labelled children of the hot-path metrics, looked up once per label set."""
         self._state = _StateCollector()
         self.registry.register(self._state)
         self._sampler: Sampler | None = None
@@ -116,10 +119,17 @@ class Metrics:
         self, connector: str, direction: Direction, kind: str, entered_ms: int | None
     ) -> None:
         """One event reached the other side; ``entered_ms`` is when it was stored."""
-        self.events.labels(connector, direction, kind).inc()
+        key = (connector, direction, kind)
+        counter = self._events.get(key)
+        if counter is None:  # prometheus_client's labels() takes a lock: once per label set
+            counter = self._events[key] = self.events.labels(connector, direction, kind)
+        counter.inc()
         if entered_ms:
             seconds = max(time.time() - entered_ms / 1000, 0.0)
-            self.latency.labels(connector, direction).observe(seconds)
+            histogram = self._latency.get(key[:2])
+            if histogram is None:
+                histogram = self._latency[key[:2]] = self.latency.labels(connector, direction)
+            histogram.observe(seconds)
 
     def not_carried(self, connector: str, direction: Direction, outcome: str) -> None:
         self.undelivered.labels(connector, direction, outcome).inc()

@@ -137,6 +137,21 @@ async def test_transaction_with_the_right_token_is_stored_then_acknowledged(hs: 
     assert len(hs.stored_calls) == 1
 
 
+async def test_half_a_surrogate_pair_in_content_becomes_a_replacement_character(
+    hs: Harness,
+) -> None:
+    """JSON can escape half a UTF-16 pair, which no UTF-8 text holds: kept as U+FFFD, the event
+    stored (refusing would make the homeserver resend the transaction for ever)."""
+    broken = {**event(1), "content": {"msgtype": "m.text", "body": "ok \\ud800 then"}}
+    data = json.dumps({"events": [broken]}).replace("\\\\ud800", "\\ud800").encode()
+    response = await hs.client.put(
+        txn_path("txn-surrogate"), data=data, headers={**AUTH, "Content-Type": "application/json"}
+    )
+    assert response.status == 200
+    [stored] = await hs.inbox.pending(0, 10)
+    assert stored.payload["content"]["body"] == "ok \ufffd then"
+
+
 async def test_transaction_replayed_is_acknowledged_but_not_stored_or_processed_twice(
     hs: Harness,
 ) -> None:

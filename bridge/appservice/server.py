@@ -111,9 +111,12 @@ class AppserviceServer:
             raise matrix_error(
                 400, "M_INVALID_PARAM", "A transaction id is at most 255 bytes of UTF-8, no NUL"
             )
-        body = await _json_body(request)
-        events = _without_lone_surrogates(_parse_events(body))
-        ephemeral = _without_lone_surrogates(_parse_ephemeral(body))
+        body, text = await _json_text(request)
+        events = _parse_events(body)
+        ephemeral = _parse_ephemeral(body)
+        if _ESCAPED_SURROGATE.search(text):
+            events = _without_lone_surrogates(events)
+            ephemeral = _without_lone_surrogates(ephemeral)
         with log_context(txn=txn_id):
             return await self._store_transaction(request, txn_id, events, ephemeral)
 
@@ -181,8 +184,14 @@ class AppserviceServer:
 
 
 async def _json_body(request: web.Request) -> Any:
+    return (await _json_text(request))[0]
+
+
+async def _json_text(request: web.Request) -> tuple[Any, str]:
+    """The parsed body and its text."""
     try:
-        return await request.json(loads=json.loads)
+        text = await request.text()
+        return json.loads(text), text
     except web.HTTPRequestEntityTooLarge:
         raise matrix_error(413, "M_TOO_LARGE", "Request body too large") from None
     except (ValueError, UnicodeDecodeError, LookupError, RecursionError):
@@ -192,6 +201,9 @@ async def _json_body(request: web.Request) -> Any:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+"""Only a ``\\uD8xx``-``\\uDFxx`` escape can bring a surrogate into parsed JSON: bodies without
+one (nearly all) are never walked."""
 
 
 def _without_lone_surrogates(value: Any) -> Any:
