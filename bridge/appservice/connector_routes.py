@@ -68,7 +68,16 @@ class ConnectorRoutes:
             )
         match = await router.resolve(request)
         if match.http_exception is not None:
-            raise match.http_exception
+            # A JSON error, like every other answer vendors get (the Allow header kept).
+            error = match.http_exception
+            return web.json_response(
+                {
+                    "error": "not_found" if error.status == 404 else "method_not_allowed",
+                    "message": error.reason,
+                },
+                status=error.status,
+                headers={k: v for k, v in error.headers.items() if k == "Allow"},
+            )
         # What aiohttp does for a sub-application: the handler sees its own match_info
         # (path parameters of its route) on a copy of the request.
         match.add_app(request.app)
