@@ -23,6 +23,7 @@ from bridge import __version__
 from bridge.admin.parser import AdminParser
 from bridge.admin.queries import AdminQueries, age
 from bridge.commands.audit import parse_moment
+from bridge.commands.directory import foreign_mxid_check
 from bridge.config import Config
 from bridge.core.connectors import ConnectorSet
 from bridge.core.ghost_ids import GhostIds
@@ -454,14 +455,13 @@ async def _directory(ctx: AdminContext, args: argparse.Namespace, who: str) -> R
 
 
 async def _import_path(ctx: AdminContext, path: Path, fmt: str | None, shown: str) -> Reply:
-    def foreign(mxid: str) -> str | None:
-        if ctx.ids.in_namespace(mxid):
-            return "is in the bridge's own namespace (the bridge lists its ghosts itself)"
-        return None
-
     try:
         report = await import_file(
-            ctx.stores.directory, path, format=fmt, foreign_mxid=foreign, progress=False
+            ctx.stores.directory,
+            path,
+            format=fmt,
+            foreign_mxid=foreign_mxid_check(ctx.config),
+            progress=False,
         )
     except OSError as error:
         return Reply(f"Cannot read {shown}: {error.strerror or error}")

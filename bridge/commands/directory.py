@@ -138,7 +138,7 @@ def _ghost_ids(config: Config) -> GhostIds:
     return GhostIds(a.user_prefix, config.homeserver.domain, a.bot_username)
 
 
-def _foreign_mxid(config: Config) -> Callable[[str], str | None]:
+def foreign_mxid_check(config: Config) -> Callable[[str], str | None]:
     ids = _ghost_ids(config)
 
     def check(mxid: str) -> str | None:
@@ -163,7 +163,7 @@ async def _import(args: argparse.Namespace, config: Config, store: DirectoryStor
             store,
             path,
             format=args.format,
-            foreign_mxid=_foreign_mxid(config),
+            foreign_mxid=foreign_mxid_check(config),
             progress=args.progress,
         )
     except OSError as error:
@@ -192,7 +192,7 @@ async def _fetch(args: argparse.Namespace, config: Config, store: DirectoryStore
             identifiers=identifiers,
             page_size=settings.fhir_page_size,
             max_pages=args.max_pages,
-            foreign_mxid=_foreign_mxid(config),
+            foreign_mxid=foreign_mxid_check(config),
         )
     except FhirFetchError as error:
         return _fail(f"Fetch failed: {error}", 1)
