@@ -281,7 +281,8 @@ class Bridge:
         while True:
             remaining = max(deadline - time.monotonic(), 0.1)
             try:
-                info = await asyncio.wait_for(self.homeserver.check(), remaining)
+                async with asyncio.timeout(remaining):
+                    info = await self.homeserver.check()
                 log.info("Homeserver OK (ping %s ms)", info["ping_ms"])
                 return info
             except (TimeoutError, HomeserverCheckFailed) as error:
@@ -403,7 +404,8 @@ class Bridge:
 
         async def check(probe: Callable[[], Awaitable[bool]]) -> bool:
             try:
-                return await asyncio.wait_for(probe(), READY_TIMEOUT_S)
+                async with asyncio.timeout(READY_TIMEOUT_S):
+                    return await probe()
             except Exception:
                 return False
 

@@ -151,7 +151,8 @@ class Metrics:
             sample = None
             if self._sampler is not None:
                 try:
-                    sample = await asyncio.wait_for(self._sampler(), 10)
+                    async with asyncio.timeout(10):
+                        sample = await self._sampler()
                 except Exception as error:
                     # Counters are still worth serving; the gauges say the sample failed.
                     log.warning("Sampling the bridge's state failed (%s)", type(error).__name__)

@@ -11,7 +11,7 @@ from typing import Any, NoReturn, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from aiohttp import ClientSession
+from aiohttp import ClientSession, ClientTimeout
 from mautrix.util.async_db import Database
 
 from bridge.config import DatabaseConfig
@@ -146,5 +146,6 @@ async def db(database_url: str) -> AsyncIterator[Database]:
 @pytest.fixture(scope="module")
 async def http() -> AsyncIterator[ClientSession]:
     """One HTTP client for a test module (sandbox users, probes, proxies)."""
-    async with ClientSession() as session:
+    # Bounded below the test timeout, so a request that hangs fails with its URL.
+    async with ClientSession(timeout=ClientTimeout(total=60)) as session:
         yield session

@@ -520,6 +520,25 @@ async def test_stop_of_an_idle_or_never_started_scheduler_is_harmless(make: Make
     assert live_tasks(idle) == []
 
 
+async def test_stop_right_after_a_wake_up_still_stops(make: Make) -> None:
+    """A stop that lands as new work is notified (the end of every busy test, every shutdown
+    under traffic) must end the scheduler. On Python 3.11, asyncio.wait_for() returned the
+    wake-up and swallowed the cancellation, the dispatcher went on forever and stop() hung
+    (CI: a 300 s timeout in the teardown of an e2e module)."""
+    store = Store()
+    recorder = Recorder(store)
+    scheduler = make(store, recorder)
+    scheduler.start()
+    for _ in range(20):
+        await wait_until(lambda: len(store.fetches) >= 1)
+        await settle()  # the dispatcher now waits to be woken
+        scheduler.notify()  # wakes it in the same tick as the cancellation below
+        await asyncio.wait_for(scheduler.stop(), timeout=5.0)
+        assert live_tasks(scheduler) == []
+        store.fetches.clear()
+        scheduler.start()
+
+
 async def test_after_restart_items_still_pending_are_handled_again(make: Make) -> None:
     store = Store()
     a1, a2, a3 = store.add("room-a"), store.add("room-a"), store.add("room-a")

@@ -47,6 +47,7 @@ from bridge.core.reconcile import HomeserverUnavailable
 from bridge.db.clock import now_ms
 from bridge.db.inbox import WAITING, InboxStore
 from bridge.matrix.homeserver import Homeserver
+from bridge.tasks import cancel_and_wait
 
 log = logging.getLogger("eimis.order")
 
@@ -137,9 +138,7 @@ class CausalOrder:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     # Transactions ------------------------------------------------------------------------------
@@ -163,9 +162,8 @@ class CausalOrder:
             try:
                 # Bounded: a homeserver that is slow to answer must not make it give up on its
                 # transaction (it would send it again, and wait again).
-                walk = await asyncio.wait_for(
-                    self._walk(room_id, incoming), self.config.hold_transactions_s
-                )
+                async with asyncio.timeout(self.config.hold_transactions_s):
+                    walk = await self._walk(room_id, incoming)
             except (HomeserverUnavailable, TimeoutError) as error:
                 # Cannot look: store as pushed (the reconciler's sweep still finds what is lost).
                 log.warning("Cannot read %s to order it (%s)", room_id, type(error).__name__)
@@ -223,7 +221,8 @@ class CausalOrder:
                 soonest = min(min(w.next_read, w.deadline) for w in self._waiting.values())
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), max(0.0, soonest - time.monotonic()))
+                    async with asyncio.timeout(max(0.0, soonest - time.monotonic())):
+                        await self._wake.wait()
 
     async def _read_again(self, room_id: str) -> None:
         waiting = self._waiting.get(room_id)

@@ -678,7 +678,8 @@ async def _admin(step: Any) -> Any:
 
 async def _probe(connector_id: str, connector: Connector) -> str:
     try:
-        answer = await asyncio.wait_for(connector.probe(), PROBE_TIMEOUT_S)
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
+            answer = await connector.probe()
     except TimeoutError:
         raise ProbeFailed(f"{connector_id}: no answer within {PROBE_TIMEOUT_S:g} s") from None
     except Exception as error:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from bridge.logs import log_context
+from bridge.tasks import cancel_and_wait
 
 
 class LaneItem(Protocol):
@@ -110,11 +111,7 @@ class LaneScheduler(Generic[T]):
 
     async def stop(self) -> None:
         tasks = [t for t in (self._dispatcher, *self._tasks.values()) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(tasks)
         self._dispatcher = None
         self._tasks.clear()
         self._lanes.clear()
@@ -197,8 +194,9 @@ class LaneScheduler(Generic[T]):
             self._tasks[name] = asyncio.create_task(self._run_lane(name), name=f"{self.name}-lane")
 
     async def _sleep_or_wake(self, timeout: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
 
     async def _run_lane(self, name: str) -> None:
         lane = self._lanes[name]
@@ -268,7 +266,8 @@ class LaneScheduler(Generic[T]):
                 wake = self._retry_now.setdefault(item.lane, asyncio.Event())
                 wake.clear()
                 try:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(wake.wait(), delay)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await wake.wait()
                 finally:
                     self._retry_now.pop(item.lane, None)

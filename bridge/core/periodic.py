@@ -7,9 +7,10 @@ next tick; errors listed in ``quiet`` are expected and pass without a log line.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+
+from bridge.tasks import cancel_and_wait
 
 
 class Periodic:
@@ -39,9 +40,7 @@ class Periodic:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def _run(self) -> None:
         if not self._at_once:

@@ -49,6 +49,7 @@ from bridge.core.periodic import Periodic
 from bridge.db.clock import now_ms
 from bridge.db.inbox import InboxStore
 from bridge.matrix.homeserver import Homeserver
+from bridge.tasks import cancel_and_wait
 
 log = logging.getLogger("eimis.reconcile")
 
@@ -147,9 +148,7 @@ class Reconciler:
     async def stop(self) -> None:
         await self._sweeper.stop()
         if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
+            await cancel_and_wait(self._runner)
         self._runner = None
         self._open.set()
 
@@ -170,12 +169,14 @@ class Reconciler:
         if self._open.is_set():
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._open.wait(), self.config.hold_transactions_s)
+            async with asyncio.timeout(self.config.hold_transactions_s):
+                await self._open.wait()
 
     async def run_inline(self, reason: str) -> None:
         """A pass now, bounded in time, for a transaction that waits to be stored after it."""
         try:
-            await asyncio.wait_for(self.run(reason), self.config.hold_transactions_s)
+            async with asyncio.timeout(self.config.hold_transactions_s):
+                await self.run(reason)
         except Exception as error:
             log.warning(
                 "Reconciliation (%s) did not finish (%s); trying again in the background",

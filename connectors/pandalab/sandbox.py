@@ -358,7 +358,8 @@ class WebhookPusher:
             delay = min(self.retry_max, self.retry_initial * 2 ** min(failures - 1, 30))
             self._target_changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._target_changed.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._target_changed.wait()
                 failures = 0
 
     async def _deliver(

@@ -8,7 +8,6 @@ the vendor. What the vendor can show is what it declared at registration (settin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -19,6 +18,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from bridge.directory.idnps import Idnps
+from bridge.tasks import cancel_and_wait
 from connectors import http
 from connectors.base import (
     Capabilities,
@@ -166,9 +166,7 @@ class WebhookConnector(Connector):
     async def stop(self) -> None:
         task, self._announcer = self._announcer, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         await self.client.close()
 
     # Bridge -> vendor ---------------------------------------------------------------------------
