@@ -15,7 +15,7 @@ from bridge import __version__
 from bridge.admin.console import Console
 from bridge.appservice.connector_routes import ConnectorRoutes
 from bridge.appservice.server import AppserviceServer
-from bridge.config import Config, load_tokens
+from bridge.config import Config, ConfigError, load_tokens
 from bridge.core.causal_order import CausalOrder
 from bridge.core.connector_manager import ConnectorManager, Wiring
 from bridge.core.connectors import ConnectorSet, validate_connectors
@@ -32,7 +32,10 @@ from bridge.core.status import StatusReporter
 from bridge.core.to_matrix import ToMatrix
 from bridge.core.trail import Trail
 from bridge.core.trust import TrustWatcher
+from bridge.crypto.machine import Crypto
+from bridge.crypto.pickling import PickleKey
 from bridge.db.connector_state import BRIDGE_STATE, ConnectorStateStore
+from bridge.db.crypto import CryptoStore
 from bridge.db.database import open_database
 from bridge.db.group_commit import GroupCommit
 from bridge.db.inbox import InboxItem
@@ -40,8 +43,10 @@ from bridge.db.outbox import OutboxItem
 from bridge.db.stores import Stores
 from bridge.directory.names import GhostNames
 from bridge.matrix.homeserver import Homeserver, HomeserverCheckFailed
+from bridge.matrix.keys import KeysApi
 from bridge.matrix.media import MediaRepository
 from bridge.metrics import Metrics, bridge_sampler
+from bridge.secrets import KeyUnavailable, SecretBox
 from connectors.base import (
     REMOTE_EVENT_TYPES,
     BatchSink,
@@ -92,6 +97,11 @@ class Bridge:
         self._session = ClientSession(timeout=ClientTimeout(total=60))
         self.homeserver = Homeserver(self.config, as_token, self.db, self._session)
         self.homeserver.trust.replace_extra(await self.stores.trusted_servers.names())
+        self.crypto = await self._open_crypto() if self.config.encryption.enabled else None
+        self.homeserver.crypto = self.crypto
+        self.homeserver.encrypt_new_portals = self.crypto is not None and (
+            self.config.encryption.default or self.config.encryption.require
+        )
         self.trust_watcher = TrustWatcher(
             self.homeserver.trust,
             self.stores.trusted_servers.names,
@@ -160,6 +170,13 @@ class Bridge:
             self.router.record_error,
             fetch_lane=self.stores.inbox.pending_in_lane,
         )
+        self.portals.require_encryption = self.config.encryption.require
+        if self.crypto is not None:
+            self.router.crypto = self.crypto
+            self.router.key_wait_s = self.config.encryption.key_wait_s
+            self.router.ids_ours = self.ids.in_namespace
+            self.router.on_undecryptable = self.status.undecryptable
+            self.crypto.on_room_key = self.inbox.retry_now  # its waiting events, at once
         self.reconciler = Reconciler(
             self.stores.inbox,
             self.homeserver,
@@ -217,6 +234,8 @@ class Bridge:
             )
             await self.metrics.start(self.config.metrics.hostname, self.config.metrics.port)
         self.homeserver_info = await self._check_homeserver()
+        if self.crypto is not None:
+            await self.crypto.start()
         await self.reconciler.start()
         await self.causal_order.start()
         await self.homeserver.bot.set_displayname(self.config.appservice.bot_displayname)
@@ -244,6 +263,34 @@ class Bridge:
             self.inbox.start()
             self.outbox.start()
         log.info("Bridge running with connectors: %s", ", ".join(self.connectors.ids()) or "none")
+
+    async def _open_crypto(self) -> Crypto:
+        """End-to-bridge encryption over this bridge's database and homeserver."""
+        try:
+            box = SecretBox.from_config(self.config.secrets)
+        except KeyUnavailable as error:
+            raise ConfigError(
+                f"encryption.enabled needs a key to seal its sessions at rest: {error}"
+            ) from None
+        store = CryptoStore(self.db)
+        homeserver = self.homeserver
+
+        async def members(room_id: str, viewer: str) -> list[str]:
+            state = homeserver.state_store
+            if not await state.has_full_member_list(RoomID(room_id)):
+                await homeserver.intent(viewer).get_members(RoomID(room_id))  # fills the store
+            joined_or_invited = (Membership.JOIN, Membership.INVITE)
+            return [str(u) for u in await state.get_members(RoomID(room_id), joined_or_invited)]
+
+        return Crypto(
+            store,
+            KeysApi(homeserver),
+            await PickleKey.load(store, box),
+            bot_mxid=self.config.bot_mxid,
+            members=members,
+            is_ours=self.ids.in_namespace,
+            cross_signing=self.config.encryption.cross_signing,
+        )
 
     async def stop(self) -> None:
         if getattr(self, "console", None) is not None:

@@ -288,6 +288,37 @@ class AdminConfig(_Strict):
     )
 
 
+class EncryptionConfig(_Strict):
+    """End-to-bridge encryption (Megolm rooms), on vodozemac.
+
+    The bridge decrypts what native users send before a vendor gets it and encrypts what
+    vendors send before the homeserver sees it; each ghost speaks from its own device,
+    cross-signed by its own identity. Sessions are pickled under a key sealed with
+    ``secrets`` (so a secrets key is needed). The homeserver must push to-device events and
+    device lists to the bridge (Synapse: ``experimental_features``
+    ``msc2409_to_device_messages_enabled`` and ``msc3202_transaction_extensions``).
+    """
+
+    enabled: bool = Field(True, description="Take part in encrypted rooms")
+    default: bool = Field(True, description="Portals the bridge creates are encrypted")
+    require: bool = Field(
+        False, description="Refuse to bridge a room that is not encrypted (TI-Messenger)"
+    )
+    cross_signing: bool = Field(True, description="Each ghost cross-signs its own device")
+    key_wait_s: float = Field(
+        60.0,
+        gt=0,
+        description="How long an event waits for its room key before its sender is told it "
+        "could not be delivered",
+    )
+
+    @model_validator(mode="after")
+    def _coherent(self) -> EncryptionConfig:
+        if (self.default or self.require) and not self.enabled:
+            raise ValueError("default and require need enabled: true")
+        return self
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(False, alias="json")
@@ -307,6 +338,7 @@ class Config(_Strict):
     metrics: MetricsConfig = MetricsConfig()
     audit: AuditConfig = AuditConfig()
     admin: AdminConfig = AdminConfig()
+    encryption: EncryptionConfig = EncryptionConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @field_validator("connectors")

@@ -41,6 +41,10 @@ def build_registration(config: Config) -> dict[str, Any]:
         "rate_limited": False,
         "receive_ephemeral": True,
         "de.sorunome.msc2409.push_ephemeral": True,
+        # End-to-end encryption: device lists and one-time key counts in transactions (MSC3202),
+        # and devices created for ghosts through the device API instead of /login (MSC4190).
+        "org.matrix.msc3202": True,
+        "io.element.msc4190": True,
     }
 
 

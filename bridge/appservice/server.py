@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from bridge.appservice.auth import check_hs_token
+from bridge.appservice.crypto_extensions import parse_crypto
 from bridge.appservice.errors import MatrixError, matrix_error
 from bridge.db.inbox import InboxStore
 from bridge.logs import log_context
@@ -114,11 +115,13 @@ class AppserviceServer:
         body, text = await _json_text(request)
         events = _parse_events(body)
         ephemeral = _parse_ephemeral(body)
+        crypto = parse_crypto(body)
         if _ESCAPED_SURROGATE.search(text):
             events = _without_lone_surrogates(events)
             ephemeral = _without_lone_surrogates(ephemeral)
+            crypto = _without_lone_surrogates(crypto)
         with log_context(txn=txn_id):
-            return await self._store_transaction(request, txn_id, events, ephemeral)
+            return await self._store_transaction(request, txn_id, events, ephemeral, crypto)
 
     async def _store_transaction(
         self,
@@ -126,6 +129,7 @@ class AppserviceServer:
         txn_id: str,
         events: list[dict[str, Any]],
         ephemeral: list[dict[str, Any]],
+        crypto: list[dict[str, Any]],
     ) -> web.Response:
         # The homeserver sends one transaction at a time; the watch reads them in that order.
         async with self._one_at_a_time:
@@ -138,7 +142,9 @@ class AppserviceServer:
                 if self._order is not None:
                     admission = await self._order.before_store(events)
                     park, put_in_order = admission.park, admission.stored
-                new = await self._inbox.store_transaction(txn_id, events, ephemeral, park)
+                new = await self._inbox.store_transaction(
+                    txn_id, events, ephemeral, park, crypto=crypto
+                )
                 new = new or put_in_order > 0
             except Exception:
                 # Not stored, so not acknowledged: the homeserver will send it again.

@@ -32,6 +32,7 @@ from bridge.core.outbound import (
 )
 from bridge.core.status import StatusReporter
 from bridge.core.trail import Trail
+from bridge.crypto.attachments import AttachmentError, decrypt_stream
 from bridge.db.group_commit import GroupCommit, Write
 from bridge.db.message_map import MessageMapStore
 from bridge.db.outbox import OutboxItem
@@ -323,7 +324,7 @@ class Delivery:
                 name=ref.name,
                 mime_type=ref.mime_type,
                 size=max(ref.size, 0),
-                open=lambda: self._stream(ref.mxc, ceiling),
+                open=lambda: self._stream(ref.mxc, ceiling, ref.encrypted),
             )
             messages = [
                 OutboundMessage(
@@ -399,8 +400,11 @@ class Delivery:
         return tuple(found)
 
     @contextlib.asynccontextmanager
-    async def _stream(self, mxc: str, ceiling: int) -> AsyncIterator[AsyncIterator[bytes]]:
-        """The file's bytes from the homeserver, refusing to pass more than ``ceiling``."""
+    async def _stream(
+        self, mxc: str, ceiling: int, encrypted: dict[str, Any] | None = None
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """The file's bytes from the homeserver, refusing to pass more than ``ceiling``;
+        decrypted on the way when it was sent in an encrypted room (``encrypted``)."""
         async with self.media.download(mxc) as chunks:
 
             async def bounded() -> AsyncIterator[bytes]:
@@ -411,7 +415,18 @@ class Delivery:
                         raise Undeliverable("the file is larger than announced and than allowed")
                     yield chunk
 
-            yield bounded()
+            if encrypted is None:
+                yield bounded()
+                return
+
+            async def decrypted() -> AsyncIterator[bytes]:
+                try:
+                    async for chunk in decrypt_stream(bounded(), encrypted):
+                        yield chunk
+                except AttachmentError as error:
+                    raise Undeliverable(f"the encrypted file cannot be read: {error}") from None
+
+            yield decrypted()
 
     async def _edit_message(
         self, item: OutboxItem, connector: Connector, conversation: str, writes: list[Write]

@@ -46,6 +46,8 @@ class FileRef:
     mime_type: str
     size: int
     msgtype: str
+    encrypted: dict[str, Any] | None = None
+    """The EncryptedFile (key, iv, hash) of a file sent in an encrypted room."""
 
 
 def render_text(
@@ -111,6 +113,9 @@ def file_ref(content: dict[str, Any]) -> FileRef | None:
     """The file of an m.image/m.file/m.audio/m.video message, or None when it has none."""
     msgtype = content.get("msgtype")
     url = content.get("url")
+    encrypted = content.get("file") if isinstance(content.get("file"), dict) else None
+    if encrypted is not None and url is None:
+        url = encrypted.get("url")  # an encrypted room's file: the key travels beside it
     if msgtype not in FILE_MSGTYPES or not isinstance(url, str):
         return None
     info = _obj(content.get("info"))
@@ -122,6 +127,7 @@ def file_ref(content: dict[str, Any]) -> FileRef | None:
         mime_type=str(info.get("mimetype") or "application/octet-stream").lower(),
         size=size if isinstance(size, int) and size >= 0 else -1,
         msgtype=str(msgtype),
+        encrypted=encrypted,
     )
 
 

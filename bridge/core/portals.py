@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from cachetools import LRUCache
@@ -40,6 +41,8 @@ class Portals:
         self.hs = homeserver
         self.connectors = connectors
         self.ids = ids
+        self.require_encryption = False
+        """``encryption.require``: rooms that are not encrypted are not bridged."""
         # Per (room, user): a native member's display name, and ghosts known to be joined. Both
         # change only through membership events, which ``member_changed`` is told of.
         self._names: LRUCache[tuple[str, str], str] = LRUCache(MEMBER_CACHE_SIZE)
@@ -60,6 +63,9 @@ class Portals:
         """The ghost is in the room (joined once, then remembered until it leaves)."""
         if (room_id, ghost_mxid) in self._joined:
             return
+        if self.hs.crypto is not None and await self.hs.crypto.encryption_of(room_id):
+            # Its device first: members' clients share their room keys with it from its join.
+            await self.hs.crypto.ensure_device(ghost_mxid)
         await self.hs.intent(ghost_mxid).ensure_joined(RoomID(room_id))
         self._joined[(room_id, ghost_mxid)] = True
 
@@ -275,6 +281,12 @@ class Portals:
         except MatrixRequestError as error:
             raise PermanentFailure(f"{ghost_mxid} could not join ({error.errcode})") from None
         await self.hs.state_store.joined(RoomID(room_id), ghost.mxid)
+        if await self.hs.follow_encryption(room_id, ghost_mxid):
+            assert self.hs.crypto is not None
+            await self.hs.crypto.ensure_device(ghost_mxid)
+        elif self.require_encryption:
+            await self._leave_unencrypted(room_id, ghost_mxid)
+            return False
         await self._apply_policy(room_id, ghost_mxid, inviter if is_direct else None)
         portal = await self.stores.portals.get(room_id)
         if portal is None:
@@ -383,6 +395,21 @@ class Portals:
             },
             conn=conn,
         )
+
+    async def _leave_unencrypted(self, room_id: str, ghost_mxid: str) -> None:
+        """``encryption.require``: a room that is not end-to-end encrypted is not bridged."""
+        reason = "this bridge carries end-to-end encrypted rooms only: enable encryption first"
+        log.info("Leaving unencrypted room %s (encryption.require)", room_id)
+        with contextlib.suppress(MatrixRequestError):
+            await self.hs.send_event(
+                ghost_mxid,
+                room_id,
+                "m.room.message",
+                {"msgtype": "m.notice", "body": f"Not bridged: {reason}."},
+                txn_id=derived_txn_id("unencrypted", room_id, ghost_mxid),
+            )
+        with contextlib.suppress(MatrixRequestError):
+            await self.hs.intent(ghost_mxid).leave_room(RoomID(room_id), reason=reason)
 
     async def _refuse_invite(self, room_id: str, ghost_mxid: str, reason: str) -> None:
         log.info("Refusing an invite for %s: %s", ghost_mxid, reason)

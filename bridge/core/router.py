@@ -10,7 +10,7 @@ work and that commit) changes nothing the second time.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
@@ -20,8 +20,10 @@ from bridge.core.errors import PermanentFailure
 from bridge.core.from_matrix import FromMatrix
 from bridge.core.to_matrix import ToMatrix
 from bridge.core.trail import Trail
+from bridge.crypto.machine import Crypto, KeysMissing, Undecryptable
+from bridge.db.clock import now_ms
 from bridge.db.group_commit import Write
-from bridge.db.inbox import MATRIX_ORIGIN, InboxItem
+from bridge.db.inbox import CRYPTO_ORIGIN, MATRIX_ORIGIN, InboxItem
 from bridge.db.stores import Stores
 from bridge.logs import log_context
 from bridge.matrix.homeserver import Homeserver
@@ -29,6 +31,11 @@ from bridge.metrics import TO_MATRIX
 from connectors.base import RemoteEvent, event_from_json
 
 log = logging.getLogger("eimis.router")
+
+ENCRYPTED = "m.room.encrypted"
+KEY_WAIT_INLINE_S = 2.0
+"""How long a lane waits, holding its event, for a room key travelling beside it; after that
+it waits as a retry (the key's arrival wakes it)."""
 
 
 def remote_lane(connector: str, conversation_id: str) -> str:
@@ -55,6 +62,12 @@ class Router:
         self._homeserver_down = False
         self._failed_once: set[int] = set()
         self.on_homeserver_back: Callable[[], None] = lambda: None
+        self.crypto: Crypto | None = None
+        """End-to-bridge encryption, when enabled."""
+        self.key_wait_s = 60.0
+        self.ids_ours: Callable[[str], bool] = lambda mxid: False
+        self.on_undecryptable: Callable[[str, str, str], Awaitable[None]] = _nothing
+        """Told (room, event, reason) of an event that will never decrypt."""
         self.recovered_up_to: int | None = None
         """Inbox items up to this seq were stored before this process started: a crash may have
         left their work half done, so it is checked before it is redone. None: check all."""
@@ -65,7 +78,9 @@ class Router:
 
     async def handle(self, item: InboxItem) -> None:
         """Process one inbox item; raises only for failures worth retrying."""
-        if item.origin == MATRIX_ORIGIN:
+        if item.origin == CRYPTO_ORIGIN:
+            context = log_context(crypto=item.lane.split("\x1f", 1)[0])
+        elif item.origin == MATRIX_ORIGIN:
             room = item.payload.get("room_id")
             context = log_context(room=room if isinstance(room, str) else None)
         else:
@@ -81,9 +96,17 @@ class Router:
         writes: list[Write]
         event: RemoteEvent | None = None
         try:
-            if item.origin == MATRIX_ORIGIN:
-                await self._update_state(item.payload)
-                writes = await self.from_matrix.handle(item.payload)
+            if item.origin == CRYPTO_ORIGIN:
+                if self.crypto is not None:
+                    await self.crypto.handle(item.payload)
+                writes = []
+            elif item.origin == MATRIX_ORIGIN:
+                payload = await self._readable(item)
+                if payload is None:
+                    await self.stores.inbox.mark_failed(item.seq, "undecryptable")
+                    return
+                await self._update_state(payload)
+                writes = await self.from_matrix.handle(payload)
             else:
                 retrying = item.attempts > 0 or item.seq in self._failed_once
                 recovered = self.recovered_up_to is None or item.seq <= self.recovered_up_to
@@ -133,6 +156,34 @@ class Router:
         if any(write.appends_to == "outbox" for write in writes):
             self._outbox_notify()
 
+    async def _readable(self, item: InboxItem) -> dict[str, Any] | None:
+        """The event as its sender wrote it: decrypted when it was encrypted (in memory only:
+        the inbox keeps the ciphertext). Raises KeysMissing while its room key may still come;
+        None once it never will (its sender has been told)."""
+        raw = item.payload
+        if raw.get("type") != ENCRYPTED or "state_key" in raw:
+            return raw
+        sender = raw.get("sender")
+        if self.crypto is None or not isinstance(sender, str) or self.ids_ours(sender):
+            return raw  # our own echo (already relayed when sent), or no crypto: not bridged
+        try:
+            return await self.crypto.decrypt(raw, wait_s=KEY_WAIT_INLINE_S)
+        except KeysMissing as missing:
+            waited_s = (now_ms() - item.received_at) / 1000
+            if waited_s < self.key_wait_s:
+                try:
+                    await self.crypto.request_key(raw, missing)
+                except Exception as error:
+                    log.warning("Could not ask for a room key (%s)", type(error).__name__)
+                missing.retry_after = min(max(1.0, waited_s), 10.0)  # type: ignore[attr-defined]
+                raise
+            reason = f"its room key did not reach the bridge within {self.key_wait_s:g} s"
+        except Undecryptable as error:
+            reason = str(error)
+        log.warning("Inbox item %d cannot be decrypted: %s", item.seq, reason)
+        await self.on_undecryptable(str(raw.get("room_id")), str(raw.get("event_id")), reason)
+        return None
+
     async def record_error(self, item: InboxItem, error: Exception) -> None:
         if item.origin != MATRIX_ORIGIN:
             self.trail.retried(item.origin, TO_MATRIX)
@@ -160,3 +211,16 @@ class Router:
             return
         if isinstance(event, StateEvent):
             await self.hs.state_store.update_state(event)
+        if self.crypto is None or not isinstance(raw.get("content"), dict):
+            return
+        if raw.get("type") == "m.room.encryption":
+            await self.crypto.room_encrypted(str(raw["room_id"]), raw["content"])
+        elif raw.get("type") == "m.room.member" and raw["content"].get("membership") in (
+            "leave",
+            "ban",
+        ):
+            await self.crypto.member_left(str(raw["room_id"]))
+
+
+async def _nothing(*_: str) -> None:
+    return None

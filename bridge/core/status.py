@@ -65,6 +65,19 @@ class StatusReporter:
                 txn_id=derived_txn_id("failed", event_id, target),
             )
 
+    async def undecryptable(self, room_id: str, event_id: str, reason: str) -> None:
+        """An encrypted event the bridge could never read: its sender is told, nothing garbled
+        goes to any vendor."""
+        detail = f"the bridge could not decrypt it ({reason})"
+        await self._matrix_status(
+            room_id, event_id, "eimis-bridge", "FAIL_PERMANENT", detail, False
+        )
+        await self.notice(
+            room_id,
+            f"A message could not be delivered outside Matrix: {detail}.",
+            txn_id=derived_txn_id("undecryptable", event_id),
+        )
+
     async def vendor_report(
         self, connector_id: str, room_id: str, event_id: str, report: DeliveryReport
     ) -> None:

@@ -11,13 +11,14 @@ the push does arrive, its deliveries are already queued under the same keys and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from mautrix.errors import MatrixRequestError
-from mautrix.types import EventID, PaginationDirection, RoomID
+from mautrix.types import EventID, RoomID
 
 from bridge.config import MediaConfig
 from bridge.core import operations as op
@@ -26,6 +27,7 @@ from bridge.core.outbound import safe_filename
 from bridge.core.portals import Portals
 from bridge.core.status import StatusReporter
 from bridge.core.trail import Trail
+from bridge.crypto.attachments import Encryptor, encrypt_stream
 from bridge.db.group_commit import Write
 from bridge.db.stores import Stores
 from bridge.formatting.convert import markdown_to_html, plain_to_html
@@ -252,12 +254,17 @@ class ToMatrix:
         (Synapse keeps appservice transaction ids in memory: a restart forgets them), so a retry
         first looks for its own earlier event among the room's latest ones.
         """
-        page = await self.hs.intent(sender).get_messages(
-            RoomID(room_id), PaginationDirection.BACKWARD, limit=100
-        )
-        for item in page.events:
-            if str(item.sender) == sender and (item.content or {}).get(SOURCE_KEY) == source:
-                return str(item.event_id)
+        page = await self.hs.timeline_page(sender, room_id, None, 100)
+        for event in page.get("chunk") or ():
+            if not isinstance(event, dict) or event.get("sender") != sender:
+                continue
+            if event.get("type") == "m.room.encrypted" and self.hs.crypto is not None:
+                # Our own sessions are kept readable: what an earlier attempt sent decrypts.
+                with contextlib.suppress(Exception):
+                    event = await self.hs.crypto.decrypt(event)
+            content = event.get("content")
+            if isinstance(content, dict) and content.get(SOURCE_KEY) == source:
+                return str(event.get("event_id"))
         return None
 
     async def _text_content(
@@ -313,15 +320,18 @@ class ToMatrix:
                 f"the file is larger than this space accepts "
                 f"({self.media_config.max_file_size // (1024 * 1024)} MiB)"
             )
+        encryptor = Encryptor() if await self._encrypted(room_id) else None
         if refusal is None:
             try:
                 stream = await connector.open_attachment(attachment)
                 async with stream as chunks:
+                    data = _bounded(chunks, self.media_config.max_file_size)
                     mxc = await self.media.upload(
-                        _bounded(chunks, self.media_config.max_file_size),
+                        # Encrypted room: the homeserver gets ciphertext, no name, no type.
+                        data if encryptor is None else encrypt_stream(data, encryptor),
                         user_id=sender,
-                        mime_type=mime,
-                        filename=name,
+                        mime_type=mime if encryptor is None else "application/octet-stream",
+                        filename=name if encryptor is None else None,
                         size=attachment.size,
                     )
             except _TooLarge:
@@ -337,7 +347,17 @@ class ToMatrix:
         info: dict[str, Any] = {"mimetype": mime}
         if attachment.size is not None:
             info["size"] = attachment.size
-        return {"msgtype": msgtype, "body": name, "filename": name, "url": mxc, "info": info}, None
+        content = {"msgtype": msgtype, "body": name, "filename": name, "info": info}
+        if encryptor is None:
+            content["url"] = mxc
+        else:
+            content["file"] = encryptor.file(mxc)
+        return content, None
+
+    async def _encrypted(self, room_id: str) -> bool:
+        return (
+            self.hs.crypto is not None and await self.hs.crypto.encryption_of(room_id) is not None
+        )
 
     async def _outsiders(self, room_id: str) -> list[str]:
         portal = await self.stores.portals.get(room_id)

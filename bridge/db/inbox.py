@@ -10,11 +10,14 @@ from typing import Any
 
 from mautrix.util.async_db import Connection, Database
 
+from bridge.appservice.crypto_extensions import lane_of as crypto_lane
 from bridge.db.clock import now_ms
 from bridge.db.group_commit import Write
 from bridge.db.ordering import serialize_appends
 
 MATRIX_ORIGIN = "matrix"
+CRYPTO_ORIGIN = "crypto"
+"""What the homeserver pushes for the bridge's devices (to-device events, key counts)."""
 PENDING = "pending"
 WAITING = "waiting"
 """Held behind a gap in its room's timeline (see ``settle``): not processed until released."""
@@ -41,6 +44,8 @@ class InboxStore:
         events: list[dict[str, Any]],
         ephemeral: list[dict[str, Any]] | None = None,
         park: Collection[str] = (),
+        *,
+        crypto: list[dict[str, Any]] | None = None,
     ) -> bool:
         """Store a homeserver transaction in one database transaction.
 
@@ -54,10 +59,14 @@ class InboxStore:
         """
         now = now_ms()
         rows = matrix_rows(txn_id, events, ephemeral)
+        extra = crypto_rows(txn_id, crypto or [])
         async with self.db.acquire() as conn, conn.transaction():
             await serialize_appends(conn, "inbox")
             held = await _held(conn, [row[1] for row in rows])
             fresh = [row for row in rows if row[1] not in held]
+            if extra:
+                known = await _held(conn, [row[1] for row in extra], CRYPTO_ORIGIN)
+                fresh += [row for row in extra if row[1] not in known]
             waiting = set(park) | await _waiting_lanes(conn, {row[2] for row in fresh})
             # received_at moves when a known id brings news: the id was reused, and is the
             # homeserver's latest (see ``latest_transaction_ids``).
@@ -323,7 +332,21 @@ def matrix_rows(
     return rows
 
 
-async def _held(conn: Connection, keys: list[str]) -> dict[str, int]:
+def crypto_rows(txn_id: str, items: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """(origin, dedup_key, lane, payload) of the crypto items of a transaction (see
+    ``bridge/appservice/crypto_extensions.py``): keyed like EDUs, having no id of their own."""
+    rows = []
+    for index, item in enumerate(items):
+        digest = hashlib.sha256(
+            json.dumps(item, sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest()[:16]
+        rows.append(
+            (CRYPTO_ORIGIN, f"{txn_id}:{index}:{digest}", crypto_lane(item), json.dumps(item))
+        )
+    return rows
+
+
+async def _held(conn: Connection, keys: list[str], origin: str = MATRIX_ORIGIN) -> dict[str, int]:
     """The seq of each of ``keys`` (homeserver dedup keys) already in the inbox."""
     held: dict[str, int] = {}
     unique = list(dict.fromkeys(k for k in keys if isinstance(k, str)))
@@ -332,7 +355,7 @@ async def _held(conn: Connection, keys: list[str]) -> dict[str, int]:
         marks = ", ".join(f"${i + 2}" for i in range(len(chunk)))
         rows = await conn.fetch(
             f"SELECT dedup_key, seq FROM inbox WHERE origin = $1 AND dedup_key IN ({marks})",
-            MATRIX_ORIGIN,
+            origin,
             *chunk,
         )
         held.update((row["dedup_key"], int(row["seq"])) for row in rows)

@@ -234,3 +234,101 @@ async def upgrade_v8(conn: Connection, scheme: Scheme) -> None:
     await conn.execute("CREATE INDEX audit_at ON audit_log (at)")
     await conn.execute("CREATE INDEX audit_portal ON audit_log (portal, at)")
     await conn.execute("CREATE INDEX audit_connector ON audit_log (connector, at)")
+
+
+@upgrade_table.register(description="End-to-bridge encryption: devices, Olm and Megolm sessions")
+async def upgrade_v9(conn: Connection, scheme: Scheme) -> None:
+    # Every pickle below is encrypted by vodozemac under the crypto pickle key, itself stored
+    # here sealed under the operator's secrets key (bridge/secrets.py): the database alone
+    # opens no session and reads no message.
+    await conn.execute(
+        """CREATE TABLE crypto_meta (
+            name  TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        )"""
+    )
+    # The bridge's own devices: one per ghost that takes part in an encrypted room, one for the
+    # bot. cross_signing: the ghost's master/self-signing/user-signing seeds, encrypted.
+    await conn.execute(
+        """CREATE TABLE crypto_device (
+            user_id        TEXT PRIMARY KEY,
+            device_id      TEXT NOT NULL,
+            account        TEXT NOT NULL,
+            cross_signing  TEXT,
+            published      BOOLEAN NOT NULL DEFAULT false,
+            created_at     BIGINT NOT NULL
+        )"""
+    )
+    await conn.execute(
+        """CREATE TABLE crypto_olm_session (
+            user_id     TEXT NOT NULL,
+            their_key   TEXT NOT NULL,
+            session_id  TEXT NOT NULL,
+            pickle      TEXT NOT NULL,
+            last_used   BIGINT NOT NULL,
+            PRIMARY KEY (user_id, session_id)
+        )"""
+    )
+    await conn.execute(
+        "CREATE INDEX crypto_olm_by_peer ON crypto_olm_session (user_id, their_key, last_used)"
+    )
+    # Megolm sessions the bridge can decrypt with: received from others, and its own.
+    await conn.execute(
+        """CREATE TABLE crypto_inbound_group (
+            room_id      TEXT NOT NULL,
+            session_id   TEXT NOT NULL,
+            sender       TEXT NOT NULL,
+            sender_key   TEXT NOT NULL,
+            signing_key  TEXT,
+            pickle       TEXT NOT NULL,
+            forwarded    BOOLEAN NOT NULL DEFAULT false,
+            received_at  BIGINT NOT NULL,
+            PRIMARY KEY (room_id, session_id)
+        )"""
+    )
+    # The session each ghost encrypts with in each room, and who was given it.
+    await conn.execute(
+        """CREATE TABLE crypto_outbound_group (
+            room_id     TEXT NOT NULL,
+            user_id     TEXT NOT NULL,
+            session_id  TEXT NOT NULL,
+            pickle      TEXT NOT NULL,
+            created_at  BIGINT NOT NULL,
+            messages    INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (room_id, user_id)
+        )"""
+    )
+    await conn.execute(
+        """CREATE TABLE crypto_shared (
+            session_id  TEXT NOT NULL,
+            user_id     TEXT NOT NULL,
+            device_id   TEXT NOT NULL,
+            PRIMARY KEY (session_id, user_id, device_id)
+        )"""
+    )
+    # Other users' devices, from /keys/query; outdated when the homeserver says they changed.
+    await conn.execute(
+        """CREATE TABLE crypto_peer_device (
+            user_id     TEXT NOT NULL,
+            device_id   TEXT NOT NULL,
+            curve25519  TEXT NOT NULL,
+            ed25519     TEXT NOT NULL,
+            PRIMARY KEY (user_id, device_id)
+        )"""
+    )
+    await conn.execute("CREATE INDEX crypto_peer_by_key ON crypto_peer_device (curve25519)")
+    await conn.execute(
+        """CREATE TABLE crypto_tracked_user (
+            user_id   TEXT PRIMARY KEY,
+            outdated  BOOLEAN NOT NULL
+        )"""
+    )
+    # Rooms with m.room.encryption: once on, never off (the specification's rule).
+    await conn.execute(
+        """CREATE TABLE crypto_room (
+            room_id        TEXT PRIMARY KEY,
+            algorithm      TEXT NOT NULL,
+            rotation_ms    BIGINT NOT NULL,
+            rotation_msgs  INTEGER NOT NULL
+        )"""
+    )

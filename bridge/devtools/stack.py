@@ -19,6 +19,7 @@ from bridge.core.connectors import available_types
 from bridge.devtools.ports import free_port
 from bridge.devtools.synapse import LocalSynapse
 from bridge.registration import write_registration
+from bridge.secrets import generate_key
 
 SERVER_NAME = "eimis.localhost"
 
@@ -67,12 +68,16 @@ class LocalStack:
         config_overrides: dict[str, Any] | None = None,
         server_name: str = SERVER_NAME,
         synapse_options: Mapping[str, Any] | None = None,
+        encrypted: bool = False,
     ) -> None:
         """``server_name`` and ``synapse_options`` (more LocalSynapse keyword arguments; an
         ``extra_config`` there is merged over this stack's own) serve the federation harness
         (bridge/devtools/federation.py); the defaults are the single-server stack."""
         self.state_dir = state_dir.resolve()
         self.server_name = server_name
+        self.encrypted = encrypted
+        """Portals are end-to-end encrypted (the product's default; most feature tests use
+        plain rooms, which the bridge also serves)."""
         self.database_url = database_url or f"sqlite:{self.state_dir / 'bridge.db'}"
         self.log_level = log_level
         self.bridge_port = free_port()
@@ -117,6 +122,9 @@ class LocalStack:
                 for name, s in self.sandboxes.items()
             },
             "logging": {"level": self.log_level},
+            "encryption": {"enabled": self.encrypted, "default": self.encrypted},
+            # Seals connector secrets and the crypto pickle key (made on start).
+            "secrets": {"key_file": str(self.state_dir / "secrets.key")},
             # Any free port: several stacks run side by side (tests, demo).
             "metrics": {"hostname": "127.0.0.1", "port": 0},
         }
@@ -127,6 +135,10 @@ class LocalStack:
 
     async def start(self, *, with_bridge: bool = True) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        key_file = self.state_dir / "secrets.key"
+        if not key_file.exists():
+            key_file.touch(mode=0o600)
+            key_file.write_text(generate_key() + "\n", encoding="utf-8")
         self.registration = write_registration(self.config, self.registration_path)
         (self.state_dir / "config.yaml").write_text(
             yaml.safe_dump(self.raw_config, sort_keys=False), encoding="utf-8"

@@ -71,6 +71,15 @@ _RATE_LIMITS: dict[str, Any] = {
     },
 }
 
+# An appservice doing end-to-end encryption needs the to-device messages of its users pushed to
+# it (MSC2409) and device lists / one-time key counts in its transactions (MSC3202); Synapse
+# 1.163 keeps both behind these flags (synapse/config/experimental.py). Merged key by key with
+# an existing experimental_features and with extra_config's, which wins.
+_EXPERIMENTAL_FEATURES: dict[str, Any] = {
+    "msc2409_to_device_messages_enabled": True,
+    "msc3202_transaction_extensions": True,
+}
+
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -401,6 +410,11 @@ class LocalSynapse:
         secret_path = self.state_dir / _SECRET_NAME
         self.registration_shared_secret  # noqa: B018 - make sure the secret file exists
         config.pop("registration_shared_secret", None)  # only the file holds it
+        experimental = {
+            **(config.get("experimental_features") or {}),
+            **_EXPERIMENTAL_FEATURES,
+            **(self.extra_config.get("experimental_features") or {}),
+        }
         config.update(
             {
                 "server_name": self.server_name,
@@ -437,6 +451,7 @@ class LocalSynapse:
             }
         )
         config.update(self.extra_config)
+        config["experimental_features"] = experimental
         _write_private(self.config_path, yaml.safe_dump(config, sort_keys=False))
         _write_private(self.state_dir / _LOG_CONFIG_NAME, yaml.safe_dump(self._log_config()))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import ClientSession
 from mautrix.api import Method, Path
@@ -24,6 +24,9 @@ from mautrix.util.async_db import Database
 
 from bridge.config import Config
 from bridge.core.trust import SERVER_ACL, TrustList, acl_matches
+
+if TYPE_CHECKING:
+    from bridge.crypto.machine import Crypto
 
 log = logging.getLogger("eimis.matrix")
 
@@ -132,6 +135,13 @@ def _required(levels: dict[str, Any], event_type: str) -> int:
     return int(levels.get("state_default", 50 if levels else 0))
 
 
+PORTAL_ENCRYPTION = {
+    "algorithm": "m.megolm.v1.aes-sha2",
+    "rotation_period_ms": 7 * 24 * 3600 * 1000,
+    "rotation_period_msgs": 100,
+}
+"""The ``m.room.encryption`` of the portals the bridge creates (the specification's defaults)."""
+
 FEDERATION_FORMAT = '{"event_format":"federation"}'
 """A ``/messages`` filter asking for events with their place in the room graph."""
 
@@ -162,6 +172,9 @@ class Homeserver:
         self._direct_locks: dict[str, asyncio.Lock] = {}
         self.trust = TrustList(config.homeserver.domain, config.trust.servers)
         """The effective trust list (the running bridge refreshes it from the database)."""
+        self.crypto: Crypto | None = None
+        """End-to-bridge encryption (``bridge/crypto``): set when enabled."""
+        self.encrypt_new_portals = False
         self._send_session = _never_resending(session)
         self._sends = AppServiceAPI(
             base_url=config.homeserver.url,
@@ -254,6 +267,10 @@ class Homeserver:
             },
         ]
         initial_state.append({"type": SERVER_ACL, "state_key": "", "content": self.trust.acl()})
+        if self.encrypt_new_portals:
+            initial_state.append(
+                {"type": "m.room.encryption", "state_key": "", "content": PORTAL_ENCRYPTION}
+            )
         room_id = await self.bot.create_room(
             name=title,
             is_direct=is_direct,
@@ -263,7 +280,20 @@ class Homeserver:
             initial_state=initial_state,
             power_level_override=portal_power_levels(self.config.bot_mxid),
         )
+        if self.encrypt_new_portals and self.crypto is not None:
+            # Known at once: the first messages are encrypted before the state event comes back.
+            await self.crypto.room_encrypted(str(room_id), PORTAL_ENCRYPTION)
         return str(room_id)
+
+    async def follow_encryption(self, room_id: str, viewer: str) -> bool:
+        """Whether the room is encrypted, as ``viewer`` (a member) sees its state now; an
+        encrypted room is recorded, so what the bridge sends there is encrypted."""
+        if self.crypto is None:
+            return False
+        if await self.crypto.encryption_of(room_id) is not None:
+            return True
+        content = await self.get_state(viewer, room_id, "m.room.encryption")
+        return content is not None and await self.crypto.room_encrypted(room_id, content)
 
     # Room state and account data ---------------------------------------------------------------
 
@@ -425,6 +455,10 @@ class Homeserver:
         Never retried inside the call (``SEND_RETRIES``): a failure surfaces, so the caller's
         own retry can first look for an event an unanswered attempt may have sent.
         """
+        if self.crypto is not None:
+            encrypted = await self.crypto.encrypt(mxid, room_id, event_type, content)
+            if encrypted is not None:
+                event_type, content = "m.room.encrypted", encrypted
         response = await self._sends.user(UserID(mxid)).request(
             Method.PUT,
             Path.v3.rooms[RoomID(room_id)].send[event_type][txn_id],

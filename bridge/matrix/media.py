@@ -64,7 +64,7 @@ class MediaRepository:
         *,
         user_id: str,
         mime_type: str,
-        filename: str,
+        filename: str | None,
         size: int | None,
     ) -> str:
         """Stream a file into the media repository as ``user_id``; return its mxc:// URI."""
@@ -75,7 +75,7 @@ class MediaRepository:
         try:
             async with self.session.post(
                 f"{self.base_url}/_matrix/media/v3/upload",
-                params={"filename": filename, "user_id": user_id},
+                params={"user_id": user_id, **({"filename": filename} if filename else {})},
                 data=chunks,
                 headers=headers,
                 timeout=timeout,

@@ -1,0 +1,290 @@
+"""End-to-bridge encryption: what the rest of the bridge asks of it.
+
+- ``encrypt``: the ``m.room.encrypted`` content of an event a ghost (or the bot) sends in an
+  encrypted room, from that ghost's own cross-signed device.
+- ``decrypt``: a room event as its sender wrote it, or ``KeysMissing`` (wait: the key may still
+  come) or ``Undecryptable`` (it never will).
+- ``handle``: what the homeserver pushes for the bridge's devices in its transactions (MSC2409
+  to-device events, MSC3202 device list changes and one-time key counts), once stored in the
+  durable inbox: room keys, forwarded keys, key requests.
+
+Plaintext never reaches the database: events are decrypted when a lane processes them, and the
+inbox holds what the homeserver sent (ciphertext).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from bridge.appservice.crypto_extensions import DEVICE_LISTS, KEY_COUNTS, TO_DEVICE
+from bridge.crypto.devices import MEGOLM, OwnDevice, OwnDevices
+from bridge.crypto.megolm import GroupSessions, KeysMissing, Undecryptable
+from bridge.crypto.olm import OlmChannel, OlmError
+from bridge.crypto.peers import DeviceKeys, PeerDevices
+from bridge.crypto.pickling import PickleKey
+from bridge.db.crypto import CryptoStore, RoomEncryption
+from bridge.matrix.keys import KeysApi
+
+log = logging.getLogger("eimis.crypto")
+
+DEFAULT_ROTATION_MS = 7 * 24 * 3600 * 1000
+DEFAULT_ROTATION_MSGS = 100
+
+Members = Callable[[str, str], Awaitable[list[str]]]
+"""The joined and invited members of a room (room, a member who looks)."""
+IsOurs = Callable[[str], bool]
+"""Whether a Matrix ID is one of the bridge's (the bot or a ghost)."""
+RoomKeyArrived = Callable[[str], None]
+"""Told the room whose key arrived, so events waiting for it are tried again at once."""
+
+
+def room_encryption(content: dict[str, Any]) -> RoomEncryption | None:
+    """The settings of an ``m.room.encryption`` content; None for an algorithm not supported."""
+    if content.get("algorithm") != MEGOLM:
+        return None
+    period = content.get("rotation_period_ms")
+    messages = content.get("rotation_period_msgs")
+    return RoomEncryption(
+        MEGOLM,
+        int(period) if isinstance(period, int) and period > 0 else DEFAULT_ROTATION_MS,
+        int(messages) if isinstance(messages, int) and messages > 0 else DEFAULT_ROTATION_MSGS,
+    )
+
+
+class Crypto:
+    def __init__(
+        self,
+        store: CryptoStore,
+        keys: KeysApi,
+        pickle_key: PickleKey,
+        *,
+        bot_mxid: str,
+        members: Members,
+        is_ours: IsOurs,
+        cross_signing: bool = True,
+    ) -> None:
+        self.store = store
+        self.keys = keys
+        self.bot_mxid = bot_mxid
+        self._members = members
+        self._is_ours = is_ours
+        self._cross_signing = cross_signing
+        self.devices = OwnDevices(store, keys, pickle_key)
+        self.peers = PeerDevices(store, keys)
+        self.olm = OlmChannel(store, keys, self.devices, pickle_key)
+        self.megolm = GroupSessions(store, self.olm, pickle_key)
+        self.on_room_key: RoomKeyArrived = lambda room_id: None
+        self._requested: dict[str, float] = {}
+        self._key_arrivals: dict[str, asyncio.Event] = {}
+
+    async def start(self) -> None:
+        """The bot's device exists (it receives the room keys of every portal it is in)."""
+        await self.devices.ensure(self.bot_mxid, cross_sign=self._cross_signing)
+
+    # Rooms -------------------------------------------------------------------------------------
+
+    async def encryption_of(self, room_id: str) -> RoomEncryption | None:
+        return await self.store.room(room_id)
+
+    async def room_encrypted(self, room_id: str, content: dict[str, Any]) -> bool:
+        """Record an ``m.room.encryption`` state event; False if its algorithm is unknown."""
+        settings = room_encryption(content)
+        if settings is None:
+            log.warning("Room %s asks for an encryption algorithm the bridge lacks", room_id)
+            return False
+        await self.store.set_room(room_id, settings)
+        return True
+
+    async def member_left(self, room_id: str) -> None:
+        """Someone left: the sessions they hold must not read what comes next."""
+        await self.store.discard_outbound(room_id)
+
+    async def ensure_device(self, user_id: str) -> OwnDevice:
+        return await self.devices.ensure(user_id, cross_sign=self._cross_signing)
+
+    # Sending -----------------------------------------------------------------------------------
+
+    async def encrypt(
+        self, sender: str, room_id: str, event_type: str, content: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """The encrypted content of the event, or None when the room is not encrypted."""
+        settings = await self.store.room(room_id)
+        if settings is None:
+            return None
+        own = await self.ensure_device(sender)
+
+        async def recipients() -> DeviceKeys:
+            people = [m for m in await self._members(room_id, sender) if not self._is_ours(m)]
+            return await self.peers.of(sender, people)
+
+        return await self.megolm.encrypt(own, room_id, settings, event_type, content, recipients)
+
+    # Receiving ---------------------------------------------------------------------------------
+
+    async def decrypt(self, event: dict[str, Any], *, wait_s: float = 0.0) -> dict[str, Any]:
+        """The event decrypted. Its room key usually travels beside it (a to-device event of
+        the same or the next transaction, in another lane): a missing key is waited for up to
+        ``wait_s`` before ``KeysMissing`` is raised."""
+        try:
+            return await self.megolm.decrypt(event)
+        except KeysMissing as missing:
+            if wait_s <= 0:
+                raise
+            arrived = self._key_arrivals.setdefault(missing.session_id, asyncio.Event())
+            try:
+                with contextlib.suppress(KeysMissing):
+                    return await self.megolm.decrypt(event)  # it came while we looked
+                async with asyncio.timeout(wait_s):
+                    await arrived.wait()
+            except TimeoutError:
+                raise missing from None
+            finally:
+                self._key_arrivals.pop(missing.session_id, None)
+            return await self.megolm.decrypt(event)
+
+    async def request_key(self, event: dict[str, Any], missing: KeysMissing) -> None:
+        """Ask the sender's devices for a room key we lack (once per session and minute)."""
+        now = time.monotonic()
+        if now - self._requested.get(missing.session_id, -1e9) < 60:
+            return
+        self._requested[missing.session_id] = now
+        sender = str(event.get("sender"))
+        own = await self.ensure_device(self.bot_mxid)
+        content = {
+            "action": "request",
+            "body": {
+                "algorithm": MEGOLM,
+                "room_id": missing.room_id,
+                "sender_key": missing.sender_key,
+                "session_id": missing.session_id,
+            },
+            "request_id": uuid.uuid4().hex,
+            "requesting_device_id": own.device_id,
+        }
+        await self.keys.send_to_device(
+            own.user_id,
+            own.device_id,
+            "m.room_key_request",
+            {sender: {"*": content}},
+            uuid.uuid4().hex,
+        )
+
+    async def handle(self, item: dict[str, Any]) -> None:
+        """One crypto item of a transaction (see ``bridge/db/inbox.crypto_rows``)."""
+        kind = item.get("kind")
+        if kind == TO_DEVICE:
+            await self._to_device(item["event"])
+        elif kind == DEVICE_LISTS:
+            changed = [u for u in item.get("changed", []) if isinstance(u, str)]
+            left = [u for u in item.get("left", []) if isinstance(u, str)]
+            await self.peers.changed(changed + left)
+        elif kind == KEY_COUNTS:
+            await self.devices.replenish(
+                item["user_id"], item["device_id"], item.get("counts") or {}, item.get("fallback")
+            )
+
+    async def _to_device(self, event: dict[str, Any]) -> None:
+        user_id, device_id = event.get("to_user_id"), event.get("to_device_id")
+        sender, event_type = event.get("sender"), event.get("type")
+        content = event.get("content")
+        if not isinstance(sender, str) or not isinstance(content, dict):
+            return
+        own = await self.devices.get(str(user_id))
+        if own is None or own.device_id != device_id:
+            return  # not one of our devices (or one replaced since)
+        if event_type == "m.room.encrypted":
+            try:
+                payload = await self.olm.decrypt(own, sender, content)
+            except OlmError as error:
+                log.warning("A to-device message from %s did not decrypt: %s", sender, error)
+                return
+            await self._decrypted_to_device(own, sender, payload)
+        elif event_type == "m.room_key_request":
+            await self._key_request(own, sender, content)
+
+    async def _decrypted_to_device(
+        self, own: OwnDevice, sender: str, payload: dict[str, Any]
+    ) -> None:
+        if not await self._known_sender(own, sender, payload):
+            return
+        inner = payload.get("type")
+        added = None
+        if inner == "m.room_key":
+            added = await self.megolm.add_room_key(payload)
+        elif inner == "m.forwarded_room_key":
+            added = await self.megolm.add_forwarded_key(payload)
+        if added is not None:
+            room_id, session_id = added
+            arrived = self._key_arrivals.get(session_id)
+            if arrived is not None:
+                arrived.set()
+            self.on_room_key(room_id)
+
+    async def _known_sender(self, own: OwnDevice, sender: str, payload: dict[str, Any]) -> bool:
+        """The Olm sender key belongs to a device of the claimed sender, whose Ed25519 key is
+        the one the payload claims: else a key from nobody we can name, refused."""
+        sender_key = str(payload.get("sender_key"))
+        known = await self.store.device_by_key(sender_key)
+        if known is None or known[0] != sender:
+            await self.peers.refresh(own.user_id, [sender])
+            known = await self.store.device_by_key(sender_key)
+        claimed = (
+            payload.get("keys", {}).get("ed25519")
+            if isinstance(payload.get("keys"), dict)
+            else None
+        )
+        if known is None or known[0] != sender or known[2] != claimed:
+            log.warning("Refused a room key from an unknown device of %s", sender)
+            return False
+        return True
+
+    async def _key_request(self, own: OwnDevice, sender: str, content: dict[str, Any]) -> None:
+        """Answer a device of a member asking for the key of one of our own sessions, if the
+        member was given that session (they are entitled to what it encrypted)."""
+        body = content.get("body")
+        device_id = content.get("requesting_device_id")
+        if content.get("action") != "request" or not isinstance(body, dict):
+            return
+        session_id, room_id = body.get("session_id"), body.get("room_id")
+        if not isinstance(session_id, str) or not isinstance(room_id, str):
+            return
+        owner = await self.store.own_session_room(session_id)
+        if owner is None or owner != (room_id, own.user_id):
+            return  # not a session of this device's user
+        if not await self.store.was_shared_with_user(session_id, sender):
+            log.info("Refused a key request: %s never had that session", sender)
+            return
+        devices = await self.peers.of(own.user_id, [sender])
+        target = devices.get((sender, str(device_id)))
+        if target is None:
+            await self.peers.refresh(own.user_id, [sender])
+            target = (await self.store.devices_of([sender])).get((sender, str(device_id)))
+        if target is None:
+            return
+        exported = await self.megolm.export(room_id, session_id)
+        if exported is None:
+            return
+        row, session_key = exported
+        forwarded = {
+            "algorithm": MEGOLM,
+            "room_id": room_id,
+            "sender_key": row.sender_key,
+            "sender_claimed_ed25519_key": row.signing_key,
+            "session_id": session_id,
+            "session_key": session_key,
+            "forwarding_curve25519_key_chain": [],
+        }
+        reached = await self.olm.send(
+            own, {(sender, str(device_id)): target}, "m.forwarded_room_key", forwarded
+        )
+        await self.store.mark_shared(session_id, reached)
+        log.info("Answered a key request of a device of %s", sender)
+
+
+__all__ = ["Crypto", "KeysMissing", "Undecryptable", "room_encryption"]
