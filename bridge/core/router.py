@@ -169,6 +169,15 @@ class Router:
         try:
             return await self.crypto.decrypt(raw, wait_s=KEY_WAIT_INLINE_S)
         except KeysMissing as missing:
+            try:
+                if await self.crypto.catch_up(str(raw.get("room_id"))):
+                    return await self.crypto.decrypt(raw)
+            except KeysMissing:
+                pass
+            except Exception as error:
+                log.warning(
+                    "Could not read the bridge's to-device inboxes (%s)", type(error).__name__
+                )
             waited_s = (now_ms() - item.received_at) / 1000
             if waited_s < self.key_wait_s:
                 try:

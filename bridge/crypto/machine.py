@@ -35,6 +35,7 @@ log = logging.getLogger("eimis.crypto")
 
 DEFAULT_ROTATION_MS = 7 * 24 * 3600 * 1000
 DEFAULT_ROTATION_MSGS = 100
+CATCH_UP_EVERY_S = 5.0
 
 Members = Callable[[str, str], Awaitable[list[str]]]
 """The joined and invited members of a room (room, a member who looks)."""
@@ -82,6 +83,9 @@ class Crypto:
         self.on_room_key: RoomKeyArrived = lambda room_id: None
         self._requested: dict[str, float] = {}
         self._key_arrivals: dict[str, asyncio.Event] = {}
+        self._caught_up: dict[str, float] = {}
+        self.caught_up_messages = 0
+        """To-device messages read from inboxes rather than pushed (see ``catch_up``)."""
 
     async def start(self) -> None:
         """The bot's device exists (it receives the room keys of every portal it is in)."""
@@ -148,6 +152,47 @@ class Crypto:
                 self._key_arrivals.pop(missing.session_id, None)
             return await self.megolm.decrypt(event)
 
+    async def catch_up(self, room_id: str) -> int:
+        """Read the to-device inboxes of our devices in the room (the bot's, the ghosts'):
+        the homeserver does not push to-device messages again in the transactions it replays
+        after the bridge was unreachable (Synapse: catch-up transactions carry room events
+        only), but keeps them for the device until a /sync acknowledges them. Returns how many
+        were read; at most one pass per room every few seconds."""
+        now = time.monotonic()
+        if now - self._caught_up.get(room_id, -1e9) < CATCH_UP_EVERY_S:
+            return 0
+        self._caught_up[room_id] = now
+        # Not the bot's: a homeserver refuses /sync to an appservice's own user (Synapse: "AS
+        # users using /sync directly" are not supported); its ghosts' devices are readable.
+        ghosts = [
+            m
+            for m in await self._members(room_id, self.bot_mxid)
+            if self._is_ours(m) and m != self.bot_mxid
+        ]
+        read = 0
+        for user_id in ghosts:
+            own = await self.devices.get(user_id)
+            if own is None:
+                continue
+            since = await self.store.sync_since(user_id)
+            try:
+                events, next_batch = await self.keys.to_device_inbox(user_id, own.device_id, since)
+            except Exception as error:
+                log.warning("Could not read the to-device inbox of %s (%s)", user_id, error)
+                continue
+            for event in events:
+                await self._to_device(
+                    {**event, "to_user_id": user_id, "to_device_id": own.device_id}
+                )
+            read += len(events)
+            if next_batch:
+                # Acknowledged at the next pass (the homeserver deletes up to this token then).
+                await self.store.set_sync_since(user_id, next_batch)
+        if read:
+            self.caught_up_messages += read
+            log.info("Read %d to-device message(s) the homeserver had kept for %s", read, room_id)
+        return read
+
     async def request_key(self, event: dict[str, Any], missing: KeysMissing) -> None:
         """Ask the sender's devices for a room key we lack (once per session and minute)."""
         now = time.monotonic()
@@ -183,7 +228,8 @@ class Crypto:
         elif kind == DEVICE_LISTS:
             changed = [u for u in item.get("changed", []) if isinstance(u, str)]
             left = [u for u in item.get("left", []) if isinstance(u, str)]
-            await self.peers.changed(changed + left)
+            await self.peers.changed(left)
+            await self._devices_changed(changed)
         elif kind == KEY_COUNTS:
             await self.devices.replenish(
                 item["user_id"], item["device_id"], item.get("counts") or {}, item.get("fallback")
@@ -245,8 +291,9 @@ class Crypto:
         return True
 
     async def _key_request(self, own: OwnDevice, sender: str, content: dict[str, Any]) -> None:
-        """Answer a device of a member asking for the key of one of our own sessions, if the
-        member was given that session (they are entitled to what it encrypted)."""
+        """A device asks one of our ghosts' devices for the key of a session that ghost made:
+        given (its key from the first message) if the session was given to that user, i.e.
+        they were a member when it was in use and are entitled to what it encrypted."""
         body = content.get("body")
         device_id = content.get("requesting_device_id")
         if content.get("action") != "request" or not isinstance(body, dict):
@@ -254,9 +301,9 @@ class Crypto:
         session_id, room_id = body.get("session_id"), body.get("room_id")
         if not isinstance(session_id, str) or not isinstance(room_id, str):
             return
-        owner = await self.store.own_session_room(session_id)
-        if owner is None or owner != (room_id, own.user_id):
-            return  # not a session of this device's user
+        row = await self.store.inbound(room_id, session_id)
+        if row is None or row.own_key is None or row.sender != own.user_id:
+            return  # not a session this device's user made
         if not await self.store.was_shared_with_user(session_id, sender):
             log.info("Refused a key request: %s never had that session", sender)
             return
@@ -267,24 +314,48 @@ class Crypto:
             target = (await self.store.devices_of([sender])).get((sender, str(device_id)))
         if target is None:
             return
-        exported = await self.megolm.export(room_id, session_id)
-        if exported is None:
+        await self._reshare(
+            own, {(sender, str(device_id)): target}, room_id, session_id, row.own_key
+        )
+        log.info("Answered a key request of a device of %s", sender)
+
+    async def _devices_changed(self, user_ids: list[str]) -> None:
+        """Users' device lists changed: refresh them, and give each new device of a member the
+        sessions that member was given (the history they are entitled to read)."""
+        tracked = await self.store.tracked(u for u in user_ids if not self._is_ours(u))
+        if not tracked:
             return
-        row, session_key = exported
-        forwarded = {
+        before = await self.store.devices_of(tracked)
+        await self.peers.changed(tracked)
+        await self.peers.refresh(self.bot_mxid, tracked)
+        added = {k: v for k, v in (await self.store.devices_of(tracked)).items() if k not in before}
+        for user_id in dict.fromkeys(user for user, _ in added):
+            new = {k: v for k, v in added.items() if k[0] == user_id}
+            for room_id, session_id, ghost, sealed in await self.store.own_sessions_shared_with(
+                user_id
+            ):
+                own = await self.devices.get(ghost)
+                if own is not None:
+                    await self._reshare(own, new, room_id, session_id, sealed)
+
+    async def _reshare(
+        self,
+        own: OwnDevice,
+        targets: DeviceKeys,
+        room_id: str,
+        session_id: str,
+        sealed: str,
+    ) -> None:
+        """Send one of our sessions, as of its first message, to devices (an ``m.room_key``
+        from the device that made it: what any client imports)."""
+        content = {
             "algorithm": MEGOLM,
             "room_id": room_id,
-            "sender_key": row.sender_key,
-            "sender_claimed_ed25519_key": row.signing_key,
             "session_id": session_id,
-            "session_key": session_key,
-            "forwarding_curve25519_key_chain": [],
+            "session_key": self.megolm.original_key(sealed, session_id),
         }
-        reached = await self.olm.send(
-            own, {(sender, str(device_id)): target}, "m.forwarded_room_key", forwarded
-        )
+        reached = await self.olm.send(own, targets, "m.room_key", content)
         await self.store.mark_shared(session_id, reached)
-        log.info("Answered a key request of a device of %s", sender)
 
 
 __all__ = ["Crypto", "KeysMissing", "Undecryptable", "room_encryption"]

@@ -123,8 +123,13 @@ class GroupSessions:
                 own.ed25519,
                 inbound.pickle(self.pickle_key.raw),
                 forwarded=False,
+                own_key=self.pickle_key.seal(session.session_key.to_base64(), session.session_id),
             )
         )
+
+    def original_key(self, sealed: str, session_id: str) -> str:
+        """The session key of one of our sessions as of its first message."""
+        return self.pickle_key.open(sealed, session_id)
 
     async def _share(
         self, own: OwnDevice, room_id: str, session: vodozemac.GroupSession, devices: DeviceKeys
@@ -198,14 +203,6 @@ class GroupSessions:
             )
         )
         return (str(room_id), session.session_id) if stored else None
-
-    async def export(self, room_id: str, session_id: str) -> tuple[InboundRow, str] | None:
-        """An inbound session we hold, exported from its first known index."""
-        row = await self.store.inbound(room_id, session_id)
-        if row is None:
-            return None
-        session = vodozemac.InboundGroupSession.from_pickle(row.pickle, self.pickle_key.raw)
-        return row, session.export_at(session.first_known_index).to_base64()
 
     async def decrypt(self, event: dict[str, Any]) -> dict[str, Any]:
         """The event as its sender wrote it (type and content), other fields kept."""

@@ -33,6 +33,8 @@ class InboundRow:
     signing_key: str | None
     pickle: str
     forwarded: bool
+    own_key: str | None = None
+    """Sealed original session key of a session the bridge made (None for others')."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,17 @@ class CryptoStore:
             "UPDATE crypto_device SET cross_signing = $2 WHERE user_id = $1", user_id, sealed
         )
 
+    async def sync_since(self, user_id: str) -> str | None:
+        value = await self.db.fetchval(
+            "SELECT sync_since FROM crypto_device WHERE user_id = $1", user_id
+        )
+        return str(value) if value is not None else None
+
+    async def set_sync_since(self, user_id: str, since: str) -> None:
+        await self.db.execute(
+            "UPDATE crypto_device SET sync_since = $2 WHERE user_id = $1", user_id, since
+        )
+
     async def own_device_ids(self, user_ids: Iterable[str]) -> dict[str, str]:
         wanted = list(dict.fromkeys(user_ids))
         found: dict[str, str] = {}
@@ -168,8 +181,8 @@ class CryptoStore:
 
     async def inbound(self, room_id: str, session_id: str) -> InboundRow | None:
         row = await self.db.fetchrow(
-            "SELECT room_id, session_id, sender, sender_key, signing_key, pickle, forwarded "
-            "FROM crypto_inbound_group WHERE room_id = $1 AND session_id = $2",
+            "SELECT room_id, session_id, sender, sender_key, signing_key, pickle, forwarded, "
+            "own_key FROM crypto_inbound_group WHERE room_id = $1 AND session_id = $2",
             room_id,
             session_id,
         )
@@ -183,6 +196,7 @@ class CryptoStore:
             row["signing_key"],
             row["pickle"],
             bool(row["forwarded"]),
+            row["own_key"],
         )
 
     async def add_inbound(self, row: InboundRow, *, replace_forwarded: bool = False) -> bool:
@@ -193,10 +207,11 @@ class CryptoStore:
             return False
         await self.db.execute(
             "INSERT INTO crypto_inbound_group (room_id, session_id, sender, sender_key, "
-            "signing_key, pickle, forwarded, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
-            "ON CONFLICT (room_id, session_id) DO UPDATE SET sender = excluded.sender, "
-            "sender_key = excluded.sender_key, signing_key = excluded.signing_key, "
-            "pickle = excluded.pickle, forwarded = excluded.forwarded",
+            "signing_key, pickle, forwarded, received_at, own_key) VALUES ($1, $2, $3, $4, $5, "
+            "$6, $7, $8, $9) ON CONFLICT (room_id, session_id) DO UPDATE SET "
+            "sender = excluded.sender, sender_key = excluded.sender_key, "
+            "signing_key = excluded.signing_key, pickle = excluded.pickle, "
+            "forwarded = excluded.forwarded, own_key = excluded.own_key",
             row.room_id,
             row.session_id,
             row.sender,
@@ -205,6 +220,7 @@ class CryptoStore:
             row.pickle,
             row.forwarded,
             now_ms(),
+            row.own_key,
         )
         return True
 
@@ -271,13 +287,19 @@ class CryptoStore:
                 rows,
             )
 
-    async def own_session_room(self, session_id: str) -> tuple[str, str] | None:
-        """(room, ghost) of one of the bridge's outbound sessions, by id."""
-        row = await self.db.fetchrow(
-            "SELECT room_id, user_id FROM crypto_outbound_group WHERE session_id = $1",
-            session_id,
+    async def own_sessions_shared_with(
+        self, user_id: str, limit: int = 200
+    ) -> list[tuple[str, str, str, str]]:
+        """(room, session, ghost, sealed key) of the bridge's own sessions that were given to
+        ``user_id``, the latest first: what a new device of theirs is entitled to read."""
+        rows = await self.db.fetch(
+            "SELECT g.room_id, g.session_id, g.sender, g.own_key FROM crypto_inbound_group g "
+            "WHERE g.own_key IS NOT NULL AND EXISTS (SELECT 1 FROM crypto_shared s WHERE "
+            "s.session_id = g.session_id AND s.user_id = $1) ORDER BY g.received_at DESC LIMIT $2",
+            user_id,
+            limit,
         )
-        return (row["room_id"], row["user_id"]) if row is not None else None
+        return [(r["room_id"], r["session_id"], r["sender"], r["own_key"]) for r in rows]
 
     # Peers' devices ----------------------------------------------------------------------------
 
@@ -295,6 +317,19 @@ class CryptoStore:
             )
             fresh.update(row["user_id"] for row in rows)
         return [user for user in wanted if user not in fresh]
+
+    async def tracked(self, user_ids: Iterable[str]) -> list[str]:
+        """Of ``user_ids``: those whose devices the bridge follows (queried once)."""
+        wanted = list(dict.fromkeys(user_ids))
+        found: set[str] = set()
+        for start in range(0, len(wanted), 200):
+            chunk = wanted[start : start + 200]
+            marks = ", ".join(f"${i + 1}" for i in range(len(chunk)))
+            rows = await self.db.fetch(
+                f"SELECT user_id FROM crypto_tracked_user WHERE user_id IN ({marks})", *chunk
+            )
+            found.update(row["user_id"] for row in rows)
+        return [user for user in wanted if user in found]
 
     async def mark_outdated(self, user_ids: Iterable[str]) -> None:
         rows = [(user,) for user in dict.fromkeys(user_ids)]

@@ -256,6 +256,7 @@ async def upgrade_v9(conn: Connection, scheme: Scheme) -> None:
             account        TEXT NOT NULL,
             cross_signing  TEXT,
             published      BOOLEAN NOT NULL DEFAULT false,
+            sync_since     TEXT,
             created_at     BIGINT NOT NULL
         )"""
     )
@@ -272,7 +273,9 @@ async def upgrade_v9(conn: Connection, scheme: Scheme) -> None:
     await conn.execute(
         "CREATE INDEX crypto_olm_by_peer ON crypto_olm_session (user_id, their_key, last_used)"
     )
-    # Megolm sessions the bridge can decrypt with: received from others, and its own.
+    # Megolm sessions the bridge can decrypt with: received from others, and its own. own_key:
+    # for the bridge's own sessions, their key from the first message (sealed), which a member's
+    # new device is given: the history that member was entitled to.
     await conn.execute(
         """CREATE TABLE crypto_inbound_group (
             room_id      TEXT NOT NULL,
@@ -282,6 +285,7 @@ async def upgrade_v9(conn: Connection, scheme: Scheme) -> None:
             signing_key  TEXT,
             pickle       TEXT NOT NULL,
             forwarded    BOOLEAN NOT NULL DEFAULT false,
+            own_key      TEXT,
             received_at  BIGINT NOT NULL,
             PRIMARY KEY (room_id, session_id)
         )"""
@@ -317,6 +321,7 @@ async def upgrade_v9(conn: Connection, scheme: Scheme) -> None:
         )"""
     )
     await conn.execute("CREATE INDEX crypto_peer_by_key ON crypto_peer_device (curve25519)")
+    await conn.execute("CREATE INDEX crypto_shared_by_user ON crypto_shared (user_id)")
     await conn.execute(
         """CREATE TABLE crypto_tracked_user (
             user_id   TEXT PRIMARY KEY,

@@ -14,6 +14,9 @@ from mautrix.types import UserID
 
 from bridge.matrix.homeserver import Homeserver
 
+TO_DEVICE_ONLY = '{"room":{"rooms":[]},"presence":{"types":[]},"account_data":{"types":[]}}'
+"""A /sync filter leaving only what is not filterable: to-device messages, key counts."""
+
 
 class KeysApi:
     def __init__(self, homeserver: Homeserver) -> None:
@@ -36,6 +39,8 @@ class KeysApi:
         return answer if isinstance(answer, dict) else {}
 
     async def create_device(self, user_id: str, device_id: str, display_name: str) -> None:
+        """Create (or find again) the device; the user is registered first if need be."""
+        await self.hs.intent(user_id).ensure_registered()
         await self._call(
             user_id, Method.PUT, Path.v3.devices[device_id], {"display_name": display_name}
         )
@@ -68,6 +73,24 @@ class KeysApi:
             "one_time_keys": {u: {d: algorithm for d in ds} for u, ds in devices.items()},
         }
         return await self._call(as_user, Method.POST, Path.v3.keys.claim, body)
+
+    async def to_device_inbox(
+        self, user_id: str, device_id: str, since: str | None
+    ) -> tuple[list[dict[str, Any]], str]:
+        """The device's to-device messages since ``since`` (a ``/sync`` as the device, rooms
+        filtered out); the messages up to ``since`` are deleted by the homeserver now."""
+        query: dict[str, Any] = {"timeout": "0", "filter": TO_DEVICE_ONLY, "device_id": device_id}
+        if since:
+            query["since"] = since
+        answer = await self.hs.api.user(UserID(user_id)).request(
+            Method.GET, Path.v3.sync, query_params=query
+        )
+        if not isinstance(answer, dict):
+            return [], since or ""
+        section = answer.get("to_device")
+        events = section.get("events") if isinstance(section, dict) else None
+        found = [e for e in events or () if isinstance(e, dict)]
+        return found, str(answer.get("next_batch") or since or "")
 
     async def send_to_device(
         self,
