@@ -13,8 +13,8 @@ idempotent, so a crash between steps is finished by the next call.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,9 +33,14 @@ SIGNED_CURVE25519 = "signed_curve25519"
 DEVICE_NAME = "EIMIS bridge"
 
 
-def device_id_for(user_id: str) -> str:
-    """A device id derived from the user: creating it again names the same device."""
-    return "EIMIS" + hashlib.sha256(user_id.encode()).hexdigest()[:10].upper()
+DEVICE_PREFIX = "EIMIS"
+
+
+def new_device_id() -> str:
+    """A fresh device id. Stored before the homeserver hears of it, so a crash between the two
+    creates the same device again; a database restored or lost means new devices (the old
+    ones are deleted: their keys are gone with the database)."""
+    return DEVICE_PREFIX + secrets.token_hex(5).upper()
 
 
 @dataclass
@@ -135,7 +140,7 @@ class OwnDevices:
         cross_signing = CrossSigning.generate() if cross_sign else None
         row = DeviceRow(
             user_id,
-            device_id_for(user_id),
+            new_device_id(),
             account.pickle(self.pickle_key.raw),
             self.pickle_key.seal(cross_signing.to_seeds(), user_id) if cross_signing else None,
             published=False,
@@ -145,6 +150,12 @@ class OwnDevices:
     async def _publish(self, device: OwnDevice) -> None:
         """Create the device on the homeserver, upload its keys, cross-sign it (idempotent)."""
         await self.keys.create_device(device.user_id, device.device_id, DEVICE_NAME)
+        for stale in await self.keys.device_ids(device.user_id):
+            if stale != device.device_id and stale.startswith(DEVICE_PREFIX):
+                # A device of this bridge whose keys are lost (a database restored or reset):
+                # clients would go on encrypting for it.
+                await self.keys.delete_device(device.user_id, stale)
+                log.info("Deleted a stale bridge device of %s", device.user_id)
         async with device.lock:
             account = device.account
             account.generate_one_time_keys(account.max_number_of_one_time_keys // 2)
@@ -224,4 +235,4 @@ class OwnDevices:
         )
 
 
-__all__ = ["OwnDevice", "OwnDevices", "device_id_for", "unpadded_b64"]
+__all__ = ["OwnDevice", "OwnDevices", "new_device_id", "unpadded_b64"]

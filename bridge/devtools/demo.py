@@ -8,6 +8,7 @@ and, with ``--once``, exits 0 only when every side saw every message it should h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import sys
@@ -16,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientSession
-from mautrix.client import ClientAPI
-from mautrix.types import PaginationDirection, RoomID, UserID
 
+from bridge.devtools.matrix_user import MatrixUser, connect
 from bridge.devtools.stack import LocalStack, Sandbox
 from bridge.devtools.synapse import LocalSynapse
 from bridge.logs import setup_logging
@@ -81,40 +81,34 @@ class SandboxUser:
 
 
 class NativeUser:
-    """A professional on a plain Matrix client."""
+    """A professional on a Matrix client with end-to-end encryption (matrix-nio on vodozemac):
+    the portals are encrypted, and what the homeserver stores is ciphertext."""
 
-    def __init__(self, client: ClientAPI, user_id: str) -> None:
-        self.client = client
-        self.user_id = user_id
-        self._since: str | None = None
-        self._invites: list[str] = []
+    def __init__(self, user: MatrixUser) -> None:
+        self.user = user
+        self.user_id = user.user_id
+        self.joined: list[str] = []
 
     async def invites(self) -> list[str]:
-        """Rooms this user is invited to, from an incremental /sync (Synapse caches repeats)."""
-        resp = await self.client.sync(since=self._since, timeout=1000)
-        self._since = resp.get("next_batch", self._since)
-        for room_id in (resp.get("rooms") or {}).get("invite", {}):
-            if room_id not in self._invites:
-                self._invites.append(room_id)
-        return list(self._invites)
+        """Rooms this user was invited to and has now joined."""
+        with contextlib.suppress(TimeoutError):
+            self.joined += await self.user.accept_invites(timeout=1.0)
+        return list(self.joined)
 
-    async def join(self, room_id: str) -> None:
-        await self.client.join_room_by_id(RoomID(room_id))
+    def encrypted(self, room_id: str) -> bool:
+        room = self.user.client.rooms.get(room_id)
+        return room is not None and room.encrypted
 
     async def send(self, room_id: str, text: str) -> None:
-        await self.client.send_text(RoomID(room_id), text)
+        await self.user.send_text(room_id, text)
 
     async def messages(self, room_id: str) -> list[tuple[str, str]]:
-        """(sender's display name, body) of the room's messages, oldest first."""
-        resp = await self.client.get_messages(
-            RoomID(room_id), PaginationDirection.FORWARD, limit=100
-        )
-        members = await self.client.get_joined_members(RoomID(room_id))
-        names = {str(uid): str(m.displayname or uid) for uid, m in members.items()}
+        """(sender's display name, body) of the room's messages this device read, oldest first."""
+        await self.user.sync()
+        room = self.user.client.rooms.get(room_id)
         return [
-            (names.get(str(e.sender), str(e.sender)), str(e.content.get("body", "")))
-            for e in resp.events
-            if str(e.type) == "m.room.message"
+            (room.user_name(m.sender) if room else m.sender, str(getattr(m, "body", "")))
+            for m in self.user.messages(room_id)
         ]
 
 
@@ -140,9 +134,7 @@ async def play_script(
     )
     await alice.send(conversation, lines["alice"])
 
-    room_id = await wait_for("the invite to reach the Matrix user", native.invites)
-    room_id = room_id[-1]
-    await native.join(room_id)
+    room_id = (await wait_for("the invite to reach the Matrix user", native.invites))[-1]
 
     async def bob_conversation() -> str | None:
         for conv in await bob.conversations():
@@ -202,7 +194,7 @@ async def run_demo(state_dir: Path, *, once: bool) -> int:
     # bridge's database must start again too (Synapse keeps its rooms and accounts).
     for stale in state_dir.glob("bridge.db*"):
         stale.unlink()
-    stack = LocalStack(state_dir)
+    stack = LocalStack(state_dir, encrypted=True)  # portals are end-to-end encrypted
     if len(stack.sandboxes) < 2:
         say("The demo needs two connector types with sandboxes installed.")
         return 1
@@ -217,19 +209,31 @@ async def run_demo(state_dir: Path, *, once: bool) -> int:
             for sandbox in sandboxes:
                 async with http.get(f"{sandbox.url}/_sandbox/users") as resp:
                     sandbox.users = (await resp.json())["users"]
-            client = ClientAPI(
-                UserID(native_id), base_url=hs.url, token=native_token, client_session=http
+            matrix_user = await connect(
+                hs.url,
+                native_id,
+                native_token,
+                encrypted=True,
+                store_dir=state_dir / "native-device",
             )
-            await client.set_displayname(NATIVE_DISPLAYNAME)
-            native = NativeUser(client, native_id)
+            native = NativeUser(matrix_user)
             _write_demo_json(state_dir, hs, native_id, native_password, sandboxes)
             ok = True
             try:
+                await matrix_user.client.set_displayname(NATIVE_DISPLAYNAME)
                 transcript = await play_script(http, sandboxes, native)
+                if not (native.joined and native.encrypted(native.joined[-1])):
+                    raise TimeoutError("the portal is not end-to-end encrypted")
+                say(
+                    "\nThe portal is end-to-end encrypted: the homeserver stored only "
+                    "m.room.encrypted events; the bridge decrypted and encrypted for the vendors."
+                )
             except TimeoutError as error:
                 ok = False
                 say(f"FAILED: {error}")
                 transcript = {}
+            finally:
+                await matrix_user.close()
             for side, seen in transcript.items():
                 say(f"\n{side} saw:")
                 for line in seen:

@@ -45,6 +45,19 @@ class KeysApi:
             user_id, Method.PUT, Path.v3.devices[device_id], {"display_name": display_name}
         )
 
+    async def device_ids(self, user_id: str) -> list[str]:
+        answer = await self._call(user_id, Method.GET, Path.v3.devices)
+        devices = answer.get("devices")
+        return [
+            str(d["device_id"])
+            for d in devices or ()
+            if isinstance(d, dict) and isinstance(d.get("device_id"), str)
+        ]
+
+    async def delete_device(self, user_id: str, device_id: str) -> None:
+        """Without user-interactive auth: appservices may (MSC4190)."""
+        await self._call(user_id, Method.DELETE, Path.v3.devices[device_id])
+
     async def upload_keys(
         self, user_id: str, device_id: str, body: dict[str, Any]
     ) -> dict[str, int]:
