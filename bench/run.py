@@ -2,13 +2,16 @@
 
 Runs, in order: throughput (core Matrix -> vendor on SQLite and PostgreSQL with its two
 baselines, vendor -> Matrix, and the profiles), scale, end-to-end latency through Synapse, the
-200 MB media memory benchmark, and a 100,000-line directory import. Each figure that has a
-target is a ratio against a baseline measured in the same run, or an absolute the target names.
+200 MB media memory benchmark, a 100,000-line directory import, and the encryption overhead
+(encrypted vs plain DMs through Synapse: latency and the bridge's CPU per message). Each figure
+that has a target is a ratio against a baseline measured in the same run, or an absolute the
+target names.
 All figures are merged into ``bench/results/latest.json``; the table is printed at the end. A
 benchmark that fails is reported (``<name>_error``) and the others still run.
 
-Usage: ``python bench/run.py [--only throughput,scale,e2e,media,directory] [--events 5000]
-[--profile-events 2000] [--samples 200] [--media-mb 200]``. Never part of the test suite.
+Usage: ``python bench/run.py [--only throughput,scale,e2e,media,directory,encryption]
+[--events 5000] [--profile-events 2000] [--samples 200] [--media-mb 200]``. Never part of the
+test suite.
 """
 
 from __future__ import annotations
@@ -97,6 +100,30 @@ ROWS: list[tuple[str, str, str, Check]] = [
         lambda v: v < 60,
     ),
     ("directory_import_s_postgres", "  same, PostgreSQL (s)", "", None),
+    (
+        "e2ee_native_to_vendor_ms_p50",
+        "e2ee: native->PandaLab p50, encrypted DM (ms)",
+        "",
+        None,
+    ),
+    ("plain_native_to_vendor_ms_p50", "  same, plain DM (ms)", "", None),
+    (
+        "e2ee_vendor_to_native_ms_p50",
+        "e2ee: PandaLab->native p50, encrypted DM (ms)",
+        "",
+        None,
+    ),
+    ("plain_vendor_to_native_ms_p50", "  same, plain DM (ms)", "", None),
+    (
+        "e2ee_latency_ratio_p50",
+        "e2ee latency ratio encrypted/plain p50 (worse way)",
+        "<= 1.3",
+        lambda v: v <= 1.3,
+    ),
+    ("e2ee_latency_ratio_p99", "e2ee latency ratio encrypted/plain p99 (worse way)", "", None),
+    ("e2ee_bridge_cpu_ms_per_message", "e2ee: bridge CPU per message, encrypted (ms)", "", None),
+    ("plain_bridge_cpu_ms_per_message", "  same, plain (ms)", "", None),
+    ("e2ee_cpu_ratio", "e2ee: bridge CPU ratio encrypted/plain", "", None),
     ("profile_core_db_round_trips_per_event", "profile: DB round trips per core event", "", None),
     (
         "profile_core_cpu_ms_per_event_profiled",
@@ -198,6 +225,7 @@ async def _directory(directory_import: Any) -> dict[str, Any]:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     import directory_import
     import e2e_latency
+    import encryption
     import media_memory
     import scale
     import throughput
@@ -205,7 +233,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     only = (
         set(args.only.split(","))
         if args.only
-        else {"throughput", "scale", "e2e", "media", "directory"}
+        else {"throughput", "scale", "e2e", "media", "directory", "encryption"}
     )
     if RESULTS.exists():  # errors of earlier runs are not this run's
         old = json.loads(RESULTS.read_text())
@@ -225,6 +253,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         ("e2e", lambda: e2e_latency.run(args.samples, log=log)),
         ("media", lambda: _media(media_memory, args.media_mb)),
         ("directory", lambda: _directory(directory_import)),
+        ("encryption", lambda: encryption.run(args.samples, log=log)),
     ]
     for name, step in steps:
         if name not in only:
@@ -250,7 +279,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="comma-separated: throughput,scale,e2e,media")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated: throughput,scale,e2e,media,directory,encryption",
+    )
     parser.add_argument("--events", type=int, default=5_000)
     parser.add_argument("--profile-events", type=int, default=2_000)
     parser.add_argument("--samples", type=int, default=200)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import ClientSession, ClientTimeout, web
+from mautrix.errors import MatrixRequestError
 from mautrix.types import Membership, RoomID
 
 from bridge import __version__
@@ -278,7 +279,12 @@ class Bridge:
         async def members(room_id: str, viewer: str) -> list[str]:
             state = homeserver.state_store
             if not await state.has_full_member_list(RoomID(room_id)):
-                await homeserver.intent(viewer).get_members(RoomID(room_id))  # fills the store
+                try:
+                    await homeserver.intent(viewer).get_members(RoomID(room_id))  # fills it
+                except MatrixRequestError as error:
+                    # Not a member (the bot, in a room a native user opened to a ghost): what
+                    # the transactions told the state store is what there is.
+                    log.debug("Members of %s not readable as %s (%s)", room_id, viewer, error)
             joined_or_invited = (Membership.JOIN, Membership.INVITE)
             return [str(u) for u in await state.get_members(RoomID(room_id), joined_or_invited)]
 

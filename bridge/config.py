@@ -300,7 +300,9 @@ class EncryptionConfig(_Strict):
     """
 
     enabled: bool = Field(True, description="Take part in encrypted rooms")
-    default: bool = Field(True, description="Portals the bridge creates are encrypted")
+    default: bool = Field(
+        True, description="Portals the bridge creates are encrypted (when enabled)"
+    )
     require: bool = Field(
         False, description="Refuse to bridge a room that is not encrypted (TI-Messenger)"
     )
@@ -314,8 +316,8 @@ class EncryptionConfig(_Strict):
 
     @model_validator(mode="after")
     def _coherent(self) -> EncryptionConfig:
-        if (self.default or self.require) and not self.enabled:
-            raise ValueError("default and require need enabled: true")
+        if self.require and not self.enabled:
+            raise ValueError("require needs enabled: true")
         return self
 
 

@@ -92,6 +92,7 @@ def test_run_against_an_unreachable_homeserver_fails_with_a_sentence(
         f"appservice:\n  address: http://127.0.0.1:9\n  port: {free_port()}\n"
         "  as_token: a\n  hs_token: b\n"
         f"database:\n  url: sqlite:{tmp_path / 'db.sqlite'}\n"
+        "encryption:\n  enabled: false\n"
     )
     result = subprocess.run(
         [sys.executable, "-m", "bridge", "run", "-c", str(config)],

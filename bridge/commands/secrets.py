@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config import load_config
-from bridge.secrets import GENERATE_HINT, SecretBox, SecretsError, generate_key, key_id, parse_key
+from bridge.secrets import (
+    GENERATE_HINT,
+    SecretBox,
+    SecretsError,
+    generate_key,
+    key_id,
+    parse_key,
+    sealed_key_id,
+)
 
 USAGE_ERROR = 2
 REFUSED = 1
@@ -91,7 +99,10 @@ def _with_database(args: argparse.Namespace) -> int:
 
 
 async def _database_action(args: argparse.Namespace) -> int:
+    from bridge.crypto.pickling import META_NAME as PICKLE_KEY
+    from bridge.crypto.pickling import PickleKey
     from bridge.db.connector_registry import ConnectorRegistry
+    from bridge.db.crypto import CryptoStore
     from bridge.db.database import open_database
 
     config = load_config(args.config)
@@ -99,13 +110,24 @@ async def _database_action(args: argparse.Namespace) -> int:
     db = await open_database(config.database)
     try:
         registry = ConnectorRegistry(db, box)
+        crypto = CryptoStore(db)
         if args.action == "rotate":
             report = await registry.reseal()
+            was = await PickleKey.reseal(crypto, box)
             print(
                 f"{report.resealed} value(s) sealed again with key {box.key_id}; "
                 f"{report.already_current} already were."
             )
+            if was is not None:
+                print(
+                    "The encryption pickle key is sealed with key "
+                    f"{box.key_id}{' (was ' + was + ')' if was != box.key_id else ''}."
+                )
         usage = await registry.key_usage()
+        pickle_key = await crypto.meta(PICKLE_KEY)
+        if pickle_key is not None:
+            kid = sealed_key_id(pickle_key)
+            usage[kid] = usage.get(kid, 0) + 1
         print(f"Current key: {box.key_id}: {usage.pop(box.key_id, 0)} value(s)")
         for kid in box.key_ids[1:]:
             print(f"Previous key: {kid}: {usage.pop(kid, 0)} value(s)")

@@ -133,7 +133,11 @@ class FromMatrix:
                 await self._refuse(raw["room_id"], target, reason)
                 return []
         opened = await self.portals.open_from_invite(
-            raw["room_id"], raw["sender"], target, bool(content.get("is_direct"))
+            raw["room_id"],
+            raw["sender"],
+            target,
+            bool(content.get("is_direct")),
+            encrypted=_invited_to_encrypted_room(raw),
         )
         if not opened:
             return []
@@ -378,3 +382,13 @@ class FromMatrix:
 def _obj(value: Any) -> dict[str, Any]:
     """A JSON object from an event, or {} when the sender put something else there."""
     return value if isinstance(value, dict) else {}
+
+
+def _invited_to_encrypted_room(raw: dict[str, Any]) -> bool:
+    """Whether an invite's stripped room state (``unsigned.invite_room_state``, which
+    homeservers fill with the room's m.room.encryption) says the room is encrypted."""
+    unsigned = _obj(raw.get("unsigned"))
+    state = unsigned.get("invite_room_state")
+    return isinstance(state, list) and any(
+        isinstance(e, dict) and e.get("type") == "m.room.encryption" for e in state
+    )

@@ -261,7 +261,13 @@ class Portals:
         return None
 
     async def open_from_invite(
-        self, room_id: str, inviter: str, ghost_mxid: str, is_direct: bool
+        self,
+        room_id: str,
+        inviter: str,
+        ghost_mxid: str,
+        is_direct: bool,
+        *,
+        encrypted: bool = False,
     ) -> bool:
         """A Matrix user invited a ghost: join, and open the vendor conversation behind it.
 
@@ -276,6 +282,10 @@ class Portals:
         except UnknownUser as error:
             await self._refuse_invite(room_id, ghost_mxid, str(error))
             return False
+        if encrypted and self.hs.crypto is not None:
+            # Its device before its join: the inviter's client shares its room keys with the
+            # devices it finds when the ghost joins, and would otherwise find none.
+            await self.hs.crypto.ensure_device(ghost_mxid)
         try:
             await intent.join_room(RoomID(room_id), max_retries=0)
         except MatrixRequestError as error:

@@ -16,7 +16,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bridge.db.crypto import CryptoStore
-from bridge.secrets import SecretBox
+from bridge.secrets import SecretBox, sealed_key_id
 
 META_NAME = "pickle_key"
 SEAL_CONTEXT = "crypto pickle key"
@@ -47,6 +47,20 @@ class PickleKey:
                 META_NAME, box.seal(base64.b64encode(key.raw).decode(), SEAL_CONTEXT)
             )
         return key
+
+    @staticmethod
+    async def reseal(store: CryptoStore, box: SecretBox) -> str | None:
+        """``secrets rotate``: seal the stored pickle key again with the current key (nothing
+        else changes). Returns the id of the key that had sealed it, None when there is none."""
+        sealed = await store.meta(META_NAME)
+        if sealed is None:
+            return None
+        was = sealed_key_id(sealed)
+        if box.needs_resealing(sealed):
+            await store.set_meta(META_NAME, box.seal(box.open(sealed, SEAL_CONTEXT), SEAL_CONTEXT))
+        else:
+            box.open(sealed, SEAL_CONTEXT)  # proves it opens
+        return was
 
     def seal(self, value: str, context: str) -> str:
         """A small value (cross-signing seeds) encrypted for ``context`` (its owner)."""
