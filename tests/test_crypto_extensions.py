@@ -242,12 +242,6 @@ def test_malformed_counts_keep_what_is_readable() -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge/appservice/crypto_extensions.py parse_crypto: a device_lists 'changed' or "
-    "'left' that is a string, not a list, is iterated character by character (each character "
-    "becomes a 'user'), instead of being dropped",
-)
 def test_device_lists_given_as_a_string_are_dropped() -> None:
     body = {"org.matrix.msc3202.device_lists": {"changed": "@a:x", "left": "@b:y"}}
     assert parse_crypto(body) == []

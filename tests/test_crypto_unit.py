@@ -1656,14 +1656,6 @@ async def test_a_to_device_event_for_another_device_id_is_ignored(
 # === More: crash safety, both directions, restarts, claims ========================================
 
 
-CROSS_SIGNING_NOT_RETRIED = (
-    "bridge/crypto/devices.py OwnDevices._publish: the row is saved published=True before "
-    "_cross_sign runs; if uploading the cross-signing keys or the device signature fails, "
-    "ensure() loads a published row next time and never cross-signs the device"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=CROSS_SIGNING_NOT_RETRIED)
 async def test_ensure_after_cross_signing_failed_cross_signs_on_the_next_call(
     own_devices: OwnDevices, store: CryptoStore, hs: FakeKeyDirectory
 ) -> None:
@@ -1678,7 +1670,6 @@ async def test_ensure_after_cross_signing_failed_cross_signs_on_the_next_call(
     assert signed_by(hs.devices[GHOST][device.device_id], GHOST, ssk, ssk)
 
 
-@pytest.mark.xfail(strict=True, reason=CROSS_SIGNING_NOT_RETRIED)
 async def test_ensure_after_the_device_signature_failed_cross_signs_on_the_next_call(
     own_devices: OwnDevices, store: CryptoStore, hs: FakeKeyDirectory
 ) -> None:
@@ -1839,12 +1830,6 @@ async def test_a_room_key_delivered_twice_is_kept_once(
     assert (await bridge_b.crypto.decrypt(event))["content"] == text("once")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge/crypto/machine.py Crypto._to_device: OlmChannel.decrypt saves the advanced "
-    "Olm session before the payload is handled; if handling fails (the sender's /keys/query, "
-    "storing the key), the inbox retries an Olm message that no longer decrypts: key lost",
-)
 @pytest.mark.parametrize("failing", ["keys_query", "storing"])
 async def test_a_room_key_whose_handling_failed_is_kept_when_the_inbox_retries(
     bridge_b: Bridge, hs: FakeKeyDirectory, monkeypatch: pytest.MonkeyPatch, failing: str
@@ -1899,12 +1884,6 @@ async def test_a_forwarded_key_the_bridge_asked_for_is_kept_and_decrypts(
     assert (await bridge_b.crypto.decrypt(event))["content"] == text("asked for")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge/crypto/machine.py Crypto._decrypted_to_device keeps any "
-    "m.forwarded_room_key (GroupSessions.add_forwarded_key, documented 'we asked for'), "
-    "though no request was made: cf. CVE-2022-39249; forwarded sessions skip the sender check",
-)
 async def test_a_forwarded_key_nobody_asked_for_is_not_kept(
     bridge_b: Bridge, hs: FakeKeyDirectory
 ) -> None:
@@ -1920,12 +1899,6 @@ async def test_a_forwarded_key_nobody_asked_for_is_not_kept(
     assert await bridge_b.store.inbound(ROOM, session.session_id) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge/crypto/megolm.py GroupSessions.decrypt keeps no record of the (session, "
-    "message index) it decrypted: the same ciphertext under a new event id (a replay by the "
-    "sender's homeserver) decrypts again and would be bridged twice",
-)
 async def test_a_ciphertext_replayed_under_another_event_id_is_refused(
     bridge_a: Bridge, bridge_b: Bridge, hs: FakeKeyDirectory
 ) -> None:

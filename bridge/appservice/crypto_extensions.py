@@ -52,8 +52,8 @@ def parse_crypto(body: dict[str, Any]) -> list[dict[str, Any]]:
             items.append({"kind": TO_DEVICE, "event": event})
     lists = _first(body, _DEVICE_LISTS)
     if isinstance(lists, dict):
-        changed = [u for u in lists.get("changed") or () if isinstance(u, str)]
-        left = [u for u in lists.get("left") or () if isinstance(u, str)]
+        changed = _user_ids(lists.get("changed"))
+        left = _user_ids(lists.get("left"))
         if changed or left:
             items.append({"kind": DEVICE_LISTS, "changed": changed, "left": left})
     counts = _first(body, _KEY_COUNTS)
@@ -76,6 +76,11 @@ def parse_crypto(body: dict[str, Any]) -> list[dict[str, Any]]:
                     }
                 )
     return items
+
+
+def _user_ids(value: Any) -> list[str]:
+    """A list of user ids; anything else (a string, an object) is dropped, not iterated."""
+    return [u for u in value if isinstance(u, str)] if isinstance(value, list) else []
 
 
 def _unused_fallback(fallback: Any, user_id: str, device_id: str) -> list[str] | None:

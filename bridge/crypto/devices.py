@@ -43,6 +43,10 @@ def new_device_id() -> str:
     return DEVICE_PREFIX + secrets.token_hex(5).upper()
 
 
+class CrossSigningRefused(Exception):
+    """The homeserver did not take a cross-signing signature; tried again at the next use."""
+
+
 @dataclass
 class OwnDevice:
     user_id: str
@@ -168,9 +172,12 @@ class OwnDevices:
             }
             await self.keys.upload_keys(device.user_id, device.device_id, body)
             account.mark_keys_as_published()
-            await self._save(device, published=True)
+            await self._save(device, published=False)
         if device.cross_signing is not None:
             await self._cross_sign(device, device.cross_signing)
+        # Published only once cross-signed: a failure before is finished by the next call.
+        async with device.lock:
+            await self._save(device, published=True)
         log.info("Device %s of %s published", device.device_id, device.user_id)
 
     async def _cross_sign(self, device: OwnDevice, cross_signing: CrossSigning) -> None:
@@ -186,9 +193,10 @@ class OwnDevices:
         answer = await self.keys.upload_signatures(
             device.user_id, {device.user_id: {device.device_id: device_keys}}
         )
-        failures = answer.get("failures")
-        if failures:
-            log.warning("The homeserver refused a cross-signing signature of %s", device.user_id)
+        if answer.get("failures"):
+            raise CrossSigningRefused(
+                f"the homeserver refused the cross-signing signature of {device.user_id}'s device"
+            )
 
     async def replenish(
         self,
@@ -224,6 +232,12 @@ class OwnDevices:
             await self.keys.upload_keys(user_id, device_id, body)
             account.mark_keys_as_published()
             await self._save(device, published=True)
+
+    async def reload(self, device: OwnDevice) -> None:
+        """Put the account back to its stored state (a change that was not persisted)."""
+        row = await self.store.device(device.user_id)
+        if row is not None:
+            device.account = vodozemac.Account.from_pickle(row.account, self.pickle_key.raw)
 
     async def save(self, device: OwnDevice) -> None:
         """Persist the account after it changed (an inbound Olm session used a one-time key)."""

@@ -22,6 +22,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from cachetools import LRUCache
+
 from bridge.appservice.crypto_extensions import DEVICE_LISTS, KEY_COUNTS, TO_DEVICE
 from bridge.crypto.devices import MEGOLM, OwnDevice, OwnDevices
 from bridge.crypto.megolm import GroupSessions, KeysMissing, Undecryptable
@@ -36,6 +38,7 @@ log = logging.getLogger("eimis.crypto")
 DEFAULT_ROTATION_MS = 7 * 24 * 3600 * 1000
 DEFAULT_ROTATION_MSGS = 100
 CATCH_UP_EVERY_S = 5.0
+ROOM_CACHE_SIZE = 100_000
 
 Members = Callable[[str, str], Awaitable[list[str]]]
 """The joined and invited members of a room (room, a member who looks)."""
@@ -82,8 +85,11 @@ class Crypto:
         self.megolm = GroupSessions(store, self.olm, pickle_key)
         self.on_room_key: RoomKeyArrived = lambda room_id: None
         self._requested: dict[str, float] = {}
+        self._asked: dict[str, str] = {}
+        """Session id -> the user asked for its key (whose forwarded key is accepted)."""
         self._key_arrivals: dict[str, asyncio.Event] = {}
         self._caught_up: dict[str, float] = {}
+        self._rooms: LRUCache[str, RoomEncryption | None] = LRUCache(ROOM_CACHE_SIZE)
         self.caught_up_messages = 0
         """To-device messages read from inboxes rather than pushed (see ``catch_up``)."""
 
@@ -94,7 +100,12 @@ class Crypto:
     # Rooms -------------------------------------------------------------------------------------
 
     async def encryption_of(self, room_id: str) -> RoomEncryption | None:
-        return await self.store.room(room_id)
+        """The room's encryption (None: a plain room), remembered: every send asks."""
+        if room_id in self._rooms:
+            return self._rooms[room_id]
+        settings = await self.store.room(room_id)
+        self._rooms[room_id] = settings
+        return settings
 
     async def room_encrypted(self, room_id: str, content: dict[str, Any]) -> bool:
         """Record an ``m.room.encryption`` state event; False if its algorithm is unknown."""
@@ -103,6 +114,7 @@ class Crypto:
             log.warning("Room %s asks for an encryption algorithm the bridge lacks", room_id)
             return False
         await self.store.set_room(room_id, settings)
+        self._rooms[room_id] = settings
         return True
 
     async def member_left(self, room_id: str) -> None:
@@ -118,7 +130,7 @@ class Crypto:
         self, sender: str, room_id: str, event_type: str, content: dict[str, Any]
     ) -> dict[str, Any] | None:
         """The encrypted content of the event, or None when the room is not encrypted."""
-        settings = await self.store.room(room_id)
+        settings = await self.encryption_of(room_id)
         if settings is None:
             return None
         own = await self.ensure_device(sender)
@@ -200,6 +212,7 @@ class Crypto:
             return
         self._requested[missing.session_id] = now
         sender = str(event.get("sender"))
+        self._asked[missing.session_id] = sender
         own = await self.ensure_device(self.bot_mxid)
         content = {
             "action": "request",
@@ -245,12 +258,14 @@ class Crypto:
         if own is None or own.device_id != device_id:
             return  # not one of our devices (or one replaced since)
         if event_type == "m.room.encrypted":
+
+            async def handle(payload: dict[str, Any]) -> None:
+                await self._decrypted_to_device(own, sender, payload)
+
             try:
-                payload = await self.olm.decrypt(own, sender, content)
+                await self.olm.decrypt(own, sender, content, handle)
             except OlmError as error:
                 log.warning("A to-device message from %s did not decrypt: %s", sender, error)
-                return
-            await self._decrypted_to_device(own, sender, payload)
         elif event_type == "m.room_key_request":
             await self._key_request(own, sender, content)
 
@@ -264,6 +279,12 @@ class Crypto:
         if inner == "m.room_key":
             added = await self.megolm.add_room_key(payload)
         elif inner == "m.forwarded_room_key":
+            content = payload.get("content") if isinstance(payload.get("content"), dict) else {}
+            if self._asked.get(str(content.get("session_id"))) != sender:
+                # Only the answer to a request of ours, from whom we asked: a key pushed
+                # unasked could make anyone's device speak for another sender.
+                log.warning("Refused a forwarded room key nobody asked %s for", sender)
+                return
             added = await self.megolm.add_forwarded_key(payload)
         if added is not None:
             room_id, session_id = added

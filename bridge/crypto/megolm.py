@@ -229,6 +229,10 @@ class GroupSessions:
         except Exception:
             # Either a message index before the one we hold (ask for the key again), or junk.
             raise KeysMissing(room_id, session_id, row.sender_key) from None
+        event_id = str(event.get("event_id"))
+        first = await self.store.first_event_at(session_id, decrypted.message_index, event_id)
+        if first != event_id:
+            raise Undecryptable(f"a replay of event {first} (the same encrypted message)")
         try:
             plaintext = json.loads(bytes(decrypted.plaintext))
         except ValueError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import vodozemac
@@ -108,9 +109,19 @@ class OlmChannel:
 
     # Receiving ---------------------------------------------------------------------------------
 
-    async def decrypt(self, own: OwnDevice, sender: str, content: dict[str, Any]) -> dict[str, Any]:
-        """The payload of a to-device ``m.room.encrypted`` sent to ``own``; OlmError if it
-        cannot be read or was not meant for this device."""
+    async def decrypt(
+        self,
+        own: OwnDevice,
+        sender: str,
+        content: dict[str, Any],
+        handle: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        """Decrypt a to-device ``m.room.encrypted`` sent to ``own`` and ``handle`` its payload;
+        OlmError if it cannot be read or was not meant for this device.
+
+        The ratchet's step (and a one-time key used up) is persisted only once ``handle`` has
+        succeeded: a failure leaves the message decryptable again, so the inbox's retry still
+        gets the room key it carries."""
         if content.get("algorithm") != OLM:
             raise OlmError(f"unsupported algorithm {content.get('algorithm')!r}")
         sender_key = content.get("sender_key")
@@ -126,39 +137,34 @@ class OlmChannel:
         except Exception:
             raise OlmError("malformed ciphertext") from None
         async with own.lock:
-            plaintext = await self._decrypt(own, sender_key, message)
-        try:
-            payload = json.loads(plaintext)
-        except ValueError:
-            raise OlmError("the plaintext is not JSON") from None
-        if not isinstance(payload, dict):
-            raise OlmError("the plaintext is not a JSON object")
-        recipient_keys = payload.get("recipient_keys")
-        if (
-            payload.get("sender") != sender
-            or payload.get("recipient") != own.user_id
-            or not isinstance(recipient_keys, dict)
-            or recipient_keys.get("ed25519") != own.ed25519
-        ):
-            raise OlmError("sender or recipient do not match the envelope")
-        payload["sender_key"] = sender_key
-        return payload
-
-    async def _decrypt(self, own: OwnDevice, sender_key: str, message: Any) -> bytes:
-        for session_id, pickle in await self.store.olm_sessions(own.user_id, sender_key):
-            session = vodozemac.Session.from_pickle(pickle, self.pickle_key.raw)
-            if message.to_parts()[0] == 0:
-                pre_key = message.to_pre_key()
-                if not session.session_matches(pre_key):
-                    continue
+            plaintext, session, new_session = self._decrypt(
+                own, sender_key, message, await self.store.olm_sessions(own.user_id, sender_key)
+            )
             try:
-                plaintext = session.decrypt(message)
+                payload = _payload(plaintext, sender, sender_key, own)
+                await handle(payload)
+            except BaseException:
+                # The account in memory may have lost the one-time key: back to what is stored.
+                await self.devices.reload(own)
+                raise
+            await self.store.save_olm_session(
+                own.user_id, sender_key, session.session_id, session.pickle(self.pickle_key.raw)
+            )
+            if new_session:
+                await self.devices.save(own)
+
+    def _decrypt(
+        self, own: OwnDevice, sender_key: str, message: Any, held: list[tuple[str, str]]
+    ) -> tuple[bytes, vodozemac.Session, bool]:
+        """(plaintext, the session that decrypted it, whether that session is new)."""
+        for _, pickle in held:
+            session = vodozemac.Session.from_pickle(pickle, self.pickle_key.raw)
+            if message.to_parts()[0] == 0 and not session.session_matches(message.to_pre_key()):
+                continue
+            try:
+                return bytes(session.decrypt(message)), session, False
             except Exception:
                 continue
-            await self.store.save_olm_session(
-                own.user_id, sender_key, session_id, session.pickle(self.pickle_key.raw)
-            )
-            return bytes(plaintext)
         if message.to_parts()[0] != 0:
             raise OlmError("no session decrypts it (a normal message needs an existing session)")
         try:
@@ -167,12 +173,26 @@ class OlmChannel:
             )
         except Exception:
             raise OlmError("no new session could be made from it") from None
-        # The one-time key it used is gone from the account: persist both together.
-        await self.store.save_olm_session(
-            own.user_id, sender_key, session.session_id, session.pickle(self.pickle_key.raw)
-        )
-        await self.devices.save(own)
-        return bytes(plaintext)
+        return bytes(plaintext), session, True
+
+
+def _payload(plaintext: bytes, sender: str, sender_key: str, own: OwnDevice) -> dict[str, Any]:
+    try:
+        payload = json.loads(plaintext)
+    except ValueError:
+        raise OlmError("the plaintext is not JSON") from None
+    if not isinstance(payload, dict):
+        raise OlmError("the plaintext is not a JSON object")
+    recipient_keys = payload.get("recipient_keys")
+    if (
+        payload.get("sender") != sender
+        or payload.get("recipient") != own.user_id
+        or not isinstance(recipient_keys, dict)
+        or recipient_keys.get("ed25519") != own.ed25519
+    ):
+        raise OlmError("sender or recipient do not match the envelope")
+    payload["sender_key"] = sender_key
+    return payload
 
 
 def _claimed_key(claimed: Any, user_id: str, device_id: str, ed25519: str) -> str | None:

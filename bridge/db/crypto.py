@@ -224,6 +224,25 @@ class CryptoStore:
         )
         return True
 
+    async def first_event_at(self, session_id: str, message_index: int, event_id: str) -> str:
+        """The event id that message ``message_index`` of the session first decrypted as
+        (``event_id`` when this is the first time)."""
+        await self.db.execute(
+            "INSERT INTO crypto_message_index (session_id, message_index, event_id) "
+            "VALUES ($1, $2, $3) ON CONFLICT (session_id, message_index) DO NOTHING",
+            session_id,
+            message_index,
+            event_id,
+        )
+        return str(
+            await self.db.fetchval(
+                "SELECT event_id FROM crypto_message_index WHERE session_id = $1 AND "
+                "message_index = $2",
+                session_id,
+                message_index,
+            )
+        )
+
     # Megolm, outbound --------------------------------------------------------------------------
 
     async def outbound(self, room_id: str, user_id: str) -> OutboundRow | None:

@@ -328,6 +328,16 @@ async def upgrade_v9(conn: Connection, scheme: Scheme) -> None:
             outdated  BOOLEAN NOT NULL
         )"""
     )
+    # Which event each Megolm message index decrypted as: the same ciphertext under another
+    # event id (replayed by a homeserver) is refused. Metadata only, no content.
+    await conn.execute(
+        """CREATE TABLE crypto_message_index (
+            session_id     TEXT NOT NULL,
+            message_index  BIGINT NOT NULL,
+            event_id       TEXT NOT NULL,
+            PRIMARY KEY (session_id, message_index)
+        )"""
+    )
     # Rooms with m.room.encryption: once on, never off (the specification's rule).
     await conn.execute(
         """CREATE TABLE crypto_room (
