@@ -336,3 +336,21 @@ async def _conversation_with(user: Any, native: MatrixUser) -> str | None:
         if native.user_id in str(conversation):
             return str(conversation["conversation_id"])
     return None
+
+
+async def test_medipeps_user_and_native_user_talk_in_an_encrypted_dm(
+    stack: LocalStack, http: ClientSession, native: MatrixUser
+) -> None:
+    nora = (await users_of(stack, http, "medipeps"))[3]
+    conversation = await nora.start_conversation([native.user_id], unique("Medipeps chiffré"))
+    hello = unique("Bonjour depuis Medipeps")
+    await nora.send(conversation, hello)
+    room_id = await portal_of(stack, "medipeps", conversation)
+    await native.accept_invites(room_id, timeout=30)
+    message = await native.wait_for_message(room_id, text_is(hello), timeout=30)
+    assert message.decrypted and message.sender == ghost_of(stack, "medipeps", nora.idnps)
+    reply = unique("Réponse vers Medipeps")
+    await native.send_text(room_id, reply)
+    answer = await wait_for("Nora to get the reply", lambda: received(nora, reply))
+    assert answer["sender"] == native.user_id
+    assert_only_ciphertext(stack, room_id, hello, reply)

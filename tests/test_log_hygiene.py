@@ -8,6 +8,7 @@ writes must stay clean even then.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -68,7 +69,14 @@ def turn_up_libraries() -> dict[str, int]:
 async def stack(
     tmp_path_factory: pytest.TempPathFactory, captured: io.StringIO
 ) -> AsyncIterator[LocalStack]:
-    local = LocalStack(Path(tmp_path_factory.mktemp("hygiene")), log_level="DEBUG")
+    # Encryption on (the bridge's devices, Olm and Megolm at work), portals plain by default:
+    # the encrypted exchange has its own test.
+    local = LocalStack(
+        Path(tmp_path_factory.mktemp("hygiene")),
+        log_level="DEBUG",
+        encrypted=True,
+        config_overrides={"encryption": {"enabled": True, "default": False}},
+    )
     async with local:
         saved = turn_up_libraries()  # after start: the bridge pins some of them when it starts
         try:
@@ -168,6 +176,7 @@ async def test_a_full_exchange_logs_no_content_token_or_secret(
         "hs_token": registration["hs_token"],
         "native password": password,
         "native access token": token,
+        **crypto_secrets(stack),
         **{
             f"connector secret {i}": secret
             for i, secret in enumerate(secrets_of(stack.raw_config["connectors"]))
@@ -196,6 +205,60 @@ async def test_a_full_exchange_logs_no_content_token_or_secret(
     assert any({"outbox", "connector", "room"} <= set(r) for r in bridge_records)
     assert any({"inbox", "connector", "conversation"} <= set(r) for r in bridge_records)
     assert any({"txn", "request", "path"} <= set(r) for r in bridge_records)
+
+
+def crypto_secrets(stack: LocalStack) -> dict[str, str]:
+    """The secrets key and the crypto pickle key, in the encodings they could leak in."""
+    assert stack.bridge is not None and stack.bridge.crypto is not None
+    raw = stack.bridge.crypto.devices.pickle_key.raw
+    return {
+        "secrets key": (stack.state_dir / "secrets.key").read_text().strip(),
+        "pickle key": base64.b64encode(raw).decode(),
+        "pickle key (hex)": raw.hex(),
+    }
+
+
+@pytest.mark.e2e
+async def test_an_encrypted_exchange_logs_no_content_or_key(
+    stack: LocalStack, http: ClientSession, captured: io.StringIO, tmp_path: Path
+) -> None:
+    n = next(counter)
+    user_id, token = await stack.synapse.register_user(f"hygienic{n}", "correct horse battery")
+    native = await connect(
+        stack.synapse.url, user_id, token, encrypted=True, store_dir=tmp_path / "native"
+    )
+    start = len(captured.getvalue())
+    alice = (await app_users_of(stack, http, "pandalab"))[1]
+    ghost = f"@eimis_pandalab_{alice.idnps}:{stack.synapse.server_name}"
+    sent = [unique("CONTENTHOTEL glycémie 2,1 g/l"), unique("CONTENTINDIA à jeun")]
+    try:
+        room_id = await native.create_room(invite=[ghost], is_direct=True, encrypted=True)
+        await native.wait_for_join(room_id, ghost, timeout=30)
+        await native.send_text(room_id, sent[0])
+        at_alice = await wait_for(
+            "the encrypted text at PandaLab",
+            lambda: inbox_message(alice, lambda m: m["text"] == sent[0]),
+            30,
+        )
+        await alice.post(str(at_alice["conversation_id"]), text=sent[1])
+        got = await native.wait_for_message(room_id, lambda m: m.body == sent[1], timeout=30)
+        assert got.decrypted
+    finally:
+        await native.close()
+    records = [
+        json.loads(line) for line in captured.getvalue()[start:].splitlines() if line.strip()
+    ]
+    bridge_records = [r for r in records if not str(r["logger"]).startswith(NOT_THE_BRIDGE)]
+    # The bridge's own key traffic went through the logged client (request lines, no bodies).
+    assert any("sendToDevice" in json.dumps(r) for r in bridge_records), "crypto at work"
+    forbidden = {**{f"message {i}": t for i, t in enumerate(sent)}, **crypto_secrets(stack)}
+    leaks = [
+        (what, record)
+        for record in bridge_records
+        for what, secret in forbidden.items()
+        if secret in json.dumps(record, ensure_ascii=False)
+    ]
+    assert not leaks, f"{len(leaks)} leak(s), first: {leaks[0]}"
 
 
 # --- The pieces ----------------------------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""Without the homeserver's experimental appservice extensions (MSC2409 to-device events and
+MSC3202 device lists in transactions, both behind flags in Synapse 1.163), encrypted rooms still
+work: room keys are read from the ghosts' device inboxes (a /sync as the device) when an event
+cannot be decrypted. Shown against a real Synapse with both flags off."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import ClientSession
+
+from bridge.devtools.demo import wait_for
+from bridge.devtools.stack import LocalStack
+
+from e2e_helpers import portal_of, received, unique, users_of
+from matrix_user import MatrixUser, connect, text_is
+
+pytestmark = pytest.mark.e2e
+
+FLAGS_OFF = {
+    "msc2409_to_device_messages_enabled": False,
+    "msc3202_transaction_extensions": False,
+}
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[LocalStack]:
+    async with LocalStack(
+        tmp_path / "stack",
+        encrypted=True,
+        synapse_options={"extra_config": {"experimental_features": FLAGS_OFF}},
+    ) as local:
+        yield local
+
+
+@pytest.fixture
+async def native(stack: LocalStack, tmp_path: Path) -> AsyncIterator[MatrixUser]:
+    user_id, token = await stack.synapse.register_user("fallback", "correct horse battery")
+    user = await connect(
+        stack.synapse.url, user_id, token, encrypted=True, store_dir=tmp_path / "native"
+    )
+    try:
+        yield user
+    finally:
+        await user.close()
+
+
+async def test_room_keys_come_from_the_device_inbox_when_not_pushed(
+    stack: LocalStack, http: ClientSession, native: MatrixUser
+) -> None:
+    alice = (await users_of(stack, http, "pandalab"))[0]
+    conversation = await alice.start_conversation([native.user_id], unique("Sans MSC2409"))
+    hello = unique("Bonjour")
+    await alice.send(conversation, hello)
+    room_id = await portal_of(stack, "pandalab", conversation)
+    await native.accept_invites(room_id, timeout=30)
+    await native.wait_for_message(room_id, text_is(hello), timeout=30)
+
+    texts = [unique(f"Chiffré sans push {i}") for i in range(3)]
+    for text in texts:
+        await native.send_text(room_id, text)
+    for text in texts:
+        await wait_for("Alice to get it", lambda t=text: received(alice, t), 60)
+    assert [m["text"] for m in await alice.inbox() if m["text"] in texts] == texts
+    assert stack.bridge is not None and stack.bridge.crypto is not None
+    assert stack.bridge.crypto.caught_up_messages >= 1, "the keys came from the inbox"
