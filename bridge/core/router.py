@@ -33,6 +33,8 @@ from connectors.base import RemoteEvent, event_from_json
 log = logging.getLogger("eimis.router")
 
 ENCRYPTED = "m.room.encrypted"
+CRYPTO_ATTEMPTS = 8
+"""Tries of a crypto item before it is given up (about a minute of backoff)."""
 KEY_WAIT_INLINE_S = 2.0
 """How long a lane waits, holding its event, for a room key travelling beside it; after that
 it waits as a retry (the key's arrival wakes it)."""
@@ -64,6 +66,7 @@ class Router:
         self.on_homeserver_back: Callable[[], None] = lambda: None
         self.crypto: Crypto | None = None
         """End-to-bridge encryption, when enabled."""
+        self._crypto_tries: dict[int, int] = {}
         self.key_wait_s = 60.0
         self.ids_ours: Callable[[str], bool] = lambda mxid: False
         self.on_undecryptable: Callable[[str, str, str], Awaitable[None]] = _nothing
@@ -97,8 +100,8 @@ class Router:
         event: RemoteEvent | None = None
         try:
             if item.origin == CRYPTO_ORIGIN:
-                if self.crypto is not None:
-                    await self.crypto.handle(item.payload)
+                if not await self._crypto_item(item):
+                    return
                 writes = []
             elif item.origin == MATRIX_ORIGIN:
                 payload = await self._readable(item)
@@ -155,6 +158,27 @@ class Router:
         self._failed_once.discard(item.seq)
         if any(write.appends_to == "outbox" for write in writes):
             self._outbox_notify()
+
+    async def _crypto_item(self, item: InboxItem) -> bool:
+        """Hand a crypto item (to-device event, device lists, key counts) to the crypto layer.
+        A failure is retried (the homeserver or database may be back), a few times only: one
+        item that can never be handled must not hold its device's later room keys for ever.
+        False when it was given up (marked failed)."""
+        if self.crypto is None:
+            return True
+        try:
+            await self.crypto.handle(item.payload)
+        except Exception as error:
+            # Tries of earlier runs (stored) and of this one (the lane retries the same item).
+            tries = item.attempts + self._crypto_tries.pop(item.seq, 0) + 1
+            if tries < CRYPTO_ATTEMPTS:
+                self._crypto_tries[item.seq] = tries - item.attempts
+                raise
+            log.warning("Crypto item %d given up (%s)", item.seq, type(error).__name__)
+            await self.stores.inbox.mark_failed(item.seq, f"crypto: {type(error).__name__}")
+            return False
+        self._crypto_tries.pop(item.seq, None)
+        return True
 
     async def _readable(self, item: InboxItem) -> dict[str, Any] | None:
         """The event as its sender wrote it: decrypted when it was encrypted (in memory only:

@@ -158,7 +158,10 @@ class GroupSessions:
         room_id, session_key = content.get("room_id"), content.get("session_key")
         if not isinstance(room_id, str) or not isinstance(session_key, str):
             return None
-        session = vodozemac.InboundGroupSession(vodozemac.SessionKey(session_key))
+        try:
+            session = vodozemac.InboundGroupSession(vodozemac.SessionKey(session_key))
+        except Exception:
+            return None  # not a session key: nothing to keep
         if session.session_id != content.get("session_id"):
             return None
         keys = payload.get("keys") if isinstance(payload.get("keys"), dict) else {}
@@ -186,9 +189,12 @@ class GroupSessions:
         sender_key = content.get("sender_key")
         if not all(isinstance(v, str) for v in (room_id, exported, sender_key)):
             return None
-        session = vodozemac.InboundGroupSession.import_session(
-            vodozemac.ExportedSessionKey(str(exported))
-        )
+        try:
+            session = vodozemac.InboundGroupSession.import_session(
+                vodozemac.ExportedSessionKey(str(exported))
+            )
+        except Exception:
+            return None
         if session.session_id != content.get("session_id"):
             return None
         stored = await self.store.add_inbound(
@@ -223,11 +229,15 @@ class GroupSessions:
             raise Undecryptable("the event's sender key is not the one its session came from")
         if not row.forwarded and row.sender != event.get("sender"):
             raise Undecryptable("the event's sender is not the one who shared its session")
+        try:
+            message = vodozemac.MegolmMessage.from_base64(ciphertext)
+        except Exception:
+            raise Undecryptable("the ciphertext is malformed") from None
         session = vodozemac.InboundGroupSession.from_pickle(row.pickle, self.pickle_key.raw)
         try:
-            decrypted = session.decrypt(vodozemac.MegolmMessage.from_base64(ciphertext))
+            decrypted = session.decrypt(message)
         except Exception:
-            # Either a message index before the one we hold (ask for the key again), or junk.
+            # A message index before the first one we hold: the key from earlier is needed.
             raise KeysMissing(room_id, session_id, row.sender_key) from None
         event_id = str(event.get("event_id"))
         first = await self.store.first_event_at(session_id, decrypted.message_index, event_id)
