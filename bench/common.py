@@ -176,6 +176,9 @@ def bridge_config(
         "database": {"url": database_url},
         "connectors": connectors,
         "logging": {"level": "WARNING"},
+        # The stub homeserver speaks no key APIs: these runs measure plain rooms
+        # (bench/encryption.py measures encrypted ones against a real Synapse).
+        "encryption": {"enabled": False},
     }
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import itertools
+from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientSession, web
 
 from bridge.devtools.demo import SandboxUser, wait_for
+from bridge.devtools.matrix_user import MatrixUser, connect
 from bridge.devtools.stack import LocalStack
 
 counter = itertools.count(1)
@@ -17,6 +19,10 @@ counter = itertools.count(1)
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 )
+
+
+NATIVE_PASSWORD = "correct horse battery"
+"""The password of the native users the tests register."""
 
 
 def unique(text: str) -> str:
@@ -245,3 +251,22 @@ async def published_capabilities(
         for e in state
         if e["type"] == "eu.eimis.bridge.capabilities"
     }
+
+
+async def encrypted_native(stack: LocalStack, store_dir: Path, localpart: str) -> MatrixUser:
+    """A new native user on the stack's Synapse, on a device that encrypts (matrix-nio)."""
+    user_id, token = await stack.synapse.register_user(localpart, NATIVE_PASSWORD)
+    return await connect(stack.synapse.url, user_id, token, encrypted=True, store_dir=store_dir)
+
+
+async def vendor_dm(
+    stack: LocalStack, user: SandboxUser, connector: str, native: MatrixUser, hello: str
+) -> tuple[str, str]:
+    """``user`` opens a conversation with ``native`` and says ``hello``; once ``native`` has
+    read it: (the vendor conversation, the portal room)."""
+    conversation = await user.start_conversation([native.user_id], unique("DM"))
+    await user.send(conversation, hello)
+    room_id = await portal_of(stack, connector, conversation)
+    await native.accept_invites(room_id, timeout=30)
+    await native.wait_for_message(room_id, lambda m: getattr(m, "body", None) == hello, 30)
+    return conversation, room_id

@@ -1912,3 +1912,22 @@ async def test_a_ciphertext_replayed_under_another_event_id_is_refused(
 
     with pytest.raises(Undecryptable):
         await bridge_b.crypto.decrypt(event_of(GHOST, encrypted, n=2))
+
+
+async def test_forgetting_a_ghost_erases_its_device_and_keys(
+    bridge_a: Bridge, bridge_b: Bridge, hs: FakeKeyDirectory
+) -> None:
+    """The right to erasure reaches the crypto layer: the ghost's device is deleted on the
+    homeserver and its account and sessions in the database; a new one is made if it returns."""
+    own = await bridge_a.crypto.ensure_device(GHOST)
+    await bridge_a.crypto.room_encrypted(ROOM, {"algorithm": MEGOLM})
+    await bridge_a.crypto.encrypt(GHOST, ROOM, "m.room.message", text("avant"))
+    assert await bridge_a.store.outbound(ROOM, GHOST) is not None
+
+    await bridge_a.crypto.forget(GHOST)
+
+    assert (GHOST, own.device_id) in hs.deleted
+    assert await bridge_a.store.device(GHOST) is None
+    assert await bridge_a.store.outbound(ROOM, GHOST) is None
+    again = await bridge_a.crypto.ensure_device(GHOST)
+    assert again.device_id != own.device_id and again.curve25519 != own.curve25519

@@ -23,9 +23,11 @@ from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 
 from e2e_helpers import (
+    NATIVE_PASSWORD,
     PNG,
     app_users_of,
     counter,
+    encrypted_native,
     file_named,
     inbox_message,
     portal_of,
@@ -33,13 +35,13 @@ from e2e_helpers import (
     unique,
     users_of,
     vendor_copy,
+    vendor_dm,
 )
-from matrix_user import MatrixUser, connect, login, text_is
+from matrix_user import MatrixUser, login, text_is
 from synapse_db import event_types_in_room, room_holds_text
 
 pytestmark = pytest.mark.e2e
 
-PASSWORD = "correct horse battery"
 KEY_WAIT_S = 4
 
 
@@ -58,10 +60,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Local
 @pytest.fixture
 async def native(stack: LocalStack, tmp_path: Path) -> AsyncIterator[MatrixUser]:
     localpart = f"enc{next(counter)}"
-    user_id, token = await stack.synapse.register_user(localpart, PASSWORD)
-    user = await connect(
-        stack.synapse.url, user_id, token, encrypted=True, store_dir=tmp_path / localpart
-    )
+    user = await encrypted_native(stack, tmp_path / localpart, localpart)
     try:
         yield user
     finally:
@@ -109,11 +108,8 @@ async def test_the_ghost_speaks_from_its_own_cross_signed_device(
     stack: LocalStack, http: ClientSession, native: MatrixUser
 ) -> None:
     alice = (await users_of(stack, http, "pandalab"))[1]
-    conversation = await alice.start_conversation([native.user_id], unique("Identité"))
     hello = unique("Qui parle ?")
-    await alice.send(conversation, hello)
-    room_id = await portal_of(stack, "pandalab", conversation)
-    await native.accept_invites(room_id, timeout=30)
+    _, room_id = await vendor_dm(stack, alice, "pandalab", native, hello)
     message = await native.wait_for_message(room_id, text_is(hello), timeout=30)
     assert message.decrypted, "the bridge sent it encrypted"
 
@@ -201,12 +197,8 @@ async def test_nothing_is_lost_across_a_bridge_restart(
     stack: LocalStack, http: ClientSession, native: MatrixUser
 ) -> None:
     alice = (await users_of(stack, http, "pandalab"))[3]
-    conversation = await alice.start_conversation([native.user_id], unique("Redémarrage"))
     before = unique("Avant le redémarrage")
-    await alice.send(conversation, before)
-    room_id = await portal_of(stack, "pandalab", conversation)
-    await native.accept_invites(room_id, timeout=30)
-    await native.wait_for_message(room_id, text_is(before), timeout=30)
+    conversation, room_id = await vendor_dm(stack, alice, "pandalab", native, before)
 
     await stack.stop_bridge()
     while_down = unique("Pendant que le pont est arrêté")
@@ -238,7 +230,11 @@ async def test_a_second_device_reads_the_history_it_is_entitled_to(
         await native.wait_for_message(room_id, text_is(text), timeout=30)
 
     second = await login(
-        stack.synapse.url, native.user_id, PASSWORD, encrypted=True, store_dir=tmp_path / "second"
+        stack.synapse.url,
+        native.user_id,
+        NATIVE_PASSWORD,
+        encrypted=True,
+        store_dir=tmp_path / "second",
     )
     try:
         # The bridge hears of the new device and gives it the ghost's sessions of this room.
@@ -252,12 +248,7 @@ async def test_an_event_that_never_decrypts_is_reported_and_nothing_garbled_is_s
     stack: LocalStack, http: ClientSession, native: MatrixUser
 ) -> None:
     alice = (await users_of(stack, http, "pandalab"))[0]
-    conversation = await alice.start_conversation([native.user_id], unique("Indéchiffrable"))
-    hello = unique("Bonjour")
-    await alice.send(conversation, hello)
-    room_id = await portal_of(stack, "pandalab", conversation)
-    await native.accept_invites(room_id, timeout=30)
-    await native.wait_for_message(room_id, text_is(hello), timeout=30)
+    _, room_id = await vendor_dm(stack, alice, "pandalab", native, unique("Bonjour"))
 
     # An encrypted event whose room key nobody ever shares (a client bug, a lost key).
     orphan = vodozemac.GroupSession()
@@ -342,11 +333,8 @@ async def test_medipeps_user_and_native_user_talk_in_an_encrypted_dm(
     stack: LocalStack, http: ClientSession, native: MatrixUser
 ) -> None:
     nora = (await users_of(stack, http, "medipeps"))[3]
-    conversation = await nora.start_conversation([native.user_id], unique("Medipeps chiffré"))
     hello = unique("Bonjour depuis Medipeps")
-    await nora.send(conversation, hello)
-    room_id = await portal_of(stack, "medipeps", conversation)
-    await native.accept_invites(room_id, timeout=30)
+    _, room_id = await vendor_dm(stack, nora, "medipeps", native, hello)
     message = await native.wait_for_message(room_id, text_is(hello), timeout=30)
     assert message.decrypted and message.sender == ghost_of(stack, "medipeps", nora.idnps)
     reply = unique("Réponse vers Medipeps")

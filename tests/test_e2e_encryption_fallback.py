@@ -14,8 +14,8 @@ from aiohttp import ClientSession
 from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 
-from e2e_helpers import portal_of, received, unique, users_of
-from matrix_user import MatrixUser, connect, text_is
+from e2e_helpers import encrypted_native, received, unique, users_of, vendor_dm
+from matrix_user import MatrixUser
 
 pytestmark = pytest.mark.e2e
 
@@ -37,10 +37,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[LocalStack]:
 
 @pytest.fixture
 async def native(stack: LocalStack, tmp_path: Path) -> AsyncIterator[MatrixUser]:
-    user_id, token = await stack.synapse.register_user("fallback", "correct horse battery")
-    user = await connect(
-        stack.synapse.url, user_id, token, encrypted=True, store_dir=tmp_path / "native"
-    )
+    user = await encrypted_native(stack, tmp_path / "native", "fallback")
     try:
         yield user
     finally:
@@ -51,12 +48,7 @@ async def test_room_keys_come_from_the_device_inbox_when_not_pushed(
     stack: LocalStack, http: ClientSession, native: MatrixUser
 ) -> None:
     alice = (await users_of(stack, http, "pandalab"))[0]
-    conversation = await alice.start_conversation([native.user_id], unique("Sans MSC2409"))
-    hello = unique("Bonjour")
-    await alice.send(conversation, hello)
-    room_id = await portal_of(stack, "pandalab", conversation)
-    await native.accept_invites(room_id, timeout=30)
-    await native.wait_for_message(room_id, text_is(hello), timeout=30)
+    _, room_id = await vendor_dm(stack, alice, "pandalab", native, unique("Bonjour"))
 
     texts = [unique(f"Chiffré sans push {i}") for i in range(3)]
     for text in texts:

@@ -14,8 +14,8 @@ from aiohttp import ClientSession
 from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 
-from e2e_helpers import counter, portal_of, received, unique, users_of
-from matrix_user import MatrixUser, connect, text_is
+from e2e_helpers import counter, encrypted_native, portal_of, received, unique, users_of
+from matrix_user import MatrixUser, text_is
 from synapse_db import event_types_in_room, room_holds_text
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
@@ -33,10 +33,7 @@ async def stack(tmp_path: Path, postgres_url: str) -> AsyncIterator[LocalStack]:
 @pytest.fixture
 async def native(stack: LocalStack, tmp_path: Path) -> AsyncIterator[MatrixUser]:
     localpart = f"policy{next(counter)}"
-    user_id, token = await stack.synapse.register_user(localpart, "correct horse battery")
-    user = await connect(
-        stack.synapse.url, user_id, token, encrypted=True, store_dir=tmp_path / localpart
-    )
+    user = await encrypted_native(stack, tmp_path / localpart, localpart)
     try:
         yield user
     finally:

@@ -523,6 +523,8 @@ async def _forget(ctx: AdminContext, args: argparse.Namespace, who: str) -> Repl
         erased = await ctx.queries.forget(idnps, ghosts)
         for ghost in ghosts:
             ctx.stores.ghosts.forget(ghost)
+            if ctx.homeserver.crypto is not None:
+                await ctx.homeserver.crypto.forget(ghost)  # its device and keys too
         return Reply(
             f"Erased {idnps}: {erased.directory_rows} directory/permission row(s), "
             f"{len(erased.ghosts)} ghost(s) renamed '{FORGOTTEN_NAME}', "

@@ -86,6 +86,9 @@ class AdminRoom:
             log.warning("Could not join the admin room %s (%s)", room_id, error.errcode)
             return
         await self._remember(room_id, True)
+        # An operator's client usually encrypts DMs: the bot's answers are encrypted there too
+        # (and commands, secrets shown once included, never cross the homeserver in clear).
+        await self.ctx.homeserver.follow_encryption(room_id, self.ctx.homeserver.config.bot_mxid)
         log.info("Admin room %s opened by an operator", room_id)
         await self._send(
             room_id,

@@ -101,6 +101,10 @@ class OwnDevices:
     def cached(self, user_id: str) -> OwnDevice | None:
         return self._devices.get(user_id)
 
+    def drop(self, user_id: str) -> None:
+        """Forget the device held in memory (its rows were erased)."""
+        self._devices.pop(user_id, None)
+
     async def get(self, user_id: str) -> OwnDevice | None:
         """The user's device if it exists (published or not), without creating one."""
         device = self._devices.get(user_id)

@@ -119,7 +119,18 @@ class Crypto:
 
     async def member_left(self, room_id: str) -> None:
         """Someone left: the sessions they hold must not read what comes next."""
-        await self.store.discard_outbound(room_id)
+        await self.megolm.discard(room_id)
+
+    async def forget(self, user_id: str) -> None:
+        """Erase a ghost's device (on the homeserver too) and its crypto material."""
+        own = await self.devices.get(user_id)
+        if own is not None:
+            try:
+                await self.keys.delete_device(user_id, own.device_id)
+            except Exception as error:  # erased here all the same; the homeserver may follow
+                log.warning("Could not delete the device of %s (%s)", user_id, error)
+        await self.store.forget_user(user_id)
+        self.devices.drop(user_id)
 
     async def ensure_device(self, user_id: str) -> OwnDevice:
         return await self.devices.ensure(user_id, cross_sign=self._cross_signing)

@@ -9,6 +9,7 @@ also keeps an inbound copy of each of its own sessions, so it can read what it s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -99,6 +100,14 @@ class GroupSessions:
             # In clear, as the specification asks: servers aggregate relations (edits, replies).
             encrypted["m.relates_to"] = relation
         return encrypted
+
+    async def discard(self, room_id: str) -> None:
+        """Every ghost's session in the room is replaced at its next event (a member left):
+        with the room's encryptions held, so none saves its session back after the delete."""
+        async with contextlib.AsyncExitStack() as held:
+            for key in sorted(k for k in self._locks if k[0] == room_id):
+                await held.enter_async_context(self._locks[key])
+            await self.store.discard_outbound(room_id)
 
     def _usable(
         self, row: OutboundRow | None, settings: RoomEncryption

@@ -128,6 +128,17 @@ class CryptoStore:
             "UPDATE crypto_device SET cross_signing = $2 WHERE user_id = $1", user_id, sealed
         )
 
+    async def forget_user(self, user_id: str) -> None:
+        """Erase one of the bridge's users' crypto material: its device's account, its Olm and
+        outbound sessions, and its own sessions' copies (the right to erasure)."""
+        async with self.db.acquire() as conn, conn.transaction():
+            for table in ("crypto_device", "crypto_olm_session", "crypto_outbound_group"):
+                await conn.execute(f"DELETE FROM {table} WHERE user_id = $1", user_id)
+            await conn.execute(
+                "DELETE FROM crypto_inbound_group WHERE sender = $1 AND own_key IS NOT NULL",
+                user_id,
+            )
+
     async def sync_since(self, user_id: str) -> str | None:
         value = await self.db.fetchval(
             "SELECT sync_since FROM crypto_device WHERE user_id = $1", user_id
