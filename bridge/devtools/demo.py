@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import sys
 import time
@@ -186,6 +187,8 @@ async def _room_has(user: NativeUser, room_id: str, texts: list[str]) -> bool:
 
 async def run_demo(state_dir: Path, *, once: bool) -> int:
     setup_logging("WARNING")
+    # The demo's Matrix client (matrix-nio) narrates its key exchanges at WARNING: not news here.
+    logging.getLogger("nio").setLevel(logging.ERROR)
     say(
         f"EIMIS bridge demo (state in {state_dir}/). The sandboxes emulate vendor-style APIs; "
         "they are not the vendors' real services."
