@@ -231,6 +231,7 @@ class Bridge:
                     self.delivery.health,
                     buffered=lambda: {"inbox": self.inbox.buffered, "outbox": self.outbox.buffered},
                     untrusted_dropped=lambda: from_matrix.untrusted_dropped,
+                    crypto=lambda: self.crypto.counts() if self.crypto is not None else {},
                 )
             )
             await self.metrics.start(self.config.metrics.hostname, self.config.metrics.port)

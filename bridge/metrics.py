@@ -58,6 +58,8 @@ class Sample:
     """Items read ahead in memory, per queue (``inbox``, ``outbox``)."""
     untrusted_dropped: int = 0
     """Events from servers outside the trust list, dropped since start."""
+    crypto: Mapping[str, int] = field(default_factory=dict)
+    """End-to-bridge encryption counts since start (``Crypto.counts``); empty when it is off."""
 
 
 Sampler = Callable[[], Awaitable[Sample]]
@@ -231,6 +233,17 @@ class _StateCollector(Collector):
         )
         dropped.add_metric([], float(sample.untrusted_dropped))
         yield dropped
+        if sample.crypto:
+            crypto = CounterMetricFamily(
+                "eimis_encryption_events",
+                "End-to-bridge encryption since start: events decrypted and encrypted, events "
+                "that never decrypted, room keys received, to-device messages read from the "
+                "devices' inboxes (keys the homeserver did not push)",
+                labels=["outcome"],
+            )
+            for outcome, value in sorted(sample.crypto.items()):
+                crypto.add_metric([outcome], float(value))
+            yield crypto
 
 
 def _per_label(name: str, documentation: str, label: str, values: Mapping[str, int]) -> Metric:
@@ -247,6 +260,7 @@ def bridge_sampler(
     *,
     buffered: Callable[[], Mapping[str, int]] = dict,
     untrusted_dropped: Callable[[], int] = lambda: 0,
+    crypto: Callable[[], Mapping[str, int]] = dict,
 ) -> Sampler:
     """The running bridge's state, as a scrape sees it: a few counting queries per scrape,
     none per event. Connectors added at run time appear at the next scrape; a connector is up
@@ -273,6 +287,7 @@ def bridge_sampler(
             connectors_up={c: up(c) for c in ids},
             buffered=dict(buffered()),
             untrusted_dropped=untrusted_dropped(),
+            crypto=dict(crypto()),
         )
 
     return sample

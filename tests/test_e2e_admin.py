@@ -111,6 +111,7 @@ async def test_status_names_the_homeserver_the_database_and_each_connector(
     text = await console.run("status", "Connectors:")
     assert "Homeserver" in text and "answering" in text
     assert "Database: answering" in text
+    assert "Encryption: off" in text  # this stack's bridge does not encrypt
     assert "pandalab" in text and "medipeps" in text
     assert "eimis-bridge" in await console.run("version", "eimis-bridge")
 

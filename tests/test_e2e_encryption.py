@@ -103,6 +103,15 @@ async def test_vendor_and_native_user_talk_in_an_encrypted_dm(
     assert texts == replies, "once each, in order"
     assert_only_ciphertext(stack, room_id, hello, *replies)
 
+    # Operators see it in the metrics.
+    assert stack.bridge is not None and stack.bridge.metrics.port
+    async with http.get(f"http://127.0.0.1:{stack.bridge.metrics.port}/metrics") as resp:
+        scraped = await resp.text()
+    for outcome in ("decrypted", "encrypted", "room_keys"):
+        line = f'eimis_encryption_events_total{{outcome="{outcome}"}}'
+        [value] = [float(x.split()[-1]) for x in scraped.splitlines() if x.startswith(line)]
+        assert value >= 1, outcome
+
 
 async def test_the_ghost_speaks_from_its_own_cross_signed_device(
     stack: LocalStack, http: ClientSession, native: MatrixUser
@@ -250,6 +259,7 @@ async def test_an_event_that_never_decrypts_is_reported_and_nothing_garbled_is_s
     alice = (await users_of(stack, http, "pandalab"))[0]
     _, room_id = await vendor_dm(stack, alice, "pandalab", native, unique("Bonjour"))
 
+    undecryptable_before = stack.bridge.crypto.counts()["undecryptable"]  # type: ignore[union-attr]
     # An encrypted event whose room key nobody ever shares (a client bug, a lost key).
     orphan = vodozemac.GroupSession()
     content = {
@@ -278,6 +288,7 @@ async def test_an_event_that_never_decrypts_is_reported_and_nothing_garbled_is_s
         )
 
     status = await native.wait_for_event(room_id, failed_status, KEY_WAIT_S + 30)
+    assert stack.bridge.crypto.counts()["undecryptable"] > undecryptable_before  # type: ignore[union-attr]
     assert "decrypt" in status["content"]["message"]
     notice = await native.wait_for_message(
         room_id, lambda e: "could not decrypt" in e.body, timeout=30

@@ -176,6 +176,7 @@ async def _status(ctx: AdminContext, args: argparse.Namespace, who: str) -> Repl
     except Exception as error:
         lines.append(f"Database: NOT answering ({type(error).__name__})")
         return Reply("\n".join(lines), pre=True)
+    lines.append(_encryption_status(ctx))
     dead_by: dict[str, int] = {}
     for letter in dead:
         dead_by[letter.connector] = dead_by.get(letter.connector, 0) + 1
@@ -198,6 +199,20 @@ async def _status(ctx: AdminContext, args: argparse.Namespace, who: str) -> Repl
     if ctx.extra_status is not None:
         lines.extend(await ctx.extra_status())
     return Reply("\n".join(lines), pre=True)
+
+
+def _encryption_status(ctx: AdminContext) -> str:
+    crypto = ctx.homeserver.crypto
+    if crypto is None:
+        return "Encryption: off (encrypted rooms are not bridged)"
+    mode = "required" if ctx.config.encryption.require else "allowed"
+    portals = "encrypted" if ctx.homeserver.encrypt_new_portals else "plain"
+    counts = crypto.counts()
+    return (
+        f"Encryption: on (new portals {portals}, unencrypted rooms {mode}); since start "
+        f"{counts['decrypted']} decrypted, {counts['encrypted']} encrypted, "
+        f"{counts['undecryptable']} undecryptable, {counts['room_keys']} room key(s) received"
+    )
 
 
 async def _connectors(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:

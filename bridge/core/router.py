@@ -214,6 +214,7 @@ class Router:
         except Undecryptable as error:
             reason = str(error)
         log.warning("Inbox item %d cannot be decrypted: %s", item.seq, reason)
+        self.crypto.undecryptable += 1
         await self.on_undecryptable(str(raw.get("room_id")), str(raw.get("event_id")), reason)
         return None
 

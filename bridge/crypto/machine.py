@@ -92,6 +92,17 @@ class Crypto:
         self._rooms: LRUCache[str, RoomEncryption | None] = LRUCache(ROOM_CACHE_SIZE)
         self.caught_up_messages = 0
         """To-device messages read from inboxes rather than pushed (see ``catch_up``)."""
+        self.decrypted = self.encrypted = self.room_keys = self.undecryptable = 0
+
+    def counts(self) -> dict[str, int]:
+        """What encryption did since start (metrics, the admin room's status)."""
+        return {
+            "decrypted": self.decrypted,
+            "encrypted": self.encrypted,
+            "undecryptable": self.undecryptable,
+            "room_keys": self.room_keys,
+            "read_from_inbox": self.caught_up_messages,
+        }
 
     async def start(self) -> None:
         """The bot's device exists (it receives the room keys of every portal it is in)."""
@@ -150,7 +161,11 @@ class Crypto:
             people = [m for m in await self._members(room_id, sender) if not self._is_ours(m)]
             return await self.peers.of(sender, people)
 
-        return await self.megolm.encrypt(own, room_id, settings, event_type, content, recipients)
+        encrypted = await self.megolm.encrypt(
+            own, room_id, settings, event_type, content, recipients
+        )
+        self.encrypted += 1
+        return encrypted
 
     # Receiving ---------------------------------------------------------------------------------
 
@@ -159,21 +174,28 @@ class Crypto:
         the same or the next transaction, in another lane): a missing key is waited for up to
         ``wait_s`` before ``KeysMissing`` is raised."""
         try:
-            return await self.megolm.decrypt(event)
+            decrypted = await self.megolm.decrypt(event)
         except KeysMissing as missing:
             if wait_s <= 0:
                 raise
-            arrived = self._key_arrivals.setdefault(missing.session_id, asyncio.Event())
-            try:
-                with contextlib.suppress(KeysMissing):
-                    return await self.megolm.decrypt(event)  # it came while we looked
-                async with asyncio.timeout(wait_s):
-                    await arrived.wait()
-            except TimeoutError:
-                raise missing from None
-            finally:
-                self._key_arrivals.pop(missing.session_id, None)
-            return await self.megolm.decrypt(event)
+            decrypted = await self._when_key_arrives(event, missing, wait_s)
+        self.decrypted += 1
+        return decrypted
+
+    async def _when_key_arrives(
+        self, event: dict[str, Any], missing: KeysMissing, wait_s: float
+    ) -> dict[str, Any]:
+        arrived = self._key_arrivals.setdefault(missing.session_id, asyncio.Event())
+        try:
+            with contextlib.suppress(KeysMissing):
+                return await self.megolm.decrypt(event)  # it came while we looked
+            async with asyncio.timeout(wait_s):
+                await arrived.wait()
+        except TimeoutError:
+            raise missing from None
+        finally:
+            self._key_arrivals.pop(missing.session_id, None)
+        return await self.megolm.decrypt(event)
 
     async def catch_up(self, room_id: str) -> int:
         """Read the to-device inboxes of our devices in the room (the bot's, the ghosts'):
@@ -298,6 +320,7 @@ class Crypto:
                 return
             added = await self.megolm.add_forwarded_key(payload)
         if added is not None:
+            self.room_keys += 1
             room_id, session_id = added
             arrived = self._key_arrivals.get(session_id)
             if arrived is not None:
