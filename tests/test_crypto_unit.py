@@ -1258,6 +1258,32 @@ async def test_a_new_member_alone_is_given_the_current_session(
         carol.decrypt(event_of(GHOST, first))
 
 
+async def test_a_late_member_s_new_device_gets_no_more_than_the_member_had(
+    bridge_a: Bridge, bridge_b: Bridge, hs: FakeKeyDirectory
+) -> None:
+    """Carol joined mid-session: her next device is given the session as of the message she
+    was first given it at, never its start (she was not entitled to what came before)."""
+    laptop = NativeClient(CAROL, "LAPTOP")
+    await laptop.publish(hs)
+    await encrypted_room(bridge_a, [GHOST, BOB])
+    first = await bridge_a.crypto.encrypt(GHOST, ROOM, "m.room.message", text("before"))
+    await bridge_b.handle_all(hs.drain())
+    bridge_a.members[ROOM].append(CAROL)
+    second = await bridge_a.crypto.encrypt(GHOST, ROOM, "m.room.message", text("after"))
+    assert first is not None and second is not None
+    laptop.receive(hs.drain()[0])
+
+    phone = NativeClient(CAROL, "PHONE")
+    await phone.publish(hs)
+    await bridge_a.crypto.handle({"kind": "device_lists", "changed": [CAROL], "left": []})
+    [given] = hs.drain()
+    assert (given["to_user_id"], given["to_device_id"]) == (CAROL, "PHONE")
+    phone.receive(given)
+    assert phone.decrypt(event_of(GHOST, second, n=2))["content"] == text("after")
+    with pytest.raises(vodozemac.MegolmDecryptionException):
+        phone.decrypt(event_of(GHOST, first))
+
+
 async def test_a_new_device_of_a_member_is_given_the_sessions_that_member_had(
     bridge_a: Bridge, hs: FakeKeyDirectory
 ) -> None:

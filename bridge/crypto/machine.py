@@ -359,7 +359,8 @@ class Crypto:
         row = await self.store.inbound(room_id, session_id)
         if row is None or row.own_key is None or row.sender != own.user_id:
             return  # not a session this device's user made
-        if not await self.store.was_shared_with_user(session_id, sender):
+        given = await self.store.key_given_to(session_id, sender)
+        if given is None:
             log.info("Refused a key request: %s never had that session", sender)
             return
         devices = await self.peers.of(own.user_id, [sender])
@@ -369,9 +370,7 @@ class Crypto:
             target = (await self.store.devices_of([sender])).get((sender, str(device_id)))
         if target is None:
             return
-        await self._reshare(
-            own, {(sender, str(device_id)): target}, room_id, session_id, row.own_key
-        )
+        await self._reshare(own, {(sender, str(device_id)): target}, room_id, session_id, given)
         log.info("Answered a key request of a device of %s", sender)
 
     async def _devices_changed(self, user_ids: list[str]) -> None:
@@ -401,16 +400,16 @@ class Crypto:
         session_id: str,
         sealed: str,
     ) -> None:
-        """Send one of our sessions, as of its first message, to devices (an ``m.room_key``
-        from the device that made it: what any client imports)."""
+        """Send one of our sessions to devices, as of the message their user was first given it
+        at (an ``m.room_key`` from the device that made it: what any client imports)."""
         content = {
             "algorithm": MEGOLM,
             "room_id": room_id,
             "session_id": session_id,
-            "session_key": self.megolm.original_key(sealed, session_id),
+            "session_key": self.megolm.open_key(sealed, session_id),
         }
         reached = await self.olm.send(own, targets, "m.room_key", content)
-        await self.store.mark_shared(session_id, reached)
+        await self.store.mark_shared(session_id, reached, sealed)
 
 
 __all__ = ["Crypto", "KeysMissing", "Undecryptable", "room_encryption"]

@@ -136,8 +136,8 @@ class GroupSessions:
             )
         )
 
-    def original_key(self, sealed: str, session_id: str) -> str:
-        """The session key of one of our sessions as of its first message."""
+    def open_key(self, sealed: str, session_id: str) -> str:
+        """A session key sealed for one of our sessions (see ``crypto_shared``)."""
         return self.pickle_key.open(sealed, session_id)
 
     async def _share(
@@ -154,7 +154,9 @@ class GroupSessions:
             "session_key": session.session_key.to_base64(),
         }
         reached = await self.olm.send(own, targets, "m.room_key", content)
-        await self.store.mark_shared(session.session_id, reached)
+        # What they got: the key as of this message (nothing before it), sealed.
+        sealed = self.pickle_key.seal(content["session_key"], session.session_id)
+        await self.store.mark_shared(session.session_id, reached, sealed)
 
     # Receiving ---------------------------------------------------------------------------------
 

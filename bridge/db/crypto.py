@@ -298,38 +298,49 @@ class CryptoStore:
         )
         return {(row["user_id"], row["device_id"]) for row in rows}
 
-    async def was_shared_with_user(self, session_id: str, user_id: str) -> bool:
-        return (
-            await self.db.fetchval(
-                "SELECT 1 FROM crypto_shared WHERE session_id = $1 AND user_id = $2 LIMIT 1",
-                session_id,
-                user_id,
-            )
-            is not None
-        )
-
-    async def mark_shared(self, session_id: str, devices: Iterable[tuple[str, str]]) -> None:
-        rows = [(session_id, user, device) for user, device in devices]
+    async def mark_shared(
+        self, session_id: str, devices: Iterable[tuple[str, str]], sealed_key: str
+    ) -> None:
+        """``devices`` were given the session; ``sealed_key`` is the key they got (as of the
+        message index it was at then). A device given it before keeps its first key."""
+        now = now_ms()
+        rows = [(session_id, user, device, sealed_key, now) for user, device in devices]
         if rows:
             await self.db.executemany(
-                "INSERT INTO crypto_shared (session_id, user_id, device_id) VALUES ($1, $2, $3) "
-                "ON CONFLICT DO NOTHING",
+                "INSERT INTO crypto_shared (session_id, user_id, device_id, session_key, "
+                "shared_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
                 rows,
             )
+
+    async def key_given_to(self, session_id: str, user_id: str) -> str | None:
+        """The (sealed) key of the session a user's devices were first given: what the user
+        is entitled to read of it."""
+        value = await self.db.fetchval(
+            "SELECT session_key FROM crypto_shared WHERE session_id = $1 AND user_id = $2 "
+            "ORDER BY shared_at, device_id LIMIT 1",
+            session_id,
+            user_id,
+        )
+        return str(value) if value is not None else None
 
     async def own_sessions_shared_with(
         self, user_id: str, limit: int = 200
     ) -> list[tuple[str, str, str, str]]:
-        """(room, session, ghost, sealed key) of the bridge's own sessions that were given to
-        ``user_id``, the latest first: what a new device of theirs is entitled to read."""
+        """(room, session, ghost, sealed key given to the user) of the bridge's own sessions
+        that ``user_id`` was given, the latest first: what a new device of theirs may read."""
         rows = await self.db.fetch(
-            "SELECT g.room_id, g.session_id, g.sender, g.own_key FROM crypto_inbound_group g "
+            "SELECT g.room_id, g.session_id, g.sender FROM crypto_inbound_group g "
             "WHERE g.own_key IS NOT NULL AND EXISTS (SELECT 1 FROM crypto_shared s WHERE "
             "s.session_id = g.session_id AND s.user_id = $1) ORDER BY g.received_at DESC LIMIT $2",
             user_id,
             limit,
         )
-        return [(r["room_id"], r["session_id"], r["sender"], r["own_key"]) for r in rows]
+        found = []
+        for row in rows:
+            key = await self.key_given_to(row["session_id"], user_id)
+            if key is not None:
+                found.append((row["room_id"], row["session_id"], row["sender"], key))
+        return found
 
     # Peers' devices ----------------------------------------------------------------------------
 

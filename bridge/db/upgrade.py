@@ -273,9 +273,8 @@ async def upgrade_v9(conn: Connection, scheme: Scheme) -> None:
     await conn.execute(
         "CREATE INDEX crypto_olm_by_peer ON crypto_olm_session (user_id, their_key, last_used)"
     )
-    # Megolm sessions the bridge can decrypt with: received from others, and its own. own_key:
-    # for the bridge's own sessions, their key from the first message (sealed), which a member's
-    # new device is given: the history that member was entitled to.
+    # Megolm sessions the bridge can decrypt with: received from others, and its own (own_key:
+    # their key from the first message, sealed; set only on the bridge's own sessions).
     await conn.execute(
         """CREATE TABLE crypto_inbound_group (
             room_id      TEXT NOT NULL,
@@ -290,7 +289,9 @@ async def upgrade_v9(conn: Connection, scheme: Scheme) -> None:
             PRIMARY KEY (room_id, session_id)
         )"""
     )
-    # The session each ghost encrypts with in each room, and who was given it.
+    # The session each ghost encrypts with in each room, and who was given it: session_key is
+    # the key (sealed) as of the message index they got it at, what their new devices are
+    # given in turn (a member who joined mid-session never reads what came before).
     await conn.execute(
         """CREATE TABLE crypto_outbound_group (
             room_id     TEXT NOT NULL,
@@ -304,9 +305,11 @@ async def upgrade_v9(conn: Connection, scheme: Scheme) -> None:
     )
     await conn.execute(
         """CREATE TABLE crypto_shared (
-            session_id  TEXT NOT NULL,
-            user_id     TEXT NOT NULL,
-            device_id   TEXT NOT NULL,
+            session_id   TEXT NOT NULL,
+            user_id      TEXT NOT NULL,
+            device_id    TEXT NOT NULL,
+            session_key  TEXT NOT NULL,
+            shared_at    BIGINT NOT NULL,
             PRIMARY KEY (session_id, user_id, device_id)
         )"""
     )
