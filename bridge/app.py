@@ -35,6 +35,7 @@ from bridge.core.trail import Trail
 from bridge.core.trust import TrustWatcher
 from bridge.crypto.machine import Crypto
 from bridge.crypto.pickling import PickleKey
+from bridge.db.clock import now_ms
 from bridge.db.connector_state import BRIDGE_STATE, ConnectorStateStore
 from bridge.db.crypto import CryptoStore
 from bridge.db.database import open_database
@@ -441,6 +442,9 @@ class Bridge:
         purged = await self.stores.audit.purge()
         if purged:
             log.info("Audit log: %d rows past their retention purged", purged)
+        if self.crypto is not None:
+            retention_ms = int(self.config.audit.retention_days * 86_400_000)
+            await self.crypto.store.purge_message_indexes(now_ms() - retention_ms)
 
     async def readiness(self) -> dict[str, bool]:
         """Ready when the database and the homeserver both answer, each within

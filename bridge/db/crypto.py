@@ -239,11 +239,12 @@ class CryptoStore:
         """The event id that message ``message_index`` of the session first decrypted as
         (``event_id`` when this is the first time)."""
         await self.db.execute(
-            "INSERT INTO crypto_message_index (session_id, message_index, event_id) "
-            "VALUES ($1, $2, $3) ON CONFLICT (session_id, message_index) DO NOTHING",
+            "INSERT INTO crypto_message_index (session_id, message_index, event_id, seen_at) "
+            "VALUES ($1, $2, $3, $4) ON CONFLICT (session_id, message_index) DO NOTHING",
             session_id,
             message_index,
             event_id,
+            now_ms(),
         )
         return str(
             await self.db.fetchval(
@@ -253,6 +254,14 @@ class CryptoStore:
                 message_index,
             )
         )
+
+    async def purge_message_indexes(self, before_ms: int) -> int:
+        """Forget which event a message index was, for messages decrypted before ``before_ms``
+        (the audit retention: a replay that old is refused by nothing else either)."""
+        rows = await self.db.fetch(
+            "DELETE FROM crypto_message_index WHERE seen_at < $1 RETURNING 1", before_ms
+        )
+        return len(rows)
 
     # Megolm, outbound --------------------------------------------------------------------------
 

@@ -332,15 +332,18 @@ async def upgrade_v9(conn: Connection, scheme: Scheme) -> None:
         )"""
     )
     # Which event each Megolm message index decrypted as: the same ciphertext under another
-    # event id (replayed by a homeserver) is refused. Metadata only, no content.
+    # event id (replayed by a homeserver) is refused. Metadata only, no content; purged with the
+    # audit log's retention.
     await conn.execute(
         """CREATE TABLE crypto_message_index (
             session_id     TEXT NOT NULL,
             message_index  BIGINT NOT NULL,
             event_id       TEXT NOT NULL,
+            seen_at        BIGINT NOT NULL,
             PRIMARY KEY (session_id, message_index)
         )"""
     )
+    await conn.execute("CREATE INDEX crypto_message_index_seen ON crypto_message_index (seen_at)")
     # Rooms with m.room.encryption: once on, never off (the specification's rule).
     await conn.execute(
         """CREATE TABLE crypto_room (
