@@ -47,6 +47,7 @@ from bridge.devtools.stack import LocalStack
 
 from e2e_helpers import Proxy, app_users_of, counter, inbox_texts, received, unique, users_of
 from matrix_user import MatrixUser, MatrixUserError, connect, text_is
+from synapse_db import event_types_in_room, room_holds_text
 
 pytestmark = pytest.mark.e2e
 
@@ -118,7 +119,9 @@ async def fed(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalFe
         }
         if TRUST_IN_CONFIG:
             overrides["trust"] = {"servers": [names["hs2"]]}
-        return {"config_overrides": overrides}
+        # Encryption on, portals plain unless a member encrypts (the encrypted DM test does).
+        overrides["encryption"] = {"enabled": True, "default": False}
+        return {"config_overrides": overrides, "encrypted": True}
 
     log_levels = {QUEUE_LOGGER: "INFO"}
     federation = LocalFederation(
@@ -452,6 +455,37 @@ async def test_native_user_on_a_trusted_server_talks_with_both_vendors(
         assert alice_texts.count(text) == 1, text
     assert bob_texts.count(seen["later"]) == 1
     assert seen["answer"] not in bob_texts, "Bob's own message came back to him"
+
+
+async def test_an_encrypted_dm_from_a_federated_server_is_bridged_both_ways(
+    fed: LocalFederation, stack: LocalStack, http: ClientSession, tmp_path: Path
+) -> None:
+    """A native user of hs2, on an encrypting client, opens an encrypted DM with a PandaLab-
+    style ghost: keys cross the federation (device lists, one-time key claims, to-device), the
+    bridge decrypts for the vendor and encrypts the answer; neither homeserver stores the text."""
+    synapse = fed["hs2"].synapse
+    assert synapse is not None
+    user_id, token = await synapse.register_user(f"enc{next(counter)}", "correct horse")
+    native = await connect(synapse.url, user_id, token, encrypted=True, store_dir=tmp_path / "n")
+    try:
+        alice = (await users_of(stack, http, "pandalab"))[4]
+        ghost = ghost_of(stack, "pandalab", alice)
+        room_id = await native.create_room(invite=[ghost], is_direct=True, encrypted=True)
+        await native.wait_for_join(room_id, ghost, timeout=60)
+        question = unique("Chiffré depuis hs2")
+        await native.send_text(room_id, question)
+        at_alice = await wait_for("the question at PandaLab", lambda: received(alice, question), 60)
+        assert at_alice["sender"] == native.user_id
+        answer = unique("Réponse chiffrée vers hs2")
+        await alice.send(str(at_alice["conversation_id"]), answer)
+        got = await native.wait_for_message(room_id, text_is(answer), timeout=60)
+        assert got.decrypted and got.sender == ghost
+        for server in (synapse, stack.synapse):
+            assert not room_holds_text(server, room_id, question)
+            assert not room_holds_text(server, room_id, answer)
+            assert "m.room.message" not in event_types_in_room(server, room_id)
+    finally:
+        await native.close()
 
 
 async def test_portal_carries_an_acl_of_the_trusted_servers(
