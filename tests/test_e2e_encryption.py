@@ -42,7 +42,7 @@ from synapse_db import event_types_in_room, room_holds_text
 
 pytestmark = pytest.mark.e2e
 
-KEY_WAIT_S = 4
+KEY_WAIT_S = 8  # long enough for a slow machine, short for the test that waits it out
 
 
 @pytest.fixture(scope="module")
