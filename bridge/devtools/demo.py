@@ -228,8 +228,8 @@ async def run_demo(state_dir: Path, *, once: bool) -> int:
                 if not (native.joined and native.encrypted(native.joined[-1])):
                     raise TimeoutError("the portal is not end-to-end encrypted")
                 say(
-                    "\nThe portal is end-to-end encrypted: the homeserver stored only "
-                    "m.room.encrypted events; the bridge decrypted and encrypted for the vendors."
+                    "\nThe portal is end-to-end encrypted (Megolm): the homeserver relayed "
+                    "ciphertext; the bridge decrypted and encrypted for the vendors."
                 )
             except TimeoutError as error:
                 ok = False
