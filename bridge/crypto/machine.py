@@ -246,7 +246,7 @@ class Crypto:
         self._requested[missing.session_id] = now
         sender = str(event.get("sender"))
         self._asked[missing.session_id] = sender
-        own = await self.ensure_device(self.bot_mxid)
+        own = await self._member_device(missing.room_id)
         content = {
             "action": "request",
             "body": {
@@ -265,6 +265,16 @@ class Crypto:
             {sender: {"*": content}},
             uuid.uuid4().hex,
         )
+
+    async def _member_device(self, room_id: str) -> OwnDevice:
+        """One of our devices whose user is in the room (a client shares keys with members'
+        devices only): a ghost's, else the bot's."""
+        for user_id in await self._members(room_id, self.bot_mxid):
+            if self._is_ours(user_id) and user_id != self.bot_mxid:
+                own = await self.devices.get(user_id)
+                if own is not None:
+                    return own
+        return await self.ensure_device(self.bot_mxid)
 
     async def handle(self, item: dict[str, Any]) -> None:
         """One crypto item of a transaction (see ``bridge/db/inbox.crypto_rows``)."""
