@@ -8,6 +8,7 @@ JSON as stored, ``json``).
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from contextlib import closing
 from pathlib import Path
@@ -45,7 +46,9 @@ def event_types_in_room(synapse: LocalSynapse, room_id: str) -> list[str]:
 
 def room_holds_text(synapse: LocalSynapse, room_id: str, text: str) -> bool:
     """True if the JSON of any event Synapse stored for ``room_id`` contains ``text`` in
-    clear (the plain ``event_json`` rows, as written to disk)."""
+    clear (the plain ``event_json`` rows, as written to disk), as is or JSON-escaped: Synapse
+    may store "é" as "\\u00e9", and a search for the text alone would then miss it."""
+    forms = {text, json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1]}
     with closing(_connect(synapse)) as db:
         rows = db.execute("SELECT json FROM event_json WHERE room_id = ?", (room_id,)).fetchall()
-    return any(text in str(row[0]) for row in rows)
+    return any(form in str(row[0]) for row in rows for form in forms)

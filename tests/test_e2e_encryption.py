@@ -321,6 +321,7 @@ async def test_a_native_user_turning_encryption_on_is_followed(
         room_id, "m.room.encryption", {"algorithm": "m.megolm.v1.aes-sha2"}
     )
     assert not isinstance(resp, ErrorResponse), resp
+    await native.wait_until_encrypted(room_id)  # as a client does before its next message
     secret = unique("Chiffré ensuite")
     await native.send_text(room_id, secret)
     await wait_for("Alice to get the encrypted message", lambda: received(alice, secret))

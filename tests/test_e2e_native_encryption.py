@@ -111,9 +111,12 @@ async def test_synapse_db_sees_clear_text_of_an_unencrypted_room(
     async with alice:
         room_id = await alice.create_room(name="en clair")
         text = "Message en clair, visible du serveur"
+        accented = "Fièvre à 39,5 °C, résultats reçus"  # stored JSON-escaped: found all the same
         await alice.send_text(room_id, text)
+        await alice.send_text(room_id, accented)
         assert "m.room.message" in event_types_in_room(synapse, room_id)
         assert room_holds_text(synapse, room_id, text)
+        assert room_holds_text(synapse, room_id, accented)
 
 
 async def test_second_device_gets_an_old_room_key_from_the_first_device(

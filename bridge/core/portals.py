@@ -63,8 +63,10 @@ class Portals:
         """The ghost is in the room (joined once, then remembered until it leaves)."""
         if (room_id, ghost_mxid) in self._joined:
             return
-        if self.hs.crypto is not None and await self.hs.crypto.encryption_of(room_id):
-            # Its device first: members' clients share their room keys with it from its join.
+        if self.hs.crypto is not None:
+            # Its device first, even in a plain room: members' clients share their room keys
+            # with the devices they know, from its join or from the moment someone turns
+            # encryption on (a ghost without a device then could not read the first messages).
             await self.hs.crypto.ensure_device(ghost_mxid)
         await self.hs.intent(ghost_mxid).ensure_joined(RoomID(room_id))
         self._joined[(room_id, ghost_mxid)] = True
@@ -282,19 +284,16 @@ class Portals:
         except UnknownUser as error:
             await self._refuse_invite(room_id, ghost_mxid, str(error))
             return False
-        if encrypted and self.hs.crypto is not None:
+        if self.hs.crypto is not None:
             # Its device before its join: the inviter's client shares its room keys with the
-            # devices it finds when the ghost joins, and would otherwise find none.
+            # devices it finds when the ghost joins (now, or when encryption is turned on).
             await self.hs.crypto.ensure_device(ghost_mxid)
         try:
             await intent.join_room(RoomID(room_id), max_retries=0)
         except MatrixRequestError as error:
             raise PermanentFailure(f"{ghost_mxid} could not join ({error.errcode})") from None
         await self.hs.state_store.joined(RoomID(room_id), ghost.mxid)
-        if await self.hs.follow_encryption(room_id, ghost_mxid):
-            assert self.hs.crypto is not None
-            await self.hs.crypto.ensure_device(ghost_mxid)
-        elif self.require_encryption:
+        if not await self.hs.follow_encryption(room_id, ghost_mxid) and self.require_encryption:
             await self._leave_unencrypted(room_id, ghost_mxid)
             return False
         await self._apply_policy(room_id, ghost_mxid, inviter if is_direct else None)

@@ -248,7 +248,8 @@ class Router:
         if self.crypto is None or not isinstance(raw.get("content"), dict):
             return
         if raw.get("type") == "m.room.encryption":
-            await self.crypto.room_encrypted(str(raw["room_id"]), raw["content"])
+            if await self.crypto.room_encrypted(str(raw["room_id"]), raw["content"]):
+                await self.crypto.ensure_member_devices(str(raw["room_id"]))
         elif raw.get("type") == "m.room.member" and raw["content"].get("membership") in (
             "leave",
             "ban",

@@ -143,6 +143,13 @@ class Crypto:
         await self.store.forget_user(user_id)
         self.devices.drop(user_id)
 
+    async def ensure_member_devices(self, room_id: str) -> None:
+        """Every ghost in a room that just turned encryption on has its device (ghosts that
+        joined before devices were made on join would otherwise miss the room's keys)."""
+        for user_id in await self._members(room_id, self.bot_mxid):
+            if self._is_ours(user_id) and user_id != self.bot_mxid:
+                await self.ensure_device(user_id)
+
     async def ensure_device(self, user_id: str) -> OwnDevice:
         return await self.devices.ensure(user_id, cross_sign=self._cross_signing)
 

@@ -310,6 +310,15 @@ class MatrixUser:
             timeout,
         )
 
+    async def wait_until_encrypted(self, room_id: str, timeout: float = 20.0) -> None:
+        """Sync until this client knows the room is encrypted (after someone turned it on):
+        nio sends in clear into a room it does not know to be encrypted yet."""
+        await self._until(
+            lambda: room_id in self.client.rooms and self.client.rooms[room_id].encrypted,
+            f"{room_id} known as encrypted",
+            timeout,
+        )
+
     async def wait_for_join(self, room_id: str, user_id: str, timeout: float = 20.0) -> None:
         """Sync until ``user_id`` is a joined member of ``room_id`` as this client sees it, so
         that the room key of the next encrypted message is shared with its devices."""
