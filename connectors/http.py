@@ -19,6 +19,25 @@ def new_session(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(timeout=timeout, cookie_jar=aiohttp.DummyCookieJar())
 
 
+class LazySession:
+    """A vendor client's session (``new_session``), opened at its first request and again after
+    it was closed: a client made at start-up opens no connection until the bridge uses it."""
+
+    def __init__(self, timeout: aiohttp.ClientTimeout) -> None:
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    def __call__(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = new_session(self.timeout)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 async def read_json(resp: aiohttp.ClientResponse) -> Any:
     """The response's JSON body, or None when it has none (an HTML error page, an empty body)."""
     try:

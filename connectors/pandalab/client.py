@@ -50,23 +50,15 @@ class PandaLabClient:
         self._base = api_url.rstrip("/")
         self._client_id = client_id
         self._client_secret = client_secret
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._session: aiohttp.ClientSession | None = None
+        self._http = http.LazySession(aiohttp.ClientTimeout(total=timeout_s))
         self._token: str | None = None
         self._token_expires_at = 0.0
         self._token_lock = asyncio.Lock()
 
     # Session ------------------------------------------------------------------------------------
 
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = http.new_session(self._timeout)
-        return self._session
-
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.close()
 
     # Typed API ------------------------------------------------------------------------------------
 

@@ -66,19 +66,11 @@ class WebhookClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._secrets = secrets
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._wall_clock = wall_clock
-        self._session: aiohttp.ClientSession | None = None
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = http.new_session(self._timeout)
-        return self._session
+        self._http = http.LazySession(aiohttp.ClientTimeout(total=timeout_s))
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.close()
 
     # JSON calls ---------------------------------------------------------------------------------
 
