@@ -83,24 +83,14 @@ class CapabilitiesSettings(BaseModel):
         return value
 
     def to_capabilities(self) -> Capabilities:
+        """The same fields, in the connector interface's types."""
         return Capabilities(
-            formatting=self.formatting,
-            max_text_length=self.max_text_length,
-            long_text=self.long_text,
+            **self.model_dump(exclude={"message_kinds", "files"}),
             message_kinds=frozenset(self.message_kinds),
             files={
                 msgtype: FileLimit(limit.max_size, frozenset(limit.mime_types))
                 for msgtype, limit in self.files.items()
             },
-            locations=self.locations,
-            mentions=self.mentions,
-            replies=self.replies,
-            edits=self.edits,
-            deletions=self.deletions,
-            reactions=self.reactions,
-            read_receipts=self.read_receipts,
-            typing=self.typing,
-            delivery_status=self.delivery_status,
         )
 
 
