@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import vodozemac
+from cachetools import LRUCache
 
 from bridge.crypto.pickling import PickleKey
 from bridge.crypto.signing import CrossSigning, sign_json, unpadded_b64
@@ -31,6 +32,8 @@ OLM = "m.olm.v1.curve25519-aes-sha2"
 MEGOLM = "m.megolm.v1.aes-sha2"
 SIGNED_CURVE25519 = "signed_curve25519"
 DEVICE_NAME = "EIMIS bridge"
+DEVICE_CACHE_SIZE = 10_000
+"""Devices kept in memory (an Olm account is a few kilobytes; the least used go first)."""
 
 
 DEVICE_PREFIX = "EIMIS"
@@ -95,11 +98,10 @@ class OwnDevices:
         self.store = store
         self.keys = keys
         self.pickle_key = pickle_key
-        self._devices: dict[str, OwnDevice] = {}
+        self._devices: LRUCache[str, OwnDevice] = LRUCache(DEVICE_CACHE_SIZE)
+        """Published devices, one object per device: every use of an account goes through the
+        same object and its lock (two copies could each use, and save, a one-time key)."""
         self._locks: dict[str, asyncio.Lock] = {}
-
-    def cached(self, user_id: str) -> OwnDevice | None:
-        return self._devices.get(user_id)
 
     def drop(self, user_id: str) -> None:
         """Forget the device held in memory (its rows were erased)."""
@@ -113,7 +115,12 @@ class OwnDevices:
         row = await self.store.device(user_id)
         if row is None:
             return None
-        return self._load(row)
+        device = self._devices.get(user_id)  # loaded meanwhile by another task
+        if device is None:
+            device = self._load(row)
+            if row.published:
+                self._devices[user_id] = device
+        return device
 
     async def ensure(self, user_id: str, *, cross_sign: bool = True) -> OwnDevice:
         """The user's device, created and published first if needed."""
