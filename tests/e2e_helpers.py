@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -253,10 +256,14 @@ async def published_capabilities(
     }
 
 
-async def encrypted_native(stack: LocalStack, store_dir: Path, localpart: str) -> MatrixUser:
-    """A new native user on the stack's Synapse, on a device that encrypts (matrix-nio)."""
+async def encrypted_native(stack: LocalStack, stores: Path, prefix: str) -> MatrixUser:
+    """A new native user (``<prefix><n>``) on the stack's Synapse, on a device that encrypts
+    (matrix-nio, its keys under ``stores``); ``async with`` it to close it."""
+    localpart = f"{prefix}{next(counter)}"
     user_id, token = await stack.synapse.register_user(localpart, NATIVE_PASSWORD)
-    return await connect(stack.synapse.url, user_id, token, encrypted=True, store_dir=store_dir)
+    return await connect(
+        stack.synapse.url, user_id, token, encrypted=True, store_dir=stores / localpart
+    )
 
 
 async def vendor_dm(
@@ -270,3 +277,49 @@ async def vendor_dm(
     await native.accept_invites(room_id, timeout=30)
     await native.wait_for_message(room_id, lambda m: getattr(m, "body", None) == hello, 30)
     return conversation, room_id
+
+
+@dataclass
+class ThreeWay:
+    """A conversation a vendor user (``starter``) opened with a user of another vendor
+    (``other``) and a native Matrix user: each vendor side's conversation id, and the portal."""
+
+    starter: AppUser
+    starter_conv: str
+    other: AppUser
+    other_conv: str
+    native: MatrixUser
+    room_id: str
+    stack: LocalStack
+
+    def ghost(self, user: AppUser, connector: str) -> str:
+        return f"@eimis_{connector}_{user.idnps}:{self.stack.synapse.server_name}"
+
+
+@contextlib.asynccontextmanager
+async def three_way(
+    stack: LocalStack, http: ClientSession, starter: str, other: str, title: str, opener: str
+) -> AsyncIterator[ThreeWay]:
+    """A fresh three-way conversation (users picked in turn), once the opener reached the other
+    vendor and the native user joined; the native user is closed afterwards."""
+    n = next(counter)
+    user_id, token = await stack.synapse.register_user(f"trio{n}", NATIVE_PASSWORD)
+    native = await connect(stack.synapse.url, user_id, token)
+    try:
+        first = (await app_users_of(stack, http, starter))[n % 5]
+        second = (await app_users_of(stack, http, other))[n % 5]
+        conversation = await first.start_conversation([second.idnps, native.user_id], unique(title))
+        text = unique(opener)
+        await first.post(conversation, text=text)
+        room_id = await portal_of(stack, starter, conversation)
+        await native.accept_invites(room_id, timeout=30)
+        at_other = await wait_for(
+            f"the opener at {other}",
+            lambda: inbox_message(second, lambda m: m["text"] == text),
+            30,
+        )
+        yield ThreeWay(
+            first, conversation, second, str(at_other["conversation_id"]), native, room_id, stack
+        )
+    finally:
+        await native.close()

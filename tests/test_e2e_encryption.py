@@ -59,12 +59,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Local
 
 @pytest.fixture
 async def native(stack: LocalStack, tmp_path: Path) -> AsyncIterator[MatrixUser]:
-    localpart = f"enc{next(counter)}"
-    user = await encrypted_native(stack, tmp_path / localpart, localpart)
-    try:
+    async with await encrypted_native(stack, tmp_path, "enc") as user:
         yield user
-    finally:
-        await user.close()
 
 
 def ghost_of(stack: LocalStack, connector: str, idnps: str) -> str:

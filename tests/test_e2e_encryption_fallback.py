@@ -37,11 +37,8 @@ async def stack(tmp_path: Path) -> AsyncIterator[LocalStack]:
 
 @pytest.fixture
 async def native(stack: LocalStack, tmp_path: Path) -> AsyncIterator[MatrixUser]:
-    user = await encrypted_native(stack, tmp_path / "native", "fallback")
-    try:
+    async with await encrypted_native(stack, tmp_path, "fallback") as user:
         yield user
-    finally:
-        await user.close()
 
 
 async def test_room_keys_come_from_the_device_inbox_when_not_pushed(

@@ -14,7 +14,7 @@ from aiohttp import ClientSession
 from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 
-from e2e_helpers import counter, encrypted_native, portal_of, received, unique, users_of
+from e2e_helpers import encrypted_native, portal_of, received, unique, users_of
 from matrix_user import MatrixUser, text_is
 from synapse_db import event_types_in_room, room_holds_text
 
@@ -32,12 +32,8 @@ async def stack(tmp_path: Path, postgres_url: str) -> AsyncIterator[LocalStack]:
 
 @pytest.fixture
 async def native(stack: LocalStack, tmp_path: Path) -> AsyncIterator[MatrixUser]:
-    localpart = f"policy{next(counter)}"
-    user = await encrypted_native(stack, tmp_path / localpart, localpart)
-    try:
+    async with await encrypted_native(stack, tmp_path, "policy") as user:
         yield user
-    finally:
-        await user.close()
 
 
 async def test_require_refuses_plain_rooms_and_bridges_encrypted_ones(

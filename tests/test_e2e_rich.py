@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +21,20 @@ from bridge.devtools.stack import LocalStack
 from e2e_helpers import (
     PNG,
     AppUser,
-    app_users_of,
+    ThreeWay,
     body_is,
     counter,
     edit_content,
     edit_of,
     file_named,
-    inbox_message,
-    portal_of,
     published_capabilities,
     reaction_content,
     redaction_of,
     reply_content,
+    three_way,
     unique,
     vendor_copy,
 )
-from matrix_user import MatrixUser, connect
 
 pytestmark = pytest.mark.e2e
 
@@ -52,40 +49,19 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Local
         yield local
 
 
-@dataclass
-class Trio:
-    alice: AppUser  # PandaLab-style, started the conversation
-    alice_conv: str
-    bob: AppUser  # Medipeps-style
-    bob_conv: str
-    native: MatrixUser
-    room_id: str
-    stack: LocalStack
+class Trio(ThreeWay):
+    """Alice (PandaLab-style) opened it with Bob (Medipeps-style) and a native user."""
 
-    def ghost(self, user: AppUser, connector: str) -> str:
-        return f"@eimis_{connector}_{user.idnps}:{self.stack.synapse.server_name}"
+    alice = property(lambda self: self.starter)
+    alice_conv = property(lambda self: self.starter_conv)
+    bob = property(lambda self: self.other)
+    bob_conv = property(lambda self: self.other_conv)
 
 
 @pytest.fixture
 async def trio(stack: LocalStack, http: ClientSession) -> AsyncIterator[Trio]:
-    n = next(counter)
-    user_id, token = await stack.synapse.register_user(f"rich{n}", "correct horse battery")
-    native = await connect(stack.synapse.url, user_id, token)
-    alice = (await app_users_of(stack, http, "pandalab"))[n % 5]
-    bob = (await app_users_of(stack, http, "medipeps"))[n % 5]
-    title = unique("Rich")
-    alice_conv = await alice.start_conversation([bob.idnps, native.user_id], title)
-    opener = unique("Bonjour à tous")
-    await alice.post(alice_conv, text=opener)
-    room_id = await portal_of(stack, "pandalab", alice_conv)
-    await native.accept_invites(room_id, timeout=30)
-    message = await wait_for(
-        "the opener at Medipeps", lambda: inbox_message(bob, lambda m: m["text"] == opener), 30
-    )
-    try:
-        yield Trio(alice, alice_conv, bob, str(message["conversation_id"]), native, room_id, stack)
-    finally:
-        await native.close()
+    async with three_way(stack, http, "pandalab", "medipeps", "Rich", "Bonjour à tous") as found:
+        yield Trio(**vars(found))
 
 
 async def send_status(trio: Trio, event_id: str, network: str) -> dict[str, Any]:

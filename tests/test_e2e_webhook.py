@@ -10,7 +10,6 @@ sides; each message must arrive once, in order.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +22,22 @@ from bridge.devtools.stack import LocalStack
 from e2e_helpers import (
     PNG,
     AppUser,
+    ThreeWay,
     app_users_of,
     body_is,
     counter,
     edit_content,
     edit_of,
     file_named,
-    inbox_message,
-    portal_of,
     published_capabilities,
     reaction_content,
     redaction_of,
     relation,
     reply_content,
+    three_way,
     unique,
     vendor_copy,
 )
-from matrix_user import MatrixUser, connect
 
 pytestmark = pytest.mark.e2e
 
@@ -54,39 +52,20 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Local
         yield local
 
 
-@dataclass
-class Trio:
-    wendy: AppUser  # on the webhook vendor, started the conversation
-    wendy_conv: str
-    paul: AppUser  # PandaLab-style
-    paul_conv: str
-    native: MatrixUser
-    room_id: str
-    stack: LocalStack
+class Trio(ThreeWay):
+    """Wendy (on the webhook vendor) opened it with Paul (PandaLab-style) and a native user."""
 
-    def ghost(self, user: AppUser, connector: str) -> str:
-        return f"@eimis_{connector}_{user.idnps}:{self.stack.synapse.server_name}"
+    wendy = property(lambda self: self.starter)
+    wendy_conv = property(lambda self: self.starter_conv)
+    paul = property(lambda self: self.other)
+    paul_conv = property(lambda self: self.other_conv)
 
 
 @pytest.fixture
 async def trio(stack: LocalStack, http: ClientSession) -> AsyncIterator[Trio]:
-    n = next(counter)
-    user_id, token = await stack.synapse.register_user(f"hook{n}", "correct horse battery")
-    native = await connect(stack.synapse.url, user_id, token)
-    wendy = (await app_users_of(stack, http, "webhook"))[n % 5]
-    paul = (await app_users_of(stack, http, "pandalab"))[n % 5]
-    wendy_conv = await wendy.start_conversation([paul.idnps, native.user_id], unique("Webhook"))
-    opener = unique("Bonjour de la part du webhook")
-    await wendy.post(wendy_conv, text=opener)
-    room_id = await portal_of(stack, "webhook", wendy_conv)
-    await native.accept_invites(room_id, timeout=30)
-    at_paul = await wait_for(
-        "the opener at PandaLab", lambda: inbox_message(paul, lambda m: m["text"] == opener), 30
-    )
-    try:
-        yield Trio(wendy, wendy_conv, paul, str(at_paul["conversation_id"]), native, room_id, stack)
-    finally:
-        await native.close()
+    opener = "Bonjour de la part du webhook"
+    async with three_way(stack, http, "webhook", "pandalab", "Webhook", opener) as found:
+        yield Trio(**vars(found))
 
 
 async def test_text_and_markdown_cross_every_way_once_and_in_order(trio: Trio) -> None:
