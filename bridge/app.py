@@ -101,9 +101,6 @@ class Bridge:
         self.homeserver.trust.replace_extra(await self.stores.trusted_servers.names())
         self.crypto = await self._open_crypto() if self.config.encryption.enabled else None
         self.homeserver.crypto = self.crypto
-        self.homeserver.encrypt_new_portals = self.crypto is not None and (
-            self.config.encryption.default or self.config.encryption.require
-        )
         self.trust_watcher = TrustWatcher(
             self.homeserver.trust,
             self.stores.trusted_servers.names,

@@ -174,7 +174,6 @@ class Homeserver:
         """The effective trust list (the running bridge refreshes it from the database)."""
         self.crypto: Crypto | None = None
         """End-to-bridge encryption (``bridge/crypto``): set when enabled."""
-        self.encrypt_new_portals = False
         self._send_session = _never_resending(session)
         self._sends = AppServiceAPI(
             base_url=config.homeserver.url,
@@ -185,6 +184,12 @@ class Homeserver:
             client_session=self._send_session,
             default_retry_count=SEND_RETRIES,
         )
+
+    @property
+    def encrypt_new_portals(self) -> bool:
+        """Portals are created encrypted: encryption on, and by default or required."""
+        wanted = self.config.encryption.default or self.config.encryption.require
+        return self.crypto is not None and wanted
 
     async def close(self) -> None:
         """Release the sends' session (the connection pool is the caller's, closed by it)."""
@@ -280,7 +285,8 @@ class Homeserver:
             initial_state=initial_state,
             power_level_override=portal_power_levels(self.config.bot_mxid),
         )
-        if self.encrypt_new_portals and self.crypto is not None:
+        if self.encrypt_new_portals:
+            assert self.crypto is not None
             # Known at once: the first messages are encrypted before the state event comes back.
             await self.crypto.room_encrypted(str(room_id), PORTAL_ENCRYPTION)
         return str(room_id)
