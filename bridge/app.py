@@ -120,7 +120,11 @@ class Bridge:
         await self.connector_manager.load()
         self.portals = Portals(self.stores, self.homeserver, self.connectors, self.ids)
         self.media = MediaRepository(
-            self.config.homeserver.url, as_token, self._session, self.config.media.chunk_size
+            self.config.homeserver.url,
+            as_token,
+            self._session,
+            self.config.media.chunk_size,
+            fetch_timeout_s=self.config.media.fetch_timeout_s,
         )
         self.status = StatusReporter(self.stores, self.homeserver, self.connectors)
         self.delivery = Delivery(

@@ -141,6 +141,19 @@ class MediaConfig(_Strict):
         description="MIME types bridged; 'type/*' matches a whole family",
     )
     chunk_size: int = Field(64 * 1024, ge=4096, le=4 * 1024 * 1024)
+    fetch_attempts: int = Field(
+        3,
+        ge=1,
+        le=20,
+        description="Tries at fetching one file from the homeserver (a remote server unreachable, "
+        "a 502...) before that message fails; the homeserver itself down spends none",
+    )
+    fetch_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        le=600,
+        description="Longest wait for the homeserver to start answering one try at a file",
+    )
 
     def allows(self, mime_type: str) -> bool:
         major = mime_type.split("/", 1)[0].strip().lower()

@@ -64,6 +64,8 @@ class Capabilities:
     """By Matrix msgtype (``m.image``, ``m.file``, ``m.audio``, ``m.video``): what it accepts."""
     locations: bool = False
     mentions: bool = False
+    max_mentions: int | None = None
+    """Most people one message may mention (None: no limit); the others stay plain names."""
     replies: bool = False
     edits: bool = False
     deletions: bool = False

@@ -18,11 +18,14 @@ from bridge.config import MediaConfig
 from bridge.core import operations as op
 from bridge.core.connectors import ConnectorSet
 from bridge.core.errors import PermanentFailure
+from bridge.core.filetypes import peek
 from bridge.core.health import ConnectorHealth
 from bridge.core.lanes import LaneScheduler
 from bridge.core.members import Member
 from bridge.core.outbound import (
+    FileRef,
     Undeliverable,
+    check_content,
     check_file,
     file_ref,
     location,
@@ -87,6 +90,8 @@ class Delivery:
         self._scheduler: LaneScheduler[OutboxItem] | None = None
         self._attempts: dict[int, int] = {}
         self._told_retrying: set[int] = set()
+        self._media_tries: dict[int, int] = {}
+        """Failed tries at fetching an item's file (not the homeserver down), by seq."""
 
     def attach(self, scheduler: LaneScheduler[OutboxItem]) -> None:
         self._scheduler = scheduler
@@ -123,9 +128,14 @@ class Delivery:
                 return
             raise
         except MediaError as error:
-            if error.retriable:
-                raise  # the homeserver's trouble, not this delivery's: no budget spent
-            await self._give_up(item, str(error), unsupported=False, why="media")
+            if error.homeserver_down:
+                raise  # the homeserver's trouble, not this message's: no budget spent
+            tries = self._media_tries.pop(item.seq, 0) + 1
+            if error.retriable and tries < self.media_config.fetch_attempts:
+                self._media_tries[item.seq] = tries
+                raise  # this file's trouble: its budget, then this message alone fails
+            log.warning("Delivery %d: a file could not be fetched: %s", item.seq, error)
+            await self._give_up(item, _unfetchable(error, tries), unsupported=False, why="media")
             return
         except Undeliverable as refusal:
             await self._give_up(item, str(refusal), unsupported=True, why="unsupported")
@@ -147,6 +157,7 @@ class Delivery:
         self.trail.committed(done, item.created_at)
         self._told_retrying.discard(item.seq)
         self._attempts.pop(item.seq, None)
+        self._media_tries.pop(item.seq, None)
         if notes or (notes is not None and self.success_statuses):
             await self._report(item, "SUCCESS", "; ".join(notes))
 
@@ -158,7 +169,9 @@ class Delivery:
             await self._report(
                 item,
                 "FAIL_RETRIABLE",
-                f"{item.connector} is not answering; the bridge keeps trying",
+                "le fichier n'a pas encore pu être récupéré ; le pont réessaie"
+                if isinstance(error, MediaError)
+                else f"{item.connector} is not answering; the bridge keeps trying",
             )
 
     async def _report(
@@ -320,6 +333,9 @@ class Delivery:
             ceiling = check_file(
                 ref, caps, vendor, self.media_config.max_file_size, self.media_config.allows
             )
+            head = await self._head(ref, ceiling)
+            ref, corrected = check_content(ref, head, caps, vendor, self.media_config.allows)
+            notes.extend([corrected] if corrected else [])
             attachment = OutboundAttachment(
                 name=ref.name,
                 mime_type=ref.mime_type,
@@ -345,7 +361,7 @@ class Delivery:
         else:
             rendered = render_text(content, caps, sender.display_name, vendor)
             notes.extend(rendered.notes)
-            mentions = await self._mentions(item, rendered.mention_mxids)
+            mentions = await self._mentions(item, rendered.mention_mxids, notes)
             messages = [
                 OutboundMessage(
                     request_id=payload["event_id"] if i == 0 else f"{payload['event_id']}#{i}",
@@ -385,12 +401,26 @@ class Delivery:
                 return ref
         return None
 
-    async def _mentions(self, item: OutboxItem, mxids: list[str]) -> tuple[Mention, ...]:
+    async def _mentions(
+        self, item: OutboxItem, mxids: list[str], notes: list[str] | None = None
+    ) -> tuple[Mention, ...]:
+        """The people ``mxids`` names, as the vendor lists them: past its ``max_mentions``, the
+        others stay plain names in the text (and ``notes`` tells the sender)."""
         if not mxids:
             return ()
+        people = list(dict.fromkeys(mxids))
+        connector = self.connectors.get(item.connector)
+        limit = connector.capabilities.max_mentions if connector is not None else None
+        if limit is not None and len(people) > limit:
+            if notes is not None:
+                notes.append(
+                    f"{item.connector} accepte au plus {limit} mentions par message : "
+                    f"les {len(people) - limit} autres sont écrites comme de simples noms"
+                )
+            people = people[:limit]
         portal = await self.stores.portals.get(item.room_id)
         found = []
-        for mxid in dict.fromkeys(mxids):
+        for mxid in people:
             ghost = await self.stores.ghosts.get(mxid)
             if ghost is not None:
                 found.append(Mention(ghost.display_name or mxid, Idnps(ghost.idnps), mxid))
@@ -398,6 +428,17 @@ class Delivery:
                 name = await self.hs.display_name(item.room_id, mxid, viewer=portal.voice)
                 found.append(Mention(name, None, mxid))
         return tuple(found)
+
+    async def _head(self, ref: FileRef, ceiling: int) -> bytes:
+        """The first bytes of the file (decrypted), to tell its real type before sending it.
+        Fetching it first also makes a file that cannot be fetched fail before the vendor
+        sees anything of the message."""
+        async with self._stream(ref.mxc, ceiling, ref.encrypted) as chunks:
+            head, rest = await peek(chunks)
+            for stream in (rest, chunks):
+                with contextlib.suppress(Exception):
+                    await stream.aclose()  # type: ignore[attr-defined]
+        return head
 
     @contextlib.asynccontextmanager
     async def _stream(
@@ -565,6 +606,25 @@ class Delivery:
 
 def _when(ts: Any) -> datetime:
     return datetime.fromtimestamp((ts or 0) / 1000, tz=UTC)
+
+
+def _unfetchable(error: MediaError, tries: int) -> str:
+    """Why a file's message fails, for its sender (in French)."""
+    if error.retriable:
+        answered = f", réponse {error.status}" if error.status else ""
+        return (
+            f"le fichier n'a pas pu être récupéré par le serveur Matrix après {tries} essais "
+            f"(serveur d'origine injoignable ou refusé{answered}) : ce message n'est pas "
+            "transmis, la conversation continue"
+        )
+    if error.status is None:
+        return "l'adresse du fichier n'est pas valide : ce message n'est pas transmis"
+    if error.status == 404:
+        return "le fichier est introuvable sur le serveur Matrix : ce message n'est pas transmis"
+    return (
+        f"le serveur Matrix refuse de fournir le fichier (réponse {error.status}) : "
+        "ce message n'est pas transmis"
+    )
 
 
 def _describe(error: Exception) -> str:

@@ -6,12 +6,14 @@ sentence for the sender (the message send status, or the vendor's delivery repor
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+from bridge.core import filetypes
 from bridge.formatting.convert import html_to_markdown, html_to_plain
 from bridge.formatting.mentions import pills_to_mentions
 from bridge.formatting.sanitize import (
@@ -150,6 +152,29 @@ def check_file(ref: FileRef, caps: Capabilities, vendor: str, max_size: int, all
         who = vendor if limit.max_size <= max_size else "this space"
         raise Undeliverable(f"the file is {_mib(ref.size)}; {who} accepts {_mib(ceiling)} at most")
     return ceiling
+
+
+def check_content(
+    ref: FileRef, head: bytes, caps: Capabilities, vendor: str, allowed: Any
+) -> tuple[FileRef, str | None]:
+    """``ref`` with the type its first bytes (``head``) show, and the note for the sender when
+    the declared type was corrected; raises Undeliverable (in French) when the real type may
+    not go to ``vendor``."""
+    limit = file_limit(caps, ref.msgtype)
+
+    def accepted(mime: str) -> bool:
+        return bool(allowed(mime)) and limit is not None and limit.allows(mime)
+
+    verdict = filetypes.judge(ref.mime_type, head, accepted)
+    if verdict.refused:
+        raise Undeliverable(filetypes.refusal(ref.mime_type, verdict.real, allowed, vendor))
+    if verdict.corrected:
+        note = (
+            f"type du fichier corrigé d'après son contenu : {verdict.mime_type} "
+            f"(annoncé : {ref.mime_type})"
+        )
+        return dataclasses.replace(ref, mime_type=verdict.mime_type), note
+    return ref, None
 
 
 def safe_filename(name: str) -> str:

@@ -21,6 +21,7 @@ from mautrix.errors import MatrixRequestError
 from mautrix.types import EventID, RoomID
 
 from bridge.config import MediaConfig
+from bridge.core import filetypes
 from bridge.core import operations as op
 from bridge.core.errors import PermanentFailure
 from bridge.core.outbound import safe_filename
@@ -324,8 +325,15 @@ class ToMatrix:
         if refusal is None:
             try:
                 stream = await connector.open_attachment(attachment)
+                max_size = self.media_config.max_file_size
                 async with stream as chunks:
-                    data = _bounded(chunks, self.media_config.max_file_size)
+                    # Its type is read from its first bytes, not taken from the vendor's word.
+                    allows = self.media_config.allows
+                    head, data = await filetypes.peek(_bounded(chunks, max_size))
+                    verdict = filetypes.judge(mime, head, allows)
+                    if verdict.refused:
+                        raise _WrongType(filetypes.refusal(mime, verdict.real, allows, "Matrix"))
+                    mime = verdict.mime_type
                     mxc = await self.media.upload(
                         # Encrypted room: the homeserver gets ciphertext, no name, no type.
                         data if encryptor is None else encrypt_stream(data, encryptor),
@@ -336,6 +344,8 @@ class ToMatrix:
                     )
             except _TooLarge:
                 refusal, why = "the file is larger than this space accepts", "too_large"
+            except _WrongType as wrong:
+                refusal, why = str(wrong), "type_mismatch"
             except MediaError as error:
                 if error.retriable:
                     raise
@@ -537,6 +547,10 @@ class ToMatrix:
 
 class _TooLarge(Exception):
     pass
+
+
+class _WrongType(Exception):
+    """The file's content contradicts its declared type, and its real type is not allowed."""
 
 
 async def _bounded(chunks: Any, limit: int) -> Any:

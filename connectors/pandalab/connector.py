@@ -67,6 +67,7 @@ class PandaLabConnector(Connector):
         files={msgtype: FileLimit(MAX_FILE_SIZE) for msgtype in FILE_MSGTYPES},
         locations=True,
         mentions=True,
+        max_mentions=50,
         replies=True,
         edits=True,
         deletions=True,

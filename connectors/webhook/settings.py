@@ -18,6 +18,8 @@ from connectors.base import FILE_MSGTYPES, Capabilities, FileLimit, MessageKind
 MAX_TEXT_LENGTH = 65536
 """Longest text the contract carries (``Text.maxLength`` in openapi.yaml)."""
 MAX_FILE_SIZE = 1 << 40
+MAX_MENTIONS = 50
+"""Most mentions the contract carries in one message (``Mentions.maxItems`` in openapi.yaml)."""
 MIN_SECRET_LENGTH = 32
 
 _MIME_PATTERN = re.compile(
@@ -57,6 +59,9 @@ class CapabilitiesSettings(BaseModel):
     files: dict[str, FileLimitSettings] = Field(default_factory=dict)
     locations: bool = False
     mentions: bool = False
+    max_mentions: int = Field(
+        MAX_MENTIONS, ge=1, le=MAX_MENTIONS, description="Most people one message mentions"
+    )
     replies: bool = False
     edits: bool = False
     deletions: bool = False
