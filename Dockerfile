@@ -1,5 +1,10 @@
 FROM python:3.11-slim
 
+# libmagic: files' real types are read from their content (python-magic).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libmagic1 \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /opt/eimis-bridge
 COPY pyproject.toml README.md ./
 COPY bridge ./bridge

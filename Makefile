@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-eimis
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean libmagic
 
 $(VENV)/bin/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -16,13 +16,19 @@ $(STAMP): $(VENV)/bin/python pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	@touch $(STAMP)
 
-demo: $(STAMP)
+# libmagic reads files' real types from their content (python-magic loads it).
+libmagic:
+	@ldconfig -p 2>/dev/null | grep -q 'libmagic\.so\.1' || { \
+	  echo "libmagic missing: installing it with apt-get"; \
+	  apt-get update -qq && apt-get install -y -qq libmagic1 >/dev/null; }
+
+demo: $(STAMP) libmagic
 	$(VENV)/bin/eimis-bridge demo
 
-test: $(STAMP)
+test: $(STAMP) libmagic
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) libmagic
 	$(PY) bench/run.py
 
 lint: $(STAMP)
