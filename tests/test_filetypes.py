@@ -68,19 +68,19 @@ def test_the_type_is_read_from_the_content(content: bytes, expected: str) -> Non
     ],
 )
 def test_a_declared_type_the_content_confirms_is_kept(declared: str, content: bytes) -> None:
-    verdict = filetypes.judge(declared, content, MEDIA.allows)
+    verdict = filetypes.judge(declared, filetypes.sniff(content), MEDIA.allows)
     assert verdict == filetypes.Verdict(declared, verdict.real)
 
 
 def test_a_lying_type_is_corrected_when_the_real_one_is_allowed_and_refused_otherwise() -> None:
-    corrected = filetypes.judge("image/png", PDF, MEDIA.allows)
+    corrected = filetypes.judge("image/png", filetypes.sniff(PDF), MEDIA.allows)
     assert corrected.corrected and corrected.mime_type == "application/pdf"
     # Active content is never re-announced, even where every type is allowed.
     for content in (SCRIPT, SVG, b"<html><script>x()</script></html>"):
-        verdict = filetypes.judge("image/png", content, lambda _: True)
+        verdict = filetypes.judge("image/png", filetypes.sniff(content), lambda _: True)
         assert verdict.refused and not verdict.corrected, content[:10]
     # Unrecognised bytes are application/octet-stream, which the default space refuses.
-    unknown = filetypes.judge("image/png", b"MZ\x90\x00" * 64, MEDIA.allows)
+    unknown = filetypes.judge("image/png", filetypes.sniff(b"MZ\x90\x00" * 64), MEDIA.allows)
     assert unknown.refused and unknown.real == filetypes.UNKNOWN
 
 
@@ -88,7 +88,7 @@ def test_a_script_declared_as_an_image_is_refused_with_a_french_reason() -> None
     ref = file_ref(image("image/png"))
     assert ref is not None
     with pytest.raises(Undeliverable) as refused:
-        check_content(ref, SCRIPT, EVERYTHING, "pl", MEDIA.allows)
+        check_content(ref, filetypes.sniff(SCRIPT), EVERYTHING, "pl", MEDIA.allows)
     reason = str(refused.value)
     assert "text/x-shellscript" in reason and "image/png" in reason and "actif" in reason
 
@@ -97,22 +97,28 @@ def test_the_vendor_rules_decide_between_correcting_and_refusing() -> None:
     # A PNG declared as a JPEG: corrected where the vendor takes PNGs too.
     ref = file_ref(image("image/jpeg"))
     assert ref is not None
-    checked, note = check_content(ref, PNG, IMAGES_AND_PDF, "mp", MEDIA.allows)
+    checked, note = check_content(ref, filetypes.sniff(PNG), IMAGES_AND_PDF, "mp", MEDIA.allows)
     assert checked.mime_type == "image/png" and note is not None and "corrigé" in note
     # A PDF declared as an image: the vendor takes no PDF as an image, so it is refused.
     with pytest.raises(Undeliverable) as refused:
-        check_content(ref, PDF, IMAGES_AND_PDF, "mp", MEDIA.allows)
+        check_content(ref, filetypes.sniff(PDF), IMAGES_AND_PDF, "mp", MEDIA.allows)
     assert "mp n'accepte pas" in str(refused.value)
     # Nor does the space, whatever the vendor takes: an executable stays out.
     with pytest.raises(Undeliverable) as refused:
-        check_content(ref, b"\x7fELF\x02\x01\x01" + bytes(200), EVERYTHING, "pl", MEDIA.allows)
+        elf = filetypes.sniff(b"\x7fELF\x02\x01\x01" + bytes(200))
+        check_content(ref, elf, EVERYTHING, "pl", MEDIA.allows)
     assert "annoncé" in str(refused.value)
 
 
 def test_a_truthful_file_passes_without_a_note() -> None:
     ref = file_ref(image("image/png"))
     assert ref is not None
-    assert check_content(ref, PNG, IMAGES_AND_PDF, "mp", MEDIA.allows) == (ref, None)
+    checked = check_content(ref, filetypes.sniff(PNG), IMAGES_AND_PDF, "mp", MEDIA.allows)
+    assert checked == (ref, None)
+
+
+async def test_the_type_is_read_off_the_event_loop() -> None:
+    assert await filetypes.content_type(SCRIPT) == "text/x-shellscript"
 
 
 async def test_peek_reads_the_head_and_replays_every_byte() -> None:

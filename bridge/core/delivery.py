@@ -18,7 +18,7 @@ from bridge.config import MediaConfig
 from bridge.core import operations as op
 from bridge.core.connectors import ConnectorSet
 from bridge.core.errors import PermanentFailure
-from bridge.core.filetypes import peek
+from bridge.core.filetypes import content_type, peek
 from bridge.core.health import ConnectorHealth
 from bridge.core.lanes import LaneScheduler
 from bridge.core.members import Member
@@ -333,8 +333,8 @@ class Delivery:
             ceiling = check_file(
                 ref, caps, vendor, self.media_config.max_file_size, self.media_config.allows
             )
-            head = await self._head(ref, ceiling)
-            ref, corrected = check_content(ref, head, caps, vendor, self.media_config.allows)
+            real = await self._real_type(ref, ceiling)
+            ref, corrected = check_content(ref, real, caps, vendor, self.media_config.allows)
             notes.extend([corrected] if corrected else [])
             attachment = OutboundAttachment(
                 name=ref.name,
@@ -429,16 +429,16 @@ class Delivery:
                 found.append(Mention(name, None, mxid))
         return tuple(found)
 
-    async def _head(self, ref: FileRef, ceiling: int) -> bytes:
-        """The first bytes of the file (decrypted), to tell its real type before sending it.
-        Fetching it first also makes a file that cannot be fetched fail before the vendor
-        sees anything of the message."""
+    async def _real_type(self, ref: FileRef, ceiling: int) -> str:
+        """The file's type as its first bytes (decrypted) show it, before it is sent. Fetching
+        them first also makes a file that cannot be fetched fail before the vendor sees
+        anything of the message."""
         async with self._stream(ref.mxc, ceiling, ref.encrypted) as chunks:
             head, rest = await peek(chunks)
             for stream in (rest, chunks):
                 with contextlib.suppress(Exception):
                     await stream.aclose()  # type: ignore[attr-defined]
-        return head
+        return await content_type(head)
 
     @contextlib.asynccontextmanager
     async def _stream(

@@ -10,6 +10,7 @@ Matrix (``to_matrix``).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -79,6 +80,12 @@ def sniff(head: bytes) -> str:
     return _normalise(found) or UNKNOWN
 
 
+async def content_type(head: bytes) -> str:
+    """``sniff`` in a worker thread: libmagic reads text for tens of milliseconds, which the
+    event loop must not wait for."""
+    return await asyncio.to_thread(sniff, head)
+
+
 def compatible(declared: str, real: str) -> bool:
     """Whether content of type ``real`` may travel under the ``declared`` type."""
     declared, real = _normalise(declared), _normalise(real)
@@ -104,10 +111,9 @@ def active(mime: str) -> bool:
     return mime in _ACTIVE or mime.startswith("text/x-")
 
 
-def judge(declared: str, head: bytes, allowed: Callable[[str], bool]) -> Verdict:
-    """Keep ``declared`` when the content confirms it; else announce the real type when
-    ``allowed`` accepts it and it is not ``active``; else refuse."""
-    real = sniff(head)
+def judge(declared: str, real: str, allowed: Callable[[str], bool]) -> Verdict:
+    """Keep ``declared`` when the content's type (``real``) confirms it; else announce the real
+    type when ``allowed`` accepts it and it is not ``active``; else refuse."""
     if compatible(declared, real):
         return Verdict(declared, real)
     if not active(real) and allowed(real):

@@ -155,17 +155,17 @@ def check_file(ref: FileRef, caps: Capabilities, vendor: str, max_size: int, all
 
 
 def check_content(
-    ref: FileRef, head: bytes, caps: Capabilities, vendor: str, allowed: Any
+    ref: FileRef, real: str, caps: Capabilities, vendor: str, allowed: Any
 ) -> tuple[FileRef, str | None]:
-    """``ref`` with the type its first bytes (``head``) show, and the note for the sender when
-    the declared type was corrected; raises Undeliverable (in French) when the real type may
-    not go to ``vendor``."""
+    """``ref`` with the type its content shows (``real``, see ``filetypes.content_type``), and
+    the note for the sender when the declared type was corrected; raises Undeliverable (in
+    French) when the real type may not go to ``vendor``."""
     limit = file_limit(caps, ref.msgtype)
 
     def accepted(mime: str) -> bool:
         return bool(allowed(mime)) and limit is not None and limit.allows(mime)
 
-    verdict = filetypes.judge(ref.mime_type, head, accepted)
+    verdict = filetypes.judge(ref.mime_type, real, accepted)
     if verdict.refused:
         raise Undeliverable(filetypes.refusal(ref.mime_type, verdict.real, allowed, vendor))
     if verdict.corrected:

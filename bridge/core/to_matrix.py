@@ -330,7 +330,7 @@ class ToMatrix:
                     # Its type is read from its first bytes, not taken from the vendor's word.
                     allows = self.media_config.allows
                     head, data = await filetypes.peek(_bounded(chunks, max_size))
-                    verdict = filetypes.judge(mime, head, allows)
+                    verdict = filetypes.judge(mime, await filetypes.content_type(head), allows)
                     if verdict.refused:
                         raise _WrongType(filetypes.refusal(mime, verdict.real, allows, "Matrix"))
                     mime = verdict.mime_type
