@@ -44,10 +44,17 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError("no VmHWM")
 
 
-def make_file(path: Path, size: int) -> str:
+PDF_HEAD = b"%PDF-1.4\n"
+MP4_HEAD = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom"
+"""Files start as their declared type says: the bridge reads types from the content."""
+
+
+def make_file(path: Path, size: int, head: bytes = b"") -> str:
     digest = hashlib.sha256()
     with path.open("wb") as out:
-        left = size
+        digest.update(head)
+        out.write(head)
+        left = size - len(head)
         while left:
             chunk = os.urandom(min(CHUNK, left))
             digest.update(chunk)
@@ -108,7 +115,7 @@ async def run(size_mb: int) -> dict[str, float]:
 
             async def matrix_to_vendor(name: str, size: int) -> float:
                 path = work / name
-                digest = make_file(path, size)
+                digest = make_file(path, size, PDF_HEAD)
                 mxc = await native.upload(path, "application/pdf")
                 await native.call(
                     "PUT",
@@ -130,7 +137,7 @@ async def run(size_mb: int) -> dict[str, float]:
 
             async def vendor_to_matrix(name: str, size: int) -> float:
                 path = work / name
-                digest = make_file(path, size)
+                digest = make_file(path, size, MP4_HEAD)
                 async with http.post(
                     f"{alice.base}/files",
                     data=file_chunks(path),
