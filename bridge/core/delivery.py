@@ -335,7 +335,8 @@ class Delivery:
             )
             real = await self._real_type(ref, ceiling)
             ref, corrected = check_content(ref, real, caps, vendor, self.media_config.allows)
-            notes.extend([corrected] if corrected else [])
+            if corrected:
+                notes.append(corrected)
             attachment = OutboundAttachment(
                 name=ref.name,
                 mime_type=ref.mime_type,
