@@ -17,6 +17,7 @@ from urllib.parse import unquote
 import pytest
 
 from bridge.config import DatabaseConfig, MediaConfig
+from bridge.core import operations as op
 from bridge.core.errors import NotInDirectory
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.portals import Portals
@@ -38,6 +39,7 @@ from connectors.base import (
     MessageDeleted,
     MessageEdited,
     MessageReceived,
+    ReactionRemoved,
     RemoteUser,
 )
 
@@ -354,3 +356,25 @@ async def test_an_unlisted_sender_is_refused_and_told(stores: Stores) -> None:
 
 async def _no_outsiders(room_id: str, voice: str) -> list[str]:
     return []
+
+
+async def test_a_vendor_cannot_remove_a_reaction_its_user_did_not_make(stores: Stores) -> None:
+    hs = FakeHomeserver()
+    vendor = FakeVendor({CAMILLE: user(CAMILLE, "Camille", "Martin", "Infirmier")})
+    portals = portals_of(stores, hs, hostile=vendor)
+    to_matrix = to_matrix_of(stores, hs, portals)
+    await stores.portals.create(Portal(ROOM, None, False, IDS.bot_mxid))
+    await stores.portals.add_link(ROOM, "hostile", "conv")
+    # A Matrix user's reaction, delivered to the vendor as its reaction "r1" on message "m1".
+    await stores.messages.add("hostile", op.reaction_ref("m1", "r1"), ROOM, "$reaction")
+    hs.authors = {"$reaction": "@victim:hs.example"}
+    removal = ReactionRemoved(
+        event_id="x",
+        conversation_id="conv",
+        timestamp=NOW,
+        reaction_id="r1",
+        message_id="m1",
+        sender=CAMILLE,
+    )
+    assert len(await to_matrix.handle("hostile", removal)) == 1  # the audit row only
+    assert hs.sent == [] and hs.ghost_names == {}, "nothing was redacted"

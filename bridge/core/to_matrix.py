@@ -538,19 +538,21 @@ class ToMatrix:
         self,
         connector_id: str,
         room_id: str,
-        event: MessageEdited | MessageDeleted,
-        reason: str,
+        event: MessageEdited | MessageDeleted | ReactionRemoved,
+        reason: str | None,
     ) -> list[Write]:
-        """A vendor edited or deleted a message its user did not write: nothing changes on
-        Matrix; the vendor is told, the operator reads it in the log and the audit trail."""
+        """A vendor edited or deleted a message (or reaction) its user did not write: nothing
+        changes on Matrix; the vendor is told (``reason``, on the message), the operator reads it
+        in the log and the audit trail."""
         log.warning(
-            "A %s %s in %s was refused: the message was not written by that user of %s",
+            "A %s %s in %s was refused: not written by that user of %s",
             connector_id,
-            "edit" if isinstance(event, MessageEdited) else "deletion",
+            type(event).__name__,
             room_id,
             connector_id,
         )
-        await self._tell_vendor(connector_id, event.conversation_id, event, reason)
+        if reason is not None and not isinstance(event, ReactionRemoved):
+            await self._tell_vendor(connector_id, event.conversation_id, event, reason)
         return [self.trail.to_matrix(connector_id, event, room_id, "refused", detail="not_author")]
 
     async def _not_in_directory(
@@ -620,6 +622,10 @@ class ToMatrix:
         target = await self.stores.messages.event_for(connector_id, ref)
         if target is None:
             return []
+        if await self._author(room_id, target) != self.portals.ids.mxid(connector_id, event.sender):
+            # Someone else's reaction (a Matrix user's reaction delivered to this vendor): a
+            # ghost the room gave power to could otherwise remove it.
+            return await self._not_theirs(connector_id, room_id, event, None)
         sender = await self._ghost(connector_id, event.sender, room_id)
         txn_id = derived_txn_id(connector_id, "unreact", event.reaction_id)
         event_id = await self.hs.redact(sender, room_id, target, txn_id=txn_id)
