@@ -16,4 +16,4 @@ class UnknownUser(PermanentFailure):
 
 class NotInDirectory(UnknownUser):
     """``identity.require_directory_entry``: the professional is not in the imported (national)
-    directory, so no ghost may stand for them."""
+    directory, so no ghost may stand for them. The message (French) is shown to people."""

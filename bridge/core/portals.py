@@ -97,7 +97,9 @@ class Portals:
                     connector_id,
                     idnps,
                 )
-                raise NotInDirectory(f"the professional {idnps} is not in the imported directory")
+                raise NotInDirectory(
+                    f"le professionnel {idnps} ne figure pas dans l'annuaire national importé"
+                )
         if user is None:
             connector = self.connectors.get(connector_id)
             if connector is None:

@@ -115,8 +115,8 @@ class ToMatrix:
         """
         try:
             return await self._handle(connector_id, event, retrying=retrying, recovered=recovered)
-        except NotInDirectory as refusal:
-            return await self._not_in_directory(connector_id, event, refusal)
+        except NotInDirectory:
+            return await self._not_in_directory(connector_id, event)
 
     async def _handle(
         self,
@@ -555,11 +555,14 @@ class ToMatrix:
             await self._tell_vendor(connector_id, event.conversation_id, event, reason)
         return [self.trail.to_matrix(connector_id, event, room_id, "refused", detail="not_author")]
 
-    async def _not_in_directory(
-        self, connector_id: str, event: RemoteEvent, refusal: NotInDirectory
-    ) -> list[Write]:
+    async def _not_in_directory(self, connector_id: str, event: RemoteEvent) -> list[Write]:
         room_id = await self.stores.portals.by_conversation(connector_id, event.conversation_id)
-        log.warning("A %s %s was refused: %s", connector_id, type(event).__name__, refusal)
+        log.warning(
+            "A %s %s was refused: its user is not in the imported directory "
+            "(identity.require_directory_entry)",
+            connector_id,
+            type(event).__name__,
+        )
         if isinstance(event, MessageReceived | MessageEdited):
             await self._tell_vendor(connector_id, event.conversation_id, event, NOT_IN_DIRECTORY)
         return [
