@@ -531,6 +531,19 @@ async def test_require_directory_entry_refuses_a_ghost_for_an_unknown_idnps(
         )
         assert [(r["status"], r["detail"]) for r in got] == [("failed", NOT_IN_DIRECTORY)]
 
+        # A Matrix user's invite does not make one appear either: it declines, saying why.
+        dm = await native.create_dm(unknown_ghost)
+        left = await native.wait_for_event(
+            dm,
+            lambda e: (
+                e.get("type") == "m.room.member"
+                and e.get("state_key") == unknown_ghost
+                and (e.get("content") or {}).get("membership") == "leave"
+            ),
+            60,
+        )
+        assert "annuaire national" in left["content"]["reason"]
+
         # No ghost was made; the operator sees why.
         bridge = running_bridge(stack)
         assert await bridge.stores.ghosts.get(unknown_ghost) is None
