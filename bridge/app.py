@@ -174,6 +174,7 @@ class Bridge:
             fetch_lane=self.stores.inbox.pending_in_lane,
         )
         self.portals.require_encryption = self.config.encryption.require
+        self.portals.require_directory_entry = self.config.identity.require_directory_entry
         if self.crypto is not None:
             self.router.crypto = self.crypto
             self.router.key_wait_s = self.config.encryption.key_wait_s

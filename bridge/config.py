@@ -250,6 +250,16 @@ class DirectoryConfig(_Strict):
         return value.rstrip("/") if value else value
 
 
+class IdentityConfig(_Strict):
+    """Who a ghost may stand for (README, "The directory")."""
+
+    require_directory_entry: bool = Field(
+        False,
+        description="A vendor user becomes a ghost only when the imported directory (ANS "
+        "extract or FHIR) lists their IDNPS",
+    )
+
+
 class SecretsConfig(_Strict):
     """The key that seals secrets at rest (connector credentials, webhook secrets): AES-256-GCM.
 
@@ -349,6 +359,7 @@ class Config(_Strict):
     reconcile: ReconcileConfig = ReconcileConfig()
     trust: TrustConfig = TrustConfig()
     directory: DirectoryConfig = DirectoryConfig()
+    identity: IdentityConfig = IdentityConfig()
     secrets: SecretsConfig = SecretsConfig()
     metrics: MetricsConfig = MetricsConfig()
     audit: AuditConfig = AuditConfig()

@@ -12,3 +12,8 @@ class PermanentFailure(Exception):
 
 class UnknownUser(PermanentFailure):
     """No connector knows this professional."""
+
+
+class NotInDirectory(UnknownUser):
+    """``identity.require_directory_entry``: the professional is not in the imported (national)
+    directory, so no ghost may stand for them. The message (French) is shown to people."""

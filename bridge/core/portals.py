@@ -11,11 +11,11 @@ from mautrix.types import EventType, Membership, RoomID
 
 from bridge.core import operations as op
 from bridge.core.connectors import ConnectorSet
-from bridge.core.errors import PermanentFailure, UnknownUser
+from bridge.core.errors import NotInDirectory, PermanentFailure, UnknownUser
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.members import Member
 from bridge.core.trust import server_of
-from bridge.db.directory import GHOST
+from bridge.db.directory import GHOST, display_name
 from bridge.db.portal import Portal
 from bridge.db.stores import Stores
 from bridge.directory.choice import reachable
@@ -43,6 +43,9 @@ class Portals:
         self.ids = ids
         self.require_encryption = False
         """``encryption.require``: rooms that are not encrypted are not bridged."""
+        self.require_directory_entry = False
+        """``identity.require_directory_entry``: no ghost for an IDNPS the imported (national)
+        directory does not list."""
         # Per (room, user): a native member's display name, and ghosts known to be joined. Both
         # change only through membership events, which ``member_changed`` is told of.
         self._names: LRUCache[tuple[str, str], str] = LRUCache(MEMBER_CACHE_SIZE)
@@ -76,11 +79,27 @@ class Portals:
     async def ghost(
         self, connector_id: str, idnps: Idnps, user: RemoteUser | None = None
     ) -> Member:
-        """The ghost of a vendor user, registered on the homeserver with its display name."""
+        """The ghost of a vendor user, registered on the homeserver with its display name.
+
+        Raises ``NotInDirectory`` (an ``UnknownUser``) for a new ghost, or a vendor's new
+        description of one, when the directory must list the IDNPS and does not.
+        """
         mxid = self.ids.mxid(connector_id, idnps)
         row = await self.stores.ghosts.get(mxid)
         if row is not None and row.display_name and user is None:
             return Member(mxid, row.display_name, connector_id, idnps)
+        if self.require_directory_entry:
+            listed = await self.stores.directory.get(idnps)
+            if listed is None or not listed.national:
+                log.warning(
+                    "No ghost for %s user %s: not in the imported directory "
+                    "(identity.require_directory_entry)",
+                    connector_id,
+                    idnps,
+                )
+                raise NotInDirectory(
+                    f"le professionnel {idnps} ne figure pas dans l'annuaire national importé"
+                )
         if user is None:
             connector = self.connectors.get(connector_id)
             if connector is None:
@@ -88,12 +107,18 @@ class Portals:
             user = await connector.get_user(idnps)
             if user is None:
                 raise UnknownUser(f"{connector_id} does not know the professional {idnps}")
-        # The connector's user list feeds the directory; the directory's entry names the ghost
-        # (an ANS-sourced entry wins over what the vendor says).
+        # The connector's user list feeds the directory. An ANS entry names the ghost (it wins
+        # over what any vendor says); else the ghost carries its own connector's description,
+        # never another connector's (which may have claimed the IDNPS first).
         entry = await self.stores.directory.record_connector_user(
             connector_id, idnps, user.given_name, user.family_name, user.profession, mxid
         )
-        name = entry.display_name or user.display_name
+        own = entry.national or entry.source == f"connector:{connector_id}"
+        name = (
+            entry.display_name
+            if own
+            else display_name(user.given_name, user.family_name, user.profession)
+        ) or user.display_name
         if row is None or row.display_name != name:
             await self.hs.ensure_ghost(mxid, name)
             await self.stores.ghosts.upsert(mxid, connector_id, idnps, name)
@@ -121,7 +146,10 @@ class Portals:
                 continue
             user = await connector.get_user(idnps)
             if user is not None:
-                return await self.ghost(connector_id, idnps, user)
+                try:
+                    return await self.ghost(connector_id, idnps, user)
+                except UnknownUser:
+                    continue  # not in the directory a ghost needs
         return None
 
     async def resolve(self, source: str, participant: Participant) -> Member | None:
@@ -151,9 +179,19 @@ class Portals:
                 return Member(mxid, row.display_name, ref.connector, ref.idnps)
         name = self._names.get((room_id, mxid))
         if name is None:
-            name = await self.hs.display_name(room_id, mxid, viewer=voice)
+            name = await self._native_name(room_id, mxid, voice)
             self._names[(room_id, mxid)] = name
         return Member(mxid, name)
+
+    async def _native_name(self, room_id: str, mxid: str, voice: str) -> str:
+        """How vendors see a Matrix user: the national directory's identity when it lists this
+        Matrix ID; else the free display name followed by the Matrix ID, so that it never reads
+        as a verified professional (a ghost's name never carries a Matrix ID)."""
+        entry = await self.stores.directory.by_mxid(mxid)
+        if entry is not None and entry.national and entry.display_name:
+            return entry.display_name
+        name = " ".join((await self.hs.display_name(room_id, mxid, viewer=voice)).split())
+        return f"{name} ({mxid})" if name and name != mxid else mxid
 
     async def outsiders(self, room_id: str, voice: str) -> list[str]:
         """The servers outside the trust space with a member (joined or invited) in the room.
@@ -186,10 +224,17 @@ class Portals:
         """A vendor user opened a conversation with people outside the vendor: make its room."""
         if await self.stores.portals.by_conversation(source, event.conversation_id):
             return  # processed before (a redelivery, or a restart after the room was made)
-        members = [await self.ghost(source, idnps) for idnps in dict.fromkeys(event.members)]
+        members: list[Member] = []
+        refused: list[str] = []
+        for idnps in dict.fromkeys(event.members):
+            try:
+                members.append(await self.ghost(source, idnps))
+            except NotInDirectory:
+                if idnps == event.creator:
+                    raise  # the conversation itself is refused
+                refused.append(f"{idnps} (absent de l'annuaire national)")
         others: list[Member] = []
         unreachable: list[str] = []
-        refused: list[str] = []
         creator = self.ids.mxid(source, event.creator)
         for participant in event.participants:
             member = await self.resolve(source, participant)

@@ -17,13 +17,14 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from mautrix.api import Method, Path
 from mautrix.errors import MatrixRequestError
 from mautrix.types import EventID, RoomID
 
 from bridge.config import MediaConfig
 from bridge.core import filetypes
 from bridge.core import operations as op
-from bridge.core.errors import PermanentFailure
+from bridge.core.errors import NotInDirectory, PermanentFailure
 from bridge.core.outbound import safe_filename
 from bridge.core.portals import Portals
 from bridge.core.status import StatusReporter
@@ -57,6 +58,18 @@ SOURCE_KEY = "eu.eimis.source"
 """Marks a ghost's message with the vendor message it carries (``<connector>:<message id>``)."""
 KIND_MSGTYPES = {"text": "m.text", "notice": "m.notice", "emote": "m.emote"}
 TYPING_TIMEOUT_MS = 30_000
+
+# What a vendor user is told (their vendor's delivery status) when the bridge refuses an event.
+EDIT_NOT_AUTHOR = "Modification refusée : seul l'auteur d'un message peut le modifier."
+DELETE_NOT_AUTHOR = (
+    "Suppression refusée : ce message a été écrit hors de ce service, "
+    "seul son auteur peut le supprimer."
+)
+NOT_IN_DIRECTORY = (
+    "Message non transmis : l'expéditeur ne figure pas dans l'annuaire national des "
+    "professionnels de santé utilisé par la passerelle EIMIS."
+)
+NOT_BRIDGED = "Message non transmis : cette conversation n'est pas relayée hors de ce service."
 
 Relay = Callable[[dict[str, Any]], Awaitable[list[Write]]]
 """Routes a room event to the vendors: ``FromMatrix.handle``."""
@@ -98,6 +111,24 @@ class ToMatrix:
     ) -> list[Write]:
         """Do what the event says in its room; return the writes that record it.
 
+        A vendor user the directory must list and does not (``NotInDirectory``) is refused: the
+        vendor is told, the operator reads it in the log and the audit trail.
+        """
+        try:
+            return await self._handle(connector_id, event, retrying=retrying, recovered=recovered)
+        except NotInDirectory:
+            return await self._not_in_directory(connector_id, event)
+
+    async def _handle(
+        self,
+        connector_id: str,
+        event: RemoteEvent,
+        *,
+        retrying: bool = False,
+        recovered: bool = True,
+    ) -> list[Write]:
+        """``handle``, without the identity refusal.
+
         ``retrying``: this event failed before, so a send may have happened unseen.
         ``recovered``: it may have been processed before (it was stored before this run began,
         or failed once): the message map is checked first. A fresh message skips that read (the
@@ -116,6 +147,8 @@ class ToMatrix:
             return [self.trail.to_matrix(connector_id, event, room, "sent")]
         room_id = await self.stores.portals.by_conversation(connector_id, event.conversation_id)
         if room_id is None:
+            if isinstance(event, MessageReceived):
+                await self._tell_vendor(connector_id, event.conversation_id, event, NOT_BRIDGED)
             raise PermanentFailure(
                 f"{connector_id} conversation {event.conversation_id} is not bridged to a room"
             )
@@ -440,6 +473,11 @@ class ToMatrix:
         target = await self.stores.messages.event_for(connector_id, event.message_id)
         if target is None:
             raise PermanentFailure("the edited message was never bridged")
+        author = await self._author(room_id, target)
+        if author != self.portals.ids.mxid(connector_id, event.sender):
+            # Only a message's author edits it (as Matrix clients show edits): not another
+            # user of this vendor, nor anyone outside it.
+            return await self._not_theirs(connector_id, room_id, event, EDIT_NOT_AUTHOR)
         sender = await self._ghost(connector_id, event.sender, room_id)
         new = await self._text_content(
             connector.capabilities, connector_id, event.text, event.mentions
@@ -471,6 +509,12 @@ class ToMatrix:
         target = await self.stores.messages.event_for(connector_id, event.message_id)
         if target is None:
             return []  # never bridged: nothing to remove
+        author = await self._author(room_id, target)
+        ref = self.portals.ids.parse(author) if author else None
+        if ref is None or ref.connector != connector_id:
+            # A vendor deletes only what its own users wrote (a moderator of the vendor may
+            # delete another of its users' messages: below, the bot does it).
+            return await self._not_theirs(connector_id, room_id, event, DELETE_NOT_AUTHOR)
         sender = await self._ghost(connector_id, event.sender, room_id)
         txn_id = derived_txn_id(connector_id, "delete", event.message_id)
         try:
@@ -483,6 +527,76 @@ class ToMatrix:
             event_id = await self.hs.redact(sender, room_id, target, txn_id=txn_id)
         audit = self.trail.to_matrix(connector_id, event, room_id, "sent", event_id=str(event_id))
         return [audit, *await self._redacted(room_id, sender, str(event_id), target)]
+
+    async def _author(self, room_id: str, event_id: str) -> str | None:
+        """Who sent a room event (its ``sender`` is clear even when its content is encrypted),
+        as the portal's voice sees it; None when the homeserver does not show it."""
+        portal = await self.stores.portals.get(room_id)
+        viewer = portal.voice if portal is not None else self.hs.config.bot_mxid
+        try:
+            answer = await self.hs.intent(viewer).api.request(
+                Method.GET, Path.v3.rooms[RoomID(room_id)].event[EventID(event_id)]
+            )
+        except MatrixRequestError as error:
+            if error.http_status in (403, 404):
+                return None
+            raise
+        sender = answer.get("sender") if isinstance(answer, dict) else None
+        return sender if isinstance(sender, str) else None
+
+    async def _not_theirs(
+        self,
+        connector_id: str,
+        room_id: str,
+        event: MessageEdited | MessageDeleted | ReactionRemoved,
+        reason: str | None,
+    ) -> list[Write]:
+        """A vendor edited or deleted a message (or reaction) its user did not write: nothing
+        changes on Matrix; the vendor is told (``reason``, on the message), the operator reads it
+        in the log and the audit trail."""
+        log.warning(
+            "A %s %s in %s was refused: not written by that user of %s",
+            connector_id,
+            type(event).__name__,
+            room_id,
+            connector_id,
+        )
+        if reason is not None and not isinstance(event, ReactionRemoved):
+            await self._tell_vendor(connector_id, event.conversation_id, event, reason)
+        return [self.trail.to_matrix(connector_id, event, room_id, "refused", detail="not_author")]
+
+    async def _not_in_directory(self, connector_id: str, event: RemoteEvent) -> list[Write]:
+        room_id = await self.stores.portals.by_conversation(connector_id, event.conversation_id)
+        log.warning(
+            "A %s %s was refused: its user is not in the imported directory "
+            "(identity.require_directory_entry)",
+            connector_id,
+            type(event).__name__,
+        )
+        if isinstance(event, MessageReceived | MessageEdited):
+            await self._tell_vendor(connector_id, event.conversation_id, event, NOT_IN_DIRECTORY)
+        return [
+            self.trail.to_matrix(connector_id, event, room_id, "refused", detail="not_in_directory")
+        ]
+
+    async def _tell_vendor(
+        self,
+        connector_id: str,
+        conversation_id: str,
+        event: MessageReceived | MessageEdited | MessageDeleted,
+        reason: str,
+    ) -> None:
+        """A failed delivery status on the vendor message the refused event is about (when the
+        vendor shows statuses); a vendor that refuses the report is logged, never retried."""
+        connector = self.portals.connectors.get(connector_id)
+        if connector is None or not connector.capabilities.delivery_status:
+            return
+        try:
+            await connector.report_delivery(
+                conversation_id, event.message_id, DeliveryReport("failed", reason)
+            )
+        except Exception as error:
+            log.warning("Delivery report to %s failed: %s", connector_id, type(error).__name__)
 
     async def _redacted(self, room_id: str, sender: str, event_id: str, target: str) -> list[Write]:
         content = {"redacts": target}
@@ -521,6 +635,10 @@ class ToMatrix:
         target = await self.stores.messages.event_for(connector_id, ref)
         if target is None:
             return []
+        if await self._author(room_id, target) != self.portals.ids.mxid(connector_id, event.sender):
+            # Someone else's reaction (a Matrix user's reaction delivered to this vendor): a
+            # ghost the room gave power to could otherwise remove it.
+            return await self._not_theirs(connector_id, room_id, event, None)
         sender = await self._ghost(connector_id, event.sender, room_id)
         txn_id = derived_txn_id(connector_id, "unreact", event.reaction_id)
         event_id = await self.hs.redact(sender, room_id, target, txn_id=txn_id)

@@ -47,6 +47,11 @@ class Professional:
     def display_name(self) -> str:
         return display_name(self.given_name, self.family_name, self.profession_label)
 
+    @property
+    def national(self) -> bool:
+        """From the ANS sources (extract, FHIR), not a connector's word."""
+        return not self.source.startswith(CONNECTOR_SOURCE)
+
 
 @dataclass(frozen=True)
 class ProfessionalMxid:
@@ -106,9 +111,10 @@ WHERE (professional.given_name <> excluded.given_name
 
 
 _UPSERT = _upsert()
-# A connector's word only fills gaps: it may replace an entry that came from a connector, never
-# one from the ANS sources (PS_LibreAcces, FHIR).
-_UPSERT_FROM_CONNECTOR = _upsert(f" AND professional.source LIKE '{CONNECTOR_SOURCE}%'")
+# A connector's word only fills gaps: it may replace the entry it wrote itself, never one from
+# the ANS sources (PS_LibreAcces, FHIR) nor another connector's (a vendor speaks for its own
+# users only: it cannot rename another vendor's ghost by claiming the same IDNPS).
+_UPSERT_FROM_CONNECTOR = _upsert(" AND professional.source = excluded.source")
 
 _ADD_MXID = """
 INSERT INTO professional_mxid (idnps, mxid, kind, connector, preferred)
@@ -210,8 +216,8 @@ class DirectoryStore:
         profession_label: str | None,
         ghost_mxid: str,
     ) -> Professional:
-        """A connector described one of its users: note them (unless the ANS sources already
-        did) and their ghost. Returns the directory's entry, which names the ghost."""
+        """A connector described one of its users: note them (unless the ANS sources or another
+        connector already did) and their ghost. Returns the directory's entry."""
         stamp = await self.next_stamp()
         source = f"{CONNECTOR_SOURCE}{connector}"
         async with self.db.acquire() as conn, conn.transaction():
@@ -264,11 +270,15 @@ class DirectoryStore:
         )
 
     async def renames(self, since: int = 0) -> list[Rename]:
-        """Ghosts whose directory entry (written after ``since``) names them differently."""
+        """Ghosts whose directory entry (written after ``since``) names them differently.
+
+        An ANS entry names every ghost of the person; a connector's entry only that connector's.
+        """
         rows = await self.db.fetch(
             "SELECT g.mxid, g.connector, g.idnps, g.display_name, p.given_name, p.family_name, "
             "p.profession_label FROM ghost g JOIN professional p ON p.idnps = g.idnps "
-            "WHERE p.updated_at > $1",
+            f"WHERE p.updated_at > $1 AND (p.source NOT LIKE '{CONNECTOR_SOURCE}%' "
+            f"OR p.source = '{CONNECTOR_SOURCE}' || g.connector)",
             since,
         )
         renames = []

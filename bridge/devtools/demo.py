@@ -22,6 +22,8 @@ from aiohttp import ClientSession
 from bridge.devtools.matrix_user import MatrixUser, connect
 from bridge.devtools.stack import LocalStack, Sandbox
 from bridge.devtools.synapse import LocalSynapse
+from bridge.directory.importer import import_file
+from bridge.directory.sample import HEADER, extract_line, rpps_idnps
 from bridge.logs import setup_logging
 
 NATIVE_LOCALPART = "julie.bernard"
@@ -197,7 +199,12 @@ async def run_demo(state_dir: Path, *, once: bool) -> int:
     # bridge's database must start again too (Synapse keeps its rooms and accounts).
     for stale in state_dir.glob("bridge.db*"):
         stale.unlink()
-    stack = LocalStack(state_dir, encrypted=True)  # portals are end-to-end encrypted
+    stack = LocalStack(
+        state_dir,
+        encrypted=True,  # portals are end-to-end encrypted
+        # As in the example config: only people the national directory lists become ghosts.
+        config_overrides={"identity": {"require_directory_entry": True}},
+    )
     if len(stack.sandboxes) < 2:
         say("The demo needs two connector types with sandboxes installed.")
         return 1
@@ -221,6 +228,7 @@ async def run_demo(state_dir: Path, *, once: bool) -> int:
             )
             native = NativeUser(matrix_user)
             _write_demo_json(state_dir, hs, native_id, native_password, sandboxes)
+            await _import_directory(stack, sandboxes, native_id)
             ok = True
             try:
                 await matrix_user.client.set_displayname(NATIVE_DISPLAYNAME)
@@ -255,6 +263,27 @@ async def run_demo(state_dir: Path, *, once: bool) -> int:
     finally:
         await stack.stop()
     return 0
+
+
+async def _import_directory(stack: LocalStack, sandboxes: list[Sandbox], native_id: str) -> None:
+    """The demo's national directory: an ANS-style extract listing the sandboxes' (made-up)
+    users and the native user with her Matrix ID, imported as an operator would."""
+    given, family = NATIVE_DISPLAYNAME.split(" - ")[0].split(" ", 1)
+    people = [(rpps_idnps(99), given, family.upper(), "Médecin", native_id)]
+    for sandbox in sandboxes:
+        for user in sandbox.users:
+            people.append(
+                (user["idnps"], user["given_name"], user["family_name"], user["profession"], "")
+            )
+    lines = [f"{HEADER}MXID|"]
+    for idnps, given_name, family_name, label, mxid in people:
+        lines.append(f"{extract_line(idnps, family_name, given_name, '10', label)}{mxid}|")
+    path = stack.state_dir / "PS_LibreAcces_Personne_activite_demo.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert stack.bridge is not None
+    report = await import_file(stack.bridge.stores.directory, path, progress=False)
+    if report.rejected:
+        raise RuntimeError(f"the demo's directory has {len(report.rejected)} rejected lines")
 
 
 def _native_password(state_dir: Path) -> str:
