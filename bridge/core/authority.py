@@ -11,7 +11,7 @@ A refused event is never delivered; its sender is told why, in French (``Refused
 
 from __future__ import annotations
 
-from bridge.db.message_map import MessageMapStore
+from bridge.db.stores import Stores
 from bridge.matrix.homeserver import Homeserver
 
 OTHER_PORTAL = "il se rapporte à un message d'une autre conversation"
@@ -33,13 +33,13 @@ class Refused(Exception):
 
 
 class Authority:
-    def __init__(self, homeserver: Homeserver, messages: MessageMapStore) -> None:
+    def __init__(self, homeserver: Homeserver, stores: Stores) -> None:
         self.hs = homeserver
-        self.messages = messages
+        self.stores = stores
 
     async def same_portal(self, room_id: str, event_id: str) -> None:
         """Refuse a relation to an event another portal carried (a reply, a reaction...)."""
-        rooms = await self.messages.rooms_of(event_id)
+        rooms = await self.stores.messages.rooms_of(event_id)
         if rooms and room_id not in rooms:
             raise Refused("other_portal", OTHER_PORTAL)
 

@@ -52,7 +52,7 @@ class FromMatrix:
         """Events from servers outside the trust list that were dropped (never delivered)."""
         self.admin: AdminRoom | None = None
         """The operators' admin rooms (``bridge/admin``): their events are commands."""
-        self.authority = Authority(homeserver, stores.messages)
+        self.authority = Authority(homeserver, stores)
         self.on_refused: Callable[[str, str, str], Awaitable[None]] = _nothing
         """Told (room, event, reason in French) of an event its sender may not send."""
 
