@@ -2,6 +2,8 @@
 
 Never back to the connector whose ghost did it (echo suppression); the bridge's own notices and
 statuses are not bridged. Rendering for each vendor happens at delivery time (``delivery.py``).
+What a sender may say about another event (edit, redaction, relation into another portal) is
+checked first (``authority.py``): a refused event reaches no vendor, and its sender is told.
 
 ``handle`` returns the deliveries to queue as writes: the router commits them together with the
 inbox item's own completion, so an event is either fully routed or not at all.
