@@ -143,9 +143,11 @@ async def lookups(urls: dict[str, str], seed: int = 7) -> dict[str, dict[str, fl
 
     def calls(stores: Stores) -> dict[str, Any]:
         return {
-            "event_for": lambda i: stores.messages.event_for("medipeps", str(msgs[i])),
+            "event_for": lambda i: stores.messages.event_for(
+                "medipeps", str(msgs[i]), room_id=_room(msgs[i] % PORTALS)
+            ),
             "remote_for": lambda i: stores.messages.remote_for(
-                "medipeps", f"$scale{msgs[i]:07d}event"
+                "medipeps", f"$scale{msgs[i]:07d}event", room_id=_room(msgs[i] % PORTALS)
             ),
             "by_conversation": lambda i: stores.portals.by_conversation("medipeps", f"s{keys[i]}"),
             "portal_get": lambda i: stores.portals.get(_room(keys[i])),
@@ -189,12 +191,14 @@ def sql_lookups(paths: dict[str, Path], seed: int = 7) -> dict[str, float]:
     msgs = [rng.randrange(MESSAGES) for _ in range(LOOKUPS)]
     statements = [
         (
-            "SELECT event_id FROM message_map WHERE connector = ? AND remote_id = ?",
-            lambda i: ("medipeps", str(msgs[i])),
+            "SELECT event_id FROM message_map "
+            "WHERE connector = ? AND remote_id = ? AND room_id = ?",
+            lambda i: ("medipeps", str(msgs[i]), _room(msgs[i] % PORTALS)),
         ),
         (
-            "SELECT remote_id FROM message_map WHERE connector = ? AND event_id = ?",
-            lambda i: ("medipeps", f"$scale{msgs[i]:07d}event"),
+            "SELECT remote_id FROM message_map "
+            "WHERE connector = ? AND event_id = ? AND room_id = ?",
+            lambda i: ("medipeps", f"$scale{msgs[i]:07d}event", _room(msgs[i] % PORTALS)),
         ),
         (
             "SELECT room_id FROM portal_link WHERE connector = ? AND conversation_id = ?",

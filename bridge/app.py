@@ -147,6 +147,7 @@ class Bridge:
         )
         self.delivery.attach(self.outbox)
         from_matrix = FromMatrix(self.stores, self.homeserver, self.portals)
+        from_matrix.on_refused = self.status.refused
         self.router = Router(
             self.stores,
             self.homeserver,

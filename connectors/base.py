@@ -510,8 +510,9 @@ class Connector(abc.ABC):
         """Replace a delivered message's text (``edits``)."""
         raise NotImplementedError
 
-    async def delete_message(self, conversation_id: str, message_id: str, sender: Sender) -> None:
-        """Delete a delivered message (``deletions``)."""
+    async def delete_message(self, conversation_id: str, message_id: str, sender: Sender) -> bool:
+        """Delete a delivered message (``deletions``). False when the vendor does not have it
+        (it answered 404): nothing was deleted, and the bridge records it so."""
         raise NotImplementedError
 
     async def add_reaction(
@@ -522,7 +523,8 @@ class Connector(abc.ABC):
 
     async def remove_reaction(
         self, conversation_id: str, message_id: str, reaction_id: str, sender: Sender
-    ) -> None:
+    ) -> bool:
+        """Remove a reaction (``reactions``); False when the vendor does not have it (404)."""
         raise NotImplementedError
 
     async def mark_read(self, conversation_id: str, reader: Sender, message_id: str) -> None:

@@ -685,9 +685,10 @@ async def test_v2_outbound_delete_read_and_delivery(harness: Harness) -> None:
     asked = await harness.write(NATHALIE, conv, "Une question")
     sent = await connector.send_message(conv, message("$del-1", "à effacer"))
 
-    await connector.delete_message(conv, sent, CAROL)
-    await connector.delete_message(conv, sent, CAROL)  # again: still a success
-    await connector.delete_message(conv, "999999", CAROL)  # 404: already gone
+    assert await connector.delete_message(conv, sent, CAROL) is True
+    assert await connector.delete_message(conv, sent, CAROL) is True  # again: still a success
+    # 404: no error, but nothing was deleted, and the bridge is told so (never "delivered").
+    assert await connector.delete_message(conv, "999999", CAROL) is False
     deleted = by_id((await harness.user_get(f"users/{NATHALIE}/inbox"))["messages"], sent)
     assert deleted["deleted"] is True and deleted["text"] == ""
 

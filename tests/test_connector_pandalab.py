@@ -850,11 +850,12 @@ async def test_v2_outbound_edit_and_delete(harness: Harness) -> None:
     assert edited["text"] == f"version 2 pour @[Camille Martin]({ALICE})"
     assert edited["mentions"] == [str(ALICE)]
 
-    await harness.connector.delete_message(conv, sent, CAROL)
-    await harness.connector.delete_message(conv, sent, CAROL)  # again: still a success
+    assert await harness.connector.delete_message(conv, sent, CAROL) is True
+    assert await harness.connector.delete_message(conv, sent, CAROL) is True  # again: a success
     deleted = by_id((await harness.user_get(f"users/{ALICE}/inbox"))["messages"], sent)
     assert deleted["deleted"] is True and deleted["text"] == ""
-    await harness.connector.delete_message(conv, "no-such-message", CAROL)  # 404: already gone
+    # 404: no error, but nothing was deleted, and the bridge is told so (never "delivered").
+    assert await harness.connector.delete_message(conv, "no-such-message", CAROL) is False
 
     with pytest.raises(ConnectorError) as unknown:
         await harness.connector.edit_message(conv, "no-such-message", message("$ed-3", "secret"))
@@ -884,8 +885,8 @@ async def test_v2_outbound_reactions_read_typing_delivery(harness: Harness) -> N
     assert by_id(view["messages"], asked)["reactions"] == [
         {"reaction_id": reaction_id, "sender": OUTSIDER_MXID, "emoji": "👍"}
     ]
-    await connector.remove_reaction(conv, asked, reaction_id, CAROL)
-    await connector.remove_reaction(conv, asked, reaction_id, CAROL)  # already gone: fine
+    assert await connector.remove_reaction(conv, asked, reaction_id, CAROL) is True
+    await connector.remove_reaction(conv, asked, reaction_id, CAROL)  # again: no error
     assert by_id((await harness.view(ALICE, conv))["messages"], asked)["reactions"] == []
 
     await connector.mark_read(conv, CAROL, asked)

@@ -843,11 +843,12 @@ async def test_edits_deletions_reactions_reads_typing_and_delivery_reports(
     assert view["typing"] == [CAROL.mxid]
     assert own["delivery"] == [{"status": "degraded", "detail": "sent as plain text"}]
 
-    await connector.remove_reaction(conv, mine, reaction, CAROL)
-    await connector.remove_reaction(conv, mine, reaction, CAROL)  # again: done
-    await connector.delete_message(conv, mid, CAROL)
-    await connector.delete_message(conv, mid, CAROL)  # again: done
-    await connector.delete_message(conv, "no-such-message", CAROL)  # 404 counts as done
+    assert await connector.remove_reaction(conv, mine, reaction, CAROL) is True
+    await connector.remove_reaction(conv, mine, reaction, CAROL)  # again: no error
+    assert await connector.delete_message(conv, mid, CAROL) is True
+    await connector.delete_message(conv, mid, CAROL)  # again: no error
+    # 404: no error, but nothing was deleted, and the bridge is told so (never "delivered").
+    assert await connector.delete_message(conv, "no-such-message", CAROL) is False
     await connector.set_typing(conv, CAROL, False)
     view = await harness.view(INES, conv)
     deleted, own = view["messages"]

@@ -502,11 +502,27 @@ async def test_message_map_works_both_directions_per_connector(stores: Stores) -
     # The first mapping of a vendor message wins.
     await messages.add("pl", "pl-msg-1", "!p:x", "$ev-other")
 
-    assert await messages.event_for("pl", "pl-msg-1") == "$ev1"
-    assert await messages.remote_for("pl", "$ev1") == "pl-msg-1"
-    assert await messages.remote_for("mp", "$ev1") == "mp-msg-1"
-    assert await messages.event_for("mp", "pl-msg-1") is None
-    assert await messages.remote_for("pl", "$unknown") is None
+    assert await messages.event_for("pl", "pl-msg-1", room_id="!p:x") == "$ev1"
+    assert await messages.remote_for("pl", "$ev1", room_id="!p:x") == "pl-msg-1"
+    assert await messages.remote_for("mp", "$ev1", room_id="!p:x") == "mp-msg-1"
+    assert await messages.event_for("mp", "pl-msg-1", room_id="!p:x") is None
+    assert await messages.remote_for("pl", "$unknown", room_id="!p:x") is None
+
+
+async def test_message_map_lookups_stay_in_their_portal(stores: Stores) -> None:
+    """An id of another portal is not found: a relation across portals finds nothing to act on."""
+    messages = stores.messages
+    await messages.add("pl", "pl-a", "!a:x", "$in-a")
+    await messages.add("pl", "pl-a#1", "!a:x", "$in-a")
+    await messages.add("pl", "pl-b", "!b:x", "$in-b")
+
+    assert await messages.remotes_for("pl", "$in-a", room_id="!a:x") == ["pl-a", "pl-a#1"]
+    assert await messages.remotes_for("pl", "$in-a", room_id="!b:x") == []
+    assert await messages.remote_for("pl", "$in-b", room_id="!a:x") is None
+    assert await messages.event_for("pl", "pl-b", room_id="!a:x") is None
+    assert await messages.event_for("pl", "pl-b", room_id="!b:x") == "$in-b"
+    assert await messages.rooms_of("$in-a") == {"!a:x"}
+    assert await messages.rooms_of("$unknown") == set()
 
 
 # --- Connector state -----------------------------------------------------------------------------

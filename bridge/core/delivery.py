@@ -9,6 +9,7 @@ twice. What a vendor cannot show is degraded (``outbound.py``) and the sender is
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -17,7 +18,7 @@ from typing import Any
 from bridge.config import MediaConfig
 from bridge.core import operations as op
 from bridge.core.connectors import ConnectorSet
-from bridge.core.errors import PermanentFailure
+from bridge.core.errors import NotThere, PermanentFailure
 from bridge.core.filetypes import content_type, peek
 from bridge.core.health import ConnectorHealth
 from bridge.core.lanes import LaneScheduler
@@ -108,8 +109,11 @@ class Delivery:
     async def _handle(self, item: OutboxItem) -> None:
         writes: list[Write] = []
         seen: dict[str, str] = {}
+        why: str | None = None
         try:
             notes = await self._deliver(item, writes, seen)
+        except NotThere as gone:
+            notes, why = None, gone.why
         except ConnectorError as error:
             if error.unreachable:
                 self.health.unreachable(item.connector)
@@ -150,7 +154,7 @@ class Delivery:
             "delivered" if notes is not None else "skipped",
             recipient=seen.get("conversation"),
             remote_ids=[str(w.args[1]) for w in writes if w.sql == _MAPPED],
-            detail="degraded" if notes else None,
+            detail=why or ("degraded" if notes else None),
         )
         done = [*writes, audit, self.stores.outbox.done_write(item.seq)]
         await self._commit.commit(done)
@@ -374,7 +378,7 @@ class Delivery:
                 for i, part in enumerate(rendered.parts)
             ]
         for message in messages:
-            remote_id = await connector.send_message(conversation, message)
+            remote_id = await self._send_quoting(connector, conversation, message, notes)
             writes.append(
                 self.stores.messages.add_write(vendor, remote_id, item.room_id, payload["event_id"])
             )
@@ -383,21 +387,44 @@ class Delivery:
     async def _reply_target(
         self, item: OutboxItem, connector: Connector, notes: list[str]
     ) -> str | None:
+        refused = item.payload.get("quote_refused")
+        if isinstance(refused, str):
+            notes.append(f"envoyé sans la citation : {refused}")
+            return None
         reply_event = item.payload.get("reply_to_event")
         if not reply_event:
             return None
         if not connector.capabilities.replies:
             notes.append(f"{item.connector} has no replies: sent without the quoted message")
             return None
-        target = await self._message_ref(item.connector, reply_event)
+        target = await self._message_ref(item.connector, reply_event, item.room_id)
         if target is None:
             notes.append(
                 f"the message it answers never reached {item.connector}: sent without the quote"
             )
         return target
 
-    async def _message_ref(self, connector_id: str, event_id: str) -> str | None:
-        for ref in await self.stores.messages.remotes_for(connector_id, event_id):
+    async def _send_quoting(
+        self, connector: Connector, conversation: str, message: OutboundMessage, notes: list[str]
+    ) -> str:
+        """Send ``message``; when the vendor refuses it for good while it quotes a message (the
+        quoted one may be gone there), send it again without the quote rather than lose it."""
+        try:
+            return await connector.send_message(conversation, message)
+        except ConnectorError as error:
+            if message.reply_to is None or error.retriable or error.unreachable:
+                raise
+        notes.append("le message cité n'existe plus chez le destinataire : envoyé sans la citation")
+        return await connector.send_message(
+            conversation,
+            dataclasses.replace(
+                message, reply_to=None, request_id=f"{message.request_id}#unquoted"
+            ),
+        )
+
+    async def _message_ref(self, connector_id: str, event_id: str, room_id: str) -> str | None:
+        """The vendor id of a message this portal carried (never one of another portal)."""
+        for ref in await self.stores.messages.remotes_for(connector_id, event_id, room_id=room_id):
             if op.parse_reaction_ref(ref) is None:
                 return ref
         return None
@@ -474,7 +501,7 @@ class Delivery:
         self, item: OutboxItem, connector: Connector, conversation: str, writes: list[Write]
     ) -> list[str] | None:
         payload = item.payload
-        target = await self._message_ref(item.connector, payload["target_event"])
+        target = await self._message_ref(item.connector, payload["target_event"], item.room_id)
         if target is None:
             return None  # the original never reached this vendor: nothing to correct there
         sender = Member.from_json(payload["sender"])
@@ -522,19 +549,26 @@ class Delivery:
         self, item: OutboxItem, connector: Connector, conversation: str, writes: list[Write]
     ) -> list[str] | None:
         payload = item.payload
-        refs = await self.stores.messages.remotes_for(item.connector, payload["target_event"])
+        refs = await self.stores.messages.remotes_for(
+            item.connector, payload["target_event"], room_id=item.room_id
+        )
         if not refs:
             return None  # it never reached this vendor
         sender = Member.from_json(payload["sender"]).as_sender()
         caps = connector.capabilities
         notes: list[str] = []
+        removed = gone = 0
         for ref in refs:
             reaction = op.parse_reaction_ref(ref)
             if reaction is not None:
                 if caps.reactions:
-                    await connector.remove_reaction(conversation, reaction[0], reaction[1], sender)
+                    found = await connector.remove_reaction(
+                        conversation, reaction[0], reaction[1], sender
+                    )
+                    removed, gone = removed + (found is not False), gone + (found is False)
             elif caps.deletions:
-                await connector.delete_message(conversation, ref, sender)
+                found = await connector.delete_message(conversation, ref, sender)
+                removed, gone = removed + (found is not False), gone + (found is False)
             else:
                 notes.append(f"{item.connector} cannot delete messages: its users were told")
                 remote_id = await connector.send_message(
@@ -552,13 +586,15 @@ class Delivery:
                         item.connector, remote_id, item.room_id, payload["event_id"]
                     )
                 )
+        if gone and not removed and not writes:
+            raise NotThere("vendor_404")  # nothing left there to delete: not "delivered"
         return notes
 
     async def _add_reaction(
         self, item: OutboxItem, connector: Connector, conversation: str, writes: list[Write]
     ) -> list[str] | None:
         payload = item.payload
-        target = await self._message_ref(item.connector, payload["target_event"])
+        target = await self._message_ref(item.connector, payload["target_event"], item.room_id)
         if target is None:
             return None
         sender = Member.from_json(payload["sender"]).as_sender()
@@ -597,7 +633,7 @@ class Delivery:
     async def _mark_read(
         self, item: OutboxItem, connector: Connector, conversation: str, writes: list[Write]
     ) -> list[str] | None:
-        target = await self._message_ref(item.connector, item.payload["event_id"])
+        target = await self._message_ref(item.connector, item.payload["event_id"], item.room_id)
         if target is not None and connector.capabilities.read_receipts:
             reader = Member.from_json(item.payload["sender"]).as_sender()
             await connector.mark_read(conversation, reader, target)

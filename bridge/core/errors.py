@@ -10,6 +10,15 @@ class PermanentFailure(Exception):
     """
 
 
+class NotThere(Exception):
+    """The vendor does not have what was to be removed (it answered 404): nothing was done,
+    which is recorded as such (``why``, a short code), never as delivered."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
 class UnknownUser(PermanentFailure):
     """No connector knows this professional."""
 

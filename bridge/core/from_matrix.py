@@ -2,6 +2,8 @@
 
 Never back to the connector whose ghost did it (echo suppression); the bridge's own notices and
 statuses are not bridged. Rendering for each vendor happens at delivery time (``delivery.py``).
+What a sender may say about another event (edit, redaction, relation into another portal) is
+checked first (``authority.py``): a refused event reaches no vendor, and its sender is told.
 
 ``handle`` returns the deliveries to queue as writes: the router commits them together with the
 inbox item's own completion, so an event is either fully routed or not at all.
@@ -10,12 +12,14 @@ inbox item's own completion, so an event is either fully routed or not at all.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from mautrix.errors import MatrixRequestError
 from mautrix.types import PaginationDirection, RoomID
 
 from bridge.core import operations as op
+from bridge.core.authority import Authority, Refused
 from bridge.core.portals import Portals
 from bridge.db.group_commit import Write
 from bridge.db.portal import Portal
@@ -50,6 +54,9 @@ class FromMatrix:
         """Events from servers outside the trust list that were dropped (never delivered)."""
         self.admin: AdminRoom | None = None
         """The operators' admin rooms (``bridge/admin``): their events are commands."""
+        self.authority = Authority(homeserver, stores)
+        self.on_refused: Callable[[str, str, str], Awaitable[None]] = _nothing
+        """Told (room, event, reason in French) of an event its sender may not send."""
 
     async def handle(self, raw: dict[str, Any]) -> list[Write]:
         """The outbox writes this event calls for (none for what is not bridged)."""
@@ -64,12 +71,16 @@ class FromMatrix:
             return []
         if kind == "m.room.member":
             return await self._membership(raw)
-        if kind == "m.room.message":
-            return await self._message(raw)
-        if kind == "m.reaction":
-            return await self._reaction(raw)
-        if kind == "m.room.redaction":
-            return await self._redaction(raw)
+        try:
+            if kind == "m.room.message":
+                return await self._message(raw)
+            if kind == "m.reaction":
+                return await self._reaction(raw)
+            if kind == "m.room.redaction":
+                return await self._redaction(raw)
+        except Refused as refusal:
+            await self._refused(raw, refusal)
+            return []
         if kind == "m.receipt":
             return await self._receipts(raw)
         if kind == "m.typing":
@@ -99,6 +110,18 @@ class FromMatrix:
                     raw["room_id"], target, "the inviter's server is not in the EIMIS trust space"
                 )
         return []
+
+    async def _refused(self, raw: dict[str, Any], refusal: Refused) -> None:
+        """An event its sender may not send: nothing reaches a vendor, the sender is told."""
+        log.warning(
+            "Refused %s event %s of %s in %s: %s",
+            raw.get("type"),
+            raw.get("event_id"),
+            raw.get("sender"),
+            raw.get("room_id"),
+            refusal.code,
+        )
+        await self.on_refused(str(raw["room_id"]), str(raw.get("event_id")), refusal.reason)
 
     async def _refuse(self, room_id: str, invitee: str, reason: str) -> None:
         """Decline an invite of one of ours with a reason the inviter sees."""
@@ -227,6 +250,9 @@ class FromMatrix:
             new_content = content.get("m.new_content")
             if not isinstance(new_content, dict):
                 return []
+            await self.authority.may_edit(
+                raw["room_id"], raw["sender"], relates["event_id"], portal.voice
+            )
             return self._enqueue(
                 raw,
                 op.EDIT_MESSAGE,
@@ -250,6 +276,14 @@ class FromMatrix:
                 "eimis.unknown_msgtype": str(content.get("msgtype")),
             }
         reply_to = _obj(relates.get("m.in_reply_to")).get("event_id")
+        quote: dict[str, str] = {}
+        if isinstance(reply_to, str):
+            try:
+                await self.authority.same_portal(raw["room_id"], reply_to)
+            except Refused as refusal:
+                # The quote is refused, not the message: it goes without it, its sender told.
+                log.warning("Reply %s quotes another portal: sent unquoted", raw["event_id"])
+                reply_to, quote = None, {"quote_refused": refusal.reason}
         return self._enqueue(
             raw,
             op.SEND_MESSAGE,
@@ -259,6 +293,7 @@ class FromMatrix:
                 "content": content,
                 "ts": raw.get("origin_server_ts"),
                 "reply_to_event": reply_to if isinstance(reply_to, str) else None,
+                **quote,
             },
             targets,
         )
@@ -274,6 +309,7 @@ class FromMatrix:
         if found is None:
             return []
         portal, targets = found
+        await self.authority.same_portal(raw["room_id"], target)
         return self._enqueue(
             raw,
             op.ADD_REACTION,
@@ -295,6 +331,7 @@ class FromMatrix:
         if found is None:
             return []
         portal, targets = found
+        await self.authority.may_redact(raw["room_id"], raw["sender"], target, portal.voice)
         return self._enqueue(
             raw,
             op.REDACT,
@@ -377,6 +414,10 @@ class FromMatrix:
                     log.debug(
                         "Typing not delivered to %s: %s", link.connector, type(error).__name__
                     )
+
+
+async def _nothing(*_: str) -> None:
+    return None
 
 
 def _obj(value: Any) -> dict[str, Any]:

@@ -80,7 +80,7 @@ class HeldConnector(Connector):
     ) -> None:
         raise self._wait()
 
-    async def delete_message(self, conversation_id: str, message_id: str, sender: Sender) -> None:
+    async def delete_message(self, conversation_id: str, message_id: str, sender: Sender) -> bool:
         raise self._wait()
 
     async def add_reaction(
@@ -90,7 +90,7 @@ class HeldConnector(Connector):
 
     async def remove_reaction(
         self, conversation_id: str, message_id: str, reaction_id: str, sender: Sender
-    ) -> None:
+    ) -> bool:
         raise self._wait()
 
     async def mark_read(self, conversation_id: str, reader: Sender, message_id: str) -> None:

@@ -35,6 +35,14 @@ log = logging.getLogger("eimis.router")
 ENCRYPTED = "m.room.encrypted"
 CRYPTO_ATTEMPTS = 8
 """Tries of a crypto item before it is given up (about a minute of backoff)."""
+DECRYPTED_TYPES = frozenset({"m.room.message", "m.reaction", "m.sticker"})
+"""What an encrypted event may turn out to be: message-like events only. A redaction, state,
+membership or receipt is never encrypted (the homeserver must read it); one found inside
+ciphertext is a forgery the homeserver never applied, and is refused."""
+REFUSED_ENCRYPTED_TYPE = (
+    "seuls les messages et les réactions sont chiffrés ; une suppression, un changement de la "
+    "conversation ou un accusé de lecture reçu chiffré n'est pas pris en compte"
+)
 KEY_WAIT_INLINE_S = 2.0
 """How long a lane waits, holding its event, for a room key travelling beside it; after that
 it waits as a retry (the key's arrival wakes it)."""
@@ -181,6 +189,25 @@ class Router:
         return True
 
     async def _readable(self, item: InboxItem) -> dict[str, Any] | None:
+        """``_decrypted``, refusing (PermanentFailure, its sender told) an encrypted event that
+        is not message-like once decrypted (``DECRYPTED_TYPES``)."""
+        payload = await self._decrypted(item)
+        if (
+            payload is None
+            or item.payload.get("type") != ENCRYPTED
+            or payload.get("type") == ENCRYPTED
+            or payload.get("type") in DECRYPTED_TYPES
+        ):
+            return payload
+        inner = str(payload.get("type"))[:64]
+        room_id, event_id = str(payload.get("room_id")), str(payload.get("event_id"))
+        log.warning(
+            "Refused encrypted event %s in %s: its inner type is %r", event_id, room_id, inner
+        )
+        await self.from_matrix.on_refused(room_id, event_id, REFUSED_ENCRYPTED_TYPE)
+        raise PermanentFailure(f"refused: an encrypted {inner} is never bridged")
+
+    async def _decrypted(self, item: InboxItem) -> dict[str, Any] | None:
         """The event as its sender wrote it: decrypted when it was encrypted (in memory only:
         the inbox keeps the ciphertext). Raises KeysMissing while its room key may still come;
         None once it never will (its sender has been told)."""

@@ -78,6 +78,18 @@ class StatusReporter:
             txn_id=derived_txn_id("undecryptable", event_id),
         )
 
+    async def refused(self, room_id: str, event_id: str, reason: str) -> None:
+        """An event the bridge refuses to relay (its sender may not say it: ``reason``, in
+        French): nothing of it reaches any vendor; its sender and the room are told."""
+        await self._matrix_status(
+            room_id, event_id, "eimis-bridge", "FAIL_PERMANENT", reason, False, "m_no_permission"
+        )
+        await self.notice(
+            room_id,
+            f"Un événement n'a pas été transmis hors de Matrix : {reason}.",
+            txn_id=derived_txn_id("refused", event_id),
+        )
+
     async def vendor_report(
         self, connector_id: str, room_id: str, event_id: str, report: DeliveryReport
     ) -> None:
@@ -88,7 +100,9 @@ class StatusReporter:
         # Only a message a vendor user wrote has a delivery status (not a reaction).
         remote_ids = [
             ref
-            for ref in await self.stores.messages.remotes_for(connector_id, event_id)
+            for ref in await self.stores.messages.remotes_for(
+                connector_id, event_id, room_id=room_id
+            )
             if parse_reaction_ref(ref) is None
         ]
         link = await self.stores.portals.link(room_id, connector_id)
@@ -107,6 +121,7 @@ class StatusReporter:
         outcome: Outcome,
         detail: str,
         unsupported: bool,
+        reason: str | None = None,
     ) -> None:
         content: dict[str, object] = {
             "network": target,
@@ -114,7 +129,9 @@ class StatusReporter:
             "status": outcome,
         }
         if outcome != "SUCCESS":
-            content["reason"] = "m_unsupported" if unsupported else "m_foreign_network_error"
+            content["reason"] = reason or (
+                "m_unsupported" if unsupported else "m_foreign_network_error"
+            )
         if detail:
             content["message"] = detail
         portal = await self.stores.portals.get(room_id)

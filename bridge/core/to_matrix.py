@@ -211,12 +211,16 @@ class ToMatrix:
         retrying: bool = False,
         recovered: bool = True,
     ) -> list[Write]:
-        if recovered and await self.stores.messages.event_for(connector_id, event.message_id):
+        if recovered and await self.stores.messages.event_for(
+            connector_id, event.message_id, room_id=room_id
+        ):
             return []
         sender = await self._ghost(connector_id, event.sender, room_id)
         relates: dict[str, Any] = {}
         if event.reply_to:
-            target = await self.stores.messages.event_for(connector_id, event.reply_to)
+            target = await self.stores.messages.event_for(
+                connector_id, event.reply_to, room_id=room_id
+            )
             if target:
                 relates = {"m.relates_to": {"m.in_reply_to": {"event_id": target}}}
         if event.attachment is not None:
@@ -470,7 +474,9 @@ class ToMatrix:
     async def _edit(
         self, connector: Connector, connector_id: str, room_id: str, event: MessageEdited
     ) -> list[Write]:
-        target = await self.stores.messages.event_for(connector_id, event.message_id)
+        target = await self.stores.messages.event_for(
+            connector_id, event.message_id, room_id=room_id
+        )
         if target is None:
             raise PermanentFailure("the edited message was never bridged")
         author = await self._author(room_id, target)
@@ -506,7 +512,9 @@ class ToMatrix:
         ]
 
     async def _delete(self, connector_id: str, room_id: str, event: MessageDeleted) -> list[Write]:
-        target = await self.stores.messages.event_for(connector_id, event.message_id)
+        target = await self.stores.messages.event_for(
+            connector_id, event.message_id, room_id=room_id
+        )
         if target is None:
             return []  # never bridged: nothing to remove
         author = await self._author(room_id, target)
@@ -606,9 +614,11 @@ class ToMatrix:
 
     async def _reaction(self, connector_id: str, room_id: str, event: ReactionAdded) -> list[Write]:
         ref = op.reaction_ref(event.message_id, event.reaction_id)
-        if await self.stores.messages.event_for(connector_id, ref):
+        if await self.stores.messages.event_for(connector_id, ref, room_id=room_id):
             return []
-        target = await self.stores.messages.event_for(connector_id, event.message_id)
+        target = await self.stores.messages.event_for(
+            connector_id, event.message_id, room_id=room_id
+        )
         if target is None:
             raise PermanentFailure("the message reacted to was never bridged")
         sender = await self._ghost(connector_id, event.sender, room_id)
@@ -632,7 +642,7 @@ class ToMatrix:
         self, connector_id: str, room_id: str, event: ReactionRemoved
     ) -> list[Write]:
         ref = op.reaction_ref(event.message_id, event.reaction_id)
-        target = await self.stores.messages.event_for(connector_id, ref)
+        target = await self.stores.messages.event_for(connector_id, ref, room_id=room_id)
         if target is None:
             return []
         if await self._author(room_id, target) != self.portals.ids.mxid(connector_id, event.sender):
@@ -646,7 +656,9 @@ class ToMatrix:
         return [audit, *await self._redacted(room_id, sender, str(event_id), target)]
 
     async def _read(self, connector_id: str, room_id: str, event: ReadUpTo) -> list[Write]:
-        target = await self.stores.messages.event_for(connector_id, event.message_id)
+        target = await self.stores.messages.event_for(
+            connector_id, event.message_id, room_id=room_id
+        )
         if target is None:
             return []  # a message the bridge never carried: no Matrix event to mark
         sender = await self._ghost(connector_id, event.sender, room_id)

@@ -121,6 +121,10 @@ CREATOR_LEVEL = 2**63
 """What a room creator can do in room versions 12 and later: anything."""
 
 
+_LEVELLED_CREATOR_VERSIONS = frozenset(str(v) for v in range(1, 12))
+"""Room versions whose creator has only the power level the room gives them."""
+
+
 def _level_of(levels: dict[str, Any], mxid: str) -> int:
     users = levels.get("users") if isinstance(levels.get("users"), dict) else {}
     value = users.get(mxid, levels.get("users_default", 0))
@@ -314,6 +318,52 @@ class Homeserver:
                 return None
             raise
         return content if isinstance(content, dict) else None
+
+    async def event_in_room(
+        self, viewer: str, room_id: str, event_id: str
+    ) -> dict[str, Any] | None:
+        """An event of ``room_id`` as ``viewer`` (a member) gets it from the homeserver (its
+        ``sender`` is in clear even when it is encrypted); None when the room has no such event
+        that ``viewer`` may see (an event of another room included)."""
+        try:
+            event = await self.api.user(UserID(viewer)).request(
+                Method.GET, Path.v3.rooms[RoomID(room_id)].event[event_id]
+            )
+        except MatrixRequestError as error:
+            if 400 <= error.http_status < 500 and error.http_status != 429:
+                return None
+            raise
+        if not isinstance(event, dict) or event.get("room_id") != room_id:
+            return None
+        return event
+
+    async def may_redact_others(self, viewer: str, room_id: str, mxid: str) -> bool:
+        """Whether ``mxid``'s power level in ``room_id`` (as ``viewer`` reads the room's state)
+        reaches the room's ``redact`` level; a room version 12 creator always may."""
+        levels = await self.get_state(viewer, room_id, "m.room.power_levels")
+        if levels is None:
+            return False  # no power levels: only the creator may (spec), checked below
+        needed = levels.get("redact", 50)
+        if _level_of(levels, mxid) >= (int(needed) if isinstance(needed, int | float) else 50):
+            return True
+        return await self._is_creator(viewer, room_id, mxid)
+
+    async def _is_creator(self, viewer: str, room_id: str, mxid: str) -> bool:
+        """Room version 12 (MSC4289): the creators (the create event's sender and its
+        ``additional_creators``) are above every power level."""
+        create = await self.get_state(viewer, room_id, "m.room.create") or {}
+        if str(create.get("room_version", "1")) in _LEVELLED_CREATOR_VERSIONS:
+            return False
+        creators = create.get("additional_creators")
+        if isinstance(creators, list) and mxid in creators:
+            return True
+        state = await self.api.user(UserID(viewer)).request(
+            Method.GET, Path.v3.rooms[RoomID(room_id)].state
+        )
+        return isinstance(state, list) and any(
+            isinstance(e, dict) and e.get("type") == "m.room.create" and e.get("sender") == mxid
+            for e in state
+        )
 
     async def put_state(
         self, mxid: str, room_id: str, event_type: str, content: dict[str, Any]

@@ -59,9 +59,13 @@ class MedipepsClient:
         _, data = await self._call("POST", f"/mp/conversations/{conv}/messages", json=body)
         return _int_field(data, "msg", "message")
 
-    async def delete_message(self, conv: int, msg: int) -> None:
-        """``DELETE /mp/conversations/{conv}/messages/{msg}``; already gone (404) is a success."""
-        await self._call("DELETE", f"/mp/conversations/{conv}/messages/{msg}", allow_404=True)
+    async def delete_message(self, conv: int, msg: int) -> bool:
+        """``DELETE /mp/conversations/{conv}/messages/{msg}``; False when Medipeps has no such
+        message (404), which is no error."""
+        status, _ = await self._call(
+            "DELETE", f"/mp/conversations/{conv}/messages/{msg}", allow_404=True
+        )
+        return status != 404
 
     async def mark_read(self, conv: int, body: dict[str, Any]) -> None:
         """``POST /mp/conversations/{conv}/read``."""

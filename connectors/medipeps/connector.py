@@ -136,9 +136,9 @@ class MedipepsConnector(Connector):
             raise ConnectorError(f"Medipeps: {exc}", retriable=False) from exc
         return _decoded(data)
 
-    async def delete_message(self, conversation_id: str, message_id: str, sender: Sender) -> None:
+    async def delete_message(self, conversation_id: str, message_id: str, sender: Sender) -> bool:
         del sender  # Medipeps deletes by message id
-        await self.client.delete_message(_conv(conversation_id), _msg(message_id))
+        return await self.client.delete_message(_conv(conversation_id), _msg(message_id))
 
     async def mark_read(self, conversation_id: str, reader: Sender, message_id: str) -> None:
         body = {"reader_ref": reader.ref, "up_to": _msg(message_id)}

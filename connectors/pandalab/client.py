@@ -95,9 +95,11 @@ class PandaLabClient:
             idempotency_key=idempotency_key,
         )
 
-    async def delete_message(self, conversation_id: str, message_id: str) -> None:
-        """``DELETE .../messages/{message_id}``; a message already gone (404) is a success."""
-        await self._call("DELETE", _message(conversation_id, message_id), accept=(404,))
+    async def delete_message(self, conversation_id: str, message_id: str) -> bool:
+        """``DELETE .../messages/{message_id}``; False when PandaLab has no such message (404),
+        which is no error (a repeat of a delete is answered 204)."""
+        status, _ = await self._call("DELETE", _message(conversation_id, message_id), accept=(404,))
+        return status != 404
 
     async def add_reaction(
         self, conversation_id: str, message_id: str, body: dict[str, Any], idempotency_key: str
@@ -109,10 +111,12 @@ class PandaLabClient:
 
     async def remove_reaction(
         self, conversation_id: str, message_id: str, reaction_id: str
-    ) -> None:
-        """``DELETE .../reactions/{reaction_id}``; a reaction already gone (404) is a success."""
+    ) -> bool:
+        """``DELETE .../reactions/{reaction_id}``; False when PandaLab has no such reaction
+        (404), which is no error."""
         path = f"{_message(conversation_id, message_id)}/reactions/{http.segment(reaction_id)}"
-        await self._call("DELETE", path, accept=(404,))
+        status, _ = await self._call("DELETE", path, accept=(404,))
+        return status != 404
 
     async def mark_read(self, conversation_id: str, body: dict[str, Any]) -> None:
         """``POST /api/v1/conversations/{id}/read``."""

@@ -147,9 +147,9 @@ class PandaLabConnector(Connector):
             idempotency_key=message.request_id,
         )
 
-    async def delete_message(self, conversation_id: str, message_id: str, sender: Sender) -> None:
+    async def delete_message(self, conversation_id: str, message_id: str, sender: Sender) -> bool:
         del sender  # PandaLab deletes by message id; only its poster (this client) may
-        await self.client.delete_message(conversation_id, message_id)
+        return await self.client.delete_message(conversation_id, message_id)
 
     async def add_reaction(
         self, conversation_id: str, message_id: str, sender: Sender, key: str, request_id: str
@@ -161,9 +161,9 @@ class PandaLabConnector(Connector):
 
     async def remove_reaction(
         self, conversation_id: str, message_id: str, reaction_id: str, sender: Sender
-    ) -> None:
+    ) -> bool:
         del sender
-        await self.client.remove_reaction(conversation_id, message_id, reaction_id)
+        return await self.client.remove_reaction(conversation_id, message_id, reaction_id)
 
     async def mark_read(self, conversation_id: str, reader: Sender, message_id: str) -> None:
         body = {"reader": convert.sender_json(reader), "up_to": message_id}

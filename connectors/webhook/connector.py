@@ -232,14 +232,15 @@ class WebhookConnector(Connector):
             idempotency_key(message.request_id),
         )
 
-    async def delete_message(self, conversation_id: str, message_id: str, sender: Sender) -> None:
-        """A message already gone (404) counts as deleted."""
-        await self.client.post(
+    async def delete_message(self, conversation_id: str, message_id: str, sender: Sender) -> bool:
+        """False when the vendor has no such message (404), which is no error."""
+        status, _ = await self.client.post(
             f"{_message(conversation_id, message_id)}/delete",
             {"sender": convert.person_json(sender)},
             derived_key("delete", conversation_id, message_id),
             accept=(404,),
         )
+        return status != 404
 
     async def add_reaction(
         self, conversation_id: str, message_id: str, sender: Sender, key: str, request_id: str
@@ -256,15 +257,16 @@ class WebhookConnector(Connector):
 
     async def remove_reaction(
         self, conversation_id: str, message_id: str, reaction_id: str, sender: Sender
-    ) -> None:
-        """A reaction already gone (404) counts as removed."""
+    ) -> bool:
+        """False when the vendor has no such reaction (404), which is no error."""
         path = f"{_message(conversation_id, message_id)}/reactions/{http.segment(reaction_id)}"
-        await self.client.post(
+        status, _ = await self.client.post(
             f"{path}/delete",
             {"sender": convert.person_json(sender)},
             derived_key("unreact", conversation_id, message_id, reaction_id),
             accept=(404,),
         )
+        return status != 404
 
     async def mark_read(self, conversation_id: str, reader: Sender, message_id: str) -> None:
         await self.client.post(
