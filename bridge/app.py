@@ -38,7 +38,7 @@ from bridge.crypto.pickling import PickleKey
 from bridge.db.clock import now_ms
 from bridge.db.connector_state import BRIDGE_STATE, ConnectorStateStore
 from bridge.db.crypto import CryptoStore
-from bridge.db.database import open_database
+from bridge.db.database import open_database, truncate_wal
 from bridge.db.group_commit import GroupCommit
 from bridge.db.inbox import InboxItem
 from bridge.db.outbox import OutboxItem
@@ -91,6 +91,7 @@ class Bridge:
         as_token, hs_token = load_tokens(self.config)
         self.db = await open_database(self.config.database)
         self.stores = Stores.of(self.db, secrets=self.config.secrets)
+        await self._seal_queued_content()
         self.stores.audit.retention_days = self.config.audit.retention_days
         trail = Trail(self.stores.audit, self.metrics)
         """Every delivery's audit row and metrics."""
@@ -252,6 +253,13 @@ class Bridge:
             at_once=True,
         )
         self.audit_purge.start()
+        self.wal_truncation = Periodic(
+            "Write-ahead log truncation",
+            self._truncate_wal,
+            self.config.database.wal_truncate_interval_s if self.config.database.is_sqlite else 0,
+            log,
+        )
+        self.wal_truncation.start()
         await self.connector_manager.start()
         await self.router.start()
         self.trust_watcher.start()  # and brings every portal's ACL to the list at once
@@ -263,6 +271,18 @@ class Bridge:
             self.inbox.start()
             self.outbox.start()
         log.info("Bridge running with connectors: %s", ", ".join(self.connectors.ids()) or "none")
+
+    async def _seal_queued_content(self) -> None:
+        """Queued content is sealed at rest; rows of before (in clear) are sealed now."""
+        if self.stores.outbox.box is None:
+            log.warning(
+                "No secrets key is configured: message content waiting in the outbox is stored "
+                "unsealed; set secrets.key_file (eimis-bridge secrets generate-key)"
+            )
+            return
+        sealed, _ = await self.stores.outbox.seal_all()
+        if sealed:
+            log.info("Sealed %d queued delivery(ies) with the secrets key", sealed)
 
     async def _open_crypto(self) -> Crypto:
         """End-to-bridge encryption over this bridge's database and homeserver."""
@@ -302,6 +322,8 @@ class Bridge:
             await self.console.stop()
         if getattr(self, "audit_purge", None) is not None:
             await self.audit_purge.stop()
+        if getattr(self, "wal_truncation", None) is not None:
+            await self.wal_truncation.stop()
         if getattr(self, "ghost_names", None) is not None:
             await self.ghost_names.stop()
         if getattr(self, "trust_watcher", None) is not None:
@@ -434,6 +456,10 @@ class Bridge:
             log.exception("Could not look up %s", mxid)
             return False
         return True
+
+    async def _truncate_wal(self) -> None:
+        """Cleared content (delivered, discarded) leaves the write-ahead log's old frames."""
+        await truncate_wal(self.db)
 
     async def _purge_audit(self) -> None:
         purged = await self.stores.audit.purge()

@@ -104,6 +104,12 @@ class DatabaseConfig(_Strict):
     url: str = Field("sqlite:eimis-bridge.db", description="sqlite:PATH or postgresql://...")
     min_size: int = Field(1, ge=1)
     max_size: int = Field(10, ge=1)
+    wal_truncate_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description="SQLite: how often the write-ahead log is checkpointed and emptied, so the "
+        "content of delivered messages does not stay in it (0: never)",
+    )
 
     @field_validator("url")
     @classmethod
