@@ -327,6 +327,18 @@ class EncryptionConfig(_Strict):
         return self
 
 
+class PortalConfig(_Strict):
+    """Portal rooms as the homeserver stores them."""
+
+    titles_in_room_state: bool = Field(
+        False,
+        description="Put a conversation's title in its portal's m.room.name (room state is never "
+        "end-to-end encrypted: every homeserver of the room stores it in clear, and titles may "
+        "name patients); off: Matrix clients name the room after its members, vendors still "
+        "get the title",
+    )
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(False, alias="json")
@@ -347,6 +359,7 @@ class Config(_Strict):
     audit: AuditConfig = AuditConfig()
     admin: AdminConfig = AdminConfig()
     encryption: EncryptionConfig = EncryptionConfig()
+    portal: PortalConfig = PortalConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @field_validator("connectors")
