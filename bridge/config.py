@@ -440,8 +440,19 @@ def load_config(path: Path) -> Config:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(error)}") from None
     return parse_config(data, base_dir=path.parent)
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and what (``line 3, column 8: found unexpected end of stream``), never the text:
+    PyYAML's own message quotes the offending line, which may hold a secret."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or type(error).__name__
+    problem = re.sub(r"'[^']{4,}'", "'...'", str(problem))  # a tag or alias name: not quoted
+    if mark is None:
+        return str(problem)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def load_tokens(config: Config) -> tuple[str, str]:
@@ -453,8 +464,9 @@ def load_tokens(config: Config) -> tuple[str, str]:
     try:
         registration = yaml.safe_load(a.registration.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as error:
+        why = yaml_problem(error) if isinstance(error, yaml.YAMLError) else error.strerror
         raise ConfigError(
-            f"appservice.registration: cannot read {a.registration} ({error}); run "
+            f"appservice.registration: cannot read {a.registration} ({why}); run "
             "'eimis-bridge generate-registration' first"
         ) from None
     try:
