@@ -38,7 +38,9 @@ async def truncate_wal(db: Database) -> None:
     from rows (delivered, discarded, erased) does not live on in old log frames (with
     ``secure_delete`` the database's own pages are overwritten). Nothing on PostgreSQL."""
     if db.scheme == Scheme.SQLITE:
-        await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # fetch, not execute: the pragma answers a row, and an unread answer keeps a read
+        # transaction open on the connection.
+        await db.fetch("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 async def open_database(config: DatabaseConfig) -> Database:
