@@ -10,6 +10,7 @@ import os
 import stat
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mautrix.util.async_db import Database
@@ -269,3 +270,50 @@ def test_the_registration_and_the_demo_files_are_0600(tmp_path: Path, umask: Non
     private_dir(state)
     demo._native_password(state)
     assert mode(state / "native-password") == 0o600
+    homeserver = SimpleNamespace(url="http://127.0.0.1:8008", server_name="eimis.localhost")
+    demo._write_demo_json(state, homeserver, "@julie:eimis.localhost", "pw", [])  # type: ignore[arg-type]
+    assert mode(state / "demo.json") == 0o600
+
+
+async def test_secrets_rotate_seals_queued_content_written_in_clear(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+
+    import yaml
+
+    from bridge.cli import main
+
+    db_path = tmp_path / "bridge.db"
+    key_file = tmp_path / "secrets.key"
+    write_private(key_file, generate_key())
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "homeserver": {"url": "http://127.0.0.1:8008", "domain": "eimis.example"},
+                "appservice": {"address": "http://127.0.0.1:1", "as_token": "a", "hs_token": "b"},
+                "database": {"url": f"sqlite:{db_path}"},
+                "secrets": {"key_file": str(key_file)},
+            }
+        )
+    )
+    db = await open_database(DatabaseConfig(url=f"sqlite:{db_path}"))
+    try:
+        await OutboxStore(db).enqueue("pl", "!r:x", "send_message", "$old", {"text": BODY})
+    finally:
+        await db.stop()
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["secrets", "status", "-c", str(config)]) == 0
+    assert "Queued deliveries in clear: 1" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["secrets", "rotate", "-c", str(config)]) == 0
+    assert "1 queued delivery(ies) sealed" in capsys.readouterr().out
+    db = await open_database(DatabaseConfig(url=f"sqlite:{db_path}"))
+    try:
+        assert not in_clear(await raw_outbox(db))
+        sealed = OutboxStore(db, SecretBox.from_config(SecretsConfig(key_file=key_file)))
+        assert [i.payload for i in await sealed.pending(0, 1)] == [{"text": BODY}]
+    finally:
+        await db.stop()
+    assert await asyncio.to_thread(main, ["secrets", "status", "-c", str(config)]) == 0
+    assert "in clear" not in capsys.readouterr().out

@@ -36,7 +36,6 @@ log = logging.getLogger("eimis.directory.fhir")
 
 SOURCE = "fhir"
 IDNPS_SYSTEM = "urn:oid:1.2.250.1.71.4.2.1"
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 RPPS_SYSTEMS = frozenset({"https://rpps.esante.gouv.fr", "http://rpps.fr"})
 PROFESSION_SYSTEM = (
     "https://mos.esante.gouv.fr/NOS/TRE_G15-ProfessionSante/FHIR/TRE-G15-ProfessionSante"
@@ -196,6 +195,9 @@ def parse_bundle(
         yield Record(
             Professional(idnps, given, family, code, label, SOURCE), tuple(dict.fromkeys(mxids))
         )
+
+
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 def _fhir_id(value: Any) -> str:
