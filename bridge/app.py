@@ -48,7 +48,7 @@ from bridge.matrix.homeserver import Homeserver, HomeserverCheckFailed
 from bridge.matrix.keys import KeysApi
 from bridge.matrix.media import MediaRepository
 from bridge.metrics import Metrics, bridge_sampler
-from bridge.secrets import KeyUnavailable, SecretBox
+from bridge.secrets import KeyUnavailable, SecretBox, SecretsError
 from connectors.base import (
     REMOTE_EVENT_TYPES,
     BatchSink,
@@ -274,13 +274,23 @@ class Bridge:
 
     async def _seal_queued_content(self) -> None:
         """Queued content is sealed at rest; rows of before (in clear) are sealed now."""
-        if self.stores.outbox.box is None:
+        outbox = self.stores.outbox
+        if outbox.box is None:
+            sealed_with = sorted(k for k in await outbox.key_usage() if k)
+            if sealed_with:
+                raise ConfigError(
+                    "the outbox holds deliveries sealed with the secrets key "
+                    f"{', '.join(sealed_with)}, and no key is configured: set secrets.key_file"
+                )
             log.warning(
                 "No secrets key is configured: message content waiting in the outbox is stored "
                 "unsealed; set secrets.key_file (eimis-bridge secrets generate-key)"
             )
             return
-        sealed, _ = await self.stores.outbox.seal_all()
+        try:
+            sealed, _ = await outbox.seal_all()
+        except SecretsError as error:
+            raise ConfigError(f"queued deliveries cannot be opened: {error}") from None
         if sealed:
             log.info("Sealed %d queued delivery(ies) with the secrets key", sealed)
 

@@ -317,3 +317,34 @@ async def test_secrets_rotate_seals_queued_content_written_in_clear(
         await db.stop()
     assert await asyncio.to_thread(main, ["secrets", "status", "-c", str(config)]) == 0
     assert "in clear" not in capsys.readouterr().out
+
+
+async def test_the_bridge_will_not_start_without_the_key_that_sealed_its_queue(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from bridge.app import Bridge
+    from bridge.config import ConfigError, parse_config
+
+    db_path = tmp_path / "bridge.db"
+    sealing = box()
+    db = await open_database(DatabaseConfig(url=f"sqlite:{db_path}"))
+    try:
+        await OutboxStore(db, sealing).enqueue("pl", "!r:x", "send", "$a", {"text": BODY})
+    finally:
+        await db.stop()
+    config = parse_config(
+        {
+            "homeserver": {"url": "http://127.0.0.1:9", "domain": "eimis.example"},
+            "appservice": {"address": "http://127.0.0.1:9", "as_token": "a", "hs_token": "b"},
+            "database": {"url": f"sqlite:{db_path}"},
+            "encryption": {"enabled": False},
+            "secrets": {"key_env": "EIMIS_TEST_NO_SUCH_KEY"},
+        }
+    )
+    bridge = Bridge(config)
+    try:
+        with pytest.raises(ConfigError, match=sealing.key_id):
+            await bridge.start()
+    finally:
+        await bridge.stop()
+    assert BODY not in caplog.text
