@@ -121,23 +121,33 @@ async def test_a_connector_secret_is_shown_once_in_an_encrypted_admin_room(
 
 
 async def test_a_portal_has_no_title_in_room_state_and_vendors_still_get_it(
-    stack: LocalStack, http: ClientSession
+    stack: LocalStack, http: ClientSession, tmp_path: Path
 ) -> None:
     assert stack.config.portal.titles_in_room_state is False  # the default
     alice = (await app_users_of(stack, http, "pandalab"))[0]
     bob = (await app_users_of(stack, http, "medipeps"))[0]
-    title = unique("Suivi de M. Dupont, chambre 12")
-    conversation = await alice.start_conversation([bob.idnps], title)
-    hello = unique("Bonjour")
-    await alice.post(conversation, text=hello)
-    room_id = await portal_of(stack, "pandalab", conversation)
-    await wait_for("Bob to get the message", lambda: received(bob, hello), 60)
-    assert await conversation_titled(bob, title) is not None  # the vendor got the title
+    user_id, token = await stack.synapse.register_user(f"doc{next(counter)}", NATIVE_PASSWORD)
+    native = await connect(
+        stack.synapse.url, user_id, token, encrypted=True, store_dir=tmp_path / "doc"
+    )
+    async with native:
+        title = unique("Suivi de M. Dupont, chambre 12")
+        conversation = await alice.start_conversation([bob.idnps, native.user_id], title)
+        hello = unique("Bonjour")
+        await alice.post(conversation, text=hello)
+        room_id = await portal_of(stack, "pandalab", conversation)
+        await wait_for("Bob to get the message", lambda: received(bob, hello), 60)
+        assert await conversation_titled(bob, title) is not None  # the vendor got the title
+        # The Matrix members read it end-to-end encrypted, from the bot.
+        await native.accept_invites(room_id, timeout=30)
+        notice = await native.wait_for_message(
+            room_id, lambda m: getattr(m, "body", None) == f"Conversation : {title}", 60
+        )
+        assert notice.sender == BOT and notice.decrypted
     assert stack.bridge is not None
-    bot = stack.config.bot_mxid
-    assert await stack.bridge.homeserver.get_state(bot, room_id, "m.room.name") is None
-    assert await stack.bridge.homeserver.get_state(bot, room_id, "m.room.topic") is None
-    assert not room_holds_text(stack.synapse, room_id, title)  # in no event at all
+    assert await stack.bridge.homeserver.get_state(BOT, room_id, "m.room.name") is None
+    assert await stack.bridge.homeserver.get_state(BOT, room_id, "m.room.topic") is None
+    assert not room_holds_text(stack.synapse, room_id, title)  # in no event, state or not
     assert not room_holds_text(stack.synapse, room_id, "M. Dupont")
 
 
