@@ -38,7 +38,7 @@ from bridge.crypto.pickling import PickleKey
 from bridge.db.clock import now_ms
 from bridge.db.connector_state import BRIDGE_STATE, ConnectorStateStore
 from bridge.db.crypto import CryptoStore
-from bridge.db.database import open_database
+from bridge.db.database import open_database, truncate_wal
 from bridge.db.group_commit import GroupCommit
 from bridge.db.inbox import InboxItem
 from bridge.db.outbox import OutboxItem
@@ -48,7 +48,7 @@ from bridge.matrix.homeserver import Homeserver, HomeserverCheckFailed
 from bridge.matrix.keys import KeysApi
 from bridge.matrix.media import MediaRepository
 from bridge.metrics import Metrics, bridge_sampler
-from bridge.secrets import KeyUnavailable, SecretBox
+from bridge.secrets import KeyUnavailable, SecretBox, SecretsError
 from connectors.base import (
     REMOTE_EVENT_TYPES,
     BatchSink,
@@ -91,6 +91,7 @@ class Bridge:
         as_token, hs_token = load_tokens(self.config)
         self.db = await open_database(self.config.database)
         self.stores = Stores.of(self.db, secrets=self.config.secrets)
+        await self._seal_queued_content()
         self.stores.audit.retention_days = self.config.audit.retention_days
         trail = Trail(self.stores.audit, self.metrics)
         """Every delivery's audit row and metrics."""
@@ -258,6 +259,13 @@ class Bridge:
             at_once=True,
         )
         self.audit_purge.start()
+        self.wal_truncation = Periodic(
+            "Write-ahead log truncation",
+            self._truncate_wal,
+            self.config.database.wal_truncate_interval_s if self.config.database.is_sqlite else 0,
+            log,
+        )
+        self.wal_truncation.start()
         await self.connector_manager.start()
         await self.router.start()
         self.trust_watcher.start()  # and brings every portal's ACL to the list at once
@@ -269,6 +277,28 @@ class Bridge:
             self.inbox.start()
             self.outbox.start()
         log.info("Bridge running with connectors: %s", ", ".join(self.connectors.ids()) or "none")
+
+    async def _seal_queued_content(self) -> None:
+        """Queued content is sealed at rest; rows of before (in clear) are sealed now."""
+        outbox = self.stores.outbox
+        if outbox.box is None:
+            sealed_with = sorted(k for k in await outbox.key_usage() if k)
+            if sealed_with:
+                raise ConfigError(
+                    "the outbox holds deliveries sealed with the secrets key "
+                    f"{', '.join(sealed_with)}, and no key is configured: set secrets.key_file"
+                )
+            log.warning(
+                "No secrets key is configured: message content waiting in the outbox is stored "
+                "unsealed; set secrets.key_file (eimis-bridge secrets generate-key)"
+            )
+            return
+        try:
+            sealed, _ = await outbox.seal_all()
+        except SecretsError as error:
+            raise ConfigError(f"queued deliveries cannot be opened: {error}") from None
+        if sealed:
+            log.info("Sealed %d queued delivery(ies) with the secrets key", sealed)
 
     async def _open_crypto(self) -> Crypto:
         """End-to-bridge encryption over this bridge's database and homeserver."""
@@ -308,6 +338,8 @@ class Bridge:
             await self.console.stop()
         if getattr(self, "audit_purge", None) is not None:
             await self.audit_purge.stop()
+        if getattr(self, "wal_truncation", None) is not None:
+            await self.wal_truncation.stop()
         if getattr(self, "ghost_names", None) is not None:
             await self.ghost_names.stop()
         if getattr(self, "trust_watcher", None) is not None:
@@ -440,6 +472,10 @@ class Bridge:
             log.exception("Could not look up %s", mxid)
             return False
         return True
+
+    async def _truncate_wal(self) -> None:
+        """Cleared content (delivered, discarded) leaves the write-ahead log's old frames."""
+        await truncate_wal(self.db)
 
     async def _purge_audit(self) -> None:
         purged = await self.stores.audit.purge()

@@ -104,6 +104,12 @@ class DatabaseConfig(_Strict):
     url: str = Field("sqlite:eimis-bridge.db", description="sqlite:PATH or postgresql://...")
     min_size: int = Field(1, ge=1)
     max_size: int = Field(10, ge=1)
+    wal_truncate_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description="SQLite: how often the write-ahead log is checkpointed and emptied, so the "
+        "content of delivered messages does not stay in it (0: never)",
+    )
 
     @field_validator("url")
     @classmethod
@@ -344,6 +350,18 @@ class EncryptionConfig(_Strict):
         return self
 
 
+class PortalConfig(_Strict):
+    """Portal rooms as the homeserver stores them."""
+
+    titles_in_room_state: bool = Field(
+        False,
+        description="Put a conversation's title in its portal's m.room.name (room state is never "
+        "end-to-end encrypted: every homeserver of the room stores it in clear, and titles may "
+        "name patients); off: Matrix clients name the room after its members, vendors still "
+        "get the title",
+    )
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(False, alias="json")
@@ -365,6 +383,7 @@ class Config(_Strict):
     audit: AuditConfig = AuditConfig()
     admin: AdminConfig = AdminConfig()
     encryption: EncryptionConfig = EncryptionConfig()
+    portal: PortalConfig = PortalConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @field_validator("connectors")
@@ -445,8 +464,19 @@ def load_config(path: Path) -> Config:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(error)}") from None
     return parse_config(data, base_dir=path.parent)
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and what (``line 3, column 8: found unexpected end of stream``), never the text:
+    PyYAML's own message quotes the offending line, which may hold a secret."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or type(error).__name__
+    problem = re.sub(r"'[^']{4,}'", "'...'", str(problem))  # a tag or alias name: not quoted
+    if mark is None:
+        return str(problem)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def load_tokens(config: Config) -> tuple[str, str]:
@@ -458,8 +488,9 @@ def load_tokens(config: Config) -> tuple[str, str]:
     try:
         registration = yaml.safe_load(a.registration.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as error:
+        why = yaml_problem(error) if isinstance(error, yaml.YAMLError) else error.strerror
         raise ConfigError(
-            f"appservice.registration: cannot read {a.registration} ({error}); run "
+            f"appservice.registration: cannot read {a.registration} ({why}); run "
             "'eimis-bridge generate-registration' first"
         ) from None
     try:

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from bridge.config import Config
+from bridge.private_files import write_private
 
 
 def user_namespace_regex(config: Config) -> str:
@@ -50,9 +51,6 @@ def build_registration(config: Config) -> dict[str, Any]:
 
 def write_registration(config: Config, path: Path) -> dict[str, Any]:
     registration = build_registration(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # The file holds both tokens: readable by its owner only.
-    path.touch(mode=0o600, exist_ok=True)
-    path.chmod(0o600)
-    path.write_text(yaml.safe_dump(registration, sort_keys=False), encoding="utf-8")
+    write_private(path, yaml.safe_dump(registration, sort_keys=False))
     return registration

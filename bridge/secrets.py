@@ -122,6 +122,17 @@ def read_key_file(path: Path, setting: str) -> bytes:
     return parse_key(text, f"{setting} ({path})")
 
 
+def configured_box(
+    config: SecretsConfig, environ: Mapping[str, str] | None = None
+) -> SecretBox | None:
+    """The box of the configured key, None when no key is configured at all (neither
+    ``key_file`` nor the ``key_env`` variable); KeyUnavailable when one is, but unusable."""
+    environ = os.environ if environ is None else environ
+    if config.key_file is None and not environ.get(config.key_env):
+        return None
+    return SecretBox.from_config(config, environ)
+
+
 class SecretBox:
     """Seals with the current key; opens with it or any previous key."""
 

@@ -70,7 +70,8 @@ def test_ps_columns_are_found_by_name_in_any_order_with_matrix_ids() -> None:
     assert records[0].native_mxids == ("@ana.garcia:eimis.localhost",)
     assert records[1].native_mxids == ("@ana:other.example", "@ana.garcia:eimis.localhost")
     assert [(r.position, r.reason) for r in rejected] == [
-        (3, "'not-a-matrix-id' is not a Matrix user ID (@user:server)"),
+        # The line, the column and the rule; never the content (issue 11, point 14).
+        (3, "column 2, Matrix ID 1: not a Matrix user ID (@user:server)"),
         (4, "@eimis_pandalab_810099000068:eimis.localhost: ours"),
     ]
 

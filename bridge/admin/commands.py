@@ -248,6 +248,8 @@ async def _connector(ctx: AdminContext, args: argparse.Namespace, who: str) -> R
     if manager is None:
         return Reply("This bridge has no run-time connector registry.")
     name, action = args.name, args.action
+    if action in ("add", "rotate-secret") and not await _encrypted_room(ctx, who):
+        return Reply(_SECRET_NOT_HERE.format(action=action, name=name))
     if action == "add":
         if not args.type:
             return Reply("connector add needs --type (one of the installed connector types).")
@@ -287,6 +289,20 @@ async def _connector(ctx: AdminContext, args: argparse.Namespace, who: str) -> R
 
     verb = {"disable": "Disable", "remove": "Remove", "rotate-secret": "Rotate the secret of"}
     return Reply(f"{verb[action]} connector {name}? Answer 'yes' to confirm.", confirm=run)
+
+
+_SECRET_NOT_HERE = (
+    "Not done: 'connector {action}' shows a shared secret, and this room is not end-to-end "
+    "encrypted (the homeserver would store the secret in clear). Run it on the bridge's host: "
+    "eimis-bridge connector {action} {name} -c CONFIG ... ; or ask here from an encrypted "
+    "direct chat with the bot."
+)
+
+
+async def _encrypted_room(ctx: AdminContext, who: str) -> bool:
+    """Whether the command's room is end-to-end encrypted (the bot's answer then is too)."""
+    room_id = who.split("|", 1)[0]
+    return await ctx.homeserver.follow_encryption(room_id, ctx.config.bot_mxid)
 
 
 async def _queue(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:

@@ -104,6 +104,7 @@ async def _database_action(args: argparse.Namespace) -> int:
     from bridge.db.connector_registry import ConnectorRegistry
     from bridge.db.crypto import CryptoStore
     from bridge.db.database import open_database
+    from bridge.db.outbox import OutboxStore
 
     config = load_config(args.config)
     box = SecretBox.from_config(config.secrets)
@@ -111,12 +112,18 @@ async def _database_action(args: argparse.Namespace) -> int:
     try:
         registry = ConnectorRegistry(db, box)
         crypto = CryptoStore(db)
+        outbox = OutboxStore(db, box)
         if args.action == "rotate":
             report = await registry.reseal()
             was = await PickleKey.reseal(crypto, box)
+            queued, queued_current = await outbox.seal_all()
             print(
                 f"{report.resealed} value(s) sealed again with key {box.key_id}; "
                 f"{report.already_current} already were."
+            )
+            print(
+                f"{queued} queued delivery(ies) sealed with key {box.key_id}; "
+                f"{queued_current} already were."
             )
             if was is not None:
                 print(
@@ -128,6 +135,11 @@ async def _database_action(args: argparse.Namespace) -> int:
         if pickle_key is not None:
             kid = sealed_key_id(pickle_key)
             usage[kid] = usage.get(kid, 0) + 1
+        for kid, count in (await outbox.key_usage()).items():
+            usage[kid] = usage.get(kid, 0) + count
+        unsealed = usage.pop("", 0)
+        if unsealed:
+            print(f"Queued deliveries in clear: {unsealed} ('secrets rotate' seals them)")
         print(f"Current key: {box.key_id}: {usage.pop(box.key_id, 0)} value(s)")
         for kid in box.key_ids[1:]:
             print(f"Previous key: {kid}: {usage.pop(kid, 0)} value(s)")

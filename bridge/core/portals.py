@@ -273,6 +273,14 @@ class Portals:
         self.stores.portals.forget(room_id)
         log.info("Opened portal %s for %s conversation %s", room_id, source, event.conversation_id)
         await self.publish_capabilities(room_id, self.ids.bot_mxid)
+        if event.title and self.hs.encrypt_new_portals and not self.hs.titles_in_room_state:
+            # Kept out of the room state (stored in clear), the title reaches the room's Matrix
+            # members in an end-to-end encrypted notice.
+            await self.hs.send_notice(
+                room_id,
+                f"Conversation : {event.title}",
+                txn_id=derived_txn_id("portal-title", room_id),
+            )
         if unreachable:
             await self.hs.send_notice(
                 room_id,

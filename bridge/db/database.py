@@ -6,21 +6,41 @@ import logging
 from pathlib import Path
 
 from mautrix.client.state_store.asyncpg import PgStateStore
-from mautrix.util.async_db import Database
+from mautrix.util.async_db import Database, Scheme
 
 from bridge.config import DatabaseConfig
 from bridge.db.upgrade import upgrade_table
+from bridge.private_files import private_file
 
 log = logging.getLogger("eimis.db")
+
+
+_SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
 def _normalise_url(url: str) -> str:
     if url.startswith("sqlite:"):
         path = url.removeprefix("sqlite:").removeprefix("///").removeprefix("//")
         absolute = Path(path).expanduser().resolve()
-        absolute.parent.mkdir(parents=True, exist_ok=True)
+        # Message content and sealed secrets: owner only. SQLite gives its -wal, -shm and
+        # -journal files the database file's mode, so they are created 0600 too.
+        private_file(absolute)
+        for suffix in _SIDE_FILES:
+            side = absolute.with_name(absolute.name + suffix)
+            if side.exists():
+                private_file(side)
         return f"sqlite:{absolute}"
     return url
+
+
+async def truncate_wal(db: Database) -> None:
+    """SQLite: copy the write-ahead log into the database and empty it, so content cleared
+    from rows (delivered, discarded, erased) does not live on in old log frames (with
+    ``secure_delete`` the database's own pages are overwritten). Nothing on PostgreSQL."""
+    if db.scheme == Scheme.SQLITE:
+        # fetch, not execute: the pragma answers a row, and an unread answer keeps a read
+        # transaction open on the connection.
+        await db.fetch("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 async def open_database(config: DatabaseConfig) -> Database:
@@ -37,7 +57,8 @@ async def open_database(config: DatabaseConfig) -> Database:
     if config.is_sqlite:
         # One connection: SQLite has one writer anyway, and a single connection keeps every
         # transaction strictly serialised (WAL lets readers of other processes go on).
-        db_args = {"min_size": 1}
+        # secure_delete: content cleared from a row is overwritten, not left in free space.
+        db_args = {"min_size": 1, "init_commands": ["PRAGMA secure_delete = ON"]}
     db = Database.create(
         _normalise_url(config.url),
         upgrade_table=upgrade_table,

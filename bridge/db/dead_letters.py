@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from mautrix.util.async_db import Database
 
+from bridge.db.database import truncate_wal
+
 
 @dataclass(frozen=True)
 class DeadLetter:
@@ -60,4 +62,6 @@ class DeadLetterStore:
             "WHERE state = 'dead' AND seq = $1 RETURNING seq",
             seq,
         )
+        if result:
+            await truncate_wal(self.db)  # the content leaves the write-ahead log too
         return bool(result)

@@ -1,4 +1,13 @@
-"""The durable outbox: deliveries to vendors, one FIFO per (connector, portal room)."""
+"""The durable outbox: deliveries to vendors, one FIFO per (connector, portal room).
+
+What waits here is message content (pending, failing or dead-lettered), so the ``payload``
+column holds it sealed with the secrets key (``bridge/secrets.py``, AES-256-GCM, bound to its
+row's (connector, dedup key)): the database alone reveals none of it. Callers see
+``OutboxItem.payload`` as a dict; sealing is this store's business. Rows written before sealing
+(plain JSON, which starts with ``{``) stay readable and are sealed by ``seal_all``. Without a key
+(only possible with ``encryption.enabled: false`` and no ``secrets`` key) content is stored in
+clear and the bridge warns at start. Delivered and discarded rows keep no payload at all.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +18,11 @@ from typing import Any
 from mautrix.util.async_db import Connection, Database
 
 from bridge.db.clock import now_ms
+from bridge.db.database import truncate_wal
 from bridge.db.group_commit import Write
 from bridge.db.ordering import serialize_appends
+from bridge.secrets import VERSION as _SEALED_PREFIX
+from bridge.secrets import KeyUnavailable, SecretBox, sealed_key_id
 
 _LANE_SEPARATOR = "\x1f"
 _ENQUEUE = (
@@ -21,6 +33,8 @@ _DONE = "UPDATE outbox SET state = 'done', payload = NULL, last_error = NULL WHE
 _COLUMNS = (
     "o.seq, o.connector, o.room_id, o.operation, o.dedup_key, o.payload, o.attempts, o.created_at"
 )
+_WAITING = "('pending', 'failed', 'dead')"
+"""The states whose rows still hold content."""
 # A dead letter holds everything after it in its conversation: order before delivery.
 _NOT_HELD = (
     "NOT EXISTS (SELECT 1 FROM outbox d WHERE d.state = 'dead' AND d.connector = o.connector "
@@ -46,8 +60,39 @@ class OutboxItem:
 
 
 class OutboxStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, box: SecretBox | None = None) -> None:
         self.db = db
+        self.box = box
+        """Seals payloads at rest; None stores them in clear (no secrets key configured)."""
+
+    def _seal(self, connector: str, dedup_key: str, payload: dict[str, Any]) -> str:
+        text = json.dumps(payload)
+        if self.box is None:
+            return text
+        return self.box.seal(text, _context(connector, dedup_key))
+
+    def _open(self, connector: str, dedup_key: str, stored: str) -> dict[str, Any]:
+        if stored.startswith(f"{_SEALED_PREFIX}:"):
+            if self.box is None:
+                raise KeyUnavailable(
+                    "the outbox holds content sealed with a secrets key, and none is configured "
+                    f"(key {sealed_key_id(stored)}): set secrets.key_file"
+                )
+            stored = self.box.open(stored, _context(connector, dedup_key))
+        payload: dict[str, Any] = json.loads(stored)
+        return payload
+
+    def _item(self, row: Any) -> OutboxItem:
+        return OutboxItem(
+            row["seq"],
+            row["connector"],
+            row["room_id"],
+            row["operation"],
+            row["dedup_key"],
+            self._open(row["connector"], row["dedup_key"], row["payload"]),
+            row["attempts"],
+            int(row["created_at"] or 0),
+        )
 
     async def enqueue(
         self,
@@ -69,14 +114,19 @@ class OutboxStore:
         write = self.enqueue_write(connector, room_id, operation, dedup_key, payload)
         return await conn.fetchval(f"{write.sql} RETURNING seq", *write.args) is not None
 
-    @staticmethod
     def enqueue_write(
-        connector: str, room_id: str, operation: str, dedup_key: str, payload: dict[str, Any]
+        self,
+        connector: str,
+        room_id: str,
+        operation: str,
+        dedup_key: str,
+        payload: dict[str, Any],
     ) -> Write:
         """``enqueue`` as a write for a group commit (a repeated dedup key changes nothing)."""
+        sealed = self._seal(connector, dedup_key, payload)
         return Write(
             _ENQUEUE,
-            (connector, room_id, operation, dedup_key, json.dumps(payload), now_ms()),
+            (connector, room_id, operation, dedup_key, sealed, now_ms()),
             appends_to="outbox",
         )
 
@@ -92,7 +142,7 @@ class OutboxStore:
             after_seq,
             limit,
         )
-        return [_item(r) for r in rows]
+        return [self._item(r) for r in rows]
 
     async def pending_in_lane(self, lane: str, after_seq: int, limit: int) -> list[OutboxItem]:
         connector, _, room_id = lane.partition(_LANE_SEPARATOR)
@@ -105,7 +155,7 @@ class OutboxStore:
             after_seq,
             limit,
         )
-        return [_item(r) for r in rows]
+        return [self._item(r) for r in rows]
 
     async def mark_done(self, seq: int, *, conn: Connection | None = None) -> None:
         await (conn or self.db).execute(_DONE, seq)
@@ -135,14 +185,75 @@ class OutboxStore:
         return int(value)
 
 
-def _item(row: Any) -> OutboxItem:
-    return OutboxItem(
-        row["seq"],
-        row["connector"],
-        row["room_id"],
-        row["operation"],
-        row["dedup_key"],
-        json.loads(row["payload"]),
-        row["attempts"],
-        int(row["created_at"] or 0),
-    )
+    async def waiting(
+        self, room_id: str | None = None, connector: str | None = None
+    ) -> list[OutboxItem]:
+        """Every item that still holds content (pending, failing or dead-lettered), payloads
+        opened, of one room and/or connector (None: all), in queue order."""
+        rows = await self.db.fetch(
+            f"SELECT {_COLUMNS} FROM outbox o WHERE o.state IN {_WAITING} "
+            "AND ($1 = '' OR o.room_id = $1) AND ($2 = '' OR o.connector = $2) ORDER BY o.seq",
+            room_id or "",
+            connector or "",
+        )
+        return [self._item(r) for r in rows]
+
+    async def drop(self, seqs: list[int], reason: str) -> int:
+        """Give these items up for good (state ``discarded``): their content goes."""
+        dropped = 0
+        async with self.db.acquire() as conn, conn.transaction():
+            for seq in seqs:
+                dropped += len(
+                    await conn.fetch(
+                        "UPDATE outbox SET state = 'discarded', payload = NULL, last_error = $2 "
+                        f"WHERE seq = $1 AND state IN {_WAITING} RETURNING seq",
+                        seq,
+                        reason,
+                    )
+                )
+        if dropped:
+            await truncate_wal(self.db)  # the content leaves the write-ahead log too
+        return dropped
+
+    async def seal_all(self) -> tuple[int, int]:
+        """Seal with the current key every waiting payload that is in clear (written before
+        sealing) or sealed with a previous key; returns (sealed now, already current).
+        Nothing to do without a key."""
+        box = self.box
+        if box is None:
+            return 0, 0
+        resealed = current = 0
+        async with self.db.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"SELECT seq, connector, dedup_key, payload FROM outbox WHERE state IN {_WAITING} "
+                "AND payload IS NOT NULL"
+            )
+            for row in rows:
+                stored = row["payload"]
+                if stored.startswith(f"{_SEALED_PREFIX}:") and not box.needs_resealing(stored):
+                    current += 1
+                    continue
+                payload = self._open(row["connector"], row["dedup_key"], stored)
+                await conn.execute(
+                    "UPDATE outbox SET payload = $2 WHERE seq = $1",
+                    row["seq"],
+                    self._seal(row["connector"], row["dedup_key"], payload),
+                )
+                resealed += 1
+        return resealed, current
+
+    async def key_usage(self) -> dict[str, int]:
+        """How many waiting payloads each key id sealed (``""``: in clear)."""
+        usage: dict[str, int] = {}
+        for row in await self.db.fetch(
+            f"SELECT payload FROM outbox WHERE state IN {_WAITING} AND payload IS NOT NULL"
+        ):
+            stored = row["payload"]
+            kid = sealed_key_id(stored) if stored.startswith(f"{_SEALED_PREFIX}:") else ""
+            usage[kid] = usage.get(kid, 0) + 1
+        return usage
+
+
+def _context(connector: str, dedup_key: str) -> str:
+    # The row's identity (unique): a sealed payload copied into another row does not open there.
+    return f"outbox|{connector}|{dedup_key}"

@@ -19,7 +19,7 @@ from bridge.db.outbox import OutboxStore
 from bridge.db.permissions import PermissionStore
 from bridge.db.portal import PortalStore
 from bridge.db.trust import TrustStore
-from bridge.secrets import SecretBox
+from bridge.secrets import SecretBox, configured_box
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,16 @@ class Stores:
         secrets: SecretsConfig | SecretBox | None = None,
     ) -> Stores:
         """``cache_size``: rows each read-through cache keeps (None: the default, 0: none).
-        ``secrets``: the key that opens sealed secrets (loaded when first needed)."""
+        ``secrets``: the key that seals queued content and secrets (read now when one is
+        configured; a configured key that cannot be read is an error; without any, queued
+        content is stored in clear and connector secrets cannot be sealed)."""
         sized = {} if cache_size is None else {"cache_size": cache_size}
+        secrets = secrets or SecretsConfig()
+        box = secrets if isinstance(secrets, SecretBox) else configured_box(secrets)
         return cls(
             db,
             InboxStore(db),
-            OutboxStore(db),
+            OutboxStore(db, box),
             PortalStore(db, **sized),
             GhostStore(db, **sized),
             MessageMapStore(db),
@@ -64,5 +68,5 @@ class Stores:
             permissions=PermissionStore(db),
             directory=DirectoryStore(db),
             audit=AuditLog(db),
-            connector_registry=ConnectorRegistry(db, secrets or SecretsConfig()),
+            connector_registry=ConnectorRegistry(db, box or secrets),
         )

@@ -25,6 +25,7 @@ from bridge.devtools.synapse import LocalSynapse
 from bridge.directory.importer import import_file
 from bridge.directory.sample import HEADER, extract_line, rpps_idnps
 from bridge.logs import setup_logging
+from bridge.private_files import private_dir, write_private
 
 NATIVE_LOCALPART = "julie.bernard"
 NATIVE_DISPLAYNAME = "Julie Bernard - Médecin"
@@ -197,6 +198,7 @@ async def run_demo(state_dir: Path, *, once: bool) -> int:
     )
     # The sandboxes keep their data in memory, so their ids start again at every run: the
     # bridge's database must start again too (Synapse keeps its rooms and accounts).
+    private_dir(state_dir)
     for stale in state_dir.glob("bridge.db*"):
         stale.unlink()
     stack = LocalStack(
@@ -289,8 +291,7 @@ async def _import_directory(stack: LocalStack, sandboxes: list[Sandbox], native_
 def _native_password(state_dir: Path) -> str:
     path = state_dir / "native-password"
     if not path.exists():
-        path.write_text(secrets.token_urlsafe(18))
-        path.chmod(0o600)
+        write_private(path, secrets.token_urlsafe(18))
     return path.read_text().strip()
 
 
@@ -305,9 +306,7 @@ def _write_demo_json(
             s.type_name: {"url": s.url, "users": [u["idnps"] for u in s.users]} for s in sandboxes
         },
     }
-    path = state_dir / "demo.json"
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
-    path.chmod(0o600)
+    write_private(state_dir / "demo.json", json.dumps(data, indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":

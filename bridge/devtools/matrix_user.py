@@ -35,6 +35,8 @@ from nio import (
 )
 from nio.crypto.attachments import decrypt_attachment
 
+from bridge.private_files import private_dir
+
 __all__ = ["MatrixUser", "MatrixUserError", "connect", "login", "text_is"]
 
 MEGOLM = "m.megolm.v1.aes-sha2"
@@ -70,7 +72,7 @@ def _client(
         # nio's default store is a SQLite file per user and device; a shared default directory
         # would leak keys between tests, so the caller names one (under tmp_path).
         raise ValueError("an encrypted MatrixUser needs store_dir (e.g. tmp_path / 'alice')")
-    store_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(store_dir)  # the device's Olm/Megolm keys
     config = AsyncClientConfig(encryption_enabled=True, store_sync_tokens=True)
     return AsyncClient(
         homeserver_url, user_id, device_id=device_id or "", store_path=str(store_dir), config=config

@@ -18,6 +18,7 @@ from bridge.config import Config, parse_config
 from bridge.core.connectors import available_types
 from bridge.devtools.ports import free_port
 from bridge.devtools.synapse import LocalSynapse
+from bridge.private_files import private_dir, write_private
 from bridge.registration import write_registration
 from bridge.secrets import generate_key
 
@@ -134,14 +135,14 @@ class LocalStack:
         return f"http://127.0.0.1:{self.bridge_port}"
 
     async def start(self, *, with_bridge: bool = True) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # Keys, tokens, the database: the state directory and its files are the owner's only.
+        private_dir(self.state_dir).chmod(0o700)  # the stack's own, also when it existed
         key_file = self.state_dir / "secrets.key"
         if not key_file.exists():
-            key_file.touch(mode=0o600)
-            key_file.write_text(generate_key() + "\n", encoding="utf-8")
+            write_private(key_file, generate_key() + "\n")
         self.registration = write_registration(self.config, self.registration_path)
-        (self.state_dir / "config.yaml").write_text(
-            yaml.safe_dump(self.raw_config, sort_keys=False), encoding="utf-8"
+        write_private(
+            self.state_dir / "config.yaml", yaml.safe_dump(self.raw_config, sort_keys=False)
         )
         for sandbox in self.sandboxes.values():
             await sandbox.start()

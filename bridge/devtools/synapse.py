@@ -23,6 +23,7 @@ import aiohttp
 import yaml
 
 from bridge.devtools.ports import free_port, port_is_free
+from bridge.private_files import private_dir
 
 __all__ = ["LocalSynapse", "SynapseError", "SynapseStartError"]
 
@@ -202,7 +203,7 @@ class LocalSynapse:
         for reg in self.appservice_registrations:
             if not reg.is_file():
                 raise FileNotFoundError(f"appservice registration file not found: {reg}")
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.state_dir)  # its signing key, secrets and database
         await self._stop_stale_process()
         if not port_is_free(self.port):
             # Checked up front: the readiness poll would otherwise be answered by whatever

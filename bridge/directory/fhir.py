@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlencode
@@ -119,8 +120,9 @@ def parse_bundle(
 ) -> Iterator[Record | Rejected]:
     """Records and rejections (numbered by Bundle entry, from 1) of one Bundle."""
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-        kind = bundle.get("resourceType") if isinstance(bundle, dict) else type(bundle).__name__
-        raise DirectoryFormatError(f"not a FHIR Bundle (resourceType {kind!r})")
+        # What it is instead is never quoted: the document may be anything.
+        what = "its resourceType is not 'Bundle'" if isinstance(bundle, dict) else "not an object"
+        raise DirectoryFormatError(f"not a FHIR Bundle ({what})")
     entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict)]
     resources: dict[str, dict[str, Any]] = {}
     roles: dict[str, list[dict[str, Any]]] = {}
@@ -145,7 +147,7 @@ def parse_bundle(
         practitioner = entry.get("resource")
         if not isinstance(practitioner, dict) or practitioner.get("resourceType") != "Practitioner":
             continue
-        what = f"Practitioner/{practitioner.get('id', '?')}"
+        what = f"Practitioner/{_fhir_id(practitioner.get('id'))}"
         if practitioner.get("active") is False:
             yield Rejected(number, f"{what} is inactive", "entry")
             continue
@@ -195,11 +197,29 @@ def parse_bundle(
         )
 
 
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+def _fhir_id(value: Any) -> str:
+    """A resource's id as FHIR defines one (1-64 of A-Z a-z 0-9 - .), else ``?``: anything else
+    in that place is not quoted."""
+    return value if isinstance(value, str) and _FHIR_ID.fullmatch(value) else "?"
+
+
 def load_bundle(text: str | bytes) -> Any:
+    """The JSON document; an error names the line, the column and the rule, never the text."""
     try:
         return json.loads(text)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise DirectoryFormatError(f"not JSON: {error}") from None
+    except json.JSONDecodeError as error:
+        raise DirectoryFormatError(
+            f"not JSON (line {error.lineno}, column {error.colno}: {error.msg})"
+        ) from None
+    except UnicodeDecodeError as error:
+        raise DirectoryFormatError(
+            f"not JSON (byte {error.start}: not {error.encoding} text)"
+        ) from None
+    except ValueError:
+        raise DirectoryFormatError("not JSON") from None
 
 
 def search_url(base_url: str, *, identifiers: Sequence[str] = (), page_size: int = 100) -> str:

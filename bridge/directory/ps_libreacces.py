@@ -98,7 +98,8 @@ class _Layout:
             raise DirectoryFormatError(
                 "not a PS_LibreAcces file: its header (line 1) has no column "
                 + ", ".join(repr(m) for m in missing)
-                + f" (found {len(names)} columns: {', '.join(repr(n) for n in names[:4])} ...)"
+                # What it has instead is never quoted: the file may be anything (a key file).
+                + f" (it has {len(names)} column(s) separated by {SEPARATOR!r})"
             )
 
     def fits(self, count: int) -> bool:
@@ -157,12 +158,14 @@ def parse(
         mxids: list[str] = []
         refused = None
         if layout.mxid is not None:
-            for item in _MXID_SPLIT.split(fields[layout.mxid].strip()):
-                if not item:
-                    continue
+            items = [i for i in _MXID_SPLIT.split(fields[layout.mxid].strip()) if i]
+            for index, item in enumerate(items, start=1):
                 mxid = matrix_id(item)
                 if mxid is None:
-                    refused = f"{item[:80]!r} is not a Matrix user ID (@user:server)"
+                    refused = (
+                        f"column {layout.mxid + 1}, Matrix ID {index}: not a Matrix user ID "
+                        "(@user:server)"
+                    )
                     break
                 reason = foreign_mxid(mxid) if foreign_mxid is not None else None
                 if reason is not None:

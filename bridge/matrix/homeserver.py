@@ -244,6 +244,11 @@ class Homeserver:
             await intent.set_displayname(display_name)
         return intent
 
+    @property
+    def titles_in_room_state(self) -> bool:
+        """Conversation titles go in portals' ``m.room.name`` (``portal.titles_in_room_state``)."""
+        return self.config.portal.titles_in_room_state
+
     async def create_portal_room(
         self,
         *,
@@ -281,7 +286,9 @@ class Homeserver:
                 {"type": "m.room.encryption", "state_key": "", "content": PORTAL_ENCRYPTION}
             )
         room_id = await self.bot.create_room(
-            name=title,
+            # Room state is stored in clear by every homeserver of the room; a title may name a
+            # patient, so it goes there only when the operator chose so.
+            name=title if self.titles_in_room_state else None,
             is_direct=is_direct,
             visibility=RoomDirectoryVisibility.PRIVATE,
             preset=RoomCreatePreset.PRIVATE,

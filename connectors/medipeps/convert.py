@@ -55,7 +55,8 @@ def event_from_feed(raw: Any) -> RemoteEvent:
         return _del_msg(event)
     if kind == "READ":
         return _read(event)
-    raise InvalidPayload(f"unknown event type {str(kind)[:60]!r}")
+    # The value is not echoed back (an error names the field and the rule, not content).
+    raise InvalidPayload("unknown event type (the type is one of NEW_CONV, NEW_MSG, DEL_MSG, READ)")
 
 
 def _new_conv(event: dict[str, Any]) -> RemoteEvent:

@@ -58,7 +58,9 @@ def event_from_webhook(payload: Any) -> RemoteEvent:
         return _conversation_created(event_id, created_at, data)
     parser = _PARSERS.get(kind)
     if parser is None:
-        raise InvalidPayload(f"unknown event type {kind[:60]!r}")
+        # The value is not echoed back (an error names the field and the rule, not content).
+        known = ", ".join(["conversation.created", *sorted(_PARSERS)])
+        raise InvalidPayload(f"unknown event type (the type is one of: {known})")
     return parser(event_id, data)
 
 
