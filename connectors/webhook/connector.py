@@ -308,6 +308,10 @@ class WebhookConnector(Connector):
     def web_routes(self) -> list[web.RouteDef]:
         return self.receiver.routes()
 
+    @property
+    def max_request_bytes(self) -> int:
+        return self.settings.max_body_bytes
+
     # Sandbox ------------------------------------------------------------------------------------
 
     @classmethod

@@ -3,8 +3,9 @@
 Whatever arrives, the answer is JSON: 2xx only once every event of the request is durably
 stored, else a 4xx that names what is wrong (never retried as it is) or 429/503 with
 ``Retry-After`` (send the same request again). Checks run cheapest and least revealing first:
-size, signature, rate (signed requests only), then the body; a request whose signature fails
-learns nothing about its body.
+the declared size and the signature headers (timestamp in the replay window) before a byte of
+the body is read, then the body, read up to the limit, then its signature, the rate (signed
+requests only) and its content; a request whose signature fails learns nothing about its body.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from connectors import http
 from connectors.base import RemoteEvent
 from connectors.webhook import signing
 from connectors.webhook.convert import InvalidEvent, events_from_request
@@ -142,6 +144,8 @@ class EventReceiver:
     # The pipeline -------------------------------------------------------------------------------
 
     async def _receive(self, request: web.Request) -> web.Response:
+        self._refuse_declared_size(request)
+        self._authenticate_headers(request)  # an unsigned or stale request is refused unread
         raw = await self._read_body(request)
         self._authenticate(request, raw)
         self._limit_rate()  # signed requests only: strangers cannot spend the vendor's budget
@@ -198,19 +202,31 @@ class EventReceiver:
                 {"Retry-After": str(max(1, math.ceil(wait)))},
             )
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    def _too_large(self) -> Refusal:
         limit = self._max_body_bytes
-        too_large = Refusal(
-            413, "body_too_large", f"the body is larger than the {limit} bytes accepted"
+        return Refusal(413, "body_too_large", f"the body is larger than the {limit} bytes accepted")
+
+    def _refuse_declared_size(self, request: web.Request) -> None:
+        if request.content_length is not None and request.content_length > self._max_body_bytes:
+            raise self._too_large()
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The body, read up to the limit: a chunked one is cut (refused) as it passes it."""
+        raw = await http.read_request_body(request, self._max_body_bytes)
+        if raw is None:
+            raise self._too_large()
+        return raw
+
+    def _authenticate_headers(self, request: web.Request) -> None:
+        reason = signing.header_refusal(
+            self._secrets(),
+            request.headers.get(signing.TIMESTAMP_HEADER),
+            request.headers.get(signing.SIGNATURE_HEADER),
+            now=self._wall_clock(),
+            window_s=self._replay_window_s,
         )
-        if request.content_length is not None and request.content_length > limit:
-            raise too_large
-        buffer = bytearray()
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            buffer += chunk
-            if len(buffer) > limit:
-                raise too_large
-        return bytes(buffer)
+        if reason is not None:
+            raise Refusal(401, "unauthorized", reason)
 
     def _authenticate(self, request: web.Request, raw: bytes) -> None:
         reason = signing.refusal(
