@@ -550,6 +550,14 @@ class Connector(abc.ABC):
         a route that reads ``request.content`` itself caps it (``connectors.http``)."""
         return MAX_REQUEST_BYTES
 
+    def refuse_unread(self, request: web.BaseRequest) -> web.StreamResponse | None:
+        """The answer to a request that its headers alone show cannot be accepted (a missing,
+        malformed or stale signature: 401), or None. The bridge asks before anything else,
+        body size included, so such a request is refused before a byte of its body is read;
+        the routes still check everything themselves."""
+        del request
+        return None
+
     async def probe(self) -> str:
         """A cheap call proving the vendor answers and accepts the credentials (``connector
         test``); returns a sentence saying what was checked, raises ``ConnectorError``. It may

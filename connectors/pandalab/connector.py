@@ -203,6 +203,12 @@ class PandaLabConnector(Connector):
     def max_request_bytes(self) -> int:
         return self.settings.max_body_bytes
 
+    def refuse_unread(self, request: web.BaseRequest) -> web.StreamResponse | None:
+        refusal = self._check_headers(
+            request.headers.get(TIMESTAMP_HEADER), request.headers.get(SIGNATURE_HEADER)
+        )
+        return None if refusal is None else self._refuse(401, "unauthorized", refusal)
+
     async def _on_webhook(self, request: web.Request) -> web.Response:
         """Verify, parse, store; answer 2xx only once stored (else PandaLab redelivers).
 

@@ -312,6 +312,9 @@ class WebhookConnector(Connector):
     def max_request_bytes(self) -> int:
         return self.settings.max_body_bytes
 
+    def refuse_unread(self, request: web.BaseRequest) -> web.StreamResponse | None:
+        return self.receiver.refuse_unread(request)
+
     # Sandbox ------------------------------------------------------------------------------------
 
     @classmethod

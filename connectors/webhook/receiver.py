@@ -114,6 +114,24 @@ class EventReceiver:
             web.route("*", "/capabilities", self._capabilities),
         ]
 
+    def refuse_unread(self, request: web.BaseRequest) -> web.StreamResponse | None:
+        """A push (``POST``) whose signature headers are missing, malformed or stale: its 401,
+        given before its body is read (``Connector.refuse_unread``)."""
+        if request.method != "POST":
+            return None  # other methods: answered 405 or checked by their handler
+        try:
+            self._authenticate_headers(request)
+        except Refusal as refusal:
+            self._log.warning(
+                "webhook %s: events refused (%d %s): %s",
+                self.connector_id,
+                refusal.status,
+                refusal.code,
+                refusal.message,
+            )
+            return refusal.response()
+        return None
+
     # Handlers -----------------------------------------------------------------------------------
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
