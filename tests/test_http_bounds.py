@@ -370,6 +370,34 @@ async def test_the_dispatcher_bounds_any_connector_route(intake: Intake) -> None
         assert (resp.status, await resp.json()) == (200, {"read": 1000})
 
 
+@pytest.mark.parametrize("vendor", ["pandalab", "webhook"])
+async def test_the_routes_themselves_refuse_unread_without_the_dispatcher(
+    intake: Intake, vendor: str
+) -> None:
+    """The same answers from the connector's routes mounted bare (as a connector's own tests
+    and tools mount them): the routes do not rely on the dispatcher's checks."""
+    connector = intake.connectors[0 if vendor == "pandalab" else 1]
+    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app.add_routes(connector.web_routes())
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    path = PATHS[vendor].split("/", 3)[3]
+    try:
+        port = runner.addresses[0][1]
+        unsigned = await stalled_request(
+            port, f"/{path}", {}, declared=STALLED_DECLARED, sent=b"x" * 4096
+        )
+        oversize = await stalled_request(
+            port, f"/{path}", SIGNED[vendor](b"{}"), declared=STALLED_DECLARED, sent=b"x" * 4096
+        )
+    finally:
+        await runner.cleanup()
+    assert (unsigned.status, unsigned.body["error"]) == (401, "unauthorized")
+    assert (oversize.status, oversize.body["error"]) == (413, "body_too_large")
+    assert intake.recorder.events == []
+
+
 def test_a_connector_accepts_one_mebibyte_unless_it_says_otherwise() -> None:
     assert MAX_REQUEST_BYTES == 1024 * 1024
     settings = PandaLabConnector.Settings.model_validate(

@@ -212,21 +212,20 @@ class PandaLabConnector(Connector):
     async def _on_webhook(self, request: web.Request) -> web.Response:
         """Verify, parse, store; answer 2xx only once stored (else PandaLab redelivers).
 
-        The declared size and the signature headers (present, timestamp in the replay window)
-        are checked before a byte of the body is read; the body is read up to the limit."""
-        limit = self.settings.max_body_bytes
-        too_large = f"the body is larger than the {limit} bytes accepted"
-        if request.content_length is not None and request.content_length > limit:
-            return self._refuse(413, "body_too_large", too_large)
+        The signature headers (present, timestamp in the replay window), then the declared
+        size, are checked before a byte of the body is read; the body is read up to the limit."""
         timestamp = request.headers.get(TIMESTAMP_HEADER)
         signature = request.headers.get(SIGNATURE_HEADER)
         refusal = self._check_headers(timestamp, signature)
         if refusal is not None:
             return self._refuse(401, "unauthorized", refusal)
-        assert timestamp is not None and signature is not None  # _check_headers says so
-        raw = await http.read_request_body(request, limit)
+        assert timestamp is not None and signature is not None  # what _check_headers checked
+        limit = self.settings.max_body_bytes
+        raw = await http.read_request_body(request, limit)  # a declared larger one: unread
         if raw is None:
-            return self._refuse(413, "body_too_large", too_large)
+            return self._refuse(
+                413, "body_too_large", f"the body is larger than the {limit} bytes accepted"
+            )
         refusal = self._check_signature(timestamp, signature, raw)
         if refusal is not None:
             return self._refuse(401, "unauthorized", refusal)

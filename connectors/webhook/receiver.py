@@ -3,8 +3,8 @@
 Whatever arrives, the answer is JSON: 2xx only once every event of the request is durably
 stored, else a 4xx that names what is wrong (never retried as it is) or 429/503 with
 ``Retry-After`` (send the same request again). Checks run cheapest and least revealing first:
-the declared size and the signature headers (timestamp in the replay window) before a byte of
-the body is read, then the body, read up to the limit, then its signature, the rate (signed
+the signature headers (timestamp in the replay window), then the declared size, before a byte
+of the body is read, then the body, read up to the limit, then its signature, the rate (signed
 requests only) and its content; a request whose signature fails learns nothing about its body.
 """
 
@@ -162,9 +162,8 @@ class EventReceiver:
     # The pipeline -------------------------------------------------------------------------------
 
     async def _receive(self, request: web.Request) -> web.Response:
-        self._refuse_declared_size(request)
         self._authenticate_headers(request)  # an unsigned or stale request is refused unread
-        raw = await self._read_body(request)
+        raw = await self._read_body(request)  # a declared oversize one too
         self._authenticate(request, raw)
         self._limit_rate()  # signed requests only: strangers cannot spend the vendor's budget
         if request.content_type != "application/json":
@@ -224,12 +223,9 @@ class EventReceiver:
         limit = self._max_body_bytes
         return Refusal(413, "body_too_large", f"the body is larger than the {limit} bytes accepted")
 
-    def _refuse_declared_size(self, request: web.Request) -> None:
-        if request.content_length is not None and request.content_length > self._max_body_bytes:
-            raise self._too_large()
-
     async def _read_body(self, request: web.Request) -> bytes:
-        """The body, read up to the limit: a chunked one is cut (refused) as it passes it."""
+        """The body, read up to the limit: a declared larger one is refused unread, a chunked
+        one cut (refused) as it passes the limit."""
         raw = await http.read_request_body(request, self._max_body_bytes)
         if raw is None:
             raise self._too_large()
