@@ -31,6 +31,8 @@ from bridge.directory.idnps import Idnps
 Formatting = Literal["plain", "markdown"]
 MessageKind = Literal["text", "notice", "emote"]
 FILE_MSGTYPES = ("m.image", "m.file", "m.audio", "m.video")
+MAX_REQUEST_BYTES = 1024 * 1024
+"""A connector's web routes accept bodies up to this size unless it says otherwise."""
 PROBE_IDNPS = Idnps("899999999909")
 """A valid IDNPS given to no one: what the default ``Connector.probe`` looks up."""
 
@@ -544,6 +546,21 @@ class Connector(abc.ABC):
     def web_routes(self) -> list[web.RouteDef]:
         """Routes the bridge mounts under ``/connectors/<connector id>`` (webhooks)."""
         return []
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest request body these routes accept. The bridge answers 413 to a larger
+        declared ``Content-Length`` before a route runs, and ``request.read()`` stops at it;
+        a route that reads ``request.content`` itself caps it (``connectors.http``)."""
+        return MAX_REQUEST_BYTES
+
+    def refuse_unread(self, request: web.BaseRequest) -> web.StreamResponse | None:
+        """The answer to a request that its headers alone show cannot be accepted (a missing,
+        malformed or stale signature: 401), or None. The bridge asks before anything else,
+        body size included, so such a request is refused before a byte of its body is read;
+        the routes still check everything themselves."""
+        del request
+        return None
 
     async def probe(self) -> str:
         """A cheap call proving the vendor answers and accepts the credentials (``connector

@@ -37,6 +37,8 @@ async def raw_request(
     body: bytes = b"",
     *,
     chunked: bool = False,
+    declared: int | None = None,
+    endless: bool = False,
 ) -> RawResponse:
     """Send one request on a fresh connection (``Connection: close``) and read the answer.
 
@@ -44,7 +46,13 @@ async def raw_request(
     requests no HTTP client library would send (bytes that are not UTF-8 in a header, control
     characters in the path) reach the server. ``Content-Length`` (or chunked framing) and
     ``Host`` are added.
+
+    A stalled upload: ``declared`` (a ``Content-Length`` larger than ``body``) or ``endless``
+    (chunked, without the last chunk) sends ``body`` and then nothing more, and reads the
+    answer the server gives meanwhile (by its ``Content-Length``): only a server that answers
+    without the rest of the body answers at all.
     """
+    stalled = declared is not None or endless
     lines = [method + b" " + target + b" HTTP/1.1", b"Host: 127.0.0.1", b"Connection: close"]
     lines += [name + b": " + value for name, value in headers]
     if chunked:
@@ -53,9 +61,9 @@ async def raw_request(
             f"{len(body[i : i + 4096]):x}\r\n".encode() + body[i : i + 4096] + b"\r\n"
             for i in range(0, len(body), 4096)
         )
-        payload = framed + b"0\r\n\r\n"
+        payload = framed if endless else framed + b"0\r\n\r\n"
     else:
-        lines.append(f"Content-Length: {len(body)}".encode())
+        lines.append(f"Content-Length: {len(body) if declared is None else declared}".encode())
         payload = body
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     raw = bytearray()
@@ -67,6 +75,8 @@ async def raw_request(
         async with asyncio.timeout(ANSWER_TIMEOUT_S):
             while chunk := await reader.read(65536):
                 raw += chunk
+                if stalled and _complete(raw):
+                    break
     except ConnectionError:
         pass  # reset after (or instead of) an answer: what was read is what there is
     finally:
@@ -76,6 +86,19 @@ async def raw_request(
     if not raw:
         return RawResponse(0, {}, b"")
     return parse_response(bytes(raw))
+
+
+def _complete(raw: bytearray) -> bool:
+    """Whether ``raw`` holds a whole answer with a ``Content-Length`` (what every refusal of
+    a stalled upload has)."""
+    head, found, rest = bytes(raw).partition(b"\r\n\r\n")
+    if not found:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(rest) >= int(value.strip())
+    return False
 
 
 def parse_response(raw: bytes) -> RawResponse:

@@ -538,7 +538,12 @@ class ConnectorManager:
             public_base_url=wiring.public_base_url,
             secrets=shared,
         )
-        self._routes.serve(connector_id, connector.web_routes())
+        self._routes.serve(
+            connector_id,
+            connector.web_routes(),
+            connector.max_request_bytes,
+            connector.refuse_unread,
+        )
         self._running[connector_id] = _Running(wanted.version, wanted.cls, active=True)
 
     async def _launch(self, connector_id: str, state: _Running, *, strict: bool) -> None:

@@ -14,7 +14,9 @@ From each Practitioner:
   publishing them), and ``matrix:u/...`` URIs in ``telecom``.
 
 The endpoint is read with the ``ESANTE-API-KEY`` header (the key is never logged), page after
-page through the Bundles' ``next`` links.
+page through the Bundles' ``next`` links. The key only goes to the configured base URL's origin
+(scheme, host, port): a ``next`` link or a redirect elsewhere is refused, and each page is read
+up to ``MAX_PAGE_BYTES``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout
 from bridge.db.directory import Professional
 from bridge.directory.idnps import Idnps, InvalidIdnps
 from bridge.directory.records import DirectoryFormatError, Record, Rejected, matrix_id
+from connectors.http import ResponseRefused, get_on_origin, read_capped, same_origin
 
 log = logging.getLogger("eimis.directory.fhir")
 
@@ -41,6 +44,9 @@ PROFESSION_SYSTEM = (
     "https://mos.esante.gouv.fr/NOS/TRE_G15-ProfessionSante/FHIR/TRE-G15-ProfessionSante"
 )
 API_KEY_HEADER = "ESANTE-API-KEY"
+MAX_PAGE_BYTES = 16 * 1024 * 1024
+"""Longest Bundle page read (a page of 100 Practitioners with their roles is a few hundred KB);
+a larger answer is refused, not read."""
 
 # Labels of TRE_G15 codes, for a coding without a display.
 PROFESSIONS = {
@@ -252,8 +258,13 @@ async def fetch_bundles(
     pages = 0
     try:
         while url and (max_pages is None or pages < max_pages):
+            if not same_origin(url, base_url):
+                raise FhirFetchError(
+                    f"the FHIR endpoint's page {pages} links its next page to another origin; "
+                    "refused (the API key only goes to the configured endpoint's origin)"
+                )
             try:
-                async with http.get(url, headers=headers) as resp:
+                async with await get_on_origin(http, url, origin=base_url, headers=headers) as resp:
                     if resp.status in (401, 403):
                         raise FhirFetchError(
                             f"the FHIR endpoint refused the API key (HTTP {resp.status}); check "
@@ -263,9 +274,14 @@ async def fetch_bundles(
                         raise FhirFetchError(
                             f"the FHIR endpoint answered HTTP {resp.status} for page {pages + 1}"
                         )
-                    bundle = load_bundle(await resp.read())
-            except ClientError as error:
-                raise FhirFetchError(f"cannot reach the FHIR endpoint: {error}") from None
+                    bundle = load_bundle(await read_capped(resp, MAX_PAGE_BYTES))
+                    if not isinstance(bundle, dict):
+                        raise DirectoryFormatError("not a FHIR Bundle (not a JSON object)")
+            except ResponseRefused as error:
+                raise FhirFetchError(f"the FHIR endpoint's page {pages + 1}: {error}") from None
+            except (ClientError, TimeoutError) as error:
+                reason = str(error) or type(error).__name__
+                raise FhirFetchError(f"cannot reach the FHIR endpoint: {reason}") from None
             except DirectoryFormatError as error:
                 raise FhirFetchError(f"the FHIR endpoint's page {pages + 1} is {error}") from None
             pages += 1

@@ -12,6 +12,9 @@ from connectors import http
 from connectors.base import ConnectorError
 
 _DEFAULT_TIMEOUT_S = 15.0
+MAX_EVENTS_PAGE_BYTES = 32 * 1024 * 1024
+"""Longest events page read: Medipeps cuts a page once its inline files pass about 8 MiB of
+base64, after a file of at most 1 MiB (1.4 MiB of base64), and every event's text is bounded."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,10 @@ class MedipepsClient:
     async def events(self, after: int, limit: int) -> EventsPage:
         """``GET /mp/events?after=&limit=``: the events with ``seq > after``, oldest first."""
         _, data = await self._call(
-            "GET", "/mp/events", params={"after": str(after), "limit": str(limit)}
+            "GET",
+            "/mp/events",
+            params={"after": str(after), "limit": str(limit)},
+            limit=MAX_EVENTS_PAGE_BYTES,
         )
         events = http.response_object(data, "Medipeps", "events page").get("events")
         if not isinstance(events, list):
@@ -95,14 +101,20 @@ class MedipepsClient:
         json: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
         allow_404: bool = False,
+        limit: int = http.MAX_ANSWER_BYTES,
     ) -> tuple[int, Any]:
         headers = {"X-Api-Key": self._api_key.get_secret_value(), "Accept": "application/json"}
         what = f"Medipeps {method} {path}"
         try:
             async with self._http().request(
-                method, self._base + path, json=json, params=params, headers=headers
+                method,
+                self._base + path,
+                json=json,
+                params=params,
+                headers=headers,
+                allow_redirects=False,  # the key never follows a redirect to another origin
             ) as resp:
-                body = await http.read_json(resp)
+                body = await http.read_json(resp, what, limit=limit)
                 if not (resp.status == 404 and allow_404):
                     http.raise_for_status(what, resp.status, body, _vendor_error, resp.headers)
                 return resp.status, body

@@ -254,9 +254,15 @@ class PandaLabClient:
             headers["Content-Type"] = content_type
         try:
             async with self._http().request(
-                method, url, json=json, data=data, headers=headers, timeout=timeout
+                method,
+                url,
+                json=json,
+                data=data,
+                headers=headers,
+                allow_redirects=False,
+                **http.timeout_option(timeout),
             ) as resp:
-                body = await http.read_json(resp)
+                body = await http.read_json(resp, what)
                 if resp.status == 401:
                     raise _TokenRejected
                 if resp.status in accept:
@@ -267,16 +273,21 @@ class PandaLabClient:
             raise http.transport_error(what, exc) from exc
 
     async def _open_download(self, url: str, token: str, what: str) -> aiohttp.ClientResponse:
-        """The response to a file download, status checked, its body not read yet."""
+        """The response to a file download, status checked, its body not read yet. Redirects
+        are followed only on the API's origin (the token never goes elsewhere)."""
         headers = {"Authorization": f"Bearer {token}"}
         try:
-            resp = await self._http().get(url, headers=headers, timeout=http.TRANSFER_TIMEOUT)
+            resp = await http.get_on_origin(
+                self._http(), url, origin=self._base, headers=headers, timeout=http.TRANSFER_TIMEOUT
+            )
             if resp.status < 400:
                 return resp
             try:
-                body = await http.read_json(resp)
+                body = await http.read_json(resp, what)
             finally:
                 resp.release()
+        except http.ResponseRefused as exc:
+            raise ConnectorError(f"{what}: {exc}", retriable=False) from None
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise http.transport_error(what, exc) from exc
         if resp.status == 401:
@@ -314,8 +325,10 @@ class PandaLabClient:
         }
         what = "PandaLab token request"
         try:
-            async with self._http().post(self._base + "/oauth/token", data=form) as resp:
-                body = await http.read_json(resp)
+            async with self._http().post(
+                self._base + "/oauth/token", data=form, allow_redirects=False
+            ) as resp:
+                body = await http.read_json(resp, what)
                 http.raise_for_status(what, resp.status, body, _vendor_error, resp.headers)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise http.transport_error(what, exc) from exc

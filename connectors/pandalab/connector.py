@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
@@ -14,6 +15,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
 
 from bridge.directory.idnps import Idnps
+from connectors import http
 from connectors.base import (
     FILE_MSGTYPES,
     Capabilities,
@@ -38,6 +40,7 @@ MAX_FILE_SIZE = 512 * 1024 * 1024
 
 SIGNATURE_HEADER = "X-PandaLab-Signature"
 TIMESTAMP_HEADER = "X-PandaLab-Timestamp"
+_SIGNATURE = re.compile(r"sha256=[0-9a-f]{64}")
 SANDBOX_WEBHOOK_SECRET = "pandalab-sandbox-demo-webhook-secret"
 """The fixed webhook secret ``sandbox_settings`` uses: a demo value, never for a real vendor."""
 
@@ -52,6 +55,8 @@ class PandaLabSettings(BaseModel):
     client_secret: SecretStr
     webhook_secret: SecretStr
     replay_window_s: int = Field(default=300, ge=1)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=64 * 1024, le=16 * 1024 * 1024)
+    """Largest webhook body read (one event: a message of at most 10,000 characters)."""
 
 
 class PandaLabConnector(Connector):
@@ -195,12 +200,34 @@ class PandaLabConnector(Connector):
     def web_routes(self) -> list[web.RouteDef]:
         return [web.post("/webhook", self._on_webhook)]
 
-    async def _on_webhook(self, request: web.Request) -> web.Response:
-        """Verify, parse, store; answer 2xx only once stored (else PandaLab redelivers)."""
-        raw = await request.read()
-        refusal = self._check_signature(
-            request.headers.get(TIMESTAMP_HEADER), request.headers.get(SIGNATURE_HEADER), raw
+    @property
+    def max_request_bytes(self) -> int:
+        return self.settings.max_body_bytes
+
+    def refuse_unread(self, request: web.BaseRequest) -> web.StreamResponse | None:
+        refusal = self._check_headers(
+            request.headers.get(TIMESTAMP_HEADER), request.headers.get(SIGNATURE_HEADER)
         )
+        return None if refusal is None else self._refuse(401, "unauthorized", refusal)
+
+    async def _on_webhook(self, request: web.Request) -> web.Response:
+        """Verify, parse, store; answer 2xx only once stored (else PandaLab redelivers).
+
+        The signature headers (present, timestamp in the replay window), then the declared
+        size, are checked before a byte of the body is read; the body is read up to the limit."""
+        timestamp = request.headers.get(TIMESTAMP_HEADER)
+        signature = request.headers.get(SIGNATURE_HEADER)
+        refusal = self._check_headers(timestamp, signature)
+        if refusal is not None:
+            return self._refuse(401, "unauthorized", refusal)
+        assert timestamp is not None and signature is not None  # what _check_headers checked
+        limit = self.settings.max_body_bytes
+        raw = await http.read_request_body(request, limit)  # a declared larger one: unread
+        if raw is None:
+            return self._refuse(
+                413, "body_too_large", f"the body is larger than the {limit} bytes accepted"
+            )
+        refusal = self._check_signature(timestamp, signature, raw)
         if refusal is not None:
             return self._refuse(401, "unauthorized", refusal)
         try:
@@ -231,21 +258,13 @@ class PandaLabConnector(Connector):
             return _json_error(503, "not_stored", "the event could not be stored; deliver it again")
         return web.json_response({"ok": True})
 
-    def _check_signature(
-        self, timestamp: str | None, signature: str | None, raw: bytes
-    ) -> str | None:
-        """Why the request is not authentic (bad signature, outside the replay window), or None."""
+    def _check_headers(self, timestamp: str | None, signature: str | None) -> str | None:
+        """Why the request cannot be authentic from its headers alone (missing, malformed,
+        outside the replay window), or None: checked before the body is read."""
         if not timestamp or not signature:
             return f"the {TIMESTAMP_HEADER} and {SIGNATURE_HEADER} headers are required"
-        secret = self.settings.webhook_secret.get_secret_value().encode()
-        # aiohttp hands header bytes that are not UTF-8 over as lone surrogates: the HMAC is
-        # over the bytes sent.
-        stamp = timestamp.encode("utf-8", "surrogateescape")
-        digest = hmac.new(secret, stamp + b"." + raw, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(
-            f"sha256={digest}".encode(), signature.encode("utf-8", "replace")
-        ):
-            return "the signature does not match"
+        if _SIGNATURE.fullmatch(signature) is None:
+            return f"{SIGNATURE_HEADER} must be 'sha256=' and 64 lower-case hex digits"
         try:
             skew = abs(time.time() - int(timestamp))
         except (ValueError, OverflowError):  # OverflowError: too large for a float
@@ -255,6 +274,17 @@ class PandaLabConnector(Connector):
                 f"the timestamp is {skew:.0f} s away from the receiver's clock, outside the "
                 f"{self.settings.replay_window_s} s replay window"
             )
+        return None
+
+    def _check_signature(self, timestamp: str, signature: str, raw: bytes) -> str | None:
+        """Why the signature is not the body's (headers already checked), or None."""
+        secret = self.settings.webhook_secret.get_secret_value().encode()
+        # aiohttp hands header bytes that are not UTF-8 over as lone surrogates: the HMAC is
+        # over the bytes sent.
+        stamp = timestamp.encode("utf-8", "surrogateescape")
+        digest = hmac.new(secret, stamp + b"." + raw, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(f"sha256={digest}".encode(), signature.encode("ascii")):
+            return "the signature does not match"
         return None
 
     def _refuse(self, status: int, code: str, reason: str) -> web.Response:

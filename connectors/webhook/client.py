@@ -112,10 +112,10 @@ class WebhookClient:
                 self.base_url + path,
                 data=raw if body is not None else None,
                 headers=headers,
-                timeout=timeout,
                 allow_redirects=False,
+                **http.timeout_option(timeout),
             ) as resp:
-                answer = await http.read_json(resp)
+                answer = await http.read_json(resp, what)
                 if resp.status in accept:
                     return resp.status, answer
                 raise_for_status(what, resp.status, answer, resp.headers)
@@ -154,7 +154,7 @@ class WebhookClient:
                     allow_redirects=False,
                 ) as resp,
             ):
-                answer = await http.read_json(resp)
+                answer = await http.read_json(resp, what)
                 raise_for_status(what, resp.status, answer, resp.headers)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise http.transport_error(what, exc) from exc
@@ -178,9 +178,9 @@ class WebhookClient:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise http.transport_error(what, exc) from exc
         try:
-            if resp.status >= 400:
+            if resp.status >= 300:  # a redirect, not followed, is an error too
                 try:
-                    answer = await http.read_json(resp)
+                    answer = await http.read_json(resp, what)
                 except (TimeoutError, aiohttp.ClientError) as exc:
                     raise http.transport_error(what, exc) from exc
                 raise_for_status(what, resp.status, answer, resp.headers)
@@ -206,7 +206,9 @@ class WebhookClient:
 
 
 def raise_for_status(what: str, status: int, body: Any, headers: Any) -> None:
-    """Map a vendor status to ``ConnectorError`` (see the module docstring)."""
+    """Map a vendor status to ``ConnectorError`` (see the module docstring); a redirect is
+    refused (requests are signed for the vendor's origin, redirects are not followed)."""
+    http.refuse_redirect(what, status)
     if status < 400:
         return
     detail = f"{what}: HTTP {status}{http.error_fields(body, 'error', 'message')}"

@@ -310,6 +310,13 @@ class WebhookConnector(Connector):
     def web_routes(self) -> list[web.RouteDef]:
         return self.receiver.routes()
 
+    @property
+    def max_request_bytes(self) -> int:
+        return self.settings.max_body_bytes
+
+    def refuse_unread(self, request: web.BaseRequest) -> web.StreamResponse | None:
+        return self.receiver.refuse_unread(request)
+
     # Sandbox ------------------------------------------------------------------------------------
 
     @classmethod

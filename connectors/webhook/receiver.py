@@ -3,8 +3,9 @@
 Whatever arrives, the answer is JSON: 2xx only once every event of the request is durably
 stored, else a 4xx that names what is wrong (never retried as it is) or 429/503 with
 ``Retry-After`` (send the same request again). Checks run cheapest and least revealing first:
-size, signature, rate (signed requests only), then the body; a request whose signature fails
-learns nothing about its body.
+the signature headers (timestamp in the replay window), then the declared size, before a byte
+of the body is read, then the body, read up to the limit, then its signature, the rate (signed
+requests only) and its content; a request whose signature fails learns nothing about its body.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from connectors import http
 from connectors.base import RemoteEvent
 from connectors.webhook import signing
 from connectors.webhook.convert import InvalidEvent, events_from_request
@@ -112,6 +114,24 @@ class EventReceiver:
             web.route("*", "/capabilities", self._capabilities),
         ]
 
+    def refuse_unread(self, request: web.BaseRequest) -> web.StreamResponse | None:
+        """A push (``POST``) whose signature headers are missing, malformed or stale: its 401,
+        given before its body is read (``Connector.refuse_unread``)."""
+        if request.method != "POST":
+            return None  # other methods: answered 405 or checked by their handler
+        try:
+            self._authenticate_headers(request)
+        except Refusal as refusal:
+            self._log.warning(
+                "webhook %s: events refused (%d %s): %s",
+                self.connector_id,
+                refusal.status,
+                refusal.code,
+                refusal.message,
+            )
+            return refusal.response()
+        return None
+
     # Handlers -----------------------------------------------------------------------------------
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
@@ -142,7 +162,8 @@ class EventReceiver:
     # The pipeline -------------------------------------------------------------------------------
 
     async def _receive(self, request: web.Request) -> web.Response:
-        raw = await self._read_body(request)
+        self._authenticate_headers(request)  # an unsigned or stale request is refused unread
+        raw = await self._read_body(request)  # a declared oversize one too
         self._authenticate(request, raw)
         self._limit_rate()  # signed requests only: strangers cannot spend the vendor's budget
         if request.content_type != "application/json":
@@ -198,19 +219,28 @@ class EventReceiver:
                 {"Retry-After": str(max(1, math.ceil(wait)))},
             )
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    def _too_large(self) -> Refusal:
         limit = self._max_body_bytes
-        too_large = Refusal(
-            413, "body_too_large", f"the body is larger than the {limit} bytes accepted"
+        return Refusal(413, "body_too_large", f"the body is larger than the {limit} bytes accepted")
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The body, read up to the limit: a declared larger one is refused unread, a chunked
+        one cut (refused) as it passes the limit."""
+        raw = await http.read_request_body(request, self._max_body_bytes)
+        if raw is None:
+            raise self._too_large()
+        return raw
+
+    def _authenticate_headers(self, request: web.Request) -> None:
+        reason = signing.header_refusal(
+            self._secrets(),
+            request.headers.get(signing.TIMESTAMP_HEADER),
+            request.headers.get(signing.SIGNATURE_HEADER),
+            now=self._wall_clock(),
+            window_s=self._replay_window_s,
         )
-        if request.content_length is not None and request.content_length > limit:
-            raise too_large
-        buffer = bytearray()
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            buffer += chunk
-            if len(buffer) > limit:
-                raise too_large
-        return bytes(buffer)
+        if reason is not None:
+            raise Refusal(401, "unauthorized", reason)
 
     def _authenticate(self, request: web.Request, raw: bytes) -> None:
         reason = signing.refusal(
