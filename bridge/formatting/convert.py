@@ -60,7 +60,8 @@ class _Markdown(MarkdownConverter):
         self._numbers: dict[int, dict[int, int]] = {}  # per <ol>: its <li> children's positions
 
     def escape(self, text: str, parent_tags: set[str]) -> str:
-        return escape_markdown(text) if text else ""
+        # A text node: markdownify lays out its whitespace itself.
+        return escape_markdown(text, indentation=False) if text else ""
 
     def convert_br(self, el: Tag, text: str, parent_tags: set[str]) -> str:
         return "\n" if "_inline" not in parent_tags else " "

@@ -22,11 +22,20 @@ _LINE_START = re.compile(
 )
 
 
-def escape_markdown(text: str) -> str:
+# Indentation: 4 columns make a code block (where escapes show). No-break spaces look the same
+# and are no indentation to Markdown.
+_INDENT = re.compile(r"^[ \t]+", re.MULTILINE)
+
+
+def escape_markdown(text: str, *, indentation: bool = True) -> str:
     """``text`` written so that a Markdown renderer shows it as it is: no link, image, HTML or
-    formatting the writer did not mean."""
+    formatting the writer did not mean. ``indentation=False`` leaves leading whitespace alone
+    (for a piece of text that does not start a line)."""
     text = _INLINE.sub(lambda m: "\\" + m.group(), text)
-    return _LINE_START.sub(_escape_line_start, text)
+    text = _LINE_START.sub(_escape_line_start, text)
+    if not indentation:
+        return text
+    return _INDENT.sub(lambda m: "\u00a0" * len(m.group().expandtabs(4)), text)
 
 
 def _escape_line_start(match: re.Match[str]) -> str:

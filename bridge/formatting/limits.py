@@ -99,9 +99,8 @@ def bound_structure(clean: str) -> str:
         elif stack and stack[-1][0] == name:  # sanitised HTML is well nested
             mode = stack.pop()[1]
             if mode == "kept":
-                if name in {"ul", "ol"} and lists:
-                    if lists.pop().overflowing:
-                        out.append("</li>")  # the item holding the items past the bound
+                if name in {"ul", "ol"} and lists and lists.pop().overflowing:
+                    out.append("</li>")  # the item holding the items past the bound
                 out.append(match.group())
     out.append(clean[end:])
     return "".join(out)
