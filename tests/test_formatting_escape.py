@@ -107,3 +107,14 @@ def test_formatted_messages_keep_the_allowed_formatting_and_their_text_is_inert(
     assert "javascript" not in re.sub(r"\[x\]\(javascript:alert\(1\)\)", "", text)
     assert "[x](javascript:alert(1)) ![](https://tracker.example/p.png)" in text
     assert "<img src=x onerror=y>" in text and "piège" in text
+
+
+def test_a_mention_is_still_found_in_escaped_text() -> None:
+    from connectors.base import Mention
+    from connectors.pandalab.convert import to_markdown
+
+    content = {"msgtype": "m.text", "body": "@Jean_X [Dr] vu", "m.mentions": {"user_ids": ["@j:s"]}}
+    (part,) = render_text(content, MARKDOWN, "Dr X", "pl").parts
+    assert to_markdown(part, None, [Mention("Jean_X", None, "@j:s")]) == (
+        "@[Jean_X](@j:s) \\[Dr\\] vu"
+    )
