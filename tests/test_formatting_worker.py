@@ -118,3 +118,32 @@ async def test_when_the_worker_fails_the_plain_body_goes_with_a_note(
     assert rendered.notes == [
         "mise en forme retirée : le message était trop complexe pour être converti"
     ]
+
+
+async def test_large_vendor_markdown_is_converted_in_the_worker_with_a_plain_fallback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bridge.formatting.convert import markdown_to_html, plain_to_html
+
+    calls: list[str] = []
+    real_run = worker.run
+
+    async def spy(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(fn.__name__)
+        return await real_run(fn, *args, **kwargs)
+
+    monkeypatch.setattr(worker, "run", spy)
+    text = "**gras** " + "- x\n" * 2000
+    html = await worker.bounded(
+        markdown_to_html, text, size=len(text), fallback=lambda: plain_to_html(text)
+    )
+    assert calls == ["markdown_to_html"] and html == markdown_to_html(text)
+
+    async def failing(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        raise worker.ConversionFailed("time limit")
+
+    monkeypatch.setattr(worker, "run", failing)
+    html = await worker.bounded(
+        markdown_to_html, text, size=len(text), fallback=lambda: plain_to_html(text)
+    )
+    assert html == plain_to_html(text)
