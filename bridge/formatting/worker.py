@@ -54,21 +54,31 @@ def _init_worker(memory_limit: int) -> None:
     signal.signal(signal.SIGALRM, _on_alarm)
 
 
+_expired = False  # in the worker: the current conversion's timer fired
+
+
 def _on_alarm(signum: int, frame: Any) -> None:
+    global _expired
+    _expired = True
     raise _TimeLimit
 
 
 def _call(fn: Callable[..., T], args: tuple[Any, ...], time_limit: float) -> T:
     """In the worker: ``fn(*args)`` under the time limit."""
+    global _expired
+    _expired = False
     signal.setitimer(signal.ITIMER_REAL, time_limit)
     try:
         return fn(*args)
-    except _TimeLimit:
-        raise ConversionFailed("time limit") from None
     except MemoryError:
         raise ConversionFailed("memory limit") from None
     except RecursionError:
         raise ConversionFailed("nesting") from None
+    except BaseException:
+        # The timer's exception, or whatever a library made of it (raised in its callback).
+        if _expired:
+            raise ConversionFailed("time limit") from None
+        raise
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
