@@ -3,8 +3,14 @@ capped, what is past a cap is kept readably, and the output grows linearly with 
 
 from __future__ import annotations
 
+import itertools
 import re
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bridge.formatting import limits
 from bridge.formatting.convert import html_to_markdown, html_to_plain, markdown_to_html
 from bridge.formatting.limits import (
     MAX_DEPTH,
@@ -106,3 +112,64 @@ def test_formatted_text_over_the_size_cap_is_shown_as_plain_text() -> None:
     md = "**gras** " * (MAX_FORMATTED_CHARS // 9 + 1)
     html_out = markdown_to_html(md)
     assert html_out.startswith("<p>**gras**") and "<strong>" not in html_out
+
+
+def _tree(depth: int) -> st.SearchStrategy[str]:
+    leaf = st.sampled_from(["a", "b", "c"]).map(lambda t: f"{t}{next(_ids)}")
+    if depth == 0:
+        return leaf
+
+    def wrap(children: list[str], tag: str) -> str:
+        if tag in {"ul", "ol"}:
+            return f"<{tag}>" + "".join(f"<li>{c}</li>" for c in children) + f"</{tag}>"
+        return f"<{tag}>" + "".join(children) + f"</{tag}>"
+
+    node = st.builds(
+        wrap,
+        st.lists(_tree(depth - 1), min_size=1, max_size=4),
+        st.sampled_from(["ul", "ol", "blockquote", "b", "p", "div"]),
+    )
+    return st.one_of(leaf, node)
+
+
+_ids = itertools.count()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_tree(6), min_size=1, max_size=3))
+def test_bounded_html_is_well_formed_within_bounds_and_keeps_every_text(
+    parts: list[str],
+) -> None:
+    html = sanitize_html("".join(parts))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(limits, "MAX_DEPTH", 4)
+        patch.setattr(limits, "MAX_LIST_ITEMS", 2)
+        bounded = limits.bound_structure(html)
+    assert sanitize_html(bounded) == bounded  # well formed: the sanitiser changes nothing
+    assert depth(bounded) <= 4
+    words = re.compile(r"[abc]\d+")
+    assert words.findall(bounded) == words.findall(html)
+    assert max(items_per_list(bounded), default=0) <= 2 + 1  # + the one holding the rest
+
+
+def items_per_list(html: str) -> list[int]:
+    """How many items each list of well-formed HTML has (its own, not its sublists')."""
+    counts: list[int] = []
+    open_lists: list[int] = []  # indexes into counts
+    stack: list[str] = []
+    for match in re.finditer(r"<(/?)([a-z0-9-]+)[^>]*>", html):
+        closing, name = match.groups()
+        if name in {"br", "hr", "img"}:
+            continue
+        if closing:
+            stack.pop()
+            if name in {"ul", "ol"}:
+                open_lists.pop()
+            continue
+        if name == "li" and stack and stack[-1] in {"ul", "ol"}:
+            counts[open_lists[-1]] += 1
+        stack.append(name)
+        if name in {"ul", "ol"}:
+            counts.append(0)
+            open_lists.append(len(counts) - 1)
+    return counts
