@@ -107,8 +107,12 @@ async def test_formatted_messages_keep_the_allow_list_and_their_text_is_inert(
     await trio.native.send(
         trio.room_id,
         "m.room.message",
-        {"msgtype": "m.text", "body": marker, "format": "org.matrix.custom.html",
-         "formatted_body": html},  # fmt: skip
+        {
+            "msgtype": "m.text",
+            "body": marker,
+            "format": "org.matrix.custom.html",
+            "formatted_body": html,
+        },  # fmt: skip
     )
     at_pandalab = await vendor_copy(trio.starter, lambda m: marker in m["text"])
     out, text = rendered(at_pandalab["text"])
@@ -159,8 +163,12 @@ async def test_a_hostile_list_is_delivered_bounded_while_another_conversation_fl
     event_id = await trio.native.send(
         trio.room_id,
         "m.room.message",
-        {"msgtype": "m.text", "body": marker, "format": "org.matrix.custom.html",
-         "formatted_body": html},  # fmt: skip
+        {
+            "msgtype": "m.text",
+            "body": marker,
+            "format": "org.matrix.custom.html",
+            "formatted_body": html,
+        },  # fmt: skip
     )
     await asyncio.wait_for(converting.wait(), 60)
     async with three_way(stack, http, "pandalab", "medipeps", "Ailleurs", "Bonjour") as other:

@@ -18,9 +18,7 @@ from bridge.formatting.escape import escape_markdown
 from connectors.base import Capabilities
 
 # A vendor that obeys raw HTML in Markdown: the worst case for what reaches it.
-VENDOR = MarkdownIt("commonmark", {"html": True, "breaks": True}).enable(
-    ["table", "strikethrough"]
-)
+VENDOR = MarkdownIt("commonmark", {"html": True, "breaks": True}).enable(["table", "strikethrough"])
 MARKDOWN = Capabilities(formatting="markdown")
 
 HOSTILE = [
