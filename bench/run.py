@@ -2,14 +2,15 @@
 
 Runs, in order: throughput (core Matrix -> vendor on SQLite and PostgreSQL with its two
 baselines, vendor -> Matrix, and the profiles), scale, end-to-end latency through Synapse, the
-200 MB media memory benchmark, a 100,000-line directory import, and the encryption overhead
-(encrypted vs plain DMs through Synapse: latency and the bridge's CPU per message). Each figure
+200 MB media memory benchmark, a 100,000-line directory import, the encryption overhead
+(encrypted vs plain DMs through Synapse: latency and the bridge's CPU per message), and hostile
+formatted messages (conversion time against size, ``/live`` while five are converted). Each figure
 that has a target is a ratio against a baseline measured in the same run, or an absolute the
 target names.
 All figures are merged into ``bench/results/latest.json``; the table is printed at the end. A
 benchmark that fails is reported (``<name>_error``) and the others still run.
 
-Usage: ``python bench/run.py [--only throughput,scale,e2e,media,directory,encryption]
+Usage: ``python bench/run.py [--only throughput,scale,e2e,media,directory,encryption,conversion]
 [--events 5000] [--profile-events 2000] [--samples 200] [--media-mb 200]``. Never part of the
 test suite.
 """
@@ -131,6 +132,22 @@ ROWS: list[tuple[str, str, str, Check]] = [
         "",
         None,
     ),
+    ("conversion_ms_1kb", "conversion: hostile HTML, 1 KB, slowest family (ms)", "", None),
+    ("conversion_ms_10kb", "  same, 10 KB (ms)", "", None),
+    ("conversion_ms_40kb", "  same, 40 KB (ms)", "", None),
+    (
+        "conversion_per_kb_ratio_40_vs_1",
+        "conversion: time per KB, 40 KB / 1 KB (linear: ~1)",
+        "<= 1.5",
+        lambda v: v <= 1.5,
+    ),
+    (
+        "conversion_live_ms_max",
+        "conversion: /live max while 5 x 40 KB convert (ms)",
+        "< 1000",
+        lambda v: v < 1000,
+    ),
+    ("conversion_hostile_delivered_s", "  the 5 delivered after (s)", "", None),
 ]
 
 
@@ -223,6 +240,7 @@ async def _directory(directory_import: Any) -> dict[str, Any]:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    import conversion
     import directory_import
     import e2e_latency
     import encryption
@@ -233,7 +251,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     only = (
         set(args.only.split(","))
         if args.only
-        else {"throughput", "scale", "e2e", "media", "directory", "encryption"}
+        else {"throughput", "scale", "e2e", "media", "directory", "encryption", "conversion"}
     )
     if RESULTS.exists():  # errors of earlier runs are not this run's
         old = json.loads(RESULTS.read_text())
@@ -254,6 +272,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         ("media", lambda: _media(media_memory, args.media_mb)),
         ("directory", lambda: _directory(directory_import)),
         ("encryption", lambda: encryption.run(args.samples, log=log)),
+        ("conversion", lambda: conversion.run(log=log)),
     ]
     for name, step in steps:
         if name not in only:
@@ -282,7 +301,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated: throughput,scale,e2e,media,directory,encryption",
+        help="comma-separated: throughput,scale,e2e,media,directory,encryption,conversion",
     )
     parser.add_argument("--events", type=int, default=5_000)
     parser.add_argument("--profile-events", type=int, default=2_000)

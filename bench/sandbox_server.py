@@ -77,6 +77,7 @@ class DeliveryProbe:
             "repeats": self.repeats,
             "first_at": self.first_at,
             "last_at": self.last_at,
+            "conversations_sequenced": len(self._last_seq),  # with a "... #<n>" message
         }
 
 

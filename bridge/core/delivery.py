@@ -32,7 +32,7 @@ from bridge.core.outbound import (
     location,
     location_as_text,
     message_kind,
-    render_text,
+    render_text_bounded,
 )
 from bridge.core.status import StatusReporter
 from bridge.core.trail import Trail
@@ -364,7 +364,7 @@ class Delivery:
                 )
             ]
         else:
-            rendered = render_text(content, caps, sender.display_name, vendor)
+            rendered = await render_text_bounded(content, caps, sender.display_name, vendor)
             notes.extend(rendered.notes)
             mentions = await self._mentions(item, rendered.mention_mxids, notes)
             messages = [
@@ -506,7 +506,9 @@ class Delivery:
             return None  # the original never reached this vendor: nothing to correct there
         sender = Member.from_json(payload["sender"])
         caps = connector.capabilities
-        rendered = render_text(payload["content"], caps, sender.display_name, item.connector)
+        rendered = await render_text_bounded(
+            payload["content"], caps, sender.display_name, item.connector
+        )
         mentions = await self._mentions(item, rendered.mention_mxids)
         notes = list(rendered.notes)
         text = rendered.parts[0]

@@ -14,7 +14,9 @@ from typing import Any
 from urllib.parse import quote
 
 from bridge.core import filetypes
+from bridge.formatting import worker
 from bridge.formatting.convert import html_to_markdown, html_to_plain
+from bridge.formatting.escape import escape_markdown
 from bridge.formatting.mentions import pills_to_mentions
 from bridge.formatting.sanitize import (
     sanitize_html,
@@ -55,7 +57,10 @@ class FileRef:
 def render_text(
     content: dict[str, Any], caps: Capabilities, sender_name: str, vendor: str
 ) -> RenderedText:
-    """The text of a Matrix message in the vendor's formatting, split to its length limit."""
+    """The text of a Matrix message in the vendor's formatting, split to its length limit.
+
+    Plain text going to a Markdown vendor is escaped: it shows as it was written, with no link,
+    image or HTML its sender did not format. Formatted text keeps what the sanitiser allows."""
     body = content.get("body") if isinstance(content.get("body"), str) else ""
     html = (
         content.get("formatted_body") if content.get("format") == "org.matrix.custom.html" else None
@@ -76,6 +81,8 @@ def render_text(
                 notes.append(f"formatting removed: {vendor} shows plain text only")
     else:
         text = strip_plain_reply_fallback(body) if is_reply else body
+        if caps.formatting == "markdown":
+            text = escape_markdown(text)
         mentions = content.get("m.mentions")
         if isinstance(mentions, dict) and isinstance(mentions.get("user_ids"), list):
             mention_mxids = [m for m in mentions["user_ids"] if isinstance(m, str)]
@@ -84,7 +91,8 @@ def render_text(
     kind = message_kind(content)
     if kind not in caps.message_kinds:
         if kind == "emote":
-            text = f"* {sender_name} {text}"
+            name = escape_markdown(sender_name) if caps.formatting == "markdown" else sender_name
+            text = f"* {name} {text}"
         elif kind == "notice":
             notes.append(f"{vendor} has no notices: sent as an ordinary message")
     parts = [text]
@@ -97,6 +105,30 @@ def render_text(
         parts = split_text(text, limit)
         notes.append(f"split into {len(parts)} messages ({vendor} accepts {limit} characters)")
     return RenderedText(parts or [""], html, mention_mxids, notes)
+
+
+async def render_text_bounded(
+    content: dict[str, Any], caps: Capabilities, sender_name: str, vendor: str
+) -> RenderedText:
+    """``render_text``, off the event loop for large content (``bridge.formatting.worker``: a
+    worker process with time and memory limits). When the worker fails, the message goes as its
+    plain ``body`` (escaped like any plain text), and its sender is told."""
+
+    def plain() -> RenderedText:
+        without = {k: v for k, v in content.items() if k not in {"format", "formatted_body"}}
+        rendered = render_text(without, caps, sender_name, vendor)
+        rendered.notes.append(
+            "mise en forme retirée : le message était trop complexe pour être converti"
+        )
+        return rendered
+
+    size = sum(len(v) for k, v in content.items() if k in _TEXTS and isinstance(v, str))
+    return await worker.bounded(
+        render_text, content, caps, sender_name, vendor, size=size, fallback=plain
+    )
+
+
+_TEXTS = ("body", "formatted_body")
 
 
 def message_kind(content: dict[str, Any]) -> MessageKind:

@@ -32,6 +32,7 @@ from bridge.core.trail import Trail
 from bridge.crypto.attachments import Encryptor, encrypt_stream
 from bridge.db.group_commit import Write
 from bridge.db.stores import Stores
+from bridge.formatting import worker
 from bridge.formatting.convert import markdown_to_html, plain_to_html
 from bridge.formatting.mentions import mentions_to_pills
 from bridge.matrix.homeserver import Homeserver, derived_txn_id
@@ -308,7 +309,11 @@ class ToMatrix:
     async def _text_content(
         self, caps: Capabilities, connector_id: str, text: str, mentions: tuple[Mention, ...]
     ) -> dict[str, Any]:
-        html = markdown_to_html(text) if caps.formatting == "markdown" else plain_to_html(text)
+        convert = markdown_to_html if caps.formatting == "markdown" else plain_to_html
+        # Large text is converted off the event loop, bounded in time and memory.
+        html = await worker.bounded(
+            convert, text, size=len(text), fallback=lambda: plain_to_html(text)
+        )
         pills = []
         for mention in mentions:
             mxid = await self._mention_mxid(connector_id, mention)

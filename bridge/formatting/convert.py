@@ -16,6 +16,8 @@ from markdown_it import MarkdownIt
 from markdownify import MarkdownConverter
 
 from bridge.formatting._text import scrub
+from bridge.formatting.escape import escape_markdown
+from bridge.formatting.limits import MAX_FORMATTED_CHARS, bound_structure
 from bridge.formatting.sanitize import sanitize_html
 
 _MARKDOWN = MarkdownIt("commonmark", {"html": False, "linkify": False, "breaks": True}).enable(
@@ -24,7 +26,10 @@ _MARKDOWN = MarkdownIt("commonmark", {"html": False, "linkify": False, "breaks":
 
 
 def markdown_to_html(md: str) -> str:
-    """Chat Markdown as sanitised Matrix HTML; raw HTML in the Markdown is shown, not obeyed."""
+    """Chat Markdown as sanitised Matrix HTML; raw HTML in the Markdown is shown, not obeyed.
+    Markdown longer than ``MAX_FORMATTED_CHARS`` is shown as plain text."""
+    if len(md) > MAX_FORMATTED_CHARS:  # one paragraph of its plain text
+        return sanitize_html(f"<p>{plain_to_html(md)}</p>")
     try:
         rendered = _MARKDOWN.render(scrub(md))
     except RecursionError:  # pathological nesting: show the text as it is
@@ -47,10 +52,40 @@ def markdown_to_plain(md: str) -> str:
 
 
 class _Markdown(MarkdownConverter):
-    """markdownify, made to write chat Markdown."""
+    """markdownify, made to write chat Markdown: text is escaped so that it shows as written (no
+    link, image or HTML the sender did not format), and list items are numbered in linear time."""
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)
+        self._numbers: dict[int, dict[int, int]] = {}  # per <ol>: its <li> children's positions
+
+    def escape(self, text: str, parent_tags: set[str]) -> str:
+        # A text node: markdownify lays out its whitespace itself.
+        return escape_markdown(text, indentation=False) if text else ""
 
     def convert_br(self, el: Tag, text: str, parent_tags: set[str]) -> str:
         return "\n" if "_inline" not in parent_tags else " "
+
+    def convert_li(self, el: Tag, text: str, parent_tags: set[str]) -> str:
+        # markdownify numbers an <ol> item by counting its previous siblings: quadratic in the
+        # list's length (4,000 items took seconds). Each list's items are counted once here.
+        parent = el.parent
+        if parent is None or parent.name != "ol":
+            return str(super().convert_li(el, text, parent_tags))
+        positions = self._numbers.get(id(parent))
+        if positions is None:
+            items = (c for c in parent.children if isinstance(c, Tag) and c.name == "li")
+            positions = self._numbers[id(parent)] = {id(li): i for i, li in enumerate(items)}
+        start = parent.get("start")
+        first = int(start) if isinstance(start, str) and start.isdigit() else 1
+        text = (text or "").strip()
+        if not text:
+            return "\n"
+        bullet = f"{first + positions.get(id(el), 0)}. "
+        indent = " " * len(bullet)
+        text = re.sub(r"^(.*)$", lambda m: indent + m.group(1) if m.group(1) else "", text,
+                      flags=re.MULTILINE)  # fmt: skip
+        return f"{bullet}{text[len(bullet):]}\n"
 
 
 # In sanitised HTML an image is one <img ...> tag, its alt and title values HTML-escaped.
@@ -82,8 +117,14 @@ _TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
 
 
 def html_to_markdown(html: str) -> str:
-    """Matrix HTML as chat Markdown (images by their description, ``<br>`` as a newline)."""
-    clean = _images_as_text(sanitize_html(html))
+    """Matrix HTML as chat Markdown (images by their description, ``<br>`` as a newline); text
+    is escaped, so only the formatting of the HTML is Markdown. Nesting and lists are bounded
+    (``bridge.formatting.limits``); HTML longer than ``MAX_FORMATTED_CHARS`` is shown as plain
+    text."""
+    clean = sanitize_html(html)
+    if len(clean) > MAX_FORMATTED_CHARS:
+        return escape_markdown(html_to_plain(clean))
+    clean = _images_as_text(bound_structure(clean))
     try:
         md = _Markdown(
             heading_style="ATX",
@@ -92,7 +133,7 @@ def html_to_markdown(html: str) -> str:
             escape_misc=False,
         ).convert(clean)
     except RecursionError:  # pathological nesting: the text alone
-        return html_to_plain(clean)
+        return escape_markdown(html_to_plain(clean))
     return _TRAILING_SPACE.sub("", md).strip("\n")
 
 
@@ -265,11 +306,12 @@ class _ToPlain:
 
 def html_to_plain(html: str) -> str:
     """Matrix HTML as readable plain text: blocks on their own lines, ``- ``/``1. `` list items,
-    ``> `` quotes, links as ``text (url)``, images as their description, ``~~struck~~`` text."""
+    ``> `` quotes, links as ``text (url)``, images as their description, ``~~struck~~`` text.
+    Nesting and lists are bounded (``bridge.formatting.limits``): linear in the HTML's length."""
     walk = _ToPlain()
     # Iterative, so deep nesting meets no recursion limit: (entering?, node) events.
     stack: list[tuple[bool, PageElement]] = [
-        (True, BeautifulSoup(sanitize_html(html), "html.parser"))
+        (True, BeautifulSoup(bound_structure(sanitize_html(html)), "html.parser"))
     ]
     while stack:
         entering, node = stack.pop()

@@ -7,6 +7,7 @@ import re
 import nh3
 
 from bridge.formatting._text import scrub
+from bridge.formatting.limits import bound_raw_depth
 
 # The HTML subset the Matrix client-server spec recommends (m.room.message, "HTML").
 TAGS = frozenset(
@@ -74,7 +75,7 @@ _DROP_REPLIES = _cleaner(drop_replies=True)
 
 
 def _clean(cleaner: nh3.Cleaner, html: str) -> str:
-    html = cleaner.clean(scrub(html))
+    html = cleaner.clean(scrub(bound_raw_depth(html)))
     # An image whose src was not mxc:// lost its src above: the whole image goes.
     return _IMG.sub(lambda m: m.group() if ' src="' in m.group() else "", html)
 

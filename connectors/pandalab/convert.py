@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from bridge.formatting.escape import escape_markdown
 from connectors import payload
 from connectors.base import (
     ConversationCreated,
@@ -318,9 +319,16 @@ def to_markdown(text: str, html: str | None, mentions: Sequence[Mention] = ()) -
     refs = {m.display_name: ref for m in mentions if m.display_name and (ref := mention_ref(m))}
     if not refs:
         return text
-    names = sorted(refs, key=len, reverse=True)  # "@Jean Dupont" before "@Jean"
+    # The text is escaped Markdown: a name is found as written there too ("Jean\_X").
+    written = {escape_markdown(n, indentation=False): n for n in refs} | {n: n for n in refs}
+    names = sorted(written, key=len, reverse=True)  # "@Jean Dupont" before "@Jean"
     pattern = re.compile("@(" + "|".join(re.escape(n) for n in names) + r")(?!\w)")
-    return pattern.sub(lambda m: f"@[{_escape_name(m.group(1))}]({refs[m.group(1)]})", text)
+
+    def mention(match: re.Match[str]) -> str:
+        name = written[match.group(1)]
+        return f"@[{_escape_name(name)}]({refs[name]})"
+
+    return pattern.sub(mention, text)
 
 
 def mention_ref(mention: Mention) -> str | None:
