@@ -21,6 +21,8 @@ _DONE = "UPDATE outbox SET state = 'done', payload = NULL, last_error = NULL WHE
 _COLUMNS = (
     "o.seq, o.connector, o.room_id, o.operation, o.dedup_key, o.payload, o.attempts, o.created_at"
 )
+_WAITING = "('pending', 'failed', 'dead')"
+"""The states whose rows still hold content."""
 # A dead letter holds everything after it in its conversation: order before delivery.
 _NOT_HELD = (
     "NOT EXISTS (SELECT 1 FROM outbox d WHERE d.state = 'dead' AND d.connector = o.connector "
@@ -133,6 +135,34 @@ class OutboxStore:
                 "SELECT COUNT(*) FROM outbox WHERE state = 'pending' AND connector = $1", connector
             )
         return int(value)
+
+    async def waiting(
+        self, room_id: str | None = None, connector: str | None = None
+    ) -> list[OutboxItem]:
+        """Every item that still holds content (pending, failing or dead-lettered), payloads
+        opened, of one room and/or connector (None: all), in queue order."""
+        rows = await self.db.fetch(
+            f"SELECT {_COLUMNS} FROM outbox o WHERE o.state IN {_WAITING} "
+            "AND ($1 = '' OR o.room_id = $1) AND ($2 = '' OR o.connector = $2) ORDER BY o.seq",
+            room_id or "",
+            connector or "",
+        )
+        return [_item(r) for r in rows]
+
+    async def drop(self, seqs: list[int], reason: str) -> int:
+        """Give these items up for good (state ``discarded``): their content goes."""
+        dropped = 0
+        async with self.db.acquire() as conn, conn.transaction():
+            for seq in seqs:
+                dropped += len(
+                    await conn.fetch(
+                        "UPDATE outbox SET state = 'discarded', payload = NULL, last_error = $2 "
+                        f"WHERE seq = $1 AND state IN {_WAITING} RETURNING seq",
+                        seq,
+                        reason,
+                    )
+                )
+        return dropped
 
 
 def _item(row: Any) -> OutboxItem:
