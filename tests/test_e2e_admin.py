@@ -249,8 +249,8 @@ async def test_forget_erases_a_professional_in_every_portal_and_keeps_a_content_
     assert stack.bridge is not None
     n = next(counter)
     pandalab = await app_users_of(stack, http, "pandalab")
-    alice, carol = pandalab[(n + 2) % 5], pandalab[(n + 3) % 5]
-    bob = (await app_users_of(stack, http, "medipeps"))[(n + 2) % 5]
+    alice, carol = pandalab[4], pandalab[3]  # no other test of this module uses them
+    bob = (await app_users_of(stack, http, "medipeps"))[4]
     ghost = f"@eimis_pandalab_{alice.idnps}:eimis.localhost"
     reader = await _user(stack, f"reader{n}")
     try:
