@@ -51,7 +51,8 @@ PAGE = 100
 
 @dataclass
 class MatrixPart:
-    """What was done on Matrix; ``pending``: the Matrix IDs still to do (homeserver down)."""
+    """What was done on Matrix; ``pending``: what is still to do (homeserver down): ghosts'
+    Matrix IDs and ``"<room> <event>"`` redactions."""
 
     redacted: int = 0
     rooms_left: int = 0
@@ -80,10 +81,12 @@ class ErasureReport:
             + (" except those below." if self.matrix.pending else "."),
         ]
         if self.matrix.pending:
+            ghosts = [step for step in self.matrix.pending if step.startswith("@")]
+            events = len(self.matrix.pending) - len(ghosts)
             lines.append(
                 f"The homeserver did not answer ({self.matrix.error}): the Matrix part for "
-                f"{', '.join(self.matrix.pending)} is queued; the running bridge finishes it "
-                "when the homeserver answers (or run forget again)."
+                f"{', '.join(ghosts) or 'no ghost'} ({events} more redaction(s)) is queued; the "
+                "running bridge finishes it when the homeserver answers."
             )
         lines.append("An audit record of the erasure was written (no content).")
         return lines
@@ -160,8 +163,12 @@ class Erasure:
                 await self.crypto.forget(ghost)  # its device on the homeserver too
             else:
                 await CryptoStore(self.stores.db).forget_user(ghost)
-        erasure_id = await self.erasures.open(ours)
-        matrix = await self._matrix_part(erasure_id, ours)
+        # What the audit log says their ghosts sent, for the rooms their ghosts have left since
+        # (the bot redacts those, where its power allows).
+        sent = [f"{room} {event}" for room, event in await self.erasures.events_sent_for(idnps)]
+        todo = [*ours, *sent]
+        erasure_id = await self.erasures.open(todo)
+        matrix = await self._matrix_part(erasure_id, todo)
         report = ErasureReport(
             idnps, ours, directory_rows, dropped, erased_inbox, len(ours), matrix
         )
@@ -202,29 +209,62 @@ class Erasure:
         async with self._matrix_lock:
             return await self._matrix_part_locked(erasure_id, mxids)
 
-    async def _matrix_part_locked(self, erasure_id: int, mxids: Iterable[str]) -> MatrixPart:
+    async def _matrix_part_locked(self, erasure_id: int, todo: Iterable[str]) -> MatrixPart:
+        """``todo``: ghosts (Matrix IDs) to erase, then ``"<room> <event>"`` events to redact in
+        rooms those ghosts were no longer in."""
         part = MatrixPart()
-        todo = list(mxids)
+        steps = list(todo)
+        rooms_done: set[str] = set()
         if self.hs is None:
-            part.pending, part.error = todo, "no homeserver"
+            part.pending, part.error = steps, "no homeserver"
         else:
-            for index, mxid in enumerate(todo):
+            for index, step in enumerate(steps):
                 try:
-                    await self._erase_ghost(mxid, part)
+                    if step.startswith("@"):
+                        rooms_done |= await self._erase_ghost(step, part)
+                    else:
+                        room_id, _, event_id = step.partition(" ")
+                        if room_id not in rooms_done:
+                            part.redacted += await self._redact_as_bot(room_id, event_id)
                 except (MatrixConnectionError, OSError, TimeoutError) as error:
-                    part.pending = todo[index:]
+                    part.pending = steps[index:]
                     part.error = type(error).__name__
                     break
                 except MatrixRequestError as error:
                     if error.http_status >= 500 or error.http_status == 429:
-                        part.pending = todo[index:]
+                        part.pending = steps[index:]
                         part.error = f"{error.http_status} {error.errcode}"
                         break
                     raise
         await self.erasures.remaining(erasure_id, part.pending, part.error)
         return part
 
-    async def _erase_ghost(self, mxid: str, part: MatrixPart) -> None:
+    async def _redact_as_bot(self, room_id: str, event_id: str) -> int:
+        """Redact one event as the bot, unless it is redacted already; 0 when the bot cannot
+        (not in the room, or without the power to)."""
+        assert self.hs is not None
+        bot = self.hs.config.bot_mxid
+        try:
+            event = await self.hs.api.user(UserID(bot)).request(
+                Method.GET, Path.v3.rooms[RoomID(room_id)].event[event_id]
+            )
+            unsigned = event.get("unsigned") if isinstance(event, dict) else None
+            if not isinstance(event, dict) or not event.get("content"):
+                return 0
+            if isinstance(unsigned, dict) and unsigned.get("redacted_because"):
+                return 0
+            await self.hs.redact(
+                bot, room_id, event_id, txn_id=derived_txn_id("erasure", room_id, event_id)
+            )
+        except MatrixRequestError as error:
+            if error.http_status >= 500 or error.http_status == 429:
+                raise
+            log.warning("Could not redact an event in %s as the bot (%s)", room_id, error.errcode)
+            return 0
+        return 1
+
+    async def _erase_ghost(self, mxid: str, part: MatrixPart) -> set[str]:
+        """Redact, leave, delete devices, clear the profile; the rooms it was in."""
         assert self.hs is not None
         api = self.hs.api.user(UserID(mxid))
         answer = await api.request(Method.GET, Path.v3.joined_rooms)
@@ -247,6 +287,7 @@ class Erasure:
             Method.PUT, Path.v3.profile[UserID(mxid)].displayname, {"displayname": ""}
         )
         await api.request(Method.PUT, Path.v3.profile[UserID(mxid)].avatar_url, {"avatar_url": ""})
+        return {str(room_id) for room_id in rooms} if isinstance(rooms, list) else set()
 
     async def _redact_everything(self, mxid: str, room_id: str) -> int:
         """Redact every event ``mxid`` sent in the room that still has content: its messages,

@@ -26,12 +26,13 @@ class ErasureStore:
         self.db = db
 
     async def open(self, pending: list[str]) -> int:
-        """Record an erasure whose Matrix part is still to do for ``pending``; its id."""
+        """Record an erasure whose Matrix part is still to do: ``pending`` holds Matrix IDs
+        (a ghost to erase) and ``"<room> <event>"`` (an event to redact); its id."""
         return int(
             await self.db.fetchval(
                 "INSERT INTO erasure (requested_at, pending) VALUES ($1, $2) RETURNING id",
                 now_ms(),
-                json.dumps(sorted(set(pending))),
+                json.dumps(list(dict.fromkeys(pending))),
             )
         )
 
@@ -50,7 +51,7 @@ class ErasureStore:
                 "UPDATE erasure SET pending = $2, attempts = attempts + 1, last_error = $3 "
                 "WHERE id = $1",
                 erasure_id,
-                json.dumps(sorted(set(pending))),
+                json.dumps(list(dict.fromkeys(pending))),
                 error,
             )
         else:
@@ -59,6 +60,16 @@ class ErasureStore:
                 erasure_id,
                 now_ms(),
             )
+
+    async def events_sent_for(self, idnps: str) -> list[tuple[str, str]]:
+        """(room, event id) of what the audit log says the bridge sent into Matrix for this
+        professional (their messages, edits, reactions), oldest first."""
+        rows = await self.db.fetch(
+            "SELECT portal, event_id FROM audit_log WHERE direction = 'to_matrix' "
+            "AND sender = $1 AND event_id IS NOT NULL AND portal IS NOT NULL ORDER BY at, id",
+            idnps,
+        )
+        return list(dict.fromkeys((str(r["portal"]), str(r["event_id"])) for r in rows))
 
     async def latest_id(self) -> int:
         return int(await self.db.fetchval("SELECT COALESCE(MAX(id), 0) FROM erasure"))
