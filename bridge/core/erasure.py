@@ -235,7 +235,9 @@ class Erasure:
                         part.pending = steps[index:]
                         part.error = f"{error.http_status} {error.errcode}"
                         break
-                    raise
+                    # Refused for good (a ghost the homeserver never registered ...): nothing
+                    # more can be done there; the rest goes on.
+                    log.warning("Erasure step refused by the homeserver (%s)", error.errcode)
         await self.erasures.remaining(erasure_id, part.pending, part.error)
         return part
 
@@ -282,7 +284,12 @@ class Erasure:
         for device in devices.get("devices", []) if isinstance(devices, dict) else []:
             device_id = device.get("device_id") if isinstance(device, dict) else None
             if isinstance(device_id, str):
-                await api.request(Method.DELETE, Path.v3.devices[device_id], {})
+                try:
+                    await api.request(Method.DELETE, Path.v3.devices[device_id], {})
+                except MatrixRequestError as error:
+                    if error.http_status >= 500:
+                        raise
+                    log.warning("Could not delete a device of %s (%s)", mxid, error.errcode)
         await api.request(
             Method.PUT, Path.v3.profile[UserID(mxid)].displayname, {"displayname": ""}
         )

@@ -152,10 +152,15 @@ class RoomPolicy:
             return
         ghosts = [m for m in members if self.ids.parse(m) is not None]
         viewer = ghosts[0] if ghosts else portal.voice
-        state = await self.room_state(viewer, room_id)
+        try:
+            state = await self.room_state(viewer, room_id)
+        except MatrixRequestError as error:
+            log.warning("State of %s not readable (%s)", room_id, error.errcode)
+            state = {}
         state[kind] = content  # what this event says, whatever the homeserver answers first
         reason = exposure(state)
         if reason is None:
+            self._exposed.discard(room_id)  # closed again: ghosts may be brought back
             return
         self._exposed.add(room_id)
         log.warning("Portal %s became open to anyone (%s): its ghosts leave", room_id, kind)
