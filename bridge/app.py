@@ -21,6 +21,7 @@ from bridge.core.causal_order import CausalOrder
 from bridge.core.connector_manager import ConnectorManager, Wiring
 from bridge.core.connectors import ConnectorSet, validate_connectors
 from bridge.core.delivery import Delivery
+from bridge.core.erasure import Erasure
 from bridge.core.errors import PermanentFailure
 from bridge.core.from_matrix import FromMatrix
 from bridge.core.ghost_ids import GhostIds
@@ -61,6 +62,9 @@ log = logging.getLogger("eimis.bridge")
 
 READY_TIMEOUT_S = 5.0
 """A readiness check that takes longer than this fails (a probe must answer, not hang)."""
+
+ERASURE_POLL_S = 5.0
+"""How often the bridge looks for erasures made elsewhere (CLI) and Matrix parts left to do."""
 
 PORTAL_ACL_KEY = "portal_server_acl"
 """The ``m.room.server_acl`` content every portal was last brought to."""
@@ -266,6 +270,16 @@ class Bridge:
             log,
         )
         self.wal_truncation.start()
+        # Erasures (``forget``, admin room or CLI): their Matrix part when the homeserver was
+        # down, and no erased delivery sent from memory.
+        self.erasure = Erasure(
+            self.stores, self.homeserver, crypto=self.crypto, on_dropped=self._erased
+        )
+        self._erasures_seen = await self.erasure.erasures.latest_id()
+        self.erasure_follow = Periodic(
+            "Erasure follow-up", self._follow_erasures, ERASURE_POLL_S, log, at_once=True
+        )
+        self.erasure_follow.start()
         await self.connector_manager.start()
         await self.router.start()
         self.trust_watcher.start()  # and brings every portal's ACL to the list at once
@@ -340,6 +354,8 @@ class Bridge:
             await self.audit_purge.stop()
         if getattr(self, "wal_truncation", None) is not None:
             await self.wal_truncation.stop()
+        if getattr(self, "erasure_follow", None) is not None:
+            await self.erasure_follow.stop()
         if getattr(self, "ghost_names", None) is not None:
             await self.ghost_names.stop()
         if getattr(self, "trust_watcher", None) is not None:
@@ -476,6 +492,15 @@ class Bridge:
     async def _truncate_wal(self) -> None:
         """Cleared content (delivered, discarded) leaves the write-ahead log's old frames."""
         await truncate_wal(self.db)
+    async def _erased(self, seqs: list[int]) -> None:
+        await self.outbox.reread()
+
+    async def _follow_erasures(self) -> None:
+        latest = await self.erasure.erasures.latest_id()
+        if latest > self._erasures_seen:
+            self._erasures_seen = latest
+            await self.outbox.reread()  # an erasure from the CLI: drop what memory holds
+        await self.erasure.resume()
 
     async def _purge_audit(self) -> None:
         purged = await self.stores.audit.purge()

@@ -75,9 +75,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _command_modules() -> list[Any]:
-    from bridge.commands import audit, connectors, directory, secrets, trust
+    from bridge.commands import audit, connectors, directory, erasure, secrets, trust
 
-    return [audit, directory, trust, connectors, secrets]
+    return [audit, directory, trust, connectors, secrets, erasure]
 
 
 def main(argv: list[str] | None = None) -> int:

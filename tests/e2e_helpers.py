@@ -323,3 +323,37 @@ async def three_way(
         )
     finally:
         await native.close()
+
+
+# --- Reading Matrix as a native user, straight from the client-server API -------------------------
+
+
+async def as_native(user: MatrixUser, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """(status, JSON answer) of a client-server API call made with ``user``'s access token."""
+    client = user.client
+    url = f"{client.homeserver}/_matrix/client/v3{path}"
+    headers = {"Authorization": f"Bearer {client.access_token}"}
+    async with (
+        ClientSession() as http,
+        http.request(method, url, json=body, headers=headers) as resp,
+    ):
+        return resp.status, await resp.json(content_type=None)
+
+
+async def event_as(user: MatrixUser, room_id: str, event_id: str) -> dict[str, Any]:
+    status, event = await as_native(user, "GET", f"/rooms/{room_id}/event/{event_id}")
+    assert status == 200, (status, event)
+    return dict(event)
+
+
+async def is_redacted(user: MatrixUser, room_id: str, event_id: str) -> bool:
+    event = await event_as(user, room_id, event_id)
+    return not event.get("content") and bool((event.get("unsigned") or {}).get("redacted_because"))
+
+
+async def member_state(user: MatrixUser, room_id: str, member: str) -> dict[str, Any]:
+    """``member``'s current m.room.member content in the room, as ``user`` sees it."""
+    status, content = await as_native(
+        user, "GET", f"/rooms/{room_id}/state/m.room.member/{member}"
+    )
+    return dict(content) if status == 200 else {}

@@ -10,13 +10,25 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession
+from mautrix.types import RoomID, UserID
 
+from bridge.db.portal_join import PortalJoinStore
 from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 from bridge.secrets import generate_key
 
-from e2e_helpers import counter, portal_of, received, unique, users_of
-from matrix_user import MatrixUser, connect
+from e2e_helpers import (
+    app_users_of,
+    as_native,
+    counter,
+    inbox_texts,
+    is_redacted,
+    portal_of,
+    received,
+    unique,
+    users_of,
+)
+from matrix_user import MatrixUser, connect, text_is
 from synapse_db import room_holds_text
 
 pytestmark = pytest.mark.e2e
@@ -246,3 +258,107 @@ async def test_directory_import_of_a_secret_file_never_quotes_it_in_the_room(
     bodies = [str(getattr(e, "body", "")) for e in console.user.messages(console.room_id)]
     assert not any(s in b for s in secrets for b in bodies)
     assert not any(room_holds_text(stack.synapse, console.room_id, s) for s in secrets)
+
+
+async def _queued_bodies(stack: LocalStack, connector: str, room_id: str) -> dict[str, str]:
+    """Body -> sender IDNPS of what waits for ``connector`` in the room (parsed payloads)."""
+    assert stack.bridge is not None
+    items = await stack.bridge.stores.outbox.waiting(room_id, connector)
+    return {
+        str(item.payload["content"]["body"]): str(item.payload["sender"].get("idnps"))
+        for item in items
+        if "content" in item.payload
+    }
+
+
+async def test_forget_erases_a_professional_in_every_portal_and_keeps_a_content_free_record(
+    console: Console, stack: LocalStack, http: ClientSession
+) -> None:
+    assert stack.bridge is not None
+    n = next(counter)
+    pandalab = await app_users_of(stack, http, "pandalab")
+    alice, carol = pandalab[4], pandalab[3]  # no other test of this module uses them
+    bob = (await app_users_of(stack, http, "medipeps"))[4]
+    ghost = f"@eimis_pandalab_{alice.idnps}:eimis.localhost"
+    reader = await _user(stack, f"reader{n}")
+    try:
+        # Alice (the professional to erase) in two portals the native reader is in: a group
+        # with Bob (another vendor) and Carol (hers), and a direct chat.
+        group = await alice.start_conversation(
+            [bob.idnps, carol.idnps, reader.user_id], unique("Staff")
+        )
+        direct = await alice.start_conversation([reader.user_id], unique("DM"))
+        rooms = [await portal_of(stack, "pandalab", c) for c in (group, direct)]
+        for room_id in rooms:
+            await reader.accept_invites(room_id, timeout=30)
+        # The reader's joins are recorded (who, which portal, when).
+        joins = PortalJoinStore(stack.bridge.stores.db)
+
+        async def joined_recorded() -> bool:
+            recorded = [j.user_id for room in rooms for j in await joins.of_room(room)]
+            return recorded.count(reader.user_id) == 2
+
+        await wait_for("the joins recorded", joined_recorded, 30)
+        said = {unique("Allergie: pénicilline"): rooms[0], unique("RDV demain"): rooms[1]}
+        await alice.post(group, text=list(said)[0])
+        await alice.post(direct, text=list(said)[1])
+        events = {
+            text: (await reader.wait_for_message(room_id, text_is(text), timeout=30)).event_id
+            for text, room_id in said.items()
+        }
+        # Her ghost is no longer in the direct chat (removed by the bot, which keeps its power
+        # there): what she said there is found in the audit log and redacted by the bot.
+        await stack.bridge.homeserver.bot.kick_user(RoomID(rooms[1]), UserID(ghost), "test")
+        # Medipeps down: what Alice and Carol say next waits in the outbox for Bob.
+        sandbox = stack.sandboxes["medipeps"]
+        await sandbox.stop()
+        try:
+            hers, others = unique("Dose: 2 g"), unique("Vu, merci")
+            await alice.post(group, text=hers)
+            events[hers] = (
+                await reader.wait_for_message(rooms[0], text_is(hers), timeout=30)
+            ).event_id
+            await carol.post(group, text=others)
+            await reader.wait_for_message(rooms[0], text_is(others), timeout=30)
+
+            async def both_queued() -> bool:
+                return {hers, others} <= set(await _queued_bodies(stack, "medipeps", rooms[0]))
+
+            await wait_for("both deliveries queued", both_queued, 30)
+
+            prompt = await console.run(f"forget {alice.idnps}", "Answer 'yes'")
+            assert "1 ghost(s)" in prompt
+            report = await console.run("yes", "Erased", timeout=60)
+            assert "1 room(s) left" in report and "is queued" not in report
+            queued = await _queued_bodies(stack, "medipeps", rooms[0])
+            assert hers not in queued and queued.get(others) == str(carol.idnps)
+        finally:
+            await sandbox.start()
+        # Bob gets Carol's message, then a later marker; never Alice's erased one.
+        marker = unique("fin")
+        await carol.post(group, text=marker)
+        await wait_for("the marker at Bob", lambda: received(bob, marker), 90)
+        texts = await inbox_texts(bob)
+        assert others in texts and hers not in texts
+        # Every message of Alice's ghost is redacted, as the native reader reads it.
+        for text, event_id in events.items():
+            room_id = said.get(text, rooms[0])
+            assert await is_redacted(reader, room_id, event_id), text
+        # The ghost left both portals; its profile is empty.
+        for room_id in rooms:
+            status, members = await as_native(reader, "GET", f"/rooms/{room_id}/joined_members")
+            assert status == 200 and ghost not in members["joined"]
+        status, profile = await as_native(reader, "GET", f"/profile/{ghost}")
+        assert status == 404 or not (profile.get("displayname") or profile.get("avatar_url"))
+        # Nothing of her is left in the directory; the audit log says who asked, whom, counts.
+        assert "not in the directory" in await console.run(f"whois {alice.idnps}", "IDNPS")
+        records = [
+            r for r in await stack.bridge.stores.audit.query(connector="bridge", limit=1000)
+            if r.direction == "erasure" and r.recipient == str(alice.idnps)
+        ]
+        assert len(records) == 1 and records[0].outcome == "done"
+        assert records[0].sender == console.user.user_id
+        flat = " ".join(str(v) for v in records[0].to_json().values())
+        assert all(text not in flat for text in events)
+    finally:
+        await reader.close()

@@ -9,7 +9,6 @@ Replies name ids, counts and times: never message content.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +25,7 @@ from bridge.commands.audit import parse_moment
 from bridge.commands.directory import foreign_mxid_check
 from bridge.config import Config
 from bridge.core.connectors import ConnectorSet
+from bridge.core.erasure import Erasure
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.health import ConnectorHealth
 from bridge.core.trust import InvalidServerName, validate_server_name
@@ -34,9 +34,6 @@ from bridge.directory.idnps import Idnps, InvalidIdnps
 from bridge.directory.importer import DirectoryFormatError, import_file
 from bridge.matrix.homeserver import Homeserver
 from bridge.matrix.media import MediaError, MediaRepository
-
-FORGOTTEN_NAME = "Former participant"
-"""The display name an erased professional's ghosts keep (their old messages stay in rooms)."""
 
 
 @dataclass
@@ -64,6 +61,8 @@ class AdminContext:
     """The run-time connector manager (``connector add|...``), when the bridge has one."""
     audit: Any = None
     """The audit log (``audit``), when the bridge has one."""
+    erasure: Any = None
+    """The running bridge's erasure (``forget``; ``bridge.core.erasure``)."""
     extra_status: Callable[[], Awaitable[list[str]]] | None = None
     """More status lines (inbox ordering, metrics ...)."""
     uploads: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
@@ -548,24 +547,14 @@ async def _forget(ctx: AdminContext, args: argparse.Namespace, who: str) -> Repl
     ghosts = [mxid for mxid, _, _ in await ctx.queries.ghosts_of(idnps)]
 
     async def run() -> Reply:
-        for ghost in ghosts:
-            with contextlib.suppress(MatrixRequestError):
-                await ctx.homeserver.intent(ghost).set_displayname(FORGOTTEN_NAME)
-        erased = await ctx.queries.forget(idnps, ghosts)
-        for ghost in ghosts:
-            ctx.stores.ghosts.forget(ghost)
-            if ctx.homeserver.crypto is not None:
-                await ctx.homeserver.crypto.forget(ghost)  # its device and keys too
-        return Reply(
-            f"Erased {idnps}: {erased.directory_rows} directory/permission row(s), "
-            f"{len(erased.ghosts)} ghost(s) renamed '{FORGOTTEN_NAME}', "
-            f"{erased.queued_items} queued item(s) emptied. The audit log keeps its "
-            "metadata until its retention ends."
-        )
+        erasure = ctx.erasure or Erasure(ctx.stores, ctx.homeserver, crypto=ctx.homeserver.crypto)
+        report = await erasure.erase(idnps, who.partition("|")[2] or who)
+        return Reply("\n".join(report.lines()), pre=True)
 
     return Reply(
-        f"Erase everything the bridge holds about {idnps} ({len(ghosts)} ghost(s))? Queued "
-        "messages from or to them are dropped. Answer 'yes' to confirm.",
+        f"Erase everything the bridge holds about {idnps} ({len(ghosts)} ghost(s))? Their "
+        "messages are redacted in every portal, their ghosts leave and lose their profile, and "
+        "what they sent that still waits in queues is dropped. Answer 'yes' to confirm.",
         confirm=run,
     )
 

@@ -25,6 +25,7 @@ class Console:
             ids=bridge.ids,
             manager=getattr(bridge, "connector_manager", None),
             audit=getattr(bridge.stores, "audit", None),
+            erasure=getattr(bridge, "erasure", None),
         )
         self.room = AdminRoom(self.context)
         self._queries = AdminQueries(bridge.stores.db)

@@ -31,13 +31,6 @@ class PortalSummary:
     """(connector, its conversation id or None while being opened)."""
 
 
-@dataclass(frozen=True)
-class Erased:
-    ghosts: list[str]
-    directory_rows: int
-    queued_items: int
-
-
 class AdminQueries:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -161,36 +154,24 @@ class AdminQueries:
         )
         return [(r["mxid"], r["connector"], r["display_name"]) for r in rows]
 
-    async def forget(self, idnps: str, ghosts: list[str]) -> Erased:
-        """Erase what the bridge holds of a professional: directory entry and Matrix IDs,
-        permissions, ghost rows, and the content of what is still queued from or to them.
-        The audit log keeps its metadata rows (its own retention applies)."""
-        marks = [idnps, *ghosts]
+    async def forget(self, idnps: str) -> int:
+        """Erase the rows that name a professional: directory entry and Matrix IDs,
+        permissions, ghost rows; how many went. Queued content, crypto material and what their
+        ghosts left on Matrix are erased by ``bridge.core.erasure``. The audit log keeps its
+        metadata rows (its own retention applies)."""
+        erased = 0
         async with self.db.acquire() as conn, conn.transaction():
-            directory = 0
             for table in (
                 "professional_mxid",
                 "permission_exception",
                 "professional",
                 "permission",
+                "ghost",
             ):
-                directory += len(
+                erased += len(
                     await conn.fetch(f"DELETE FROM {table} WHERE idnps = $1 RETURNING 1", idnps)
                 )
-            await conn.execute("DELETE FROM ghost WHERE idnps = $1", idnps)
-            queued = 0
-            for mark in marks:
-                for table, state in (("outbox", "discarded"), ("inbox", "failed")):
-                    queued += len(
-                        await conn.fetch(
-                            f"UPDATE {table} SET payload = NULL, state = '{state}', "
-                            "last_error = 'erased at the professional''s request' "
-                            "WHERE state IN ('pending', 'waiting', 'dead') AND payload LIKE $1 "
-                            "RETURNING 1",
-                            f"%{mark}%",
-                        )
-                    )
-        return Erased(ghosts, directory, queued)
+        return erased
 
 
 def age(ms: int | None) -> str:

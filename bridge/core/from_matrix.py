@@ -21,6 +21,7 @@ from mautrix.types import PaginationDirection, RoomID
 from bridge.core import operations as op
 from bridge.core.authority import Authority, Refused
 from bridge.core.portals import Portals
+from bridge.core.room_policy import exposure, stripped_state
 from bridge.db.group_commit import Write
 from bridge.db.portal import Portal
 from bridge.db.stores import Stores
@@ -149,6 +150,9 @@ class FromMatrix:
             return []  # no admin room configured: the bot stays out
         if self.ids.in_namespace(raw["sender"]):
             return []  # the bridge invited its own ghost while opening a portal: already handled
+        if (exposed := exposure(stripped_state(raw))) is not None:
+            await self._refuse(raw["room_id"], target, exposed)
+            return []
         ref = self.ids.parse(target)
         if ref is not None:
             reason = await self.portals.invite_refusal(raw["sender"], target, ref.idnps)

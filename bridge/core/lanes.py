@@ -117,6 +117,15 @@ class LaneScheduler(Generic[T]):
         self._lanes.clear()
         self._buffered = 0
 
+    async def reread(self) -> None:
+        """Forget everything read ahead (items in hand are given up, to be read again) and
+        read storage anew: work taken back from storage (an erasure) must not run from memory.
+        Nothing happens when the scheduler is not running."""
+        if self._dispatcher is None:
+            return
+        await self.stop()
+        self.start()
+
     def notify(self) -> None:
         """New work was stored: look for it now rather than at the next poll."""
         self._wake.set()

@@ -14,6 +14,7 @@ from bridge.core.connectors import ConnectorSet
 from bridge.core.errors import NotInDirectory, PermanentFailure, UnknownUser
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.members import Member
+from bridge.core.room_policy import RoomPolicy
 from bridge.core.trust import server_of
 from bridge.db.directory import GHOST, display_name
 from bridge.db.portal import Portal
@@ -41,6 +42,8 @@ class Portals:
         self.hs = homeserver
         self.connectors = connectors
         self.ids = ids
+        self.policy = RoomPolicy(stores, homeserver, ids)
+        """Rooms a ghost may be in (never one open to anyone); joins recorded."""
         self.require_encryption = False
         """``encryption.require``: rooms that are not encrypted are not bridged."""
         self.require_directory_entry = False
@@ -71,7 +74,13 @@ class Portals:
             # with the devices they know, from its join or from the moment someone turns
             # encryption on (a ghost without a device then could not read the first messages).
             await self.hs.crypto.ensure_device(ghost_mxid)
+        if self.policy.is_exposed(room_id):
+            raise PermanentFailure(f"{room_id} is open to anyone: no ghost joins it")
         await self.hs.intent(ghost_mxid).ensure_joined(RoomID(room_id))
+        if (reason := await self.policy.refusal(ghost_mxid, room_id)) is not None:
+            self.policy.mark_exposed(room_id)
+            await self.policy.leave(room_id, ghost_mxid, reason)
+            raise PermanentFailure(f"{room_id} is open to anyone: its ghost left")
         self._joined[(room_id, ghost_mxid)] = True
 
     # Ghosts ------------------------------------------------------------------------------------
@@ -350,6 +359,9 @@ class Portals:
             await self._leave_unencrypted(room_id, ghost_mxid)
             return False
         await self._apply_policy(room_id, ghost_mxid, inviter if is_direct else None)
+        if (exposed := await self.policy.refusal(ghost_mxid, room_id)) is not None:
+            await self.policy.leave(room_id, ghost_mxid, exposed)
+            return False
         portal = await self.stores.portals.get(room_id)
         if portal is None:
             portal = Portal(room_id, None, is_direct, ghost_mxid)

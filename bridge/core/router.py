@@ -272,6 +272,7 @@ class Router:
             return
         if isinstance(event, StateEvent):
             await self.hs.state_store.update_state(event)
+        await self.from_matrix.portals.policy.observe(raw)  # joins; portals made public
         if self.crypto is None or not isinstance(raw.get("content"), dict):
             return
         if raw.get("type") == "m.room.encryption":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -293,6 +293,40 @@ class InboxStore:
 
     async def max_seq(self) -> int:
         return int(await self.db.fetchval("SELECT COALESCE(MAX(seq), 0) FROM inbox") or 0)
+
+    async def unprocessed(self, batch: int = 500) -> AsyncIterator[InboxItem]:
+        """Every item that still holds content (pending, waiting or failed), oldest first, read
+        ``batch`` at a time."""
+        after = 0
+        while True:
+            rows = await self.db.fetch(
+                "SELECT seq, origin, lane, payload, attempts, received_at FROM inbox "
+                "WHERE state IN ('pending', 'waiting', 'failed') AND payload IS NOT NULL "
+                "AND seq > $1 ORDER BY seq LIMIT $2",
+                after,
+                batch,
+            )
+            for row in rows:
+                yield _item(row)
+            if len(rows) < batch:
+                return
+            after = int(rows[-1]["seq"])
+
+    async def erase(self, seqs: list[int], reason: str) -> int:
+        """Drop these items' content for good; they are never processed (state ``failed``)."""
+        erased = 0
+        async with self.db.acquire() as conn, conn.transaction():
+            for seq in seqs:
+                erased += len(
+                    await conn.fetch(
+                        "UPDATE inbox SET state = 'failed', payload = NULL, last_error = $2 "
+                        "WHERE seq = $1 AND state IN ('pending', 'waiting', 'failed') "
+                        "RETURNING seq",
+                        seq,
+                        reason,
+                    )
+                )
+        return erased
 
     async def active_rooms(self, since_ms: int, limit: int, scan: int = 20_000) -> list[str]:
         """Rooms with homeserver events received since ``since_ms``, most recent first; only the

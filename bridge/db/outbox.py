@@ -184,7 +184,6 @@ class OutboxStore:
             )
         return int(value)
 
-
     async def waiting(
         self, room_id: str | None = None, connector: str | None = None
     ) -> list[OutboxItem]:

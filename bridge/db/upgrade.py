@@ -353,3 +353,32 @@ async def upgrade_v9(conn: Connection, scheme: Scheme) -> None:
             rotation_msgs  INTEGER NOT NULL
         )"""
     )
+
+
+@upgrade_table.register(description="Erasures waiting for their Matrix part; joins to portals")
+async def upgrade_v10(conn: Connection, scheme: Scheme) -> None:
+    # Erasures (``forget``): when each was asked, and the bridge's users whose Matrix part
+    # (redactions, leaving rooms, clearing the profile) still waits for the homeserver. Once
+    # done, ``pending`` is emptied: the row keeps times only, never who was erased.
+    await conn.execute(
+        f"""CREATE TABLE erasure (
+            id            {_serial(scheme)},
+            requested_at  BIGINT NOT NULL,
+            pending       TEXT NOT NULL,
+            attempts      INTEGER NOT NULL DEFAULT 0,
+            last_error    TEXT,
+            done_at       BIGINT
+        )"""
+    )
+    # Who joined which portal, when (a later step tells the vendor side). Ids and time only.
+    await conn.execute(
+        f"""CREATE TABLE portal_join (
+            id         {_serial(scheme)},
+            room_id    TEXT NOT NULL,
+            user_id    TEXT NOT NULL,
+            event_id   TEXT NOT NULL,
+            at         BIGINT NOT NULL,
+            UNIQUE (event_id)
+        )"""
+    )
+    await conn.execute("CREATE INDEX portal_join_room ON portal_join (room_id, at)")
