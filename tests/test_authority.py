@@ -326,19 +326,3 @@ async def test_a_reply_whose_quote_the_vendor_refuses_is_sent_without_it(stores:
     [status] = statuses.reports
     assert status["outcome"] == "SUCCESS" and "sans la citation" in status["detail"]
 
-
-async def test_a_reply_whose_quote_was_refused_goes_without_it_and_says_why(
-    stores: Stores,
-) -> None:
-    vendor = Vendor()
-    delivery, statuses = await delivery_with(stores, vendor)
-    reply = {
-        "event_id": "$reply",
-        "content": {"msgtype": "m.text", "body": "texte"},
-        "reply_to_event": None,
-        "quote_refused": "il se rapporte à un message d'une autre conversation",
-    }
-    assert await deliver(stores, delivery, op.SEND_MESSAGE, reply) == "delivered:degraded"
-    assert vendor.calls == [("send", "conv-ward", "texte", "None")]
-    [status] = statuses.reports
-    assert "sans la citation" in status["detail"] and "autre conversation" in status["detail"]

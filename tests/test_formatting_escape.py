@@ -75,6 +75,22 @@ def test_any_punctuation_renders_as_written(text: str) -> None:
     assert_inert(text, escape_markdown(text))
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[14:02] Bonjour, pouvez-vous passer voir le patient de la chambre 12 ?",
+        "Oui, je passe vers 15 h. Tension 12/8 ; poids > 70 kg, a < b.",
+        "Merci !\nJe prépare l'ordonnance.\n\nÀ demain",
+        "I <3 ce service (vraiment) [sic]",
+    ],
+)
+def test_ordinary_text_that_renders_as_written_is_sent_unchanged(text: str) -> None:
+    """Escaping what a renderer already shows as written would only put backslashes in the
+    apps that show the source: ordinary clinical text reaches a Markdown vendor as typed."""
+    assert escape_markdown(text) == text
+    assert_inert(text, text)
+
+
 def test_plain_text_is_escaped_for_a_markdown_vendor_and_kept_for_a_plain_one() -> None:
     body = "[x](javascript:alert(1)) ![](https://tracker.example/p.png) <img src=x onerror=y>"
     content = {"msgtype": "m.text", "body": body}

@@ -6,8 +6,7 @@ room's ``redact`` level. And every relation (reply, edit, reaction, redaction) p
 of its own portal. The homeserver is asked about the original (its sender is in clear even when
 it is encrypted), as the portal's voice; the message map tells an event another portal carried.
 
-A refused event is never delivered; its sender is told why, in French (``Refused.reason``). A
-reply quoting another portal's event is the exception: its quote is refused, not its text.
+A refused event is never delivered; its sender is told why, in French (``Refused.reason``).
 """
 
 from __future__ import annotations

@@ -387,10 +387,6 @@ class Delivery:
     async def _reply_target(
         self, item: OutboxItem, connector: Connector, notes: list[str]
     ) -> str | None:
-        refused = item.payload.get("quote_refused")
-        if isinstance(refused, str):
-            notes.append(f"envoyé sans la citation : {refused}")
-            return None
         reply_event = item.payload.get("reply_to_event")
         if not reply_event:
             return None

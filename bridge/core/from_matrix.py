@@ -280,14 +280,10 @@ class FromMatrix:
                 "eimis.unknown_msgtype": str(content.get("msgtype")),
             }
         reply_to = _obj(relates.get("m.in_reply_to")).get("event_id")
-        quote: dict[str, str] = {}
         if isinstance(reply_to, str):
-            try:
-                await self.authority.same_portal(raw["room_id"], reply_to)
-            except Refused as refusal:
-                # The quote is refused, not the message: it goes without it, its sender told.
-                log.warning("Reply %s quotes another portal: sent unquoted", raw["event_id"])
-                reply_to, quote = None, {"quote_refused": refusal.reason}
+            # A reply quoting another portal's message is refused like any relation across
+            # portals (the quote would carry that portal's content here).
+            await self.authority.same_portal(raw["room_id"], reply_to)
         return self._enqueue(
             raw,
             op.SEND_MESSAGE,
@@ -297,7 +293,6 @@ class FromMatrix:
                 "content": content,
                 "ts": raw.get("origin_server_ts"),
                 "reply_to_event": reply_to if isinstance(reply_to, str) else None,
-                **quote,
             },
             targets,
         )

@@ -5,11 +5,18 @@ chat dialects built on it), so escaping too much is never wrong, only noisier; t
 can start a construct: links and images (``[``, ``]``), raw HTML and autolinks (``<``, ``>``),
 character references (``&name;``), emphasis, code and strikethrough, tables, and the marks that
 open a block at the start of a line (headings, quotes, list items, rules).
+
+A whole message that a CommonMark renderer (with tables and strikethrough) already shows as the
+very text written is left as it is: escaping it would only show backslashes in apps that display
+the source, and change nothing where it is rendered.
 """
 
 from __future__ import annotations
 
 import re
+from functools import lru_cache
+
+from markdown_it import MarkdownIt
 
 # Anywhere in a line ("_" too: in CommonMark it is no emphasis inside a word, but older Markdown
 # renderers, which some vendors use, take it for one).
@@ -27,10 +34,46 @@ _LINE_START = re.compile(
 _INDENT = re.compile(r"^[ \t]+", re.MULTILINE)
 
 
+_WHITESPACE = re.compile(r"\s+")
+# What some renderer may take for a link, an image, HTML, an entity or an escape even where
+# CommonMark does not (a ``javascript:`` link is text to CommonMark, a link to others).
+_HAZARD = re.compile(r"[\\_]|\]\s*[(\[:]|<[A-Za-z/!?]|&#?[0-9A-Za-z]+;")
+
+
+@lru_cache(maxsize=1)
+def _renderer() -> MarkdownIt:
+    return MarkdownIt("commonmark").enable(["table", "strikethrough"])
+
+
+def renders_as_itself(text: str) -> bool:
+    """Whether a Markdown renderer shows ``text`` as written: paragraphs of plain text only (no
+    link, image, HTML, entity, escape, emphasis, code, heading, list, quote, table or rule), the
+    same characters in the same order. Link-, tag- and entity-like sequences and "_" (older
+    renderers take intraword underscores for emphasis) count as formatting whatever CommonMark
+    makes of them."""
+    if _HAZARD.search(text):
+        return False
+    shown: list[str] = []
+    for token in _renderer().parse(text):
+        if token.type in ("paragraph_open", "paragraph_close"):
+            continue
+        if token.type != "inline" or token.children is None:
+            return False
+        for child in token.children:
+            if child.type == "text":
+                shown.append(child.content)
+            elif child.type not in ("softbreak", "hardbreak"):
+                return False
+    return _WHITESPACE.sub("", "".join(shown)) == _WHITESPACE.sub("", text)
+
+
 def escape_markdown(text: str, *, indentation: bool = True) -> str:
     """``text`` written so that a Markdown renderer shows it as it is: no link, image, HTML or
     formatting the writer did not mean. ``indentation=False`` leaves leading whitespace alone
-    (for a piece of text that does not start a line)."""
+    (for a piece of text that does not start a line): such pieces are always escaped, being
+    parts of a larger Markdown text."""
+    if indentation and renders_as_itself(text):
+        return _INDENT.sub(lambda m: "\u00a0" * len(m.group().expandtabs(4)), text)
     text = _INLINE.sub(lambda m: "\\" + m.group(), text)
     text = _LINE_START.sub(_escape_line_start, text)
     if not indentation:
