@@ -357,3 +357,20 @@ async def member_state(user: MatrixUser, room_id: str, member: str) -> dict[str,
         user, "GET", f"/rooms/{room_id}/state/m.room.member/{member}"
     )
     return dict(content) if status == 200 else {}
+
+
+async def send_status(trio: ThreeWay, event_id: str, network: str) -> dict[str, Any]:
+    """The final send status (not FAIL_RETRIABLE) the bridge sends the native user of ``trio``
+    about ``event_id`` for one vendor (``network``): its content."""
+
+    def match(e: dict[str, Any]) -> bool:
+        content = e.get("content") or {}
+        return (
+            e.get("type") == "com.beeper.message_send_status"
+            and (content.get("m.relates_to") or {}).get("event_id") == event_id
+            and content.get("network") == network
+            and content.get("status") != "FAIL_RETRIABLE"
+        )
+
+    event = await trio.native.wait_for_event(trio.room_id, match, 60)
+    return dict(event["content"])

@@ -30,6 +30,7 @@ from e2e_helpers import (
     counter,
     file_named,
     inbox_message,
+    send_status,
     three_way,
     unique,
     vendor_copy,
@@ -59,19 +60,6 @@ async def trio(stack: LocalStack, http: ClientSession) -> AsyncIterator[ThreeWay
     async with three_way(stack, http, "pandalab", "medipeps", "Fichiers", "Bonjour") as found:
         yield found
 
-
-async def send_status(trio: ThreeWay, event_id: str, network: str) -> dict[str, Any]:
-    def match(e: dict[str, Any]) -> bool:
-        content = e.get("content") or {}
-        return (
-            e.get("type") == "com.beeper.message_send_status"
-            and (content.get("m.relates_to") or {}).get("event_id") == event_id
-            and content.get("network") == network
-            and content.get("status") != "FAIL_RETRIABLE"
-        )
-
-    event = await trio.native.wait_for_event(trio.room_id, match, 30)
-    return dict(event["content"])
 
 
 async def send_file(

@@ -28,7 +28,7 @@ from bridge.devtools.stack import LocalStack
 from bridge.formatting import worker
 from bridge.formatting.limits import MAX_LIST_ITEMS
 
-from e2e_helpers import ThreeWay, three_way, unique, vendor_copy
+from e2e_helpers import ThreeWay, send_status, three_way, unique, vendor_copy
 
 pytestmark = pytest.mark.e2e
 
@@ -63,19 +63,6 @@ def rendered(markdown: str) -> tuple[str, str]:
     html = VENDOR_RENDERER.render(markdown)
     return html, " ".join(BeautifulSoup(html, "html.parser").get_text().split())
 
-
-async def send_status(trio: ThreeWay, event_id: str, network: str) -> dict[str, Any]:
-    def match(e: dict[str, Any]) -> bool:
-        content = e.get("content") or {}
-        return (
-            e.get("type") == "com.beeper.message_send_status"
-            and (content.get("m.relates_to") or {}).get("event_id") == event_id
-            and content.get("network") == network
-            and content.get("status") != "FAIL_RETRIABLE"
-        )
-
-    event = await trio.native.wait_for_event(trio.room_id, match, 60)
-    return dict(event["content"])
 
 
 async def test_a_native_users_plain_text_reaches_a_markdown_vendor_as_inert_text(

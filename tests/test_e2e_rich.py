@@ -31,6 +31,7 @@ from e2e_helpers import (
     reaction_content,
     redaction_of,
     reply_content,
+    send_status,
     three_way,
     unique,
     vendor_copy,
@@ -66,19 +67,6 @@ async def trio(stack: LocalStack, http: ClientSession) -> AsyncIterator[Trio]:
     async with three_way(stack, http, "pandalab", "medipeps", "Rich", "Bonjour à tous") as found:
         yield Trio(**vars(found))
 
-
-async def send_status(trio: Trio, event_id: str, network: str) -> dict[str, Any]:
-    def match(e: dict[str, Any]) -> bool:
-        content = e.get("content") or {}
-        return (
-            e.get("type") == "com.beeper.message_send_status"
-            and (content.get("m.relates_to") or {}).get("event_id") == event_id
-            and content.get("network") == network
-            and content.get("status") != "FAIL_RETRIABLE"
-        )
-
-    event = await trio.native.wait_for_event(trio.room_id, match, 30)
-    return dict(event["content"])
 
 
 # --- Formatted text ------------------------------------------------------------------------------

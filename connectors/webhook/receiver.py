@@ -122,15 +122,19 @@ class EventReceiver:
         try:
             self._authenticate_headers(request)
         except Refusal as refusal:
-            self._log.warning(
-                "webhook %s: events refused (%d %s): %s",
-                self.connector_id,
-                refusal.status,
-                refusal.code,
-                refusal.message,
-            )
-            return refusal.response()
+            return self._refused(refusal)
         return None
+
+    def _refused(self, refusal: Refusal) -> web.StreamResponse:
+        """A refused push: logged (code and rule, never the body) and answered."""
+        self._log.warning(
+            "webhook %s: events refused (%d %s): %s",
+            self.connector_id,
+            refusal.status,
+            refusal.code,
+            refusal.message,
+        )
+        return refusal.response()
 
     # Handlers -----------------------------------------------------------------------------------
 
@@ -140,14 +144,7 @@ class EventReceiver:
         try:
             return await self._receive(request)
         except Refusal as refusal:
-            self._log.warning(
-                "webhook %s: events refused (%d %s): %s",
-                self.connector_id,
-                refusal.status,
-                refusal.code,
-                refusal.message,
-            )
-            return refusal.response()
+            return self._refused(refusal)
 
     async def _capabilities(self, request: web.Request) -> web.StreamResponse:
         if request.method != "GET":
