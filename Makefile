@@ -26,13 +26,14 @@ demo: $(STAMP) libmagic
 	$(VENV)/bin/eimis-bridge demo
 
 test: $(STAMP) libmagic
+	$(VENV)/bin/ruff check bridge connectors tests bench
 	$(PY) -m pytest -q
 
 bench: $(STAMP) libmagic
 	$(PY) bench/run.py
 
 lint: $(STAMP)
-	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check bridge connectors tests
+	$(VENV)/bin/ruff check bridge connectors tests bench
 
 clean:
 	rm -rf .demo .pytest_cache
