@@ -119,9 +119,9 @@ class _Worker:
         async with self._lock():  # one at a time: the time limit counts the work, not a queue
             try:
                 future = self._pool().submit(_call, fn, args, time_limit)
-                return await asyncio.wait_for(
-                    asyncio.wrap_future(future), time_limit + _STARTUP_GRACE_S
-                )
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+                async with asyncio.timeout(time_limit + _STARTUP_GRACE_S):
+                    return await asyncio.wrap_future(future)
             except (TimeoutError, BrokenProcessPool) as error:
                 self.discard()
                 raise ConversionFailed(type(error).__name__) from None
