@@ -142,6 +142,7 @@ class Bridge:
             max_attempts=self.config.delivery.max_attempts,
             success_statuses=self.config.delivery.success_statuses,
             trail=trail,
+            portals=self.portals,
         )
         self.outbox = LaneScheduler[OutboxItem](
             "outbox",

@@ -18,6 +18,7 @@ import pytest
 
 from bridge.config import DatabaseConfig, MediaConfig
 from bridge.core import operations as op
+from bridge.core.delivery import Delivery
 from bridge.core.errors import NotInDirectory
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.portals import Portals
@@ -39,6 +40,7 @@ from connectors.base import (
     MessageDeleted,
     MessageEdited,
     MessageReceived,
+    OutboundMessage,
     ReactionRemoved,
     RemoteUser,
 )
@@ -258,6 +260,54 @@ async def test_native_users_show_their_matrix_id_or_their_directory_identity(
     ghost = IDS.mxid("pandalab", CAMILLE)
     await stores.ghosts.upsert(ghost, "pandalab", CAMILLE, "Camille Martin - Infirmier")
     assert (await portals.sender(ROOM, ghost, IDS.bot_mxid)).connector == "pandalab"
+
+
+class MentionVendor:
+    """A Markdown vendor that lists mentions: records the names it is given for them."""
+
+    capabilities = Capabilities(formatting="markdown")
+
+    def __init__(self) -> None:
+        self.mentions: list[tuple[str, ...]] = []
+
+    async def send_message(self, conversation_id: str, message: OutboundMessage) -> str:
+        self.mentions.append(tuple(m.display_name for m in message.mentions))
+        return f"sent-{len(self.mentions)}"
+
+
+async def test_a_mentioned_native_user_is_named_as_vendors_see_them_as_senders(
+    stores: Stores,
+) -> None:
+    """A mention carries the name vendors show: a native user named like a professional is
+    shown with their Matrix ID, one the directory lists with the directory's identity."""
+    hs = FakeHomeserver()
+    portals = portals_of(stores, hs)
+    mallory, doctor = "@mallory:hs.example", "@ana:hs.example"
+    hs.display_names = {mallory: "Camille Martin - Infirmier", doctor: "Dr Who"}
+    await ans(stores, OTHER, "Ana", "GARCIA", "Médecin", doctor)
+    await stores.portals.create(Portal(ROOM, None, False, IDS.bot_mxid))
+    await stores.portals.add_link(ROOM, "pl", "conv")
+    vendor = MentionVendor()
+    delivery = Delivery(
+        stores,
+        hs,  # type: ignore[arg-type]
+        {"pl": vendor},  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        MediaConfig(),
+        None,  # type: ignore[arg-type]
+        portals=portals,
+    )
+    sender = {"mxid": doctor, "display_name": "Ana GARCIA - Médecin"}
+    content = {
+        "msgtype": "m.text",
+        "body": "Camille Martin - Infirmier et Dr Who, voir la dose",
+        "m.mentions": {"user_ids": [mallory, doctor]},
+    }
+    payload = {"event_id": "$m", "sender": sender, "content": content, "ts": 0}
+    await stores.outbox.enqueue("pl", ROOM, op.SEND_MESSAGE, "$m", payload)
+    [item] = await stores.outbox.pending(0, 10)
+    await delivery.handle(item)
+    assert vendor.mentions == [(f"Camille Martin - Infirmier ({mallory})", "Ana GARCIA - Médecin")]
 
 
 # --- Vendor edits and deletions ------------------------------------------------------------

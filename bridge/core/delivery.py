@@ -34,6 +34,7 @@ from bridge.core.outbound import (
     message_kind,
     render_text_bounded,
 )
+from bridge.core.portals import Portals
 from bridge.core.status import StatusReporter
 from bridge.core.trail import Trail
 from bridge.crypto.attachments import AttachmentError, decrypt_stream
@@ -73,6 +74,7 @@ class Delivery:
         max_attempts: int = 10,
         success_statuses: bool = False,
         trail: Trail | None = None,
+        portals: Portals | None = None,
     ) -> None:
         self.stores = stores
         self.hs = homeserver
@@ -82,6 +84,8 @@ class Delivery:
         self.status = status
         self.max_attempts = max_attempts
         self.success_statuses = success_statuses
+        self.portals = portals
+        """How members are shown to vendors (a native user never as a bare free name)."""
         self.trail = trail or Trail(stores.audit)
         """Each delivery's audit row (committed with it) and metrics."""
         self.health = ConnectorHealth(self._vendor_back)
@@ -448,9 +452,12 @@ class Delivery:
             ghost = await self.stores.ghosts.get(mxid)
             if ghost is not None:
                 found.append(Mention(ghost.display_name or mxid, Idnps(ghost.idnps), mxid))
+            elif portal is not None and self.portals is not None:
+                member = await self.portals.sender(item.room_id, mxid, portal.voice)
+                found.append(Mention(member.display_name, None, mxid))
             elif portal is not None:
                 name = await self.hs.display_name(item.room_id, mxid, viewer=portal.voice)
-                found.append(Mention(name, None, mxid))
+                found.append(Mention(f"{name} ({mxid})" if name != mxid else mxid, None, mxid))
         return tuple(found)
 
     async def _real_type(self, ref: FileRef, ceiling: int) -> str:
