@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -106,7 +107,11 @@ async def test_cli_forget_without_the_homeserver_erases_the_database_part_and_th
 
     done = await asyncio.to_thread(forget, homeserver_unreachable(stack), str(alice.idnps))
     assert done.returncode == 3, done.stdout + done.stderr
-    assert "1 inbox item(s)" in done.stdout
+    # Her message waits in the inbox, and so may other events of hers, by timing (her vendor's
+    # read marker, her ghost's echoes Synapse delivers again to the restarted bridge): at least
+    # one, and none of Dave's (below).
+    erased = re.search(r"(\d+) inbox item\(s\) of theirs", done.stdout)
+    assert erased is not None and int(erased.group(1)) >= 1, done.stdout
     assert f"the Matrix part for {ghost} (1 more redaction(s)) is queued" in done.stdout
     waiting = await waiting_texts()
     assert hers not in waiting and his in waiting

@@ -33,14 +33,28 @@ def _normalise_url(url: str) -> str:
     return url
 
 
+BUSY_TIMEOUT_MS = 5000
+"""How long a SQLite statement waits for another connection's lock (mautrix's default)."""
+
+
 async def truncate_wal(db: Database) -> None:
     """SQLite: copy the write-ahead log into the database and empty it, so content cleared
     from rows (delivered, discarded, erased) does not live on in old log frames (with
     ``secure_delete`` the database's own pages are overwritten). Nothing on PostgreSQL."""
-    if db.scheme == Scheme.SQLITE:
-        # fetch, not execute: the pragma answers a row, and an unread answer keeps a read
-        # transaction open on the connection.
-        await db.fetch("PRAGMA wal_checkpoint(TRUNCATE)")
+    if db.scheme != Scheme.SQLITE:
+        return
+    # Without a busy handler the checkpoint never waits: a TRUNCATE checkpoint waiting for
+    # another process's reader (a CLI command in its transaction) holds the write lock all that
+    # time, and that process's next write then fails "database is locked". Busy, it copies what
+    # it can and leaves the rest to the next truncation (every wal_truncate_interval_s).
+    async with db.acquire() as conn:
+        await conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            # fetch, not execute: the pragma answers a row, and an unread answer keeps a read
+            # transaction open on the connection.
+            await conn.fetch("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
 
 async def open_database(config: DatabaseConfig) -> Database:
@@ -58,7 +72,13 @@ async def open_database(config: DatabaseConfig) -> Database:
         # One connection: SQLite has one writer anyway, and a single connection keeps every
         # transaction strictly serialised (WAL lets readers of other processes go on).
         # secure_delete: content cleared from a row is overwritten, not left in free space.
-        db_args = {"min_size": 1, "init_commands": ["PRAGMA secure_delete = ON"]}
+        db_args = {
+            "min_size": 1,
+            "init_commands": [
+                "PRAGMA secure_delete = ON",
+                f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}",
+            ],
+        }
     db = Database.create(
         _normalise_url(config.url),
         upgrade_table=upgrade_table,
