@@ -5,6 +5,8 @@ Every test runs on a SQLite file and on a fresh PostgreSQL database.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -665,3 +667,32 @@ async def test_cached_portal_links_follow_every_write(stores: Stores) -> None:
     assert await stores.portals.get("!nope:x") is None
     await stores.portals.create(Portal("!nope:x", "t", False, "@bot:x"))
     assert (await stores.portals.get("!nope:x")) is not None
+
+
+async def test_a_sqlite_transaction_that_reads_then_writes_survives_another_process_writing(
+    tmp_path: Path,
+) -> None:
+    """Two processes on one SQLite file (the running bridge and a CLI command): a transaction
+    that reads, then writes, while the other writes in between, waits for the write lock
+    instead of failing "database is locked" (its transactions begin IMMEDIATE)."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    bridge = await open_database(DatabaseConfig(url=url))
+    command = await open_database(DatabaseConfig(url=url))
+    try:
+        await bridge.execute("CREATE TABLE tally (n INTEGER)")
+        async with command.acquire() as conn, conn.transaction():
+            assert await conn.fetchval("SELECT COUNT(*) FROM tally") == 0
+            # Another process: its own context (mautrix keeps the acquired connection in one).
+            other = asyncio.create_task(
+                bridge.execute("INSERT INTO tally VALUES (1)"), context=contextvars.Context()
+            )
+            # Deferred transactions let the other's write through at once (then ours failed);
+            # immediate ones make it wait for our commit. Either way the outcome below is fixed.
+            await asyncio.wait({other}, timeout=0.2)
+            await conn.execute("INSERT INTO tally VALUES (2)")
+        await other
+        rows = await bridge.fetch("SELECT n FROM tally ORDER BY rowid")
+        assert [r["n"] for r in rows] == [2, 1]
+    finally:
+        await bridge.stop()
+        await command.stop()

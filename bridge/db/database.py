@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from mautrix.client.state_store.asyncpg import PgStateStore
 from mautrix.util.async_db import Database, Scheme
+from mautrix.util.async_db.aiosqlite import TxnConnection
 
 from bridge.config import DatabaseConfig
 from bridge.db.upgrade import upgrade_table
@@ -87,8 +89,32 @@ async def open_database(config: DatabaseConfig) -> Database:
     )
     try:
         await db.start()
+        if config.is_sqlite:
+            _immediate_transactions(db)
         await PgStateStore.upgrade_table.upgrade(db)
     except BaseException:
         await db.stop()
         raise
     return db
+
+
+class _ImmediateTxnConnection(TxnConnection):
+    """A SQLite connection whose transactions take the write lock when they begin (``BEGIN
+    IMMEDIATE``, waiting up to the busy timeout for it). With mautrix's deferred ``BEGIN``, a
+    transaction that read, then wrote, failed at once with "database is locked" whenever
+    another process (the running bridge, a CLI command) had written in between: its snapshot
+    was stale, and no wait can fix that."""
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> Any:
+        if query == "BEGIN TRANSACTION":  # what mautrix's transaction() begins with
+            query = "BEGIN IMMEDIATE"
+        return await super().execute(query, *args, timeout=timeout)
+
+
+def _immediate_transactions(db: Database) -> None:
+    """Make the pool's SQLite connections ``_ImmediateTxnConnection``s (mautrix creates them
+    itself, with no hook for the transaction's mode)."""
+    pool = getattr(db, "_pool", None)
+    for conn in list(getattr(pool, "_queue", ())):
+        if type(conn) is TxnConnection:
+            conn.__class__ = _ImmediateTxnConnection
