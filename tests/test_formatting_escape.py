@@ -82,6 +82,7 @@ def test_any_punctuation_renders_as_written(text: str) -> None:
         "Oui, je passe vers 15 h. Tension 12/8 ; poids > 70 kg, a < b.",
         "Merci !\nJe prépare l'ordonnance.\n\nÀ demain",
         "I <3 ce service (vraiment) [sic]",
+        "Compte rendu dans fichier_2024_v3.pdf, voir native_to_vendor",
     ],
 )
 def test_ordinary_text_that_renders_as_written_is_sent_unchanged(text: str) -> None:
@@ -127,8 +128,9 @@ def test_a_mention_is_still_found_in_escaped_text() -> None:
     from connectors.base import Mention
     from connectors.pandalab.convert import to_markdown
 
-    content = {"msgtype": "m.text", "body": "@Jean_X [Dr] vu", "m.mentions": {"user_ids": ["@j:s"]}}
+    # "_Dr_" would be emphasis: the text is escaped, the name's "_" with it.
+    content = {"msgtype": "m.text", "body": "@Jean_X _Dr_ vu", "m.mentions": {"user_ids": ["@j:s"]}}
     (part,) = render_text(content, MARKDOWN, "Dr X", "pl").parts
     assert to_markdown(part, None, [Mention("Jean_X", None, "@j:s")]) == (
-        "@[Jean_X](@j:s) \\[Dr\\] vu"
+        "@[Jean_X](@j:s) \\_Dr\\_ vu"
     )

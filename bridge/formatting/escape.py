@@ -37,7 +37,16 @@ _INDENT = re.compile(r"^[ \t]+", re.MULTILINE)
 _WHITESPACE = re.compile(r"\s+")
 # What some renderer may take for a link, an image, HTML, an entity or an escape even where
 # CommonMark does not (a ``javascript:`` link is text to CommonMark, a link to others).
-_HAZARD = re.compile(r"[\\_]|\]\s*[(\[:]|<[A-Za-z/!?]|&#?[0-9A-Za-z]+;")
+# An underscore between two letters or digits is no emphasis in CommonMark ("native_to_vendor",
+# a file name): only one at a word's edge counts (older renderers took intraword ones for
+# emphasis; the vendors' are CommonMark-based).
+_HAZARD = re.compile(
+    r"\\"  # an escape
+    r"|(?<![^\W_])_|_(?![^\W_])"  # an underscore at a word's edge
+    r"|\]\s*[(\[:]"  # a link, image, reference or definition
+    r"|<[A-Za-z/!?]"  # a tag, comment or autolink
+    r"|&#?[0-9A-Za-z]+;"  # a character reference
+)
 
 
 @lru_cache(maxsize=1)
@@ -48,9 +57,8 @@ def _renderer() -> MarkdownIt:
 def renders_as_itself(text: str) -> bool:
     """Whether a Markdown renderer shows ``text`` as written: paragraphs of plain text only (no
     link, image, HTML, entity, escape, emphasis, code, heading, list, quote, table or rule), the
-    same characters in the same order. Link-, tag- and entity-like sequences and "_" (older
-    renderers take intraword underscores for emphasis) count as formatting whatever CommonMark
-    makes of them."""
+    same characters in the same order. Link-, tag- and entity-like sequences, backslashes and
+    underscores at a word's edge count as formatting whatever CommonMark makes of them."""
     if _HAZARD.search(text):
         return False
     shown: list[str] = []
