@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +42,51 @@ def test_demo_once_verifies_the_conversation_on_every_side(tmp_path: Path) -> No
     for line in registration.splitlines():
         if line.startswith(("as_token:", "hs_token:")):
             assert line.split(":", 1)[1].strip() not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_the_running_demo_stops_every_server_it_started_on_sigint_and_sigterm(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    state = tmp_path / "demo"
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "demo", "--state-dir", str(state)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    synapse_pid = None
+    try:
+        assert demo.stdout is not None
+        lines = []
+        for line in demo.stdout:  # until it says it keeps running (or it ends)
+            lines.append(line)
+            if line.startswith("Still running."):
+                break
+        assert "Verified on every side.\n" in lines, "".join(lines)
+        synapse_pid = int((state / "synapse" / "synapse.pid").read_text())
+        shown = json.loads((state / "demo.json").read_text())
+        urls = [shown["homeserver_url"]] + [s["url"] for s in shown["sandboxes"].values()]
+        demo.send_signal(sig)
+        exit_status = demo.wait(timeout=120)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        synapse_left = synapse_pid is not None and _alive(synapse_pid)
+        if synapse_left:  # a failure must not leave its Synapse running
+            os.kill(synapse_pid, signal.SIGKILL)
+    assert exit_status == 0
+    assert not synapse_left, "the demo's Synapse outlived it"
+    for url in urls:  # and nothing answers where the sandboxes were
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=5):
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

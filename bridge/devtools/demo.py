@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import secrets
+import signal
 import sys
 import time
 from pathlib import Path
@@ -210,6 +211,7 @@ async def run_demo(state_dir: Path, *, once: bool) -> int:
     if len(stack.sandboxes) < 2:
         say("The demo needs two connector types with sandboxes installed.")
         return 1
+    _stop_on_signals()
     try:
         say("Starting Synapse, the sandboxes and the bridge ...")
         await stack.start()
@@ -265,6 +267,27 @@ async def run_demo(state_dir: Path, *, once: bool) -> int:
     finally:
         await stack.stop()
     return 0
+
+
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM alike stop the demo and every server it started (``stack.stop()``):
+    they cancel it, wherever it is. Not left to Python's KeyboardInterrupt, which SIGTERM never
+    raises and which a demo started in the background (SIGINT ignored) never gets. A second
+    signal during the stop gets the default action."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def stop() -> None:
+        for sig in _STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+        task.cancel()
+
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 async def _import_directory(stack: LocalStack, sandboxes: list[Sandbox], native_id: str) -> None:
