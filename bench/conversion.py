@@ -73,7 +73,7 @@ def content_of(html: str) -> dict[str, Any]:
 
 
 def conversion_times(log: Any = print) -> dict[str, Any]:
-    from bridge.core.outbound import render_text
+    from bridge.core.degradation import render_text
     from connectors.medipeps.connector import MedipepsConnector
     from connectors.pandalab.connector import PandaLabConnector
 

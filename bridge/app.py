@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 
 from aiohttp import ClientSession, ClientTimeout, web
 from mautrix.errors import MatrixRequestError
@@ -17,6 +17,7 @@ from bridge.admin.console import Console
 from bridge.appservice.connector_routes import ConnectorRoutes
 from bridge.appservice.server import AppserviceServer
 from bridge.config import Config, ConfigError, load_tokens
+from bridge.core.audit_trail import Trail
 from bridge.core.causal_order import CausalOrder
 from bridge.core.connector_manager import ConnectorManager, Wiring
 from bridge.core.connectors import ConnectorSet, validate_connectors
@@ -25,14 +26,14 @@ from bridge.core.erasure import Erasure
 from bridge.core.errors import PermanentFailure
 from bridge.core.from_matrix import FromMatrix
 from bridge.core.ghost_ids import GhostIds
+from bridge.core.intake import VendorIntake
 from bridge.core.lanes import LaneScheduler
 from bridge.core.periodic import Periodic
 from bridge.core.portals import Portals
 from bridge.core.reconcile import Reconciler, TransactionWatch
-from bridge.core.router import Router, remote_lane
-from bridge.core.status import StatusReporter
+from bridge.core.router import Router
+from bridge.core.send_status import StatusReporter
 from bridge.core.to_matrix import ToMatrix
-from bridge.core.trail import Trail
 from bridge.core.trust import TrustWatcher
 from bridge.crypto.machine import Crypto
 from bridge.crypto.pickling import PickleKey
@@ -50,13 +51,6 @@ from bridge.matrix.keys import KeysApi
 from bridge.matrix.media import MediaRepository
 from bridge.metrics import Metrics, bridge_sampler
 from bridge.secrets import KeyUnavailable, SecretBox, SecretsError
-from connectors.base import (
-    REMOTE_EVENT_TYPES,
-    BatchSink,
-    EventSink,
-    RemoteEvent,
-    event_to_json,
-)
 
 log = logging.getLogger("eimis.bridge")
 
@@ -99,8 +93,11 @@ class Bridge:
         self.stores.audit.retention_days = self.config.audit.retention_days
         trail = Trail(self.stores.audit, self.metrics)
         """Every delivery's audit row and metrics."""
-        self._intake = GroupCommit(self.db)
-        """Vendor events' commits (the router and deliveries have their own)."""
+        # Vendor events' commits (the router and deliveries have their own); the inbox worker
+        # is woken for them once it exists.
+        self._intake = VendorIntake(
+            self.stores.inbox, GroupCommit(self.db), lambda: self.inbox.notify()
+        )
         self._session = ClientSession(timeout=ClientTimeout(total=60))
         self.homeserver = Homeserver(self.config, as_token, self.db, self._session)
         self.homeserver.trust.replace_extra(await self.stores.trusted_servers.names())
@@ -406,8 +403,8 @@ class Bridge:
 
     def _wiring(self, connector_id: str) -> Wiring:
         return Wiring(
-            emit=self._emitter(connector_id),
-            emit_all=self._batch_emitter(connector_id),
+            emit=self._intake.emitter(connector_id),
+            emit_all=self._intake.batch_emitter(connector_id),
             store=ConnectorStateStore(self.db, connector_id),
             public_base_url=f"{self.config.appservice.webhook_base_url}/connectors/{connector_id}",
         )
@@ -418,35 +415,6 @@ class Bridge:
         for scheduler in (getattr(self, "inbox", None), getattr(self, "outbox", None)):
             if scheduler is not None:
                 scheduler.retry_now(lanes)
-
-    def _emitter(self, connector_id: str) -> EventSink:
-        store = self._batch_emitter(connector_id)
-
-        async def emit(event: RemoteEvent) -> None:
-            await store([event])
-
-        return emit
-
-    def _batch_emitter(self, connector_id: str) -> BatchSink:
-        async def store(events: Sequence[RemoteEvent]) -> None:
-            for event in events:
-                if not isinstance(event, REMOTE_EVENT_TYPES):
-                    raise TypeError(f"connectors emit RemoteEvent, not {type(event).__name__}")
-            # Group-committed: concurrent emits (webhook deliveries) share one transaction.
-            await self._intake.commit(
-                [
-                    self.stores.inbox.remote_write(
-                        connector_id,
-                        event.event_id,
-                        remote_lane(connector_id, event.conversation_id),
-                        event_to_json(event),
-                    )
-                    for event in events
-                ]
-            )
-            self.inbox.notify()
-
-        return store
 
     async def _apply_trust(self) -> None:
         """The trust list changed (or the bridge started): every portal's ACL follows it.

@@ -26,7 +26,7 @@ from typing import Annotated, Any, ClassVar, Literal, Protocol
 from aiohttp import web
 from pydantic import BaseModel, Field, TypeAdapter
 
-from bridge.directory.idnps import Idnps
+from connectors.idnps import Idnps
 
 Formatting = Literal["plain", "markdown"]
 MessageKind = Literal["text", "notice", "emote"]

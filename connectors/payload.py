@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bridge.directory.idnps import Idnps, InvalidIdnps
 from connectors.base import Mention, Participant
+from connectors.idnps import Idnps, InvalidIdnps
 
 
 def parse_json(raw: bytes) -> Any:

@@ -15,8 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
-from bridge.directory.idnps import Idnps, luhn_check_digit
 from connectors.base import Connector, RemoteEvent
+from connectors.idnps import Idnps, luhn_check_digit
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from bridge.directory.idnps import Idnps, luhn_check_digit
+from connectors.idnps import Idnps, luhn_check_digit
 
 
 def _idnps(seed: int) -> str:

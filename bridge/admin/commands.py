@@ -30,10 +30,10 @@ from bridge.core.ghost_ids import GhostIds
 from bridge.core.health import ConnectorHealth
 from bridge.core.trust import InvalidServerName, validate_server_name
 from bridge.db.stores import Stores
-from bridge.directory.idnps import Idnps, InvalidIdnps
 from bridge.directory.importer import DirectoryFormatError, import_file
 from bridge.matrix.homeserver import Homeserver
 from bridge.matrix.media import MediaError, MediaRepository
+from connectors.idnps import Idnps, InvalidIdnps
 
 
 @dataclass

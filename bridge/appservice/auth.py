@@ -19,7 +19,7 @@ def check_hs_token(request: web.Request, hs_token: str) -> None:
     if scheme.lower() != "bearer" or not token:
         raise matrix_error(401, "M_UNAUTHORIZED", "Missing bearer token in Authorization header")
     # aiohttp hands bytes that are not UTF-8 over as lone surrogates: back to those bytes (a
-    # strict encode raised, a 500; found by tests/test_fuzz_http.py).
+    # strict encode raised, a 500; found by tests/unit/test_fuzz_http.py).
     given = token.strip().encode("utf-8", "surrogateescape")
     if not hmac.compare_digest(given, hs_token.encode()):
         raise matrix_error(403, "M_FORBIDDEN", "Bad hs_token")

@@ -202,7 +202,8 @@ async def _json_text(request: web.Request) -> tuple[Any, str]:
         raise matrix_error(413, "M_TOO_LARGE", "Request body too large") from None
     except (ValueError, UnicodeDecodeError, LookupError, RecursionError):
         # LookupError: a Content-Type charset Python has no text codec for; RecursionError:
-        # JSON nested deeper than the parser goes. Found by tests/test_fuzz_http.py (were 500s).
+        # JSON nested deeper than the parser goes. Found by tests/unit/test_fuzz_http.py (were
+        # 500s).
         raise matrix_error(400, "M_NOT_JSON", "Request body is not valid JSON") from None
 
 
@@ -256,7 +257,7 @@ def _storable_id(value: object) -> bool:
     """An id the inbox can key and index on any database: a string of valid UTF-8 (no lone
     surrogate), without NUL (PostgreSQL refuses it), within ``MAX_ID_BYTES`` (a longer one can
     exceed PostgreSQL's index row size). Any other was a 503, for ever: found by
-    tests/test_fuzz_http.py."""
+    tests/unit/test_fuzz_http.py."""
     if not isinstance(value, str) or "\x00" in value:
         return False
     try:

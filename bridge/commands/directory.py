@@ -21,9 +21,9 @@ from bridge.core.ghost_ids import GhostIds
 from bridge.db.directory import GHOST, NATIVE, DirectoryStore
 from bridge.directory.choice import reachable
 from bridge.directory.fhir import FhirFetchError
-from bridge.directory.idnps import Idnps, InvalidIdnps
 from bridge.directory.importer import FORMATS, ImportReport, import_fhir_endpoint, import_file
 from bridge.directory.records import DirectoryFormatError, matrix_id
+from connectors.idnps import Idnps, InvalidIdnps
 
 BAD_INPUT = 2
 

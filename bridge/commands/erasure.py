@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import ClientSession, ClientTimeout
 
 from bridge.config import load_config, load_tokens
-from bridge.directory.idnps import Idnps, InvalidIdnps
+from connectors.idnps import Idnps, InvalidIdnps
 
 USAGE_ERROR = 2
 MATRIX_PENDING = 3

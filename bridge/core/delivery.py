@@ -2,7 +2,7 @@
 
 Each call carries an idempotency key (the portal room for a new conversation, the Matrix event id
 for a message, reaction or edit), so a retry after a timeout or a crash never shows anything
-twice. What a vendor cannot show is degraded (``outbound.py``) and the sender is told
+twice. What a vendor cannot show is degraded (``degradation.py``) and the sender is told
 (``status.py``): nothing is silently lost.
 """
 
@@ -17,13 +17,9 @@ from typing import Any
 
 from bridge.config import MediaConfig
 from bridge.core import operations as op
+from bridge.core.audit_trail import Trail
 from bridge.core.connectors import ConnectorSet
-from bridge.core.errors import NotThere, PermanentFailure
-from bridge.core.filetypes import content_type, peek
-from bridge.core.health import ConnectorHealth
-from bridge.core.lanes import LaneScheduler
-from bridge.core.members import Member
-from bridge.core.outbound import (
+from bridge.core.degradation import (
     FileRef,
     Undeliverable,
     check_content,
@@ -34,16 +30,19 @@ from bridge.core.outbound import (
     message_kind,
     render_text_bounded,
 )
+from bridge.core.errors import NotThere, PermanentFailure
+from bridge.core.filetypes import content_type, peek
+from bridge.core.health import ConnectorHealth
+from bridge.core.lanes import LaneScheduler
+from bridge.core.members import Member
 from bridge.core.portals import Portals
-from bridge.core.status import StatusReporter
-from bridge.core.trail import Trail
+from bridge.core.send_status import StatusReporter
 from bridge.crypto.attachments import AttachmentError, decrypt_stream
 from bridge.db.group_commit import GroupCommit, Write
 from bridge.db.message_map import MessageMapStore
 from bridge.db.outbox import OutboxItem
 from bridge.db.portal import PortalLink
 from bridge.db.stores import Stores
-from bridge.directory.idnps import Idnps
 from bridge.logs import log_context
 from bridge.matrix.homeserver import Homeserver
 from bridge.matrix.media import MediaError, MediaRepository
@@ -56,6 +55,7 @@ from connectors.base import (
     OutboundAttachment,
     OutboundMessage,
 )
+from connectors.idnps import Idnps
 
 log = logging.getLogger("eimis.delivery")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from bridge.directory.idnps import Idnps, InvalidIdnps
+from connectors.idnps import Idnps, InvalidIdnps
 
 
 @dataclass(frozen=True)

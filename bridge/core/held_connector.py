@@ -14,7 +14,6 @@ from contextlib import AbstractAsyncContextManager
 
 from pydantic import BaseModel
 
-from bridge.directory.idnps import Idnps
 from connectors.base import (
     Connector,
     ConnectorContext,
@@ -27,6 +26,7 @@ from connectors.base import (
     RemoteUser,
     Sender,
 )
+from connectors.idnps import Idnps
 
 
 class HeldConnector(Connector):

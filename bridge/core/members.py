@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.directory.idnps import Idnps
 from connectors.base import Sender
+from connectors.idnps import Idnps
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from bridge.db.directory import GHOST, display_name
 from bridge.db.portal import Portal
 from bridge.db.stores import Stores
 from bridge.directory.choice import reachable
-from bridge.directory.idnps import Idnps
 from bridge.matrix.homeserver import Homeserver, derived_txn_id
 from connectors.base import ConversationCreated, Participant, RemoteUser
+from connectors.idnps import Idnps
 
 log = logging.getLogger("eimis.portals")
 

@@ -16,10 +16,10 @@ from typing import Any
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
 from mautrix.types import Event, StateEvent
 
+from bridge.core.audit_trail import Trail
 from bridge.core.errors import PermanentFailure
 from bridge.core.from_matrix import FromMatrix
 from bridge.core.to_matrix import ToMatrix
-from bridge.core.trail import Trail
 from bridge.crypto.machine import Crypto, KeysMissing, Undecryptable
 from bridge.db.clock import now_ms
 from bridge.db.group_commit import Write

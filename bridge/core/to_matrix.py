@@ -24,11 +24,11 @@ from mautrix.types import EventID, RoomID
 from bridge.config import MediaConfig
 from bridge.core import filetypes
 from bridge.core import operations as op
+from bridge.core.audit_trail import Trail
+from bridge.core.degradation import safe_filename
 from bridge.core.errors import NotInDirectory, PermanentFailure
-from bridge.core.outbound import safe_filename
 from bridge.core.portals import Portals
-from bridge.core.status import StatusReporter
-from bridge.core.trail import Trail
+from bridge.core.send_status import StatusReporter
 from bridge.crypto.attachments import Encryptor, encrypt_stream
 from bridge.db.group_commit import Write
 from bridge.db.stores import Stores

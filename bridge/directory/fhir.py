@@ -31,9 +31,9 @@ from urllib.parse import urlencode
 from aiohttp import ClientError, ClientSession, ClientTimeout
 
 from bridge.db.directory import Professional
-from bridge.directory.idnps import Idnps, InvalidIdnps
 from bridge.directory.records import DirectoryFormatError, Record, Rejected, matrix_id
 from connectors.http import ResponseRefused, get_on_origin, read_capped, same_origin
+from connectors.idnps import Idnps, InvalidIdnps
 
 log = logging.getLogger("eimis.directory.fhir")
 

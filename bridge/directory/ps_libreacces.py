@@ -26,8 +26,8 @@ import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 
 from bridge.db.directory import Professional
-from bridge.directory.idnps import Idnps, InvalidIdnps
 from bridge.directory.records import DirectoryFormatError, Record, Rejected, matrix_id
+from connectors.idnps import Idnps, InvalidIdnps
 
 SOURCE = "ps"
 SEPARATOR = "|"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from bridge.directory.idnps import luhn_check_digit
+from connectors.idnps import luhn_check_digit
 
 # ANS's column layout of PS_LibreAcces_Personne_activite (56 columns, each line ending in '|').
 _LAYOUT = (

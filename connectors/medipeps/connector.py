@@ -12,7 +12,6 @@ from typing import Any, ClassVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
 
-from bridge.directory.idnps import Idnps
 from connectors.base import (
     Capabilities,
     Connector,
@@ -28,6 +27,7 @@ from connectors.base import (
     RemoteUser,
     Sender,
 )
+from connectors.idnps import Idnps
 from connectors.medipeps import convert
 from connectors.medipeps.client import MedipepsClient
 from connectors.payload import InvalidPayload

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import Field
 
-from bridge.directory.idnps import Idnps
+from connectors.idnps import Idnps
 from connectors.sandbox.app import new_sandbox_app
 from connectors.sandbox.errors import SandboxError, bad_request, file_too_large
 from connectors.sandbox.files import FileStore, StoredFile, sanitize_name

@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
 
-from bridge.directory.idnps import Idnps
 from connectors import http
 from connectors.base import (
     FILE_MSGTYPES,
@@ -31,6 +30,7 @@ from connectors.base import (
     RemoteUser,
     Sender,
 )
+from connectors.idnps import Idnps
 from connectors.pandalab import convert
 from connectors.pandalab.client import PandaLabClient
 from connectors.payload import InvalidPayload, parse_json
@@ -326,7 +326,7 @@ MAX_ID_BYTES = 1024
 
 def _storable_id(value: str) -> bool:
     """An id the inbox can key on any database (PostgreSQL refuses NUL and over-long index
-    rows: such an event was a 503, redelivered for ever; found by tests/test_fuzz_http.py)."""
+    rows: such an event was a 503, redelivered for ever; found by tests/unit/test_fuzz_http.py)."""
     return "\x00" not in value and len(value.encode("utf-8")) <= MAX_ID_BYTES
 
 

@@ -26,7 +26,7 @@ from aiohttp import web
 from pydantic import Field
 from yarl import URL
 
-from bridge.directory.idnps import Idnps
+from connectors.idnps import Idnps
 from connectors.sandbox.app import new_sandbox_app
 from connectors.sandbox.errors import SandboxError, bad_request, file_too_large
 from connectors.sandbox.files import (

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Literal, Protocol
 
-from bridge.directory.idnps import Idnps, InvalidIdnps
+from connectors.idnps import Idnps, InvalidIdnps
 from connectors.sandbox.errors import (
     SandboxError,
     bad_request,

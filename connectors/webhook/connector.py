@@ -17,7 +17,6 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel
 
-from bridge.directory.idnps import Idnps
 from bridge.tasks import cancel_and_wait
 from connectors import http
 from connectors.base import (
@@ -33,6 +32,7 @@ from connectors.base import (
     RemoteUser,
     Sender,
 )
+from connectors.idnps import Idnps
 from connectors.webhook import convert
 from connectors.webhook.client import WebhookClient, derived_key, idempotency_key
 from connectors.webhook.receiver import EventReceiver, TokenBucket

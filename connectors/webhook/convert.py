@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from bridge.directory.idnps import Idnps, InvalidIdnps
 from connectors.base import (
     ConversationCreated,
     DeliveryReport,
@@ -36,6 +35,7 @@ from connectors.base import (
     Sender,
     TypingChanged,
 )
+from connectors.idnps import Idnps, InvalidIdnps
 
 MAX_ID_LENGTH = 200
 MAX_NAME_LENGTH = 255

@@ -29,7 +29,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from bridge.directory.idnps import Idnps
+from connectors.idnps import Idnps
 from connectors.sandbox.app import new_sandbox_app
 from connectors.sandbox.errors import SandboxError, bad_request, file_too_large
 from connectors.sandbox.files import (

@@ -19,7 +19,7 @@ from bridge.directory.fhir import API_KEY_HEADER, FhirFetchError
 from bridge.directory.importer import import_fhir_endpoint, import_file
 from bridge.directory.sample import write_extract
 
-DATA = Path(__file__).parent / "data" / "directory"
+DATA = Path(__file__).parents[1] / "data" / "directory"
 GHOST_MARIE = "@eimis_pandalab_810099000019:eimis.example"
 
 

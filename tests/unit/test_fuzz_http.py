@@ -72,7 +72,6 @@ from bridge.core.router import remote_lane
 from bridge.db.database import open_database
 from bridge.db.group_commit import GroupCommit
 from bridge.db.inbox import MATRIX_ORIGIN, InboxStore, matrix_rows
-from bridge.directory.idnps import Idnps, luhn_check_digit
 from connectors.base import (
     REMOTE_EVENT_TYPES,
     BatchSink,
@@ -81,6 +80,7 @@ from connectors.base import (
     RemoteEvent,
     event_to_json,
 )
+from connectors.idnps import Idnps, luhn_check_digit
 from connectors.pandalab import PandaLabConnector
 from connectors.pandalab.connector import (
     SANDBOX_WEBHOOK_SECRET,
@@ -118,7 +118,8 @@ REPLAY_WINDOW_S = 300
 ACME = "acme"
 """The webhook connector instance (connectors/webhook)."""
 ACME_SECRET = "fuzz-shared-secret-0123456789abcdef-0123456789"
-OPENAPI = Path(__file__).resolve().parents[1] / "connectors" / "webhook" / "openapi.yaml"
+FUZZ_CASES = Path(__file__).resolve().parents[1] / "fuzz_contract_cases.py"
+OPENAPI = Path(__file__).resolve().parents[2] / "connectors" / "webhook" / "openapi.yaml"
 
 FUZZ_SETTINGS: dict[str, Any] = {
     "deadline": None,
@@ -1694,7 +1695,7 @@ class ContractCases:
 
     def start(self) -> None:
         self._process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("fuzz_contract_cases.py")), str(OPENAPI)],
+            [sys.executable, str(FUZZ_CASES), str(OPENAPI)],
             cwd=OPENAPI.parents[2],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

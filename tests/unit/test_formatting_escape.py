@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 
-from bridge.core.outbound import render_text
+from bridge.core.degradation import render_text
 from bridge.formatting.convert import html_to_markdown
 from bridge.formatting.escape import escape_markdown
 from connectors.base import Capabilities

@@ -12,7 +12,7 @@ import yaml
 from bridge.config import ConfigError, load_config, load_tokens, parse_config
 from bridge.core.connectors import validate_connectors
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO_ROOT / "config.example.yaml"
 EXAMPLE_ENV = {
     "PANDALAB_CLIENT_SECRET": "pl-client-secret",

@@ -37,7 +37,7 @@ from yarl import URL
 from bridge.devtools.demo import SandboxUser, wait_for
 from bridge.devtools.ports import free_port
 from bridge.devtools.stack import SERVER_NAME, LocalStack
-from bridge.directory.idnps import Idnps
+from connectors.idnps import Idnps
 from connectors.sandbox.webtools import KERNEL_KEY
 
 from e2e_helpers import Proxy, conversation_titled, counter, users_of

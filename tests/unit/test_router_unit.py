@@ -7,7 +7,7 @@ import random
 import pytest
 
 from bridge.core.ghost_ids import GhostIds, GhostRef
-from bridge.directory.idnps import Idnps, luhn_check_digit
+from connectors.idnps import Idnps, luhn_check_digit
 
 DOMAIN = "eimis.example"
 IDS = GhostIds("eimis_", DOMAIN, "eimis_bot")

@@ -33,7 +33,6 @@ from pydantic import SecretStr
 from bridge.appservice.connector_routes import ConnectorRoutes
 from bridge.directory import fhir
 from bridge.directory.fhir import API_KEY_HEADER, FhirFetchError, fetch_bundles
-from bridge.directory.idnps import Idnps
 from connectors import http
 from connectors.base import (
     MAX_REQUEST_BYTES,
@@ -42,6 +41,7 @@ from connectors.base import (
     ConnectorError,
     RemoteEvent,
 )
+from connectors.idnps import Idnps
 from connectors.medipeps.client import MedipepsClient
 from connectors.pandalab import PandaLabConnector
 from connectors.pandalab.client import PandaLabClient

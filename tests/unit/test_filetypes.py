@@ -10,7 +10,7 @@ import pytest
 
 from bridge.config import MediaConfig
 from bridge.core import filetypes
-from bridge.core.outbound import Undeliverable, check_content, file_ref
+from bridge.core.degradation import Undeliverable, check_content, file_ref
 from connectors.base import Capabilities, FileLimit
 
 from e2e_helpers import PNG

@@ -55,7 +55,7 @@ def generate(config: Path, registration: Path) -> subprocess.CompletedProcess[st
         text=True,
         timeout=60,
         cwd=config.parent,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
 
 

@@ -36,8 +36,8 @@ from bridge.devtools.demo import wait_for
 from bridge.devtools.ports import free_port
 from bridge.devtools.stack import LocalStack, Sandbox
 from bridge.directory.fhir import IDNPS_SYSTEM, PROFESSION_SYSTEM
-from bridge.directory.idnps import Idnps
 from bridge.directory.sample import HEADER, extract_line, rpps_idnps
+from connectors.idnps import Idnps
 from connectors.pandalab.sandbox import USERS as PANDALAB_USERS
 from connectors.sandbox.kernel import SandboxUser
 from connectors.webhook.sandbox import CAPABILITIES, create_app, sign

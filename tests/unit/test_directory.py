@@ -16,7 +16,7 @@ from bridge.directory.progress import Progress
 from bridge.directory.records import DirectoryFormatError, Rejected, matrix_id
 from bridge.directory.sample import HEADER, extract_line
 
-DATA = Path(__file__).parent / "data" / "directory"
+DATA = Path(__file__).parents[1] / "data" / "directory"
 
 
 def parse_ps(path: Path, **kwargs: object) -> tuple[list[Record], list[Rejected]]:

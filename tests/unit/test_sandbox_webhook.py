@@ -31,7 +31,6 @@ from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from bridge.directory.idnps import Idnps
 from connectors.base import (
     ConnectorContext,
     DeliveryReport,
@@ -43,11 +42,12 @@ from connectors.base import (
     RemoteEvent,
     Sender,
 )
+from connectors.idnps import Idnps
 from connectors.webhook import WebhookConnector
 from connectors.webhook.connector import CONTRACT_VERSION
 from connectors.webhook.sandbox import SECRET, USERS, create_app
 
-SPEC_PATH = Path(__file__).parent.parent / "connectors" / "webhook" / "openapi.yaml"
+SPEC_PATH = Path(__file__).parents[2] / "connectors" / "webhook" / "openapi.yaml"
 SPEC: dict[str, Any] = yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
 SPEC_URI = "urn:eimis:webhook-contract"
 REGISTRY = Registry().with_resource(

@@ -33,7 +33,6 @@ from bridge.db.database import open_database
 from bridge.db.directory import Professional, Record
 from bridge.db.portal import Portal
 from bridge.db.stores import Stores
-from bridge.directory.idnps import Idnps
 from connectors.base import (
     Capabilities,
     DeliveryReport,
@@ -44,6 +43,7 @@ from connectors.base import (
     ReactionRemoved,
     RemoteUser,
 )
+from connectors.idnps import Idnps
 
 DOMAIN = "eimis.example"
 IDS = GhostIds("eimis_", DOMAIN, "eimis_bot")

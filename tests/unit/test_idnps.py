@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from bridge.directory.idnps import Idnps, InvalidIdnps, luhn_check_digit, luhn_valid
+from connectors.idnps import Idnps, InvalidIdnps, luhn_check_digit, luhn_valid
 
 VALID_RPPS = ["810000001916", "899700218896", "810000005479"]
 VALID_ADELI = ["0012807590"]

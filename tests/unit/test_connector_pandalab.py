@@ -18,7 +18,6 @@ import pytest
 from aiohttp import web
 from connector_helpers import MemoryStore, Recorder, Served, mounted, rpps, wait_for
 
-from bridge.directory.idnps import Idnps
 from connectors.base import (
     ConnectorContext,
     ConnectorError,
@@ -41,6 +40,7 @@ from connectors.base import (
     Sender,
     TypingChanged,
 )
+from connectors.idnps import Idnps
 from connectors.pandalab import PandaLabConnector
 from connectors.pandalab.connector import SANDBOX_WEBHOOK_SECRET, PandaLabSettings
 from connectors.pandalab.convert import from_markdown, to_markdown

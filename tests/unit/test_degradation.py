@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bridge.config import MediaConfig
-from bridge.core.outbound import (
+from bridge.core.degradation import (
     Undeliverable,
     check_file,
     file_ref,

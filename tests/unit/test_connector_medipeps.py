@@ -19,7 +19,6 @@ import pytest
 from aiohttp import web
 from connector_helpers import MemoryStore, Served, rpps, wait_for
 
-from bridge.directory.idnps import Idnps
 from connectors.base import (
     ConnectorContext,
     ConnectorError,
@@ -36,6 +35,7 @@ from connectors.base import (
     RemoteEvent,
     Sender,
 )
+from connectors.idnps import Idnps
 from connectors.medipeps import MedipepsConnector
 from connectors.medipeps.connector import MedipepsSettings
 from connectors.medipeps.convert import event_from_feed, from_epoch_ms, to_epoch_ms

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from bridge.cli import main
 
-DATA = Path(__file__).parent / "data" / "directory"
+DATA = Path(__file__).parents[1] / "data" / "directory"
 
 
 def write_config(tmp_path: Path, **directory: object) -> Path:

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from bridge.directory.idnps import Idnps, luhn_check_digit
+from connectors.idnps import Idnps, luhn_check_digit
 from connectors.medipeps.sandbox import USERS as MEDIPEPS_USERS
 from connectors.pandalab.sandbox import CLIENT_ID, CLIENT_SECRET, USERS, create_app
 from connectors.sandbox import MAX_TEXT_BYTES

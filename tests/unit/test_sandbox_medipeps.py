@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from bridge.directory.idnps import Idnps, luhn_check_digit
+from connectors.idnps import Idnps, luhn_check_digit
 from connectors.medipeps.sandbox import API_KEY, USERS, create_app
 from connectors.sandbox import MAX_TEXT_BYTES
 

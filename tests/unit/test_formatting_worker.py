@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from bridge.core import outbound
-from bridge.core.outbound import RenderedText, render_text, render_text_bounded
+from bridge.core import degradation
+from bridge.core.degradation import RenderedText, render_text, render_text_bounded
 from bridge.formatting import worker
 from connectors.base import Capabilities
 
@@ -71,7 +71,7 @@ async def test_a_conversion_past_the_memory_limit_fails() -> None:
 
 
 async def test_other_errors_of_the_conversion_pass_through() -> None:
-    with pytest.raises(outbound.Undeliverable, match="empty"):
+    with pytest.raises(degradation.Undeliverable, match="empty"):
         await worker.run(render_text, {"msgtype": "m.text", "body": "  "}, MARKDOWN, "X", "pl")
 
 
