@@ -47,7 +47,7 @@ from bridge.core.reconcile import HomeserverUnavailable
 from bridge.db.clock import now_ms
 from bridge.db.inbox import WAITING, InboxStore
 from bridge.matrix.homeserver import Homeserver
-from bridge.tasks import cancel_and_wait
+from connectors.kit.tasks import cancel_and_wait
 
 log = logging.getLogger("eimis.order")
 

@@ -54,12 +54,13 @@ from connectors.base import (
     KeyValueStore,
     RemoteEvent,
 )
+from connectors.kit.backoff import Backoff
 
 log = logging.getLogger("eimis.connectors")
 
 Origin = Literal["config", "runtime"]
 PROBE_TIMEOUT_S = 30.0
-RETRY_START_S = (5.0, 300.0)
+START_BACKOFF = Backoff(initial_s=5.0, max_s=300.0, jitter=False)
 """A connector that did not start is tried again after 5 s, doubling up to 5 minutes."""
 
 
@@ -556,7 +557,7 @@ class ConnectorManager:
             if strict:
                 raise
             state.failures += 1
-            delay = min(RETRY_START_S[0] * 2 ** (state.failures - 1), RETRY_START_S[1])
+            delay = START_BACKOFF.delay(state.failures)
             state.problem = f"did not start: {_describe(error)}"
             state.retry_at = time.monotonic() + delay
             log.warning(

@@ -16,7 +16,6 @@ from urllib.parse import quote
 from bridge.core import filetypes
 from bridge.formatting import worker
 from bridge.formatting.convert import html_to_markdown, html_to_plain
-from bridge.formatting.escape import escape_markdown
 from bridge.formatting.mentions import pills_to_mentions
 from bridge.formatting.sanitize import (
     sanitize_html,
@@ -25,6 +24,7 @@ from bridge.formatting.sanitize import (
 )
 from bridge.formatting.split import split_text
 from connectors.base import FILE_MSGTYPES, Capabilities, FileLimit, Location, MessageKind
+from connectors.kit.markdown import escape_markdown
 
 TEXT_MSGTYPES = {"m.text": "text", "m.notice": "notice", "m.emote": "emote"}
 _GEO = re.compile(r"^geo:(-?\d+(?:\.\d+)?),(-?\d+(?:\.\d+)?)")

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from bridge.logs import log_context
-from bridge.tasks import cancel_and_wait
+from connectors.kit.backoff import Backoff
+from connectors.kit.tasks import cancel_and_wait
 
 
 class LaneItem(Protocol):
@@ -42,16 +43,8 @@ class LaneItem(Protocol):
 T = TypeVar("T", bound=LaneItem)
 
 
-@dataclass(frozen=True)
-class Backoff:
-    initial_s: float = 0.5
-    max_s: float = 60.0
-    factor: float = 2.0
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        """Exponential backoff with jitter for the given (1-based) attempt."""
-        ceiling = min(self.max_s, self.initial_s * self.factor ** (attempt - 1))
-        return ceiling / 2 + rng.uniform(0, ceiling / 2)
+DEFAULT_BACKOFF = Backoff(initial_s=0.5, max_s=60.0)
+"""A failing item waits 0.5 s, doubling to at most a minute, with jitter."""
 
 
 @dataclass
@@ -76,7 +69,7 @@ class LaneScheduler(Generic[T]):
         max_buffered: int = 4096,
         lane_cap: int = 32,
         poll_interval_s: float = 5.0,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = DEFAULT_BACKOFF,
     ) -> None:
         self.name = name
         self._fetch = fetch

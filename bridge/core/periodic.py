@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from bridge.tasks import cancel_and_wait
+from connectors.kit.tasks import cancel_and_wait
 
 
 class Periodic:

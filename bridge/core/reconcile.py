@@ -49,7 +49,7 @@ from bridge.core.periodic import Periodic
 from bridge.db.clock import now_ms
 from bridge.db.inbox import InboxStore
 from bridge.matrix.homeserver import Homeserver
-from bridge.tasks import cancel_and_wait
+from connectors.kit.tasks import cancel_and_wait
 
 log = logging.getLogger("eimis.reconcile")
 

@@ -16,9 +16,9 @@ from markdown_it import MarkdownIt
 from markdownify import MarkdownConverter
 
 from bridge.formatting._text import scrub
-from bridge.formatting.escape import escape_markdown
 from bridge.formatting.limits import MAX_FORMATTED_CHARS, bound_structure
 from bridge.formatting.sanitize import sanitize_html
+from connectors.kit.markdown import escape_markdown
 
 _MARKDOWN = MarkdownIt("commonmark", {"html": False, "linkify": False, "breaks": True}).enable(
     ["table", "strikethrough"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import random
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, ClassVar
@@ -28,6 +27,9 @@ from connectors.base import (
     Sender,
 )
 from connectors.idnps import Idnps
+from connectors.kit.backoff import Backoff
+from connectors.kit.feed import Page, PolledFeed
+from connectors.kit.ids import InvalidRemoteId, check_event_ids
 from connectors.medipeps import convert
 from connectors.medipeps.client import MedipepsClient
 from connectors.payload import InvalidPayload
@@ -91,8 +93,20 @@ class MedipepsConnector(Connector):
     async def start(self) -> None:
         """Start polling the feed from the stored cursor."""
         if self._poller is None or self._poller.done():
+            feed = PolledFeed(
+                name=f"medipeps {self.ctx.connector_id}",
+                read=self._read_page,
+                emit=self.ctx.emit_many,
+                store=self.ctx.store,
+                interval_s=self.settings.poll_interval_s,
+                backoff=Backoff(self.backoff_initial_s, self.backoff_max_s),
+                log=self.log,
+                describe=_reason,
+                cursor_key=CURSOR_KEY,
+                start="0",
+            )
             self._poller = asyncio.create_task(
-                self._poll_forever(), name=f"medipeps-poll-{self.ctx.connector_id}"
+                feed.run(), name=f"medipeps-poll-{self.ctx.connector_id}"
             )
 
     async def stop(self) -> None:
@@ -163,57 +177,22 @@ class MedipepsConnector(Connector):
 
     # Vendor -> bridge -----------------------------------------------------------------------------
 
-    async def _poll_forever(self) -> None:
-        """Poll until cancelled: at once after a page that may not be the last, else every
-        ``poll_interval_s``."""
-        cursor: int | None = None
-        failures = 0
-        while True:
-            try:
-                if cursor is None:
-                    cursor = await self._load_cursor()
-                more, cursor = await self._poll_once(cursor)
-            except Exception as exc:  # noqa: BLE001 - any failure: back off, never die
-                failures += 1
-                delay = self._backoff(failures)
-                self.log.warning(
-                    "medipeps %s: polling failed (%s), attempt %d, retrying in %.1f s",
-                    self.ctx.connector_id,
-                    _reason(exc),
-                    failures,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                continue
-            if failures:
-                self.log.info(
-                    "medipeps %s: polling recovered after %d failures",
-                    self.ctx.connector_id,
-                    failures,
-                )
-                failures = 0
-            if not more:
-                await asyncio.sleep(self.settings.poll_interval_s)
-
-    async def _poll_once(self, cursor: int) -> tuple[bool, int]:
-        """Read one page, emit it in order, then store the new cursor. Returns (more may follow,
-        cursor): a full page, or one holding files (Medipeps cuts those pages short).
-
-        If an emit fails, the cursor is not stored: the next poll re-reads the page, and the bridge
-        ignores the events it already stored (their ``event_id`` is stable).
-        """
-        page = await self.client.events(after=cursor, limit=self.settings.page_size)
+    async def _read_page(self, cursor: str) -> Page:
+        """The page after ``cursor``; more may follow at once after a full page, or one holding
+        files (Medipeps cuts those pages short)."""
+        after = _cursor(cursor)
+        page = await self.client.events(after=after, limit=self.settings.page_size)
         events = [event for raw in page.events if (event := self._parse(raw)) is not None]
-        await self.ctx.emit_many(events)
-        if page.cursor != cursor:
-            await self.ctx.store.set(CURSOR_KEY, str(page.cursor))
         full = len(page.events) >= self.settings.page_size
-        return full or any(convert.has_attachment(raw) for raw in page.events), page.cursor
+        more = full or any(convert.has_attachment(raw) for raw in page.events)
+        return Page(events, str(page.cursor), more)
 
     def _parse(self, raw: Any) -> RemoteEvent | None:
         try:
-            return convert.event_from_feed(raw)
-        except InvalidPayload as exc:
+            event = convert.event_from_feed(raw)
+            check_event_ids(event)  # what the intake would refuse, refusing the whole page
+            return event
+        except (InvalidPayload, InvalidRemoteId) as exc:
             # Skip, do not stall: an event we cannot parse (invalid IDNPS, unknown type ...) would
             # fail the same way on every re-read and block the feed forever. It is not dropped
             # silently either: it is logged at ERROR with its seq and the reason (no content), so
@@ -225,21 +204,6 @@ class MedipepsConnector(Connector):
                 exc,
             )
             return None
-
-    async def _load_cursor(self) -> int:
-        stored = await self.ctx.store.get(CURSOR_KEY)
-        if stored is None:
-            return 0
-        if not stored.isascii() or not stored.isdigit():
-            raise InvalidStoredCursor(
-                f"the stored cursor {stored[:30]!r} is not a non-negative integer"
-            )
-        return int(stored)
-
-    def _backoff(self, failures: int) -> float:
-        """Capped exponential backoff with jitter (half to full of the capped delay)."""
-        delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(failures - 1, 30))
-        return random.uniform(delay / 2, delay)
 
     # Sandbox --------------------------------------------------------------------------------------
 
@@ -254,6 +218,14 @@ class MedipepsConnector(Connector):
         from connectors.medipeps.sandbox import API_KEY
 
         return {"api_url": sandbox_url, "api_key": API_KEY}
+
+
+def _cursor(stored: str) -> int:
+    if not stored.isascii() or not stored.isdigit():
+        raise InvalidStoredCursor(
+            f"the stored cursor {stored[:30]!r} is not a non-negative integer"
+        )
+    return int(stored)
 
 
 def _conv(conversation_id: str) -> int:

@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from bridge.formatting.escape import escape_markdown
 from connectors import payload
 from connectors.base import (
     ConversationCreated,
@@ -29,6 +28,7 @@ from connectors.base import (
     Sender,
     TypingChanged,
 )
+from connectors.kit.markdown import escape_markdown
 from connectors.payload import InvalidPayload
 from connectors.payload import idnps as _idnps
 from connectors.payload import list_field as _list

@@ -198,11 +198,7 @@ class WebhookClient:
                 "rotate-secret, or settings.secret for a connector in the config file)",
                 retriable=True,
             )
-        timestamp = str(int(self._wall_clock()))
-        return {
-            signing.TIMESTAMP_HEADER: timestamp,
-            signing.SIGNATURE_HEADER: signing.signature_header(secrets, timestamp, payload),
-        }
+        return signing.SIGNATURES.headers(secrets, payload, self._wall_clock())
 
 
 def raise_for_status(what: str, status: int, body: Any, headers: Any) -> None:

@@ -17,7 +17,6 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel
 
-from bridge.tasks import cancel_and_wait
 from connectors import http
 from connectors.base import (
     Capabilities,
@@ -33,6 +32,8 @@ from connectors.base import (
     Sender,
 )
 from connectors.idnps import Idnps
+from connectors.kit.backoff import Backoff
+from connectors.kit.tasks import cancel_and_wait
 from connectors.webhook import convert
 from connectors.webhook.client import WebhookClient, derived_key, idempotency_key
 from connectors.webhook.receiver import EventReceiver, TokenBucket
@@ -145,14 +146,11 @@ class WebhookConnector(Connector):
         self.log.info("webhook %s: events URL announced to the vendor", self.ctx.connector_id)
 
     async def _announce_until_done(self) -> None:
+        backoff = Backoff(self.announce_retry_initial_s, self.announce_retry_max_s)
         failures = 0
         while True:
             failures += 1
-            delay = min(
-                self.announce_retry_max_s,
-                self.announce_retry_initial_s * 2 ** min(failures - 1, 30),
-            )
-            await asyncio.sleep(random.uniform(delay / 2, delay))
+            await asyncio.sleep(backoff.delay(failures))
             try:
                 await self.announce()
                 return

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from connectors import http
 from connectors.base import RemoteEvent
+from connectors.kit.ids import InvalidRemoteId
 from connectors.webhook import signing
 from connectors.webhook.convert import InvalidEvent, events_from_request
 from connectors.webhook.idempotency import Answer, IdempotencyKeys
@@ -229,7 +230,7 @@ class EventReceiver:
         return raw
 
     def _authenticate_headers(self, request: web.Request) -> None:
-        reason = signing.header_refusal(
+        reason = signing.SIGNATURES.header_refusal(
             self._secrets(),
             request.headers.get(signing.TIMESTAMP_HEADER),
             request.headers.get(signing.SIGNATURE_HEADER),
@@ -240,7 +241,7 @@ class EventReceiver:
             raise Refusal(401, "unauthorized", reason)
 
     def _authenticate(self, request: web.Request, raw: bytes) -> None:
-        reason = signing.refusal(
+        reason = signing.SIGNATURES.refusal(
             self._secrets(),
             request.headers.get(signing.TIMESTAMP_HEADER),
             request.headers.get(signing.SIGNATURE_HEADER),
@@ -274,6 +275,8 @@ class EventReceiver:
     async def _store_events(self, events: list[RemoteEvent]) -> None:
         try:
             await self._store(events)
+        except InvalidRemoteId as exc:  # the intake's id rule (this contract's is stricter)
+            raise Refusal(400, "invalid_request", str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - any storage failure: the vendor sends again
             self._log.error(
                 "webhook %s: could not store %d events (%s); asking for redelivery",

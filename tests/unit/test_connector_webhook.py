@@ -44,10 +44,10 @@ from connectors.base import (
     Sender,
     TypingChanged,
 )
+from connectors.kit.signing import sign as signature
 from connectors.webhook import WebhookConnector
 from connectors.webhook.sandbox import PUSHER_KEY, SECRET, USERS, create_app
 from connectors.webhook.settings import WebhookSettings
-from connectors.webhook.signing import signature
 
 CONNECTOR_ID = "wh"
 INES = USERS[0].idnps

@@ -14,8 +14,8 @@ from markdown_it import MarkdownIt
 
 from bridge.core.degradation import render_text
 from bridge.formatting.convert import html_to_markdown
-from bridge.formatting.escape import escape_markdown
 from connectors.base import Capabilities
+from connectors.kit.markdown import escape_markdown
 
 # A vendor that obeys raw HTML in Markdown: the worst case for what reaches it.
 VENDOR = MarkdownIt("commonmark", {"html": True, "breaks": True}).enable(["table", "strikethrough"])

@@ -42,6 +42,7 @@ from connectors.base import (
     RemoteEvent,
 )
 from connectors.idnps import Idnps
+from connectors.kit.signing import sign
 from connectors.medipeps.client import MedipepsClient
 from connectors.pandalab import PandaLabConnector
 from connectors.pandalab.client import PandaLabClient
@@ -252,7 +253,7 @@ def webhook_signed(body: bytes, timestamp: int | None = None) -> dict[str, str]:
         "Content-Type": "application/json",
         "Idempotency-Key": "k1",
         signing.TIMESTAMP_HEADER: stamp,
-        signing.SIGNATURE_HEADER: signing.signature(WEBHOOK_SECRET, stamp, body),
+        signing.SIGNATURE_HEADER: sign(WEBHOOK_SECRET, stamp, body),
     }
 
 
