@@ -3,9 +3,7 @@ kernel."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
@@ -21,12 +19,14 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import unquote_plus
 
-import aiohttp
 from aiohttp import web
 from pydantic import Field
 from yarl import URL
 
 from connectors.idnps import Idnps
+from connectors.kit.backoff import Backoff
+from connectors.kit.pusher import Delivery, Pusher
+from connectors.kit.signing import SignedWebhook
 from connectors.sandbox.app import new_sandbox_app
 from connectors.sandbox.errors import SandboxError, bad_request, file_too_large
 from connectors.sandbox.files import (
@@ -87,10 +87,8 @@ def pandalab_error(error: SandboxError) -> dict[str, Any]:
     return {"error": error.code, "message": error.message}
 
 
-def sign(secret: str, timestamp: str, body: bytes) -> str:
-    """The ``X-PandaLab-Signature`` value: ``sha256=<hex HMAC-SHA256(secret, "<ts>.<body>")>``."""
-    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
-    return "sha256=" + digest.hexdigest()
+SIGNATURES = SignedWebhook("X-PandaLab-Timestamp", "X-PandaLab-Signature", max_signatures=1)
+"""How the sandbox signs its webhooks: ``sha256=<hex HMAC-SHA256(secret, "<ts>.<body>")>``."""
 
 
 def _same_secret(given: str, expected: str) -> bool:
@@ -169,7 +167,7 @@ def markdown_with_mentions(text: str, mentions: Sequence[External]) -> str:
     return pattern.sub(markup, text)
 
 
-class WebhookPusher:
+class WebhookPusher(Pusher):
     """Queues events and pushes them in order to the webhook, redelivering each until a 2xx.
 
     Events published before a webhook is registered wait for it. After a failed attempt the
@@ -185,14 +183,11 @@ class WebhookPusher:
         wall_clock: Callable[[], float] = time.time,
         file_url: Callable[[str], str] = lambda file_id: f"/api/v1/files/{file_id}",
     ) -> None:
-        self.retry_initial = retry_initial
-        self.retry_max = retry_max
+        super().__init__(backoff=Backoff(retry_initial, retry_max, jitter=False), log=log)
         self.file_url = file_url
         self._wall_clock = wall_clock
         self._pending: deque[PendingEvent] = deque()
         self._target: WebhookTarget | None = None
-        self._work = asyncio.Event()
-        self._target_changed = asyncio.Event()
 
     @property
     def target(self) -> WebhookTarget | None:
@@ -200,8 +195,7 @@ class WebhookPusher:
 
     def register(self, target: WebhookTarget) -> None:
         self._target = target
-        self._target_changed.set()
-        self._work.set()
+        self.interrupt()
 
     # EventPublisher -------------------------------------------------------------------------
 
@@ -322,7 +316,7 @@ class WebhookPusher:
             "data": data,
         }
         self._pending.append(PendingEvent(event_id, event_type, envelope))
-        self._work.set()
+        self.wake()
 
     def _body(self, event: PendingEvent) -> bytes:
         """The event's JSON, rendered once (a redelivery sends the very same bytes)."""
@@ -340,61 +334,20 @@ class WebhookPusher:
 
     # Delivery -------------------------------------------------------------------------------
 
-    async def run(self, session: aiohttp.ClientSession) -> None:
-        """Deliver forever (until cancelled)."""
-        failures = 0
-        while True:
-            target = self._target
-            if not self._pending or target is None:
-                self._work.clear()
-                await self._work.wait()
-                continue
-            event = self._pending[0]
-            if await self._deliver(session, target, event, failures + 1):
-                self._pending.popleft()
-                failures = 0
-                continue
-            failures += 1
-            delay = min(self.retry_max, self.retry_initial * 2 ** min(failures - 1, 30))
-            self._target_changed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._target_changed.wait()
-                failures = 0
-
-    async def _deliver(
-        self,
-        session: aiohttp.ClientSession,
-        target: WebhookTarget,
-        event: PendingEvent,
-        attempt: int,
-    ) -> bool:
+    def next_delivery(self) -> Delivery | None:
+        target = self._target
+        if not self._pending or target is None:
+            return None
+        event = self._pending[0]
         body = self._body(event)
-        timestamp = str(int(self._wall_clock()))
         headers = {
             "Content-Type": "application/json",
-            "X-PandaLab-Timestamp": timestamp,
-            "X-PandaLab-Signature": sign(target.secret, timestamp, body),
+            **SIGNATURES.headers([target.secret], body, self._wall_clock()),
         }
-        try:
-            async with session.post(
-                target.url, data=body, headers=headers, allow_redirects=False
-            ) as resp:
-                delivered = 200 <= resp.status < 300
-                status = str(resp.status)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            delivered, status = False, type(exc).__name__
-        if delivered:
-            log.debug("webhook: event %s (%s) delivered", event.id, event.type)
-        else:
-            log.info(
-                "webhook: event %s (%s) attempt %d not acknowledged (%s); will retry",
-                event.id,
-                event.type,
-                attempt,
-                status,
-            )
-        return delivered
+        return Delivery(target.url, body, headers, f"webhook: event {event.id} ({event.type})")
+
+    def delivered(self) -> None:
+        self._pending.popleft()
 
 
 def _mentions_json(mentions: Sequence[External]) -> list[dict[str, str]]:

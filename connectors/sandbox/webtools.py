@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +14,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from connectors.kit.tasks import cancel_and_wait
 from connectors.sandbox.kernel import Kernel, SandboxError, bad_request
 
 log = logging.getLogger("eimis.sandbox")
@@ -171,8 +171,6 @@ def background_delivery(
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
             task = asyncio.create_task(run(session), name=name)
             yield
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     return delivery

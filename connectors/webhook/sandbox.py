@@ -9,10 +9,7 @@ until acknowledged). ``/_sandbox/`` is the user-side API of USER_API.md.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
-import hmac
 import json
 import logging
 import re
@@ -25,11 +22,13 @@ from datetime import datetime
 from typing import Any, Literal, TypeVar
 from urllib.parse import unquote
 
-import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from connectors.idnps import Idnps
+from connectors.kit.backoff import Backoff
+from connectors.kit.pusher import Delivery, Pusher
+from connectors.kit.signing import SignedWebhook
 from connectors.sandbox.app import new_sandbox_app
 from connectors.sandbox.errors import SandboxError, bad_request, file_too_large
 from connectors.sandbox.files import (
@@ -95,9 +94,7 @@ USER_API_PREFIX = "/_sandbox/"
 
 _ID = r"^[!-~]{1,200}$"
 _KEY = re.compile(r"[!-~]{1,255}")
-_SIGNATURE = re.compile(r"sha256=([0-9a-f]{64})")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
-_TIMESTAMP = re.compile(r"[0-9]{1,12}")
 _TIMESTAMP_RFC3339 = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
     r"([Zz]|[+-][0-9]{2}:[0-9]{2})$"
@@ -110,34 +107,23 @@ def webhook_error(error: SandboxError) -> dict[str, Any]:
 
 # --- Signing, as the contract describes it -------------------------------------------------------
 
-
-def sign(secret: str, timestamp: str, payload: bytes) -> str:
-    """``sha256=<hex HMAC-SHA256(secret, "<timestamp>.<payload>")>``."""
-    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + payload, hashlib.sha256)
-    return "sha256=" + mac.hexdigest()
+SIGNATURES = SignedWebhook("X-Eimis-Timestamp", "X-Eimis-Signature", max_signatures=MAX_SIGNATURES)
 
 
 def check_signature(
     secrets: Sequence[str], headers: Any, payload: bytes, now: float, window_s: int
 ) -> None:
     """A 401 unless a listed signature verifies with one of ``secrets`` within the window."""
-    timestamp = headers.get("X-Eimis-Timestamp", "")
-    given = headers.get("X-Eimis-Signature", "")
-    if not _TIMESTAMP.fullmatch(timestamp) or not given:
-        raise _unauthorized("X-Eimis-Timestamp (unix seconds) and X-Eimis-Signature are required.")
-    digests = [_SIGNATURE.fullmatch(part.strip()) for part in given.split(",")]
-    if len(digests) > MAX_SIGNATURES or any(d is None for d in digests):
-        raise _unauthorized("X-Eimis-Signature must list 'sha256=<64 hex digits>' values.")
-    matched = False
-    for secret in secrets:
-        expected = sign(secret, timestamp, payload)[7:].encode()
-        for digest in digests:
-            assert digest is not None
-            matched |= hmac.compare_digest(expected, digest.group(1).encode())
-    if not matched:
-        raise _unauthorized("The signature does not match.")
-    if abs(now - int(timestamp)) > window_s:
-        raise _unauthorized(f"The timestamp is outside the {window_s} s replay window.")
+    reason = SIGNATURES.refusal(
+        secrets,
+        headers.get(SIGNATURES.timestamp_header),
+        headers.get(SIGNATURES.signature_header),
+        payload,
+        now=now,
+        window_s=window_s,
+    )
+    if reason is not None:
+        raise _unauthorized(reason[0].upper() + reason[1:] + ".")
 
 
 def _unauthorized(message: str) -> SandboxError:
@@ -334,7 +320,7 @@ class _Batch:
     count: int
 
 
-class EventPusher:
+class EventPusher(Pusher):
     """The kernel's publisher: queues events in the contract's form and pushes them in order.
 
     Nothing is pushed before the bridge announces its events URL; after a failed request the
@@ -351,11 +337,14 @@ class EventPusher:
         retry_initial: float = 0.2,
         retry_max: float = 10.0,
     ) -> None:
+        super().__init__(
+            backoff=Backoff(retry_initial, retry_max, jitter=False),
+            log=log,
+            honour_retry_after=True,
+        )
         self.secret = secret
         self.wall_clock = wall_clock
         self.batch_size = batch_size
-        self.retry_initial = retry_initial
-        self.retry_max = retry_max
         self.events_url: str | None = None
         self.pushed = 0
         """Events the bridge acknowledged so far."""
@@ -363,11 +352,10 @@ class EventPusher:
         """Requests made to the events URL so far (redeliveries included)."""
         self._pending: deque[dict[str, Any]] = deque()
         self._batch: _Batch | None = None
-        self._work = asyncio.Event()
 
     def announce(self, events_url: str) -> None:
         self.events_url = events_url
-        self._work.set()
+        self.wake()
 
     @property
     def waiting(self) -> int:
@@ -474,7 +462,7 @@ class EventPusher:
             **fields,
         }
         self._pending.append(event)
-        self._work.set()
+        self.wake()
 
     # Delivery -----------------------------------------------------------------------------------
 
@@ -490,56 +478,23 @@ class EventPusher:
             self._batch = _Batch(str(uuid.uuid4()), body, len(events))
         return self._batch
 
-    async def run(self, session: aiohttp.ClientSession) -> None:
-        """Deliver forever (until cancelled), in order, each request until a 2xx."""
-        failures = 0
-        while True:
-            url = self.events_url
-            if url is None or (self._batch is None and not self._pending):
-                self._work.clear()
-                await self._work.wait()
-                continue
-            batch = self._next_batch()
-            delivered, retry_after = await self._deliver(session, url, batch, failures + 1)
-            if delivered:
-                self.pushed += batch.count
-                self._batch = None
-                failures = 0
-                continue
-            failures += 1
-            delay = min(self.retry_max, self.retry_initial * 2 ** min(failures - 1, 30))
-            await asyncio.sleep(max(delay, min(retry_after or 0.0, self.retry_max)))
-
-    async def _deliver(
-        self, session: aiohttp.ClientSession, url: str, batch: _Batch, attempt: int
-    ) -> tuple[bool, float | None]:
-        timestamp = str(int(self.wall_clock()))
+    def next_delivery(self) -> Delivery | None:
+        url = self.events_url
+        if url is None or (self._batch is None and not self._pending):
+            return None
+        batch = self._next_batch()
         self.requests += 1
         headers = {
             "Content-Type": "application/json",
             "Idempotency-Key": batch.key,
-            "X-Eimis-Timestamp": timestamp,
-            "X-Eimis-Signature": sign(self.secret(), timestamp, batch.body),
+            **SIGNATURES.headers([self.secret()], batch.body, self.wall_clock()),
         }
-        retry_after = None
-        try:
-            async with session.post(
-                url, data=batch.body, headers=headers, allow_redirects=False
-            ) as resp:
-                delivered = 200 <= resp.status < 300
-                status = str(resp.status)
-                with contextlib.suppress(ValueError):
-                    retry_after = float(resp.headers.get("Retry-After", ""))
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            delivered, status = False, type(exc).__name__
-        if not delivered:
-            log.info(
-                "events: request of %d events, attempt %d, not acknowledged (%s); will retry",
-                batch.count,
-                attempt,
-                status,
-            )
-        return delivered, retry_after
+        return Delivery(url, batch.body, headers, f"events: request of {batch.count} events")
+
+    def delivered(self) -> None:
+        assert self._batch is not None
+        self.pushed += self._batch.count
+        self._batch = None
 
 
 def _mentions(mentions: Sequence[External]) -> list[dict[str, str]]:

@@ -29,8 +29,9 @@ from bridge.core.held_connector import HeldConnector
 from bridge.devtools.demo import SandboxUser, wait_for
 from bridge.devtools.ports import free_port
 from bridge.devtools.stack import LocalStack, Sandbox
+from connectors.kit.signing import sign
 from connectors.pandalab import PandaLabConnector
-from connectors.pandalab.sandbox import create_app, sign
+from connectors.pandalab.sandbox import create_app
 
 from e2e_helpers import conversation_titled, received, unique, users_of
 

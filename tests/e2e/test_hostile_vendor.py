@@ -38,9 +38,10 @@ from bridge.devtools.stack import LocalStack, Sandbox
 from bridge.directory.fhir import IDNPS_SYSTEM, PROFESSION_SYSTEM
 from bridge.directory.sample import HEADER, extract_line, rpps_idnps
 from connectors.idnps import Idnps
+from connectors.kit.signing import sign
 from connectors.pandalab.sandbox import USERS as PANDALAB_USERS
 from connectors.sandbox.kernel import SandboxUser
-from connectors.webhook.sandbox import CAPABILITIES, create_app, sign
+from connectors.webhook.sandbox import CAPABILITIES, create_app
 
 from e2e_helpers import (
     AppUser,

@@ -38,8 +38,9 @@ from bridge.db.connector_state import ConnectorStateStore
 from bridge.devtools.ports import free_port
 from bridge.devtools.stack import Sandbox
 from connectors.base import ConnectorError, RemoteEvent
+from connectors.kit.signing import sign
 from connectors.pandalab import PandaLabConnector
-from connectors.pandalab.sandbox import create_app, sign
+from connectors.pandalab.sandbox import create_app
 
 POLL_S = 0.2
 

@@ -41,10 +41,11 @@ from connectors.base import (
     TypingChanged,
 )
 from connectors.idnps import Idnps
+from connectors.kit.signing import sign
 from connectors.pandalab import PandaLabConnector
 from connectors.pandalab.connector import SANDBOX_WEBHOOK_SECRET, PandaLabSettings
 from connectors.pandalab.convert import from_markdown, to_markdown
-from connectors.pandalab.sandbox import USERS, create_app, sign
+from connectors.pandalab.sandbox import USERS, create_app
 
 CONNECTOR_ID = "pl"
 ALICE = USERS[0].idnps
