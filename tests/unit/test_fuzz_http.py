@@ -67,18 +67,15 @@ from bridge.appservice.server import AppserviceServer
 from bridge.config import DatabaseConfig, ReconcileConfig
 from bridge.core.causal_order import FEDERATION_ONLY, CausalOrder
 from bridge.core.ghost_ids import GhostIds
+from bridge.core.intake import VendorIntake
 from bridge.core.reconcile import Reconciler, TransactionWatch
-from bridge.core.router import remote_lane
 from bridge.db.database import open_database
 from bridge.db.group_commit import GroupCommit
 from bridge.db.inbox import MATRIX_ORIGIN, InboxStore, matrix_rows
 from connectors.base import (
-    REMOTE_EVENT_TYPES,
     BatchSink,
     ConnectorContext,
     EventSink,
-    RemoteEvent,
-    event_to_json,
 )
 from connectors.idnps import Idnps, luhn_check_digit
 from connectors.pandalab import PandaLabConnector
@@ -250,7 +247,7 @@ class Surface:
             watch=TransactionWatch(self.inbox, self.reconciler),
             order=self.order,
         )
-        self._intake = GroupCommit(db)
+        self._intake = VendorIntake(self.inbox, GroupCommit(db), self.notify)
         self.extra_connectors: list[Any] = []
         emit, emit_all = self.sinks(CONNECTOR_ID)
         settings_ = PandaLabConnector.Settings.model_validate(
@@ -296,30 +293,9 @@ class Surface:
         return {"database": True, "homeserver": True}
 
     def sinks(self, connector_id: str) -> tuple[EventSink, BatchSink]:
-        """A connector's ``emit`` and ``emit_all``, as ``Bridge._emitter`` and
-        ``Bridge._batch_emitter`` make them: group-committed into the inbox."""
-
-        async def emit_all(events: Sequence[RemoteEvent]) -> None:
-            for event in events:
-                if not isinstance(event, REMOTE_EVENT_TYPES):
-                    raise TypeError(type(event).__name__)
-            await self._intake.commit(
-                [
-                    self.inbox.remote_write(
-                        connector_id,
-                        event.event_id,
-                        remote_lane(connector_id, event.conversation_id),
-                        event_to_json(event),
-                    )
-                    for event in events
-                ]
-            )
-            self.notify()
-
-        async def emit(event: RemoteEvent) -> None:
-            await emit_all([event])
-
-        return emit, emit_all
+        """A connector's ``emit`` and ``emit_all``, as the bridge makes them: the vendor
+        intake, group-committed into the inbox."""
+        return self._intake.emitter(connector_id), self._intake.batch_emitter(connector_id)
 
     def add_webhook_connector(self, max_body_bytes: int | None = None) -> None:
         """The generic webhook connector (connectors/webhook), served like any connector."""
