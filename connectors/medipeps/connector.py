@@ -190,7 +190,7 @@ class MedipepsConnector(Connector):
     def _parse(self, raw: Any) -> RemoteEvent | None:
         try:
             event = convert.event_from_feed(raw)
-            check_event_ids(event)  # what the intake would refuse, refusing the whole page
+            check_event_ids(event)  # an id the intake refuses would stall the feed on this page
             return event
         except (InvalidPayload, InvalidRemoteId) as exc:
             # Skip, do not stall: an event we cannot parse (invalid IDNPS, unknown type ...) would
