@@ -9,7 +9,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
@@ -17,20 +17,27 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
 from connectors import http
 from connectors.base import (
     FILE_MSGTYPES,
+    AttachmentSource,
     Capabilities,
     Connector,
     ConnectorContext,
     ConnectorError,
+    DeletionHandling,
     DeliveryReport,
+    DeliveryStatusHandling,
+    EditHandling,
     FileLimit,
+    Idnps,
     NewConversation,
     OutboundAttachment,
     OutboundMessage,
+    ReactionHandling,
+    ReadReceiptHandling,
     RemoteAttachment,
     RemoteUser,
     Sender,
+    TypingHandling,
 )
-from connectors.idnps import Idnps
 from connectors.pandalab import convert
 from connectors.pandalab.client import PandaLabClient
 from connectors.payload import InvalidPayload, parse_json
@@ -42,7 +49,8 @@ SIGNATURE_HEADER = "X-PandaLab-Signature"
 TIMESTAMP_HEADER = "X-PandaLab-Timestamp"
 _SIGNATURE = re.compile(r"sha256=[0-9a-f]{64}")
 SANDBOX_WEBHOOK_SECRET = "pandalab-sandbox-demo-webhook-secret"
-"""The fixed webhook secret ``sandbox_settings`` uses: a demo value, never for a real vendor."""
+"""The fixed webhook secret its sandbox uses (``sandbox_entry.py``): a demo value, never for a
+real vendor."""
 
 
 class PandaLabSettings(BaseModel):
@@ -59,8 +67,20 @@ class PandaLabSettings(BaseModel):
     """Largest webhook body read (one event: a message of at most 10,000 characters)."""
 
 
-class PandaLabConnector(Connector):
-    """A PandaLab-style vendor: OAuth2 client credentials, Markdown text, webhook push."""
+class PandaLabConnector(
+    Connector,
+    AttachmentSource,
+    EditHandling,
+    DeletionHandling,
+    ReactionHandling,
+    ReadReceiptHandling,
+    TypingHandling,
+    DeliveryStatusHandling,
+):
+    """A PandaLab-style vendor: OAuth2 client credentials, Markdown text, webhook push.
+
+    Every optional operation: edits, deletions, reactions, read receipts, typing, delivery
+    reports (the ``capabilities`` flags follow from the classes above)."""
 
     type_name: ClassVar[str] = "pandalab"
     Settings: ClassVar[type[BaseModel]] = PandaLabSettings
@@ -74,12 +94,6 @@ class PandaLabConnector(Connector):
         mentions=True,
         max_mentions=50,
         replies=True,
-        edits=True,
-        deletions=True,
-        reactions=True,
-        read_receipts=True,
-        typing=True,
-        delivery_status=True,
     )
 
     def __init__(self, ctx: ConnectorContext) -> None:
@@ -292,25 +306,6 @@ class PandaLabConnector(Connector):
             "pandalab %s: webhook refused (%s): %s", self.ctx.connector_id, status, reason
         )
         return _json_error(status, code, reason)
-
-    # Sandbox --------------------------------------------------------------------------------------
-
-    @classmethod
-    def sandbox_app(cls) -> web.Application:
-        from connectors.pandalab.sandbox import create_app
-
-        return create_app()
-
-    @classmethod
-    def sandbox_settings(cls, sandbox_url: str) -> dict[str, Any]:
-        from connectors.pandalab.sandbox import CLIENT_ID, CLIENT_SECRET
-
-        return {
-            "api_url": sandbox_url,
-            "client_id": CLIENT_ID,
-            "client_secret": CLIENT_SECRET,
-            "webhook_secret": SANDBOX_WEBHOOK_SECRET,
-        }
 
 
 def _settings(settings: BaseModel) -> PandaLabSettings:
