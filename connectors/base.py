@@ -2,15 +2,23 @@
 
 A connector turns one vendor's API into the bridge's vocabulary. The required part is small
 (start/stop, create a remote conversation, send a message into one, describe a remote user);
-everything else is an optional capability the connector declares in ``capabilities``, so the
-bridge knows what it can ask for and degrades what a vendor cannot show (an edit becomes a marked
-correction, a reaction a short message ...), telling the sender. Vendor events enter the bridge as
+each optional operation is its own small abstract class the connector inherits (``EditHandling``,
+``DeletionHandling``, ``ReactionHandling``, ``ReadReceiptHandling``, ``TypingHandling``,
+``DeliveryStatusHandling``, and ``AttachmentSource`` for a connector that emits files). The
+operation flags of ``capabilities`` are derived from those classes; the rest of ``capabilities``
+(formatting, limits, files ...) the connector declares. So the bridge knows what it can ask for
+and degrades what a vendor cannot show (an edit becomes a marked correction, a reaction a short
+message ...), telling the sender. Vendor events enter the bridge as
 typed ``RemoteEvent``s through ``ConnectorContext.emit``, which returns only once the event is
 durably stored: a connector acknowledges its vendor (or advances its poll cursor) after ``emit``.
 
 Text conventions, both ways: text is in the connector's declared ``formatting`` (``plain`` or
 ``markdown``); a mention of a person is written ``@<display name>`` in the text and listed in
 ``mentions``. A connector with its own mention syntax converts to and from that form.
+
+A connector imports only this module: the identifier type (``Idnps``, ``InvalidIdnps``) is
+re-exported here. Development sandboxes are not part of it: they are registered under their own
+entry-point group (``connectors/sandbox_entry.py``).
 """
 
 from __future__ import annotations
@@ -72,6 +80,8 @@ class Capabilities:
     max_mentions: int | None = None
     """Most people one message may mention (None: no limit); the others stay plain names."""
     replies: bool = False
+    # The operation flags below are derived from the classes a connector implements
+    # (``EditHandling`` ...), never set by hand: see ``derive_capabilities``.
     edits: bool = False
     deletions: bool = False
     reactions: bool = False
