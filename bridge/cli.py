@@ -209,22 +209,20 @@ def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def _sandbox(type_name: str | None, host: str, port: int, list_only: bool) -> int:
     from aiohttp import web
 
-    from bridge.core.connectors import available_types
+    from bridge.devtools.sandboxes import vendor_sandboxes
 
-    types = available_types()
-    with_sandbox = {name: cls for name, cls in types.items() if cls.sandbox_app() is not None}
+    with_sandbox = vendor_sandboxes()
     if list_only or type_name is None:
         print("Connector types with a sandbox: " + ", ".join(sorted(with_sandbox)))
         return 0 if list_only else 2
-    cls = with_sandbox.get(type_name)
-    if cls is None:
+    sandbox = with_sandbox.get(type_name)
+    if sandbox is None:
         print(
             f"No sandbox for {type_name!r}; choose one of: {', '.join(sorted(with_sandbox))}",
             file=sys.stderr,
         )
         return 2
-    app = cls.sandbox_app()
-    assert app is not None
+    app = sandbox.app()
 
     async def serve() -> None:
         runner = web.AppRunner(app)
@@ -235,7 +233,7 @@ def _sandbox(type_name: str | None, host: str, port: int, list_only: bool) -> in
         url = f"http://{host}:{bound}"
         print(f"{type_name}-style sandbox (an emulator, not the vendor's API) on {url}")
         print("Connector settings for the bridge config:")
-        print(yaml.safe_dump({"settings": cls.sandbox_settings(url)}, sort_keys=False))
+        print(yaml.safe_dump({"settings": sandbox.settings(url)}, sort_keys=False))
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.Event().wait()
         await runner.cleanup()

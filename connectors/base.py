@@ -2,31 +2,42 @@
 
 A connector turns one vendor's API into the bridge's vocabulary. The required part is small
 (start/stop, create a remote conversation, send a message into one, describe a remote user);
-everything else is an optional capability the connector declares in ``capabilities``, so the
-bridge knows what it can ask for and degrades what a vendor cannot show (an edit becomes a marked
-correction, a reaction a short message ...), telling the sender. Vendor events enter the bridge as
+each optional operation is its own small abstract class the connector inherits (``EditHandling``,
+``DeletionHandling``, ``ReactionHandling``, ``ReadReceiptHandling``, ``TypingHandling``,
+``DeliveryStatusHandling``, and ``AttachmentSource`` for a connector that emits files). The
+operation flags of ``capabilities`` are derived from those classes; the rest of ``capabilities``
+(formatting, limits, files ...) the connector declares. So the bridge knows what it can ask for
+and degrades what a vendor cannot show (an edit becomes a marked correction, a reaction a short
+message ...), telling the sender. Vendor events enter the bridge as
 typed ``RemoteEvent``s through ``ConnectorContext.emit``, which returns only once the event is
 durably stored: a connector acknowledges its vendor (or advances its poll cursor) after ``emit``.
 
 Text conventions, both ways: text is in the connector's declared ``formatting`` (``plain`` or
 ``markdown``); a mention of a person is written ``@<display name>`` in the text and listed in
 ``mentions``. A connector with its own mention syntax converts to and from that form.
+
+A connector imports only this module: the identifier type (``Idnps``, ``InvalidIdnps``) is
+re-exported here. Development sandboxes are not part of it: they are registered under their own
+entry-point group (``connectors/sandbox_entry.py``).
 """
 
 from __future__ import annotations
 
 import abc
+import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
-from typing import Annotated, Any, ClassVar, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Literal, Protocol, TypeVar, cast
 
 from aiohttp import web
 from pydantic import BaseModel, Field, TypeAdapter
 
-from connectors.idnps import Idnps
+# The identifier type is part of the contract: a connector imports it from here.
+from connectors.idnps import Idnps as Idnps
+from connectors.idnps import InvalidIdnps as InvalidIdnps
 
 Formatting = Literal["plain", "markdown"]
 MessageKind = Literal["text", "notice", "emote"]
@@ -69,6 +80,8 @@ class Capabilities:
     max_mentions: int | None = None
     """Most people one message may mention (None: no limit); the others stay plain names."""
     replies: bool = False
+    # The operation flags below are derived from the classes a connector implements
+    # (``EditHandling`` ...), never set by hand: see ``derive_capabilities``.
     edits: bool = False
     deletions: bool = False
     reactions: bool = False
@@ -460,8 +473,13 @@ class ConnectorError(Exception):
 class Connector(abc.ABC):
     """One vendor. Subclasses set ``type_name``, ``Settings`` and ``capabilities``.
 
-    Optional operations below raise ``NotImplementedError`` unless the matching capability is
-    declared; the bridge never calls one whose capability is off.
+    The methods below are what every connector does. Each optional operation is its own small
+    abstract class a connector also inherits (``EditHandling``, ``ReactionHandling`` ... further
+    down): a connector can edit exactly when it is an ``EditHandling``, and the operation flags of
+    ``capabilities`` (``edits``, ``deletions`` ...) are derived from the classes it inherits when
+    the class is defined, so they cannot disagree. ``capabilities`` declares the rest (formatting,
+    limits, files, replies ...); declaring an operation flag without its class is refused with a
+    ``CapabilityMismatch``. The bridge never calls an operation a connector does not implement.
     """
 
     type_name: ClassVar[str]
@@ -471,6 +489,10 @@ class Connector(abc.ABC):
     """Pydantic model of this connector's ``settings`` block in the config."""
 
     capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.capabilities = derive_capabilities(cls, cls.capabilities)
 
     def __init__(self, ctx: ConnectorContext) -> None:
         self.ctx = ctx
@@ -497,51 +519,6 @@ class Connector(abc.ABC):
     @abc.abstractmethod
     async def get_user(self, idnps: Idnps) -> RemoteUser | None:
         """Describe one of this vendor's users, or None when the vendor does not know them."""
-
-    # Optional, by capability -------------------------------------------------------------------
-
-    async def open_attachment(
-        self, attachment: RemoteAttachment
-    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
-        """Stream the bytes of a file a vendor user sent (any connector that emits files)."""
-        raise NotImplementedError
-
-    async def edit_message(
-        self, conversation_id: str, message_id: str, message: OutboundMessage
-    ) -> None:
-        """Replace a delivered message's text (``edits``)."""
-        raise NotImplementedError
-
-    async def delete_message(self, conversation_id: str, message_id: str, sender: Sender) -> bool:
-        """Delete a delivered message (``deletions``). False when the vendor does not have it
-        (it answered 404): nothing was deleted, and the bridge records it so."""
-        raise NotImplementedError
-
-    async def add_reaction(
-        self, conversation_id: str, message_id: str, sender: Sender, key: str, request_id: str
-    ) -> str:
-        """React to a message (``reactions``); return the vendor's reaction id."""
-        raise NotImplementedError
-
-    async def remove_reaction(
-        self, conversation_id: str, message_id: str, reaction_id: str, sender: Sender
-    ) -> bool:
-        """Remove a reaction (``reactions``); False when the vendor does not have it (404)."""
-        raise NotImplementedError
-
-    async def mark_read(self, conversation_id: str, reader: Sender, message_id: str) -> None:
-        """``reader`` has read up to this message (``read_receipts``)."""
-        raise NotImplementedError
-
-    async def set_typing(self, conversation_id: str, who: Sender, typing: bool) -> None:
-        """``typing``: best effort, never retried."""
-        raise NotImplementedError
-
-    async def report_delivery(
-        self, conversation_id: str, message_id: str, report: DeliveryReport
-    ) -> None:
-        """Tell a vendor user what became of their message (``delivery_status``)."""
-        raise NotImplementedError
 
     def web_routes(self) -> list[web.RouteDef]:
         """Routes the bridge mounts under ``/connectors/<connector id>`` (webhooks)."""
@@ -572,12 +549,168 @@ class Connector(abc.ABC):
         await self.get_user(PROBE_IDNPS)
         return "the vendor answers and accepts the credentials (a user look-up)"
 
-    @classmethod
-    def sandbox_app(cls) -> web.Application | None:
-        """The vendor-style emulator for this connector type, if it ships one."""
-        return None
 
-    @classmethod
-    def sandbox_settings(cls, sandbox_url: str) -> dict[str, Any]:
-        """The ``settings`` block that connects this connector to its sandbox at ``sandbox_url``."""
-        raise NotImplementedError(f"connector type {cls.type_name!r} ships no sandbox")
+# --- Optional operations: one abstract class each ----------------------------------------------
+
+
+class EditHandling(abc.ABC):
+    """``edits``: the vendor replaces a delivered message's text."""
+
+    @abc.abstractmethod
+    async def edit_message(
+        self, conversation_id: str, message_id: str, message: OutboundMessage
+    ) -> None:
+        """Replace a delivered message's text."""
+
+
+class DeletionHandling(abc.ABC):
+    """``deletions``: the vendor deletes a delivered message."""
+
+    @abc.abstractmethod
+    async def delete_message(self, conversation_id: str, message_id: str, sender: Sender) -> bool:
+        """Delete a delivered message. False when the vendor does not have it (it answered
+        404): nothing was deleted, and the bridge records it so."""
+
+
+class ReactionHandling(abc.ABC):
+    """``reactions``: the vendor shows reactions to a message, added and removed."""
+
+    @abc.abstractmethod
+    async def add_reaction(
+        self, conversation_id: str, message_id: str, sender: Sender, key: str, request_id: str
+    ) -> str:
+        """React to a message; return the vendor's reaction id."""
+
+    @abc.abstractmethod
+    async def remove_reaction(
+        self, conversation_id: str, message_id: str, reaction_id: str, sender: Sender
+    ) -> bool:
+        """Remove a reaction; False when the vendor does not have it (404)."""
+
+
+class ReadReceiptHandling(abc.ABC):
+    """``read_receipts``: the vendor shows how far people outside it have read."""
+
+    @abc.abstractmethod
+    async def mark_read(self, conversation_id: str, reader: Sender, message_id: str) -> None:
+        """``reader`` has read up to this message."""
+
+
+class TypingHandling(abc.ABC):
+    """``typing``: the vendor shows who is typing."""
+
+    @abc.abstractmethod
+    async def set_typing(self, conversation_id: str, who: Sender, typing: bool) -> None:
+        """Best effort, never retried."""
+
+
+class DeliveryStatusHandling(abc.ABC):
+    """``delivery_status``: the vendor shows its users whether their message reached everyone."""
+
+    @abc.abstractmethod
+    async def report_delivery(
+        self, conversation_id: str, message_id: str, report: DeliveryReport
+    ) -> None:
+        """Tell a vendor user what became of their message."""
+
+
+class AttachmentSource(abc.ABC):
+    """A connector that emits files (``MessageReceived.attachment``) hands over their bytes."""
+
+    @abc.abstractmethod
+    async def open_attachment(
+        self, attachment: RemoteAttachment
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Stream the bytes of a file a vendor user sent."""
+
+
+OPERATION_PROTOCOLS: Mapping[str, type[abc.ABC]] = {
+    "edits": EditHandling,
+    "deletions": DeletionHandling,
+    "reactions": ReactionHandling,
+    "read_receipts": ReadReceiptHandling,
+    "typing": TypingHandling,
+    "delivery_status": DeliveryStatusHandling,
+}
+"""Each operation flag of ``Capabilities`` and the class that implements it."""
+
+OPTIONAL_PROTOCOLS: tuple[type[abc.ABC], ...] = (*OPERATION_PROTOCOLS.values(), AttachmentSource)
+"""Every optional part of the contract, in the order composed classes list them."""
+
+
+class CapabilityMismatch(TypeError):
+    """A connector declares an operation flag whose class it does not implement."""
+
+
+def _methods(protocol: type) -> str:
+    return ", ".join(sorted(getattr(protocol, "__abstractmethods__", ())))
+
+
+def derive_capabilities(cls: type, declared: Capabilities) -> Capabilities:
+    """``declared`` with its operation flags set from the classes ``cls`` implements.
+
+    A flag declared on without its class is refused: the bridge would ask for an operation the
+    connector cannot do. A class implemented without its flag turns the flag on."""
+    for flag, protocol in OPERATION_PROTOCOLS.items():
+        if getattr(declared, flag) and not issubclass(cls, protocol):
+            raise CapabilityMismatch(
+                f"connector {cls.__qualname__} declares {flag}=True but does not implement "
+                f"{protocol.__name__} ({_methods(protocol)}): inherit it and implement its "
+                f"methods, or drop the flag"
+            )
+    return replace(
+        declared,
+        **{flag: issubclass(cls, protocol) for flag, protocol in OPERATION_PROTOCOLS.items()},
+    )
+
+
+def capability_mismatch(connector: Connector | type[Connector]) -> str | None:
+    """Why a connector's advertised operation flags disagree with the classes it implements
+    (a flag without its class, or a class without its flag), or None when they agree. The
+    registry checks each type and instance with it before using them."""
+    cls = connector if isinstance(connector, type) else type(connector)
+    caps = connector.capabilities
+    for flag, protocol in OPERATION_PROTOCOLS.items():
+        advertised, implemented = getattr(caps, flag), issubclass(cls, protocol)
+        if advertised and not implemented:
+            return (
+                f"connector {cls.__qualname__} advertises {flag} but does not implement "
+                f"{protocol.__name__} ({_methods(protocol)})"
+            )
+        if implemented and not advertised:
+            return (
+                f"connector {cls.__qualname__} implements {protocol.__name__} but does not "
+                f"advertise {flag}"
+            )
+    return None
+
+
+_C = TypeVar("_C", bound=Connector)
+
+
+@functools.cache
+def _composed(cls: type[Connector], protocols: frozenset[type[abc.ABC]]) -> type[Connector]:
+    bases = tuple(p for p in OPTIONAL_PROTOCOLS if p in protocols and not issubclass(cls, p))
+    if not bases:
+        return cls
+    return type(cls.__name__, (cls, *bases), {"__module__": cls.__module__})
+
+
+def with_protocols(cls: type[_C], protocols: Iterable[type[abc.ABC]]) -> type[_C]:
+    """``cls`` extended with these optional classes (one class per combination, cached).
+
+    For a connector whose operations depend on its settings (a webhook vendor declares its
+    own): it defines every method without inheriting their classes, and its ``__new__`` builds
+    the instance from ``with_protocols(cls, ...)``, so each instance implements exactly what
+    its vendor declared. The composed class keeps ``cls``'s name."""
+    return cast(type[_C], _composed(cls, frozenset(protocols)))
+
+
+def protocols_of(cls: type) -> frozenset[type[abc.ABC]]:
+    """The optional classes ``cls`` implements."""
+    return frozenset(p for p in OPTIONAL_PROTOCOLS if issubclass(cls, p))
+
+
+def operation_protocols(capabilities: Capabilities) -> frozenset[type[abc.ABC]]:
+    """The classes matching the operation flags that are on in ``capabilities``."""
+    return frozenset(p for flag, p in OPERATION_PROTOCOLS.items() if getattr(capabilities, flag))

@@ -703,6 +703,6 @@ async def _stop_quietly(connector_id: str, connector: Connector) -> None:
 def _describe(error: BaseException) -> str:
     """An error for operators: a connector's own message (written without secrets), a network
     error's, else only its type (other texts may quote what was being processed)."""
-    if isinstance(error, ConnectorError | OSError | NotImplementedError):
+    if isinstance(error, ConnectorError | OSError):
         return str(error) or type(error).__name__
     return type(error).__name__

@@ -12,23 +12,34 @@ from pydantic import BaseModel, ValidationError
 from bridge.config import Config, ConfigError, format_validation_error
 from connectors.base import (
     BatchSink,
+    CapabilityMismatch,
     Connector,
     ConnectorContext,
     EventSink,
     KeyValueStore,
     SharedSecrets,
+    capability_mismatch,
 )
 
 ENTRY_POINT_GROUP = "eimis_bridge.connectors"
 
 
 def available_types() -> dict[str, type[Connector]]:
-    """Connector types installed in this environment, by type name."""
+    """Connector types installed in this environment, by type name.
+
+    A type whose advertised operations disagree with the operation classes it implements
+    (``connectors.base.EditHandling`` ...) is refused here, before any instance runs."""
     types: dict[str, type[Connector]] = {}
     for entry in entry_points(group=ENTRY_POINT_GROUP):
-        cls = entry.load()
+        try:
+            cls = entry.load()
+        except CapabilityMismatch as error:
+            raise ConfigError(f"connector type {entry.name!r} refused: {error}") from None
         if not (isinstance(cls, type) and issubclass(cls, Connector)):
             raise ConfigError(f"entry point {entry.name!r} is not a Connector subclass")
+        problem = capability_mismatch(cls)
+        if problem is not None:
+            raise ConfigError(f"connector type {entry.name!r} refused: {problem}")
         types[entry.name] = cls
     return types
 
@@ -98,6 +109,11 @@ class ConnectorSet:
         if secrets is not None:
             ctx.secrets = secrets
         connector = spec.cls(ctx)
+        # An instance may set its own capabilities (a webhook vendor declares them): they
+        # must still match what it implements, or the bridge would ask what it cannot do.
+        problem = capability_mismatch(connector)
+        if problem is not None:
+            raise ConfigError(f"connectors.{spec.connector_id}: {problem}")
         self._by_id[spec.connector_id] = connector
         self._held.discard(spec.connector_id)
         return connector

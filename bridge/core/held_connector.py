@@ -1,9 +1,10 @@
 """The stand-in for a connector instance that does not run (disabled, or failing to start).
 
 Conversations linked to it keep queueing deliveries for it: they must wait, in order, and go
-out once it runs again, not fail. So the stand-in declares the real type's capabilities (what is
-queued is prepared as for the real connector) and answers every call as an unreachable vendor,
-which the delivery code waits for without spending a delivery's retry budget.
+out once it runs again, not fail. So the stand-in declares the real type's capabilities and
+implements the same optional operations (what is queued is prepared as for the real connector),
+and answers every call as an unreachable vendor, which the delivery code waits for without
+spending a delivery's retry budget.
 """
 
 from __future__ import annotations
@@ -19,17 +20,25 @@ from connectors.base import (
     ConnectorContext,
     ConnectorError,
     DeliveryReport,
+    Idnps,
     NewConversation,
     OutboundMessage,
     RemoteAttachment,
     RemoteEvent,
     RemoteUser,
     Sender,
+    protocols_of,
+    with_protocols,
 )
-from connectors.idnps import Idnps
 
 
 class HeldConnector(Connector):
+    """Defines every optional operation; each instance inherits the classes of the real type
+    (``__new__``), so it can be asked exactly what the real connector can."""
+
+    def __new__(cls, connector_id: str, real: type[Connector], reason: str) -> HeldConnector:
+        return super().__new__(with_protocols(cls, protocols_of(real)))
+
     def __init__(self, connector_id: str, cls: type[Connector], reason: str) -> None:
         """``reason`` completes "connector <id> ...": e.g. "is disabled"."""
         super().__init__(

@@ -110,7 +110,7 @@ class StatusReporter:
             return
         try:
             await connector.report_delivery(link.conversation_id, remote_ids[0], report)
-        except (ConnectorError, NotImplementedError) as error:
+        except ConnectorError as error:
             log.warning("Delivery report to %s failed: %s", connector_id, type(error).__name__)
 
     async def _matrix_status(

@@ -15,8 +15,8 @@ from aiohttp import web
 
 from bridge.app import Bridge
 from bridge.config import Config, parse_config
-from bridge.core.connectors import available_types
 from bridge.devtools.ports import free_port
+from bridge.devtools.sandboxes import vendor_sandboxes
 from bridge.devtools.synapse import LocalSynapse
 from bridge.private_files import private_dir, write_private
 from bridge.registration import write_registration
@@ -83,12 +83,10 @@ class LocalStack:
         self.log_level = log_level
         self.bridge_port = free_port()
         self.sandboxes: dict[str, Sandbox] = {}
-        for type_name, cls in sorted(available_types().items()):
-            if cls.sandbox_app() is None:
-                continue
+        for type_name, vendor in sorted(vendor_sandboxes().items()):
             port = free_port()
             self.sandboxes[type_name] = Sandbox(
-                type_name, f"http://127.0.0.1:{port}", port, cls.sandbox_app
+                type_name, f"http://127.0.0.1:{port}", port, vendor.app
             )
         self.registration_path = self.state_dir / "registration.yaml"
         options = dict(synapse_options or {})
@@ -107,7 +105,7 @@ class LocalStack:
         self.bridge: Bridge | None = None
 
     def _raw_config(self) -> dict[str, Any]:
-        types = available_types()
+        vendors = vendor_sandboxes()
         return {
             "homeserver": {"url": self.synapse.url, "domain": self.server_name},
             "appservice": {
@@ -119,7 +117,7 @@ class LocalStack:
             },
             "database": {"url": self.database_url},
             "connectors": {
-                name: {"type": name, "settings": types[name].sandbox_settings(s.url)}
+                name: {"type": name, "settings": vendors[name].settings(s.url)}
                 for name, s in self.sandboxes.items()
             },
             "logging": {"level": self.log_level},

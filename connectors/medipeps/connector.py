@@ -8,25 +8,28 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, ClassVar
 
-from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
 
 from connectors.base import (
+    AttachmentSource,
     Capabilities,
     Connector,
     ConnectorContext,
     ConnectorError,
+    DeletionHandling,
     DeliveryReport,
+    DeliveryStatusHandling,
     FileLimit,
+    Idnps,
     NewConversation,
     OutboundAttachment,
     OutboundMessage,
+    ReadReceiptHandling,
     RemoteAttachment,
     RemoteEvent,
     RemoteUser,
     Sender,
 )
-from connectors.idnps import Idnps
 from connectors.kit.backoff import Backoff
 from connectors.kit.feed import Page, PolledFeed
 from connectors.kit.ids import InvalidRemoteId, check_event_ids
@@ -57,8 +60,13 @@ class MedipepsSettings(BaseModel):
     page_size: int = Field(default=100, ge=1, le=500)
 
 
-class MedipepsConnector(Connector):
-    """A Medipeps-style vendor: API key, plain text, an event feed the connector polls."""
+class MedipepsConnector(
+    Connector, AttachmentSource, DeletionHandling, ReadReceiptHandling, DeliveryStatusHandling
+):
+    """A Medipeps-style vendor: API key, plain text, an event feed the connector polls.
+
+    Deletions, read receipts and delivery reports; no edits, reactions or typing (the
+    ``capabilities`` flags follow from the classes above)."""
 
     type_name: ClassVar[str] = "medipeps"
     Settings: ClassVar[type[BaseModel]] = MedipepsSettings
@@ -73,9 +81,6 @@ class MedipepsConnector(Connector):
             ),
         },
         replies=True,
-        deletions=True,
-        read_receipts=True,
-        delivery_status=True,
     )
 
     backoff_initial_s: float = 1.0
@@ -205,19 +210,6 @@ class MedipepsConnector(Connector):
             )
             return None
 
-    # Sandbox --------------------------------------------------------------------------------------
-
-    @classmethod
-    def sandbox_app(cls) -> web.Application:
-        from connectors.medipeps.sandbox import create_app
-
-        return create_app()
-
-    @classmethod
-    def sandbox_settings(cls, sandbox_url: str) -> dict[str, Any]:
-        from connectors.medipeps.sandbox import API_KEY
-
-        return {"api_url": sandbox_url, "api_key": API_KEY}
 
 
 def _cursor(stored: str) -> int:

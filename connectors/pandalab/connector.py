@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
@@ -14,20 +14,27 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
 from connectors import http
 from connectors.base import (
     FILE_MSGTYPES,
+    AttachmentSource,
     Capabilities,
     Connector,
     ConnectorContext,
     ConnectorError,
+    DeletionHandling,
     DeliveryReport,
+    DeliveryStatusHandling,
+    EditHandling,
     FileLimit,
+    Idnps,
     NewConversation,
     OutboundAttachment,
     OutboundMessage,
+    ReactionHandling,
+    ReadReceiptHandling,
     RemoteAttachment,
     RemoteUser,
     Sender,
+    TypingHandling,
 )
-from connectors.idnps import Idnps
 from connectors.kit.ids import InvalidRemoteId
 from connectors.kit.signing import SignedWebhook
 from connectors.pandalab import convert
@@ -42,7 +49,8 @@ TIMESTAMP_HEADER = "X-PandaLab-Timestamp"
 SIGNATURES = SignedWebhook(TIMESTAMP_HEADER, SIGNATURE_HEADER, max_signatures=1)
 """PandaLab signs each webhook with its one secret: one ``sha256=`` value per header."""
 SANDBOX_WEBHOOK_SECRET = "pandalab-sandbox-demo-webhook-secret"
-"""The fixed webhook secret ``sandbox_settings`` uses: a demo value, never for a real vendor."""
+"""The fixed webhook secret its sandbox uses (``sandbox_entry.py``): a demo value, never for a
+real vendor."""
 
 
 class PandaLabSettings(BaseModel):
@@ -59,8 +67,20 @@ class PandaLabSettings(BaseModel):
     """Largest webhook body read (one event: a message of at most 10,000 characters)."""
 
 
-class PandaLabConnector(Connector):
-    """A PandaLab-style vendor: OAuth2 client credentials, Markdown text, webhook push."""
+class PandaLabConnector(
+    Connector,
+    AttachmentSource,
+    EditHandling,
+    DeletionHandling,
+    ReactionHandling,
+    ReadReceiptHandling,
+    TypingHandling,
+    DeliveryStatusHandling,
+):
+    """A PandaLab-style vendor: OAuth2 client credentials, Markdown text, webhook push.
+
+    Every optional operation: edits, deletions, reactions, read receipts, typing, delivery
+    reports (the ``capabilities`` flags follow from the classes above)."""
 
     type_name: ClassVar[str] = "pandalab"
     Settings: ClassVar[type[BaseModel]] = PandaLabSettings
@@ -74,12 +94,6 @@ class PandaLabConnector(Connector):
         mentions=True,
         max_mentions=50,
         replies=True,
-        edits=True,
-        deletions=True,
-        reactions=True,
-        read_receipts=True,
-        typing=True,
-        delivery_status=True,
     )
 
     def __init__(self, ctx: ConnectorContext) -> None:
@@ -279,25 +293,6 @@ class PandaLabConnector(Connector):
             "pandalab %s: webhook refused (%s): %s", self.ctx.connector_id, status, reason
         )
         return _json_error(status, code, reason)
-
-    # Sandbox --------------------------------------------------------------------------------------
-
-    @classmethod
-    def sandbox_app(cls) -> web.Application:
-        from connectors.pandalab.sandbox import create_app
-
-        return create_app()
-
-    @classmethod
-    def sandbox_settings(cls, sandbox_url: str) -> dict[str, Any]:
-        from connectors.pandalab.sandbox import CLIENT_ID, CLIENT_SECRET
-
-        return {
-            "api_url": sandbox_url,
-            "client_id": CLIENT_ID,
-            "client_secret": CLIENT_SECRET,
-            "webhook_secret": SANDBOX_WEBHOOK_SECRET,
-        }
 
 
 def _settings(settings: BaseModel) -> PandaLabSettings:

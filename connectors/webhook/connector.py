@@ -19,19 +19,23 @@ from pydantic import BaseModel
 
 from connectors import http
 from connectors.base import (
+    AttachmentSource,
     Capabilities,
     Connector,
     ConnectorContext,
     ConnectorError,
     DeliveryReport,
+    Idnps,
     NewConversation,
     OutboundAttachment,
     OutboundMessage,
     RemoteAttachment,
     RemoteUser,
     Sender,
+    derive_capabilities,
+    operation_protocols,
+    with_protocols,
 )
-from connectors.idnps import Idnps
 from connectors.kit.backoff import Backoff
 from connectors.kit.tasks import cancel_and_wait
 from connectors.webhook import convert
@@ -43,8 +47,12 @@ CONTRACT_VERSION = "1.0"
 """``info.version`` of openapi.yaml, announced to the vendor."""
 
 
-class WebhookConnector(Connector):
-    """A vendor speaking the webhook contract; its capabilities come from its settings."""
+class WebhookConnector(Connector, AttachmentSource):
+    """A vendor speaking the webhook contract; its capabilities come from its settings.
+
+    It defines every optional operation but inherits only the classes its vendor declared
+    (``__new__``): an instance whose vendor declared no edits is no ``EditHandling``, so the
+    bridge never asks it for one, and its advertised flags follow."""
 
     type_name: ClassVar[str] = "webhook"
     Settings: ClassVar[type[BaseModel]] = WebhookSettings
@@ -52,11 +60,16 @@ class WebhookConnector(Connector):
     announce_retry_initial_s: float = 1.0
     announce_retry_max_s: float = 60.0
 
+    def __new__(cls, ctx: ConnectorContext) -> WebhookConnector:
+        declared = _settings(ctx.settings).capabilities.to_capabilities()
+        return super().__new__(with_protocols(cls, operation_protocols(declared)))
+
     def __init__(self, ctx: ConnectorContext) -> None:
         super().__init__(ctx)
         self.settings = _settings(ctx.settings)
         # Per instance: each vendor declares its own (the bridge reads connector.capabilities).
-        self.capabilities: Capabilities = self.settings.capabilities.to_capabilities()  # type: ignore[misc]
+        declared = self.settings.capabilities.to_capabilities()
+        self.capabilities: Capabilities = derive_capabilities(type(self), declared)  # type: ignore[misc]
         self.client = WebhookClient(
             self.settings.base_url, self.signing_secrets, timeout_s=self.settings.timeout_s
         )
@@ -314,20 +327,6 @@ class WebhookConnector(Connector):
 
     def refuse_unread(self, request: web.BaseRequest) -> web.StreamResponse | None:
         return self.receiver.refuse_unread(request)
-
-    # Sandbox ------------------------------------------------------------------------------------
-
-    @classmethod
-    def sandbox_app(cls) -> web.Application:
-        from connectors.webhook.sandbox import create_app
-
-        return create_app()
-
-    @classmethod
-    def sandbox_settings(cls, sandbox_url: str) -> dict[str, Any]:
-        from connectors.webhook.sandbox import CAPABILITIES, SECRET
-
-        return {"base_url": sandbox_url, "secret": SECRET, "capabilities": CAPABILITIES}
 
 
 def _settings(settings: BaseModel) -> WebhookSettings:

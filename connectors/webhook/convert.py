@@ -18,6 +18,8 @@ from connectors.base import (
     ConversationCreated,
     DeliveryReport,
     Formatting,
+    Idnps,
+    InvalidIdnps,
     Location,
     Mention,
     MessageDeleted,
@@ -35,7 +37,6 @@ from connectors.base import (
     Sender,
     TypingChanged,
 )
-from connectors.idnps import Idnps, InvalidIdnps
 
 MAX_ID_LENGTH = 200
 MAX_NAME_LENGTH = 255

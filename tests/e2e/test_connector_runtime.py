@@ -28,6 +28,7 @@ from bridge.cli import main
 from bridge.core.held_connector import HeldConnector
 from bridge.devtools.demo import SandboxUser, wait_for
 from bridge.devtools.ports import free_port
+from bridge.devtools.sandboxes import vendor_sandbox
 from bridge.devtools.stack import LocalStack, Sandbox
 from connectors.kit.signing import sign
 from connectors.pandalab import PandaLabConnector
@@ -69,7 +70,7 @@ async def cli(stack: LocalStack, *args: str) -> int:
 
 
 def settings_args(sandbox: Sandbox) -> list[str]:
-    return [f"--set={k}={v}" for k, v in PandaLabConnector.sandbox_settings(sandbox.url).items()]
+    return [f"--set={k}={v}" for k, v in vendor_sandbox("pandalab").settings(sandbox.url).items()]
 
 
 async def vendor_users(http: ClientSession, sandbox: Sandbox) -> list[SandboxUser]:
@@ -161,7 +162,7 @@ async def test_a_connector_added_at_run_time_bridges_is_held_when_disabled_and_r
     assert await cli(stack, "list") == 0
     listing = capsys.readouterr().out
     assert "pandalab2" in listing and "runtime" in listing
-    credentials = PandaLabConnector.sandbox_settings(vendor.url)
+    credentials = vendor_sandbox("pandalab").settings(vendor.url)
     assert "Connector pandalab2 (pandalab) started" in caplog.text  # the logs were captured
     for secret in (shared, credentials["client_secret"], credentials["webhook_secret"]):
         assert secret not in caplog.text

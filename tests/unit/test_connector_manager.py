@@ -36,10 +36,10 @@ from bridge.core.held_connector import HeldConnector
 from bridge.db.connector_registry import ConnectorRegistry
 from bridge.db.connector_state import ConnectorStateStore
 from bridge.devtools.ports import free_port
+from bridge.devtools.sandboxes import vendor_sandbox
 from bridge.devtools.stack import Sandbox
 from connectors.base import ConnectorError, RemoteEvent
 from connectors.kit.signing import sign
-from connectors.pandalab import PandaLabConnector
 from connectors.pandalab.sandbox import create_app
 
 POLL_S = 0.2
@@ -61,7 +61,7 @@ class Harness:
     emitted: list[tuple[str, RemoteEvent]] = field(default_factory=list)
 
     def sandbox_settings(self) -> dict[str, Any]:
-        return PandaLabConnector.sandbox_settings(self.sandbox.url)
+        return vendor_sandbox("pandalab").settings(self.sandbox.url)
 
     async def cli(self, *args: str) -> int:
         action, *rest = args
@@ -90,7 +90,7 @@ async def harness(tmp_path: Path, database_url: str) -> AsyncIterator[Harness]:
         "connectors": {
             "pandalab": {
                 "type": "pandalab",
-                "settings": PandaLabConnector.sandbox_settings(sandbox.url),
+                "settings": vendor_sandbox("pandalab").settings(sandbox.url),
             }
         },
         "secrets": {"key_file": str(key_path)},

@@ -19,21 +19,25 @@ import pytest
 from aiohttp import web
 from connector_helpers import MemoryStore, Served, rpps, wait_for
 
+from bridge.devtools.sandboxes import vendor_sandbox
 from connectors.base import (
     ConnectorContext,
     ConnectorError,
     ConversationCreated,
     DeliveryReport,
+    EditHandling,
     MessageDeleted,
     MessageReceived,
     NewConversation,
     OutboundAttachment,
     OutboundMessage,
     Participant,
+    ReactionHandling,
     ReadUpTo,
     RemoteAttachment,
     RemoteEvent,
     Sender,
+    TypingHandling,
 )
 from connectors.idnps import Idnps
 from connectors.medipeps import MedipepsConnector
@@ -101,7 +105,7 @@ class Harness:
         self, recorder: Recorder | None = None, api_url: str | None = None, **overrides: Any
     ) -> MedipepsConnector:
         """A connector on this harness's store; fast polling and backoff unless overridden."""
-        settings = MedipepsConnector.sandbox_settings(api_url or self.sandbox.url)
+        settings = vendor_sandbox("medipeps").settings(api_url or self.sandbox.url)
         settings |= {"poll_interval_s": 0.05} | overrides
         ctx = ConnectorContext(
             connector_id=CONNECTOR_ID,
@@ -457,7 +461,7 @@ def test_epoch_ms_round_trip() -> None:
 
 def test_settings_and_capabilities() -> None:
     settings = MedipepsSettings.model_validate(
-        MedipepsConnector.sandbox_settings("http://127.0.0.1:1")
+        vendor_sandbox("medipeps").settings("http://127.0.0.1:1")
     )
     assert MedipepsConnector.Settings is MedipepsSettings
     assert API_KEY not in repr(settings)
@@ -465,7 +469,7 @@ def test_settings_and_capabilities() -> None:
     assert MedipepsConnector.type_name == "medipeps"
     assert MedipepsConnector.capabilities.formatting == "plain"
     assert MedipepsConnector.capabilities.max_text_length == 4000
-    assert isinstance(MedipepsConnector.sandbox_app(), web.Application)
+    assert isinstance(vendor_sandbox("medipeps").app(), web.Application)
 
 
 # --- v2: rich messages ----------------------------------------------------------------------------
@@ -710,16 +714,16 @@ async def test_v2_outbound_delete_read_and_delivery(harness: Harness) -> None:
     assert harness.recorder.ids == [f"msg-{asked}", f"msg-{last}"]
 
 
-async def test_v2_unsupported_operations_raise_not_implemented(harness: Harness) -> None:
+async def test_v2_unsupported_operations_are_not_implemented(harness: Harness) -> None:
+    """Edits, reactions and typing: Medipeps is none of their classes, has none of their
+    methods, and advertises none of them (the bridge never asks; it degrades them)."""
     connector = harness.connector
-    with pytest.raises(NotImplementedError):
-        await connector.edit_message("1", "1", message("$x", "y"))
-    with pytest.raises(NotImplementedError):
-        await connector.add_reaction("1", "1", CAROL, "👍", "$r")
-    with pytest.raises(NotImplementedError):
-        await connector.remove_reaction("1", "1", "1", CAROL)
-    with pytest.raises(NotImplementedError):
-        await connector.set_typing("1", CAROL, True)
+    for protocol in (EditHandling, ReactionHandling, TypingHandling):
+        assert not isinstance(connector, protocol)
+    for method in ("edit_message", "add_reaction", "remove_reaction", "set_typing"):
+        assert not hasattr(connector, method)
+    caps = connector.capabilities
+    assert not (caps.edits or caps.reactions or caps.typing)
 
 
 def test_v2_inline_attachment_from_the_feed() -> None:

@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from connector_helpers import MemoryStore, Recorder, Served, mounted, rpps, wait_for
 
+from bridge.devtools.sandboxes import vendor_sandbox
 from connectors.base import (
     ConnectorContext,
     ConnectorError,
@@ -153,7 +154,7 @@ def new_connector(
 ) -> PandaLabConnector:
     """A connector to ``sandbox`` with the sandbox's settings, its token clock on ``clock``."""
     settings = PandaLabSettings.model_validate(
-        PandaLabConnector.sandbox_settings(sandbox.url) | overrides
+        vendor_sandbox("pandalab").settings(sandbox.url) | overrides
     )
     ctx = ConnectorContext(
         connector_id=CONNECTOR_ID,
@@ -556,7 +557,7 @@ async def test_vendor_5xx_is_retriable(harness: Harness) -> None:
 
 def test_settings_and_capabilities() -> None:
     settings = PandaLabSettings.model_validate(
-        PandaLabConnector.sandbox_settings("http://127.0.0.1:1")
+        vendor_sandbox("pandalab").settings("http://127.0.0.1:1")
     )
     assert PandaLabConnector.Settings is PandaLabSettings
     assert settings.replay_window_s == 300
@@ -564,7 +565,7 @@ def test_settings_and_capabilities() -> None:
     assert PandaLabConnector.type_name == "pandalab"
     assert PandaLabConnector.capabilities.formatting == "markdown"
     assert PandaLabConnector.capabilities.max_text_length == 10000
-    assert isinstance(PandaLabConnector.sandbox_app(), web.Application)
+    assert isinstance(vendor_sandbox("pandalab").app(), web.Application)
 
 
 # --- v2: rich messages ----------------------------------------------------------------------------

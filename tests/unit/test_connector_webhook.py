@@ -23,6 +23,7 @@ from aiohttp import web
 from connector_helpers import MemoryStore, Recorder, Served, mounted, rpps, wait_for
 from pydantic import ValidationError
 
+from bridge.devtools.sandboxes import vendor_sandbox
 from connectors.base import (
     Capabilities,
     ConnectorContext,
@@ -156,7 +157,7 @@ def new_connector(
     **overrides: Any,
 ) -> WebhookConnector:
     settings = WebhookSettings.model_validate(
-        WebhookConnector.sandbox_settings(sandbox_url) | overrides
+        vendor_sandbox("webhook").settings(sandbox_url) | overrides
     )
     ctx = ConnectorContext(
         connector_id=CONNECTOR_ID,
@@ -463,7 +464,7 @@ async def test_without_any_secret_everything_is_refused_and_nothing_crashes() ->
     sandbox = Served(create_app())
     await sandbox.start()
     recorder = Recorder()
-    settings = WebhookConnector.sandbox_settings(sandbox.url) | {"secret": None}
+    settings = vendor_sandbox("webhook").settings(sandbox.url) | {"secret": None}
     connector = new_connector(sandbox.url, recorder, FakeSecrets(), **settings)
     receiver = Served(mounted(connector, CONNECTOR_ID))
     await receiver.start()
@@ -798,7 +799,7 @@ async def test_files_are_uploaded_streamed_and_signed_by_digest(harness: Harness
 
 async def test_files_over_the_declared_size_are_refused_before_sending() -> None:
     small = {"m.file": {"max_size": 1000, "mime_types": ["application/pdf"]}}
-    caps = WebhookConnector.sandbox_settings("http://x")["capabilities"] | {"files": small}
+    caps = vendor_sandbox("webhook").settings("http://x")["capabilities"] | {"files": small}
     async with running(capabilities=caps) as h:
         conv = await h.connector.create_conversation(
             NewConversation("!big:example.org", None, (INES,), (CAROL,))

@@ -72,6 +72,7 @@ from bridge.core.reconcile import Reconciler, TransactionWatch
 from bridge.db.database import open_database
 from bridge.db.group_commit import GroupCommit
 from bridge.db.inbox import MATRIX_ORIGIN, InboxStore, matrix_rows
+from bridge.devtools.sandboxes import vendor_sandbox
 from connectors.base import (
     BatchSink,
     ConnectorContext,
@@ -252,7 +253,7 @@ class Surface:
         emit, emit_all = self.sinks(CONNECTOR_ID)
         settings_ = PandaLabConnector.Settings.model_validate(
             {
-                **PandaLabConnector.sandbox_settings("http://127.0.0.1:9"),
+                **vendor_sandbox("pandalab").settings("http://127.0.0.1:9"),
                 "replay_window_s": REPLAY_WINDOW_S,
                 "max_body_bytes": MAX_BODY_BYTES,
             }

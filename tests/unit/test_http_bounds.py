@@ -31,6 +31,7 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from bridge.appservice.connector_routes import ConnectorRoutes
+from bridge.devtools.sandboxes import vendor_sandbox
 from bridge.directory import fhir
 from bridge.directory.fhir import API_KEY_HEADER, FhirFetchError, fetch_bundles
 from connectors import http
@@ -150,7 +151,7 @@ async def intake() -> AsyncIterator[Intake]:
         context(
             "pandalab",
             PandaLabConnector.Settings.model_validate(
-                PandaLabConnector.sandbox_settings("http://127.0.0.1:9")
+                vendor_sandbox("pandalab").settings("http://127.0.0.1:9")
             ),
             recorder,
         )
@@ -402,7 +403,7 @@ async def test_the_routes_themselves_refuse_unread_without_the_dispatcher(
 def test_a_connector_accepts_one_mebibyte_unless_it_says_otherwise() -> None:
     assert MAX_REQUEST_BYTES == 1024 * 1024
     settings = PandaLabConnector.Settings.model_validate(
-        {**PandaLabConnector.sandbox_settings("http://x"), "max_body_bytes": 256 * 1024}
+        {**vendor_sandbox("pandalab").settings("http://x"), "max_body_bytes": 256 * 1024}
     )
     assert PandaLabConnector(context("p", settings, Recorder())).max_request_bytes == 256 * 1024
 

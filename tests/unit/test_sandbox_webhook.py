@@ -31,6 +31,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from bridge.devtools.sandboxes import vendor_sandbox
 from connectors.base import (
     ConnectorContext,
     DeliveryReport,
@@ -400,7 +401,7 @@ async def exchange() -> AsyncIterator[Exchange]:
         events.append(event)
 
     settings = WebhookConnector.Settings.model_validate(
-        WebhookConnector.sandbox_settings(sandbox_url)
+        vendor_sandbox("webhook").settings(sandbox_url)
     )
     ctx = ConnectorContext(
         connector_id="wh", settings=settings, emit=store, store=MemoryStore(), public_base_url=""
