@@ -14,20 +14,22 @@ from mautrix.types import Membership, RoomID
 
 from bridge import __version__
 from bridge.admin.console import Console
-from bridge.appservice.connector_routes import ConnectorRoutes
 from bridge.appservice.server import AppserviceServer
 from bridge.config import Config, ConfigError, load_tokens
 from bridge.core.audit_trail import Trail
 from bridge.core.causal_order import CausalOrder
 from bridge.core.connector_manager import ConnectorManager, Wiring
+from bridge.core.connector_routes import ConnectorRoutes
 from bridge.core.connectors import ConnectorSet, validate_connectors
 from bridge.core.delivery import Delivery
 from bridge.core.erasure import Erasure
 from bridge.core.errors import PermanentFailure
 from bridge.core.from_matrix import FromMatrix
 from bridge.core.ghost_ids import GhostIds
+from bridge.core.ghost_names import GhostNames
 from bridge.core.intake import VendorIntake
 from bridge.core.lanes import LaneScheduler
+from bridge.core.metrics_sampler import bridge_sampler
 from bridge.core.periodic import Periodic
 from bridge.core.portals import Portals
 from bridge.core.reconcile import Reconciler, TransactionWatch
@@ -45,11 +47,10 @@ from bridge.db.group_commit import GroupCommit
 from bridge.db.inbox import InboxItem
 from bridge.db.outbox import OutboxItem
 from bridge.db.stores import Stores
-from bridge.directory.names import GhostNames
 from bridge.matrix.homeserver import Homeserver, HomeserverCheckFailed
 from bridge.matrix.keys import KeysApi
 from bridge.matrix.media import MediaRepository
-from bridge.metrics import Metrics, bridge_sampler
+from bridge.metrics import Metrics
 from bridge.secrets import KeyUnavailable, SecretBox, SecretsError
 
 log = logging.getLogger("eimis.bridge")

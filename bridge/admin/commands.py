@@ -28,11 +28,11 @@ from bridge.core.connectors import ConnectorSet
 from bridge.core.erasure import Erasure
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.health import ConnectorHealth
-from bridge.core.trust import InvalidServerName, validate_server_name
 from bridge.db.stores import Stores
 from bridge.directory.importer import DirectoryFormatError, import_file
 from bridge.matrix.homeserver import Homeserver
 from bridge.matrix.media import MediaError, MediaRepository
+from bridge.values.trust import InvalidServerName, validate_server_name
 from connectors.idnps import Idnps, InvalidIdnps
 
 

@@ -15,12 +15,12 @@ from bridge.core.errors import NotInDirectory, PermanentFailure, UnknownUser
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.members import Member
 from bridge.core.room_policy import RoomPolicy
-from bridge.core.trust import server_of
 from bridge.db.directory import GHOST, display_name
 from bridge.db.portal import Portal
 from bridge.db.stores import Stores
 from bridge.directory.choice import reachable
 from bridge.matrix.homeserver import Homeserver, derived_txn_id
+from bridge.values.trust import server_of
 from connectors.base import ConversationCreated, Participant, RemoteUser
 from connectors.idnps import Idnps
 

@@ -24,7 +24,6 @@ from typing import Any
 
 from cachetools import LRUCache
 
-from bridge.appservice.crypto_extensions import DEVICE_LISTS, KEY_COUNTS, TO_DEVICE
 from bridge.crypto.devices import MEGOLM, OwnDevice, OwnDevices
 from bridge.crypto.megolm import GroupSessions, KeysMissing, Undecryptable
 from bridge.crypto.olm import OlmChannel, OlmError
@@ -32,6 +31,7 @@ from bridge.crypto.peers import DeviceKeys, PeerDevices
 from bridge.crypto.pickling import PickleKey
 from bridge.db.crypto import CryptoStore, RoomEncryption
 from bridge.matrix.keys import KeysApi
+from bridge.values.crypto_extensions import DEVICE_LISTS, KEY_COUNTS, TO_DEVICE
 
 log = logging.getLogger("eimis.crypto")
 

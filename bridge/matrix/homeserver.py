@@ -23,7 +23,7 @@ from mautrix.types import (
 from mautrix.util.async_db import Database
 
 from bridge.config import Config
-from bridge.core.trust import SERVER_ACL, TrustList, acl_matches
+from bridge.values.trust import SERVER_ACL, TrustList, acl_matches
 
 if TYPE_CHECKING:
     from bridge.crypto.machine import Crypto
