@@ -72,7 +72,9 @@ class Crypto:
         members: Members,
         is_ours: IsOurs,
         cross_signing: bool = True,
+        on_room_key: RoomKeyArrived | None = None,
     ) -> None:
+        """``on_room_key(room_id)``: a room key arrived (events waiting for it can go on)."""
         self.store = store
         self.keys = keys
         self.bot_mxid = bot_mxid
@@ -83,7 +85,7 @@ class Crypto:
         self.peers = PeerDevices(store, keys)
         self.olm = OlmChannel(store, keys, self.devices, pickle_key)
         self.megolm = GroupSessions(store, self.olm, pickle_key)
-        self.on_room_key: RoomKeyArrived = lambda room_id: None
+        self.on_room_key: RoomKeyArrived = on_room_key or (lambda room_id: None)
         self._requested: dict[str, float] = {}
         self._asked: dict[str, str] = {}
         """Session id -> the user asked for its key (whose forwarded key is accepted)."""
