@@ -1,4 +1,5 @@
-"""The running bridge: wires storage, the homeserver, the connectors and the workers together."""
+"""The running bridge, its composition root: builds storage, the homeserver client, the
+connectors and the workers, each given what it needs, and starts and stops them in order."""
 
 from __future__ import annotations
 
@@ -446,9 +447,8 @@ class Bridge:
     def _connector_resumed(self, connector_id: str) -> None:
         """A connector runs again: its conversations waiting for it go on at once."""
         lanes = f"{connector_id}\x1f"  # the lanes of its conversations, in both queues
-        for scheduler in (getattr(self, "inbox", None), getattr(self, "outbox", None)):
-            if scheduler is not None:  # (told while the connectors load, before the queues)
-                scheduler.retry_now(lanes)
+        self.inbox.retry_now(lanes)  # (told once started: the queues exist by then)
+        self.outbox.retry_now(lanes)
 
     async def _apply_trust(self) -> None:
         """The trust list changed (or the bridge started): every portal's ACL follows it.

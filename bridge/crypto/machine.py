@@ -8,6 +8,9 @@
   to-device events, MSC3202 device list changes and one-time key counts), once stored in the
   durable inbox: room keys, forwarded keys, key requests.
 
+``Crypto`` is the ``Encryptor`` the homeserver client asks (``bridge/matrix/encryption.py``),
+handed to it by the running bridge: the Matrix side never imports this package.
+
 Plaintext never reaches the database: events are decrypted when a lane processes them, and the
 inbox holds what the homeserver sent (ciphertext).
 """

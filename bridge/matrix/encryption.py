@@ -12,9 +12,9 @@ from typing import Any, Protocol
 
 class Encryptor(Protocol):
     async def encrypt(
-        self, mxid: str, room_id: str, event_type: str, content: dict[str, Any]
+        self, sender: str, room_id: str, event_type: str, content: dict[str, Any]
     ) -> dict[str, Any] | None:
-        """The ``m.room.encrypted`` content of an event ``mxid`` sends in ``room_id``; None
+        """The ``m.room.encrypted`` content of an event ``sender`` sends in ``room_id``; None
         when the room is not encrypted (the event goes in clear)."""
         ...
 
