@@ -27,13 +27,16 @@ demo: $(STAMP) libmagic
 
 test: $(STAMP) libmagic
 	$(VENV)/bin/ruff check bridge connectors tests bench
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 bench: $(STAMP) libmagic
 	$(PY) bench/run.py
 
+# ruff, then the layering contracts of pyproject.toml's [tool.importlinter] (import-linter).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check bridge connectors tests bench
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf .demo .pytest_cache

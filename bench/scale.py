@@ -76,9 +76,9 @@ def _idnps(i: int) -> str:
 
 def bulk_fill(path: Path) -> float:
     from bridge.app import PORTAL_ACL_KEY
-    from bridge.core.trust import server_acl
+    from bridge.core.ghost_names import GHOSTS_LISTED_KEY
     from bridge.db.connector_state import BRIDGE_STATE
-    from bridge.directory.names import GHOSTS_LISTED_KEY
+    from bridge.values.trust import server_acl
 
     """Bulk rows into a migrated SQLite database; returns the seconds it took."""
     started = time.monotonic()

@@ -1,4 +1,5 @@
-"""The running bridge: wires storage, the homeserver, the connectors and the workers together."""
+"""The running bridge, its composition root: builds storage, the homeserver client, the
+connectors and the workers, each given what it needs, and starts and stops them in order."""
 
 from __future__ import annotations
 
@@ -7,27 +8,31 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 
 from aiohttp import ClientSession, ClientTimeout, web
+from mautrix.appservice import AppServiceAPI
 from mautrix.errors import MatrixRequestError
-from mautrix.types import Membership, RoomID
+from mautrix.types import Membership, RoomID, UserID
 
 from bridge import __version__
 from bridge.admin.console import Console
-from bridge.appservice.connector_routes import ConnectorRoutes
 from bridge.appservice.server import AppserviceServer
 from bridge.config import Config, ConfigError, load_tokens
 from bridge.core.audit_trail import Trail
 from bridge.core.causal_order import CausalOrder
 from bridge.core.connector_manager import ConnectorManager, Wiring
+from bridge.core.connector_routes import ConnectorRoutes
 from bridge.core.connectors import ConnectorSet, validate_connectors
 from bridge.core.delivery import Delivery
 from bridge.core.erasure import Erasure
 from bridge.core.errors import PermanentFailure
 from bridge.core.from_matrix import FromMatrix
 from bridge.core.ghost_ids import GhostIds
+from bridge.core.ghost_names import GhostNames
 from bridge.core.intake import VendorIntake
 from bridge.core.lanes import LaneScheduler
+from bridge.core.metrics_sampler import bridge_sampler
 from bridge.core.periodic import Periodic
 from bridge.core.portals import Portals
 from bridge.core.reconcile import Reconciler, TransactionWatch
@@ -45,11 +50,10 @@ from bridge.db.group_commit import GroupCommit
 from bridge.db.inbox import InboxItem
 from bridge.db.outbox import OutboxItem
 from bridge.db.stores import Stores
-from bridge.directory.names import GhostNames
-from bridge.matrix.homeserver import Homeserver, HomeserverCheckFailed
+from bridge.matrix.homeserver import Homeserver, HomeserverCheckFailed, appservice_api
 from bridge.matrix.keys import KeysApi
 from bridge.matrix.media import MediaRepository
-from bridge.metrics import Metrics, bridge_sampler
+from bridge.metrics import Metrics
 from bridge.secrets import KeyUnavailable, SecretBox, SecretsError
 
 log = logging.getLogger("eimis.bridge")
@@ -65,6 +69,10 @@ PORTAL_ACL_KEY = "portal_server_acl"
 
 
 class Bridge:
+    """The composition root: builds every part with what it needs (constructor injection) and
+    starts them in order on one exit stack, so that ``stop`` (or a start failing half-way)
+    stops what had started, in reverse order."""
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.connectors = ConnectorSet()
@@ -73,24 +81,43 @@ class Bridge:
             config.homeserver.domain,
             config.appservice.bot_username,
         )
-        self._runner: web.AppRunner | None = None
         self._session: ClientSession | None = None
         self.connector_manager: ConnectorManager | None = None
         self.homeserver_info: dict[str, object] = {}
         self.metrics = Metrics(__version__)
+        self._stack: AsyncExitStack | None = None
+        """What started, each part's stop pushed as it started (``stop`` unwinds it)."""
 
     async def start(self, *, paused: bool = False) -> None:
         """Open storage, serve the appservice API, check the homeserver, then start the work.
 
         ``paused`` stores everything that arrives but processes nothing (maintenance; tests of
-        what a crash between acknowledgement and processing leaves behind).
+        what a crash between acknowledgement and processing leaves behind). A start that fails
+        stops what it had started (in reverse order) before it raises.
         """
-        validate_connectors(self.config)
-        as_token, hs_token = load_tokens(self.config)
-        self.db = await open_database(self.config.database)
-        self.stores = Stores.of(self.db, secrets=self.config.secrets)
+        if self._stack is not None:
+            raise RuntimeError("the bridge is running already")
+        async with AsyncExitStack() as stack:
+            await self._build(stack)
+            await self._run(stack, paused=paused)
+            self._stack = stack.pop_all()
+
+    async def stop(self) -> None:
+        """Stop what started, in reverse order (nothing when the bridge is not running)."""
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def _build(self, stack: AsyncExitStack) -> None:
+        """Storage, the homeserver client and every part, each given what it needs."""
+        config = self.config
+        validate_connectors(config)
+        as_token, hs_token = load_tokens(config)
+        self.db = await open_database(config.database)
+        stack.push_async_callback(self.db.stop)
+        self.stores = Stores.of(self.db, secrets=config.secrets)
         await self._seal_queued_content()
-        self.stores.audit.retention_days = self.config.audit.retention_days
+        self.stores.audit.retention_days = config.audit.retention_days
         trail = Trail(self.stores.audit, self.metrics)
         """Every delivery's audit row and metrics."""
         # Vendor events' commits (the router and deliveries have their own); the inbox worker
@@ -98,21 +125,25 @@ class Bridge:
         self._intake = VendorIntake(
             self.stores.inbox, GroupCommit(self.db), lambda: self.inbox.notify()
         )
-        self._session = ClientSession(timeout=ClientTimeout(total=60))
-        self.homeserver = Homeserver(self.config, as_token, self.db, self._session)
+        session = self._session = ClientSession(timeout=ClientTimeout(total=60))
+        stack.push_async_callback(self._close_session)
+        api = appservice_api(config, as_token, self.db, session)
+        self.crypto = await self._open_crypto(api) if config.encryption.enabled else None
+        self.homeserver = Homeserver(
+            config, as_token, self.db, session, api=api, encryptor=self.crypto
+        )
+        stack.push_async_callback(self.homeserver.close)
         self.homeserver.trust.replace_extra(await self.stores.trusted_servers.names())
-        self.crypto = await self._open_crypto() if self.config.encryption.enabled else None
-        self.homeserver.crypto = self.crypto
         self.trust_watcher = TrustWatcher(
             self.homeserver.trust,
             self.stores.trusted_servers.names,
             self._apply_trust,
-            self.config.trust.poll_interval_s,
+            config.trust.poll_interval_s,
         )
         # Config connectors and those registered at run time; changes apply without a restart.
         self.connector_routes = ConnectorRoutes()
         self.connector_manager = ConnectorManager(
-            self.config,
+            config,
             self.stores.connector_registry,
             connectors=self.connectors,
             routes=self.connector_routes,
@@ -120,13 +151,22 @@ class Bridge:
             on_resumed=self._connector_resumed,
         )
         await self.connector_manager.load()
-        self.portals = Portals(self.stores, self.homeserver, self.connectors, self.ids)
+        stack.push_async_callback(self.connector_manager.stop)  # the instances built
+        self.portals = Portals(
+            self.stores,
+            self.homeserver,
+            self.connectors,
+            self.ids,
+            crypto=self.crypto,
+            require_encryption=config.encryption.require,
+            require_directory_entry=config.identity.require_directory_entry,
+        )
         self.media = MediaRepository(
-            self.config.homeserver.url,
+            config.homeserver.url,
             as_token,
-            self._session,
-            self.config.media.chunk_size,
-            fetch_timeout_s=self.config.media.fetch_timeout_s,
+            session,
+            config.media.chunk_size,
+            fetch_timeout_s=config.media.fetch_timeout_s,
         )
         self.status = StatusReporter(self.stores, self.homeserver, self.connectors)
         self.delivery = Delivery(
@@ -134,10 +174,10 @@ class Bridge:
             self.homeserver,
             self.connectors,
             self.media,
-            self.config.media,
+            config.media,
             self.status,
-            max_attempts=self.config.delivery.max_attempts,
-            success_statuses=self.config.delivery.success_statuses,
+            max_attempts=config.delivery.max_attempts,
+            success_statuses=config.delivery.success_statuses,
             trail=trail,
             portals=self.portals,
         )
@@ -148,27 +188,56 @@ class Bridge:
             self.delivery.record_error,
             fetch_lane=self.stores.outbox.pending_in_lane,
         )
-        self.delivery.attach(self.outbox)
-        from_matrix = FromMatrix(self.stores, self.homeserver, self.portals)
-        from_matrix.on_refused = self.status.refused
+        self.delivery.attach(self.outbox)  # its own queue: a vendor back retries its lanes
+        # Erasures (``forget``, admin room or CLI): their Matrix part when the homeserver was
+        # down, and no erased delivery sent from memory.
+        self.erasure = Erasure(
+            self.stores, self.homeserver, crypto=self.crypto, on_dropped=self._erased
+        )
+        # The operators' admin rooms: their events are commands; alerts are posted there.
+        self.console = Console(
+            config=config,
+            stores=self.stores,
+            homeserver=self.homeserver,
+            connectors=self.connectors,
+            health=self.delivery.health,
+            media=self.media,
+            ids=self.ids,
+            manager=self.connector_manager,
+            erasure=self.erasure,
+            crypto=self.crypto,
+        )
+        self.from_matrix = FromMatrix(
+            self.stores,
+            self.homeserver,
+            self.portals,
+            admin=self.console.room if self.console.enabled else None,
+            on_refused=self.status.refused,
+        )
         self.router = Router(
             self.stores,
             self.homeserver,
-            from_matrix,
+            self.from_matrix,
             ToMatrix(
                 self.stores,
                 self.homeserver,
                 self.portals,
                 self.media,
-                self.config.media,
+                config.media,
                 self.status,
                 self.outbox.notify,
-                relay=from_matrix.handle,
-                success_statuses=self.config.delivery.success_statuses,
+                relay=self.from_matrix.handle,
+                success_statuses=config.delivery.success_statuses,
                 trail=trail,
+                crypto=self.crypto,
             ),
             outbox_notify=self.outbox.notify,
             trail=trail,
+            crypto=self.crypto,
+            key_wait_s=config.encryption.key_wait_s,
+            ids_ours=self.ids.in_namespace,
+            on_undecryptable=self.status.undecryptable,
+            on_homeserver_back=self._homeserver_back,
         )
         self.inbox = LaneScheduler[InboxItem](
             "inbox",
@@ -177,118 +246,118 @@ class Bridge:
             self.router.record_error,
             fetch_lane=self.stores.inbox.pending_in_lane,
         )
-        self.portals.require_encryption = self.config.encryption.require
-        self.portals.require_directory_entry = self.config.identity.require_directory_entry
-        if self.crypto is not None:
-            self.router.crypto = self.crypto
-            self.router.key_wait_s = self.config.encryption.key_wait_s
-            self.router.ids_ours = self.ids.in_namespace
-            self.router.on_undecryptable = self.status.undecryptable
-            self.crypto.on_room_key = self.inbox.retry_now  # its waiting events, at once
         self.reconciler = Reconciler(
             self.stores.inbox,
             self.homeserver,
             self._timeline_readers,
             self.inbox.notify,
-            self.config.reconcile,
+            config.reconcile,
         )
         self.reconciler.hold()  # transactions wait for the start-up reconciliation
-
-        def homeserver_back() -> None:
-            self.inbox.retry_now()
-            self.reconciler.request("the homeserver answers again")
-
-        self.router.on_homeserver_back = homeserver_back
         self.causal_order = CausalOrder(
             self.stores.inbox,
             self.homeserver,
             self._timeline_readers,
-            self.config.homeserver.domain,
+            config.homeserver.domain,
             self.inbox.notify,
-            self.config.reconcile,
+            config.reconcile,
             asyncio.Lock(),
         )
-        server = AppserviceServer(
+        self.appservice = AppserviceServer(
             hs_token=hs_token,
             inbox=self.stores.inbox,
             on_stored=self.inbox.notify,
             query_user=self.query_user,
             ready=self.readiness,
-            max_body_bytes=self.config.appservice.max_body_bytes,
+            max_body_bytes=config.appservice.max_body_bytes,
             watch=TransactionWatch(self.stores.inbox, self.reconciler),
             order=self.causal_order,
         )
-        self.connector_routes.mount(server.app)
-        self._runner = web.AppRunner(server.app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, self.config.appservice.hostname, self.config.appservice.port
+        self.connector_routes.mount(self.appservice.app)
+        # Ghosts named after the directory, now and whenever an import changes it.
+        self.ghost_names = GhostNames(
+            self.stores, self.homeserver, config.directory.sync_interval_s
         )
-        await site.start()
+        self.audit_purge = Periodic(
+            "Audit log purge", self._purge_audit, config.audit.purge_interval_s, log, at_once=True
+        )
+        self.wal_truncation = Periodic(
+            "Write-ahead log truncation",
+            self._truncate_wal,
+            config.database.wal_truncate_interval_s if config.database.is_sqlite else 0,
+            log,
+        )
+        self.erasure_follow = Periodic(
+            "Erasure follow-up", self._follow_erasures, ERASURE_POLL_S, log, at_once=True
+        )
+
+    async def _run(self, stack: AsyncExitStack, *, paused: bool) -> None:
+        """Start the parts in order; each pushes its stop on ``stack`` once started."""
+        config = self.config
+        runner = web.AppRunner(self.appservice.app, access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        await web.TCPSite(runner, config.appservice.hostname, config.appservice.port).start()
         log.info(
-            "Appservice API listening on %s:%d",
-            self.config.appservice.hostname,
-            self.config.appservice.port,
+            "Appservice API listening on %s:%d", config.appservice.hostname, config.appservice.port
         )
-        if self.config.metrics.enabled:
+        if config.metrics.enabled:
             self.metrics.watch(
                 bridge_sampler(
                     self.stores,
                     self.connectors,
                     self.delivery.health,
                     buffered=lambda: {"inbox": self.inbox.buffered, "outbox": self.outbox.buffered},
-                    untrusted_dropped=lambda: from_matrix.untrusted_dropped,
+                    untrusted_dropped=lambda: self.from_matrix.untrusted_dropped,
                     crypto=lambda: self.crypto.counts() if self.crypto is not None else {},
                 )
             )
-            await self.metrics.start(self.config.metrics.hostname, self.config.metrics.port)
+            stack.push_async_callback(self.metrics.stop)
+            await self.metrics.start(config.metrics.hostname, config.metrics.port)
         self.homeserver_info = await self._check_homeserver()
         if self.crypto is not None:
             await self.crypto.start()
         await self.reconciler.start()
+        stack.push_async_callback(self.reconciler.stop)
         await self.causal_order.start()
-        await self.homeserver.bot.set_displayname(self.config.appservice.bot_displayname)
-        # Ghosts named after the directory, now and whenever an import changes it.
-        self.ghost_names = GhostNames(
-            self.stores, self.homeserver, self.config.directory.sync_interval_s
-        )
+        stack.push_async_callback(self.causal_order.stop)
+        await self.homeserver.bot.set_displayname(config.appservice.bot_displayname)
         await self.ghost_names.start()
-        self.audit_purge = Periodic(
-            "Audit log purge",
-            self._purge_audit,
-            self.config.audit.purge_interval_s,
-            log,
-            at_once=True,
-        )
-        self.audit_purge.start()
-        self.wal_truncation = Periodic(
-            "Write-ahead log truncation",
-            self._truncate_wal,
-            self.config.database.wal_truncate_interval_s if self.config.database.is_sqlite else 0,
-            log,
-        )
-        self.wal_truncation.start()
-        # Erasures (``forget``, admin room or CLI): their Matrix part when the homeserver was
-        # down, and no erased delivery sent from memory.
-        self.erasure = Erasure(
-            self.stores, self.homeserver, crypto=self.crypto, on_dropped=self._erased
-        )
+        stack.push_async_callback(self.ghost_names.stop)
+        for periodic in (self.audit_purge, self.wal_truncation):
+            periodic.start()
+            stack.push_async_callback(periodic.stop)
         self._erasures_seen = await self.erasure.erasures.latest_id()
-        self.erasure_follow = Periodic(
-            "Erasure follow-up", self._follow_erasures, ERASURE_POLL_S, log, at_once=True
-        )
         self.erasure_follow.start()
-        await self.connector_manager.start()
+        stack.push_async_callback(self.erasure_follow.stop)
+        await self.connector_manager.start()  # its stop was pushed when it loaded
         await self.router.start()
         self.trust_watcher.start()  # and brings every portal's ACL to the list at once
-        # The operators' admin rooms: their events are commands; alerts are posted there.
-        self.console = Console(self)
-        from_matrix.admin = self.console.room if self.console.enabled else None
+        stack.push_async_callback(self.trust_watcher.stop)
         self.console.start()
+        stack.push_async_callback(self.console.stop)
+        # The queues stop first (pushed last): no work is taken once stopping began.
+        stack.push_async_callback(self.outbox.stop)
+        stack.push_async_callback(self.inbox.stop)
         if not paused:
             self.inbox.start()
             self.outbox.start()
         log.info("Bridge running with connectors: %s", ", ".join(self.connectors.ids()) or "none")
+
+    async def _close_session(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _homeserver_back(self) -> None:
+        """The homeserver answers again: waiting events go on, and what it may have pushed
+        while failing is looked for."""
+        self.inbox.retry_now()
+        self.reconciler.request("the homeserver answers again")
+
+    def _room_key_arrived(self, room_id: str) -> None:
+        """A room key arrived: the room's events waiting for it are tried again at once."""
+        self.inbox.retry_now(room_id)
 
     async def _seal_queued_content(self) -> None:
         """Queued content is sealed at rest; rows of before (in clear) are sealed now."""
@@ -312,8 +381,8 @@ class Bridge:
         if sealed:
             log.info("Sealed %d queued delivery(ies) with the secrets key", sealed)
 
-    async def _open_crypto(self) -> Crypto:
-        """End-to-bridge encryption over this bridge's database and homeserver."""
+    async def _open_crypto(self, api: AppServiceAPI) -> Crypto:
+        """End-to-bridge encryption over this bridge's database and appservice API."""
         try:
             box = SecretBox.from_config(self.config.secrets)
         except KeyUnavailable as error:
@@ -321,13 +390,12 @@ class Bridge:
                 f"encryption.enabled needs a key to seal its sessions at rest: {error}"
             ) from None
         store = CryptoStore(self.db)
-        homeserver = self.homeserver
 
         async def members(room_id: str, viewer: str) -> list[str]:
-            state = homeserver.state_store
+            state = api.state_store
             if not await state.has_full_member_list(RoomID(room_id)):
                 try:
-                    await homeserver.intent(viewer).get_members(RoomID(room_id))  # fills it
+                    await api.intent(UserID(viewer)).get_members(RoomID(room_id))  # fills it
                 except MatrixRequestError as error:
                     # Not a member (the bot, in a room a native user opened to a ghost): what
                     # the transactions told the state store is what there is.
@@ -337,47 +405,14 @@ class Bridge:
 
         return Crypto(
             store,
-            KeysApi(homeserver),
+            KeysApi(api),
             await PickleKey.load(store, box),
             bot_mxid=self.config.bot_mxid,
             members=members,
             is_ours=self.ids.in_namespace,
             cross_signing=self.config.encryption.cross_signing,
+            on_room_key=self._room_key_arrived,
         )
-
-    async def stop(self) -> None:
-        if getattr(self, "console", None) is not None:
-            await self.console.stop()
-        if getattr(self, "audit_purge", None) is not None:
-            await self.audit_purge.stop()
-        if getattr(self, "wal_truncation", None) is not None:
-            await self.wal_truncation.stop()
-        if getattr(self, "erasure_follow", None) is not None:
-            await self.erasure_follow.stop()
-        if getattr(self, "ghost_names", None) is not None:
-            await self.ghost_names.stop()
-        if getattr(self, "trust_watcher", None) is not None:
-            await self.trust_watcher.stop()
-        if getattr(self, "reconciler", None) is not None:
-            await self.reconciler.stop()
-        if getattr(self, "causal_order", None) is not None:
-            await self.causal_order.stop()
-        for scheduler in (getattr(self, "inbox", None), getattr(self, "outbox", None)):
-            if scheduler is not None:
-                await scheduler.stop()
-        if self.connector_manager is not None:
-            await self.connector_manager.stop()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        await self.metrics.stop()
-        if getattr(self, "homeserver", None) is not None:
-            await self.homeserver.close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-        if getattr(self, "db", None) is not None:
-            await self.db.stop()
 
     async def _check_homeserver(self) -> dict[str, object]:
         deadline = time.monotonic() + self.config.homeserver.startup_timeout_s
@@ -412,9 +447,8 @@ class Bridge:
     def _connector_resumed(self, connector_id: str) -> None:
         """A connector runs again: its conversations waiting for it go on at once."""
         lanes = f"{connector_id}\x1f"  # the lanes of its conversations, in both queues
-        for scheduler in (getattr(self, "inbox", None), getattr(self, "outbox", None)):
-            if scheduler is not None:
-                scheduler.retry_now(lanes)
+        self.inbox.retry_now(lanes)  # (told once started: the queues exist by then)
+        self.outbox.retry_now(lanes)
 
     async def _apply_trust(self) -> None:
         """The trust list changed (or the bridge started): every portal's ACL follows it.
@@ -461,6 +495,7 @@ class Bridge:
     async def _truncate_wal(self) -> None:
         """Cleared content (delivered, discarded) leaves the write-ahead log's old frames."""
         await truncate_wal(self.db)
+
     async def _erased(self, seqs: list[int]) -> None:
         await self.outbox.reread()
 

@@ -218,7 +218,7 @@ class TrustConfig(_Strict):
     @field_validator("servers", mode="before")
     @classmethod
     def _server_names(cls, value: Any) -> Any:
-        from bridge.core.trust import InvalidServerName, validate_server_name
+        from bridge.values.trust import InvalidServerName, validate_server_name
 
         if value is None:
             return ()

@@ -2,7 +2,8 @@
 
 Counters and the latency histogram are in-memory increments on the hot path (no database
 access: metrics must not cost throughput). Queue depths, dead letters and connector states are
-read only when Prometheus scrapes, by a ``Sampler`` the running bridge supplies. Each bridge has
+read only when Prometheus scrapes, by a ``Sampler`` the running bridge supplies
+(``bridge/core/metrics_sampler.py``). Each bridge has
 a registry of its own (never the process-global one): tests run several bridges in one process.
 
 The metrics are served on a listener of their own (``config.metrics``), not the appservice's:
@@ -17,18 +18,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from bridge.core.connectors import ConnectorSet
-    from bridge.core.health import ConnectorHealth
-    from bridge.db.stores import Stores
 
 log = logging.getLogger("eimis.metrics")
 
@@ -251,43 +247,3 @@ def _per_label(name: str, documentation: str, label: str, values: Mapping[str, i
     for key, value in sorted(values.items()):
         family.add_metric([key], float(value))
     return family
-
-
-def bridge_sampler(
-    stores: Stores,
-    connectors: ConnectorSet,
-    health: ConnectorHealth,
-    *,
-    buffered: Callable[[], Mapping[str, int]] = dict,
-    untrusted_dropped: Callable[[], int] = lambda: 0,
-    crypto: Callable[[], Mapping[str, int]] = dict,
-) -> Sampler:
-    """The running bridge's state, as a scrape sees it: a few counting queries per scrape,
-    none per event. Connectors added at run time appear at the next scrape; a connector is up
-    while its vendor answers the deliveries (``ConnectorHealth``) and it is not held."""
-
-    from bridge.core.held_connector import HeldConnector
-
-    def up(connector_id: str) -> bool:
-        """Answering, and running (a held connector, disabled or failing, stands in)."""
-        held = isinstance(connectors.get(connector_id), HeldConnector)
-        return health.state(connector_id) == "CONNECTED" and not held
-
-    async def sample() -> Sample:
-        ids = connectors.ids()
-        pending = {c: await stores.outbox.depth(c) for c in ids}
-        dead: dict[str, int] = dict.fromkeys(ids, 0)
-        for letter in await stores.dead_letters.list():
-            dead[letter.connector] = dead.get(letter.connector, 0) + 1
-        inbox = {state: await stores.inbox.count(state) for state in ("pending", "waiting")}
-        return Sample(
-            outbox_pending=pending,
-            dead_letters=dead,
-            inbox=inbox,
-            connectors_up={c: up(c) for c in ids},
-            buffered=dict(buffered()),
-            untrusted_dropped=untrusted_dropped(),
-            crypto=dict(crypto()),
-        )
-
-    return sample

@@ -28,11 +28,11 @@ from bridge.core.connectors import ConnectorSet
 from bridge.core.erasure import Erasure
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.health import ConnectorHealth
-from bridge.core.trust import InvalidServerName, validate_server_name
 from bridge.db.stores import Stores
 from bridge.directory.importer import DirectoryFormatError, import_file
 from bridge.matrix.homeserver import Homeserver
 from bridge.matrix.media import MediaError, MediaRepository
+from bridge.values.trust import InvalidServerName, validate_server_name
 from connectors.idnps import Idnps, InvalidIdnps
 
 
@@ -63,6 +63,8 @@ class AdminContext:
     """The audit log (``audit``), when the bridge has one."""
     erasure: Any = None
     """The running bridge's erasure (``forget``; ``bridge.core.erasure``)."""
+    crypto: Any = None
+    """End-to-bridge encryption (``bridge.crypto``), when enabled."""
     extra_status: Callable[[], Awaitable[list[str]]] | None = None
     """More status lines (inbox ordering, metrics ...)."""
     uploads: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
@@ -201,7 +203,7 @@ async def _status(ctx: AdminContext, args: argparse.Namespace, who: str) -> Repl
 
 
 def _encryption_status(ctx: AdminContext) -> str:
-    crypto = ctx.homeserver.crypto
+    crypto = ctx.crypto
     if crypto is None:
         return "Encryption: off (encrypted rooms are not bridged)"
     mode = "required" if ctx.config.encryption.require else "allowed"
@@ -547,7 +549,7 @@ async def _forget(ctx: AdminContext, args: argparse.Namespace, who: str) -> Repl
     ghosts = [mxid for mxid, _, _ in await ctx.queries.ghosts_of(idnps)]
 
     async def run() -> Reply:
-        erasure = ctx.erasure or Erasure(ctx.stores, ctx.homeserver, crypto=ctx.homeserver.crypto)
+        erasure = ctx.erasure or Erasure(ctx.stores, ctx.homeserver, crypto=ctx.crypto)
         report = await erasure.erase(idnps, who.partition("|")[2] or who)
         return Reply("\n".join(report.lines()), pre=True)
 

@@ -8,28 +8,48 @@ from bridge.admin.alerts import AlertWatch, Snapshot
 from bridge.admin.commands import AdminContext
 from bridge.admin.queries import AdminQueries
 from bridge.admin.room import AdminRoom
+from bridge.config import Config
+from bridge.core.connectors import ConnectorSet
+from bridge.core.ghost_ids import GhostIds
+from bridge.core.health import ConnectorHealth
+from bridge.db.stores import Stores
+from bridge.matrix.homeserver import Homeserver
+from bridge.matrix.media import MediaRepository
 
 
 class Console:
     """The admin room and its alert watch, started and stopped with the bridge."""
 
-    def __init__(self, bridge: Any) -> None:
-        config = bridge.config
+    def __init__(
+        self,
+        *,
+        config: Config,
+        stores: Stores,
+        homeserver: Homeserver,
+        connectors: ConnectorSet,
+        health: ConnectorHealth,
+        media: MediaRepository,
+        ids: GhostIds,
+        manager: Any = None,
+        erasure: Any = None,
+        crypto: Any = None,
+    ) -> None:
         self.context = AdminContext(
             config=config,
-            stores=bridge.stores,
-            homeserver=bridge.homeserver,
-            connectors=bridge.connectors,
-            health=bridge.delivery.health,
-            media=bridge.media,
-            ids=bridge.ids,
-            manager=getattr(bridge, "connector_manager", None),
-            audit=getattr(bridge.stores, "audit", None),
-            erasure=getattr(bridge, "erasure", None),
+            stores=stores,
+            homeserver=homeserver,
+            connectors=connectors,
+            health=health,
+            media=media,
+            ids=ids,
+            manager=manager,
+            audit=stores.audit,
+            erasure=erasure,
+            crypto=crypto,
         )
         self.room = AdminRoom(self.context)
-        self._queries = AdminQueries(bridge.stores.db)
-        self._bridge = bridge
+        """The admin rooms: ``FromMatrix``'s admin hook (``bridge/core/admin_hook.py``)."""
+        self._queries = AdminQueries(stores.db)
         self.alerts = AlertWatch(
             self.snapshot,
             self.room.post,

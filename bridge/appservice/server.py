@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from bridge.appservice.auth import check_hs_token
-from bridge.appservice.crypto_extensions import parse_crypto
 from bridge.appservice.errors import MatrixError, matrix_error
 from bridge.db.inbox import InboxStore
 from bridge.logs import log_context
+from bridge.values.crypto_extensions import parse_crypto
 
 if TYPE_CHECKING:
     from bridge.core.causal_order import CausalOrder

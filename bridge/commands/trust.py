@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config import load_config
-from bridge.core.permissions import ALLOW_ALL, DEFAULT_SETTINGS, Permission, exception_change
-from bridge.core.trust import InvalidServerName, TrustList, valid_mxid, validate_server_name
+from bridge.values.permissions import ALLOW_ALL, DEFAULT_SETTINGS, Permission, exception_change
+from bridge.values.trust import InvalidServerName, TrustList, valid_mxid, validate_server_name
 from connectors.idnps import Idnps, InvalidIdnps
 
 USAGE_ERROR = 2

@@ -26,13 +26,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from bridge.appservice.connector_routes import ConnectorRoutes
 from bridge.config import (
     CONNECTOR_ID,
     RESERVED_CONNECTOR_IDS,
     Config,
     format_validation_error,
 )
+from bridge.core.connector_routes import ConnectorRoutes
 from bridge.core.connectors import ConnectorSet, ConnectorSpec, available_types
 from bridge.core.held_connector import HeldConnector
 from bridge.core.periodic import Periodic

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mautrix.errors import MatrixRequestError
 from mautrix.types import PaginationDirection, RoomID
 
 from bridge.core import operations as op
+from bridge.core.admin_hook import AdminHook
 from bridge.core.authority import Authority, Refused
 from bridge.core.portals import Portals
 from bridge.core.room_policy import exposure, stripped_state
@@ -26,9 +27,6 @@ from bridge.db.group_commit import Write
 from bridge.db.portal import Portal
 from bridge.db.stores import Stores
 from bridge.matrix.homeserver import Homeserver
-
-if TYPE_CHECKING:
-    from bridge.admin.room import AdminRoom
 
 log = logging.getLogger("eimis.from_matrix")
 
@@ -45,7 +43,15 @@ BRIDGED_MSGTYPES = {
 
 
 class FromMatrix:
-    def __init__(self, stores: Stores, homeserver: Homeserver, portals: Portals) -> None:
+    def __init__(
+        self,
+        stores: Stores,
+        homeserver: Homeserver,
+        portals: Portals,
+        *,
+        admin: AdminHook | None = None,
+        on_refused: Callable[[str, str, str], Awaitable[None]] | None = None,
+    ) -> None:
         self.stores = stores
         self.hs = homeserver
         self.portals = portals
@@ -53,10 +59,10 @@ class FromMatrix:
         self._typing: dict[str, set[str]] = {}
         self.untrusted_dropped = 0
         """Events from servers outside the trust list that were dropped (never delivered)."""
-        self.admin: AdminRoom | None = None
+        self.admin = admin
         """The operators' admin rooms (``bridge/admin``): their events are commands."""
         self.authority = Authority(homeserver, stores)
-        self.on_refused: Callable[[str, str, str], Awaitable[None]] = _nothing
+        self.on_refused: Callable[[str, str, str], Awaitable[None]] = on_refused or _nothing
         """Told (room, event, reason in French) of an event its sender may not send."""
 
     async def handle(self, raw: dict[str, Any]) -> list[Write]:

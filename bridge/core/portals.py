@@ -15,12 +15,13 @@ from bridge.core.errors import NotInDirectory, PermanentFailure, UnknownUser
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.members import Member
 from bridge.core.room_policy import RoomPolicy
-from bridge.core.trust import server_of
+from bridge.crypto.machine import Crypto
 from bridge.db.directory import GHOST, display_name
 from bridge.db.portal import Portal
 from bridge.db.stores import Stores
 from bridge.directory.choice import reachable
 from bridge.matrix.homeserver import Homeserver, derived_txn_id
+from bridge.values.trust import server_of
 from connectors.base import ConversationCreated, Participant, RemoteUser
 from connectors.idnps import Idnps
 
@@ -37,16 +38,22 @@ class Portals:
         homeserver: Homeserver,
         connectors: ConnectorSet,
         ids: GhostIds,
+        *,
+        crypto: Crypto | None = None,
+        require_encryption: bool = False,
+        require_directory_entry: bool = False,
     ) -> None:
         self.stores = stores
         self.hs = homeserver
+        self.crypto = crypto
+        """End-to-bridge encryption, when enabled: every ghost gets its device."""
         self.connectors = connectors
         self.ids = ids
         self.policy = RoomPolicy(stores, homeserver, ids)
         """Rooms a ghost may be in (never one open to anyone); joins recorded."""
-        self.require_encryption = False
+        self.require_encryption = require_encryption
         """``encryption.require``: rooms that are not encrypted are not bridged."""
-        self.require_directory_entry = False
+        self.require_directory_entry = require_directory_entry
         """``identity.require_directory_entry``: no ghost for an IDNPS the imported (national)
         directory does not list."""
         # Per (room, user): a native member's display name, and ghosts known to be joined. Both
@@ -69,11 +76,11 @@ class Portals:
         """The ghost is in the room (joined once, then remembered until it leaves)."""
         if (room_id, ghost_mxid) in self._joined:
             return
-        if self.hs.crypto is not None:
+        if self.crypto is not None:
             # Its device first, even in a plain room: members' clients share their room keys
             # with the devices they know, from its join or from the moment someone turns
             # encryption on (a ghost without a device then could not read the first messages).
-            await self.hs.crypto.ensure_device(ghost_mxid)
+            await self.crypto.ensure_device(ghost_mxid)
         if self.policy.is_exposed(room_id):
             raise PermanentFailure(f"{room_id} is open to anyone: no ghost joins it")
         await self.hs.intent(ghost_mxid).ensure_joined(RoomID(room_id))
@@ -346,10 +353,10 @@ class Portals:
         except UnknownUser as error:
             await self._refuse_invite(room_id, ghost_mxid, str(error))
             return False
-        if self.hs.crypto is not None:
+        if self.crypto is not None:
             # Its device before its join: the inviter's client shares its room keys with the
             # devices it finds when the ghost joins (now, or when encryption is turned on).
-            await self.hs.crypto.ensure_device(ghost_mxid)
+            await self.crypto.ensure_device(ghost_mxid)
         try:
             await intent.join_room(RoomID(room_id), max_retries=0)
         except MatrixRequestError as error:

@@ -61,7 +61,16 @@ class Router:
         to_matrix: ToMatrix,
         outbox_notify: Callable[[], None],
         trail: Trail | None = None,
+        *,
+        crypto: Crypto | None = None,
+        key_wait_s: float = 60.0,
+        ids_ours: Callable[[str], bool] | None = None,
+        on_undecryptable: Callable[[str, str, str], Awaitable[None]] | None = None,
+        on_homeserver_back: Callable[[], None] | None = None,
     ) -> None:
+        """``crypto``: end-to-bridge encryption, when enabled (``ids_ours``: whether a Matrix
+        ID is the bridge's, whose events are never decrypted; ``key_wait_s``: how long an event
+        waits for its key). ``on_homeserver_back``: the homeserver answers again after failing."""
         self.stores = stores
         self.hs = homeserver
         self.from_matrix = from_matrix
@@ -71,13 +80,15 @@ class Router:
         """Vendor events' audit rows are made by ``to_matrix``; counted here once committed."""
         self._homeserver_down = False
         self._failed_once: set[int] = set()
-        self.on_homeserver_back: Callable[[], None] = lambda: None
-        self.crypto: Crypto | None = None
+        self.on_homeserver_back: Callable[[], None] = on_homeserver_back or (lambda: None)
+        self.crypto = crypto
         """End-to-bridge encryption, when enabled."""
         self._crypto_tries: dict[int, int] = {}
-        self.key_wait_s = 60.0
-        self.ids_ours: Callable[[str], bool] = lambda mxid: False
-        self.on_undecryptable: Callable[[str, str, str], Awaitable[None]] = _nothing
+        self.key_wait_s = key_wait_s
+        self.ids_ours: Callable[[str], bool] = ids_ours or (lambda mxid: False)
+        self.on_undecryptable: Callable[[str, str, str], Awaitable[None]] = (
+            on_undecryptable or _nothing
+        )
         """Told (room, event, reason) of an event that will never decrypt."""
         self.recovered_up_to: int | None = None
         """Inbox items up to this seq were stored before this process started: a crash may have

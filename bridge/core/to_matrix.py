@@ -30,6 +30,7 @@ from bridge.core.errors import NotInDirectory, PermanentFailure
 from bridge.core.portals import Portals
 from bridge.core.send_status import StatusReporter
 from bridge.crypto.attachments import Encryptor, encrypt_stream
+from bridge.crypto.machine import Crypto
 from bridge.db.group_commit import Write
 from bridge.db.stores import Stores
 from bridge.formatting import worker
@@ -89,9 +90,12 @@ class ToMatrix:
         relay: Relay,
         success_statuses: bool = False,
         trail: Trail | None = None,
+        crypto: Crypto | None = None,
     ) -> None:
         self.stores = stores
         self.hs = homeserver
+        self.crypto = crypto
+        """End-to-bridge encryption, when enabled (our own earlier sends decrypt)."""
         self.portals = portals
         self.media = media
         self.media_config = media_config
@@ -297,10 +301,10 @@ class ToMatrix:
         for event in page.get("chunk") or ():
             if not isinstance(event, dict) or event.get("sender") != sender:
                 continue
-            if event.get("type") == "m.room.encrypted" and self.hs.crypto is not None:
+            if event.get("type") == "m.room.encrypted" and self.crypto is not None:
                 # Our own sessions are kept readable: what an earlier attempt sent decrypts.
                 with contextlib.suppress(Exception):
-                    event = await self.hs.crypto.decrypt(event)
+                    event = await self.crypto.decrypt(event)
             content = event.get("content")
             if isinstance(content, dict) and content.get(SOURCE_KEY) == source:
                 return str(event.get("event_id"))
@@ -407,9 +411,7 @@ class ToMatrix:
         return content, None
 
     async def _encrypted(self, room_id: str) -> bool:
-        return (
-            self.hs.crypto is not None and await self.hs.crypto.encryption_of(room_id) is not None
-        )
+        return self.crypto is not None and await self.crypto.encryption_of(room_id) is not None
 
     async def _outsiders(self, room_id: str) -> list[str]:
         portal = await self.stores.portals.get(room_id)

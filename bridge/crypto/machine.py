@@ -8,6 +8,9 @@
   to-device events, MSC3202 device list changes and one-time key counts), once stored in the
   durable inbox: room keys, forwarded keys, key requests.
 
+``Crypto`` is the ``Encryptor`` the homeserver client asks (``bridge/matrix/encryption.py``),
+handed to it by the running bridge: the Matrix side never imports this package.
+
 Plaintext never reaches the database: events are decrypted when a lane processes them, and the
 inbox holds what the homeserver sent (ciphertext).
 """
@@ -24,7 +27,6 @@ from typing import Any
 
 from cachetools import LRUCache
 
-from bridge.appservice.crypto_extensions import DEVICE_LISTS, KEY_COUNTS, TO_DEVICE
 from bridge.crypto.devices import MEGOLM, OwnDevice, OwnDevices
 from bridge.crypto.megolm import GroupSessions, KeysMissing, Undecryptable
 from bridge.crypto.olm import OlmChannel, OlmError
@@ -32,6 +34,7 @@ from bridge.crypto.peers import DeviceKeys, PeerDevices
 from bridge.crypto.pickling import PickleKey
 from bridge.db.crypto import CryptoStore, RoomEncryption
 from bridge.matrix.keys import KeysApi
+from bridge.values.crypto_extensions import DEVICE_LISTS, KEY_COUNTS, TO_DEVICE
 
 log = logging.getLogger("eimis.crypto")
 
@@ -72,7 +75,9 @@ class Crypto:
         members: Members,
         is_ours: IsOurs,
         cross_signing: bool = True,
+        on_room_key: RoomKeyArrived | None = None,
     ) -> None:
+        """``on_room_key(room_id)``: a room key arrived (events waiting for it can go on)."""
         self.store = store
         self.keys = keys
         self.bot_mxid = bot_mxid
@@ -83,7 +88,7 @@ class Crypto:
         self.peers = PeerDevices(store, keys)
         self.olm = OlmChannel(store, keys, self.devices, pickle_key)
         self.megolm = GroupSessions(store, self.olm, pickle_key)
-        self.on_room_key: RoomKeyArrived = lambda room_id: None
+        self.on_room_key: RoomKeyArrived = on_room_key or (lambda room_id: None)
         self._requested: dict[str, float] = {}
         self._asked: dict[str, str] = {}
         """Session id -> the user asked for its key (whose forwarded key is accepted)."""

@@ -10,10 +10,10 @@ from typing import Any
 
 from mautrix.util.async_db import Connection, Database
 
-from bridge.appservice.crypto_extensions import lane_of as crypto_lane
 from bridge.db.clock import now_ms
 from bridge.db.group_commit import Write
 from bridge.db.ordering import serialize_appends
+from bridge.values.crypto_extensions import lane_of as crypto_lane
 
 MATRIX_ORIGIN = "matrix"
 CRYPTO_ORIGIN = "crypto"
@@ -368,7 +368,7 @@ def matrix_rows(
 
 def crypto_rows(txn_id: str, items: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
     """(origin, dedup_key, lane, payload) of the crypto items of a transaction (see
-    ``bridge/appservice/crypto_extensions.py``): keyed like EDUs, having no id of their own."""
+    ``bridge/values/crypto_extensions.py``): keyed like EDUs, having no id of their own."""
     rows = []
     for index, item in enumerate(items):
         digest = hashlib.sha256(

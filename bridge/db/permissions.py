@@ -1,15 +1,15 @@
 """Per-person permissions of vendor users (``permission``, ``permission_exception``).
 
 A professional without a ``permission`` row is allow-all with no exceptions; the logic is in
-``bridge/core/permissions.py``.
+``bridge/values/permissions.py``.
 """
 
 from __future__ import annotations
 
 from mautrix.util.async_db import Database
 
-from bridge.core.permissions import ALLOW_ALL, DEFAULT_SETTINGS, Permission, Setting
 from bridge.db.clock import now_ms
+from bridge.values.permissions import ALLOW_ALL, DEFAULT_SETTINGS, Permission, Setting
 
 EXCEPTION_KINDS = ("server", "user")
 

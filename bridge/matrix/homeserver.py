@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import ClientSession
 from mautrix.api import Method, Path
@@ -23,10 +23,8 @@ from mautrix.types import (
 from mautrix.util.async_db import Database
 
 from bridge.config import Config
-from bridge.core.trust import SERVER_ACL, TrustList, acl_matches
-
-if TYPE_CHECKING:
-    from bridge.crypto.machine import Crypto
+from bridge.matrix.encryption import Encryptor
+from bridge.values.trust import SERVER_ACL, TrustList, acl_matches
 
 log = logging.getLogger("eimis.matrix")
 
@@ -156,28 +154,52 @@ def derived_txn_id(*parts: str) -> str:
     return f"eimis.{digest}"
 
 
+def _api_log() -> logging.Logger:
+    api_log = logging.getLogger("eimis.matrix.api")
+    # mautrix logs request bodies (message content) at DEBUG: never let those records exist.
+    api_log.setLevel(logging.INFO)
+    return api_log
+
+
+def appservice_api(
+    config: Config, as_token: str, db: Database, session: ClientSession
+) -> AppServiceAPI:
+    """The appservice's client-server API over ``session``, with its state store in ``db``
+    (what the ``Homeserver`` and the encryption's key requests share)."""
+    return AppServiceAPI(
+        base_url=config.homeserver.url,
+        bot_mxid=UserID(config.bot_mxid),
+        token=as_token,
+        log=_api_log(),  # type: ignore[arg-type]
+        state_store=PgASStateStore(db),
+        client_session=session,
+        default_retry_count=3,  # not for event sends: see SEND_RETRIES
+    )
+
+
 class Homeserver:
-    def __init__(self, config: Config, as_token: str, db: Database, session: ClientSession):
+    def __init__(
+        self,
+        config: Config,
+        as_token: str,
+        db: Database,
+        session: ClientSession,
+        *,
+        api: AppServiceAPI | None = None,
+        encryptor: Encryptor | None = None,
+    ) -> None:
+        """``api``: an ``appservice_api`` already made (shared with the encryption's keys);
+        ``encryptor``: end-to-bridge encryption (``bridge/crypto``), None when it is off."""
         self.config = config
-        self.state_store = PgASStateStore(db)
-        api_log = logging.getLogger("eimis.matrix.api")
-        # mautrix logs request bodies (message content) at DEBUG: never let those records exist.
-        api_log.setLevel(logging.INFO)
-        self.api = AppServiceAPI(
-            base_url=config.homeserver.url,
-            bot_mxid=UserID(config.bot_mxid),
-            token=as_token,
-            log=api_log,  # type: ignore[arg-type]
-            state_store=self.state_store,
-            client_session=session,
-            default_retry_count=3,  # not for event sends: see SEND_RETRIES
-        )
+        self.api = api or appservice_api(config, as_token, db, session)
+        self.state_store = self.api.state_store
+        api_log = _api_log()
         self.bot = self.api.bot_intent()
         self._direct_locks: dict[str, asyncio.Lock] = {}
         self.trust = TrustList(config.homeserver.domain, config.trust.servers)
         """The effective trust list (the running bridge refreshes it from the database)."""
-        self.crypto: Crypto | None = None
-        """End-to-bridge encryption (``bridge/crypto``): set when enabled."""
+        self.encryptor = encryptor
+        """End-to-bridge encryption: what is sent in an encrypted room is encrypted."""
         self._send_session = _never_resending(session)
         self._sends = AppServiceAPI(
             base_url=config.homeserver.url,
@@ -193,7 +215,7 @@ class Homeserver:
     def encrypt_new_portals(self) -> bool:
         """Portals are created encrypted: encryption on, and by default or required."""
         wanted = self.config.encryption.default or self.config.encryption.require
-        return self.crypto is not None and wanted
+        return self.encryptor is not None and wanted
 
     async def close(self) -> None:
         """Release the sends' session (the connection pool is the caller's, closed by it)."""
@@ -297,20 +319,20 @@ class Homeserver:
             power_level_override=portal_power_levels(self.config.bot_mxid),
         )
         if self.encrypt_new_portals:
-            assert self.crypto is not None
+            assert self.encryptor is not None
             # Known at once: the first messages are encrypted before the state event comes back.
-            await self.crypto.room_encrypted(str(room_id), PORTAL_ENCRYPTION)
+            await self.encryptor.room_encrypted(str(room_id), PORTAL_ENCRYPTION)
         return str(room_id)
 
     async def follow_encryption(self, room_id: str, viewer: str) -> bool:
         """Whether the room is encrypted, as ``viewer`` (a member) sees its state now; an
         encrypted room is recorded, so what the bridge sends there is encrypted."""
-        if self.crypto is None:
+        if self.encryptor is None:
             return False
-        if await self.crypto.encryption_of(room_id) is not None:
+        if await self.encryptor.encryption_of(room_id) is not None:
             return True
         content = await self.get_state(viewer, room_id, "m.room.encryption")
-        return content is not None and await self.crypto.room_encrypted(room_id, content)
+        return content is not None and await self.encryptor.room_encrypted(room_id, content)
 
     # Room state and account data ---------------------------------------------------------------
 
@@ -518,8 +540,8 @@ class Homeserver:
         Never retried inside the call (``SEND_RETRIES``): a failure surfaces, so the caller's
         own retry can first look for an event an unanswered attempt may have sent.
         """
-        if self.crypto is not None:
-            encrypted = await self.crypto.encrypt(mxid, room_id, event_type, content)
+        if self.encryptor is not None:
+            encrypted = await self.encryptor.encrypt(mxid, room_id, event_type, content)
             if encrypted is not None:
                 event_type, content = "m.room.encrypted", encrypted
         response = await self._sends.user(UserID(mxid)).request(

@@ -10,17 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 from mautrix.api import Method, Path
+from mautrix.appservice import AppServiceAPI
 from mautrix.types import UserID
-
-from bridge.matrix.homeserver import Homeserver
 
 TO_DEVICE_ONLY = '{"room":{"rooms":[]},"presence":{"types":[]},"account_data":{"types":[]}}'
 """A /sync filter leaving only what is not filterable: to-device messages, key counts."""
 
 
 class KeysApi:
-    def __init__(self, homeserver: Homeserver) -> None:
-        self.hs = homeserver
+    """Over the appservice API (``Homeserver.api``, or one of its own): the keys need no more
+    of the homeserver client than its requests as a user."""
+
+    def __init__(self, api: AppServiceAPI) -> None:
+        self.api = api
 
     async def _call(
         self,
@@ -33,14 +35,14 @@ class KeysApi:
         retry_count: int | None = None,
     ) -> dict[str, Any]:
         query = {"device_id": device_id} if device_id else None
-        answer = await self.hs.api.user(UserID(user_id)).request(
+        answer = await self.api.user(UserID(user_id)).request(
             method, path, content, query_params=query, retry_count=retry_count
         )
         return answer if isinstance(answer, dict) else {}
 
     async def create_device(self, user_id: str, device_id: str, display_name: str) -> None:
         """Create (or find again) the device; the user is registered first if need be."""
-        await self.hs.intent(user_id).ensure_registered()
+        await self.api.intent(UserID(user_id)).ensure_registered()
         await self._call(
             user_id, Method.PUT, Path.v3.devices[device_id], {"display_name": display_name}
         )
@@ -95,7 +97,7 @@ class KeysApi:
         query: dict[str, Any] = {"timeout": "0", "filter": TO_DEVICE_ONLY, "device_id": device_id}
         if since:
             query["since"] = since
-        answer = await self.hs.api.user(UserID(user_id)).request(
+        answer = await self.api.user(UserID(user_id)).request(
             Method.GET, Path.v3.sync, query_params=query
         )
         if not isinstance(answer, dict):

@@ -19,7 +19,6 @@ import yaml
 from aiohttp import ClientSession, web
 from mautrix.util.async_db import Database
 
-from bridge.appservice.connector_routes import ConnectorRoutes
 from bridge.cli import main
 from bridge.config import Config, SecretsConfig, parse_config
 from bridge.core.connector_manager import (
@@ -31,6 +30,7 @@ from bridge.core.connector_manager import (
     UnknownConnector,
     Wiring,
 )
+from bridge.core.connector_routes import ConnectorRoutes
 from bridge.core.connectors import ConnectorSet
 from bridge.core.held_connector import HeldConnector
 from bridge.db.connector_registry import ConnectorRegistry

@@ -1,6 +1,6 @@
 """What an appservice transaction carries for the bridge's devices (MSC2409 to-device events,
 MSC3202 device lists and one-time key counts): parsed by
-bridge/appservice/crypto_extensions.parse_crypto, malformed entries dropped, and stored once in
+bridge/values/crypto_extensions.parse_crypto, malformed entries dropped, and stored once in
 the durable inbox (bridge/db/inbox.InboxStore.store_transaction), in one lane per device.
 
 The parsing tests need no database; the storing tests run on SQLite and PostgreSQL.
@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from mautrix.util.async_db import Database
 
-from bridge.appservice.crypto_extensions import (
+from bridge.db.inbox import CRYPTO_ORIGIN, MATRIX_ORIGIN, PENDING, InboxStore, crypto_rows
+from bridge.values.crypto_extensions import (
     DEVICE_LISTS,
     KEY_COUNTS,
     LOW_KEY_COUNT,
@@ -22,7 +23,6 @@ from bridge.appservice.crypto_extensions import (
     lane_of,
     parse_crypto,
 )
-from bridge.db.inbox import CRYPTO_ORIGIN, MATRIX_ORIGIN, PENDING, InboxStore, crypto_rows
 
 GHOST = "@pl_ghost:a.example"
 GHOST_DEVICE = "EIMISGHOST01"

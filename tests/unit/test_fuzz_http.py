@@ -62,10 +62,10 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from mautrix.util.async_db import Database
 
-from bridge.appservice.connector_routes import ConnectorRoutes
 from bridge.appservice.server import AppserviceServer
 from bridge.config import DatabaseConfig, ReconcileConfig
 from bridge.core.causal_order import FEDERATION_ONLY, CausalOrder
+from bridge.core.connector_routes import ConnectorRoutes
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.intake import VendorIntake
 from bridge.core.reconcile import Reconciler, TransactionWatch

@@ -30,7 +30,7 @@ import pytest
 from aiohttp import web
 from pydantic import SecretStr
 
-from bridge.appservice.connector_routes import ConnectorRoutes
+from bridge.core.connector_routes import ConnectorRoutes
 from bridge.devtools.sandboxes import vendor_sandbox
 from bridge.directory import fhir
 from bridge.directory.fhir import API_KEY_HEADER, FhirFetchError, fetch_bundles

@@ -9,8 +9,8 @@ import yaml
 from mautrix.util.async_db import Database
 
 from bridge.cli import main
-from bridge.core.permissions import ALLOW_ALL, BLOCK_ALL, Permission, exception_change
 from bridge.db.permissions import PermissionStore
+from bridge.values.permissions import ALLOW_ALL, BLOCK_ALL, Permission, exception_change
 
 IDNPS = "810000001916"
 OTHER = "0012807590"

@@ -11,10 +11,11 @@ from mautrix.util.async_db import Database
 
 from bridge.cli import main
 from bridge.config import ConfigError, parse_config
-from bridge.core.trust import (
+from bridge.core.trust import TrustWatcher
+from bridge.db.trust import TrustStore
+from bridge.values.trust import (
     InvalidServerName,
     TrustList,
-    TrustWatcher,
     acl_matches,
     host_of,
     server_acl,
@@ -22,7 +23,6 @@ from bridge.core.trust import (
     valid_mxid,
     validate_server_name,
 )
-from bridge.db.trust import TrustStore
 
 BASE = {
     "homeserver": {"url": "http://127.0.0.1:1", "domain": "own.example"},

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from bridge.core.trust import host_of, server_of
+from bridge.values.trust import host_of, server_of
 
 ALLOW_ALL = "allow-all"
 BLOCK_ALL = "block-all"
