@@ -134,19 +134,14 @@ class Delivery:
 
     async def _done(self, item: OutboxItem, operation: op.Operation, outcome: Outcome) -> None:
         """Record what the executor did, in one commit with the item's completion: the vendor
-        ids it mapped and the audit row; then tell the sender what was changed on the way."""
-        delivered = outcome if isinstance(outcome, Delivered) else None
-        if delivered is not None and delivered.opened:
-            await self.stores.portals.set_conversation(
-                item.room_id, item.connector, delivered.conversation
-            )
-            log.info(
-                "Opened %s conversation %s for %s",
-                item.connector,
-                delivered.conversation,
-                item.room_id,
-            )
-        mapped = delivered.mapped if delivered is not None else ()
+        ids it mapped and the audit row; then tell the sender what was changed on the way.
+        ``Skipped``: nothing was done there, so nothing to report."""
+        if isinstance(outcome, Delivered):
+            if outcome.opened:
+                await self._opened(item, outcome.conversation)
+            mapped, detail = outcome.mapped, ("degraded" if outcome.notes else None)
+        else:
+            mapped, detail = (), outcome.why
         writes = [
             self.stores.messages.add_write(item.connector, m.ref, item.room_id, m.event_id)
             for m in mapped
@@ -154,12 +149,10 @@ class Delivery:
         audit = self.trail.to_vendor(
             item,
             operation,
-            "delivered" if delivered is not None else "skipped",
+            "delivered" if isinstance(outcome, Delivered) else "skipped",
             recipient=outcome.conversation,
             remote_ids=[m.ref for m in mapped],
-            detail=(
-                ("degraded" if delivered.notes else None) if delivered is not None else outcome.why
-            ),
+            detail=detail,
         )
         done = [*writes, audit, self.stores.outbox.done_write(item.seq)]
         await self._commit.commit(done)
@@ -167,9 +160,14 @@ class Delivery:
         self._told_retrying.discard(item.seq)
         self._attempts.pop(item.seq, None)
         self._media_tries.pop(item.seq, None)
-        # Skipped: nothing was done there, so nothing to report.
-        if delivered is not None and (delivered.notes or self.success_statuses):
-            await self._report(item, "SUCCESS", "; ".join(delivered.notes))
+        if isinstance(outcome, Delivered) and (outcome.notes or self.success_statuses):
+            await self._report(item, "SUCCESS", "; ".join(outcome.notes))
+
+    async def _opened(self, item: OutboxItem, conversation: str) -> None:
+        """The portal's conversation at this vendor now exists: its link records it (before
+        the item completes, so no later item finds the portal without it)."""
+        await self.stores.portals.set_conversation(item.room_id, item.connector, conversation)
+        log.info("Opened %s conversation %s for %s", item.connector, conversation, item.room_id)
 
     # Failures ----------------------------------------------------------------------------------
 
