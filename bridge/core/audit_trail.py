@@ -43,12 +43,12 @@ _MSGTYPE_KINDS = {
     "m.audio": "audio",
     "m.video": "video",
 }
-_OPERATION_KINDS = {
-    op.CREATE_CONVERSATION: "conversation",
-    op.EDIT_MESSAGE: "edit",
-    op.REDACT: "deletion",
-    op.ADD_REACTION: "reaction",
-    op.MARK_READ: "read",
+_OPERATION_KINDS: dict[type[Any], str] = {
+    op.CreateConversation: "conversation",
+    op.EditMessage: "edit",
+    op.Redact: "deletion",
+    op.AddReaction: "reaction",
+    op.MarkRead: "read",
 }
 
 
@@ -62,29 +62,31 @@ class Trail:
     def to_vendor(
         self,
         item: OutboxItem,
+        operation: op.Operation | None,
         outcome: str,
         *,
         recipient: str | None = None,
         remote_ids: Iterable[str] = (),
         detail: str | None = None,
     ) -> AuditWrite:
-        """The row of a delivery to ``item.connector``; ``recipient``: its vendor conversation."""
-        payload = item.payload
-        sender = payload.get("sender")
-        event_id = payload.get("event_id")
+        """The row of a delivery to ``item.connector`` of ``operation`` (the item read as one;
+        None for a row that is no operation this bridge reads); ``recipient``: its vendor
+        conversation."""
+        sender = getattr(operation, "sender", None)
+        event_id = getattr(operation, "event_id", None)
         return self.audit.record_write(
             AuditRecord(
                 at=now_ms(),
                 connector=item.connector,
                 direction=TO_VENDOR,
-                kind=outbox_kind(item),
+                kind=outbox_kind(operation) if operation is not None else item.operation,
                 outcome=outcome,
-                sender=str(sender["mxid"]) if isinstance(sender, dict) else None,
+                sender=sender.mxid if sender is not None else None,
                 recipient=recipient,
                 portal=item.room_id,
-                event_id=str(event_id) if event_id else None,
+                event_id=event_id or None,
                 remote_id=",".join(dict.fromkeys(remote_ids)) or None,
-                size=outbox_size(item),
+                size=outbox_size(operation),
                 detail=detail,
             )
         )
@@ -143,24 +145,19 @@ class Trail:
 # Kinds and sizes (metadata only) ---------------------------------------------------------------
 
 
-def outbox_kind(item: OutboxItem) -> str:
-    if item.operation == op.SEND_MESSAGE:
-        content = item.payload.get("content")
-        msgtype = content.get("msgtype") if isinstance(content, dict) else None
-        return _MSGTYPE_KINDS.get(str(msgtype), "text")
-    return _OPERATION_KINDS.get(item.operation, item.operation)
+def outbox_kind(operation: op.Operation) -> str:
+    if isinstance(operation, op.SendMessage):
+        return _MSGTYPE_KINDS.get(str(operation.content.get("msgtype")), "text")
+    return _OPERATION_KINDS.get(type(operation), operation.kind)
 
 
-def outbox_size(item: OutboxItem) -> int | None:
+def outbox_size(operation: op.Operation | None) -> int | None:
     """Bytes of the body (the announced size for a file); None where there is none."""
-    payload = item.payload
-    if item.operation == op.ADD_REACTION:
-        return _bytes(payload.get("key"))
-    if item.operation not in (op.SEND_MESSAGE, op.EDIT_MESSAGE):
+    if isinstance(operation, op.AddReaction):
+        return _bytes(operation.key)
+    if not isinstance(operation, op.SendMessage | op.EditMessage):
         return None
-    content = payload.get("content")
-    if not isinstance(content, dict):
-        return None
+    content = operation.content
     info = content.get("info")
     if content.get("url") and isinstance(info, dict) and isinstance(info.get("size"), int):
         return int(info["size"])

@@ -1,7 +1,9 @@
 """Matrix content made fit for one vendor: its formatting, its limits, its capabilities.
 
 Everything a vendor cannot show is degraded here, and each degradation is written down as a
-sentence for the sender (the message send status, or the vendor's delivery report).
+sentence for the sender (the message send status, or the vendor's delivery report). What a
+vendor cannot *do* (an edit, a deletion, a reaction) is sent as a stand-in message instead
+(``executors/stand_in.py``).
 """
 
 from __future__ import annotations

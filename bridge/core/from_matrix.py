@@ -21,6 +21,7 @@ from mautrix.types import PaginationDirection, RoomID
 from bridge.core import operations as op
 from bridge.core.admin_hook import AdminHook
 from bridge.core.authority import Authority, Refused
+from bridge.core.members import Member
 from bridge.core.portals import Portals
 from bridge.core.room_policy import exposure, stripped_state
 from bridge.db.group_commit import Write
@@ -229,22 +230,21 @@ class FromMatrix:
     def _enqueue(
         self,
         raw: dict[str, Any],
-        operation: str,
-        payload: dict[str, Any],
+        operation: op.Operation,
         targets: list[str],
         dedup_key: str | None = None,
     ) -> list[Write]:
         """One delivery per target connector, keyed by the event (a repeat changes nothing)."""
+        payload = operation.to_json()
         return [
             self.stores.outbox.enqueue_write(
-                connector_id, raw["room_id"], operation, dedup_key or raw["event_id"], payload
+                connector_id, raw["room_id"], operation.kind, dedup_key or raw["event_id"], payload
             )
             for connector_id in targets
         ]
 
-    async def _sender(self, raw: dict[str, Any], portal: Portal) -> dict[str, Any]:
-        member = await self.portals.sender(raw["room_id"], raw["sender"], portal.voice)
-        return member.to_json()
+    async def _sender(self, raw: dict[str, Any], portal: Portal) -> Member:
+        return await self.portals.sender(raw["room_id"], raw["sender"], portal.voice)
 
     async def _message(self, raw: dict[str, Any]) -> list[Write]:
         found = await self._targets(raw)
@@ -263,18 +263,14 @@ class FromMatrix:
             await self.authority.may_edit(
                 raw["room_id"], raw["sender"], relates["event_id"], portal.voice
             )
-            return self._enqueue(
-                raw,
-                op.EDIT_MESSAGE,
-                {
-                    "event_id": raw["event_id"],
-                    "target_event": relates["event_id"],
-                    "sender": sender,
-                    "content": new_content,
-                    "ts": raw.get("origin_server_ts"),
-                },
-                targets,
+            edit = op.EditMessage(
+                event_id=raw["event_id"],
+                target_event=relates["event_id"],
+                sender=sender,
+                content=new_content,
+                ts=raw.get("origin_server_ts"),
             )
+            return self._enqueue(raw, edit, targets)
         if not isinstance(content.get("body", ""), str):
             content = {**content, "body": ""}
         if content.get("msgtype") not in BRIDGED_MSGTYPES:
@@ -290,18 +286,14 @@ class FromMatrix:
             # A reply quoting another portal's message is refused like any relation across
             # portals (the quote would carry that portal's content here).
             await self.authority.same_portal(raw["room_id"], reply_to)
-        return self._enqueue(
-            raw,
-            op.SEND_MESSAGE,
-            {
-                "event_id": raw["event_id"],
-                "sender": sender,
-                "content": content,
-                "ts": raw.get("origin_server_ts"),
-                "reply_to_event": reply_to if isinstance(reply_to, str) else None,
-            },
-            targets,
+        message = op.SendMessage(
+            event_id=raw["event_id"],
+            sender=sender,
+            content=content,
+            ts=raw.get("origin_server_ts"),
+            reply_to_event=reply_to if isinstance(reply_to, str) else None,
         )
+        return self._enqueue(raw, message, targets)
 
     async def _reaction(self, raw: dict[str, Any]) -> list[Write]:
         relates = _obj(_obj(raw.get("content")).get("m.relates_to"))
@@ -315,18 +307,14 @@ class FromMatrix:
             return []
         portal, targets = found
         await self.authority.same_portal(raw["room_id"], target)
-        return self._enqueue(
-            raw,
-            op.ADD_REACTION,
-            {
-                "event_id": raw["event_id"],
-                "target_event": target,
-                "sender": await self._sender(raw, portal),
-                "key": key[:64],
-                "ts": raw.get("origin_server_ts"),
-            },
-            targets,
+        reaction = op.AddReaction(
+            event_id=raw["event_id"],
+            target_event=target,
+            sender=await self._sender(raw, portal),
+            key=key[:64],
+            ts=raw.get("origin_server_ts"),
         )
+        return self._enqueue(raw, reaction, targets)
 
     async def _redaction(self, raw: dict[str, Any]) -> list[Write]:
         target = raw.get("redacts") or _obj(raw.get("content")).get("redacts")
@@ -337,17 +325,13 @@ class FromMatrix:
             return []
         portal, targets = found
         await self.authority.may_redact(raw["room_id"], raw["sender"], target, portal.voice)
-        return self._enqueue(
-            raw,
-            op.REDACT,
-            {
-                "event_id": raw["event_id"],
-                "target_event": target,
-                "sender": await self._sender(raw, portal),
-                "ts": raw.get("origin_server_ts"),
-            },
-            targets,
+        redaction = op.Redact(
+            event_id=raw["event_id"],
+            target_event=target,
+            sender=await self._sender(raw, portal),
+            ts=raw.get("origin_server_ts"),
         )
+        return self._enqueue(raw, redaction, targets)
 
     # Ephemeral ---------------------------------------------------------------------------------
 
@@ -379,14 +363,8 @@ class FromMatrix:
                     self.untrusted_dropped += 1
                     continue
                 fake = {"room_id": room_id, "sender": reader, "event_id": event_id}
-                member = await self._sender(fake, portal)
-                writes += self._enqueue(
-                    fake,
-                    op.MARK_READ,
-                    {"event_id": event_id, "sender": member},
-                    links,
-                    dedup_key=f"read:{reader}:{event_id}",
-                )
+                read = op.MarkRead(event_id=event_id, sender=await self._sender(fake, portal))
+                writes += self._enqueue(fake, read, links, dedup_key=f"read:{reader}:{event_id}")
         return writes
 
     async def _typing_changed(self, raw: dict[str, Any]) -> None:

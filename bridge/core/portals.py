@@ -464,17 +464,13 @@ class Portals:
     ) -> None:
         """Link the room to a vendor conversation that the outbox will open, before any message."""
         await self.stores.portals.add_link(room_id, connector_id, None, conn=conn)
+        create = op.CreateConversation(
+            title=title,
+            members=tuple(m.idnps for m in everyone if m.connector == connector_id and m.idnps),
+            external=tuple(m for m in everyone if m.connector != connector_id),
+        )
         await self.stores.outbox.enqueue(
-            connector_id,
-            room_id,
-            op.CREATE_CONVERSATION,
-            f"create:{room_id}",
-            {
-                "title": title,
-                "members": [m.idnps for m in everyone if m.connector == connector_id],
-                "external": [m.to_json() for m in everyone if m.connector != connector_id],
-            },
-            conn=conn,
+            connector_id, room_id, create.kind, f"create:{room_id}", create.to_json(), conn=conn
         )
 
     async def _leave_unencrypted(self, room_id: str, ghost_mxid: str) -> None:

@@ -3,7 +3,8 @@
 What waits here is message content (pending, failing or dead-lettered), so the ``payload``
 column holds it sealed with the secrets key (``bridge/secrets.py``, AES-256-GCM, bound to its
 row's (connector, dedup key)): the database alone reveals none of it. Callers see
-``OutboxItem.payload`` as a dict; sealing is this store's business. Rows written before sealing
+``OutboxItem.payload`` as a dict (the core reads it, with ``operation``, as a typed operation:
+``bridge/core/operations.py``); sealing is this store's business. Rows written before sealing
 (plain JSON, which starts with ``{``) stay readable and are sealed by ``seal_all``. Without a key
 (only possible with ``encryption.enabled: false`` and no ``secrets`` key) content is stored in
 clear and the bridge warns at start. Delivered and discarded rows keep no payload at all.
