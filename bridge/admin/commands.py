@@ -20,9 +20,10 @@ from mautrix.errors import MatrixRequestError
 
 from bridge import __version__
 from bridge.admin.parser import AdminParser
-from bridge.admin.queries import AdminQueries, age
+from bridge.commands import CommandFailed, reports
 from bridge.commands.audit import parse_moment
 from bridge.commands.directory import foreign_mxid_check
+from bridge.commands.reports import ConnectorState
 from bridge.config import Config
 from bridge.core.connectors import ConnectorSet
 from bridge.core.erasure import Erasure
@@ -67,10 +68,6 @@ class AdminContext:
     """More status lines (inbox ordering, metrics ...)."""
     uploads: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     """(room, sender) -> (mxc URI, file name) of the last file an operator sent."""
-
-    @property
-    def queries(self) -> AdminQueries:
-        return AdminQueries(self.stores.db)
 
 
 Handler = Callable[[AdminContext, argparse.Namespace, str], Awaitable[Reply]]
@@ -155,7 +152,8 @@ async def _version(ctx: AdminContext, args: argparse.Namespace, who: str) -> Rep
 
 
 async def _status(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    lines = [f"eimis-bridge {__version__}, up {_duration(time.monotonic() - ctx.started_at)}"]
+    up = reports.duration(time.monotonic() - ctx.started_at)
+    lines = [f"eimis-bridge {__version__}, up {up}"]
     try:
         await ctx.homeserver.bot.versions()
         lines.append(f"Homeserver {ctx.config.homeserver.url}: answering")
@@ -163,38 +161,18 @@ async def _status(ctx: AdminContext, args: argparse.Namespace, who: str) -> Repl
         lines.append(
             f"Homeserver {ctx.config.homeserver.url}: NOT answering ({type(error).__name__})"
         )
-    queries = ctx.queries
+    running = [
+        ConnectorState(cid, type(connector).type_name, ctx.health.state(cid))
+        for cid, connector in ctx.connectors
+    ]
     try:
-        inbox = await queries.inbox_counts()
-        depths = await queries.queue_depths()
-        dead = await ctx.stores.dead_letters.list()
-        lines.append(
-            f"Database: answering; inbox {inbox.get('pending', 0)} pending, "
-            f"{inbox.get('waiting', 0)} waiting for earlier events, {inbox.get('failed', 0)} failed"
-        )
+        report = await reports.database_status(ctx.stores, running)
     except Exception as error:
         lines.append(f"Database: NOT answering ({type(error).__name__})")
         return Reply("\n".join(lines), pre=True)
+    lines.append(report.database_line())
     lines.append(_encryption_status(ctx))
-    dead_by: dict[str, int] = {}
-    for letter in dead:
-        dead_by[letter.connector] = dead_by.get(letter.connector, 0) + 1
-    lines.append("Connectors:")
-    for connector_id, connector in ctx.connectors:
-        depth = depths.get(connector_id)
-        state = ctx.health.state(connector_id)
-        line = (
-            f"  {connector_id} ({type(connector).type_name}): {state}, "
-            f"{depth.pending if depth else 0} queued"
-        )
-        if depth and depth.held:
-            line += f" ({depth.held} held behind dead letters)"
-        if depth and depth.pending:
-            line += f", oldest {age(depth.oldest_ms)}"
-        line += f", {dead_by.get(connector_id, 0)} dead letter(s)"
-        if depth and depth.last_error:
-            line += f"; last error: {depth.last_error[:160]}"
-        lines.append(line)
+    lines.extend(report.connector_lines())
     if ctx.extra_status is not None:
         lines.extend(await ctx.extra_status())
     return Reply("\n".join(lines), pre=True)
@@ -305,15 +283,13 @@ async def _encrypted_room(ctx: AdminContext, who: str) -> bool:
 
 
 async def _queue(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    if args.name not in ctx.connectors:
-        return Reply(f"No running connector {args.name!r}: {', '.join(ctx.connectors.ids())}.")
-    items = await ctx.queries.queue(args.name)
-    if not items:
-        return Reply(f"Nothing waits for {args.name}.")
-    lines = [f"{'id':>8}  {'queued':>8}  {'tries':>5}  operation          room"]
-    for seq, room_id, operation, attempts, created in items:
-        lines.append(f"{seq:>8}  {age(created):>8}  {attempts:>5}  {operation:<18} {room_id}")
-    return Reply("\n".join(lines), pre=True)
+    try:
+        report = await reports.queue(
+            ctx.stores.reports, args.name, ctx.connectors.ids(), "running connector"
+        )
+    except CommandFailed as error:
+        return Reply(str(error))
+    return Reply(report.text(), pre=bool(report.items))
 
 
 async def _dead_letters(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
@@ -363,65 +339,24 @@ async def _discard(ctx: AdminContext, args: argparse.Namespace, who: str) -> Rep
 
 
 async def _portals(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    total, portals = await ctx.queries.portals(args.filter)
-    if not portals:
-        return Reply("No portal matches." if args.filter else "No portal yet.")
-    lines = [f"{total} portal(s){' matching' if args.filter else ''}; newest first:"]
-    for portal in portals:
-        links = ", ".join(connector for connector, _ in portal.connectors) or "no vendor"
-        kind = "direct" if portal.is_direct else "group"
-        lines.append(f"{portal.room_id}  {kind}  [{links}]  {portal.title or ''}".rstrip())
-    return Reply("\n".join(lines), pre=True)
+    report = await reports.portals(ctx.stores.reports, args.filter)
+    return Reply(report.text(), pre=bool(report.portals))
 
 
 async def _portal(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    portal = await ctx.queries.portal(args.room)
-    if portal is None:
-        return Reply(f"{args.room[:80]} is not a portal room.")
-    pending, dead = await ctx.queries.portal_queue(portal.room_id)
-    lines = [
-        f"{portal.room_id} ({'direct' if portal.is_direct else 'group'}): {portal.title or ''}",
-        f"voice: {portal.voice}",
-    ]
-    for connector, conversation in portal.connectors:
-        lines.append(f"  {connector}: conversation {conversation or '(being opened)'}")
-    lines.append(f"deliveries waiting: {pending}; dead letters: {dead}")
-    return Reply("\n".join(lines), pre=True)
+    try:
+        report = await reports.portal(ctx.stores.reports, args.room)
+    except CommandFailed as error:
+        return Reply(str(error))
+    return Reply(report.text(), pre=True)
 
 
 async def _whois(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    value = args.who.strip()
-    directory = ctx.stores.directory
-    if value.startswith("@"):
-        ref = ctx.ids.parse(value)
-        if ref is not None:
-            idnps = str(ref.idnps)
-        else:
-            entry = await directory.by_mxid(value)
-            if entry is None:
-                return Reply(f"{value[:80]} is not in the directory and is not a ghost.")
-            idnps = entry.idnps
-    else:
-        try:
-            idnps = str(Idnps(value))
-        except InvalidIdnps as error:
-            return Reply(f"Invalid IDNPS: {error}")
-    entry = await directory.get(idnps)
-    lines = [f"IDNPS {idnps}"]
-    if entry is not None:
-        lines.append(f"name: {entry.display_name} (source: {entry.source})")
-    else:
-        lines.append("not in the directory")
-    for mxid in await directory.mxids(idnps):
-        mark = " (preferred)" if mxid.preferred else ""
-        where = f"{mxid.kind}, {mxid.connector}" if mxid.connector else mxid.kind
-        lines.append(f"  reached at {mxid.mxid} [{where}]{mark}")
-    for mxid, connector, name in await ctx.queries.ghosts_of(idnps):
-        lines.append(f"  ghost {mxid} ({connector}): {name or ''}")
-    permission = await ctx.stores.permissions.get(idnps)
-    if permission is not None:
-        lines.append(f"permissions: {permission.default_setting}")
-    return Reply("\n".join(lines), pre=True)
+    try:
+        report = await reports.whois(ctx.stores, ctx.ids, args.who)
+    except CommandFailed as error:
+        return Reply(str(error))
+    return Reply(report.text(), pre=True)
 
 
 async def _trust(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
@@ -544,7 +479,7 @@ async def _forget(ctx: AdminContext, args: argparse.Namespace, who: str) -> Repl
         idnps = str(Idnps(args.idnps))
     except InvalidIdnps as error:
         return Reply(f"Invalid IDNPS: {error}")
-    ghosts = [mxid for mxid, _, _ in await ctx.queries.ghosts_of(idnps)]
+    ghosts = await ctx.stores.ghosts.of_professional(idnps)
 
     async def run() -> Reply:
         erasure = ctx.erasure or Erasure(ctx.stores, ctx.homeserver, crypto=ctx.homeserver.crypto)
@@ -557,14 +492,3 @@ async def _forget(ctx: AdminContext, args: argparse.Namespace, who: str) -> Repl
         "what they sent that still waits in queues is dropped. Answer 'yes' to confirm.",
         confirm=run,
     )
-
-
-# --- Helpers -------------------------------------------------------------------------------------
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds // size} {unit}"
-    return f"{seconds} s"

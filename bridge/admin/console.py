@@ -6,7 +6,6 @@ from typing import Any
 
 from bridge.admin.alerts import AlertWatch, Snapshot
 from bridge.admin.commands import AdminContext
-from bridge.admin.queries import AdminQueries
 from bridge.admin.room import AdminRoom
 
 
@@ -28,7 +27,6 @@ class Console:
             erasure=getattr(bridge, "erasure", None),
         )
         self.room = AdminRoom(self.context)
-        self._queries = AdminQueries(bridge.stores.db)
         self._bridge = bridge
         self.alerts = AlertWatch(
             self.snapshot,
@@ -46,7 +44,7 @@ class Console:
         return Snapshot(
             states={cid: health.state(cid) for cid in self.context.connectors.ids()},
             dead={d.seq: d.connector for d in await self.context.stores.dead_letters.list()},
-            heads=await self._queries.queue_heads(),
+            heads=await self.context.stores.reports.queue_heads(),
         )
 
     def start(self) -> None:
