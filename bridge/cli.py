@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import json
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,11 @@ import yaml
 from bridge import __version__
 from bridge.config import ConfigError, load_config
 from bridge.logs import setup_logging
+
+USAGE_ERROR = 2
+"""Exit status of a command given bad input."""
+REFUSED = 1
+"""Exit status of a command that was not done, or found nothing."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,8 +80,166 @@ def _parser() -> argparse.ArgumentParser:
 
     for module in _command_modules():
         module.register(sub)
+    _register_trust(sub)
+    _register_permissions(sub)
     _register_reports(sub)
     return parser
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", type=Path, required=True, help="bridge config file")
+
+
+def _on_database(
+    args: argparse.Namespace,
+    action: Callable[[Any, Any], Awaitable[int]],
+    *,
+    prefix: bool = True,
+) -> int:
+    """Run ``action(config, db)`` on the configured database (the running bridge may be using
+    it). A ``bridge.commands`` error is printed on stderr: bad input exits 2, a refusal 1."""
+    from bridge.commands import BadInput, CommandFailed
+    from bridge.db.database import open_database
+
+    async def go() -> int:
+        config = load_config(args.config)
+        db = await open_database(config.database)
+        try:
+            return await action(config, db)
+        finally:
+            await db.stop()
+
+    try:
+        return asyncio.run(go())
+    except CommandFailed as error:
+        bad = isinstance(error, BadInput)
+        print(f"eimis-bridge {args.command}: {error}" if bad and prefix else error, file=sys.stderr)
+        return USAGE_ERROR if bad else REFUSED
+
+
+def _operator() -> str:
+    """Who runs the command, as stores record it (``cli:<login>``)."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no login name in some containers
+        return "cli:unknown"
+
+
+# --- trust, permissions -------------------------------------------------------------------------
+
+
+def _register_trust(sub: Any) -> None:
+    trust = sub.add_parser(
+        "trust",
+        help="the trust list: homeservers whose users may share conversations",
+        description="Show or edit the run-time trust list. The config's trust.servers and the "
+        "bridge's own server are always trusted; the running bridge applies a change to every "
+        "portal's m.room.server_acl within trust.poll_interval_s.",
+    )
+    actions = trust.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, text in (
+        ("list", "the effective trust list and the ACL portals carry"),
+        ("add", "trust a server"),
+        ("remove", "stop trusting a server added with 'add'"),
+    ):
+        action = actions.add_parser(name, help=text)
+        _config_arg(action)
+        if name != "list":
+            action.add_argument("server", help="server name, hostname[:port]")
+        if name == "list":
+            action.set_defaults(server=None)
+        action.set_defaults(handler=_trust)
+
+
+def _trust(args: argparse.Namespace) -> int:
+    from bridge.commands import BadInput
+    from bridge.commands.trust import TrustCommands, server_name
+    from bridge.db.trust import TrustStore
+
+    if args.action != "list":  # bad input is said before the config is read
+        try:
+            server_name(args.server, args.action)
+        except BadInput as error:
+            print(f"eimis-bridge trust: {error}", file=sys.stderr)
+            return USAGE_ERROR
+
+    async def action(config: Any, db: Any) -> int:
+        trust = TrustCommands(TrustStore(db), config.homeserver.domain, config.trust.servers)
+        if args.action == "list":
+            print((await trust.listing()).text())
+        elif args.action == "add":
+            print(await trust.add(args.server, _operator()))
+        else:
+            print(await trust.remove(args.server))
+        return 0
+
+    return _on_database(args, action)
+
+
+def _register_permissions(sub: Any) -> None:
+    from bridge.core.permissions import DEFAULT_SETTINGS
+
+    perms = sub.add_parser(
+        "permissions",
+        help="who may invite a vendor user (TI-Messenger permission concept)",
+        description="Per-person permissions of a vendor user, by IDNPS: allow-all or block-all, "
+        "with exceptions by server and by Matrix user (blocked under allow-all, allowed under "
+        "block-all). No setting means allow-all.",
+    )
+    actions = perms.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, text in (
+        ("show", "the professional's setting"),
+        ("set", "set the default (drops exceptions when it changes: their meaning flips)"),
+        ("allow", "let servers or users invite this professional"),
+        ("block", "refuse invitations of servers or users"),
+        ("clear", "forget the setting (back to allow-all)"),
+    ):
+        action = actions.add_parser(name, help=text)
+        _config_arg(action)
+        action.add_argument("idnps", help="the professional's IDNPS")
+        if name == "set":
+            action.add_argument("setting", choices=DEFAULT_SETTINGS, help="the default")
+        if name in ("allow", "block"):
+            action.add_argument(
+                "--server", action="append", default=[], help="server name (repeatable)"
+            )
+            action.add_argument(
+                "--user", action="append", default=[], help="Matrix user id (repeatable)"
+            )
+        action.set_defaults(handler=_permissions)
+
+
+def _permissions(args: argparse.Namespace) -> int:
+    from bridge.commands import BadInput
+    from bridge.commands.permissions import PermissionCommands, exceptions_of, idnps_of
+    from bridge.db.permissions import PermissionStore
+
+    try:  # bad input is said before the config is read
+        idnps = idnps_of(args.idnps)
+        exceptions = exceptions_of(
+            args.action, getattr(args, "server", []), getattr(args, "user", [])
+        )
+    except BadInput as error:
+        print(f"eimis-bridge permissions: {error}", file=sys.stderr)
+        return USAGE_ERROR
+
+    async def action(config: Any, db: Any) -> int:
+        permissions = PermissionCommands(PermissionStore(db))
+        if args.action == "show":
+            lines = await permissions.show(idnps)
+        elif args.action == "clear":
+            lines = await permissions.clear(idnps)
+        elif args.action == "set":
+            lines = await permissions.set_default(idnps, args.setting)
+        else:
+            lines = await permissions.except_(idnps, args.action, exceptions)
+        print("\n".join(lines))
+        return 0
+
+    return _on_database(args, action)
+
+
+# --- reports ------------------------------------------------------------------------------------
 
 
 def _register_reports(sub: Any) -> None:
@@ -156,9 +320,9 @@ STATUS_FROM_THE_HOST = (
 
 
 def _command_modules() -> list[Any]:
-    from bridge.commands import audit, connectors, directory, erasure, secrets, trust
+    from bridge.commands import audit, connectors, directory, erasure, secrets
 
-    return [audit, directory, trust, connectors, secrets, erasure]
+    return [audit, directory, connectors, secrets, erasure]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,12 +24,12 @@ from bridge.commands import CommandFailed, reports
 from bridge.commands.audit import parse_moment
 from bridge.commands.directory import foreign_mxid_check
 from bridge.commands.reports import ConnectorState
+from bridge.commands.trust import TrustCommands
 from bridge.config import Config
 from bridge.core.connectors import ConnectorSet
 from bridge.core.erasure import Erasure
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.health import ConnectorHealth
-from bridge.core.trust import InvalidServerName, validate_server_name
 from bridge.db.stores import Stores
 from bridge.directory.importer import DirectoryFormatError, import_file
 from bridge.matrix.homeserver import Homeserver
@@ -360,31 +360,23 @@ async def _whois(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply
 
 
 async def _trust(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    store = ctx.stores.trusted_servers
-    trust = ctx.homeserver.trust
-    if args.action == "list":
-        added = {s.server_name: s for s in await store.list()}
-        lines = [f"{trust.own_domain} (this bridge's homeserver)"]
-        lines += [f"{s} (config)" for s in trust.config_servers]
-        lines += [f"{name} (added by {s.added_by})" for name, s in sorted(added.items())]
-        return Reply("Trusted servers:\n" + "\n".join(f"  {line}" for line in lines), pre=True)
-    if not args.server:
-        return Reply(f"trust {args.action} needs a server name.")
+    trust = TrustCommands(
+        ctx.stores.trusted_servers, ctx.config.homeserver.domain, ctx.config.trust.servers
+    )
     try:
-        server = validate_server_name(args.server)
-    except InvalidServerName as error:
-        return Reply(f"Invalid server name: {error}")
-    if args.action == "add":
-        if await store.add(server, who.partition("|")[2]):
-            return Reply(f"{server} trusted; every portal's ACL follows within seconds.")
-        return Reply(f"{server} was trusted already.")
-    if server in trust.config_servers or server == trust.own_domain:
-        return Reply(f"{server} comes from the config (or is ours): change trust.servers there.")
+        if args.action == "list":
+            return Reply((await trust.listing()).text(), pre=True)
+        if args.action == "add":
+            return Reply(await trust.add(args.server, who.partition("|")[2]))
+        server = trust.removable(args.server)
+    except CommandFailed as error:
+        return Reply(str(error))
 
     async def run() -> Reply:
-        if await store.remove(server):
-            return Reply(f"{server} no longer trusted; portals' ACLs follow within seconds.")
-        return Reply(f"{server} was not in the run-time list.")
+        try:
+            return Reply(await trust.remove(server))
+        except CommandFailed as error:
+            return Reply(str(error))
 
     return Reply(
         f"Stop trusting {server}? Its users' events stop reaching vendors and portals' ACLs "
