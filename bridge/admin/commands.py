@@ -21,6 +21,7 @@ from mautrix.errors import MatrixRequestError
 from bridge import __version__
 from bridge.admin.parser import AdminParser
 from bridge.commands import CommandFailed, reports
+from bridge.commands import erasure as erasure_commands
 from bridge.commands.audit import parse_moment
 from bridge.commands.directory import foreign_mxid_check
 from bridge.commands.reports import ConnectorState
@@ -34,7 +35,6 @@ from bridge.db.stores import Stores
 from bridge.directory.importer import DirectoryFormatError, import_file
 from bridge.matrix.homeserver import Homeserver
 from bridge.matrix.media import MediaError, MediaRepository
-from connectors.idnps import Idnps, InvalidIdnps
 
 
 @dataclass
@@ -468,19 +468,13 @@ def _audit_line(row: Any) -> str:
 
 async def _forget(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
     try:
-        idnps = str(Idnps(args.idnps))
-    except InvalidIdnps as error:
-        return Reply(f"Invalid IDNPS: {error}")
-    ghosts = await ctx.stores.ghosts.of_professional(idnps)
+        plan = await erasure_commands.plan(ctx.stores, args.idnps)
+    except CommandFailed as error:
+        return Reply(str(error))
 
     async def run() -> Reply:
         erasure = ctx.erasure or Erasure(ctx.stores, ctx.homeserver, crypto=ctx.homeserver.crypto)
-        report = await erasure.erase(idnps, who.partition("|")[2] or who)
+        report = await erasure_commands.forget(erasure, plan, who.partition("|")[2] or who)
         return Reply("\n".join(report.lines()), pre=True)
 
-    return Reply(
-        f"Erase everything the bridge holds about {idnps} ({len(ghosts)} ghost(s))? Their "
-        "messages are redacted in every portal, their ghosts leave and lose their profile, and "
-        "what they sent that still waits in queues is dropped. Answer 'yes' to confirm.",
-        confirm=run,
-    )
+    return Reply(f"{plan.question()} Answer 'yes' to confirm.", confirm=run)
