@@ -21,8 +21,8 @@ from mautrix.errors import MatrixRequestError
 from bridge import __version__
 from bridge.admin.parser import AdminParser
 from bridge.commands import CommandFailed, reports
+from bridge.commands import audit as audit_commands
 from bridge.commands import erasure as erasure_commands
-from bridge.commands.audit import parse_moment
 from bridge.commands.directory import foreign_mxid_check
 from bridge.commands.reports import ConnectorState
 from bridge.commands.trust import TrustCommands
@@ -441,29 +441,21 @@ async def _audit(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply
     if ctx.audit is None:
         return Reply("This bridge keeps no audit log.")
     try:
-        since_ms = parse_moment(args.since)
-    except ValueError as error:
+        since_ms = audit_commands.parse_moment(args.since)
+    except CommandFailed as error:
         return Reply(f"--since: {error}")
-    rows = await ctx.audit.query(
+    latest = await audit_commands.latest(
+        ctx.audit,
         since_ms,
         connector=args.connector,
         portal=args.portal,
         limit=max(1, min(args.limit, 200)),
-        latest=True,
     )
-    if not rows:
+    if not latest.records:
         return Reply("No audit record in that window.")
-    lines = [_audit_line(row) for row in rows]
+    lines = latest.lines()
     lines.append("The full log: eimis-bridge audit --format csv|json (on the bridge's host).")
     return Reply("\n".join(lines), pre=True)
-
-
-def _audit_line(row: Any) -> str:
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row.at / 1000))
-    return (
-        f"{when}Z {row.connector} {row.direction} {row.kind} {row.outcome} "
-        f"{row.sender or '-'} -> {row.recipient or '-'} {row.portal or '-'}"
-    )
 
 
 async def _forget(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:

@@ -13,7 +13,7 @@ class CommandFailed(Exception):
     """The command did not do what was asked: the message says why, for the operator."""
 
 
-class BadInput(CommandFailed):
+class BadInput(CommandFailed, ValueError):
     """What the operator typed is not valid (the CLI exits 2)."""
 
 
