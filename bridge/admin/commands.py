@@ -22,8 +22,8 @@ from bridge import __version__
 from bridge.admin.parser import AdminParser
 from bridge.commands import CommandFailed, reports
 from bridge.commands import audit as audit_commands
+from bridge.commands import directory as directory_commands
 from bridge.commands import erasure as erasure_commands
-from bridge.commands.directory import foreign_mxid_check
 from bridge.commands.reports import ConnectorState
 from bridge.commands.trust import TrustCommands
 from bridge.config import Config
@@ -32,7 +32,6 @@ from bridge.core.erasure import Erasure
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.health import ConnectorHealth
 from bridge.db.stores import Stores
-from bridge.directory.importer import DirectoryFormatError, import_file
 from bridge.matrix.homeserver import Homeserver
 from bridge.matrix.media import MediaError, MediaRepository
 
@@ -386,12 +385,17 @@ async def _trust(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply
 
 
 async def _directory(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    if args.action == "show":
-        if not args.source:
-            return Reply("directory show needs an IDNPS.")
-        return await _whois(ctx, argparse.Namespace(who=args.source), who)
-    if args.source:
-        return await _import_path(ctx, Path(args.source), args.format, args.source)
+    store = ctx.stores.directory
+    try:
+        if args.action == "show":
+            if not args.source:
+                return Reply("directory show needs an IDNPS.")
+            lines = await directory_commands.show(store, ctx.config, args.source)
+            return Reply("\n".join(lines), pre=True)
+        if args.source:
+            return await _import_path(ctx, Path(args.source), args.format, args.source)
+    except CommandFailed as error:
+        return Reply(str(error))
     upload = ctx.uploads.get(tuple(who.split("|", 1)))  # type: ignore[arg-type]
     if upload is None:
         return Reply(
@@ -408,33 +412,17 @@ async def _directory(ctx: AdminContext, args: argparse.Namespace, who: str) -> R
                         out.write(chunk)
         except (MediaError, MatrixRequestError) as error:
             return Reply(f"Could not download {name}: {error}")
-        return await _import_path(ctx, path, args.format, name)
+        try:
+            return await _import_path(ctx, path, args.format, name)
+        except CommandFailed as error:
+            return Reply(str(error))
 
 
 async def _import_path(ctx: AdminContext, path: Path, fmt: str | None, shown: str) -> Reply:
-    try:
-        report = await import_file(
-            ctx.stores.directory,
-            path,
-            format=fmt,
-            foreign_mxid=foreign_mxid_check(ctx.config),
-            progress=False,
-        )
-    except OSError as error:
-        return Reply(f"Cannot read {shown}: {error.strerror or error}")
-    except DirectoryFormatError as error:
-        return Reply(f"Cannot import {shown}: {error}")
-    lines = [
-        f"Read {report.lines:,} line(s) of {shown} in {report.seconds:.1f} s: "
-        f"{report.records:,} valid, {len(report.rejected):,} rejected.",
-        f"{report.added:,} professional(s) added, {report.changed:,} changed, "
-        f"{report.mxids:,} native Matrix ID(s); {await ctx.stores.directory.count():,} in all.",
-    ]
-    for rejected in report.rejected[:10]:
-        lines.append(f"  rejected: {rejected}")
-    if len(report.rejected) > 10:
-        lines.append(f"  ... and {len(report.rejected) - 10:,} more")
-    return Reply("\n".join(lines), pre=True)
+    store = ctx.stores.directory
+    report = await directory_commands.import_path(store, ctx.config, path, fmt, shown=shown)
+    summary = await directory_commands.summary(store, report, shown, show_rejected=10)
+    return Reply(summary.text(), pre=True)
 
 
 async def _audit(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
