@@ -22,8 +22,10 @@ from bridge import __version__
 from bridge.admin.parser import AdminParser
 from bridge.commands import CommandFailed, reports
 from bridge.commands import audit as audit_commands
+from bridge.commands import connectors as connector_commands
 from bridge.commands import directory as directory_commands
 from bridge.commands import erasure as erasure_commands
+from bridge.commands.connectors import ConnectorCommands
 from bridge.commands.reports import ConnectorState
 from bridge.commands.trust import TrustCommands
 from bridge.config import Config
@@ -193,78 +195,52 @@ def _encryption_status(ctx: AdminContext) -> str:
 
 async def _connectors(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
     if ctx.manager is not None:
-        infos = await ctx.manager.list()
-        lines = [_connector_line(ctx, info) for info in infos]
+        infos = await ConnectorCommands(ctx.manager).listing()
+        lines = [
+            connector_commands.line(info, ctx.health.state(info.connector_id)) for info in infos
+        ]
         return Reply("\n".join(lines) or "No connector.", pre=True)
     lines = [f"{cid} ({type(c).type_name}): {ctx.health.state(cid)}" for cid, c in ctx.connectors]
     return Reply("\n".join(lines) or "No connector.", pre=True)
 
 
-def _connector_line(ctx: AdminContext, info: Any) -> str:
-    parts = [f"{info.connector_id} ({info.type_name})"]
-    parts.append("enabled" if info.enabled else "disabled")
-    parts.append(f"from {info.origin}")
-    if info.running:
-        parts.append(ctx.health.state(info.connector_id))
-    elif info.enabled:
-        parts.append("not running")
-    if info.secret_grace_until:
-        parts.append(f"previous secret accepted until {_when(info.secret_grace_until)}")
-    if info.problem:
-        parts.append(f"problem: {info.problem}")
-    return ", ".join(parts)
-
-
-def _when(ms: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ms / 1000))
-
-
 async def _connector(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    manager = ctx.manager
-    if manager is None:
+    if ctx.manager is None:
         return Reply("This bridge has no run-time connector registry.")
+    commands = ConnectorCommands(ctx.manager)
     name, action = args.name, args.action
     if action in ("add", "rotate-secret") and not await _encrypted_room(ctx, who):
         return Reply(_SECRET_NOT_HERE.format(action=action, name=name))
-    if action == "add":
-        if not args.type:
-            return Reply("connector add needs --type (one of the installed connector types).")
-        settings: dict[str, str] = {}
-        for pair in args.set:
-            key, sep, value = pair.partition("=")
-            if not sep or not key:
-                return Reply(f"--set takes KEY=VALUE, not {pair[:60]!r}.")
-            settings[key.strip()] = value
-        result = await manager.add(name, args.type, settings)
-        lines = [f"Connector {name} ({args.type}) added."]
-        lines.append("It runs." if result.running else f"It is not running: {result.problem}")
-        lines.append(f"Its webhooks: {result.webhook_base_url}")
-        lines.append(
-            f"Its shared secret, shown this once (give it to the vendor):\n{result.secret}"
-        )
-        return Reply("\n".join(lines), pre=True)
-    if action == "enable":
-        await manager.enable(name)
-        return Reply(f"Connector {name} enabled.")
-    if action == "test":
-        return Reply(f"Connector {name}: {await manager.test(name)}")
+    try:
+        if action == "add":
+            if not args.type:
+                return Reply("connector add needs --type (one of the installed connector types).")
+            settings = connector_commands.settings_of(args.set)
+            return Reply(await commands.add(name, args.type, settings), pre=True)
+        if action == "enable":
+            return Reply(await commands.enable(name))
+        if action == "test":
+            return Reply(await commands.test(name))
+    except CommandFailed as error:
+        return Reply(str(error))
+    grace_s = args.grace * 3600
 
     async def run() -> Reply:
-        if action == "disable":
-            await manager.disable(name)
-            return Reply(f"Connector {name} disabled; its deliveries wait.")
-        if action == "remove":
-            await manager.remove(name, force=args.force)
-            return Reply(f"Connector {name} removed.")
-        secret = await manager.rotate_secret(name, args.grace * 3600)
-        return Reply(
-            f"New shared secret for {name}, shown this once; the old one is accepted for "
-            f"{args.grace:g} more hour(s):\n{secret}",
-            pre=True,
-        )
+        try:
+            if action == "disable":
+                return Reply(await commands.disable(name))
+            if action == "remove":
+                return Reply(await commands.remove(name, force=args.force))
+            return Reply(await commands.rotate_secret(name, grace_s), pre=True)
+        except CommandFailed as error:
+            return Reply(str(error))
 
-    verb = {"disable": "Disable", "remove": "Remove", "rotate-secret": "Rotate the secret of"}
-    return Reply(f"{verb[action]} connector {name}? Answer 'yes' to confirm.", confirm=run)
+    question = {
+        "disable": commands.disable_question(name),
+        "remove": commands.remove_question(name),
+        "rotate-secret": commands.rotate_question(name, grace_s),
+    }[action]
+    return Reply(f"{question} Answer 'yes' to confirm.", confirm=run)
 
 
 _SECRET_NOT_HERE = (

@@ -394,11 +394,18 @@ async def test_whois_and_queue_say_the_same_in_the_room_and_on_the_host(
     alice = (await users_of(stack, http, "pandalab"))[2]
     bob = (await users_of(stack, http, "medipeps"))[2]
     conversation = await alice.start_conversation([bob.idnps], unique("Same"))
+    await portal_of(stack, "pandalab", conversation)  # her ghost exists from now on
+    assert stack.bridge is not None
+    ghosts = stack.bridge.stores.ghosts
+
+    async def ghost_recorded() -> bool:
+        return bool(await ghosts.of_professional(str(alice.idnps)))
+
+    await wait_for("her ghost recorded", ghost_recorded, 30)
     room_text = await console.run(f"whois {alice.idnps}", f"IDNPS {alice.idnps}")
     host_text = await asyncio.to_thread(_host_cli, stack, "whois", str(alice.idnps))
     assert room_text == host_text and f"eimis_pandalab_{alice.idnps}" in host_text
 
-    assert stack.bridge is not None
     reports = stack.bridge.stores.reports
     sandbox = stack.sandboxes["medipeps"]
     await sandbox.stop()
