@@ -1490,46 +1490,30 @@ def main(argv: list[str] | None = None) -> int:
 async def _dead_letter_command(args: argparse.Namespace) -> int:
     """Operator commands on dead letters, straight on the database (the bridge may be running:
     it picks released work up on its next idle rescan)."""
+    from bridge.commands import BadInput, CommandFailed
+    from bridge.commands.dead_letters import DeadLetterCommands, table
     from bridge.db.database import open_database
     from bridge.db.dead_letters import DeadLetterStore
 
     config = load_config(args.config)
     db = await open_database(config.database)
     try:
-        store = DeadLetterStore(db)
+        letters = DeadLetterCommands(DeadLetterStore(db))
         if args.command == "dead-letters":
-            letters = await store.list(args.connector)
-            if not letters:
-                print("No dead letters.")
-                return 0
-            print(f"{'id':>8}  {'connector':<12} {'attempts':>8} {'held':>5}  room / last error")
-            for d in letters:
-                print(f"{d.seq:>8}  {d.connector:<12} {d.attempts:>8} {d.held:>5}  {d.room_id}")
-                print(f"{'':>8}  {d.operation}: {d.last_error or ''}")
+            print(table(await letters.listing(args.connector)))
             return 0
         if args.command == "retry":
-            if args.id == "all":
-                count = await store.retry(None)
-            elif args.id.isdigit():
-                count = await store.retry(int(args.id))
-            else:
-                print("retry takes a dead letter id or 'all'", file=sys.stderr)
-                return 2
-            print(f"{count} dead letter(s) back in their queue.")
-            return 0 if count or args.id == "all" else 1
-        if not args.yes:
-            answer = input(
-                f"Discard dead letter {args.id}? Its content is deleted and it will never be "
-                "delivered. [y/N] "
-            )
-            if answer.strip().lower() not in ("y", "yes"):
-                print("Nothing discarded.")
-                return 1
-        if await store.discard(args.id):
-            print(f"Dead letter {args.id} discarded; its conversation flows again.")
+            print(await letters.retry(args.id))
             return 0
-        print(f"No dead letter {args.id}.", file=sys.stderr)
-        return 1
+        letter = await letters.find(args.id)
+        if not args.yes and not _confirm(letters.discard_question(letter)):
+            print("Nothing discarded.")
+            return REFUSED
+        print(await letters.discard(args.id))
+        return 0
+    except CommandFailed as error:
+        print(error, file=sys.stderr)
+        return USAGE_ERROR if isinstance(error, BadInput) else REFUSED
     finally:
         await db.stop()
 

@@ -23,9 +23,11 @@ from bridge.admin.parser import AdminParser
 from bridge.commands import CommandFailed, reports
 from bridge.commands import audit as audit_commands
 from bridge.commands import connectors as connector_commands
+from bridge.commands import dead_letters as dead_letter_commands
 from bridge.commands import directory as directory_commands
 from bridge.commands import erasure as erasure_commands
 from bridge.commands.connectors import ConnectorCommands
+from bridge.commands.dead_letters import DeadLetterCommands
 from bridge.commands.reports import ConnectorState
 from bridge.commands.trust import TrustCommands
 from bridge.config import Config
@@ -268,49 +270,31 @@ async def _queue(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply
 
 
 async def _dead_letters(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    letters = await ctx.stores.dead_letters.list(args.name)
-    if not letters:
-        return Reply("No dead letter.")
-    lines = [f"{'id':>8}  {'connector':<12} {'held':>5}  operation          room / last error"]
-    for letter in letters:
-        lines.append(
-            f"{letter.seq:>8}  {letter.connector:<12} {letter.held:>5}  {letter.operation:<18} "
-            f"{letter.room_id}\n{'':>10}{(letter.last_error or '')[:160]}"
-        )
-    lines.append("retry ID|all puts them back in their queue; discard ID drops one.")
-    return Reply("\n".join(lines), pre=True)
+    letters = await DeadLetterCommands(ctx.stores.dead_letters).listing(args.name)
+    return Reply(dead_letter_commands.room_table(letters), pre=bool(letters))
 
 
 async def _retry(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    if args.id == "all":
-        count = await ctx.stores.dead_letters.retry(None)
-    else:
-        try:
-            seq = int(args.id)
-        except ValueError:
-            return Reply(f"retry takes a dead letter id (a number) or 'all', not {args.id[:40]!r}.")
-        count = await ctx.stores.dead_letters.retry(seq)
-    if not count:
-        return Reply("No such dead letter (see dead-letters).")
-    return Reply(f"{count} dead letter(s) back in their queue; they go out in order.")
+    try:
+        return Reply(await DeadLetterCommands(ctx.stores.dead_letters).retry(args.id))
+    except CommandFailed as error:
+        return Reply(str(error))
 
 
 async def _discard(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    letters = {letter.seq: letter for letter in await ctx.stores.dead_letters.list()}
-    letter = letters.get(args.id)
-    if letter is None:
-        return Reply("No such dead letter (see dead-letters).")
+    letters = DeadLetterCommands(ctx.stores.dead_letters)
+    try:
+        letter = await letters.find(args.id)
+    except CommandFailed as error:
+        return Reply(str(error))
 
     async def run() -> Reply:
-        if await ctx.stores.dead_letters.discard(args.id):
-            return Reply(f"Dead letter {args.id} discarded; its conversation flows again.")
-        return Reply(f"Dead letter {args.id} is gone already.")
+        try:
+            return Reply(await letters.discard(args.id))
+        except CommandFailed as error:
+            return Reply(str(error))
 
-    return Reply(
-        f"Discard dead letter {args.id} ({letter.operation} to {letter.connector} in "
-        f"{letter.room_id})? Its content is dropped for good. Answer 'yes' to confirm.",
-        confirm=run,
-    )
+    return Reply(f"{letters.discard_question(letter)} Answer 'yes' to confirm.", confirm=run)
 
 
 async def _portals(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
