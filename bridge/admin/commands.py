@@ -116,7 +116,7 @@ def build_parser() -> AdminParser:
     p = command("portals", "the portal rooms (20 most recent matching)", _portals)
     p.add_argument("filter", nargs="?", default="", help="part of a room id, title or connector")
     o = command("portal", "one portal: its links, queue and dead letters", _portal)
-    o.add_argument("room", help="room id")
+    o.add_argument("room", help="room id, or a vendor conversation id")
     w = command("whois", "a professional (IDNPS) or a Matrix ID", _whois)
     w.add_argument("who", help="IDNPS or @user:server")
     t = command("trust", "the trust list", _trust)
