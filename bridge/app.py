@@ -45,7 +45,7 @@ from bridge.crypto.pickling import PickleKey
 from bridge.db.clock import now_ms
 from bridge.db.connector_state import BRIDGE_STATE, ConnectorStateStore
 from bridge.db.crypto import CryptoStore
-from bridge.db.database import open_database, truncate_wal
+from bridge.db.database import open_database, ping, truncate_wal
 from bridge.db.group_commit import GroupCommit
 from bridge.db.inbox import InboxItem
 from bridge.db.outbox import OutboxItem
@@ -519,7 +519,7 @@ class Bridge:
         ``READY_TIMEOUT_S`` (asked at once, never retried: a probe wants an answer now)."""
 
         async def database() -> bool:
-            await self.db.fetchval("SELECT 1")
+            await ping(self.db)
             return True
 
         async def homeserver() -> bool:

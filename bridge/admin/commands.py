@@ -20,20 +20,24 @@ from mautrix.errors import MatrixRequestError
 
 from bridge import __version__
 from bridge.admin.parser import AdminParser
-from bridge.admin.queries import AdminQueries, age
-from bridge.commands.audit import parse_moment
-from bridge.commands.directory import foreign_mxid_check
+from bridge.commands import CommandFailed, reports
+from bridge.commands import audit as audit_commands
+from bridge.commands import connectors as connector_commands
+from bridge.commands import dead_letters as dead_letter_commands
+from bridge.commands import directory as directory_commands
+from bridge.commands import erasure as erasure_commands
+from bridge.commands.connectors import ConnectorCommands
+from bridge.commands.dead_letters import DeadLetterCommands
+from bridge.commands.reports import ConnectorState
+from bridge.commands.trust import TrustCommands
 from bridge.config import Config
 from bridge.core.connectors import ConnectorSet
 from bridge.core.erasure import Erasure
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.health import ConnectorHealth
 from bridge.db.stores import Stores
-from bridge.directory.importer import DirectoryFormatError, import_file
 from bridge.matrix.homeserver import Homeserver
 from bridge.matrix.media import MediaError, MediaRepository
-from bridge.values.trust import InvalidServerName, validate_server_name
-from connectors.idnps import Idnps, InvalidIdnps
 
 
 @dataclass
@@ -69,10 +73,6 @@ class AdminContext:
     """More status lines (inbox ordering, metrics ...)."""
     uploads: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     """(room, sender) -> (mxc URI, file name) of the last file an operator sent."""
-
-    @property
-    def queries(self) -> AdminQueries:
-        return AdminQueries(self.stores.db)
 
 
 Handler = Callable[[AdminContext, argparse.Namespace, str], Awaitable[Reply]]
@@ -118,7 +118,7 @@ def build_parser() -> AdminParser:
     p = command("portals", "the portal rooms (20 most recent matching)", _portals)
     p.add_argument("filter", nargs="?", default="", help="part of a room id, title or connector")
     o = command("portal", "one portal: its links, queue and dead letters", _portal)
-    o.add_argument("room", help="room id")
+    o.add_argument("room", help="room id, or a vendor conversation id")
     w = command("whois", "a professional (IDNPS) or a Matrix ID", _whois)
     w.add_argument("who", help="IDNPS or @user:server")
     t = command("trust", "the trust list", _trust)
@@ -157,7 +157,8 @@ async def _version(ctx: AdminContext, args: argparse.Namespace, who: str) -> Rep
 
 
 async def _status(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    lines = [f"eimis-bridge {__version__}, up {_duration(time.monotonic() - ctx.started_at)}"]
+    up = reports.duration(time.monotonic() - ctx.started_at)
+    lines = [f"eimis-bridge {__version__}, up {up}"]
     try:
         await ctx.homeserver.bot.versions()
         lines.append(f"Homeserver {ctx.config.homeserver.url}: answering")
@@ -165,38 +166,18 @@ async def _status(ctx: AdminContext, args: argparse.Namespace, who: str) -> Repl
         lines.append(
             f"Homeserver {ctx.config.homeserver.url}: NOT answering ({type(error).__name__})"
         )
-    queries = ctx.queries
+    running = [
+        ConnectorState(cid, type(connector).type_name, ctx.health.state(cid))
+        for cid, connector in ctx.connectors
+    ]
     try:
-        inbox = await queries.inbox_counts()
-        depths = await queries.queue_depths()
-        dead = await ctx.stores.dead_letters.list()
-        lines.append(
-            f"Database: answering; inbox {inbox.get('pending', 0)} pending, "
-            f"{inbox.get('waiting', 0)} waiting for earlier events, {inbox.get('failed', 0)} failed"
-        )
+        report = await reports.database_status(ctx.stores, running)
     except Exception as error:
         lines.append(f"Database: NOT answering ({type(error).__name__})")
         return Reply("\n".join(lines), pre=True)
+    lines.append(report.database_line())
     lines.append(_encryption_status(ctx))
-    dead_by: dict[str, int] = {}
-    for letter in dead:
-        dead_by[letter.connector] = dead_by.get(letter.connector, 0) + 1
-    lines.append("Connectors:")
-    for connector_id, connector in ctx.connectors:
-        depth = depths.get(connector_id)
-        state = ctx.health.state(connector_id)
-        line = (
-            f"  {connector_id} ({type(connector).type_name}): {state}, "
-            f"{depth.pending if depth else 0} queued"
-        )
-        if depth and depth.held:
-            line += f" ({depth.held} held behind dead letters)"
-        if depth and depth.pending:
-            line += f", oldest {age(depth.oldest_ms)}"
-        line += f", {dead_by.get(connector_id, 0)} dead letter(s)"
-        if depth and depth.last_error:
-            line += f"; last error: {depth.last_error[:160]}"
-        lines.append(line)
+    lines.extend(report.connector_lines())
     if ctx.extra_status is not None:
         lines.extend(await ctx.extra_status())
     return Reply("\n".join(lines), pre=True)
@@ -218,78 +199,52 @@ def _encryption_status(ctx: AdminContext) -> str:
 
 async def _connectors(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
     if ctx.manager is not None:
-        infos = await ctx.manager.list()
-        lines = [_connector_line(ctx, info) for info in infos]
+        infos = await ConnectorCommands(ctx.manager).listing()
+        lines = [
+            connector_commands.line(info, ctx.health.state(info.connector_id)) for info in infos
+        ]
         return Reply("\n".join(lines) or "No connector.", pre=True)
     lines = [f"{cid} ({type(c).type_name}): {ctx.health.state(cid)}" for cid, c in ctx.connectors]
     return Reply("\n".join(lines) or "No connector.", pre=True)
 
 
-def _connector_line(ctx: AdminContext, info: Any) -> str:
-    parts = [f"{info.connector_id} ({info.type_name})"]
-    parts.append("enabled" if info.enabled else "disabled")
-    parts.append(f"from {info.origin}")
-    if info.running:
-        parts.append(ctx.health.state(info.connector_id))
-    elif info.enabled:
-        parts.append("not running")
-    if info.secret_grace_until:
-        parts.append(f"previous secret accepted until {_when(info.secret_grace_until)}")
-    if info.problem:
-        parts.append(f"problem: {info.problem}")
-    return ", ".join(parts)
-
-
-def _when(ms: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ms / 1000))
-
-
 async def _connector(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    manager = ctx.manager
-    if manager is None:
+    if ctx.manager is None:
         return Reply("This bridge has no run-time connector registry.")
+    commands = ConnectorCommands(ctx.manager)
     name, action = args.name, args.action
     if action in ("add", "rotate-secret") and not await _encrypted_room(ctx, who):
         return Reply(_SECRET_NOT_HERE.format(action=action, name=name))
-    if action == "add":
-        if not args.type:
-            return Reply("connector add needs --type (one of the installed connector types).")
-        settings: dict[str, str] = {}
-        for pair in args.set:
-            key, sep, value = pair.partition("=")
-            if not sep or not key:
-                return Reply(f"--set takes KEY=VALUE, not {pair[:60]!r}.")
-            settings[key.strip()] = value
-        result = await manager.add(name, args.type, settings)
-        lines = [f"Connector {name} ({args.type}) added."]
-        lines.append("It runs." if result.running else f"It is not running: {result.problem}")
-        lines.append(f"Its webhooks: {result.webhook_base_url}")
-        lines.append(
-            f"Its shared secret, shown this once (give it to the vendor):\n{result.secret}"
-        )
-        return Reply("\n".join(lines), pre=True)
-    if action == "enable":
-        await manager.enable(name)
-        return Reply(f"Connector {name} enabled.")
-    if action == "test":
-        return Reply(f"Connector {name}: {await manager.test(name)}")
+    try:
+        if action == "add":
+            if not args.type:
+                return Reply("connector add needs --type (one of the installed connector types).")
+            settings = connector_commands.settings_of(args.set)
+            return Reply(await commands.add(name, args.type, settings), pre=True)
+        if action == "enable":
+            return Reply(await commands.enable(name))
+        if action == "test":
+            return Reply(await commands.test(name))
+    except CommandFailed as error:
+        return Reply(str(error))
+    grace_s = args.grace * 3600
 
     async def run() -> Reply:
-        if action == "disable":
-            await manager.disable(name)
-            return Reply(f"Connector {name} disabled; its deliveries wait.")
-        if action == "remove":
-            await manager.remove(name, force=args.force)
-            return Reply(f"Connector {name} removed.")
-        secret = await manager.rotate_secret(name, args.grace * 3600)
-        return Reply(
-            f"New shared secret for {name}, shown this once; the old one is accepted for "
-            f"{args.grace:g} more hour(s):\n{secret}",
-            pre=True,
-        )
+        try:
+            if action == "disable":
+                return Reply(await commands.disable(name))
+            if action == "remove":
+                return Reply(await commands.remove(name, force=args.force))
+            return Reply(await commands.rotate_secret(name, grace_s), pre=True)
+        except CommandFailed as error:
+            return Reply(str(error))
 
-    verb = {"disable": "Disable", "remove": "Remove", "rotate-secret": "Rotate the secret of"}
-    return Reply(f"{verb[action]} connector {name}? Answer 'yes' to confirm.", confirm=run)
+    question = {
+        "disable": commands.disable_question(name),
+        "remove": commands.remove_question(name),
+        "rotate-secret": commands.rotate_question(name, grace_s),
+    }[action]
+    return Reply(f"{question} Answer 'yes' to confirm.", confirm=run)
 
 
 _SECRET_NOT_HERE = (
@@ -307,151 +262,82 @@ async def _encrypted_room(ctx: AdminContext, who: str) -> bool:
 
 
 async def _queue(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    if args.name not in ctx.connectors:
-        return Reply(f"No running connector {args.name!r}: {', '.join(ctx.connectors.ids())}.")
-    items = await ctx.queries.queue(args.name)
-    if not items:
-        return Reply(f"Nothing waits for {args.name}.")
-    lines = [f"{'id':>8}  {'queued':>8}  {'tries':>5}  operation          room"]
-    for seq, room_id, operation, attempts, created in items:
-        lines.append(f"{seq:>8}  {age(created):>8}  {attempts:>5}  {operation:<18} {room_id}")
-    return Reply("\n".join(lines), pre=True)
+    try:
+        report = await reports.queue(
+            ctx.stores.reports, args.name, ctx.connectors.ids(), "running connector"
+        )
+    except CommandFailed as error:
+        return Reply(str(error))
+    return Reply(report.text(), pre=bool(report.items))
 
 
 async def _dead_letters(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    letters = await ctx.stores.dead_letters.list(args.name)
-    if not letters:
-        return Reply("No dead letter.")
-    lines = [f"{'id':>8}  {'connector':<12} {'held':>5}  operation          room / last error"]
-    for letter in letters:
-        lines.append(
-            f"{letter.seq:>8}  {letter.connector:<12} {letter.held:>5}  {letter.operation:<18} "
-            f"{letter.room_id}\n{'':>10}{(letter.last_error or '')[:160]}"
-        )
-    lines.append("retry ID|all puts them back in their queue; discard ID drops one.")
-    return Reply("\n".join(lines), pre=True)
+    letters = await DeadLetterCommands(ctx.stores.dead_letters).listing(args.name)
+    return Reply(dead_letter_commands.room_table(letters), pre=bool(letters))
 
 
 async def _retry(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    if args.id == "all":
-        count = await ctx.stores.dead_letters.retry(None)
-    else:
-        try:
-            seq = int(args.id)
-        except ValueError:
-            return Reply(f"retry takes a dead letter id (a number) or 'all', not {args.id[:40]!r}.")
-        count = await ctx.stores.dead_letters.retry(seq)
-    if not count:
-        return Reply("No such dead letter (see dead-letters).")
-    return Reply(f"{count} dead letter(s) back in their queue; they go out in order.")
+    try:
+        return Reply(await DeadLetterCommands(ctx.stores.dead_letters).retry(args.id))
+    except CommandFailed as error:
+        return Reply(str(error))
 
 
 async def _discard(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    letters = {letter.seq: letter for letter in await ctx.stores.dead_letters.list()}
-    letter = letters.get(args.id)
-    if letter is None:
-        return Reply("No such dead letter (see dead-letters).")
+    letters = DeadLetterCommands(ctx.stores.dead_letters)
+    try:
+        letter = await letters.find(args.id)
+    except CommandFailed as error:
+        return Reply(str(error))
 
     async def run() -> Reply:
-        if await ctx.stores.dead_letters.discard(args.id):
-            return Reply(f"Dead letter {args.id} discarded; its conversation flows again.")
-        return Reply(f"Dead letter {args.id} is gone already.")
+        try:
+            return Reply(await letters.discard(args.id))
+        except CommandFailed as error:
+            return Reply(str(error))
 
-    return Reply(
-        f"Discard dead letter {args.id} ({letter.operation} to {letter.connector} in "
-        f"{letter.room_id})? Its content is dropped for good. Answer 'yes' to confirm.",
-        confirm=run,
-    )
+    return Reply(f"{letters.discard_question(letter)} Answer 'yes' to confirm.", confirm=run)
 
 
 async def _portals(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    total, portals = await ctx.queries.portals(args.filter)
-    if not portals:
-        return Reply("No portal matches." if args.filter else "No portal yet.")
-    lines = [f"{total} portal(s){' matching' if args.filter else ''}; newest first:"]
-    for portal in portals:
-        links = ", ".join(connector for connector, _ in portal.connectors) or "no vendor"
-        kind = "direct" if portal.is_direct else "group"
-        lines.append(f"{portal.room_id}  {kind}  [{links}]  {portal.title or ''}".rstrip())
-    return Reply("\n".join(lines), pre=True)
+    report = await reports.portals(ctx.stores.reports, args.filter)
+    return Reply(report.text(), pre=bool(report.portals))
 
 
 async def _portal(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    portal = await ctx.queries.portal(args.room)
-    if portal is None:
-        return Reply(f"{args.room[:80]} is not a portal room.")
-    pending, dead = await ctx.queries.portal_queue(portal.room_id)
-    lines = [
-        f"{portal.room_id} ({'direct' if portal.is_direct else 'group'}): {portal.title or ''}",
-        f"voice: {portal.voice}",
-    ]
-    for connector, conversation in portal.connectors:
-        lines.append(f"  {connector}: conversation {conversation or '(being opened)'}")
-    lines.append(f"deliveries waiting: {pending}; dead letters: {dead}")
-    return Reply("\n".join(lines), pre=True)
+    try:
+        report = await reports.portal(ctx.stores.reports, args.room)
+    except CommandFailed as error:
+        return Reply(str(error))
+    return Reply(report.text(), pre=True)
 
 
 async def _whois(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    value = args.who.strip()
-    directory = ctx.stores.directory
-    if value.startswith("@"):
-        ref = ctx.ids.parse(value)
-        if ref is not None:
-            idnps = str(ref.idnps)
-        else:
-            entry = await directory.by_mxid(value)
-            if entry is None:
-                return Reply(f"{value[:80]} is not in the directory and is not a ghost.")
-            idnps = entry.idnps
-    else:
-        try:
-            idnps = str(Idnps(value))
-        except InvalidIdnps as error:
-            return Reply(f"Invalid IDNPS: {error}")
-    entry = await directory.get(idnps)
-    lines = [f"IDNPS {idnps}"]
-    if entry is not None:
-        lines.append(f"name: {entry.display_name} (source: {entry.source})")
-    else:
-        lines.append("not in the directory")
-    for mxid in await directory.mxids(idnps):
-        mark = " (preferred)" if mxid.preferred else ""
-        where = f"{mxid.kind}, {mxid.connector}" if mxid.connector else mxid.kind
-        lines.append(f"  reached at {mxid.mxid} [{where}]{mark}")
-    for mxid, connector, name in await ctx.queries.ghosts_of(idnps):
-        lines.append(f"  ghost {mxid} ({connector}): {name or ''}")
-    permission = await ctx.stores.permissions.get(idnps)
-    if permission is not None:
-        lines.append(f"permissions: {permission.default_setting}")
-    return Reply("\n".join(lines), pre=True)
+    try:
+        report = await reports.whois(ctx.stores, ctx.ids, args.who)
+    except CommandFailed as error:
+        return Reply(str(error))
+    return Reply(report.text(), pre=True)
 
 
 async def _trust(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    store = ctx.stores.trusted_servers
-    trust = ctx.homeserver.trust
-    if args.action == "list":
-        added = {s.server_name: s for s in await store.list()}
-        lines = [f"{trust.own_domain} (this bridge's homeserver)"]
-        lines += [f"{s} (config)" for s in trust.config_servers]
-        lines += [f"{name} (added by {s.added_by})" for name, s in sorted(added.items())]
-        return Reply("Trusted servers:\n" + "\n".join(f"  {line}" for line in lines), pre=True)
-    if not args.server:
-        return Reply(f"trust {args.action} needs a server name.")
+    trust = TrustCommands(
+        ctx.stores.trusted_servers, ctx.config.homeserver.domain, ctx.config.trust.servers
+    )
     try:
-        server = validate_server_name(args.server)
-    except InvalidServerName as error:
-        return Reply(f"Invalid server name: {error}")
-    if args.action == "add":
-        if await store.add(server, who.partition("|")[2]):
-            return Reply(f"{server} trusted; every portal's ACL follows within seconds.")
-        return Reply(f"{server} was trusted already.")
-    if server in trust.config_servers or server == trust.own_domain:
-        return Reply(f"{server} comes from the config (or is ours): change trust.servers there.")
+        if args.action == "list":
+            return Reply((await trust.listing()).text(), pre=True)
+        if args.action == "add":
+            return Reply(await trust.add(args.server, who.partition("|")[2]))
+        server = trust.removable(args.server)
+    except CommandFailed as error:
+        return Reply(str(error))
 
     async def run() -> Reply:
-        if await store.remove(server):
-            return Reply(f"{server} no longer trusted; portals' ACLs follow within seconds.")
-        return Reply(f"{server} was not in the run-time list.")
+        try:
+            return Reply(await trust.remove(server))
+        except CommandFailed as error:
+            return Reply(str(error))
 
     return Reply(
         f"Stop trusting {server}? Its users' events stop reaching vendors and portals' ACLs "
@@ -461,12 +347,17 @@ async def _trust(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply
 
 
 async def _directory(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
-    if args.action == "show":
-        if not args.source:
-            return Reply("directory show needs an IDNPS.")
-        return await _whois(ctx, argparse.Namespace(who=args.source), who)
-    if args.source:
-        return await _import_path(ctx, Path(args.source), args.format, args.source)
+    store = ctx.stores.directory
+    try:
+        if args.action == "show":
+            if not args.source:
+                return Reply("directory show needs an IDNPS.")
+            lines = await directory_commands.show(store, ctx.config, args.source)
+            return Reply("\n".join(lines), pre=True)
+        if args.source:
+            return await _import_path(ctx, Path(args.source), args.format, args.source)
+    except CommandFailed as error:
+        return Reply(str(error))
     upload = ctx.uploads.get(tuple(who.split("|", 1)))  # type: ignore[arg-type]
     if upload is None:
         return Reply(
@@ -483,90 +374,49 @@ async def _directory(ctx: AdminContext, args: argparse.Namespace, who: str) -> R
                         out.write(chunk)
         except (MediaError, MatrixRequestError) as error:
             return Reply(f"Could not download {name}: {error}")
-        return await _import_path(ctx, path, args.format, name)
+        try:
+            return await _import_path(ctx, path, args.format, name)
+        except CommandFailed as error:
+            return Reply(str(error))
 
 
 async def _import_path(ctx: AdminContext, path: Path, fmt: str | None, shown: str) -> Reply:
-    try:
-        report = await import_file(
-            ctx.stores.directory,
-            path,
-            format=fmt,
-            foreign_mxid=foreign_mxid_check(ctx.config),
-            progress=False,
-        )
-    except OSError as error:
-        return Reply(f"Cannot read {shown}: {error.strerror or error}")
-    except DirectoryFormatError as error:
-        return Reply(f"Cannot import {shown}: {error}")
-    lines = [
-        f"Read {report.lines:,} line(s) of {shown} in {report.seconds:.1f} s: "
-        f"{report.records:,} valid, {len(report.rejected):,} rejected.",
-        f"{report.added:,} professional(s) added, {report.changed:,} changed, "
-        f"{report.mxids:,} native Matrix ID(s); {await ctx.stores.directory.count():,} in all.",
-    ]
-    for rejected in report.rejected[:10]:
-        lines.append(f"  rejected: {rejected}")
-    if len(report.rejected) > 10:
-        lines.append(f"  ... and {len(report.rejected) - 10:,} more")
-    return Reply("\n".join(lines), pre=True)
+    store = ctx.stores.directory
+    report = await directory_commands.import_path(store, ctx.config, path, fmt, shown=shown)
+    summary = await directory_commands.summary(store, report, shown, show_rejected=10)
+    return Reply(summary.text(), pre=True)
 
 
 async def _audit(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
     if ctx.audit is None:
         return Reply("This bridge keeps no audit log.")
     try:
-        since_ms = parse_moment(args.since)
-    except ValueError as error:
+        since_ms = audit_commands.parse_moment(args.since)
+    except CommandFailed as error:
         return Reply(f"--since: {error}")
-    rows = await ctx.audit.query(
+    latest = await audit_commands.latest(
+        ctx.audit,
         since_ms,
         connector=args.connector,
         portal=args.portal,
         limit=max(1, min(args.limit, 200)),
-        latest=True,
     )
-    if not rows:
+    if not latest.records:
         return Reply("No audit record in that window.")
-    lines = [_audit_line(row) for row in rows]
+    lines = latest.lines()
     lines.append("The full log: eimis-bridge audit --format csv|json (on the bridge's host).")
     return Reply("\n".join(lines), pre=True)
 
 
-def _audit_line(row: Any) -> str:
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row.at / 1000))
-    return (
-        f"{when}Z {row.connector} {row.direction} {row.kind} {row.outcome} "
-        f"{row.sender or '-'} -> {row.recipient or '-'} {row.portal or '-'}"
-    )
-
-
 async def _forget(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
     try:
-        idnps = str(Idnps(args.idnps))
-    except InvalidIdnps as error:
-        return Reply(f"Invalid IDNPS: {error}")
-    ghosts = [mxid for mxid, _, _ in await ctx.queries.ghosts_of(idnps)]
+        plan = await erasure_commands.plan(ctx.stores, args.idnps)
+    except CommandFailed as error:
+        return Reply(str(error))
 
     async def run() -> Reply:
         erasure = ctx.erasure or Erasure(ctx.stores, ctx.homeserver, crypto=ctx.crypto)
-        report = await erasure.erase(idnps, who.partition("|")[2] or who)
+        report = await erasure_commands.forget(erasure, plan, who.partition("|")[2] or who)
         return Reply("\n".join(report.lines()), pre=True)
 
-    return Reply(
-        f"Erase everything the bridge holds about {idnps} ({len(ghosts)} ghost(s))? Their "
-        "messages are redacted in every portal, their ghosts leave and lose their profile, and "
-        "what they sent that still waits in queues is dropped. Answer 'yes' to confirm.",
-        confirm=run,
-    )
-
-
-# --- Helpers -------------------------------------------------------------------------------------
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds // size} {unit}"
-    return f"{seconds} s"
+    return Reply(f"{plan.question()} Answer 'yes' to confirm.", confirm=run)

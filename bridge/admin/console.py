@@ -6,7 +6,6 @@ from typing import Any
 
 from bridge.admin.alerts import AlertWatch, Snapshot
 from bridge.admin.commands import AdminContext
-from bridge.admin.queries import AdminQueries
 from bridge.admin.room import AdminRoom
 from bridge.config import Config
 from bridge.core.connectors import ConnectorSet
@@ -49,7 +48,6 @@ class Console:
         )
         self.room = AdminRoom(self.context)
         """The admin rooms: ``FromMatrix``'s admin hook (``bridge/core/admin_hook.py``)."""
-        self._queries = AdminQueries(stores.db)
         self.alerts = AlertWatch(
             self.snapshot,
             self.room.post,
@@ -66,7 +64,7 @@ class Console:
         return Snapshot(
             states={cid: health.state(cid) for cid in self.context.connectors.ids()},
             dead={d.seq: d.connector for d in await self.context.stores.dead_letters.list()},
-            heads=await self._queries.queue_heads(),
+            heads=await self.context.stores.reports.queue_heads(),
         )
 
     def start(self) -> None:

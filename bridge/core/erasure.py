@@ -30,12 +30,10 @@ from mautrix.api import Method, Path
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
 from mautrix.types import RoomID, UserID
 
-from bridge.admin.queries import AdminQueries
 from bridge.db.audit import AuditRecord
 from bridge.db.clock import now_ms
 from bridge.db.crypto import CryptoStore
 from bridge.db.directory import GHOST
-from bridge.db.erasure import ErasureStore
 from bridge.db.inbox import CRYPTO_ORIGIN, MATRIX_ORIGIN
 from bridge.db.stores import Stores
 from bridge.matrix.homeserver import Homeserver, derived_txn_id
@@ -129,12 +127,11 @@ class Erasure:
         self.hs = homeserver
         self.crypto = crypto
         self.on_dropped = on_dropped
-        self.erasures = ErasureStore(stores.db)
-        self.queries = AdminQueries(stores.db)
+        self.erasures = stores.erasures
         self._matrix_lock = asyncio.Lock()
 
     async def erase(self, idnps: str, requested_by: str) -> ErasureReport:
-        ghosts = [mxid for mxid, _, _ in await self.queries.ghosts_of(idnps)]
+        ghosts = [ghost.mxid for ghost in await self.stores.ghosts.of_professional(idnps)]
         listed = await self.stores.directory.mxids(idnps)
         mxids = {m.mxid for m in listed} | set(ghosts)
         # Queued content first: it needs the Matrix IDs the rows below still name.
@@ -152,7 +149,7 @@ class Erasure:
             if inbox_authored_by(item.origin, item.payload, idnps, mxids)
         ]
         erased_inbox = await self.stores.inbox.erase(inbox, REASON)
-        directory_rows = await self.queries.forget(idnps)
+        directory_rows = await self.erasures.erase_rows(idnps)
         for ghost in ghosts:
             self.stores.ghosts.forget(ghost)
         # The bridge's users among their Matrix IDs: ghost rows, and ghosts the directory

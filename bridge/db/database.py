@@ -39,6 +39,12 @@ BUSY_TIMEOUT_MS = 5000
 """How long a SQLite statement waits for another connection's lock (mautrix's default)."""
 
 
+async def ping(db: Database) -> None:
+    """Ask the database the cheapest question (a readiness probe): raises when it does not
+    answer."""
+    await db.fetchval("SELECT 1")
+
+
 async def truncate_wal(db: Database) -> None:
     """SQLite: copy the write-ahead log into the database and empty it, so content cleared
     from rows (delivered, discarded, erased) does not live on in old log frames (with

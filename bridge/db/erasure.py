@@ -1,4 +1,5 @@
-"""Erasures (``forget``) and the Matrix part of each that still waits for the homeserver.
+"""Erasures (``forget``): the rows that name a professional, erased; and the Matrix part of
+each erasure that still waits for the homeserver.
 
 One row per erasure: when it was asked, and the Matrix IDs whose redactions, leaving and profile
 clearing are still to do. A row whose Matrix part is done keeps its times only.
@@ -13,6 +14,15 @@ from mautrix.util.async_db import Database
 
 from bridge.db.clock import now_ms
 
+_ROWS_NAMING_A_PROFESSIONAL = (
+    "professional_mxid",
+    "permission_exception",
+    "professional",
+    "permission",
+    "ghost",
+)
+"""Tables whose ``idnps`` column names a professional, children first."""
+
 
 @dataclass(frozen=True)
 class PendingErasure:
@@ -24,6 +34,19 @@ class PendingErasure:
 class ErasureStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    async def erase_rows(self, idnps: str) -> int:
+        """Erase the rows that name a professional: directory entry and Matrix IDs,
+        permissions, ghost rows; how many went. Queued content, crypto material and what their
+        ghosts left on Matrix are erased by ``bridge.core.erasure``. The audit log keeps its
+        metadata rows (its own retention applies)."""
+        erased = 0
+        async with self.db.acquire() as conn, conn.transaction():
+            for table in _ROWS_NAMING_A_PROFESSIONAL:
+                erased += len(
+                    await conn.fetch(f"DELETE FROM {table} WHERE idnps = $1 RETURNING 1", idnps)
+                )
+        return erased
 
     async def open(self, pending: list[str]) -> int:
         """Record an erasure whose Matrix part is still to do: ``pending`` holds Matrix IDs

@@ -36,6 +36,15 @@ class GhostStore:
 
         return await self._cache.get(mxid, load)
 
+    async def of_professional(self, idnps: str) -> list[GhostRow]:
+        """Every ghost of this professional (one per connector), by connector."""
+        rows = await self.db.fetch(
+            "SELECT mxid, connector, idnps, display_name FROM ghost WHERE idnps = $1 "
+            "ORDER BY connector",
+            idnps,
+        )
+        return [GhostRow(**dict(row)) for row in rows]
+
     def forget(self, mxid: str) -> None:
         """The row was changed behind the cache (an erasure): read it again next time."""
         self._cache.forget(mxid)

@@ -11,6 +11,7 @@ from bridge.db.audit import AuditLog
 from bridge.db.connector_registry import ConnectorRegistry
 from bridge.db.dead_letters import DeadLetterStore
 from bridge.db.directory import DirectoryStore
+from bridge.db.erasure import ErasureStore
 from bridge.db.ghost import GhostStore
 from bridge.db.group_commit import GroupCommit
 from bridge.db.inbox import InboxStore
@@ -18,6 +19,7 @@ from bridge.db.message_map import MessageMapStore
 from bridge.db.outbox import OutboxStore
 from bridge.db.permissions import PermissionStore
 from bridge.db.portal import PortalStore
+from bridge.db.reports import ReportStore
 from bridge.db.trust import TrustStore
 from bridge.secrets import SecretBox, configured_box
 
@@ -39,6 +41,10 @@ class Stores:
     audit: AuditLog
     connector_registry: ConnectorRegistry
     """Connectors registered at run time and their sealed secrets."""
+    reports: ReportStore
+    """Read-only reports for operators (status, queues, portals)."""
+    erasures: ErasureStore
+    """The rows an erasure deletes, and erasures whose Matrix part waits."""
 
     @classmethod
     def of(
@@ -69,4 +75,6 @@ class Stores:
             directory=DirectoryStore(db),
             audit=AuditLog(db),
             connector_registry=ConnectorRegistry(db, box or secrets),
+            reports=ReportStore(db),
+            erasures=ErasureStore(db),
         )

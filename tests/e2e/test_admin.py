@@ -3,7 +3,11 @@ from a direct chat with its bot; anyone else is refused politely; alerts arrive 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -353,7 +357,8 @@ async def test_forget_erases_a_professional_in_every_portal_and_keeps_a_content_
         # Nothing of her is left in the directory; the audit log says who asked, whom, counts.
         assert "not in the directory" in await console.run(f"whois {alice.idnps}", "IDNPS")
         records = [
-            r for r in await stack.bridge.stores.audit.query(connector="bridge", limit=1000)
+            r
+            for r in await stack.bridge.stores.audit.query(connector="bridge", limit=1000)
             if r.direction == "erasure" and r.recipient == str(alice.idnps)
         ]
         assert len(records) == 1 and records[0].outcome == "done"
@@ -362,3 +367,71 @@ async def test_forget_erases_a_professional_in_every_portal_and_keeps_a_content_
         assert all(text not in flat for text in events)
     finally:
         await reader.close()
+
+
+def _host_cli(stack: LocalStack, *argv: str) -> str:
+    """``eimis-bridge ARGV -c <the stack's config>`` on the bridge's host: its output."""
+    config = str(stack.state_dir / "config.yaml")
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", argv[0], "-c", config, *argv[1:]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.rstrip("\n")
+
+
+def _steady(queue: str) -> str:
+    """A ``queue`` answer without what moves while the vendor is down: ages and tries."""
+    return re.sub(r"^( *\d+) +\d+ (s|min|h|d) +\d+ ", r"\1 AGE TRIES ", queue, flags=re.M)
+
+
+async def test_whois_and_queue_say_the_same_in_the_room_and_on_the_host(
+    console: Console, stack: LocalStack, http: ClientSession
+) -> None:
+    """One formatting for both front ends: what the room answers is what the CLI prints from
+    the bridge's host (which reads the database only, and works when Matrix is down)."""
+    alice = (await users_of(stack, http, "pandalab"))[2]
+    bob = (await users_of(stack, http, "medipeps"))[2]
+    conversation = await alice.start_conversation([bob.idnps], unique("Same"))
+    await portal_of(stack, "pandalab", conversation)  # her ghost exists from now on
+    assert stack.bridge is not None
+    ghosts = stack.bridge.stores.ghosts
+
+    async def ghost_recorded() -> bool:
+        return bool(await ghosts.of_professional(str(alice.idnps)))
+
+    await wait_for("her ghost recorded", ghost_recorded, 30)
+    room_text = await console.run(f"whois {alice.idnps}", f"IDNPS {alice.idnps}")
+    host_text = await asyncio.to_thread(_host_cli, stack, "whois", str(alice.idnps))
+    assert room_text == host_text and f"eimis_pandalab_{alice.idnps}" in host_text
+
+    reports = stack.bridge.stores.reports
+    sandbox = stack.sandboxes["medipeps"]
+    await sandbox.stop()
+    try:
+        await alice.send(conversation, unique("en attente"))
+
+        async def queued() -> bool:
+            return bool(await reports.queue("medipeps"))
+
+        await wait_for("a delivery waiting for medipeps", queued, 60)
+        room_text = await console.run("queue medipeps", "operation")
+        host_text = await asyncio.to_thread(_host_cli, stack, "queue", "medipeps")
+    finally:
+        await sandbox.start()
+    assert _steady(room_text) == _steady(host_text)
+    assert "AGE TRIES" in _steady(host_text) and "tries" in host_text
+
+
+async def test_trust_add_of_our_own_or_a_config_server_stores_nothing(
+    console: Console, stack: LocalStack
+) -> None:
+    """The room used to store such a server; now it answers as the CLI does."""
+    text = await console.run("trust add eimis.localhost", "eimis.localhost")
+    assert text == "eimis.localhost is already trusted (config)."
+    assert stack.bridge is not None
+    assert "eimis.localhost" not in [
+        s.server_name for s in await stack.bridge.stores.trusted_servers.list()
+    ]

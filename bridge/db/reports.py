@@ -1,13 +1,12 @@
-"""What operators read about the bridge's state: read-only reports across tables, and the one
-erasure (``forget``). Only ids, counts and times: never content."""
+"""Reports on the bridge's state for operators (the admin room's and the CLI's ``status``,
+``queue``, ``portals``, ``portal``, ``whois``): read-only counts and lists across the outbox,
+inbox, portal and ghost tables. Only ids, counts and times: never content."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from mautrix.util.async_db import Database
-
-from bridge.db.clock import now_ms
 
 
 @dataclass(frozen=True)
@@ -31,7 +30,7 @@ class PortalSummary:
     """(connector, its conversation id or None while being opened)."""
 
 
-class AdminQueries:
+class ReportStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
@@ -122,6 +121,15 @@ class AdminQueries:
         )
         return await self._summary(row) if row is not None else None
 
+    async def portal_of_conversation(self, conversation_id: str) -> str | None:
+        """The portal room linked to this vendor conversation (the first, should several
+        vendors use the same id)."""
+        value = await self.db.fetchval(
+            "SELECT room_id FROM portal_link WHERE conversation_id = $1 ORDER BY connector LIMIT 1",
+            conversation_id,
+        )
+        return str(value) if value is not None else None
+
     async def _summary(self, row: object) -> PortalSummary:
         links = await self.db.fetch(
             "SELECT connector, conversation_id FROM portal_link WHERE room_id = $1 "
@@ -145,41 +153,3 @@ class AdminQueries:
             room_id,
         )
         return int(row["pending"] or 0), int(row["dead"] or 0)
-
-    async def ghosts_of(self, idnps: str) -> list[tuple[str, str, str | None]]:
-        """(mxid, connector, display name) of every ghost of this professional."""
-        rows = await self.db.fetch(
-            "SELECT mxid, connector, display_name FROM ghost WHERE idnps = $1 ORDER BY connector",
-            idnps,
-        )
-        return [(r["mxid"], r["connector"], r["display_name"]) for r in rows]
-
-    async def forget(self, idnps: str) -> int:
-        """Erase the rows that name a professional: directory entry and Matrix IDs,
-        permissions, ghost rows; how many went. Queued content, crypto material and what their
-        ghosts left on Matrix are erased by ``bridge.core.erasure``. The audit log keeps its
-        metadata rows (its own retention applies)."""
-        erased = 0
-        async with self.db.acquire() as conn, conn.transaction():
-            for table in (
-                "professional_mxid",
-                "permission_exception",
-                "professional",
-                "permission",
-                "ghost",
-            ):
-                erased += len(
-                    await conn.fetch(f"DELETE FROM {table} WHERE idnps = $1 RETURNING 1", idnps)
-                )
-        return erased
-
-
-def age(ms: int | None) -> str:
-    """How long ago, for people: 42 s, 3 min, 2 h, 5 d."""
-    if ms is None:
-        return "-"
-    seconds = max(0, (now_ms() - ms) // 1000)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds // size} {unit}"
-    return f"{seconds} s"
