@@ -48,7 +48,6 @@ from bridge.db.crypto import CryptoStore
 from bridge.db.database import open_database, ping, truncate_wal
 from bridge.db.group_commit import GroupCommit
 from bridge.db.inbox import InboxItem
-from bridge.db.outbox import OutboxItem
 from bridge.db.stores import Stores
 from bridge.matrix.homeserver import Homeserver, HomeserverCheckFailed, appservice_api
 from bridge.matrix.keys import KeysApi
@@ -181,14 +180,7 @@ class Bridge:
             trail=trail,
             portals=self.portals,
         )
-        self.outbox = LaneScheduler[OutboxItem](
-            "outbox",
-            self.stores.outbox.pending,
-            self.delivery.handle,
-            self.delivery.record_error,
-            fetch_lane=self.stores.outbox.pending_in_lane,
-        )
-        self.delivery.attach(self.outbox)  # its own queue: a vendor back retries its lanes
+        self.outbox = self.delivery.queue  # its own lanes: a vendor back retries them
         # Erasures (``forget``, admin room or CLI): their Matrix part when the homeserver was
         # down, and no erased delivery sent from memory.
         self.erasure = Erasure(

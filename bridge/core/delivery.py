@@ -70,18 +70,21 @@ class Delivery:
         # Its own group commit: on PostgreSQL, completed deliveries commit while the router's
         # batch (other rows) is committing.
         self._commit = GroupCommit(stores.db)
-        self._scheduler: LaneScheduler[OutboxItem] | None = None
+        self.queue = LaneScheduler[OutboxItem](
+            "outbox",
+            stores.outbox.pending,
+            self.handle,
+            self.record_error,
+            fetch_lane=stores.outbox.pending_in_lane,
+        )
+        """The outbox's ordered lanes, worked by this delivery (started by the bridge)."""
         self._attempts: dict[int, int] = {}
         self._told_retrying: set[int] = set()
         self._media_tries: dict[int, int] = {}
         """Failed tries at fetching an item's file (not the homeserver down), by seq."""
 
-    def attach(self, scheduler: LaneScheduler[OutboxItem]) -> None:
-        self._scheduler = scheduler
-
     def _vendor_back(self, connector: str) -> None:
-        if self._scheduler is not None:
-            self._scheduler.retry_now(f"{connector}\x1f")
+        self.queue.retry_now(f"{connector}\x1f")
 
     async def handle(self, item: OutboxItem) -> None:
         """Deliver one item; raises only for failures worth retrying."""
@@ -197,8 +200,7 @@ class Delivery:
         await self.stores.outbox.mark_dead(item.seq, reason)
         self._attempts.pop(item.seq, None)
         self._told_retrying.discard(item.seq)
-        if self._scheduler is not None:
-            self._scheduler.drop_backlog(item.lane)
+        self.queue.drop_backlog(item.lane)
         detail = (
             f"{item.connector} refused it {attempts} times ({reason}); later messages of "
             "this conversation wait until an operator retries or discards it"
