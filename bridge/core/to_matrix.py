@@ -39,6 +39,7 @@ from bridge.formatting.mentions import mentions_to_pills
 from bridge.matrix.homeserver import Homeserver, derived_txn_id
 from bridge.matrix.media import MediaError, MediaRepository
 from connectors.base import (
+    AttachmentSource,
     Capabilities,
     Connector,
     ConversationCreated,
@@ -50,6 +51,7 @@ from connectors.base import (
     ReactionAdded,
     ReactionRemoved,
     ReadUpTo,
+    RemoteAttachment,
     RemoteEvent,
     TypingChanged,
 )
@@ -357,16 +359,8 @@ class ToMatrix:
         assert attachment is not None
         mime = attachment.mime_type.lower()
         name = safe_filename(attachment.name)
-        refusal = None
-        why = None
-        if not self.media_config.allows(mime):
-            refusal, why = f"files of type {mime} are not allowed in this space", "type_not_allowed"
-        elif attachment.size is not None and attachment.size > self.media_config.max_file_size:
-            why = "too_large"
-            refusal = (
-                f"the file is larger than this space accepts "
-                f"({self.media_config.max_file_size // (1024 * 1024)} MiB)"
-            )
+        refused = file_refusal(connector, attachment, self.media_config)
+        refusal, why = refused if refused else (None, None)
         encryptor = Encryptor() if await self._encrypted(room_id) else None
         if refusal is None:
             try:
@@ -708,3 +702,23 @@ def _ms(moment: datetime) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
+
+
+def file_refusal(
+    connector: Connector, attachment: RemoteAttachment, media: MediaConfig
+) -> tuple[str, str] | None:
+    """Why a vendor's file cannot enter this space (a sentence for its sender, the refusal's
+    class), or None when it may."""
+    mime = attachment.mime_type.lower()
+    if not isinstance(connector, AttachmentSource):
+        # A connector that emits a file must be able to fetch it (its contract says so).
+        return "this vendor's connector cannot fetch its files", "no_attachment_source"
+    if not media.allows(mime):
+        return f"files of type {mime} are not allowed in this space", "type_not_allowed"
+    if attachment.size is not None and attachment.size > media.max_file_size:
+        return (
+            "the file is larger than this space accepts "
+            f"({media.max_file_size // (1024 * 1024)} MiB)",
+            "too_large",
+        )
+    return None

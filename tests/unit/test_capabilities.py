@@ -42,6 +42,7 @@ from connectors.base import (
     OutboundMessage,
     ReactionHandling,
     ReadReceiptHandling,
+    RemoteAttachment,
     RemoteUser,
     TypingHandling,
 )
@@ -412,3 +413,21 @@ def test_the_contract_exposes_the_identifier_type() -> None:
     assert contract.Idnps is Original and contract.InvalidIdnps is OriginalInvalid
     with pytest.raises(contract.InvalidIdnps):
         contract.Idnps("123")
+
+
+def test_a_file_from_a_connector_that_cannot_fetch_files_is_refused_with_a_reason() -> None:
+    """A connector emitting a file without implementing ``AttachmentSource`` gets a refusal
+    its sender is told of (not an AttributeError in the conversation's lane)."""
+    from bridge.core.to_matrix import file_refusal
+
+    pdf = RemoteAttachment("bilan.pdf", "application/pdf", 10, "src")
+    media = MediaConfig()
+    assert not isinstance(Plain(context()), AttachmentSource)
+    refusal = file_refusal(Plain(context()), pdf, media)
+    assert refusal == ("this vendor's connector cannot fetch its files", "no_attachment_source")
+    assert file_refusal(MedipepsConnector.__new__(MedipepsConnector), pdf, media) is None
+    huge = RemoteAttachment("scan.pdf", "application/pdf", media.max_file_size + 1, "src")
+    assert file_refusal(MedipepsConnector.__new__(MedipepsConnector), huge, media) == (
+        f"the file is larger than this space accepts ({media.max_file_size // 2**20} MiB)",
+        "too_large",
+    )
