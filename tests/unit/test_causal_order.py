@@ -16,13 +16,14 @@ from urllib.parse import unquote
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from fake_timeline import TimelineServer, page_backwards
 from mautrix.util.async_db import Database
 
 from bridge.appservice.server import AppserviceServer
 from bridge.config import ReconcileConfig
 from bridge.core.causal_order import FEDERATION_ONLY, CausalOrder
 from bridge.db.inbox import InboxStore
+
+from fake_timeline import TimelineServer, page_backwards
 
 OWN = "eimis.example"
 ROOM = "!portal:eimis.example"

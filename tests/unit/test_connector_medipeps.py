@@ -17,7 +17,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from connector_helpers import MemoryStore, Served, rpps, wait_for
 
 from connectors.base import (
     ConnectorContext,
@@ -42,6 +41,8 @@ from connectors.medipeps.convert import event_from_feed, from_epoch_ms, to_epoch
 from connectors.medipeps.sandbox import API_KEY, USERS, create_app
 from connectors.payload import InvalidPayload
 from connectors.sandbox.webtools import KERNEL_KEY
+
+from connector_helpers import MemoryStore, Served, rpps, wait_for
 
 CONNECTOR_ID = "mp"
 NATHALIE = USERS[0].idnps

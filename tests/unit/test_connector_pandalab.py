@@ -16,7 +16,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from connector_helpers import MemoryStore, Recorder, Served, mounted, rpps, wait_for
 
 from connectors.base import (
     ConnectorContext,
@@ -45,6 +44,8 @@ from connectors.pandalab import PandaLabConnector
 from connectors.pandalab.connector import SANDBOX_WEBHOOK_SECRET, PandaLabSettings
 from connectors.pandalab.convert import from_markdown, to_markdown
 from connectors.pandalab.sandbox import USERS, create_app, sign
+
+from connector_helpers import MemoryStore, Recorder, Served, mounted, rpps, wait_for
 
 CONNECTOR_ID = "pl"
 ALICE = USERS[0].idnps

@@ -20,7 +20,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from connector_helpers import MemoryStore, Recorder, Served, mounted, rpps, wait_for
 from pydantic import ValidationError
 
 from connectors.base import (
@@ -48,6 +47,8 @@ from connectors.webhook import WebhookConnector
 from connectors.webhook.sandbox import PUSHER_KEY, SECRET, USERS, create_app
 from connectors.webhook.settings import WebhookSettings
 from connectors.webhook.signing import signature
+
+from connector_helpers import MemoryStore, Recorder, Served, mounted, rpps, wait_for
 
 CONNECTOR_ID = "wh"
 INES = USERS[0].idnps

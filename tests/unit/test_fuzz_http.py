@@ -56,7 +56,6 @@ from urllib.parse import quote, unquote
 
 import pytest
 from aiohttp import web
-from fake_timeline import TimelineServer, page_backwards
 from fuzz_http import RawResponse, Tally, raw_request
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
@@ -87,6 +86,8 @@ from connectors.pandalab.connector import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
 )
+
+from fake_timeline import TimelineServer, page_backwards
 
 # Requests per run (SQLite, PostgreSQL): thousands in all, within about a minute on 2 slow cores.
 # EIMIS_FUZZ_SCALE multiplies them (a longer hunt: EIMIS_FUZZ_SCALE=10).

@@ -17,7 +17,6 @@ from urllib.parse import unquote
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from fake_timeline import TimelineServer, page_backwards
 from mautrix.errors import MatrixConnectionError, make_request_error
 
 from bridge.appservice.server import AppserviceServer
@@ -25,6 +24,8 @@ from bridge.config import DatabaseConfig, ReconcileConfig
 from bridge.core.reconcile import HomeserverUnavailable, Reconciler, TransactionWatch
 from bridge.db.database import open_database
 from bridge.db.inbox import InboxStore
+
+from fake_timeline import TimelineServer, page_backwards
 
 ROOM = "!portal:eimis.example"
 VOICE = "@eimis_bot:eimis.example"
