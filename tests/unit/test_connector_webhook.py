@@ -48,7 +48,8 @@ from connectors.webhook.sandbox import PUSHER_KEY, SECRET, USERS, create_app
 from connectors.webhook.settings import WebhookSettings
 from connectors.webhook.signing import signature
 
-from connector_helpers import MemoryStore, Recorder, Served, mounted, rpps, wait_for
+from connector_helpers import Recorder, Served, mounted, rpps
+from helpers import MemoryStore, wait_until
 
 CONNECTOR_ID = "wh"
 INES = USERS[0].idnps
@@ -240,7 +241,7 @@ async def test_conversation_and_messages_reach_the_bridge_in_order(harness: Harn
         await harness.write(INES, conv, text="troisième"),
     ]
 
-    await wait_for(lambda: len(harness.recorder.events) == 4, "four events")
+    await wait_until(lambda: len(harness.recorder.events) == 4, what="four events")
     created, *messages = harness.recorder.events
     assert isinstance(created, ConversationCreated)
     assert created.conversation_id == conv and created.creator == INES
@@ -295,7 +296,7 @@ async def test_every_event_kind_reaches_the_bridge(harness: Harness) -> None:
             "POST", f"users/{JADE}/conversations/{conv}/typing", 204, json={"typing": typing}
         )
 
-    await wait_for(lambda: len(harness.recorder.events) == 11, "eleven events")
+    await wait_until(lambda: len(harness.recorder.events) == 11, what="eleven events")
     kinds = [type(e) for e in harness.recorder.events]
     assert kinds == [
         ConversationCreated,
@@ -340,7 +341,7 @@ async def test_a_push_that_could_not_be_stored_is_redelivered_and_stored_once(
     harness.recorder.fail_next = 1
     conv = await harness.open_conversation(INES, [str(OUTSIDER)], "Redelivery")
 
-    await wait_for(lambda: len(harness.recorder.events) == 1, "the redelivered event")
+    await wait_until(lambda: len(harness.recorder.events) == 1, what="the redelivered event")
     assert harness.recorder.failures == 1
     assert harness.recorder.events[0].conversation_id == conv
     pushes = harness.receiver.requests
@@ -923,7 +924,9 @@ async def test_a_vendor_down_at_start_is_announced_to_once_it_is_back() -> None:
         await connector.start()  # does not raise
         await sandbox.start()
         pusher = sandbox.app[PUSHER_KEY]
-        await wait_for(lambda: pusher.events_url == "http://b/c/wh/events", "the announcement")
+        await wait_until(
+            lambda: pusher.events_url == "http://b/c/wh/events", what="the announcement"
+        )
     finally:
         await connector.stop()
         await sandbox.close()

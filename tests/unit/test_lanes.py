@@ -17,6 +17,8 @@ import pytest
 
 from bridge.core.lanes import Backoff, LaneScheduler
 
+from helpers import wait_until
+
 FAST = Backoff(initial_s=0.001, max_s=0.005, factor=2.0)
 _names = itertools.count()
 
@@ -65,16 +67,6 @@ class Store:
         ]
         self.fetched += len(found)
         return found
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait for a condition the scheduler makes true; fail with a clear message if it never does."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.001)
 
 
 async def settle(rounds: int = 100) -> None:

@@ -21,20 +21,12 @@ from connectors.medipeps.sandbox import USERS as MEDIPEPS_USERS
 from connectors.pandalab.sandbox import CLIENT_ID, CLIENT_SECRET, USERS, create_app
 from connectors.sandbox import MAX_TEXT_BYTES
 
+from helpers import FakeClock
+
 CAMILLE, JULIEN, SOPHIE = (str(u.idnps) for u in USERS[:3])
 MATRIX_USER = "@alice:matrix.example.org"
 FOREIGN = "8" + "1234567890" + luhn_check_digit("1234567890")  # valid, not a PandaLab user
 WEBHOOK_SECRET = "receiver-test-secret"
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand (token expiry without sleeping)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -247,7 +239,7 @@ async def test_api_needs_a_valid_unexpired_token(
 
     headers = await api(sandbox)
     assert (await sandbox.get(path, headers=headers)).status == 200
-    clock.now += 61
+    clock.advance(61)
     resp = await sandbox.get(path, headers=headers)
     assert resp.status == 401
     assert (await resp.json())["error"] == "invalid_token"
