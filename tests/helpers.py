@@ -65,10 +65,10 @@ class MemoryStore:
 class FakeClock:
     """Time that passes only when the test says so: ``advance(seconds)``.
 
-    It fits both shapes code takes a clock in: ``bridge.db.clock.Clock`` (``now()`` and
-    ``await sleep(s)``, which returns once the test has advanced past it), and a plain
-    ``time.monotonic``-like function (``clock()``). ``step`` moves it on every reading (a
-    clock racing past, e.g. every token expired before it is used).
+    It fits both shapes code takes a clock in: ``bridge.db.clock.Clock`` (``now()``,
+    ``monotonic()``, one timeline, and ``await sleep(s)``, which returns once the test has
+    advanced past it), and a plain ``time.monotonic``-like function (``clock()``). ``step``
+    moves it on every reading (a clock racing past, e.g. every token expired before use).
     """
 
     def __init__(self, start: float = 1000.0, *, step: float = 0.0) -> None:
@@ -81,6 +81,9 @@ class FakeClock:
         self.time += self.step
         self._wake()
         return self.time
+
+    def monotonic(self) -> float:
+        return self.now()
 
     def __call__(self) -> float:
         return self.now()
