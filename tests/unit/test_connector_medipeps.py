@@ -797,10 +797,7 @@ async def test_invalid_utf8_in_the_feed_is_kept_with_replacement_characters(
         recorder = Recorder()
         connector = harness.make_connector(recorder, api_url=vendor.url)
         await connector.start()
-        for _ in range(200):
-            if recorder.events:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: recorder.events, timeout=2, what="the event")
         [event] = recorder.events
         assert isinstance(event, MessageReceived)
         assert event.text == "Tension \ufffd\ufffd ok"

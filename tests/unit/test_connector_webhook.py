@@ -756,8 +756,10 @@ async def test_conversation_and_messages_are_delivered_once(harness: Harness) ->
     assert last["message_id"] == reply and last["reply_to"] == first
     assert last["location"] == {"lat": 1.5, "lon": 2.5, "label": "Ici"}
 
-    # No echo: what the bridge delivered is never pushed back.
-    await asyncio.sleep(0.2)
+    # No echo: what the bridge delivered is never pushed back (whatever the vendor published
+    # has been pushed and acknowledged once its queue is empty).
+    pusher = harness.sandbox.app[PUSHER_KEY]
+    await wait_until(lambda: pusher.waiting == 0, what="the vendor's push queue to drain")
     assert harness.recorder.events == []
 
 
