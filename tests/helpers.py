@@ -17,20 +17,27 @@ T = TypeVar("T")
 
 POLL_FIRST_S = 0.005
 POLL_MAX_S = 0.1
+POLLS_PER_TIMEOUT = 100
+
+
+class WaitTimeout(AssertionError, TimeoutError):
+    """The condition never came true: a test failure, and a ``TimeoutError`` for who waits."""
 
 
 async def wait_until(
     condition: Callable[[], T | Awaitable[T]], timeout: float = 10.0, what: str = ""
 ) -> T:
     """Poll ``condition`` (a function, plain or async) until it returns something truthy, and
-    return that. After ``timeout`` seconds, fail the test naming ``what`` was awaited.
+    return that. After ``timeout`` seconds, fail the test (``WaitTimeout``) naming ``what``.
 
-    Waiting on a condition, never on a fixed sleep: a test that asserts something did NOT
-    happen first waits for something that proves the system went past that point.
+    The poll starts at once and slows down to every 0.1 s (or a hundredth of a long timeout:
+    end-to-end conditions ask real servers). Waiting on a condition, never on a fixed sleep:
+    a test that asserts something did NOT happen first waits for something that proves the
+    system went past that point.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    delay = POLL_FIRST_S
+    delay, longest = POLL_FIRST_S, max(POLL_MAX_S, timeout / POLLS_PER_TIMEOUT)
     while True:
         result = condition()
         if inspect.isawaitable(result):
@@ -38,11 +45,11 @@ async def wait_until(
         if result:
             return result  # type: ignore[return-value]
         if loop.time() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout} s waiting for {what or _name(condition)}"
+            raise WaitTimeout(
+                f"timed out after {timeout:g} s waiting for {what or _name(condition)}"
             )
         await asyncio.sleep(delay)
-        delay = min(delay * 1.5, POLL_MAX_S)
+        delay = min(delay * 1.5, longest)
 
 
 def _name(condition: Callable[..., Any]) -> str:

@@ -10,10 +10,10 @@ import pytest
 from aiohttp import ClientSession
 
 from bridge.db.audit import AuditRecord
-from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 
 from e2e_helpers import app_users_of, inbox_message, portal_of, unique
+from helpers import wait_until
 
 
 async def collect(chunks: AsyncIterator[str]) -> str:
@@ -38,8 +38,8 @@ async def test_a_vendor_to_vendor_message_leaves_its_metadata_and_no_content(
     conversation = await alice.start_conversation([bob.idnps], unique("Audit"))
     text = unique("Résultats confidentiels du patient en chambre 12")
     message_id = await alice.post(conversation, text=text)
-    at_bob = await wait_for(
-        "the message at Medipeps", lambda: inbox_message(bob, lambda m: m["text"] == text), 30
+    at_bob = await wait_until(
+        lambda: inbox_message(bob, lambda m: m["text"] == text), 30, "the message at Medipeps"
     )
     room_id = await portal_of(stack, "pandalab", conversation)
     assert stack.bridge is not None
@@ -50,7 +50,7 @@ async def test_a_vendor_to_vendor_message_leaves_its_metadata_and_no_content(
         return rows if len(rows) == 2 else None
 
     to_matrix, to_vendor = sorted(
-        await wait_for("the audit rows", both_rows, 10), key=lambda r: r.direction
+        await wait_until(both_rows, 10, "the audit rows"), key=lambda r: r.direction
     )
     size = len(text.encode())
     ghost = f"@eimis_pandalab_{alice.idnps}:{stack.synapse.server_name}"

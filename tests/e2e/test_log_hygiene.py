@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession
 
-from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 from bridge.logs import (
     setup_logging,
 )
 
 from e2e_helpers import app_users_of, counter, inbox_message, portal_of, unique
+from helpers import wait_until
 from matrix_user import connect
 
 LOUD_PREFIXES = ("eimis", "mau", "mautrix", "aiohttp", "aiosqlite", "asyncpg", "asyncio")
@@ -112,8 +112,8 @@ async def test_a_full_exchange_logs_no_content_token_or_secret(
         await alice.post(conversation, text=first)
         room_id = await portal_of(stack, "pandalab", conversation)
         await native.accept_invites(room_id, timeout=30)
-        at_bob = await wait_for(
-            "Bob's copy", lambda: inbox_message(bob, lambda m: m["text"] == first), 30
+        at_bob = await wait_until(
+            lambda: inbox_message(bob, lambda m: m["text"] == first), 30, "Bob's copy"
         )
         await native.wait_for_message(room_id, lambda m: m.body == first, timeout=30)
 
@@ -121,16 +121,16 @@ async def test_a_full_exchange_logs_no_content_token_or_secret(
         second = unique("CONTENTBRAVO je passe voir le patient")
         sent.append(second)
         await bob.post(str(at_bob["conversation_id"]), text=second)
-        await wait_for(
-            "Alice's copy", lambda: inbox_message(alice, lambda m: m["text"] == second), 30
+        await wait_until(
+            lambda: inbox_message(alice, lambda m: m["text"] == second), 30, "Alice's copy"
         )
 
         # Native -> vendors: a text and a file.
         third = unique("CONTENTCHARLIE résultats normaux")
         sent.append(third)
         await native.send_text(room_id, third)
-        await wait_for(
-            "the native text", lambda: inbox_message(alice, lambda m: m["text"] == third), 30
+        await wait_until(
+            lambda: inbox_message(alice, lambda m: m["text"] == third), 30, "the native text"
         )
         secret_bytes = f"%PDF-1.4 CONTENTDELTA-FILE-{n} compte rendu opératoire".encode()
         name = f"cr-CONTENTECHO-{n}.pdf"
@@ -145,10 +145,10 @@ async def test_a_full_exchange_logs_no_content_token_or_secret(
                 "info": {"mimetype": "application/pdf", "size": len(secret_bytes)},
             },
         )
-        at_alice = await wait_for(
-            "the native file at PandaLab",
+        at_alice = await wait_until(
             lambda: inbox_message(alice, lambda m: (m.get("attachment") or {}).get("name") == name),
             30,
+            "the native file at PandaLab",
         )
         assert await alice.download(at_alice["attachment"]["file_id"]) == secret_bytes
         # Vendor -> Matrix, a file.
@@ -230,10 +230,10 @@ async def test_an_encrypted_exchange_logs_no_content_or_key(
         room_id = await native.create_room(invite=[ghost], is_direct=True, encrypted=True)
         await native.wait_for_join(room_id, ghost, timeout=30)
         await native.send_text(room_id, sent[0])
-        at_alice = await wait_for(
-            "the encrypted text at PandaLab",
+        at_alice = await wait_until(
             lambda: inbox_message(alice, lambda m: m["text"] == sent[0]),
             30,
+            "the encrypted text at PandaLab",
         )
         await alice.post(str(at_alice["conversation_id"]), text=sent[1])
         got = await native.wait_for_message(room_id, lambda m: m.body == sent[1], timeout=30)

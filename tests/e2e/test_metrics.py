@@ -15,10 +15,10 @@ import pytest
 from aiohttp import ClientSession
 
 from bridge import __version__
-from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 
 from e2e_helpers import app_users_of, inbox_message, unique
+from helpers import wait_until
 from prometheus_text import Samples, parse, value
 
 
@@ -50,7 +50,7 @@ async def test_a_message_moves_the_counters_and_the_histogram_of_its_labels(
     conversation = await alice.start_conversation([bob.idnps], unique("Metrics"))
     text = unique("Un message compté")
     await alice.post(conversation, text=text)
-    await wait_for("Bob's copy", lambda: inbox_message(bob, lambda m: m["text"] == text), 30)
+    await wait_until(lambda: inbox_message(bob, lambda m: m["text"] == text), 30, "Bob's copy")
 
     async def counted() -> Samples | None:
         now = await scrape(stack, http)
@@ -70,7 +70,7 @@ async def test_a_message_moves_the_counters_and_the_histogram_of_its_labels(
             else None
         )
 
-    after = await wait_for("the delivery counted", counted, 10)
+    after = await wait_until(counted, 10, "the delivery counted")
 
     def moved(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
@@ -121,7 +121,7 @@ async def test_a_vendor_outage_shows_as_queue_depth_retries_and_a_connector_down
     conversation = await alice.start_conversation([bob.idnps], unique("Outage"))
     opener = unique("Avant la panne")
     await alice.post(conversation, text=opener)
-    await wait_for("the opener", lambda: inbox_message(bob, lambda m: m["text"] == opener), 30)
+    await wait_until(lambda: inbox_message(bob, lambda m: m["text"] == opener), 30, "the opener")
     before = await scrape(stack, http)
 
     medipeps = stack.sandboxes["medipeps"]
@@ -136,7 +136,7 @@ async def test_a_vendor_outage_shows_as_queue_depth_retries_and_a_connector_down
             is_down = value(now, "eimis_connector_up", connector="medipeps") == 0
             return now if held and is_down else None
 
-        during = await wait_for("Medipeps seen down with a delivery waiting", down, 30)
+        during = await wait_until(down, 30, "Medipeps seen down with a delivery waiting")
         assert value(
             during, "eimis_retries_total", connector="medipeps", direction="to_vendor"
         ) > value(before, "eimis_retries_total", connector="medipeps", direction="to_vendor")
@@ -144,8 +144,8 @@ async def test_a_vendor_outage_shows_as_queue_depth_retries_and_a_connector_down
     finally:
         await medipeps.start()
 
-    await wait_for(
-        "the waiting message", lambda: inbox_message(bob, lambda m: m["text"] == waiting), 90
+    await wait_until(
+        lambda: inbox_message(bob, lambda m: m["text"] == waiting), 90, "the waiting message"
     )
 
     async def back() -> Samples | None:
@@ -153,7 +153,7 @@ async def test_a_vendor_outage_shows_as_queue_depth_retries_and_a_connector_down
         up = value(now, "eimis_connector_up", connector="medipeps") == 1
         return now if up and value(now, "eimis_outbox_pending", connector="medipeps") == 0 else None
 
-    after = await wait_for("Medipeps back with nothing waiting", back, 30)
+    after = await wait_until(back, 30, "Medipeps back with nothing waiting")
     # A vendor that does not answer is waited for: it spends no delivery's budget.
     assert value(after, "eimis_dead_letters_total", connector="medipeps") == value(
         before, "eimis_dead_letters_total", connector="medipeps"
@@ -189,7 +189,7 @@ async def test_ready_only_while_the_homeserver_and_the_database_answer(
         async def answering() -> bool:
             return (await ready(local, http))[0] == 200
 
-        await wait_for("ready again", answering, 30)
+        await wait_until(answering, 30, "ready again")
 
         name = postgres_url.rsplit("/", 1)[1]
         admin = await asyncpg.connect(postgres_url.rsplit("/", 1)[0] + "/postgres")
@@ -202,4 +202,4 @@ async def test_ready_only_while_the_homeserver_and_the_database_answer(
         finally:
             await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
             await admin.close()
-        await wait_for("ready again", answering, 30)
+        await wait_until(answering, 30, "ready again")
