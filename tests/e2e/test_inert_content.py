@@ -156,7 +156,8 @@ async def test_a_hostile_list_is_delivered_bounded_while_another_conversation_fl
             "formatted_body": html,
         },  # fmt: skip
     )
-    await asyncio.wait_for(converting.wait(), 60)
+    async with asyncio.timeout(60):
+        await converting.wait()
     async with three_way(stack, http, "pandalab", "medipeps", "Ailleurs", "Bonjour") as other:
         meanwhile = unique("Pendant ce temps")
         await other.native.send(

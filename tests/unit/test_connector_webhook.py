@@ -519,7 +519,8 @@ async def test_a_repeated_key_gets_the_first_answer_and_stores_nothing_again(
 async def test_a_repeat_while_the_first_is_being_stored_gets_409(harness: Harness) -> None:
     harness.recorder.gate = asyncio.Event()
     first = asyncio.create_task(harness.push(event(), key="slow"))
-    await asyncio.wait_for(harness.recorder.entered.wait(), 5)
+    async with asyncio.timeout(5):
+        await harness.recorder.entered.wait()
     status, answer, headers = await harness.push(event(), key="slow")
     assert status == 409 and answer["error"] == "request_in_progress"
     assert headers["Retry-After"] == "1"

@@ -491,7 +491,8 @@ async def test_stop_cancels_running_handlers_and_leaves_no_task_behind(make: Mak
     scheduler.start()
     await wait_until(lambda: sum(recorder.running.values()) == 2)
 
-    await asyncio.wait_for(scheduler.stop(), timeout=2.0)
+    async with asyncio.timeout(2.0):
+        await scheduler.stop()
 
     assert sorted(i.name for i in recorder.cancelled) == sorted([a.name, b.name])
     assert recorder.handled == []
@@ -525,7 +526,8 @@ async def test_stop_right_after_a_wake_up_still_stops(make: Make) -> None:
         await wait_until(lambda: len(store.fetches) >= 1)
         await settle()  # the dispatcher now waits to be woken
         scheduler.notify()  # wakes it in the same tick as the cancellation below
-        await asyncio.wait_for(scheduler.stop(), timeout=5.0)
+        async with asyncio.timeout(5.0):
+            await scheduler.stop()
         assert live_tasks(scheduler) == []
         store.fetches.clear()
         scheduler.start()

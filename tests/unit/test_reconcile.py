@@ -224,7 +224,8 @@ async def test_a_requested_pass_holds_transactions_until_it_is_done(setup: Setup
     await setup.hs.called(1, timeout=5)  # the pass is reading, held at the gate
     assert not waiting.done()
     setup.hs.gate.set()
-    await asyncio.wait_for(waiting, 5)
+    async with asyncio.timeout(5):
+        await waiting
     assert await setup.stored() == ["$event1", "$event2"]
     await setup.reconciler.stop()
 
@@ -237,7 +238,8 @@ async def test_a_requested_pass_retries_until_the_homeserver_answers(setup: Setu
     setup.reconciler.request("the homeserver hung up on a transaction")
     await setup.hs.called(2, timeout=10)  # refused once, and tried again
     setup.hs.down = False
-    await asyncio.wait_for(setup.reconciler.wait_open(), 10)
+    async with asyncio.timeout(10):
+        await setup.reconciler.wait_open()
     assert await setup.stored() == ["$event1", "$event2"]
     await setup.reconciler.stop()
 
@@ -255,7 +257,8 @@ async def test_a_homeserver_answering_with_errors_stops_holding_transactions(
     setup.hs.messages = bad_gateway  # type: ignore[method-assign]
     setup.reconciler.request("the homeserver answers again")
     # It answers (badly): transactions flow again at once, the pass goes on trying.
-    await asyncio.wait_for(setup.reconciler.wait_open(), 5)
+    async with asyncio.timeout(5):
+        await setup.reconciler.wait_open()
     setup.hs.messages = failing  # type: ignore[method-assign]
 
     async def recovered() -> bool:
@@ -272,7 +275,8 @@ async def test_a_failed_start_up_pass_does_not_stop_the_bridge_from_starting(
     setup.hs.down = True
     setup.reconciler.hold()
     await setup.reconciler.start()
-    await asyncio.wait_for(setup.reconciler.wait_open(), 1)  # transactions flow
+    async with asyncio.timeout(1):  # transactions flow
+        await setup.reconciler.wait_open()
     await setup.reconciler.stop()
 
 

@@ -370,9 +370,8 @@ class Receiver:
 
     async def wait_accepted(self, count: int) -> list[dict[str, Any]]:
         async with self._changed:
-            await asyncio.wait_for(
-                self._changed.wait_for(lambda: len(self.accepted) >= count), timeout=10
-            )
+            async with asyncio.timeout(10):
+                await self._changed.wait_for(lambda: len(self.accepted) >= count)
         return self.accepted
 
 
@@ -511,7 +510,8 @@ async def test_webhook_moved_while_unreachable(clock: FakeClock, receiver_factor
             hook = {"secret": WEBHOOK_SECRET}
             await sandbox.put("/api/v1/webhook", json={**hook, "url": dead_url}, headers=auth)
             conv = await user_conversation(sandbox, CAMILLE, FOREIGN)
-            await asyncio.wait_for(watch.seen.wait(), timeout=10)
+            async with asyncio.timeout(10):
+                await watch.seen.wait()
 
             receiver, url = await receiver_factory(fail_first=0)
             await sandbox.put("/api/v1/webhook", json={**hook, "url": url}, headers=auth)
