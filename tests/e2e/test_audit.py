@@ -20,9 +20,6 @@ async def collect(chunks: AsyncIterator[str]) -> str:
     return "".join([chunk async for chunk in chunks])
 
 
-# --- End to end: what one delivery leaves behind -------------------------------------------------
-
-
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
     async with LocalStack(Path(tmp_path_factory.mktemp("audit"))) as local:

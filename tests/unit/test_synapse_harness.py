@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
 from bridge.devtools.synapse import LocalSynapse, SynapseStartError
-
-if TYPE_CHECKING:
-    pass
 
 
 async def test_start_failure_reports_log_tail(tmp_path: Path) -> None:
