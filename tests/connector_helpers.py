@@ -1,14 +1,13 @@
 """The harness that every connector test puts around a connector and its vendor's sandbox.
 
 The connector tests (PandaLab, Medipeps, webhook) each play the bridge around one connector: its
-event store, its key-value store, its web server, and an IDNPS that is no sandbox user. Those parts
+event store, its web server, and an IDNPS that is no sandbox user. Those parts
 do not depend on the vendor, so they live here once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,19 +49,6 @@ class Recorder:
 
     def of(self, kind: type[Any]) -> list[Any]:
         return [e for e in self.events if isinstance(e, kind)]
-
-
-class MemoryStore:
-    """The bridge's per-connector key-value store, in memory."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, str] = {}
-
-    async def get(self, key: str) -> str | None:
-        return self.data.get(key)
-
-    async def set(self, key: str, value: str) -> None:
-        self.data[key] = value
 
 
 class Served:
@@ -108,15 +94,6 @@ class Served:
 
     async def close(self) -> None:
         await self.runner.cleanup()
-
-
-async def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll ``condition`` until true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def mounted(connector: Connector, connector_id: str) -> web.Application:

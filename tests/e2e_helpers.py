@@ -12,9 +12,11 @@ from typing import Any
 
 from aiohttp import ClientSession, web
 
-from bridge.devtools.demo import SandboxUser, wait_for
+from bridge.devtools.demo import SandboxUser
 from bridge.devtools.matrix_user import MatrixUser, connect
 from bridge.devtools.stack import LocalStack
+
+from helpers import wait_until
 
 counter = itertools.count(1)
 
@@ -64,7 +66,7 @@ async def portal_of(stack: LocalStack, connector: str, conversation_id: str) -> 
         assert stack.bridge is not None
         return await stack.bridge.stores.portals.by_conversation(connector, conversation_id)
 
-    return str(await wait_for("the portal room", lookup, timeout=30))
+    return str(await wait_until(lookup, 30, "the portal room"))
 
 
 class AppUser(SandboxUser):
@@ -180,7 +182,7 @@ class Proxy:
 
 async def vendor_copy(user: SandboxUser, predicate: Any) -> dict[str, Any]:
     """The first message in ``user``'s inbox that matches ``predicate``, once it has arrived."""
-    return await wait_for("the message at the vendor", lambda: inbox_message(user, predicate), 30)
+    return await wait_until(lambda: inbox_message(user, predicate), 30, "the message at the vendor")
 
 
 def file_named(name: str) -> Any:
@@ -313,10 +315,8 @@ async def three_way(
         await first.post(conversation, text=text)
         room_id = await portal_of(stack, starter, conversation)
         await native.accept_invites(room_id, timeout=30)
-        at_other = await wait_for(
-            f"the opener at {other}",
-            lambda: inbox_message(second, lambda m: m["text"] == text),
-            30,
+        at_other = await wait_until(
+            lambda: inbox_message(second, lambda m: m["text"] == text), 30, f"the opener at {other}"
         )
         yield ThreeWay(
             first, conversation, second, str(at_other["conversation_id"]), native, room_id, stack

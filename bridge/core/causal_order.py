@@ -32,9 +32,7 @@ never read: a homeserver stores its own users' events in order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +42,7 @@ from mautrix.errors import MatrixConnectionError, MatrixRequestError
 
 from bridge.config import ReconcileConfig
 from bridge.core.reconcile import HomeserverUnavailable
-from bridge.db.clock import now_ms
+from bridge.db.clock import SYSTEM_CLOCK, Clock, now_ms
 from bridge.db.inbox import WAITING, InboxStore
 from bridge.matrix.homeserver import Homeserver
 from connectors.kit.tasks import cancel_and_wait
@@ -99,6 +97,7 @@ class CausalOrder:
         on_stored: Callable[[], None],
         config: ReconcileConfig,
         lock: asyncio.Lock,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.inbox = inbox
         self.hs = homeserver
@@ -106,6 +105,7 @@ class CausalOrder:
         self._own = own_server
         self._on_stored = on_stored
         self.config = config
+        self.clock = clock
         self.lock = lock
         """Held while a transaction is stored (the appservice server's), and by every settle."""
         self._waiting: dict[str, _Waiting] = {}
@@ -130,7 +130,7 @@ class CausalOrder:
         for room_id, since_ms in (await self.inbox.waiting_rooms()).items():
             waited_s = max(0.0, (now_ms() - since_ms) / 1000)
             self._waiting[room_id] = _Waiting(
-                deadline=time.monotonic() + max(0.0, self.config.gap_wait_s - waited_s)
+                deadline=self.clock.monotonic() + max(0.0, self.config.gap_wait_s - waited_s)
             )
         if self._waiting:
             log.info("%d room(s) still wait for events before their latest", len(self._waiting))
@@ -181,7 +181,7 @@ class CausalOrder:
 
     def _hold(self, room_id: str, walk: Walk) -> None:
         self.gaps += 1
-        now = time.monotonic()
+        now = self.clock.monotonic()
         self._waiting[room_id] = _Waiting(
             deadline=now + self.config.gap_wait_s, next_read=now + RETRY_DELAYS_S[0]
         )
@@ -202,7 +202,7 @@ class CausalOrder:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            now = time.monotonic()
+            now = self.clock.monotonic()
             due = [
                 room_id
                 for room_id, waiting in self._waiting.items()
@@ -216,29 +216,37 @@ class CausalOrder:
                     log.exception("Reading the waiting room %s failed", room_id)
                     waiting = self._waiting.get(room_id)
                     if waiting is not None:
-                        waiting.later()
+                        waiting.later(self.clock.monotonic())
             if self._waiting:
                 soonest = min(min(w.next_read, w.deadline) for w in self._waiting.values())
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, soonest - time.monotonic())):
-                        await self._wake.wait()
+                await self._woken_or_slept(max(0.0, soonest - self.clock.monotonic()))
+
+    async def _woken_or_slept(self, seconds: float) -> None:
+        """Until ``_wake`` is set or ``seconds`` have passed on the clock."""
+        woken = asyncio.ensure_future(self._wake.wait())
+        slept = asyncio.ensure_future(self.clock.sleep(seconds))
+        try:
+            await asyncio.wait((woken, slept), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            slept.cancel()
 
     async def _read_again(self, room_id: str) -> None:
         waiting = self._waiting.get(room_id)
         if waiting is None:
             return
         waiting.news = False
-        expired = waiting.deadline <= time.monotonic()
+        expired = waiting.deadline <= self.clock.monotonic()
         try:
             walk = await self._walk(room_id, {})
         except HomeserverUnavailable:
             if not expired:
-                waiting.later()
+                waiting.later(self.clock.monotonic())
                 return
             walk = None  # past its time: release in the order stored
         if walk is not None and walk.missing and not expired:
-            waiting.later()
+            waiting.later(self.clock.monotonic())
             return
         released = await self.inbox.settle(room_id, walk.oldest_first({}) if walk else [])
         del self._waiting[room_id]
@@ -352,10 +360,10 @@ class _Waiting:
     attempt: int = 0
     news: bool = False
 
-    def later(self) -> None:
+    def later(self, now: float) -> None:
         delay = RETRY_DELAYS_S[min(self.attempt, len(RETRY_DELAYS_S) - 1)]
         self.attempt += 1
-        self.next_read = time.monotonic() + delay
+        self.next_read = now + delay
 
 
 def _in_order(states: dict[str, str], incoming: dict[str, dict[str, Any]]) -> Callable[[str], bool]:

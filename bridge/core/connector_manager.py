@@ -36,7 +36,7 @@ from bridge.core.connector_routes import ConnectorRoutes
 from bridge.core.connectors import ConnectorSet, ConnectorSpec, available_types
 from bridge.core.held_connector import HeldConnector
 from bridge.core.periodic import Periodic
-from bridge.db.clock import now_ms
+from bridge.db.clock import SYSTEM_CLOCK, Clock, now_ms
 from bridge.db.connector_registry import (
     ConnectorRecord,
     ConnectorRegistry,
@@ -129,8 +129,9 @@ class RegistrySecrets:
     every signed request and never wait for the database. A secret whose grace period ends
     stops being accepted at that moment, without a refresh."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
         self._secrets: tuple[StoredSecret, ...] = ()
+        self._clock = clock
 
     def replace(self, stored: Sequence[StoredSecret]) -> None:
         self._secrets = tuple(stored)
@@ -139,7 +140,7 @@ class RegistrySecrets:
         return next((s.value for s in self._secrets if s.valid_until is None), None)
 
     def accepted(self) -> Sequence[str]:
-        now = now_ms()
+        now = now_ms(self._clock)
         return [s.value for s in self._secrets if s.accepted_at(now)]
 
     def __repr__(self) -> str:
@@ -516,7 +517,7 @@ class ConnectorManager:
             self._routes.hold(connector_id)
             self._running[connector_id] = _Running(wanted.version, wanted.cls, active=False)
             return
-        shared = self._secrets.setdefault(connector_id, RegistrySecrets())
+        shared = self._secrets.setdefault(connector_id, RegistrySecrets(self.registry.clock))
         try:
             await self._refresh_secrets(connector_id)
         except SecretsError as error:

@@ -23,7 +23,7 @@ from mautrix.util.async_db import Connection, Database
 from pydantic import BaseModel, SecretBytes, SecretStr
 
 from bridge.config import SecretsConfig
-from bridge.db.clock import now_ms
+from bridge.db.clock import SYSTEM_CLOCK, Clock, now_ms
 from bridge.secrets import NotSealed, SecretBox, is_sealed, sealed_key_id
 
 
@@ -140,11 +140,14 @@ def _get_path(data: Any, path: tuple[str, ...]) -> tuple[dict[str, Any], str] | 
 
 
 class ConnectorRegistry:
-    def __init__(self, db: Database, secrets: SecretsConfig | SecretBox) -> None:
+    def __init__(
+        self, db: Database, secrets: SecretsConfig | SecretBox, *, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         """``secrets``: the box itself, or the config to load it from when first needed (a
-        bridge with no registered secret runs without a key)."""
+        bridge with no registered secret runs without a key). ``clock`` dates grace periods."""
         self.db = db
         self._secrets = secrets
+        self.clock = clock
 
     @property
     def box(self) -> SecretBox:
@@ -320,7 +323,7 @@ class ConnectorRegistry:
 
     async def secrets(self, connector_id: str) -> list[StoredSecret]:
         """The secrets still accepted, the current one first; expired ones are purged."""
-        now = now_ms()
+        now = now_ms(self.clock)
         await self.db.execute(
             "DELETE FROM connector_secret WHERE connector_id = $1 AND valid_until <= $2",
             connector_id,
@@ -343,7 +346,7 @@ class ConnectorRegistry:
 
     async def secret_status(self, connector_id: str) -> SecretStatus:
         """Without opening anything (no key needed)."""
-        now = now_ms()
+        now = now_ms(self.clock)
         row = await self.db.fetchrow(
             "SELECT MAX(CASE WHEN valid_until IS NULL THEN created_at END) AS rotated_at, "
             "MAX(CASE WHEN valid_until > $2 THEN valid_until END) AS grace_until "
@@ -361,7 +364,7 @@ class ConnectorRegistry:
         if grace_s < 0:
             raise RegistryError("the grace period cannot be negative")
         async with self.db.acquire() as conn, conn.transaction():
-            now = now_ms()
+            now = now_ms(self.clock)
             await conn.execute(
                 "DELETE FROM connector_secret WHERE connector_id = $1 AND valid_until <= $2",
                 connector_id,

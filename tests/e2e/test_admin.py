@@ -17,7 +17,6 @@ from aiohttp import ClientSession
 from mautrix.types import RoomID, UserID
 
 from bridge.db.portal_join import PortalJoinStore
-from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 from bridge.secrets import generate_key
 
@@ -32,6 +31,7 @@ from e2e_helpers import (
     unique,
     users_of,
 )
+from helpers import wait_until
 from matrix_user import MatrixUser, connect, text_is
 from synapse_db import room_holds_text
 
@@ -176,7 +176,7 @@ async def test_someone_else_is_refused_politely(console: Console, stack: LocalSt
                 stranger.client.rooms[room_id].invited_users
             )
 
-        await wait_for("the bot to decline the stranger's invite", refused, 30)
+        await wait_until(refused, 30, "the bot to decline the stranger's invite")
         # In the admin room itself, a guest the operator invited gets the same answer.
         await console.user.client.room_invite(console.room_id, stranger.user_id)
         await stranger.accept_invites(console.room_id, timeout=30)
@@ -197,7 +197,7 @@ async def test_a_vendor_going_down_and_its_return_are_posted(
     conversation = await alice.start_conversation([bob.idnps], unique("Outage"))
     hello = unique("avant la panne")
     await alice.send(conversation, hello)
-    await wait_for("Bob to get the message", lambda: received(bob, hello), 60)
+    await wait_until(lambda: received(bob, hello), 60, "Bob to get the message")
     sandbox = stack.sandboxes["medipeps"]
     await sandbox.stop()
     try:
@@ -302,7 +302,7 @@ async def test_forget_erases_a_professional_in_every_portal_and_keeps_a_content_
             recorded = [j.user_id for room in rooms for j in await joins.of_room(room)]
             return recorded.count(reader.user_id) == 2
 
-        await wait_for("the joins recorded", joined_recorded, 30)
+        await wait_until(joined_recorded, 30, "the joins recorded")
         said = {unique("Allergie: pénicilline"): rooms[0], unique("RDV demain"): rooms[1]}
         await alice.post(group, text=list(said)[0])
         await alice.post(direct, text=list(said)[1])
@@ -328,7 +328,7 @@ async def test_forget_erases_a_professional_in_every_portal_and_keeps_a_content_
             async def both_queued() -> bool:
                 return {hers, others} <= set(await _queued_bodies(stack, "medipeps", rooms[0]))
 
-            await wait_for("both deliveries queued", both_queued, 30)
+            await wait_until(both_queued, 30, "both deliveries queued")
 
             prompt = await console.run(f"forget {alice.idnps}", "Answer 'yes'")
             assert "1 ghost(s)" in prompt
@@ -341,7 +341,7 @@ async def test_forget_erases_a_professional_in_every_portal_and_keeps_a_content_
         # Bob gets Carol's message, then a later marker; never Alice's erased one.
         marker = unique("fin")
         await carol.post(group, text=marker)
-        await wait_for("the marker at Bob", lambda: received(bob, marker), 90)
+        await wait_until(lambda: received(bob, marker), 90, "the marker at Bob")
         texts = await inbox_texts(bob)
         assert others in texts and hers not in texts
         # Every message of Alice's ghost is redacted, as the native reader reads it.
@@ -402,7 +402,7 @@ async def test_whois_and_queue_say_the_same_in_the_room_and_on_the_host(
     async def ghost_recorded() -> bool:
         return bool(await ghosts.of_professional(str(alice.idnps)))
 
-    await wait_for("her ghost recorded", ghost_recorded, 30)
+    await wait_until(ghost_recorded, 30, "her ghost recorded")
     room_text = await console.run(f"whois {alice.idnps}", f"IDNPS {alice.idnps}")
     host_text = await asyncio.to_thread(_host_cli, stack, "whois", str(alice.idnps))
     assert room_text == host_text and f"eimis_pandalab_{alice.idnps}" in host_text
@@ -416,7 +416,7 @@ async def test_whois_and_queue_say_the_same_in_the_room_and_on_the_host(
         async def queued() -> bool:
             return bool(await reports.queue("medipeps"))
 
-        await wait_for("a delivery waiting for medipeps", queued, 60)
+        await wait_until(queued, 60, "a delivery waiting for medipeps")
         room_text = await console.run("queue medipeps", "operation")
         host_text = await asyncio.to_thread(_host_cli, stack, "queue", "medipeps")
     finally:

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession
 
-from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 
 from e2e_helpers import (
@@ -34,6 +33,7 @@ from e2e_helpers import (
     unique,
     vendor_dm,
 )
+from helpers import wait_until
 from matrix_user import MatrixUser, connect
 from synapse_db import room_holds_text
 
@@ -136,7 +136,7 @@ async def test_a_portal_has_no_title_in_room_state_and_vendors_still_get_it(
         hello = unique("Bonjour")
         await alice.post(conversation, text=hello)
         room_id = await portal_of(stack, "pandalab", conversation)
-        await wait_for("Bob to get the message", lambda: received(bob, hello), 60)
+        await wait_until(lambda: received(bob, hello), 60, "Bob to get the message")
         assert await conversation_titled(bob, title) is not None  # the vendor got the title
         # The Matrix members read it end-to-end encrypted, from the bot.
         await native.accept_invites(room_id, timeout=30)
@@ -182,13 +182,13 @@ async def test_queued_content_is_sealed_and_delivered_content_leaves_the_files(
                     room_id,
                 )
 
-            rows = await wait_for("the message queued for the vendor", queued, 60)
+            rows = await wait_until(queued, 60, "the message queued for the vendor")
             stored = json.dumps([[str(v) for v in tuple(r)] for r in rows])
             assert "penicilline" not in stored and str(rows[0]["payload"]).startswith("v1:")
             assert b"penicilline" not in bridge_files(stack)
         finally:
             await sandbox.start()
-        await wait_for("the vendor to get it", lambda: received(alice, waiting), 120)
+        await wait_until(lambda: received(alice, waiting), 120, "the vendor to get it")
         # The vendor's own message went through the inbox in clear; once processed and the log
         # emptied (every 0.2 s here), neither it nor the nurse's message is on disk.
         reply = unique("Bien recu, merci pour la cardiologie")
@@ -200,7 +200,7 @@ async def test_queued_content_is_sealed_and_delivered_content_leaves_the_files(
             files = bridge_files(stack)
             return not any(n in files for n in needles)
 
-        await wait_for("the delivered content to leave the bridge's files", gone, 30)
+        await wait_until(gone, 30, "the delivered content to leave the bridge's files")
 
 
 def test_the_stack_files_holding_content_or_secrets_are_the_owners_only(

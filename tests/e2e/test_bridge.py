@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from aiohttp import ClientSession
 
-from bridge.devtools.demo import SandboxUser, wait_for
+from bridge.devtools.demo import SandboxUser
 from bridge.devtools.stack import LocalStack
 
 from e2e_helpers import (
@@ -22,6 +22,7 @@ from e2e_helpers import (
     unique,
     users_of,
 )
+from helpers import wait_until
 from matrix_user import MatrixUser, connect, text_is
 
 pytestmark = pytest.mark.e2e
@@ -54,16 +55,16 @@ async def test_pandalab_user_reaches_medipeps_user_and_back(
     first = unique("Bonjour, besoin d'un avis pour la chambre 4")
     await alice.send(conversation, first)
 
-    seen = await wait_for("Bob to receive Alice's message", lambda: received(bob, first), 30)
+    seen = await wait_until(lambda: received(bob, first), 30, "Bob to receive Alice's message")
     assert seen["sender"] == alice.idnps
     assert seen["sender_name"].startswith(alice.name) and " - " in seen["sender_name"]
 
-    bob_conversation = await wait_for(
-        "Bob's side of the conversation", lambda: conversation_titled(bob, title), 30
+    bob_conversation = await wait_until(
+        lambda: conversation_titled(bob, title), 30, "Bob's side of the conversation"
     )
     reply = unique("Je passe dans 10 minutes")
     await bob.send(bob_conversation, reply)
-    answer = await wait_for("Alice to receive Bob's reply", lambda: received(alice, reply), 30)
+    answer = await wait_until(lambda: received(alice, reply), 30, "Alice to receive Bob's reply")
     assert answer["sender"] == bob.idnps
     assert answer["conversation_id"] == conversation
 
@@ -83,13 +84,15 @@ async def test_medipeps_user_reaches_pandalab_user_and_back(
         mine = [t for t in await inbox_texts(alice) if t in texts]
         return mine if len(mine) == len(texts) else None
 
-    arrived = await wait_for("all five messages at PandaLab", all_arrived, 30)
+    arrived = await wait_until(all_arrived, 30, "all five messages at PandaLab")
     assert arrived == texts, "messages must arrive once each, in the order they were written"
 
-    alice_conversation = await wait_for("Alice's side", lambda: conversation_titled(alice, title))
+    alice_conversation = await wait_until(
+        lambda: conversation_titled(alice, title), 90, "Alice's side"
+    )
     reply = unique("Bien reçu")
     await alice.send(alice_conversation, reply)
-    answer = await wait_for("Bob to receive the reply", lambda: received(bob, reply), 30)
+    answer = await wait_until(lambda: received(bob, reply), 30, "Bob to receive the reply")
     assert answer["sender"] == alice.idnps
 
 
@@ -112,7 +115,9 @@ async def test_vendor_user_and_native_matrix_user_talk(
 
     reply = unique("Bonjour depuis Matrix")
     await native.send_text(room_id, reply)
-    answer = await wait_for("Alice to receive the Matrix reply", lambda: received(alice, reply), 30)
+    answer = await wait_until(
+        lambda: received(alice, reply), 30, "Alice to receive the Matrix reply"
+    )
     assert answer["sender"] == native.user_id
 
 
@@ -125,7 +130,7 @@ async def test_native_user_inviting_a_ghost_opens_a_vendor_conversation(
     text = unique("Question posée depuis Matrix")
     await native.send_text(room_id, text)
 
-    message = await wait_for("Bob to receive the Matrix message", lambda: received(bob, text), 30)
+    message = await wait_until(lambda: received(bob, text), 30, "Bob to receive the Matrix message")
     assert message["sender"] == native.user_id
     reply = unique("Réponse depuis Medipeps")
     await bob.send(message["conversation_id"], reply)
@@ -156,13 +161,13 @@ async def test_messages_of_a_connectors_ghost_are_not_echoed_back_to_it(
     conversation = await alice.start_conversation([carol.idnps, bob.idnps], title)
     text = unique("Un seul exemplaire, s'il vous plaît")
     await alice.send(conversation, text)
-    await wait_for("Bob to receive it", lambda: received(bob, text), 30)
+    await wait_until(lambda: received(bob, text), 30, "Bob to receive it")
 
     # A later message from Bob proves the bridge has handled everything before it in the room.
-    bob_conversation = await wait_for("Bob's side", lambda: conversation_titled(bob, title))
+    bob_conversation = await wait_until(lambda: conversation_titled(bob, title), 90, "Bob's side")
     sentinel = unique("Sentinelle")
     await bob.send(bob_conversation, sentinel)
-    await wait_for("the sentinel at Carol's", lambda: received(carol, sentinel), 30)
+    await wait_until(lambda: received(carol, sentinel), 30, "the sentinel at Carol's")
 
     assert (await inbox_texts(carol)).count(text) == 1, "Carol saw Alice's message twice"
     assert (await inbox_texts(bob)).count(text) == 1
@@ -204,7 +209,7 @@ async def _open_portal_with_native(
     room_id = await native.create_dm(ghost)
     opener = unique("Ouverture")
     await native.send_text(room_id, opener)
-    message = await wait_for("the opener at Medipeps", lambda: received(bob, opener), 30)
+    message = await wait_until(lambda: received(bob, opener), 30, "the opener at Medipeps")
     return room_id, str(message["conversation_id"])
 
 
@@ -230,7 +235,7 @@ async def test_replayed_transaction_is_processed_once_also_after_restart(
             assert resp.status == 200
 
     await put()
-    await wait_for("the replayed message at Medipeps", lambda: received(bob, text), 30)
+    await wait_until(lambda: received(bob, text), 30, "the replayed message at Medipeps")
     await put()
     await stack.stop_bridge()
     await stack.start_bridge()
@@ -238,7 +243,7 @@ async def test_replayed_transaction_is_processed_once_also_after_restart(
 
     sentinel = unique("Après le rejeu")
     await native.send_text(room_id, sentinel)
-    await wait_for("the sentinel at Medipeps", lambda: received(bob, sentinel), 30)
+    await wait_until(lambda: received(bob, sentinel), 30, "the sentinel at Medipeps")
     assert (await inbox_texts(bob)).count(text) == 1
 
 
@@ -263,13 +268,13 @@ async def test_restart_between_ack_and_processing_loses_nothing(
             json.dumps(from_matrix)[1:-1] in payloads and json.dumps(from_vendor)[1:-1] in payloads
         )
 
-    await wait_for("both messages acknowledged and stored", both_stored, 30)
+    await wait_until(both_stored, 30, "both messages acknowledged and stored")
     assert await received(bob, from_matrix) is None
     await stack.stop_bridge()  # the crash: acknowledged, stored, not processed
 
     await stack.start_bridge()
-    await wait_for(
-        "the Matrix message at Medipeps after restart", lambda: received(bob, from_matrix), 30
+    await wait_until(
+        lambda: received(bob, from_matrix), 30, "the Matrix message at Medipeps after restart"
     )
     await native.wait_for_message(room_id, text_is(from_vendor), timeout=30)
     assert (await inbox_texts(bob)).count(from_matrix) == 1
@@ -289,7 +294,7 @@ async def test_message_content_and_tokens_never_reach_the_logs(
     await native.wait_for_message(room_id, text_is(secret_text), timeout=30)
     reply = unique("Réponse confidentielle")
     await native.send_text(room_id, reply)
-    await wait_for("the reply at PandaLab", lambda: received(alice, reply), 30)
+    await wait_until(lambda: received(alice, reply), 30, "the reply at PandaLab")
 
     logged = "\n".join(
         record.getMessage() + " " + str(record.__dict__.get("matrix_http_request", ""))

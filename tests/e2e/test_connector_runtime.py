@@ -26,7 +26,7 @@ import bridge.core.connectors as connector_types
 from bridge.app import Bridge
 from bridge.cli import main
 from bridge.core.held_connector import HeldConnector
-from bridge.devtools.demo import SandboxUser, wait_for
+from bridge.devtools.demo import SandboxUser
 from bridge.devtools.ports import free_port
 from bridge.devtools.sandboxes import vendor_sandbox
 from bridge.devtools.stack import LocalStack, Sandbox
@@ -35,6 +35,7 @@ from connectors.pandalab import PandaLabConnector
 from connectors.pandalab.sandbox import create_app
 
 from e2e_helpers import conversation_titled, received, unique, users_of
+from helpers import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -117,7 +118,7 @@ async def test_a_connector_added_at_run_time_bridges_is_held_when_disabled_and_r
     bridge = running_bridge(stack)
     assert await cli(stack, "add", "pandalab2", "--type", "pandalab", *settings_args(vendor)) == 0
     shared = last_line(capsys.readouterr().out)
-    await wait_for("the bridge to start pandalab2", lambda: running(stack, "pandalab2"), 15)
+    await wait_until(lambda: running(stack, "pandalab2"), 15, "the bridge to start pandalab2")
     assert running_bridge(stack) is bridge, "no restart"
 
     # The new vendor's user opens a conversation with a Medipeps-style user: the vendor's
@@ -128,17 +129,17 @@ async def test_a_connector_added_at_run_time_bridges_is_held_when_disabled_and_r
     conversation = await camille.start_conversation([bob.idnps], title)
     hello = unique("Bonjour depuis la deuxième instance")
     await camille.send(conversation, hello)
-    seen = await wait_for("Bob to get the message", lambda: received(bob, hello), 30)
+    seen = await wait_until(lambda: received(bob, hello), 30, "Bob to get the message")
     assert seen["sender"] == camille.idnps
 
-    bob_side = await wait_for("Bob's conversation", lambda: conversation_titled(bob, title), 30)
+    bob_side = await wait_until(lambda: conversation_titled(bob, title), 30, "Bob's conversation")
     reply = unique("Bien reçu")
     await bob.send(bob_side, reply)
-    await wait_for("Camille to get the reply", lambda: received(camille, reply), 30)
+    await wait_until(lambda: received(camille, reply), 30, "Camille to get the reply")
 
     # Disabled: its webhooks answer 503 and what Bob writes waits for it.
     assert await cli(stack, "disable", "pandalab2") == 0
-    await wait_for("the bridge to hold pandalab2", lambda: held(stack, "pandalab2"), 15)
+    await wait_until(lambda: held(stack, "pandalab2"), 15, "the bridge to hold pandalab2")
     async with http.post(f"{stack.bridge_url}/connectors/pandalab2/webhook", data=b"{}") as resp:
         assert resp.status == 503
     waiting = unique("Message pendant la désactivation")
@@ -150,14 +151,22 @@ async def test_a_connector_added_at_run_time_bridges_is_held_when_disabled_and_r
         )
         return bool(rows) and rows[0]["state"] == "pending"
 
-    await wait_for("the delivery to wait in the outbox", queued, 30)
-    await asyncio.sleep(3)
+    await wait_until(queued, 30, "the delivery to wait in the outbox")
+
+    async def tried_and_held() -> bool:
+        rows = await bridge.db.fetch(
+            "SELECT attempts FROM outbox WHERE connector = 'pandalab2' ORDER BY seq DESC LIMIT 1"
+        )
+        return bool(rows) and rows[0]["attempts"] >= 1
+
+    # The bridge tried it and the held connector made it wait: it went no further.
+    await wait_until(tried_and_held, 30, "the held connector to turn the delivery back")
     assert await received(camille, waiting) is None
     assert await queued(), "held, not failed"
 
     # Enabled again: the waiting message goes out.
     assert await cli(stack, "enable", "pandalab2") == 0
-    await wait_for("Camille to get what waited", lambda: received(camille, waiting), 30)
+    await wait_until(lambda: received(camille, waiting), 30, "Camille to get what waited")
 
     assert await cli(stack, "list") == 0
     listing = capsys.readouterr().out
@@ -172,7 +181,7 @@ async def test_a_connector_added_at_run_time_bridges_is_held_when_disabled_and_r
     assert await cli(stack, "remove", "pandalab2", "--yes") == 1  # a portal is linked to it
     assert "--force" in capsys.readouterr().err
     assert await cli(stack, "remove", "pandalab2", "--yes", "--force") == 0
-    await wait_for("pandalab2 to be gone", lambda: _gone(stack, "pandalab2"), 15)
+    await wait_until(lambda: _gone(stack, "pandalab2"), 15, "pandalab2 to be gone")
 
 
 async def _gone(stack: LocalStack, connector_id: str) -> bool:
@@ -233,6 +242,10 @@ async def post_signed(http: ClientSession, url: str, secret: str) -> int:
         return resp.status
 
 
+async def _refused(http: ClientSession, url: str, secret: str) -> bool:
+    return await post_signed(http, url, secret) == 401
+
+
 async def test_a_rotated_secret_is_accepted_for_the_grace_period_then_refused(
     stack: LocalStack,
     vendor: Sandbox,
@@ -246,7 +259,7 @@ async def test_a_rotated_secret_is_accepted_for_the_grace_period_then_refused(
     args = settings_args(vendor)
     assert await cli(stack, "add", "shared1", "--type", "sharedlab", *args) == 0
     first = last_line(capsys.readouterr().out)
-    await wait_for("the bridge to start shared1", lambda: running(stack, "shared1"), 15)
+    await wait_until(lambda: running(stack, "shared1"), 15, "the bridge to start shared1")
 
     # The vendor signs with the shared secret: messages cross.
     camille = (await vendor_users(http, vendor))[1]
@@ -254,7 +267,7 @@ async def test_a_rotated_secret_is_accepted_for_the_grace_period_then_refused(
     conversation = await camille.start_conversation([bob.idnps], unique("Shared secret"))
     hello = unique("Signé avec le secret partagé")
     await camille.send(conversation, hello)
-    await wait_for("Bob to get the signed message", lambda: received(bob, hello), 30)
+    await wait_until(lambda: received(bob, hello), 30, "Bob to get the signed message")
 
     grace_s = 8
     rotate = ["rotate-secret", "shared1", "--grace", f"{grace_s}s", "--yes"]
@@ -267,7 +280,7 @@ async def test_a_rotated_secret_is_accepted_for_the_grace_period_then_refused(
     async def rotated() -> bool:
         return connector.ctx.secrets.current() == second
 
-    await wait_for("the bridge to take the new secret", rotated, 10)
+    await wait_until(rotated, 10, "the bridge to take the new secret")
     webhook = f"{stack.bridge_url}/connectors/shared1/webhook"
     status = await bridge.stores.connector_registry.secret_status("shared1")
     assert status.grace_until is not None
@@ -276,7 +289,14 @@ async def test_a_rotated_secret_is_accepted_for_the_grace_period_then_refused(
     assert await post_signed(http, webhook, first) == 400  # still accepted
     assert await post_signed(http, webhook, "a-guess") == 401
 
-    await asyncio.sleep(max(0.0, status.grace_until / 1000 - time.time()) + 0.5)
+    # The bridge's real clock runs the grace period out (the CLI and the bridge share none but
+    # the database's): wait for the refusal, the grace period bounding the wait.
+    await wait_until(
+        lambda: _refused(http, webhook, first),
+        grace_s + 10,
+        "the previous secret to be refused once the grace period is over",
+    )
+    assert time.time() * 1000 >= status.grace_until, "not refused before the grace period's end"
     assert await post_signed(http, webhook, first) == 401  # the grace period is over
     assert await post_signed(http, webhook, second) == 400
 
@@ -284,7 +304,7 @@ async def test_a_rotated_secret_is_accepted_for_the_grace_period_then_refused(
         assert secret not in caplog.text
         assert secret not in await database_text(stack)
     assert await cli(stack, "remove", "shared1", "--yes", "--force") == 0
-    await wait_for("shared1 to be gone", lambda: _gone(stack, "shared1"), 15)
+    await wait_until(lambda: _gone(stack, "shared1"), 15, "shared1 to be gone")
 
 
 async def test_the_webhook_dispatcher_answers_unknown_connectors_with_404(

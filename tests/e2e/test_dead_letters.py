@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession, web
 
-from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 from connectors.medipeps.sandbox import create_app
 from connectors.sandbox.errors import SandboxError
 from connectors.sandbox.webtools import KERNEL_KEY
 
 from e2e_helpers import AppUser, app_users_of, counter, inbox_message, unique
+from helpers import wait_until
 from matrix_user import MatrixUser, connect
 
 pytestmark = pytest.mark.e2e
@@ -70,7 +70,9 @@ async def dm(stack: LocalStack) -> AsyncIterator[tuple[MatrixUser, AppUser, str]
         room_id = await native.create_dm(ghost)
         opener = unique("Ouverture")
         await native.send_text(room_id, opener)
-        await wait_for("the opener", lambda: inbox_message(bob, lambda m: m["text"] == opener))
+        await wait_until(
+            lambda: inbox_message(bob, lambda m: m["text"] == opener), 90, "the opener"
+        )
         try:
             yield native, bob, room_id
         finally:
@@ -118,10 +120,8 @@ async def test_a_dead_letter_holds_its_conversation_until_retried_then_all_arriv
     status = await failed_status(native, room_id, first_id)
     assert "operator" in status["message"]
     assert stack.bridge is not None
-    letters = await wait_for(
-        "the dead letter to hold both later messages",
-        lambda: _held(stack, 2),
-        30,
+    letters = await wait_until(
+        lambda: _held(stack, 2), 30, "the dead letter to hold both later messages"
     )
     assert await texts_of(bob, [first, *later]) == [], "nothing may overtake a dead letter"
 
@@ -135,7 +135,7 @@ async def test_a_dead_letter_holds_its_conversation_until_retried_then_all_arriv
         got = await texts_of(bob, [first, *later])
         return got if len(got) == 3 else None
 
-    assert await wait_for("the conversation to flow again", all_three, 60) == [first, *later]
+    assert await wait_until(all_three, 60, "the conversation to flow again") == [first, *later]
 
 
 async def test_a_discarded_dead_letter_is_never_delivered_and_releases_the_rest(
@@ -147,12 +147,12 @@ async def test_a_discarded_dead_letter_is_never_delivered_and_releases_the_rest(
     doomed_id = await native.send_text(room_id, doomed)
     await native.send_text(room_id, after)
     await failed_status(native, room_id, doomed_id)
-    letters = await wait_for("the dead letter", lambda: _held(stack, 1), 30)
+    letters = await wait_until(lambda: _held(stack, 1), 30, "the dead letter")
 
     refused = cli(stack, "discard", str(letters[0].seq), "--yes")
     assert refused.returncode == 0, refused.stderr
-    await wait_for(
-        "the later message", lambda: inbox_message(bob, lambda m: m["text"] == after), 60
+    await wait_until(
+        lambda: inbox_message(bob, lambda m: m["text"] == after), 60, "the later message"
     )
     assert doomed not in [m["text"] for m in await bob.inbox()]
     assert cli(stack, "discard", str(letters[0].seq), "--yes").returncode == 1
@@ -179,7 +179,7 @@ async def test_an_unreachable_vendor_spends_no_retry_budget_and_catches_up_in_or
             # More failed attempts than the budget: had they counted, it would be dead.
             return stack.bridge.delivery.health.state("medipeps") == "DOWN" and (attempts or 0) > 3
 
-        await wait_for("the vendor seen down for longer than the budget", down_long_enough, 90)
+        await wait_until(down_long_enough, 90, "the vendor seen down for longer than the budget")
     finally:
         await sandbox.start()
 
@@ -187,7 +187,7 @@ async def test_an_unreachable_vendor_spends_no_retry_budget_and_catches_up_in_or
         got = await texts_of(bob, texts)
         return got if len(got) == len(texts) else None
 
-    assert await wait_for("catch-up after the outage", caught_up, 90) == texts
+    assert await wait_until(caught_up, 90, "catch-up after the outage") == texts
     assert stack.bridge.delivery.health.state("medipeps") == "CONNECTED"
     assert await stack.bridge.stores.dead_letters.list("medipeps") == []
 

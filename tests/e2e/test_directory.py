@@ -13,12 +13,12 @@ import pytest
 from aiohttp import ClientSession
 
 from bridge.cli import main
-from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 from bridge.directory.fhir import IDNPS_SYSTEM, PROFESSION_SYSTEM
 from bridge.directory.sample import HEADER, extract_line
 
 from e2e_helpers import portal_of, received, unique, users_of
+from helpers import wait_until
 from matrix_user import MatrixUser, connect, text_is
 
 pytestmark = pytest.mark.e2e
@@ -108,7 +108,7 @@ async def test_vendor_user_reaches_by_idnps_a_native_account_known_only_to_the_d
 
         reply = unique("Oui, j'arrive")
         await native.send_text(room_id, reply)
-        answer = await wait_for("Alice to get the reply", lambda: received(alice, reply), 30)
+        answer = await wait_until(lambda: received(alice, reply), 30, "Alice to get the reply")
         assert answer["sender"] == native.user_id
     finally:
         await native.close()
@@ -140,7 +140,7 @@ async def test_a_ghosts_display_name_follows_a_directory_import(
         async def renamed() -> bool:
             return (await native.client.get_displayname(ghost)).displayname == wanted
 
-        await wait_for("the ghost's new display name", renamed, 30)
+        await wait_until(renamed, 30, "the ghost's new display name")
         assert stack.bridge is not None
         bridge = stack.bridge
 
@@ -148,6 +148,6 @@ async def test_a_ghosts_display_name_follows_a_directory_import(
             row = await bridge.stores.ghosts.get(ghost)
             return row is not None and row.display_name == wanted
 
-        await wait_for("the ghost's new name in the bridge's table", recorded, 30)
+        await wait_until(recorded, 30, "the ghost's new name in the bridge's table")
     finally:
         await native.close()

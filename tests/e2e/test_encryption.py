@@ -19,7 +19,6 @@ from aiohttp import ClientSession
 from canonicaljson import encode_canonical_json
 from nio import ErrorResponse, RoomEncryptedMedia
 
-from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 
 from e2e_helpers import (
@@ -37,6 +36,7 @@ from e2e_helpers import (
     vendor_copy,
     vendor_dm,
 )
+from helpers import wait_until
 from matrix_user import MatrixUser, login, text_is
 from synapse_db import event_types_in_room, room_holds_text
 
@@ -93,7 +93,9 @@ async def test_vendor_and_native_user_talk_in_an_encrypted_dm(
     for reply in replies:
         await native.send_text(room_id, reply)
     for reply in replies:
-        answer = await wait_for("Alice to get the Matrix reply", lambda r=reply: received(alice, r))
+        answer = await wait_until(
+            lambda r=reply: received(alice, r), 90, "Alice to get the Matrix reply"
+        )
         assert answer["sender"] == native.user_id
     texts = [m["text"] for m in await alice.inbox() if m["text"] in replies]
     assert texts == replies, "once each, in order"
@@ -178,7 +180,7 @@ async def test_a_group_with_two_vendors_and_files_both_ways(
     room_id = await portal_of(stack, "pandalab", paul_conv)
     await native.accept_invites(room_id, timeout=30)
     await native.wait_for_message(room_id, text_is(hello), timeout=30)
-    await wait_for("Bob to get Paul's message", lambda: received(bob, hello))
+    await wait_until(lambda: received(bob, hello), 90, "Bob to get Paul's message")
 
     # Native -> vendors: an encrypted file, decrypted by the bridge on its way.
     name = f"ecg-{next(counter)}.pdf"
@@ -209,7 +211,9 @@ async def test_nothing_is_lost_across_a_bridge_restart(
     while_down = unique("Pendant que le pont est arrêté")
     await native.send_text(room_id, while_down)  # its room key waits at the homeserver too
     await stack.start_bridge()
-    await wait_for("Alice to get the message sent while down", lambda: received(alice, while_down))
+    await wait_until(
+        lambda: received(alice, while_down), 90, "Alice to get the message sent while down"
+    )
     # Synapse replays what the bridge missed without its to-device messages (catch-up
     # transactions carry room events only): the room key came from the ghost's device inbox.
     assert stack.bridge is not None and stack.bridge.crypto is not None
@@ -293,7 +297,7 @@ async def test_an_event_that_never_decrypts_is_reported_and_nothing_garbled_is_s
     assert notice.decrypted, "the notice is encrypted too"
     later = unique("Et ensuite")
     await native.send_text(room_id, later)  # the conversation goes on
-    await wait_for("the next message at PandaLab", lambda: received(alice, later))
+    await wait_until(lambda: received(alice, later), 90, "the next message at PandaLab")
     assert (
         await inbox_message(
             alice, lambda m: m["text"] not in (later,) and m["sender"] == native.user_id
@@ -311,7 +315,7 @@ async def test_a_native_user_turning_encryption_on_is_followed(
     await native.wait_for_join(room_id, ghost, timeout=30)
     plain = unique("En clair d'abord")
     await native.send_text(room_id, plain)
-    await wait_for("Alice to get the plain message", lambda: received(alice, plain))
+    await wait_until(lambda: received(alice, plain), 90, "Alice to get the plain message")
 
     resp = await native.client.room_put_state(
         room_id, "m.room.encryption", {"algorithm": "m.megolm.v1.aes-sha2"}
@@ -320,8 +324,10 @@ async def test_a_native_user_turning_encryption_on_is_followed(
     await native.wait_until_encrypted(room_id)  # as a client does before its next message
     secret = unique("Chiffré ensuite")
     await native.send_text(room_id, secret)
-    await wait_for("Alice to get the encrypted message", lambda: received(alice, secret))
-    conversation = await wait_for("Alice's conversation", lambda: _conversation_with(alice, native))
+    await wait_until(lambda: received(alice, secret), 90, "Alice to get the encrypted message")
+    conversation = await wait_until(
+        lambda: _conversation_with(alice, native), 90, "Alice's conversation"
+    )
     answer = unique("Réponse chiffrée")
     await alice.send(conversation, answer)
     received_answer = await native.wait_for_message(room_id, text_is(answer), timeout=30)
@@ -347,6 +353,6 @@ async def test_medipeps_user_and_native_user_talk_in_an_encrypted_dm(
     assert message.decrypted and message.sender == ghost_of(stack, "medipeps", nora.idnps)
     reply = unique("Réponse vers Medipeps")
     await native.send_text(room_id, reply)
-    answer = await wait_for("Nora to get the reply", lambda: received(nora, reply))
+    answer = await wait_until(lambda: received(nora, reply), 90, "Nora to get the reply")
     assert answer["sender"] == native.user_id
     assert_only_ciphertext(stack, room_id, hello, reply)

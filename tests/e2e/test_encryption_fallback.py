@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from aiohttp import ClientSession
 
-from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 
 from e2e_helpers import encrypted_native, received, unique, users_of, vendor_dm
+from helpers import wait_until
 from matrix_user import MatrixUser
 
 pytestmark = pytest.mark.e2e
@@ -51,7 +51,7 @@ async def test_room_keys_come_from_the_device_inbox_when_not_pushed(
     for text in texts:
         await native.send_text(room_id, text)
     for text in texts:
-        await wait_for("Alice to get it", lambda t=text: received(alice, t), 60)
+        await wait_until(lambda t=text: received(alice, t), 60, "Alice to get it")
     assert [m["text"] for m in await alice.inbox() if m["text"] in texts] == texts
     assert stack.bridge is not None and stack.bridge.crypto is not None
     assert stack.bridge.crypto.caught_up_messages >= 1, "the keys came from the inbox"

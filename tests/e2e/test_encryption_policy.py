@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from aiohttp import ClientSession
 
-from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 
 from e2e_helpers import encrypted_native, portal_of, received, unique, users_of
+from helpers import wait_until
 from matrix_user import MatrixUser, text_is
 from synapse_db import event_types_in_room, room_holds_text
 
@@ -53,14 +53,14 @@ async def test_require_refuses_plain_rooms_and_bridges_encrypted_ones(
         room = native.client.rooms.get(plain)
         return room is not None and ghost not in room.users
 
-    await wait_for("the ghost to leave the plain room", ghost_left, 30)
+    await wait_until(ghost_left, 30, "the ghost to leave the plain room")
     assert await stack.bridge.stores.portals.get(plain) is None  # type: ignore[union-attr]
 
     secret = await native.create_room(invite=[ghost], is_direct=True, encrypted=True)
     await native.wait_for_join(secret, ghost, timeout=30)
     text = unique("Chiffré, donc transmis")
     await native.send_text(secret, text)
-    answer = await wait_for("Alice to get the message", lambda: received(alice, text), 30)
+    answer = await wait_until(lambda: received(alice, text), 30, "Alice to get the message")
     assert answer["sender"] == native.user_id
     assert not room_holds_text(stack.synapse, secret, text)
 

@@ -17,7 +17,6 @@ import pytest
 import yaml
 from aiohttp import ClientSession
 
-from bridge.devtools.demo import wait_for
 from bridge.devtools.ports import free_port
 from bridge.devtools.stack import LocalStack
 
@@ -30,6 +29,7 @@ from e2e_helpers import (
     portal_of,
     unique,
 )
+from helpers import wait_until
 from matrix_user import MatrixUser, text_is
 
 pytestmark = pytest.mark.e2e
@@ -103,7 +103,7 @@ async def test_cli_forget_without_the_homeserver_erases_the_database_part_and_th
     async def both_waiting() -> bool:
         return {hers, his} <= await waiting_texts()
 
-    await wait_for("both messages in the inbox", both_waiting, 30)
+    await wait_until(both_waiting, 30, "both messages in the inbox")
 
     done = await asyncio.to_thread(forget, homeserver_unreachable(stack), str(alice.idnps))
     assert done.returncode == 3, done.stdout + done.stderr
@@ -139,7 +139,7 @@ async def test_cli_forget_without_the_homeserver_erases_the_database_part_and_th
         rows = await stack.bridge.stores.audit.query(connector="bridge", limit=1000)
         return any(r.direction == "erasure" and r.outcome == "completed" for r in rows)
 
-    await wait_for("the Matrix part done by the bridge", completed, 60)
+    await wait_until(completed, 60, "the Matrix part done by the bridge")
     assert await is_redacted(native, room_id, event.event_id)
     left = await member_state(native, room_id, ghost)
     assert left.get("membership") == "leave" and "effacement" in str(left.get("reason"))

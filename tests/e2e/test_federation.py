@@ -40,12 +40,13 @@ from aiohttp import ClientSession, web
 from nio import RoomPreset
 
 from bridge.config import Config
-from bridge.devtools.demo import SandboxUser, wait_for
+from bridge.devtools.demo import SandboxUser
 from bridge.devtools.federation import LocalFederation, hosts_file_writable
 from bridge.devtools.ports import free_port
 from bridge.devtools.stack import LocalStack
 
 from e2e_helpers import Proxy, app_users_of, counter, inbox_texts, received, unique, users_of
+from helpers import wait_until
 from matrix_user import MatrixUser, MatrixUserError, connect, text_is
 from synapse_db import event_types_in_room, room_holds_text
 
@@ -232,8 +233,8 @@ async def conversation(
         room_id = await native.create_dm(ghost_of(stack, "pandalab", alice))
         hello = seen["hello"] = unique("Bonjour depuis hs2")
         await native.send_text(room_id, hello)
-        seen["hello@alice"] = await wait_for(
-            "Alice to get hs2's DM", lambda: received(alice, hello)
+        seen["hello@alice"] = await wait_until(
+            lambda: received(alice, hello), 90, "Alice to get hs2's DM"
         )
         alice_conversation = str(seen["hello@alice"]["conversation_id"])
 
@@ -247,13 +248,19 @@ async def conversation(
         assert not isinstance(invite, Exception) and not hasattr(invite, "status_code"), invite
         later = seen["later"] = unique("Bob est avec nous")
         await native.send_text(room_id, later)
-        seen["later@bob"] = await wait_for("Bob to get hs2's message", lambda: received(bob, later))
-        seen["later@alice"] = await wait_for("Alice to get it", lambda: received(alice, later))
+        seen["later@bob"] = await wait_until(
+            lambda: received(bob, later), 90, "Bob to get hs2's message"
+        )
+        seen["later@alice"] = await wait_until(
+            lambda: received(alice, later), 90, "Alice to get it"
+        )
         bob_conversation = str(seen["later@bob"]["conversation_id"])
 
         answer = seen["answer"] = unique("Réponse de Medipeps")
         await bob.send(bob_conversation, answer)
-        seen["answer@alice"] = await wait_for("Alice to get Bob's", lambda: received(alice, answer))
+        seen["answer@alice"] = await wait_until(
+            lambda: received(alice, answer), 90, "Alice to get Bob's"
+        )
         seen["answer@hs2"] = await native.wait_for_message(room_id, text_is(answer), timeout=30)
 
         yield Conversation(native, room_id, alice, bob, alice_conversation, bob_conversation, seen)
@@ -303,7 +310,7 @@ async def acl_matching(
         ok = ok and not any(acl_allows(acl, s) for s in denied)
         return acl if ok else None
 
-    return dict(await wait_for(f"the server ACL of {room_id}", check, timeout))
+    return dict(await wait_until(check, timeout, f"the server ACL of {room_id}"))
 
 
 async def all_messages(
@@ -474,7 +481,9 @@ async def test_an_encrypted_dm_from_a_federated_server_is_bridged_both_ways(
         await native.wait_for_join(room_id, ghost, timeout=60)
         question = unique("Chiffré depuis hs2")
         await native.send_text(room_id, question)
-        at_alice = await wait_for("the question at PandaLab", lambda: received(alice, question), 60)
+        at_alice = await wait_until(
+            lambda: received(alice, question), 60, "the question at PandaLab"
+        )
         assert at_alice["sender"] == native.user_id
         answer = unique("Réponse chiffrée vers hs2")
         await alice.send(str(at_alice["conversation_id"]), answer)
@@ -523,7 +532,7 @@ async def test_a_question_pushed_after_its_answer_still_reaches_the_vendors_firs
             texts = [t for t in await inbox_texts(user) if t in (question, answer)]
             return texts if len(texts) >= 2 else None
 
-        assert await wait_for("the question and its answer", both, 60) == [question, answer]
+        assert await wait_until(both, 60, "the question and its answer") == [question, answer]
     # The test proves something only if the bridge was pushed the answer first.
     pushed = [t for t in pushes.pushed if t in (question, answer)]
     assert pushed == [answer, question], pushed
@@ -577,11 +586,11 @@ async def test_burst_across_the_federation_arrives_once_and_in_order(
             texts = [t for t in await inbox_texts(user) if t in set(expected)]
             return texts if len(set(texts)) == len(expected) else None
 
-        alice_got = await wait_for(
-            "the burst at PandaLab", lambda: arrived(alice, natives + from_bob), 150
+        alice_got = await wait_until(
+            lambda: arrived(alice, natives + from_bob), 150, "the burst at PandaLab"
         )
-        bob_got = await wait_for(
-            "the burst at Medipeps", lambda: arrived(bob, natives + from_alice), 150
+        bob_got = await wait_until(
+            lambda: arrived(bob, natives + from_alice), 150, "the burst at Medipeps"
         )
         delivered_s = time.monotonic() - began
 
@@ -590,7 +599,7 @@ async def test_burst_across_the_federation_arrives_once_and_in_order(
             mine = [b for b in bodies if b in set(from_alice + from_bob)]
             return mine if len(set(mine)) == len(from_alice + from_bob) else None
 
-        hs2_got = await wait_for("the vendors' answers at hs2", at_hs2, 60)
+        hs2_got = await wait_until(at_hs2, 60, "the vendors' answers at hs2")
         # The order the native user's messages took in the room (hs2 decided it).
         hs2_timeline = [
             str(e["content"].get("body"))
@@ -735,7 +744,7 @@ async def test_a_join_from_an_untrusted_server_is_refused_by_the_room_acl(
         room_id = str(answer.room_id)
         hello = unique("Bonjour depuis hs1")
         await host.send_text(room_id, hello)
-        await wait_for("Erin to get the message", lambda: received(erin, hello))
+        await wait_until(lambda: received(erin, hello), 90, "Erin to get the message")
 
         acl_missing: TimeoutError | None = None
         try:
@@ -757,7 +766,7 @@ async def test_a_join_from_an_untrusted_server_is_refused_by_the_room_acl(
             await guest.send_text(room_id, intrusion)
             sentinel = unique("Sentinelle de confiance")
             await host.send_text(room_id, sentinel)
-            await wait_for("the sentinel at Erin's", lambda: received(erin, sentinel))
+            await wait_until(lambda: received(erin, sentinel), 90, "the sentinel at Erin's")
             with trust_list_step():
                 assert intrusion not in await inbox_texts(erin), "an untrusted event was bridged"
                 raise AssertionError(f"hs4 joined a portal (no ACL stopped it): {body}")
@@ -788,7 +797,7 @@ async def test_a_room_without_the_acl_gets_nothing_from_vendors_once_an_outsider
         room_id = str(answer.room_id)
         hello = unique("Bonjour, salle sans ACL")
         await host.send_text(room_id, hello)
-        got = await wait_for("Frank to get the message", lambda: received(frank, hello))
+        got = await wait_until(lambda: received(frank, hello), 90, "Frank to get the message")
         conversation_id = str(got["conversation_id"])
         before = unique("Avant l'intrus")
         await frank.send(conversation_id, before)
@@ -803,7 +812,7 @@ async def test_a_room_without_the_acl_gets_nothing_from_vendors_once_an_outsider
         await guest.send_text(room_id, intrusion)
         sentinel = unique("Sentinelle")
         await host.send_text(room_id, sentinel)
-        await wait_for("the sentinel at Frank's", lambda: received(frank, sentinel))
+        await wait_until(lambda: received(frank, sentinel), 90, "the sentinel at Frank's")
         assert intrusion not in await inbox_texts(frank), "an untrusted event was bridged"
 
         secret = unique("Résultat d'analyse confidentiel")
@@ -815,7 +824,7 @@ async def test_a_room_without_the_acl_gets_nothing_from_vendors_once_an_outsider
             bad = [r for r in reports if r["status"] == "failed" and "trust space" in r["detail"]]
             return bad[0] if bad else None
 
-        report = await wait_for("the failed delivery of Frank's message", refused, 30)
+        report = await wait_until(refused, 30, "the failed delivery of Frank's message")
         assert fed.server_name("hs4").split(":")[0] in str(report["detail"]), report
         notice = await host.wait_for_message(
             room_id, lambda e: "could not be bridged" in str(getattr(e, "body", "")), timeout=30
@@ -851,8 +860,8 @@ async def test_events_from_untrusted_servers_never_reach_a_vendor(
         assert status == 200
     sentinel = unique("Sentinelle après les messages forgés")
     await conversation.native.send_text(conversation.room_id, sentinel)
-    await wait_for("the sentinel at Alice's", lambda: received(conversation.alice, sentinel))
-    await wait_for("the sentinel at Bob's", lambda: received(conversation.bob, sentinel))
+    await wait_until(lambda: received(conversation.alice, sentinel), 90, "the sentinel at Alice's")
+    await wait_until(lambda: received(conversation.bob, sentinel), 90, "the sentinel at Bob's")
     with trust_list_step():
         for user in (conversation.alice, conversation.bob):
             texts = await inbox_texts(user)

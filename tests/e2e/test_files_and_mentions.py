@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession
 
-from bridge.devtools.demo import wait_for
 from bridge.devtools.ports import free_port
 from bridge.devtools.stack import LocalStack
 
@@ -35,6 +34,7 @@ from e2e_helpers import (
     unique,
     vendor_copy,
 )
+from helpers import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -59,7 +59,6 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Local
 async def trio(stack: LocalStack, http: ClientSession) -> AsyncIterator[ThreeWay]:
     async with three_way(stack, http, "pandalab", "medipeps", "Fichiers", "Bonjour") as found:
         yield found
-
 
 
 async def send_file(
@@ -196,7 +195,7 @@ async def test_vendor_files_are_checked_against_their_content_on_their_way_to_ma
         reports = (message or {}).get("delivery") or []
         return [r for r in reports if r["status"] == "failed"] or None
 
-    reports = await wait_for("a failed delivery report at PandaLab", failed, 30)
+    reports = await wait_until(failed, 30, "a failed delivery report at PandaLab")
     assert "text/x-shellscript" in reports[0]["detail"]
 
     # A PDF declared as an image: it reaches Matrix as the PDF it is.

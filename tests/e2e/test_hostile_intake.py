@@ -20,11 +20,11 @@ import pytest
 from aiohttp import ClientSession
 from fuzz_http import raw_request
 
-from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 from connectors.pandalab.connector import SANDBOX_WEBHOOK_SECRET
 
 from e2e_helpers import body_is, inbox_message, three_way, unique
+from helpers import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -78,8 +78,8 @@ async def test_stalled_unsigned_uploads_are_refused_unread_and_the_conversation_
         text = unique("Après les envois refusés, la conversation continue")
         await trio.other.post(trio.other_conv, text=text)
         await trio.native.wait_for_event(trio.room_id, body_is(text), 30)
-        await wait_for(
-            "the message at the webhook vendor",
+        await wait_until(
             lambda: inbox_message(trio.starter, lambda m: m["text"] == text),
             30,
+            "the message at the webhook vendor",
         )

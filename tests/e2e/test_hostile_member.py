@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession
 
-from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 
 from e2e_helpers import (
@@ -36,6 +35,7 @@ from e2e_helpers import (
     unique,
     vendor_copy,
 )
+from helpers import wait_until
 from matrix_user import MatrixUser
 
 pytestmark = pytest.mark.e2e
@@ -113,7 +113,7 @@ async def goes_on(ward: Ward, *earlier: str) -> None:
     held nothing up."""
     later = unique("Message suivant")
     await ward.mallory.send_text(ward.room_id, later)
-    await wait_for("the next message at PandaLab", lambda: received(ward.alice, later), 60)
+    await wait_until(lambda: received(ward.alice, later), 60, "the next message at PandaLab")
     texts = [m["text"] for m in await ward.alice.inbox() if m["text"] in (*earlier, later)]
     assert texts == [*earlier, later]
 
@@ -178,7 +178,7 @@ async def test_only_the_author_may_edit_a_message(
             )
             return copy["text"] == fixed
 
-        await wait_for("Carol's own correction at PandaLab", corrected, 60)
+        await wait_until(corrected, 60, "Carol's own correction at PandaLab")
         await goes_on(w, fixed)
         mine = await copy_of(w.alice, w.conv, allergy_id)
         assert mine["text"] == allergy and not mine["edited"]
@@ -239,7 +239,7 @@ async def test_a_moderator_may_redact_anothers_message(
             copy = await alice.message(at_alice["conversation_id"], at_alice["message_id"])
             return bool(copy and copy["deleted"])
 
-        await wait_for("the moderator's deletion at PandaLab", deleted, 60)
+        await wait_until(deleted, 60, "the moderator's deletion at PandaLab")
 
 
 # --- Relations stay in their portal ----------------------------------------------------------

@@ -32,7 +32,6 @@ from bridge.core.to_matrix import (
     NOT_BRIDGED,
     NOT_IN_DIRECTORY,
 )
-from bridge.devtools.demo import wait_for
 from bridge.devtools.ports import free_port
 from bridge.devtools.stack import LocalStack, Sandbox
 from bridge.directory.fhir import IDNPS_SYSTEM, PROFESSION_SYSTEM
@@ -53,6 +52,7 @@ from e2e_helpers import (
     redaction_of,
     unique,
 )
+from helpers import wait_until
 from matrix_user import MatrixUser, text_is
 
 pytestmark = pytest.mark.e2e
@@ -171,7 +171,7 @@ async def hostile(stack: LocalStack) -> AsyncIterator[Hostile]:
         connector = running_bridge(stack).connectors.get("hostile")
         return connector is not None and type(connector).__name__ == "WebhookConnector"
 
-    await wait_for("the hostile connector to run", running, 30)
+    await wait_until(running, 30, "the hostile connector to run")
     try:
         yield Hostile("hostile", added.secret, proxy, sandbox)
     finally:
@@ -218,8 +218,8 @@ async def join_conversation(
 
 
 async def at(user: AppUser, text: str) -> dict[str, Any]:
-    return await wait_for(
-        f"{text!r} at {user.idnps}", lambda: inbox_message(user, lambda m: m["text"] == text), 60
+    return await wait_until(
+        lambda: inbox_message(user, lambda m: m["text"] == text), 60, f"{text!r} at {user.idnps}"
     )
 
 
@@ -488,7 +488,7 @@ async def test_require_directory_entry_refuses_a_ghost_for_an_unknown_idnps(
         connector = running_bridge(stack).connectors.get("hostile")
         return connector is not None and type(connector).__name__ == "WebhookConnector"
 
-    await wait_for("the hostile connector to run again", running, 30)
+    await wait_until(running, 30, "the hostile connector to run again")
     users = hostile.users(http)
     faux, inconnu = users[FAUX], users[INCONNU]
     family, given, code, label = FAUX_IN_ANS
@@ -509,7 +509,7 @@ async def test_require_directory_entry_refuses_a_ghost_for_an_unknown_idnps(
             message = await inconnu.message(conversation, message_id)
             return (message or {}).get("delivery") or None
 
-        got = await wait_for("the refusal at the vendor", lambda: reported(alone, attempt_id), 60)
+        got = await wait_until(lambda: reported(alone, attempt_id), 60, "the refusal at the vendor")
         assert [(r["status"], r["detail"]) for r in got] == [("failed", NOT_BRIDGED)]
 
         # A listed colleague opens one with them: it is bridged without them, and what they
@@ -527,8 +527,8 @@ async def test_require_directory_entry_refuses_a_ghost_for_an_unknown_idnps(
         await faux.post(conversation, text=later)
         await native.wait_for_message(room_id, text_is(later), 60)
         assert not [m for m in native.messages(room_id) if getattr(m, "body", "") == sneaky]
-        got = await wait_for(
-            "the refusal at the vendor", lambda: reported(conversation, sneaky_id), 60
+        got = await wait_until(
+            lambda: reported(conversation, sneaky_id), 60, "the refusal at the vendor"
         )
         assert [(r["status"], r["detail"]) for r in got] == [("failed", NOT_IN_DIRECTORY)]
 

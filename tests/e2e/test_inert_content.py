@@ -23,12 +23,12 @@ from aiohttp import ClientSession
 from bs4 import BeautifulSoup
 from markdown_it import MarkdownIt
 
-from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 from bridge.formatting import worker
 from bridge.formatting.limits import MAX_LIST_ITEMS
 
 from e2e_helpers import ThreeWay, send_status, three_way, unique, vendor_copy
+from helpers import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +62,6 @@ def rendered(markdown: str) -> tuple[str, str]:
     """What the vendor's renderer makes of ``markdown``: its HTML, and the text a reader sees."""
     html = VENDOR_RENDERER.render(markdown)
     return html, " ".join(BeautifulSoup(html, "html.parser").get_text().split())
-
 
 
 async def test_a_native_users_plain_text_reaches_a_markdown_vendor_as_inert_text(
@@ -157,7 +156,8 @@ async def test_a_hostile_list_is_delivered_bounded_while_another_conversation_fl
             "formatted_body": html,
         },  # fmt: skip
     )
-    await asyncio.wait_for(converting.wait(), 60)
+    async with asyncio.timeout(60):
+        await converting.wait()
     async with three_way(stack, http, "pandalab", "medipeps", "Ailleurs", "Bonjour") as other:
         meanwhile = unique("Pendant ce temps")
         await other.native.send(
@@ -177,7 +177,7 @@ async def test_a_hostile_list_is_delivered_bounded_while_another_conversation_fl
         mine = texts[start:]
         return mine if any(f"{items}\\. {items}" in t for t in mine) else None
 
-    received = "\n".join(await wait_for("the hostile list at PandaLab", parts, 60))
+    received = "\n".join(await wait_until(parts, 60, "the hostile list at PandaLab"))
     assert "render_text" in offloaded
     lines = [line.strip() for line in received.splitlines() if line.strip()]
     items_seen = [m.groups() for line in lines if (m := re.fullmatch(r"(\d+)\\?\. (\d+)", line))]

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from aiohttp import ClientSession
 
-from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 
 from e2e_helpers import conversation_titled, received, unique, users_of
+from helpers import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -32,8 +32,10 @@ async def test_vendors_talk_through_a_bridge_on_postgresql_and_survive_a_crash(
         conversation = await alice.start_conversation([bob.idnps], title)
         first = unique("Premier message sur PostgreSQL")
         await alice.send(conversation, first)
-        await wait_for("Bob to receive it", lambda: received(bob, first), 30)
-        bob_conversation = await wait_for("Bob's side", lambda: conversation_titled(bob, title))
+        await wait_until(lambda: received(bob, first), 30, "Bob to receive it")
+        bob_conversation = await wait_until(
+            lambda: conversation_titled(bob, title), 90, "Bob's side"
+        )
 
         # Acknowledged and stored, then the bridge dies before processing.
         await pg_stack.stop_bridge()
@@ -46,7 +48,7 @@ async def test_vendors_talk_through_a_bridge_on_postgresql_and_survive_a_crash(
             count = await bridge.db.fetchval("SELECT COUNT(*) FROM inbox WHERE state = 'pending'")
             return int(count) >= len(during)
 
-        await wait_for("the vendor events stored", stored, 30)
+        await wait_until(stored, 30, "the vendor events stored")
         await pg_stack.stop_bridge()
         await pg_stack.start_bridge()
 
@@ -54,4 +56,4 @@ async def test_vendors_talk_through_a_bridge_on_postgresql_and_survive_a_crash(
             seen = [m["text"] for m in await alice.inbox() if m["text"] in during]
             return seen if len(seen) == len(during) else None
 
-        assert await wait_for("Alice to get all three", all_there, 30) == during
+        assert await wait_until(all_there, 30, "Alice to get all three") == during

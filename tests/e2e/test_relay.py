@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from aiohttp import ClientSession, web
 
-from bridge.devtools.demo import wait_for
 from bridge.devtools.ports import free_port
 from bridge.devtools.stack import LocalStack
 
 from e2e_helpers import Proxy, inbox_texts, unique, users_of
+from helpers import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -108,12 +108,12 @@ async def test_a_ghosts_messages_reach_the_other_vendor_without_the_homeservers_
         seen = [t for t in await inbox_texts(bob) if t in texts]
         return seen if len(seen) >= len(texts) else None
 
-    seen = await wait_for("Bob to receive Alice's messages", all_arrived, 60)
+    seen = await wait_until(all_arrived, 60, "Bob to receive Alice's messages")
     assert seen == texts, "not exactly once, in order"
 
     async def pushes_filtered() -> bool:
         return all(text in push_filter.dropped for text in texts)
 
     # The test proves something only if Synapse did push those events and the filter took them.
-    await wait_for("Synapse's pushes of Alice's messages", pushes_filtered, 30)
+    await wait_until(pushes_filtered, 30, "Synapse's pushes of Alice's messages")
     assert [t for t in await inbox_texts(bob) if t in texts] == texts

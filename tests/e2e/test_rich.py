@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession
 
-from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 
 from e2e_helpers import (
@@ -36,6 +35,7 @@ from e2e_helpers import (
     unique,
     vendor_copy,
 )
+from helpers import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -66,7 +66,6 @@ class Trio(ThreeWay):
 async def trio(stack: LocalStack, http: ClientSession) -> AsyncIterator[Trio]:
     async with three_way(stack, http, "pandalab", "medipeps", "Rich", "Bonjour à tous") as found:
         yield Trio(**vars(found))
-
 
 
 # --- Formatted text ------------------------------------------------------------------------------
@@ -218,7 +217,7 @@ async def test_text_over_medipeps_limit_is_split_in_order_and_the_sender_told(tr
         mine = [m["text"] for m in await trio.bob.inbox() if marker in m["text"]]
         return mine if sum(len(p) for p in mine) >= len(text) - 10 else None
 
-    received = await wait_for("every part at Medipeps", parts, 30)
+    received = await wait_until(parts, 30, "every part at Medipeps")
     assert len(received) == 2 and all(len(p) <= 4000 for p in received)
     assert "§0" in received[0] and "§5" in received[1]
     assert "split into 2" in (await send_status(trio, event_id, "medipeps"))["message"]
@@ -325,7 +324,7 @@ async def test_vendor_file_refused_by_the_other_vendor_is_reported_to_its_sender
         bad = [r for r in reports if r["status"] == "failed" and "medipeps" in r["detail"]]
         return bad or None
 
-    reports = await wait_for("a failed delivery report at PandaLab", failed, 30)
+    reports = await wait_until(failed, 30, "a failed delivery report at PandaLab")
     assert "video/mp4" in reports[0]["detail"]
 
 
@@ -405,7 +404,7 @@ async def test_deletions_cross_in_both_directions(trio: Trio) -> None:
             message = await user.message(conv, mid)
             return bool(message and message["deleted"])
 
-        await wait_for("the deletion at the vendor", gone, 30)
+        await wait_until(gone, 30, "the deletion at the vendor")
 
     wrong = unique("Erreur de saisie")
     message_id = await trio.bob.post(trio.bob_conv, text=wrong)
@@ -434,7 +433,7 @@ async def test_reactions_reach_pandalab_and_become_short_messages_at_medipeps(
         message = await trio.alice.message(trio.alice_conv, message_id)
         return any(r["emoji"] == "👍" for r in (message or {}).get("reactions", []))
 
-    await wait_for("the reaction at PandaLab", reacted, 30)
+    await wait_until(reacted, 30, "the reaction at PandaLab")
     notice = await vendor_copy(trio.bob, lambda m: "reacted 👍" in m["text"])
     assert notice["reply_to"]
     assert "short message" in (await send_status(trio, reaction_id, "medipeps"))["message"]
@@ -445,7 +444,7 @@ async def test_reactions_reach_pandalab_and_become_short_messages_at_medipeps(
         message = await trio.alice.message(trio.alice_conv, message_id)
         return not (message or {}).get("reactions")
 
-    await wait_for("the reaction removed at PandaLab", unreacted, 30)
+    await wait_until(unreacted, 30, "the reaction removed at PandaLab")
 
     theirs = await trio.alice.react(trio.alice_conv, message_id, "❤️")
     reaction = await trio.native.wait_for_event(
@@ -478,7 +477,7 @@ async def test_read_receipts_cross_in_both_directions(trio: Trio) -> None:
         view = await trio.alice.conversation(trio.alice_conv)
         return view["read_up_to"].get(trio.native.user_id) == message_id
 
-    await wait_for("the read marker at PandaLab", marked, 30)
+    await wait_until(marked, 30, "the read marker at PandaLab")
 
     bob_copy = await vendor_copy(trio.bob, lambda m: m["text"] == text)
 
@@ -486,7 +485,7 @@ async def test_read_receipts_cross_in_both_directions(trio: Trio) -> None:
         view = await trio.bob.conversation(trio.bob_conv)
         return view["read_up_to"].get(trio.native.user_id) == bob_copy["message_id"]
 
-    await wait_for("the read marker at Medipeps", marked_at_bob, 30)
+    await wait_until(marked_at_bob, 30, "the read marker at Medipeps")
     await trio.bob.read(trio.bob_conv, bob_copy["message_id"])
     bob_ghost = trio.ghost(trio.bob, "medipeps")
     await trio.native.wait_for_ephemeral(
@@ -506,7 +505,7 @@ async def test_typing_crosses_where_the_vendor_has_it(trio: Trio) -> None:
         view = await trio.alice.conversation(trio.alice_conv)
         return trio.native.user_id in view["typing"]
 
-    await wait_for("typing at PandaLab", typing_at_alice, 30)
+    await wait_until(typing_at_alice, 30, "typing at PandaLab")
     await trio.alice.type(trio.alice_conv, True)
     alice_ghost = trio.ghost(trio.alice, "pandalab")
     await trio.native.wait_for_ephemeral(

@@ -13,10 +13,10 @@ from aiohttp import ClientSession
 from nio import RoomCreateResponse, RoomPreset, RoomPutStateResponse
 
 from bridge.db.portal_join import PortalJoinStore
-from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 
 from e2e_helpers import NATIVE_PASSWORD, app_users_of, counter, member_state, unique
+from helpers import wait_until
 from matrix_user import MatrixUser, connect
 
 pytestmark = pytest.mark.e2e
@@ -58,7 +58,7 @@ async def left_with_reason(native: MatrixUser, room_id: str, ghost: str) -> str:
         state = await member_state(native, room_id, ghost)
         return str(state.get("reason")) if state.get("membership") == "leave" else None
 
-    return str(await wait_for(f"{ghost} to leave", reason, 30))
+    return str(await wait_until(reason, 30, f"{ghost} to leave"))
 
 
 async def test_a_ghost_refuses_an_invite_to_a_public_room_and_says_why(
@@ -105,7 +105,7 @@ async def test_a_portal_made_public_later_is_left_with_a_notice_and_joins_are_re
         link = await stores.portals.link(room_id, "pandalab")
         return link.conversation_id if link else None
 
-    conversation_id = str(await wait_for("the vendor conversation", conversation, 30))
+    conversation_id = str(await wait_until(conversation, 30, "the vendor conversation"))
     # Someone joining the portal is recorded: who, which portal, when.
     guest = await new_native(stack, "joiner")
     try:
@@ -116,7 +116,7 @@ async def test_a_portal_made_public_later_is_left_with_a_notice_and_joins_are_re
             joins = await PortalJoinStore(stores.db).of_room(room_id)
             return any(j.user_id == guest.user_id and j.at > 0 for j in joins)
 
-        await wait_for("the join recorded", recorded, 30)
+        await wait_until(recorded, 30, "the join recorded")
     finally:
         await guest.close()
 
@@ -144,5 +144,5 @@ async def test_a_portal_made_public_later_is_left_with_a_notice_and_joins_are_re
         )
         return row is not None and row["state"] == "failed"
 
-    await wait_for("the vendor message refused", refused, 30)
+    await wait_until(refused, 30, "the vendor message refused")
     assert (await member_state(native, room_id, ghost)).get("membership") == "leave"

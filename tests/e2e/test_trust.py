@@ -15,10 +15,10 @@ from mautrix.types import EventType, PaginationDirection, RoomID, UserID
 from nio import ErrorResponse
 
 from bridge.cli import main
-from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 
 from e2e_helpers import counter, inbox_texts, portal_of, received, unique, users_of
+from helpers import wait_until
 from matrix_user import MatrixUser, connect
 
 pytestmark = pytest.mark.e2e
@@ -108,7 +108,7 @@ async def test_new_direct_portal_carries_the_room_policy(
     await native.accept_invites(room_id, timeout=30)
     text = unique("Le membre parle")
     await native.send_text(room_id, text)
-    await wait_for("the native message at PandaLab", lambda: received(alice, text), 30)
+    await wait_until(lambda: received(alice, text), 30, "the native message at PandaLab")
     for event_type, content in (
         ("m.room.server_acl", {"allow": ["*"], "deny": [], "allow_ip_literals": True}),
         ("m.room.encryption", {"algorithm": "m.megolm.v1.aes-sha2"}),
@@ -137,9 +137,7 @@ async def test_trust_add_while_running_updates_every_portal_acl(
     assert await cli(stack, "trust", "add", added) == 0
     try:
         for room_id in (first, second):
-            await wait_for(
-                "the new server in the ACL", lambda r=room_id: allows(r, added), timeout=5
-            )
+            await wait_until(lambda r=room_id: allows(r, added), 5, "the new server in the ACL")
         assert stack.bridge is not None and stack.bridge.homeserver.trust.is_trusted(f"@x:{added}")
         # A portal opened now carries it from its first state.
         third = await portal_of(
@@ -148,7 +146,7 @@ async def test_trust_add_while_running_updates_every_portal_acl(
         assert await allows(third, added)
     finally:
         assert await cli(stack, "trust", "remove", added) == 0
-    await wait_for("the server out of the ACL", lambda: _not(allows(first, added)), timeout=5)
+    await wait_until(lambda: _not(allows(first, added)), 5, "the server out of the ACL")
     assert await allows(first, TRUSTED), "the config's servers stay"
 
 
@@ -171,7 +169,7 @@ async def test_blocked_vendor_users_ghost_refuses_a_native_invite_with_a_reason(
             content = getattr(answer, "content", {})
             return content if content.get("membership") == "leave" else None
 
-        left = await wait_for("the ghost to refuse the invite", refused, 30)
+        left = await wait_until(refused, 30, "the ghost to refuse the invite")
         assert left["reason"] == "this professional does not accept invitations"
         assert await stack.bridge.stores.portals.get(room_id) is None
 
@@ -185,7 +183,7 @@ async def test_blocked_vendor_users_ghost_refuses_a_native_invite_with_a_reason(
         room_id = await native.create_dm(ghost)
         text = unique("Autorisé maintenant")
         await native.send_text(room_id, text)
-        await wait_for("the message at Medipeps", lambda: received(bob, text), 30)
+        await wait_until(lambda: received(bob, text), 30, "the message at Medipeps")
     finally:
         assert await cli(stack, "permissions", "clear", bob.idnps) == 0
 
@@ -199,7 +197,7 @@ async def test_event_from_an_untrusted_server_is_never_delivered(
     room_id = await native.create_dm(ghost)
     opener = unique("Ouverture")
     await native.send_text(room_id, opener)
-    await wait_for("the opener at Medipeps", lambda: received(bob, opener), 30)
+    await wait_until(lambda: received(bob, opener), 30, "the opener at Medipeps")
 
     dropped_before = stack.bridge.router.from_matrix.untrusted_dropped
     forged = unique("Venu d'un serveur hors de l'espace de confiance")
@@ -226,7 +224,7 @@ async def test_event_from_an_untrusted_server_is_never_delivered(
     headers = {"Authorization": f"Bearer {stack.registration['hs_token']}"}
     async with http.put(url, data=json.dumps({"events": events}), headers=headers) as resp:
         assert resp.status == 200
-    await wait_for("the trusted sentinel at Medipeps", lambda: received(bob, sentinel), 30)
+    await wait_until(lambda: received(bob, sentinel), 30, "the trusted sentinel at Medipeps")
     assert forged not in await inbox_texts(bob)
     assert stack.bridge.router.from_matrix.untrusted_dropped == dropped_before + 1
 
@@ -251,7 +249,7 @@ async def test_vendor_user_asking_for_an_untrusted_matrix_id_is_told_no(
                 return str(body)
         return None
 
-    body = await wait_for("the refusal notice", notice, 30)
+    body = await wait_until(notice, 30, "the refusal notice")
     assert outsider in body and body.startswith("Could not add to this conversation")
     members = await bot.get_members(RoomID(room_id))
     assert UserID(outsider) not in {m.state_key for m in members}

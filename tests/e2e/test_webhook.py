@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession
 
-from bridge.devtools.demo import wait_for
 from bridge.devtools.stack import LocalStack
 
 from e2e_helpers import (
@@ -38,6 +37,7 @@ from e2e_helpers import (
     unique,
     vendor_copy,
 )
+from helpers import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +77,7 @@ async def test_text_and_markdown_cross_every_way_once_and_in_order(trio: Trio) -
         mine = [m["text"] for m in await user.inbox() if m["text"] in texts]
         return mine if len(mine) >= len(texts) else None
 
-    assert await wait_for("all three at PandaLab", lambda: all_at(trio.paul), 30) == texts
+    assert await wait_until(lambda: all_at(trio.paul), 30, "all three at PandaLab") == texts
     events = [await trio.native.wait_for_event(trio.room_id, body_is(t), 30) for t in texts]
     bold = events[1]["content"]
     assert "<strong>Tension</strong>" in bold["formatted_body"]
@@ -111,7 +111,7 @@ async def test_text_and_markdown_cross_every_way_once_and_in_order(trio: Trio) -
         ]
         return mine if len(mine) >= 2 else None
 
-    got = await wait_for("both replies at the webhook vendor", replies, 30)
+    got = await wait_until(replies, 30, "both replies at the webhook vendor")
     assert [m["sender"] for m in got] == [trio.paul.idnps, trio.native.user_id]
     assert got[0]["text"] == from_paul and got[1]["text"] == f"*{from_native}*"
     assert got[0]["sender_name"].startswith(trio.paul.name)
@@ -190,7 +190,7 @@ async def test_edits_and_deletions_cross_both_ways(trio: Trio) -> None:
         message = await trio.paul.message(trio.paul_conv, at_paul["message_id"])
         return bool(message and message["edited"] and message["text"] == fixed)
 
-    await wait_for("the edit at PandaLab", edited_at_paul, 30)
+    await wait_until(edited_at_paul, 30, "the edit at PandaLab")
 
     original = unique("Dose 50 mg")
     event_id = await trio.native.send(
@@ -208,7 +208,7 @@ async def test_edits_and_deletions_cross_both_ways(trio: Trio) -> None:
         message = await trio.wendy.message(trio.wendy_conv, copy["message_id"])
         return bool(message and message["edited"] and message["text"] == corrected)
 
-    await wait_for("the Matrix edit at the webhook vendor", edited_at_wendy, 30)
+    await wait_until(edited_at_wendy, 30, "the Matrix edit at the webhook vendor")
 
     await trio.wendy.delete(trio.wendy_conv, message_id)
     await trio.native.wait_for_event(
@@ -221,7 +221,7 @@ async def test_edits_and_deletions_cross_both_ways(trio: Trio) -> None:
         message = await trio.paul.message(trio.paul_conv, at_paul["message_id"])
         return bool(message and message["deleted"])
 
-    await wait_for("the deletion at PandaLab", deleted_at_paul, 30)
+    await wait_until(deleted_at_paul, 30, "the deletion at PandaLab")
 
     await trio.native.redact(trio.room_id, event_id)
 
@@ -229,7 +229,7 @@ async def test_edits_and_deletions_cross_both_ways(trio: Trio) -> None:
         message = await trio.wendy.message(trio.wendy_conv, copy["message_id"])
         return bool(message and message["deleted"])
 
-    await wait_for("the Matrix deletion at the webhook vendor", deleted_at_wendy, 30)
+    await wait_until(deleted_at_wendy, 30, "the Matrix deletion at the webhook vendor")
 
 
 async def test_reactions_cross_both_ways(trio: Trio) -> None:
@@ -251,13 +251,13 @@ async def test_reactions_cross_both_ways(trio: Trio) -> None:
             r["emoji"] == "👍" and r["sender"] == trio.native.user_id for r in await reactions()
         )
 
-    await wait_for("the Matrix reaction at the webhook vendor", reacted, 30)
+    await wait_until(reacted, 30, "the Matrix reaction at the webhook vendor")
     await trio.native.redact(trio.room_id, reaction_id)
 
     async def unreacted() -> bool:
         return not await reactions()
 
-    await wait_for("the reaction removed at the webhook vendor", unreacted, 30)
+    await wait_until(unreacted, 30, "the reaction removed at the webhook vendor")
 
     theirs = await trio.wendy.react(trio.wendy_conv, message_id, "❤️")
     reaction = await trio.native.wait_for_event(
@@ -276,7 +276,7 @@ async def test_reactions_cross_both_ways(trio: Trio) -> None:
         message = await trio.paul.message(trio.paul_conv, at_paul["message_id"])
         return any(r["emoji"] == "❤️" for r in (message or {}).get("reactions", []))
 
-    await wait_for("the webhook vendor's reaction at PandaLab", at_pandalab, 30)
+    await wait_until(at_pandalab, 30, "the webhook vendor's reaction at PandaLab")
     await trio.wendy.unreact(trio.wendy_conv, message_id, theirs)
     await trio.native.wait_for_event(
         trio.room_id,
@@ -295,7 +295,7 @@ async def test_read_receipts_and_typing_cross_both_ways(trio: Trio) -> None:
         view = await trio.wendy.conversation(trio.wendy_conv)
         return view["read_up_to"].get(trio.native.user_id) == message_id
 
-    await wait_for("the read marker at the webhook vendor", marked, 30)
+    await wait_until(marked, 30, "the read marker at the webhook vendor")
 
     from_native = unique("Lu ?")
     await trio.native.send_text(trio.room_id, from_native)
@@ -318,7 +318,7 @@ async def test_read_receipts_and_typing_cross_both_ways(trio: Trio) -> None:
         view = await trio.wendy.conversation(trio.wendy_conv)
         return trio.native.user_id in view["typing"]
 
-    await wait_for("typing at the webhook vendor", typing_at_wendy, 30)
+    await wait_until(typing_at_wendy, 30, "typing at the webhook vendor")
     await trio.wendy.type(trio.wendy_conv, True)
     await trio.native.wait_for_ephemeral(
         trio.room_id,
@@ -337,7 +337,7 @@ async def test_the_webhook_vendor_is_told_what_became_of_its_messages(
         message = await trio.wendy.message(trio.wendy_conv, message_id)
         return list((message or {}).get("delivery") or []) or None
 
-    got = await wait_for("a delivery report at the webhook vendor", reports, 30)
+    got = await wait_until(reports, 30, "a delivery report at the webhook vendor")
     assert got[0]["status"] == "delivered"
 
     # A file the Medipeps-style vendor refuses (video): its sender is told, naming the vendor.
@@ -352,7 +352,7 @@ async def test_the_webhook_vendor_is_told_what_became_of_its_messages(
         bad = [r for r in (message or {}).get("delivery") or [] if r["status"] == "failed"]
         return bad or None
 
-    refused = await wait_for("a failed delivery report at the webhook vendor", failed, 30)
+    refused = await wait_until(failed, 30, "a failed delivery report at the webhook vendor")
     assert "medipeps" in refused[0]["detail"] and "video/mp4" in refused[0]["detail"]
 
 

@@ -1,5 +1,5 @@
-"""The audit log: metadata of every delivery (never content), its retention, its exports, the
-``eimis-bridge audit`` command, and what a real delivery leaves in it."""
+"""The audit log: metadata of every delivery (never content), its retention, its exports, and the
+``eimis-bridge audit`` command. What a real delivery leaves in it: tests/e2e/test_audit.py."""
 
 from __future__ import annotations
 
@@ -12,17 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from aiohttp import ClientSession
 from mautrix.util.async_db import Database
 
 from bridge.cli import main
 from bridge.commands.audit import parse_moment
 from bridge.db.audit import DAY_MS, EXPORT_COLUMNS, MAX_SIZE, AuditLog, AuditRecord
 from bridge.db.group_commit import GroupCommit
-from bridge.devtools.demo import wait_for
-from bridge.devtools.stack import LocalStack
-
-from e2e_helpers import app_users_of, inbox_message, portal_of, unique
 
 NOW = 1_750_000_000_000
 
@@ -254,71 +249,3 @@ async def test_the_audit_command_shows_filters_and_exports(
     assert (
         await loop_free(main, ["audit", "-c", str(config), "--since", "1h", "--until", "2h"]) == 2
     )
-
-
-# --- End to end: what one delivery leaves behind -------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
-    async with LocalStack(Path(tmp_path_factory.mktemp("audit"))) as local:
-        yield local
-
-
-@pytest.mark.e2e
-async def test_a_vendor_to_vendor_message_leaves_its_metadata_and_no_content(
-    stack: LocalStack, http: ClientSession
-) -> None:
-    alice = (await app_users_of(stack, http, "pandalab"))[0]
-    bob = (await app_users_of(stack, http, "medipeps"))[0]
-    conversation = await alice.start_conversation([bob.idnps], unique("Audit"))
-    text = unique("Résultats confidentiels du patient en chambre 12")
-    message_id = await alice.post(conversation, text=text)
-    at_bob = await wait_for(
-        "the message at Medipeps", lambda: inbox_message(bob, lambda m: m["text"] == text), 30
-    )
-    room_id = await portal_of(stack, "pandalab", conversation)
-    assert stack.bridge is not None
-    log = stack.bridge.stores.audit
-
-    async def both_rows() -> list[AuditRecord] | None:
-        rows = [r for r in await log.query(portal=room_id, limit=1000) if r.kind == "text"]
-        return rows if len(rows) == 2 else None
-
-    to_matrix, to_vendor = sorted(
-        await wait_for("the audit rows", both_rows, 10), key=lambda r: r.direction
-    )
-    size = len(text.encode())
-    ghost = f"@eimis_pandalab_{alice.idnps}:{stack.synapse.server_name}"
-    assert (to_matrix.direction, to_matrix.connector, to_matrix.outcome) == (
-        "to_matrix",
-        "pandalab",
-        "sent",
-    )
-    assert (to_matrix.sender, to_matrix.recipient, to_matrix.remote_id, to_matrix.size) == (
-        alice.idnps,
-        room_id,
-        message_id,
-        size,
-    )
-    assert (to_vendor.direction, to_vendor.connector, to_vendor.outcome) == (
-        "to_vendor",
-        "medipeps",
-        "delivered",
-    )
-    assert to_vendor.event_id == to_matrix.event_id and to_vendor.event_id.startswith("$")
-    assert (to_vendor.sender, to_vendor.recipient, to_vendor.size) == (
-        ghost,
-        at_bob["conversation_id"],
-        size,
-    )
-    assert to_vendor.remote_id == at_bob["message_id"]
-    assert to_vendor.detail is None and to_matrix.detail is None
-    # The conversation's opening left its rows too (on Matrix, then at Medipeps).
-    kinds = {(r.direction, r.kind) for r in await log.query(portal=room_id, limit=1000)}
-    assert {("to_matrix", "conversation"), ("to_vendor", "conversation")} <= kinds
-
-    # No content anywhere in the log, in any column, nor in its exports.
-    for fmt in ("csv", "json"):
-        exported = await collect(log.export(fmt, portal=room_id))
-        assert "confidentiels" not in exported and text not in exported

@@ -16,13 +16,16 @@ from urllib.parse import unquote
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from fake_timeline import TimelineServer, page_backwards
 from mautrix.util.async_db import Database
 
 from bridge.appservice.server import AppserviceServer
 from bridge.config import ReconcileConfig
 from bridge.core.causal_order import FEDERATION_ONLY, CausalOrder
+from bridge.db.clock import SYSTEM_CLOCK, Clock
 from bridge.db.inbox import InboxStore
+
+from fake_timeline import TimelineServer, page_backwards
+from helpers import FakeClock, wait_until
 
 OWN = "eimis.example"
 ROOM = "!portal:eimis.example"
@@ -100,7 +103,13 @@ class GraphHomeserver(TimelineServer):
 class Bridge:
     """The appservice endpoint with its causal order, over a real SQLite inbox."""
 
-    def __init__(self, inbox: InboxStore, homeserver: GraphHomeserver, **config: Any) -> None:
+    def __init__(
+        self,
+        inbox: InboxStore,
+        homeserver: GraphHomeserver,
+        clock: Clock = SYSTEM_CLOCK,
+        **config: Any,
+    ) -> None:
         self.inbox = inbox
         self.hs = homeserver
         self.notified = 0
@@ -112,6 +121,7 @@ class Bridge:
             self.notify,
             ReconcileConfig(**{"page_size": 10, "interval_s": 0, "gap_wait_s": 5, **config}),
             asyncio.Lock(),
+            clock,
         )
         self.server = AppserviceServer(
             hs_token=HS_TOKEN,
@@ -166,11 +176,7 @@ class Bridge:
         await self.client.close()
 
     async def until(self, condition: Any, timeout: float = 10.0) -> None:
-        async def poll() -> None:
-            while not await condition():
-                await asyncio.sleep(0.02)
-
-        await asyncio.wait_for(poll(), timeout)
+        await wait_until(condition, timeout)
 
 
 @pytest.fixture
@@ -246,12 +252,14 @@ async def test_a_gap_never_filled_is_released_at_the_deadline_and_the_late_event
 ) -> None:
     homeserver = GraphHomeserver(graph)
     homeserver.hold("join")
-    async with Bridge(inbox, homeserver, gap_wait_s=0.5) as bridge:
+    clock = FakeClock()
+    async with Bridge(inbox, homeserver, clock, gap_wait_s=0.5) as bridge:
         await bridge.push(graph.client("join"))
         graph.add("question")
         graph.add("answer")
         homeserver.hold("answer")
         await bridge.push(graph.client("answer"))
+        clock.advance(0.5)  # the gap's time is up
         await bridge.released()
         assert await bridge.pending() == ["join", "answer"], "not lost for want of the other"
         assert bridge.order.released_at_deadline == 1

@@ -42,6 +42,8 @@ from connectors.base import ConnectorError, RemoteEvent
 from connectors.kit.signing import sign
 from connectors.pandalab.sandbox import create_app
 
+from helpers import FakeClock, wait_until
+
 POLL_S = 0.2
 
 
@@ -59,6 +61,8 @@ class Harness:
     wire: Any
     resumed: list[str] = field(default_factory=list)
     emitted: list[tuple[str, RemoteEvent]] = field(default_factory=list)
+    clock: FakeClock = field(default_factory=FakeClock)
+    """The registry's clock (grace periods end when the test moves it)."""
 
     def sandbox_settings(self) -> dict[str, Any]:
         return vendor_sandbox("pandalab").settings(self.sandbox.url)
@@ -126,9 +130,10 @@ async def harness(tmp_path: Path, database_url: str) -> AsyncIterator[Harness]:
             f"http://127.0.0.1:{bridge_port}/connectors/{connector_id}",
         )
 
+    clock = FakeClock(time.time())
     manager = ConnectorManager(
         config,
-        ConnectorRegistry(db, config.secrets),
+        ConnectorRegistry(db, config.secrets, clock=clock),
         connectors=connectors,
         routes=routes,
         wire=wire,
@@ -148,6 +153,7 @@ async def harness(tmp_path: Path, database_url: str) -> AsyncIterator[Harness]:
         wire,
         resumed,
         emitted,
+        clock,
     )
     try:
         yield harness
@@ -156,17 +162,6 @@ async def harness(tmp_path: Path, database_url: str) -> AsyncIterator[Harness]:
         await runner.cleanup()
         await sandbox.close()
         await db.stop()
-
-
-async def eventually(check: Any, timeout: float = 5.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not within {timeout} s: {check}")
-        await asyncio.sleep(0.05)
 
 
 async def post_webhook(http: ClientSession, url: str, secret: str, body: bytes) -> int:
@@ -311,17 +306,17 @@ async def test_the_cli_reaches_the_running_manager_within_its_poll(
         connector = harness.connectors.get("pandalab3")
         return connector is not None and not isinstance(connector, HeldConnector)
 
-    await eventually(running)
+    await wait_until(running)
     connector = harness.connectors.get("pandalab3")
     assert connector is not None and connector.ctx.secrets.current() == secret
 
     assert await harness.cli("disable", "pandalab3") == 0
-    await eventually(lambda: _is_held(harness, "pandalab3"))
+    await wait_until(lambda: _is_held(harness, "pandalab3"))
 
     assert await harness.cli("rotate-secret", "pandalab3", "--grace", "0", "--yes") == 0
     new_secret = capsys.readouterr().out.strip().splitlines()[-1]
     assert await harness.cli("enable", "pandalab3") == 0
-    await eventually(running)
+    await wait_until(running)
     connector = harness.connectors.get("pandalab3")
     assert connector is not None
     assert list(connector.ctx.secrets.accepted()) == [new_secret]
@@ -332,7 +327,7 @@ async def test_the_cli_reaches_the_running_manager_within_its_poll(
     assert secret not in listing and new_secret not in listing
 
     assert await harness.cli("remove", "pandalab3", "--yes") == 0
-    await eventually(lambda: _gone(harness, "pandalab3"))
+    await wait_until(lambda: _gone(harness, "pandalab3"))
 
 
 async def test_a_secret_rotated_in_the_running_bridge_keeps_the_old_one_for_the_grace(
@@ -345,7 +340,7 @@ async def test_a_secret_rotated_in_the_running_bridge_keeps_the_old_one_for_the_
     assert second != first
     assert connector.ctx.secrets.current() == second
     assert list(connector.ctx.secrets.accepted()) == [second, first]
-    await asyncio.sleep(0.5)
+    harness.clock.advance(0.5)
     assert list(connector.ctx.secrets.accepted()) == [second]  # at once, no refresh needed
     info = await harness.manager.info("pandalab2")
     assert info.secret_grace_until is None
@@ -384,7 +379,7 @@ async def test_a_connector_whose_vendor_is_down_is_held_then_started_when_it_ans
     finally:
         await harness.sandbox.start()
     # Tried again (5 s after the first failure) by the poll.
-    await eventually(lambda: _running(harness, "pandalab2"), timeout=12)
+    await wait_until(lambda: _running(harness, "pandalab2"), timeout=12)
 
 
 async def test_the_cli_refuses_bad_input_with_a_sentence(

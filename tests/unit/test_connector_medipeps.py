@@ -17,7 +17,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from connector_helpers import MemoryStore, Served, rpps, wait_for
 
 from bridge.devtools.sandboxes import vendor_sandbox
 from connectors.base import (
@@ -46,6 +45,9 @@ from connectors.medipeps.convert import event_from_feed, from_epoch_ms, to_epoch
 from connectors.medipeps.sandbox import API_KEY, USERS, create_app
 from connectors.payload import InvalidPayload
 from connectors.sandbox.webtools import KERNEL_KEY
+
+from connector_helpers import Served, rpps
+from helpers import MemoryStore, wait_until
 
 CONNECTOR_ID = "mp"
 NATHALIE = USERS[0].idnps
@@ -203,7 +205,7 @@ async def test_user_conversation_reaches_emit(harness: Harness) -> None:
     before = datetime.now(UTC)
     conv = await harness.open_conversation(NATHALIE, [PIERRE, OUTSIDER, OUTSIDER_MXID], "Patient Y")
 
-    await wait_for(lambda: len(harness.recorder.events) == 1, "the conversation event")
+    await wait_until(lambda: len(harness.recorder.events) == 1, what="the conversation event")
     [event] = harness.recorder.events
     assert isinstance(event, ConversationCreated)
     assert event.event_id == f"conv-{conv}"
@@ -224,24 +226,24 @@ async def test_messages_arrive_in_order_and_the_cursor_follows(harness: Harness)
         (NATHALIE, await harness.write(NATHALIE, conv, "troisième")),
     ]
 
-    await wait_for(lambda: len(harness.recorder.events) == 4, "three message events")
+    await wait_until(lambda: len(harness.recorder.events) == 4, what="three message events")
     messages = [m for m in harness.recorder.events[1:] if isinstance(m, MessageReceived)]
     assert len(messages) == 3
     assert [(m.sender, m.message_id) for m in messages] == sent
     assert [m.event_id for m in messages] == [f"msg-{mid}" for _, mid in sent]
     assert [m.text for m in messages] == ["premier", "deuxième", "troisième"]
     assert {m.conversation_id for m in messages} == {conv}
-    await wait_for(lambda: harness.store.data.get("cursor") == "4", "the cursor to reach 4")
+    await wait_until(lambda: harness.store.data.get("cursor") == "4", what="the cursor to reach 4")
 
 
 async def test_cursor_only_advances_after_emit_returns(harness: Harness) -> None:
     harness.recorder.gate = asyncio.Event()
     await harness.open_conversation(NATHALIE, [OUTSIDER], "Gated")
 
-    await wait_for(lambda: harness.recorder.in_flight == 1, "an emit in flight")
+    await wait_until(lambda: harness.recorder.in_flight == 1, what="an emit in flight")
     assert "cursor" not in harness.store.data
     harness.recorder.gate.set()
-    await wait_for(lambda: harness.store.data.get("cursor") == "1", "the cursor to advance")
+    await wait_until(lambda: harness.store.data.get("cursor") == "1", what="the cursor to advance")
     assert harness.recorder.ids == ["conv-1"]
 
 
@@ -253,23 +255,23 @@ async def test_failed_emit_rereads_the_page_and_loses_nothing(harness: Harness) 
     recorder = Recorder(fail_calls={2})  # the page's second event fails to store once
     await harness.make_connector(recorder).start()
 
-    await wait_for(lambda: recorder.ids == ["conv-1", "msg-1", "msg-2"], "all three events")
+    await wait_until(lambda: recorder.ids == ["conv-1", "msg-1", "msg-2"], what="all three events")
     # The first event was re-read with its page (harmless: the bridge stores an event id once).
     assert [e.event_id for e in recorder.events] == ["conv-1", "conv-1", "msg-1", "msg-2"]
-    await wait_for(lambda: harness.store.data.get("cursor") == "3", "the cursor to reach 3")
+    await wait_until(lambda: harness.store.data.get("cursor") == "3", what="the cursor to reach 3")
 
 
 async def test_restart_resumes_from_the_stored_cursor(harness: Harness) -> None:
     conv = await harness.open_conversation(NATHALIE, [OUTSIDER], "Restart")
     await harness.write(NATHALIE, conv, "avant")
-    await wait_for(lambda: harness.store.data.get("cursor") == "2", "the first two events")
+    await wait_until(lambda: harness.store.data.get("cursor") == "2", what="the first two events")
     await harness.connector.stop()
     assert not harness.connector.polling
 
     after = await harness.write(NATHALIE, conv, "après")
     recorder = Recorder()
     await harness.make_connector(recorder).start()
-    await wait_for(lambda: harness.store.data.get("cursor") == "3", "the new event")
+    await wait_until(lambda: harness.store.data.get("cursor") == "3", what="the new event")
     assert recorder.ids == [f"msg-{after}"]
 
 
@@ -281,7 +283,7 @@ async def test_a_full_page_is_followed_by_an_immediate_poll(harness: Harness) ->
     recorder = Recorder()
     # With a 60 s interval, only polling again at once after a full page reads 5 events by 2.
     await harness.make_connector(recorder, page_size=2, poll_interval_s=60).start()
-    await wait_for(lambda: len(recorder.ids) == 5, "five events in three pages", timeout=5)
+    await wait_until(lambda: len(recorder.ids) == 5, timeout=5, what="five events in three pages")
     assert harness.store.data["cursor"] == "5"
 
 
@@ -324,7 +326,9 @@ async def test_unparsable_event_is_logged_and_skipped(
     recorder = Recorder()
     try:
         await harness.make_connector(recorder, api_url=fake.url).start()
-        await wait_for(lambda: harness.store.data.get("cursor") == "3", "the feed to be read")
+        await wait_until(
+            lambda: harness.store.data.get("cursor") == "3", what="the feed to be read"
+        )
     finally:
         await harness.connector.stop()
         await fake.close()
@@ -372,7 +376,7 @@ async def test_outbound_conversation_and_message_show_once(harness: Harness) -> 
 
     # No echo: a user message written after ours is the first event in the feed.
     reply = await harness.write(NATHALIE, conv, "Reçu")
-    await wait_for(lambda: len(harness.recorder.events) == 1, "the reply")
+    await wait_until(lambda: len(harness.recorder.events) == 1, what="the reply")
     assert harness.recorder.ids == [f"msg-{reply}"]
 
 
@@ -411,7 +415,7 @@ async def test_get_user(harness: Harness) -> None:
 async def test_vendor_down_then_back(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     conv = await harness.open_conversation(NATHALIE, [OUTSIDER_MXID], "Panne")
-    await wait_for(lambda: harness.store.data.get("cursor") == "1", "the conversation event")
+    await wait_until(lambda: harness.store.data.get("cursor") == "1", what="the conversation event")
 
     await harness.sandbox.down()
     with pytest.raises(ConnectorError) as down:
@@ -421,7 +425,7 @@ async def test_vendor_down_then_back(harness: Harness, caplog: pytest.LogCapture
     def warnings() -> list[logging.LogRecord]:
         return [r for r in caplog.records if r.levelno == logging.WARNING]
 
-    await wait_for(lambda: len(warnings()) >= 2, "the poller to warn twice")
+    await wait_until(lambda: len(warnings()) >= 2, what="the poller to warn twice")
     assert harness.connector.polling
     for record in warnings():
         assert "\n" not in record.getMessage()
@@ -434,7 +438,7 @@ async def test_vendor_down_then_back(harness: Harness, caplog: pytest.LogCapture
     assert "pendant" not in caplog.text
 
     await harness.sandbox.start()
-    await wait_for(lambda: harness.store.data.get("cursor") == "4", "the poller to catch up")
+    await wait_until(lambda: harness.store.data.get("cursor") == "4", what="the poller to catch up")
     assert harness.recorder.ids == ["conv-1"] + [f"msg-{m}" for m in written]
     assert any("recovered" in r.getMessage() for r in caplog.records)
     assert await harness.connector.send_message(conv, outbound("$e5"))
@@ -568,7 +572,7 @@ async def test_v2_inbound_reply_file_delete_and_read(harness: Harness) -> None:
         expect=204,
     )
 
-    await wait_for(lambda: len(harness.recorder.ids) == 5, "five events")
+    await wait_until(lambda: len(harness.recorder.ids) == 5, what="five events")
     hello, answer, filed, deleted, read = harness.recorder.events[-5:]
     assert isinstance(hello, MessageReceived) and hello.reply_to is None
     assert isinstance(answer, MessageReceived)
@@ -608,7 +612,7 @@ async def test_v2_unsupported_user_actions_emit_nothing(harness: Harness) -> Non
     await harness.user_call("POST", f"{base}/messages/{mid}/reactions", {"emoji": "👍"}, expect=501)
     await harness.user_call("POST", f"{base}/typing", {"typing": True}, expect=501)
     last = await harness.write(NATHALIE, conv, "dernier")
-    await wait_for(lambda: f"msg-{last}" in harness.recorder.ids, "the last message")
+    await wait_until(lambda: f"msg-{last}" in harness.recorder.ids, what="the last message")
     assert harness.recorder.ids == [f"conv-{conv}", f"msg-{mid}", f"msg-{last}"]
 
 
@@ -710,7 +714,7 @@ async def test_v2_outbound_delete_read_and_delivery(harness: Harness) -> None:
 
     # Nothing the bridge did comes back through the feed (no echo).
     last = await harness.write(NATHALIE, conv, "fin")
-    await wait_for(lambda: harness.recorder.ids[-1:] == [f"msg-{last}"], "the last message")
+    await wait_until(lambda: harness.recorder.ids[-1:] == [f"msg-{last}"], what="the last message")
     assert harness.recorder.ids == [f"msg-{asked}", f"msg-{last}"]
 
 
@@ -771,7 +775,7 @@ async def test_v2_pages_cut_short_by_files_are_followed_at_once(harness: Harness
     # With a 60 s interval, only polling again at once after a short page with files reads all.
     await harness.make_connector(recorder, poll_interval_s=60).start()
     expected = [f"conv-{conv}"] + [f"msg-{m}" for m in sent]
-    await wait_for(lambda: recorder.ids == expected, "every file message", timeout=10)
+    await wait_until(lambda: recorder.ids == expected, timeout=10, what="every file message")
 
 
 async def test_invalid_utf8_in_the_feed_is_kept_with_replacement_characters(
@@ -797,10 +801,7 @@ async def test_invalid_utf8_in_the_feed_is_kept_with_replacement_characters(
         recorder = Recorder()
         connector = harness.make_connector(recorder, api_url=vendor.url)
         await connector.start()
-        for _ in range(200):
-            if recorder.events:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: recorder.events, timeout=2, what="the event")
         [event] = recorder.events
         assert isinstance(event, MessageReceived)
         assert event.text == "Tension \ufffd\ufffd ok"

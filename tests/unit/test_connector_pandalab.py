@@ -16,7 +16,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from connector_helpers import MemoryStore, Recorder, Served, mounted, rpps, wait_for
 
 from bridge.devtools.sandboxes import vendor_sandbox
 from connectors.base import (
@@ -48,6 +47,9 @@ from connectors.pandalab.connector import SANDBOX_WEBHOOK_SECRET, PandaLabSettin
 from connectors.pandalab.convert import from_markdown, to_markdown
 from connectors.pandalab.sandbox import USERS, create_app
 
+from connector_helpers import Recorder, Served, mounted, rpps
+from helpers import FakeClock, MemoryStore, wait_until
+
 CONNECTOR_ID = "pl"
 ALICE = USERS[0].idnps
 BOB = USERS[1].idnps
@@ -58,18 +60,6 @@ OUTSIDER = rpps(42)
 
 
 # --- Harness --------------------------------------------------------------------------------------
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand (``step`` moves it on every reading)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.step = 0.0
-
-    def __call__(self) -> float:
-        self.now += self.step
-        return self.now
 
 
 @dataclass
@@ -204,7 +194,7 @@ async def test_web_routes_serve_the_webhook(harness: Harness) -> None:
 async def test_user_conversation_reaches_emit(harness: Harness) -> None:
     conv = await harness.open_conversation(ALICE, [BOB, OUTSIDER, OUTSIDER_MXID], "Patient X")
 
-    await wait_for(lambda: len(harness.recorder.events) == 1, "the conversation event")
+    await wait_until(lambda: len(harness.recorder.events) == 1, what="the conversation event")
     [event] = harness.recorder.events
     assert isinstance(event, ConversationCreated)
     assert event.conversation_id == conv
@@ -224,7 +214,7 @@ async def test_messages_arrive_in_order(harness: Harness) -> None:
         (ALICE, await harness.write(ALICE, conv, "troisième")),
     ]
 
-    await wait_for(lambda: len(harness.recorder.events) == 4, "three message events")
+    await wait_until(lambda: len(harness.recorder.events) == 4, what="three message events")
     messages = [m for m in harness.recorder.events[1:] if isinstance(m, MessageReceived)]
     assert len(messages) == 3
     assert [(m.sender, m.message_id) for m in messages] == sent
@@ -239,7 +229,7 @@ async def test_failed_emit_is_not_acknowledged_and_is_redelivered(harness: Harne
     harness.recorder.fail_next = 1
     conv = await harness.open_conversation(ALICE, [OUTSIDER], "Redelivery")
 
-    await wait_for(lambda: len(harness.recorder.events) == 1, "the redelivered event")
+    await wait_until(lambda: len(harness.recorder.events) == 1, what="the redelivered event")
     assert harness.recorder.failures == 1
     assert harness.recorder.events[0].conversation_id == conv
 
@@ -406,7 +396,7 @@ async def test_outbound_conversation_and_message_show_once(harness: Harness) -> 
 
     # No echo: a user message written after ours is the first event the webhook delivers.
     reply = await harness.write(ALICE, conv, "Reçu")
-    await wait_for(lambda: len(harness.recorder.events) == 1, "the reply")
+    await wait_until(lambda: len(harness.recorder.events) == 1, what="the reply")
     [event] = harness.recorder.events
     assert isinstance(event, MessageReceived) and event.message_id == reply
 
@@ -461,7 +451,8 @@ async def test_token_is_cached(harness: Harness) -> None:
 
 async def test_token_renewed_before_expiry(harness: Harness) -> None:
     fetched = harness.token_requests
-    harness.clock.now += 3600 - 10  # inside the client's safety margin, before the vendor's expiry
+    # Inside the client's safety margin, before the vendor's expiry:
+    harness.clock.advance(3600 - 10)
     assert await harness.connector.get_user(ALICE) is not None
     assert harness.token_requests - fetched == 1
     assert await harness.connector.get_user(ALICE) is not None
@@ -471,7 +462,7 @@ async def test_token_renewed_before_expiry(harness: Harness) -> None:
 async def test_token_refreshed_once_on_401(harness: Harness) -> None:
     fetched = harness.token_requests
     harness.connector.client.clock = FakeClock()  # the client believes its token still fresh
-    harness.clock.now += 3601  # ... but the vendor has expired it
+    harness.clock.advance(3601)  # ... but the vendor has expired it
     assert await harness.connector.get_user(ALICE) is not None
     assert harness.token_requests - fetched == 1
 
@@ -662,7 +653,7 @@ async def test_v2_inbound_reply_mentions_file_and_location(harness: Harness) -> 
         path, {"text": "Ici", "location": {"lat": 48.8566, "lon": 2.3522, "label": "Cabinet"}}
     )
 
-    await wait_for(lambda: len(events_of(harness, MessageReceived)) == 4, "four messages")
+    await wait_until(lambda: len(events_of(harness, MessageReceived)) == 4, what="four messages")
     _, answer, filed, placed = events_of(harness, MessageReceived)
     assert answer.message_id == reply["message_id"] and answer.reply_to == first
     assert answer.text == "@Camille Martin et @Carol, voir ci-dessous"
@@ -692,7 +683,7 @@ async def test_v2_open_attachment_streams_a_10_mb_file(harness: Harness) -> None
     await harness.user_post(
         f"users/{ALICE}/conversations/{conv}/messages", {"text": "", "file_id": file_id}
     )
-    await wait_for(lambda: len(events_of(harness, MessageReceived)) == 1, "the file message")
+    await wait_until(lambda: len(events_of(harness, MessageReceived)) == 1, what="the file message")
     [event] = events_of(harness, MessageReceived)
     assert event.attachment is not None and event.attachment.size == len(big)
 
@@ -729,7 +720,7 @@ async def test_v2_inbound_edit_reactions_read_typing_delete(harness: Harness) ->
     await harness.user_call("POST", f"{bob}/typing", {"typing": True}, expect=204)
     await harness.user_call("DELETE", f"{alice}/messages/{mid}", expect=204)
 
-    await wait_for(lambda: len(harness.recorder.events) == 8, "eight events")
+    await wait_until(lambda: len(harness.recorder.events) == 8, what="eight events")
     _, _, edited, added, removed, read, typing, deleted = harness.recorder.events
     assert isinstance(edited, MessageEdited)
     assert (edited.message_id, edited.sender, edited.text) == (mid, ALICE, "seconde version")
@@ -834,7 +825,7 @@ async def test_v2_upload_reopens_the_file_after_a_refused_token(harness: Harness
         {"name": "note.txt", "mime_type": "text/plain", "size": note.size}, "upload-key"
     )
     client.clock = FakeClock()  # the client believes its token still fresh
-    harness.clock.now += 3601  # ... but the vendor has expired it
+    harness.clock.advance(3601)  # ... but the vendor has expired it
     await client.upload(upload_url, note.open, note.mime_type)
     assert opened == ["note.txt", "note.txt"]
     assert file_id
@@ -906,7 +897,7 @@ async def test_v2_outbound_reactions_read_typing_delivery(harness: Harness) -> N
 
     # Nothing the bridge did comes back through the webhook (no echo).
     await harness.write(ALICE, conv, "fin")
-    await wait_for(lambda: len(harness.recorder.events) == 2, "the last message")
+    await wait_until(lambda: len(harness.recorder.events) == 2, what="the last message")
     assert [type(e) for e in harness.recorder.events] == [MessageReceived, MessageReceived]
 
 

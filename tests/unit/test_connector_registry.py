@@ -4,9 +4,9 @@ rotation, and the fingerprint a running bridge polls."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
+import time
 
 import pytest
 from mautrix.util.async_db import Database
@@ -22,6 +22,8 @@ from bridge.db.connector_registry import (
 from bridge.db.connector_state import ConnectorStateStore
 from bridge.secrets import KeyUnavailable, SecretBox, TamperedValue, UnknownKey, key_id
 from connectors.pandalab.connector import PandaLabSettings
+
+from helpers import FakeClock
 
 CLIENT_SECRET = "client-secret-8hf2Lx0q"
 WEBHOOK_SECRET = "webhook-secret-Pz71mQ4v"
@@ -49,8 +51,14 @@ def box(key: bytes) -> SecretBox:
 
 
 @pytest.fixture
-def registry(db: Database, box: SecretBox) -> ConnectorRegistry:
-    return ConnectorRegistry(db, box)
+def clock() -> FakeClock:
+    """The registry's clock: a grace period ends when the test moves it."""
+    return FakeClock(time.time())
+
+
+@pytest.fixture
+def registry(db: Database, box: SecretBox, clock: FakeClock) -> ConnectorRegistry:
+    return ConnectorRegistry(db, box, clock=clock)
 
 
 async def raw_rows(db: Database) -> str:
@@ -163,7 +171,7 @@ async def test_update_settings_seals_them_again(db: Database, registry: Connecto
 
 
 async def test_rotation_keeps_the_previous_secret_for_the_grace_period(
-    db: Database, registry: ConnectorRegistry
+    db: Database, registry: ConnectorRegistry, clock: FakeClock
 ) -> None:
     await registry.add("pandalab2", "pandalab", settings(), secret="old-secret")
     status = await registry.rotate_secret("pandalab2", "new-secret", grace_s=0.5)
@@ -173,7 +181,7 @@ async def test_rotation_keeps_the_previous_secret_for_the_grace_period(
     assert secrets[0].valid_until is None and secrets[1].valid_until == status.grace_until
     assert "new-secret" not in await raw_rows(db) and "old-secret" not in await raw_rows(db)
 
-    await asyncio.sleep(0.6)
+    clock.advance(0.6)
     assert [s.value for s in await registry.secrets("pandalab2")] == ["new-secret"]
     assert await db.fetchval("SELECT COUNT(*) FROM connector_secret") == 1  # purged
     assert (await registry.secret_status("pandalab2")).grace_until is None

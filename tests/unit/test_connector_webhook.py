@@ -20,7 +20,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from connector_helpers import MemoryStore, Recorder, Served, mounted, rpps, wait_for
 from pydantic import ValidationError
 
 from bridge.devtools.sandboxes import vendor_sandbox
@@ -49,6 +48,9 @@ from connectors.kit.signing import sign as signature
 from connectors.webhook import WebhookConnector
 from connectors.webhook.sandbox import PUSHER_KEY, SECRET, USERS, create_app
 from connectors.webhook.settings import WebhookSettings
+
+from connector_helpers import Recorder, Served, mounted, rpps
+from helpers import MemoryStore, wait_until
 
 CONNECTOR_ID = "wh"
 INES = USERS[0].idnps
@@ -240,7 +242,7 @@ async def test_conversation_and_messages_reach_the_bridge_in_order(harness: Harn
         await harness.write(INES, conv, text="troisième"),
     ]
 
-    await wait_for(lambda: len(harness.recorder.events) == 4, "four events")
+    await wait_until(lambda: len(harness.recorder.events) == 4, what="four events")
     created, *messages = harness.recorder.events
     assert isinstance(created, ConversationCreated)
     assert created.conversation_id == conv and created.creator == INES
@@ -295,7 +297,7 @@ async def test_every_event_kind_reaches_the_bridge(harness: Harness) -> None:
             "POST", f"users/{JADE}/conversations/{conv}/typing", 204, json={"typing": typing}
         )
 
-    await wait_for(lambda: len(harness.recorder.events) == 11, "eleven events")
+    await wait_until(lambda: len(harness.recorder.events) == 11, what="eleven events")
     kinds = [type(e) for e in harness.recorder.events]
     assert kinds == [
         ConversationCreated,
@@ -340,7 +342,7 @@ async def test_a_push_that_could_not_be_stored_is_redelivered_and_stored_once(
     harness.recorder.fail_next = 1
     conv = await harness.open_conversation(INES, [str(OUTSIDER)], "Redelivery")
 
-    await wait_for(lambda: len(harness.recorder.events) == 1, "the redelivered event")
+    await wait_until(lambda: len(harness.recorder.events) == 1, what="the redelivered event")
     assert harness.recorder.failures == 1
     assert harness.recorder.events[0].conversation_id == conv
     pushes = harness.receiver.requests
@@ -518,7 +520,8 @@ async def test_a_repeated_key_gets_the_first_answer_and_stores_nothing_again(
 async def test_a_repeat_while_the_first_is_being_stored_gets_409(harness: Harness) -> None:
     harness.recorder.gate = asyncio.Event()
     first = asyncio.create_task(harness.push(event(), key="slow"))
-    await asyncio.wait_for(harness.recorder.entered.wait(), 5)
+    async with asyncio.timeout(5):
+        await harness.recorder.entered.wait()
     status, answer, headers = await harness.push(event(), key="slow")
     assert status == 409 and answer["error"] == "request_in_progress"
     assert headers["Retry-After"] == "1"
@@ -755,8 +758,10 @@ async def test_conversation_and_messages_are_delivered_once(harness: Harness) ->
     assert last["message_id"] == reply and last["reply_to"] == first
     assert last["location"] == {"lat": 1.5, "lon": 2.5, "label": "Ici"}
 
-    # No echo: what the bridge delivered is never pushed back.
-    await asyncio.sleep(0.2)
+    # No echo: what the bridge delivered is never pushed back (whatever the vendor published
+    # has been pushed and acknowledged once its queue is empty).
+    pusher = harness.sandbox.app[PUSHER_KEY]
+    await wait_until(lambda: pusher.waiting == 0, what="the vendor's push queue to drain")
     assert harness.recorder.events == []
 
 
@@ -923,7 +928,9 @@ async def test_a_vendor_down_at_start_is_announced_to_once_it_is_back() -> None:
         await connector.start()  # does not raise
         await sandbox.start()
         pusher = sandbox.app[PUSHER_KEY]
-        await wait_for(lambda: pusher.events_url == "http://b/c/wh/events", "the announcement")
+        await wait_until(
+            lambda: pusher.events_url == "http://b/c/wh/events", what="the announcement"
+        )
     finally:
         await connector.stop()
         await sandbox.close()

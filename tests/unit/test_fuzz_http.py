@@ -56,7 +56,6 @@ from urllib.parse import quote, unquote
 
 import pytest
 from aiohttp import web
-from fake_timeline import TimelineServer, page_backwards
 from fuzz_http import RawResponse, Tally, raw_request
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
@@ -85,6 +84,9 @@ from connectors.pandalab.connector import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
 )
+
+from fake_timeline import TimelineServer, page_backwards
+from helpers import MemoryStore
 
 # Requests per run (SQLite, PostgreSQL): thousands in all, within about a minute on 2 slow cores.
 # EIMIS_FUZZ_SCALE multiplies them (a longer hunt: EIMIS_FUZZ_SCALE=10).
@@ -200,17 +202,6 @@ class FakeHomeserver(TimelineServer):
                 {k: v for k, v in e.items() if k not in FEDERATION_ONLY} for e in page["chunk"]
             ]
         return page
-
-
-class MemoryStore:
-    def __init__(self) -> None:
-        self.data: dict[str, str] = {}
-
-    async def get(self, key: str) -> str | None:
-        return self.data.get(key)
-
-    async def set(self, key: str, value: str) -> None:
-        self.data[key] = value
 
 
 class Surface:

@@ -52,6 +52,8 @@ from connectors.webhook import signing
 from connectors.webhook.client import WebhookClient
 from connectors.webhook.connector import WebhookConnector
 
+from helpers import MemoryStore
+
 ANSWER_TIMEOUT_S = 30.0
 """A refusal that has not come after this long never will (the server waits for the body)."""
 STALLED_DECLARED = 15 * 1024 * 1024
@@ -77,14 +79,6 @@ class Recorder:
 
     async def emit_all(self, events: Sequence[RemoteEvent]) -> None:
         self.events.extend(events)
-
-
-class MemoryStore:
-    async def get(self, key: str) -> str | None:
-        return None
-
-    async def set(self, key: str, value: str) -> None:
-        return None
 
 
 def context(connector_id: str, settings: Any, recorder: Recorder) -> ConnectorContext:

@@ -18,7 +18,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from connector_helpers import wait_for
 
 from bridge.core.connector_manager import START_BACKOFF
 from bridge.core.intake import VendorIntake
@@ -37,6 +36,8 @@ from connectors.pandalab.sandbox import WebhookPusher
 from connectors.webhook import signing as webhook_signing
 from connectors.webhook.connector import WebhookConnector
 from connectors.webhook.sandbox import EventPusher
+
+from connector_helpers import wait_for
 
 HEADERS = SignedWebhook("X-Test-Timestamp", "X-Test-Signature")
 NEW, OLD = "new-secret-" + "n" * 30, "old-secret-" + "o" * 30

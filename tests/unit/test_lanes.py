@@ -17,6 +17,8 @@ import pytest
 
 from bridge.core.lanes import Backoff, LaneScheduler
 
+from helpers import wait_until
+
 FAST = Backoff(initial_s=0.001, max_s=0.005, factor=2.0)
 _names = itertools.count()
 
@@ -65,16 +67,6 @@ class Store:
         ]
         self.fetched += len(found)
         return found
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait for a condition the scheduler makes true; fail with a clear message if it never does."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.001)
 
 
 async def settle(rounds: int = 100) -> None:
@@ -499,7 +491,8 @@ async def test_stop_cancels_running_handlers_and_leaves_no_task_behind(make: Mak
     scheduler.start()
     await wait_until(lambda: sum(recorder.running.values()) == 2)
 
-    await asyncio.wait_for(scheduler.stop(), timeout=2.0)
+    async with asyncio.timeout(2.0):
+        await scheduler.stop()
 
     assert sorted(i.name for i in recorder.cancelled) == sorted([a.name, b.name])
     assert recorder.handled == []
@@ -533,7 +526,8 @@ async def test_stop_right_after_a_wake_up_still_stops(make: Make) -> None:
         await wait_until(lambda: len(store.fetches) >= 1)
         await settle()  # the dispatcher now waits to be woken
         scheduler.notify()  # wakes it in the same tick as the cancellation below
-        await asyncio.wait_for(scheduler.stop(), timeout=5.0)
+        async with asyncio.timeout(5.0):
+            await scheduler.stop()
         assert live_tasks(scheduler) == []
         store.fetches.clear()
         scheduler.start()

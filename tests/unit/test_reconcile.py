@@ -17,7 +17,6 @@ from urllib.parse import unquote
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from fake_timeline import TimelineServer, page_backwards
 from mautrix.errors import MatrixConnectionError, make_request_error
 
 from bridge.appservice.server import AppserviceServer
@@ -25,6 +24,9 @@ from bridge.config import DatabaseConfig, ReconcileConfig
 from bridge.core.reconcile import HomeserverUnavailable, Reconciler, TransactionWatch
 from bridge.db.database import open_database
 from bridge.db.inbox import InboxStore
+
+from fake_timeline import TimelineServer, page_backwards
+from helpers import wait_until
 
 ROOM = "!portal:eimis.example"
 VOICE = "@eimis_bot:eimis.example"
@@ -57,10 +59,9 @@ class FakeHomeserver(TimelineServer):
         self.calls = 0
         """``/messages`` requests received (answered or not)."""
 
-    async def called(self, times: int) -> None:
+    async def called(self, times: int, timeout: float) -> None:
         """Return once ``/messages`` was asked at least ``times`` times."""
-        while self.calls < times:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: self.calls >= times, timeout, f"{times} /messages request(s)")
 
     async def messages(self, viewer: str, path: str, query: dict[str, str]) -> dict[str, Any]:
         self.calls += 1
@@ -220,10 +221,11 @@ async def test_a_requested_pass_holds_transactions_until_it_is_done(setup: Setup
 
     setup.reconciler.request("the homeserver answers again")
     waiting = asyncio.create_task(setup.reconciler.wait_open())
-    await asyncio.wait_for(setup.hs.called(1), 5)  # the pass is reading, held at the gate
+    await setup.hs.called(1, timeout=5)  # the pass is reading, held at the gate
     assert not waiting.done()
     setup.hs.gate.set()
-    await asyncio.wait_for(waiting, 5)
+    async with asyncio.timeout(5):
+        await waiting
     assert await setup.stored() == ["$event1", "$event2"]
     await setup.reconciler.stop()
 
@@ -234,9 +236,10 @@ async def test_a_requested_pass_retries_until_the_homeserver_answers(setup: Setu
     setup.hs.down = True
 
     setup.reconciler.request("the homeserver hung up on a transaction")
-    await asyncio.wait_for(setup.hs.called(2), 10)  # refused once, and tried again
+    await setup.hs.called(2, timeout=10)  # refused once, and tried again
     setup.hs.down = False
-    await asyncio.wait_for(setup.reconciler.wait_open(), 10)
+    async with asyncio.timeout(10):
+        await setup.reconciler.wait_open()
     assert await setup.stored() == ["$event1", "$event2"]
     await setup.reconciler.stop()
 
@@ -254,14 +257,14 @@ async def test_a_homeserver_answering_with_errors_stops_holding_transactions(
     setup.hs.messages = bad_gateway  # type: ignore[method-assign]
     setup.reconciler.request("the homeserver answers again")
     # It answers (badly): transactions flow again at once, the pass goes on trying.
-    await asyncio.wait_for(setup.reconciler.wait_open(), 5)
+    async with asyncio.timeout(5):
+        await setup.reconciler.wait_open()
     setup.hs.messages = failing  # type: ignore[method-assign]
 
-    async def recovered() -> None:
-        while await setup.stored() != ["$event1", "$event2"]:
-            await asyncio.sleep(0.05)
+    async def recovered() -> bool:
+        return await setup.stored() == ["$event1", "$event2"]
 
-    await asyncio.wait_for(recovered(), 10)
+    await wait_until(recovered, 10)
     await setup.reconciler.stop()
 
 
@@ -272,7 +275,8 @@ async def test_a_failed_start_up_pass_does_not_stop_the_bridge_from_starting(
     setup.hs.down = True
     setup.reconciler.hold()
     await setup.reconciler.start()
-    await asyncio.wait_for(setup.reconciler.wait_open(), 1)  # transactions flow
+    async with asyncio.timeout(1):  # transactions flow
+        await setup.reconciler.wait_open()
     await setup.reconciler.stop()
 
 
@@ -286,11 +290,10 @@ async def test_the_periodic_sweep_finds_what_no_signal_revealed(
     try:
         homeserver.timelines[ROOM].append(event(2))  # never pushed, no sign of a fault
 
-        async def swept() -> None:
-            while await setup.stored() != ["$event1", "$event2"]:
-                await asyncio.sleep(0.02)
+        async def swept() -> bool:
+            return await setup.stored() == ["$event1", "$event2"]
 
-        await asyncio.wait_for(swept(), 5)
+        await wait_until(swept, 5)
     finally:
         await setup.reconciler.stop()
 

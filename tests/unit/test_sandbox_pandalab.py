@@ -21,20 +21,12 @@ from connectors.medipeps.sandbox import USERS as MEDIPEPS_USERS
 from connectors.pandalab.sandbox import CLIENT_ID, CLIENT_SECRET, USERS, create_app
 from connectors.sandbox import MAX_TEXT_BYTES
 
+from helpers import FakeClock
+
 CAMILLE, JULIEN, SOPHIE = (str(u.idnps) for u in USERS[:3])
 MATRIX_USER = "@alice:matrix.example.org"
 FOREIGN = "8" + "1234567890" + luhn_check_digit("1234567890")  # valid, not a PandaLab user
 WEBHOOK_SECRET = "receiver-test-secret"
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand (token expiry without sleeping)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -247,7 +239,7 @@ async def test_api_needs_a_valid_unexpired_token(
 
     headers = await api(sandbox)
     assert (await sandbox.get(path, headers=headers)).status == 200
-    clock.now += 61
+    clock.advance(61)
     resp = await sandbox.get(path, headers=headers)
     assert resp.status == 401
     assert (await resp.json())["error"] == "invalid_token"
@@ -378,9 +370,8 @@ class Receiver:
 
     async def wait_accepted(self, count: int) -> list[dict[str, Any]]:
         async with self._changed:
-            await asyncio.wait_for(
-                self._changed.wait_for(lambda: len(self.accepted) >= count), timeout=10
-            )
+            async with asyncio.timeout(10):
+                await self._changed.wait_for(lambda: len(self.accepted) >= count)
         return self.accepted
 
 
@@ -519,7 +510,8 @@ async def test_webhook_moved_while_unreachable(clock: FakeClock, receiver_factor
             hook = {"secret": WEBHOOK_SECRET}
             await sandbox.put("/api/v1/webhook", json={**hook, "url": dead_url}, headers=auth)
             conv = await user_conversation(sandbox, CAMILLE, FOREIGN)
-            await asyncio.wait_for(watch.seen.wait(), timeout=10)
+            async with asyncio.timeout(10):
+                await watch.seen.wait()
 
             receiver, url = await receiver_factory(fail_first=0)
             await sandbox.put("/api/v1/webhook", json={**hook, "url": url}, headers=auth)

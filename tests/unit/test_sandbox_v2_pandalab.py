@@ -58,9 +58,8 @@ class Receiver:
 
     async def wait_for(self, count: int) -> list[dict[str, Any]]:
         async with self._changed:
-            await asyncio.wait_for(
-                self._changed.wait_for(lambda: len(self.events) >= count), timeout=10
-            )
+            async with asyncio.timeout(10):
+                await self._changed.wait_for(lambda: len(self.events) >= count)
         return list(self.events)
 
     def types(self) -> list[str]:

@@ -9,7 +9,6 @@ is the real connector, so its requests are held to the contract too.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
@@ -47,6 +46,8 @@ from connectors.idnps import Idnps
 from connectors.webhook import WebhookConnector
 from connectors.webhook.connector import CONTRACT_VERSION
 from connectors.webhook.sandbox import SECRET, USERS, create_app
+
+from helpers import MemoryStore, wait_until
 
 SPEC_PATH = Path(__file__).parents[2] / "connectors" / "webhook" / "openapi.yaml"
 SPEC: dict[str, Any] = yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
@@ -358,14 +359,6 @@ class ContractCheck:
         return app
 
 
-class MemoryStore:
-    async def get(self, key: str) -> str | None:
-        return None
-
-    async def set(self, key: str, value: str) -> None:
-        return None
-
-
 @dataclass
 class Exchange:
     check: ContractCheck
@@ -422,13 +415,6 @@ async def exchange() -> AsyncIterator[Exchange]:
         await connector.stop()
         for runner in (tap, bridge, sandbox):
             await runner.cleanup()
-
-
-async def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 def _file(data: bytes, name: str, mime_type: str) -> OutboundAttachment:
@@ -497,7 +483,7 @@ async def test_a_whole_exchange_follows_the_contract_both_ways() -> None:
         await ex.user("POST", f"{base}/read", 204, json={"up_to": first})
         await ex.user("POST", f"{base}/typing", 204, json={"typing": True})
         await ex.user("DELETE", f"{base}/messages/{first}", 204)
-        await wait_for(lambda: len(ex.events) == 10, "ten events at the bridge")
+        await wait_until(lambda: len(ex.events) == 10, what="ten events at the bridge")
         with_file = ex.events[2]
         assert getattr(with_file, "attachment", None) is not None
         async with await connector.open_attachment(with_file.attachment) as chunks:  # type: ignore[attr-defined]

@@ -22,6 +22,8 @@ from bridge.db.portal import Portal
 from bridge.db.stores import Stores
 from bridge.db.upgrade import upgrade_table
 
+from helpers import wait_until
+
 Open = Callable[[], Awaitable[Database]]
 
 
@@ -577,10 +579,11 @@ async def test_appends_become_visible_in_seq_order_on_postgresql(postgres_url: s
                 context=contextvars.Context(),
             )
             waiting = "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-            for _ in range(500):
-                if await db.fetchval(waiting) == 1:
-                    break
-                await asyncio.sleep(0.01)
+
+            async def second_waits() -> bool:
+                return await db.fetchval(waiting) == 1
+
+            await wait_until(second_waits, 5, "the second append to wait its turn")
             assert await db.fetchval(waiting) == 1, "the second append did not wait its turn"
             assert not second.done()
         assert await second

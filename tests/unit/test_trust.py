@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,8 @@ from bridge.values.trust import (
     valid_mxid,
     validate_server_name,
 )
+
+from helpers import wait_until
 
 BASE = {
     "homeserver": {"url": "http://127.0.0.1:1", "domain": "own.example"},
@@ -175,20 +176,12 @@ async def test_watcher_calls_back_on_change_and_retries_a_failed_callback() -> N
 
     watcher.start(sweep=True)  # a start-up sweep, then polls
     try:
-        await _until(lambda: len(calls) == 3)
+        await wait_until(lambda: len(calls) == 3)
         table.append("hs3.example")
-        await _until(lambda: len(calls) == 4)
+        await wait_until(lambda: len(calls) == 4)
         assert trust.is_trusted("@a:hs3.example")
     finally:
         await watcher.stop()
-
-
-async def _until(condition: object, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():  # type: ignore[operator]
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 # --- The store, on both engines -----------------------------------------------------------------

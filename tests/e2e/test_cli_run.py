@@ -15,6 +15,8 @@ from aiohttp import ClientError, ClientSession
 
 from bridge.devtools.stack import LocalStack
 
+from helpers import wait_until
+
 pytestmark = pytest.mark.e2e
 
 
@@ -29,10 +31,9 @@ async def stack_without_bridge(tmp_path: Path) -> AsyncIterator[LocalStack]:
 
 
 async def _ready(url: str, proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, object]:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
     async with ClientSession() as http:
-        while loop.time() < deadline:
+
+        async def ready() -> dict[str, object] | None:
             assert proc.poll() is None, "the bridge exited: " + (
                 proc.stderr.read() if proc.stderr else ""
             )
@@ -42,8 +43,9 @@ async def _ready(url: str, proc: subprocess.Popen[str], timeout: float = 60) -> 
                         return dict(await resp.json())
             except ClientError:
                 pass
-            await asyncio.sleep(0.2)
-    raise AssertionError("the bridge never became ready")
+            return None
+
+        return await wait_until(ready, timeout, "the bridge to become ready")
 
 
 async def test_run_checks_the_homeserver_serves_and_stops_on_sigterm(

@@ -6,7 +6,7 @@ something breaks: the bridge is SIGKILLed, the Medipeps service goes away, Synap
 PostgreSQL restarts. Afterwards every side must hold every message of the others exactly once, in
 the order it was written, and never its own messages back.
 
-Everything waits on conditions (``wait_for``), never on fixed sleeps.
+Everything waits on conditions (``wait_until``), never on fixed sleeps.
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from conftest import unavailable
 from yarl import URL
 
-from bridge.devtools.demo import SandboxUser, wait_for
+from bridge.devtools.demo import SandboxUser
 from bridge.devtools.ports import free_port
 from bridge.devtools.stack import SERVER_NAME, LocalStack
 from connectors.idnps import Idnps
 from connectors.sandbox.webtools import KERNEL_KEY
 
 from e2e_helpers import Proxy, conversation_titled, counter, users_of
+from helpers import wait_until
 from matrix_user import MatrixUser, MatrixUserError, connect
 
 pytestmark = pytest.mark.e2e
@@ -243,7 +244,7 @@ async def wait_delivered(
         return seen if arrived == expected else None
 
     try:
-        return await wait_for(what, complete, timeout)
+        return await wait_until(complete, timeout, what)
     except TimeoutError as error:
         seen = await chat.seen(sides)
         pytest.fail(f"{error} ({what}): " + "; ".join(problems(seen, chat.sent, sides)))
@@ -334,8 +335,8 @@ async def _greet(stack: LocalStack, http: ClientSession, native: MatrixUser) -> 
     alice_conversation = await alice.start_conversation([bob.idnps, native.user_id], title)
     rooms = await native.accept_invites(timeout=60)
     assert len(rooms) == 1, rooms
-    bob_conversation = await wait_for(
-        "Bob's side of the conversation", lambda: conversation_titled(bob, title), 60
+    bob_conversation = await wait_until(
+        lambda: conversation_titled(bob, title), 60, "Bob's side of the conversation"
     )
     chat = Chat(
         stack, http, alice, bob, native, str(alice_conversation), str(bob_conversation), rooms[0]
@@ -353,7 +354,7 @@ async def _greet(stack: LocalStack, http: ClientSession, native: MatrixUser) -> 
         seen = await chat.seen()
         return all(all(t in seen[side] for t in texts) for side, texts in hello.items())
 
-    await wait_for("everybody's hello on every side", greeted, 60)
+    await wait_until(greeted, 60, "everybody's hello on every side")
     return chat
 
 
@@ -413,7 +414,7 @@ class BridgeProcess:
             except (ClientError, TimeoutError):
                 return False
 
-        await wait_for("the bridge to be ready", ready, timeout)
+        await wait_until(ready, timeout, "the bridge to be ready")
 
     async def kill(self) -> None:
         """SIGKILL: no clean-up of any kind; then wait until the process is gone."""
@@ -424,7 +425,7 @@ class BridgeProcess:
         async def gone() -> bool:
             return proc.poll() is not None
 
-        await wait_for("the killed bridge to be gone", gone, 30)
+        await wait_until(gone, 30, "the killed bridge to be gone")
         assert proc.returncode == -signal.SIGKILL
         self.kills += 1
 
@@ -639,7 +640,7 @@ async def test_vendor_down_for_a_while_catches_up_in_order(
                 )
                 return int(attempts or 0) >= RETRIES_BEFORE_RETURN
 
-            await wait_for("the bridge to retry Medipeps a few times", retried, 60)
+            await wait_until(retried, 60, "the bridge to retry Medipeps a few times")
             down_for = time.monotonic() - down_since
 
             # All queued, none given up, only the first one tried, and not in a hot loop.
@@ -709,7 +710,7 @@ async def test_synapse_restarted_during_traffic_loses_nothing(tmp_path: Path) ->
         # instant loses or doubles has its own deterministic tests (test 5 and test 6 below).
         await wait_delivered(chat, "the first rounds on every side")
         restart = asyncio.create_task(stack.synapse.restart())
-        await wait_for("Synapse to go down", lambda: homeserver_down(http, stack), 30)
+        await wait_until(lambda: homeserver_down(http, stack), 30, "Synapse to go down")
         during = range(BEFORE_ROUNDS, BEFORE_ROUNDS + DURING_ROUNDS)
         # The vendors' users keep writing while Synapse is down; the native user's client
         # retries each send (same transaction id) until Synapse answers again.
@@ -776,7 +777,7 @@ async def test_postgresql_restarted_during_traffic_loses_nothing(
             await asyncio.gather(*(chat.write_rounds(during, [s]) for s in (PL, MP, MX)))
             index += DURING_ROUNDS
             await restart
-            await wait_for("PostgreSQL to accept connections", postgresql_ready, 60)
+            await wait_until(postgresql_ready, 60, "PostgreSQL to accept connections")
             bridge.assert_alive()
         await chat.write_rounds(range(index, index + AFTER_ROUNDS))
         await assert_exactly_once_in_order(chat)
@@ -861,7 +862,7 @@ async def test_send_whose_answer_is_lost_in_a_synapse_restart_is_not_doubled(
                 async with open_chat(stack, http) as chat:
                     proxy.lose_answer_to = text_of(PL, 0)
                     await chat.write(PL, 0)
-                    await wait_for("the answer to be lost", _is_set(proxy.lost), 60)
+                    await wait_until(_is_set(proxy.lost), 60, "the answer to be lost")
                     # Written after, so it reaches the room after every retry of the first one.
                     await chat.write(PL, 1)
 
@@ -872,7 +873,7 @@ async def test_send_whose_answer_is_lost_in_a_synapse_restart_is_not_doubled(
                             return None
                         return bodies if text_of(PL, 1) in bodies else None
 
-                    bodies = await wait_for("the next message in the room", sentinel_arrived, 90)
+                    bodies = await wait_until(sentinel_arrived, 90, "the next message in the room")
                     assert bodies.count(text_of(PL, 0)) == 1, "the message is doubled in the room"
             finally:
                 await stack.stop_bridge()
@@ -929,7 +930,7 @@ async def test_events_synapse_holds_for_a_busy_bridge_across_its_restart_are_not
             async def handed_over() -> bool:
                 return synapse_handed_over(stack)
 
-            await wait_for("Synapse to queue the messages for the bridge", handed_over, 30)
+            await wait_until(handed_over, 30, "Synapse to queue the messages for the bridge")
             await stack.synapse.restart()
         finally:
             bridge.thaw()
