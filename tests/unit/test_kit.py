@@ -37,7 +37,7 @@ from connectors.webhook import signing as webhook_signing
 from connectors.webhook.connector import WebhookConnector
 from connectors.webhook.sandbox import EventPusher
 
-from connector_helpers import wait_for
+from helpers import MemoryStore, wait_until
 
 HEADERS = SignedWebhook("X-Test-Timestamp", "X-Test-Signature")
 NEW, OLD = "new-secret-" + "n" * 30, "old-secret-" + "o" * 30
@@ -213,17 +213,6 @@ def message(event_id: str, conversation_id: str = "c1", message_id: str = "m1") 
     )
 
 
-class MemoryStore:
-    def __init__(self) -> None:
-        self.data: dict[str, str] = {}
-
-    async def get(self, key: str) -> str | None:
-        return self.data.get(key)
-
-    async def set(self, key: str, value: str) -> None:
-        self.data[key] = value
-
-
 class Vendor:
     """A feed of numbered events: the page after cursor n holds events n+1 ... n+page."""
 
@@ -285,12 +274,12 @@ async def test_the_feed_moves_its_cursor_only_after_the_page_is_stored(
     vendor, sink, store = Vendor(total=3), Sink(), MemoryStore()
     sink.gate.clear()  # the first emit hangs, as a slow database would
     running.append(asyncio.create_task(feed(vendor, sink, store).run()))
-    await wait_for(lambda: sink.calls == 1, "the first page's emit")
+    await wait_until(lambda: sink.calls == 1, 10, "the first page's emit")
     await asyncio.sleep(0.05)
     assert store.data == {}, "the cursor moved before the page was stored"
     assert vendor.reads == ["0"]
     sink.gate.set()
-    await wait_for(lambda: store.data.get("cursor") == "3", "the feed to catch up")
+    await wait_until(lambda: store.data.get("cursor") == "3", 10, "the feed to catch up")
     assert sink.stored == ["e1", "e2", "e3"]
     assert vendor.reads[:2] == ["0", "2"], "the second page at once: the first was full"
 
@@ -303,8 +292,8 @@ async def test_a_failed_emit_rereads_the_same_page_after_a_backoff(
     store.data["cursor"] = "0"
     sink.fail_next = 2
     running.append(asyncio.create_task(feed(vendor, sink, store).run()))
-    await wait_for(lambda: sink.stored == ["e1", "e2"], "the page, stored at last")
-    await wait_for(lambda: store.data["cursor"] == "2", "the cursor")
+    await wait_until(lambda: sink.stored == ["e1", "e2"], 10, "the page, stored at last")
+    await wait_until(lambda: store.data["cursor"] == "2", 10, "the cursor")
     assert vendor.reads[:3] == ["0", "0", "0"], "the cursor did not move while emits failed"
     failed = [r.getMessage() for r in caplog.records if "polling failed" in r.getMessage()]
     assert len(failed) == 2 and "storage down" not in " ".join(failed)  # the type only
@@ -315,7 +304,7 @@ async def test_the_feed_starts_from_the_stored_cursor(running: list[asyncio.Task
     vendor, sink, store = Vendor(total=5), Sink(), MemoryStore()
     store.data["cursor"] = "4"
     running.append(asyncio.create_task(feed(vendor, sink, store).run()))
-    await wait_for(lambda: store.data["cursor"] == "5", "the last page")
+    await wait_until(lambda: store.data["cursor"] == "5", 10, "the last page")
     assert vendor.reads[0] == "4" and sink.stored == ["e5"]
 
 
@@ -376,7 +365,7 @@ async def test_the_pusher_redelivers_until_a_2xx_in_order(
     receiver, url, session = receiver_url
     pusher = ListPusher(url, [b'{"n":1}', b'{"n":2}'], Backoff(0.01, 0.02, jitter=False))
     running.append(asyncio.create_task(pusher.run(session)))
-    await wait_for(lambda: len(pusher.acknowledged) == 2, "both bodies acknowledged")
+    await wait_until(lambda: len(pusher.acknowledged) == 2, 10, "both bodies acknowledged")
     assert receiver.bodies == [b'{"n":1}'] * 4 + [b'{"n":2}'], "the first until its 2xx"
     assert pusher.acknowledged == [b'{"n":1}', b'{"n":2}']
     for body, headers in zip(receiver.bodies, receiver.headers, strict=True):
@@ -395,7 +384,7 @@ async def test_the_pusher_waits_for_work_then_delivers_it(
     assert receiver.bodies == []
     pusher.queue.append(b"{}")
     pusher.wake()
-    await wait_for(lambda: pusher.acknowledged == [b"{}"], "the new body delivered")
+    await wait_until(lambda: pusher.acknowledged == [b"{}"], 10, "the new body delivered")
 
 
 async def test_an_interrupt_ends_the_wait_after_a_failure(
@@ -405,11 +394,13 @@ async def test_an_interrupt_ends_the_wait_after_a_failure(
     receiver.statuses[:] = [503]
     pusher = ListPusher(url, [b"{}"], Backoff(60.0, 60.0, jitter=False))
     running.append(asyncio.create_task(pusher.run(session)))
-    await wait_for(lambda: pusher.attempts == 1 and len(receiver.bodies) == 1, "the first try")
+    await wait_until(
+        lambda: pusher.attempts == 1 and len(receiver.bodies) == 1, 10, "the first try"
+    )
     await asyncio.sleep(0.05)
     assert pusher.acknowledged == [], "waiting its minute"
     pusher.interrupt()
-    await wait_for(lambda: pusher.acknowledged == [b"{}"], "delivered without the minute")
+    await wait_until(lambda: pusher.acknowledged == [b"{}"], 10, "delivered without the minute")
 
 
 # --- Remote ids, checked at the intake -----------------------------------------------------------
