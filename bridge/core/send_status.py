@@ -18,7 +18,7 @@ from bridge.core.members import Member
 from bridge.core.operations import parse_reaction_ref
 from bridge.db.stores import Stores
 from bridge.matrix.homeserver import Homeserver, derived_txn_id
-from connectors.base import ConnectorError, DeliveryReport
+from connectors.base import Connector, DeliveryReport
 
 log = logging.getLogger("eimis.status")
 
@@ -108,10 +108,7 @@ class StatusReporter:
         link = await self.stores.portals.link(room_id, connector_id)
         if not remote_ids or link is None or link.conversation_id is None:
             return
-        try:
-            await connector.report_delivery(link.conversation_id, remote_ids[0], report)
-        except ConnectorError as error:
-            log.warning("Delivery report to %s failed: %s", connector_id, type(error).__name__)
+        await report_to_vendor(connector, connector_id, link.conversation_id, remote_ids[0], report)
 
     async def _matrix_status(
         self,
@@ -162,3 +159,20 @@ class StatusReporter:
             )
         except MatrixRequestError as error:
             log.warning("Could not post a notice (%s)", error.errcode)
+
+
+async def report_to_vendor(
+    connector: Connector | None,
+    connector_id: str,
+    conversation_id: str,
+    message_id: str,
+    report: DeliveryReport,
+) -> None:
+    """A delivery report on one vendor message, when its vendor shows statuses: best effort (a
+    vendor that refuses it is logged, never retried: the report is news, not a delivery)."""
+    if connector is None or not connector.capabilities.delivery_status:
+        return
+    try:
+        await connector.report_delivery(conversation_id, message_id, report)  # type: ignore[attr-defined]
+    except Exception as error:
+        log.warning("Delivery report to %s failed: %s", connector_id, type(error).__name__)

@@ -28,7 +28,7 @@ from bridge.core.audit_trail import Trail
 from bridge.core.degradation import safe_filename
 from bridge.core.errors import NotInDirectory, PermanentFailure
 from bridge.core.portals import Portals
-from bridge.core.send_status import StatusReporter
+from bridge.core.send_status import StatusReporter, report_to_vendor
 from bridge.crypto.attachments import Encryptor, encrypt_stream
 from bridge.crypto.machine import Crypto
 from bridge.db.group_commit import Write
@@ -451,20 +451,9 @@ class ToMatrix:
     ) -> None:
         """Tell the vendor sender, and the room, that a file (or a message) did not cross."""
         log.info("A %s %s was refused", connector_id, what.removeprefix("a "))
-        connector = self.portals.connectors.get(connector_id)
         link = await self.stores.portals.link(room_id, connector_id)
-        if (
-            connector is not None
-            and connector.capabilities.delivery_status
-            and link
-            and link.conversation_id
-        ):
-            try:
-                await connector.report_delivery(
-                    link.conversation_id, event.message_id, DeliveryReport("failed", reason)
-                )
-            except Exception as error:
-                log.warning("Delivery report to %s failed: %s", connector_id, type(error).__name__)
+        if link and link.conversation_id:
+            await self._tell_vendor(connector_id, link.conversation_id, event, reason)
         ghost = await self.portals.ghost(connector_id, event.sender)
         await self.status.notice(
             room_id,
@@ -597,15 +586,13 @@ class ToMatrix:
     ) -> None:
         """A failed delivery status on the vendor message the refused event is about (when the
         vendor shows statuses); a vendor that refuses the report is logged, never retried."""
-        connector = self.portals.connectors.get(connector_id)
-        if connector is None or not connector.capabilities.delivery_status:
-            return
-        try:
-            await connector.report_delivery(
-                conversation_id, event.message_id, DeliveryReport("failed", reason)
-            )
-        except Exception as error:
-            log.warning("Delivery report to %s failed: %s", connector_id, type(error).__name__)
+        await report_to_vendor(
+            self.portals.connectors.get(connector_id),
+            connector_id,
+            conversation_id,
+            event.message_id,
+            DeliveryReport("failed", reason),
+        )
 
     async def _redacted(self, room_id: str, sender: str, event_id: str, target: str) -> list[Write]:
         content = {"redacts": target}
