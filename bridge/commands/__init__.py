@@ -1,5 +1,5 @@
 """What operators can do and read, one module per subject (trust, directory, audit, connectors,
-erasure, reports), whichever front end they use: the CLI (``bridge/cli.py``: arguments,
+erasure, reports), whichever front end they use: the CLI (``bridge/cli/``: arguments,
 printing, exit status) and the admin room (``bridge/admin/commands.py``: the room's command
 line, replies). A subject module validates, calls the stores and words the answer; it prints
 nothing, parses no command line and talks to no homeserver. It returns results, or raises one of

@@ -1,0 +1,111 @@
+"""``eimis-bridge directory import|fetch|show|prefer``: the directory of professionals."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from bridge.cli.common import REFUSED, config_arg, on_database
+
+
+def register(sub: Any) -> None:
+    from bridge.directory.importer import FORMATS
+
+    directory = sub.add_parser(
+        "directory",
+        help="the directory of professionals (import, fetch, show, prefer)",
+        description="The directory of professionals: who they are (IDNPS, name, profession) "
+        "and the Matrix IDs at which they can be reached.",
+    )
+    actions = directory.add_subparsers(dest="directory_command", required=True, metavar="ACTION")
+
+    imp = actions.add_parser(
+        "import", help="import an ANS PS_LibreAcces extract or a FHIR Bundle of Practitioners"
+    )
+    config_arg(imp)
+    imp.add_argument("file", type=Path, help="the file to import")
+    imp.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="ps: PS_LibreAcces ('|'-separated text), fhir: FHIR R4 Bundle (JSON); "
+        "default: guessed from the file",
+    )
+    imp.add_argument(
+        "--show-rejected",
+        type=int,
+        default=50,
+        metavar="N",
+        help="print at most N rejected lines (default 50; all go to --rejected-file)",
+    )
+    imp.add_argument(
+        "--rejected-file", type=Path, help="write every rejected line and its reason here"
+    )
+    imp.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
+
+    fetch = actions.add_parser(
+        "fetch", help="import Practitioners from the FHIR endpoint (directory.fhir_url)"
+    )
+    config_arg(fetch)
+    fetch.add_argument(
+        "--identifier",
+        action="append",
+        default=[],
+        metavar="IDNPS",
+        help="only this professional (repeatable); default: every page of the search",
+    )
+    fetch.add_argument("--max-pages", type=int, help="stop after this many pages")
+    fetch.add_argument("--show-rejected", type=int, default=50, metavar="N")
+
+    show = actions.add_parser("show", help="a professional and the Matrix IDs that reach them")
+    config_arg(show)
+    show.add_argument("idnps", help="national identifier (IDNPS)")
+
+    prefer = actions.add_parser(
+        "prefer", help="choose the Matrix ID that reaches a professional who has several"
+    )
+    config_arg(prefer)
+    prefer.add_argument("idnps", help="national identifier (IDNPS)")
+    prefer.add_argument(
+        "mxid", help="one of their Matrix IDs (a native one not listed yet is added)"
+    )
+    for action in (imp, fetch, show, prefer):
+        action.set_defaults(handler=_directory)
+
+
+def _directory(args: argparse.Namespace) -> int:
+    """Exit status: 0 done, 1 nothing to do / not found / the endpoint failed, 2 bad input."""
+    from bridge.commands import directory as commands
+    from bridge.db.directory import DirectoryStore
+
+    async def action(config: Any, db: Any) -> int:
+        store = DirectoryStore(db)
+        what = args.directory_command
+        if what in ("show", "prefer"):
+            if what == "show":
+                lines = await commands.show(store, config, args.idnps)
+            else:
+                lines = await commands.prefer(store, config, args.idnps, args.mxid)
+            print("\n".join(lines))
+            return 0
+        if what == "import":
+            report = await commands.import_path(
+                store, config, args.file, args.format, progress=args.progress
+            )
+            source = str(args.file)
+        else:
+            report = await commands.fetch(store, config, args.identifier, args.max_pages)
+            source = config.directory.fhir_url
+        summary = await commands.summary(store, report, source, args.show_rejected)
+        print(summary.text())
+        rejected_file = getattr(args, "rejected_file", None)
+        if rejected_file is not None:
+            rejected_file.write_text("".join(f"{r}\n" for r in summary.rejected), encoding="utf-8")
+        return 0 if summary.ok else REFUSED
+
+    return on_database(args, action, prefix=False)
