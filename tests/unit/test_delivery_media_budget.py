@@ -21,7 +21,8 @@ ATTEMPTS = 3
 
 class Harness:
     def __init__(self, error: MediaError) -> None:
-        stores: Any = SimpleNamespace(db=None, audit=None)
+        outbox = SimpleNamespace(pending=None, pending_in_lane=None)  # its lanes never run here
+        stores: Any = SimpleNamespace(db=None, audit=None, outbox=outbox)
         self.delivery = Delivery(
             stores,
             homeserver=None,  # type: ignore[arg-type]
