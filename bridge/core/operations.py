@@ -1,7 +1,8 @@
 """The outbox operations: what the bridge can ask a vendor to do, one FIFO per portal.
 
 Each operation is a frozen dataclass; its ``kind`` is what the outbox's ``operation`` column
-holds, and ``to_json`` what its (sealed) ``payload`` column holds. That stored form is the one
+holds, and ``to_json`` what its (sealed) ``payload`` column holds (pydantic writes and reads it
+from the fields, as for ``RemoteEvent``). That stored form is the one
 the bridge has always written, so rows queued by an earlier version are read (``from_stored``)
 and delivered like new ones. ``bridge/core/executors`` does each kind at its vendor.
 """
@@ -9,7 +10,9 @@ and delivered like new ones. ``bridge/core/executors`` does each kind at its ven
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
+
+from pydantic import BeforeValidator, TypeAdapter
 
 from bridge.core.errors import PermanentFailure
 from bridge.core.members import Member
@@ -46,36 +49,37 @@ class UnreadableOperation(PermanentFailure):
 # --- The operations -----------------------------------------------------------------------------
 
 
+class _Stored:
+    """What every operation shares: its stored form, written and read by pydantic from the
+    dataclass's fields (in their order: the payload the bridge has always written)."""
+
+    kind: ClassVar[str]
+
+    def to_json(self) -> dict[str, Any]:
+        """The outbox row's ``payload`` (before it is sealed)."""
+        stored: dict[str, Any] = _ADAPTERS[self.kind].dump_python(self, mode="json")
+        return stored
+
+
+EventRef = Annotated[str | None, BeforeValidator(lambda value: value or None)]
+"""A Matrix event id that may be absent (older rows wrote an empty string)."""
+
+
 @dataclass(frozen=True, kw_only=True)
-class CreateConversation:
+class CreateConversation(_Stored):
     """Open the vendor conversation of a portal (before any message of it goes there)."""
 
     kind: ClassVar[str] = CREATE_CONVERSATION
 
-    title: str | None
+    title: str | None = None
     members: tuple[Idnps, ...]
     """The vendor's own users in the portal."""
     external: tuple[Member, ...]
     """Everyone else in it, as the vendor will show them."""
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "title": self.title,
-            "members": list(self.members),
-            "external": [m.to_json() for m in self.external],
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CreateConversation:
-        return cls(
-            title=data.get("title"),
-            members=tuple(Idnps(m) for m in data["members"]),
-            external=tuple(Member.from_json(m) for m in data["external"]),
-        )
-
 
 @dataclass(frozen=True, kw_only=True)
-class SendMessage:
+class SendMessage(_Stored):
     """A Matrix message (text, file, location) to show in the vendor conversation."""
 
     kind: ClassVar[str] = SEND_MESSAGE
@@ -86,31 +90,12 @@ class SendMessage:
     """The Matrix content, rendered for the vendor at delivery (``degradation.py``)."""
     ts: int | None = None
     """When it was sent (ms), from the Matrix event."""
-    reply_to_event: str | None = None
+    reply_to_event: EventRef = None
     """The Matrix event it answers."""
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "event_id": self.event_id,
-            "sender": self.sender.to_json(),
-            "content": self.content,
-            "ts": self.ts,
-            "reply_to_event": self.reply_to_event,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SendMessage:
-        return cls(
-            event_id=_str(data["event_id"]),
-            sender=Member.from_json(data["sender"]),
-            content=_dict(data["content"]),
-            ts=data.get("ts"),
-            reply_to_event=data.get("reply_to_event") or None,
-        )
 
 
 @dataclass(frozen=True, kw_only=True)
-class EditMessage:
+class EditMessage(_Stored):
     """A correction of a message this vendor was sent (``target_event``)."""
 
     kind: ClassVar[str] = EDIT_MESSAGE
@@ -122,28 +107,9 @@ class EditMessage:
     """The new content (the edit's ``m.new_content``)."""
     ts: int | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "event_id": self.event_id,
-            "target_event": self.target_event,
-            "sender": self.sender.to_json(),
-            "content": self.content,
-            "ts": self.ts,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> EditMessage:
-        return cls(
-            event_id=_str(data["event_id"]),
-            target_event=_str(data["target_event"]),
-            sender=Member.from_json(data["sender"]),
-            content=_dict(data["content"]),
-            ts=data.get("ts"),
-        )
-
 
 @dataclass(frozen=True, kw_only=True)
-class Redact:
+class Redact(_Stored):
     """The removal of a message or a reaction this vendor was sent (``target_event``)."""
 
     kind: ClassVar[str] = REDACT
@@ -153,26 +119,9 @@ class Redact:
     sender: Member
     ts: int | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "event_id": self.event_id,
-            "target_event": self.target_event,
-            "sender": self.sender.to_json(),
-            "ts": self.ts,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Redact:
-        return cls(
-            event_id=_str(data["event_id"]),
-            target_event=_str(data["target_event"]),
-            sender=Member.from_json(data["sender"]),
-            ts=data.get("ts"),
-        )
-
 
 @dataclass(frozen=True, kw_only=True)
-class AddReaction:
+class AddReaction(_Stored):
     """A reaction (``key``, an emoji or short text) to a message this vendor was sent."""
 
     kind: ClassVar[str] = ADD_REACTION
@@ -183,28 +132,9 @@ class AddReaction:
     key: str
     ts: int | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "event_id": self.event_id,
-            "target_event": self.target_event,
-            "sender": self.sender.to_json(),
-            "key": self.key,
-            "ts": self.ts,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> AddReaction:
-        return cls(
-            event_id=_str(data["event_id"]),
-            target_event=_str(data["target_event"]),
-            sender=Member.from_json(data["sender"]),
-            key=_str(data["key"]),
-            ts=data.get("ts"),
-        )
-
 
 @dataclass(frozen=True, kw_only=True)
-class MarkRead:
+class MarkRead(_Stored):
     """A Matrix user read the conversation up to ``event_id`` (no send status: a marker)."""
 
     kind: ClassVar[str] = MARK_READ
@@ -212,13 +142,6 @@ class MarkRead:
     event_id: str
     sender: Member
     """The reader."""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"event_id": self.event_id, "sender": self.sender.to_json()}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> MarkRead:
-        return cls(event_id=_str(data["event_id"]), sender=Member.from_json(data["sender"]))
 
 
 Operation = CreateConversation | SendMessage | EditMessage | Redact | AddReaction | MarkRead
@@ -230,7 +153,7 @@ OPERATION_TYPES: tuple[type[Operation], ...] = (
     AddReaction,
     MarkRead,
 )
-_BY_KIND: dict[str, type[Operation]] = {t.kind: t for t in OPERATION_TYPES}
+_ADAPTERS: dict[str, TypeAdapter[Any]] = {t.kind: TypeAdapter(t) for t in OPERATION_TYPES}
 
 Reported = SendMessage | EditMessage | Redact | AddReaction
 """The operations whose sender is told what became of them (a send status; a read marker and
@@ -240,12 +163,13 @@ a conversation's opening are nobody's message)."""
 def from_stored(kind: str, payload: dict[str, Any]) -> Operation:
     """The operation an outbox row holds (its ``operation`` column and opened ``payload``);
     raises ``UnreadableOperation`` for a row no operation of this bridge reads."""
-    cls = _BY_KIND.get(kind)
-    if cls is None:
+    adapter = _ADAPTERS.get(kind)
+    if adapter is None:
         raise UnreadableOperation(f"unknown outbox operation {kind!r}")
     try:
-        return cls.from_json(payload)
-    except (KeyError, TypeError, ValueError, AttributeError):
+        operation: Operation = adapter.validate_python(payload)
+        return operation
+    except ValueError:  # pydantic's ValidationError
         # The payload's content stays out of the message (it is shown to people).
         raise UnreadableOperation(f"the queued {kind} lacks what it needs") from None
 
@@ -256,15 +180,3 @@ def readable(kind: str, payload: dict[str, Any]) -> Operation | None:
         return from_stored(kind, payload)
     except UnreadableOperation:
         return None
-
-
-def _str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError("not a string")
-    return value
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise TypeError("not an object")
-    return value
