@@ -1,7 +1,7 @@
 """What every test needs, written once: waiting on a condition, a connector's key-value store in
 memory, and a clock the test moves by hand.
 
-    from helpers import FakeClock, MemoryStore, wait_until
+    from helpers import FakeClock, MemoryStore, settle, wait_until
 """
 
 from __future__ import annotations
@@ -50,6 +50,13 @@ async def wait_until(
             )
         await asyncio.sleep(delay)
         delay = min(delay * 1.5, longest)
+
+
+async def settle(rounds: int = 50) -> None:
+    """Let every task that is ready run until it blocks (on I/O, a lock, a timer): for a test
+    asserting that in-memory work did NOT happen, without waiting real time."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
 
 
 def _name(condition: Callable[..., Any]) -> str:

@@ -37,7 +37,7 @@ from connectors.webhook import signing as webhook_signing
 from connectors.webhook.connector import WebhookConnector
 from connectors.webhook.sandbox import EventPusher
 
-from helpers import MemoryStore, wait_until
+from helpers import MemoryStore, settle, wait_until
 
 HEADERS = SignedWebhook("X-Test-Timestamp", "X-Test-Signature")
 NEW, OLD = "new-secret-" + "n" * 30, "old-secret-" + "o" * 30
@@ -275,7 +275,7 @@ async def test_the_feed_moves_its_cursor_only_after_the_page_is_stored(
     sink.gate.clear()  # the first emit hangs, as a slow database would
     running.append(asyncio.create_task(feed(vendor, sink, store).run()))
     await wait_until(lambda: sink.calls == 1, 10, "the first page's emit")
-    await asyncio.sleep(0.05)
+    await settle()  # the feed, waiting for its emit, runs no further
     assert store.data == {}, "the cursor moved before the page was stored"
     assert vendor.reads == ["0"]
     sink.gate.set()
@@ -380,7 +380,7 @@ async def test_the_pusher_waits_for_work_then_delivers_it(
     receiver.statuses.clear()
     pusher = ListPusher(url, [], Backoff(0.01, 0.02, jitter=False))
     running.append(asyncio.create_task(pusher.run(session)))
-    await asyncio.sleep(0.05)
+    await settle()  # it starts, finds no work, and waits
     assert receiver.bodies == []
     pusher.queue.append(b"{}")
     pusher.wake()
@@ -397,7 +397,7 @@ async def test_an_interrupt_ends_the_wait_after_a_failure(
     await wait_until(
         lambda: pusher.attempts == 1 and len(receiver.bodies) == 1, 10, "the first try"
     )
-    await asyncio.sleep(0.05)
+    await settle()
     assert pusher.acknowledged == [], "waiting its minute"
     pusher.interrupt()
     await wait_until(lambda: pusher.acknowledged == [b"{}"], 10, "delivered without the minute")
