@@ -9,7 +9,7 @@ same news through its vendor's delivery status, when the vendor has one.
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 from mautrix.errors import MatrixRequestError
 
@@ -131,34 +131,25 @@ class StatusReporter:
             )
         if detail:
             content["message"] = detail
-        portal = await self.stores.portals.get(room_id)
-        if portal is None:
-            return
-        try:
-            await self.hs.send_event(
-                portal.voice,
-                room_id,
-                SEND_STATUS,
-                content,
-                txn_id=derived_txn_id("status", event_id, target, outcome),
-            )
-        except MatrixRequestError as error:
-            log.warning("Could not send a message status (%s)", error.errcode)
+        txn_id = derived_txn_id("status", event_id, target, outcome)
+        await self._as_voice(room_id, SEND_STATUS, content, txn_id, "send a message status")
 
     async def notice(self, room_id: str, text: str, *, txn_id: str) -> None:
+        content = {"msgtype": "m.notice", "body": text}
+        await self._as_voice(room_id, "m.room.message", content, txn_id, "post a notice")
+
+    async def _as_voice(
+        self, room_id: str, event_type: str, content: dict[str, Any], txn_id: str, what: str
+    ) -> None:
+        """Sent by the portal's voice (the bridge's own word in the room), best effort: a
+        homeserver refusing it is logged (its error code), never retried."""
         portal = await self.stores.portals.get(room_id)
         if portal is None:
             return
         try:
-            await self.hs.send_event(
-                portal.voice,
-                room_id,
-                "m.room.message",
-                {"msgtype": "m.notice", "body": text},
-                txn_id=txn_id,
-            )
+            await self.hs.send_event(portal.voice, room_id, event_type, content, txn_id=txn_id)
         except MatrixRequestError as error:
-            log.warning("Could not post a notice (%s)", error.errcode)
+            log.warning("Could not %s (%s)", what, error.errcode)
 
 
 async def report_to_vendor(
