@@ -15,6 +15,7 @@ from aiohttp import ClientSession, web
 from bridge.devtools.demo import SandboxUser
 from bridge.devtools.matrix_user import MatrixUser, connect
 from bridge.devtools.stack import LocalStack
+from bridge.directory.fhir import IDNPS_SYSTEM, PROFESSION_SYSTEM
 
 from helpers import wait_until
 
@@ -374,3 +375,41 @@ async def send_status(trio: ThreeWay, event_id: str, network: str) -> dict[str, 
 
     event = await trio.native.wait_for_event(trio.room_id, match, 60)
     return dict(event["content"])
+
+
+def practitioner_bundle(
+    idnps: str, family: str, given: str, mxid: str, *, profession: str
+) -> dict[str, Any]:
+    """A FHIR Bundle (Annuaire Santé profile) listing a professional (``profession``: the
+    profession code) and their native Matrix account."""
+    return {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {
+                "resource": {
+                    "resourceType": "Practitioner",
+                    "id": "p1",
+                    "identifier": [{"system": IDNPS_SYSTEM, "value": idnps}],
+                    "name": [{"use": "usual", "family": family, "given": [given]}],
+                }
+            },
+            {
+                "resource": {
+                    "resourceType": "PractitionerRole",
+                    "id": "r1",
+                    "practitioner": {"reference": "Practitioner/p1"},
+                    "code": [{"coding": [{"system": PROFESSION_SYSTEM, "code": profession}]}],
+                    "endpoint": [{"reference": "Endpoint/e1"}],
+                }
+            },
+            {
+                "resource": {
+                    "resourceType": "Endpoint",
+                    "id": "e1",
+                    "status": "active",
+                    "address": f"matrix:u/{mxid.removeprefix('@')}",
+                }
+            },
+        ],
+    }

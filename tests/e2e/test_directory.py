@@ -14,10 +14,9 @@ from aiohttp import ClientSession
 
 from bridge.cli import main
 from bridge.devtools.stack import LocalStack
-from bridge.directory.fhir import IDNPS_SYSTEM, PROFESSION_SYSTEM
 from bridge.directory.sample import HEADER, extract_line
 
-from e2e_helpers import portal_of, received, unique, users_of
+from e2e_helpers import portal_of, practitioner_bundle, received, unique, users_of
 from helpers import wait_until
 from matrix_user import MatrixUser, connect, text_is
 
@@ -47,42 +46,6 @@ async def directory_cli(stack: LocalStack, *args: str) -> int:
     return await asyncio.to_thread(main, ["directory", action, "-c", str(config), *rest])
 
 
-def practitioner_bundle(idnps: str, family: str, given: str, mxid: str) -> dict[str, object]:
-    return {
-        "resourceType": "Bundle",
-        "type": "collection",
-        "entry": [
-            {
-                "resource": {
-                    "resourceType": "Practitioner",
-                    "id": "p1",
-                    "identifier": [{"system": IDNPS_SYSTEM, "value": idnps}],
-                    "name": [{"use": "usual", "family": family, "given": [given]}],
-                }
-            },
-            {
-                "resource": {
-                    "resourceType": "PractitionerRole",
-                    "id": "r1",
-                    "practitioner": {"reference": "Practitioner/p1"},
-                    "code": [
-                        {"coding": [{"system": PROFESSION_SYSTEM, "code": "50"}]},
-                    ],
-                    "endpoint": [{"reference": "Endpoint/e1"}],
-                }
-            },
-            {
-                "resource": {
-                    "resourceType": "Endpoint",
-                    "id": "e1",
-                    "status": "active",
-                    "address": f"matrix:u/{mxid.removeprefix('@')}",
-                }
-            },
-        ],
-    }
-
-
 async def test_vendor_user_reaches_by_idnps_a_native_account_known_only_to_the_directory(
     stack: LocalStack, http: ClientSession, tmp_path: Path
 ) -> None:
@@ -90,7 +53,11 @@ async def test_vendor_user_reaches_by_idnps_a_native_account_known_only_to_the_d
     try:
         bundle = tmp_path / "directory.json"
         bundle.write_text(
-            json.dumps(practitioner_bundle(DIRECTORY_ONLY, "Petit", "Claire", native.user_id)),
+            json.dumps(
+                practitioner_bundle(
+                    DIRECTORY_ONLY, "Petit", "Claire", native.user_id, profession="50"
+                )
+            ),
             encoding="utf-8",
         )
         assert await directory_cli(stack, "import", str(bundle)) == 0

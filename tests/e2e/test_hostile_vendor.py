@@ -34,7 +34,6 @@ from bridge.core.to_matrix import (
 )
 from bridge.devtools.ports import free_port
 from bridge.devtools.stack import LocalStack, Sandbox
-from bridge.directory.fhir import IDNPS_SYSTEM, PROFESSION_SYSTEM
 from bridge.directory.sample import HEADER, extract_line, rpps_idnps
 from connectors.idnps import Idnps
 from connectors.kit.signing import sign
@@ -49,6 +48,7 @@ from e2e_helpers import (
     encrypted_native,
     inbox_message,
     portal_of,
+    practitioner_bundle,
     redaction_of,
     unique,
 )
@@ -244,41 +244,6 @@ async def import_ans(
     await running_bridge(stack).ghost_names.apply()
 
 
-def practitioner_bundle(idnps: str, family: str, given: str, mxid: str) -> dict[str, Any]:
-    """A FHIR Bundle (Annuaire Santé profile) listing a professional's native Matrix account."""
-    return {
-        "resourceType": "Bundle",
-        "type": "collection",
-        "entry": [
-            {
-                "resource": {
-                    "resourceType": "Practitioner",
-                    "id": "p1",
-                    "identifier": [{"system": IDNPS_SYSTEM, "value": idnps}],
-                    "name": [{"use": "usual", "family": family, "given": [given]}],
-                }
-            },
-            {
-                "resource": {
-                    "resourceType": "PractitionerRole",
-                    "id": "r1",
-                    "practitioner": {"reference": "Practitioner/p1"},
-                    "code": [{"coding": [{"system": PROFESSION_SYSTEM, "code": "10"}]}],
-                    "endpoint": [{"reference": "Endpoint/e1"}],
-                }
-            },
-            {
-                "resource": {
-                    "resourceType": "Endpoint",
-                    "id": "e1",
-                    "status": "active",
-                    "address": f"matrix:u/{mxid.removeprefix('@')}",
-                }
-            },
-        ],
-    }
-
-
 async def audit_details(stack: LocalStack, connector: str) -> list[tuple[str, str, str]]:
     rows = await running_bridge(stack).db.fetch(
         "SELECT kind, outcome, detail FROM audit_log WHERE connector = $1 AND outcome = 'refused'",
@@ -448,7 +413,11 @@ async def test_native_users_are_shown_to_vendors_with_their_matrix_id_or_directo
         bundle = tmp_path / "practitioner.json"
         doctor_idnps = rpps_idnps(900010)
         bundle.write_text(
-            json.dumps(practitioner_bundle(doctor_idnps, "GARCIA", "Ana", doctor.user_id))
+            json.dumps(
+                practitioner_bundle(
+                    doctor_idnps, "GARCIA", "Ana", doctor.user_id, profession="10"
+                )
+            )
         )
         assert await directory_cli(stack, "import", str(bundle)) == 0
         entry = await running_bridge(stack).stores.directory.by_mxid(doctor.user_id)
