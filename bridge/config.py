@@ -350,8 +350,21 @@ class EncryptionConfig(_Strict):
         return self
 
 
+class BackfillConfig(_Strict):
+    """History a portal gets when the bridge first links a conversation that already has some."""
+
+    max_messages: int = Field(
+        50, ge=0, le=10_000, description="At most this many of the latest messages (0: none)"
+    )
+    max_age_days: float = Field(
+        30, gt=0, description="Only messages written this many days ago or less"
+    )
+
+
 class PortalConfig(_Strict):
     """Portal rooms as the homeserver stores them."""
+
+    backfill: BackfillConfig = BackfillConfig()
 
     titles_in_room_state: bool = Field(
         False,

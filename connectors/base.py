@@ -89,6 +89,16 @@ class Capabilities:
     typing: bool = False
     delivery_status: bool = False
     """The vendor shows its users whether their message reached everyone (report_delivery)."""
+    add_participants: bool = False
+    """People can be added to an open conversation (``ParticipantAdding``)."""
+    remove_participants: bool = False
+    """The vendor's own users can be removed by someone else (``MemberRemoval``)."""
+    titles: bool = False
+    """A conversation can be renamed (``TitleHandling``)."""
+    topics: bool = False
+    """A conversation has a topic (description) that can be changed (``TopicHandling``)."""
+    history: bool = False
+    """Earlier messages of a conversation can be read (``HistorySource``): backfill."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -274,6 +284,57 @@ class TypingChanged(_Event):
     kind: Literal["typing"] = "typing"
 
 
+@dataclass(frozen=True, kw_only=True)
+class ParticipantsAdded(_Event):
+    """A vendor user (``sender``) added people to a bridged conversation.
+
+    ``members``: the vendor's own users added; ``participants``: people outside the vendor, by
+    IDNPS or Matrix user id. At least one of them is non-empty.
+    """
+
+    sender: Idnps
+    members: tuple[Idnps, ...] = ()
+    participants: tuple[Participant, ...] = ()
+    kind: Literal["participants.added"] = "participants.added"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParticipantsRemoved(_Event):
+    """A vendor user (``sender``) removed people from a bridged conversation (same fields as
+    ``ParticipantsAdded``)."""
+
+    sender: Idnps
+    members: tuple[Idnps, ...] = ()
+    participants: tuple[Participant, ...] = ()
+    kind: Literal["participants.removed"] = "participants.removed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemberLeft(_Event):
+    """A vendor user (``sender``) left a bridged conversation."""
+
+    sender: Idnps
+    kind: Literal["member.left"] = "member.left"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConversationRenamed(_Event):
+    """A vendor user renamed a bridged conversation (``title`` None: the title was cleared)."""
+
+    sender: Idnps
+    title: str | None
+    kind: Literal["conversation.renamed"] = "conversation.renamed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TopicChanged(_Event):
+    """A vendor user changed a bridged conversation's topic (description)."""
+
+    sender: Idnps
+    topic: str | None
+    kind: Literal["conversation.topic"] = "conversation.topic"
+
+
 RemoteEvent = (
     ConversationCreated
     | MessageReceived
@@ -283,6 +344,11 @@ RemoteEvent = (
     | ReactionRemoved
     | ReadUpTo
     | TypingChanged
+    | ParticipantsAdded
+    | ParticipantsRemoved
+    | MemberLeft
+    | ConversationRenamed
+    | TopicChanged
 )
 REMOTE_EVENT_TYPES = (
     ConversationCreated,
@@ -293,6 +359,11 @@ REMOTE_EVENT_TYPES = (
     ReactionRemoved,
     ReadUpTo,
     TypingChanged,
+    ParticipantsAdded,
+    ParticipantsRemoved,
+    MemberLeft,
+    ConversationRenamed,
+    TopicChanged,
 )
 _EVENTS: TypeAdapter[Any] = TypeAdapter(Annotated[RemoteEvent, Field(discriminator="kind")])
 
@@ -321,6 +392,21 @@ class NewConversation:
     title: str | None
     members: tuple[Idnps, ...]
     external: tuple[Sender, ...]
+
+
+@dataclass(frozen=True)
+class ParticipantChange:
+    """People joining or leaving an open vendor conversation.
+
+    ``members``: the vendor's own users; ``external``: people outside it (as in
+    ``NewConversation``). ``by``: who made the change (None: the people themselves, leaving).
+    ``request_id`` is stable for this change: a repeat is the same change.
+    """
+
+    request_id: str
+    members: tuple[Idnps, ...] = ()
+    external: tuple[Sender, ...] = ()
+    by: Sender | None = None
 
 
 AttachmentOpener = Callable[[], AbstractAsyncContextManager[AsyncIterator[bytes]]]
@@ -614,6 +700,58 @@ class DeliveryStatusHandling(abc.ABC):
         """Tell a vendor user what became of their message."""
 
 
+class ParticipantAdding(abc.ABC):
+    """``add_participants``: people join an open conversation, and people outside the vendor
+    leave it (a guest leaving is part of adding: vendors that take guests in let them go)."""
+
+    @abc.abstractmethod
+    async def add_participants(self, conversation_id: str, change: ParticipantChange) -> None:
+        """Add the vendor's users (``change.members``) and people outside it
+        (``change.external``). Adding someone already in changes nothing (idempotent)."""
+
+    @abc.abstractmethod
+    async def remove_external(self, conversation_id: str, change: ParticipantChange) -> None:
+        """People outside the vendor (``change.external``; ``members`` is empty) left or were
+        removed: the vendor's users stop seeing them as participants. Idempotent."""
+
+
+class MemberRemoval(abc.ABC):
+    """``remove_participants``: the vendor's own users can be removed by someone else."""
+
+    @abc.abstractmethod
+    async def remove_members(self, conversation_id: str, change: ParticipantChange) -> None:
+        """Remove the vendor's users ``change.members`` (``change.by`` removes them; None: they
+        left themselves). They stop receiving the conversation. Idempotent."""
+
+
+class TitleHandling(abc.ABC):
+    """``titles``: a conversation can be renamed."""
+
+    @abc.abstractmethod
+    async def set_title(self, conversation_id: str, title: str | None, by: Sender) -> None:
+        """Rename the conversation (None: no title). Not announced back (no echo)."""
+
+
+class TopicHandling(abc.ABC):
+    """``topics``: a conversation has a topic (description) that can be changed."""
+
+    @abc.abstractmethod
+    async def set_topic(self, conversation_id: str, topic: str | None, by: Sender) -> None:
+        """Change the conversation's topic (None: none). Not announced back (no echo)."""
+
+
+class HistorySource(abc.ABC):
+    """``history``: earlier messages of a conversation can be read (backfill)."""
+
+    @abc.abstractmethod
+    async def history(
+        self, conversation_id: str, *, limit: int, since: datetime
+    ) -> Sequence[MessageReceived]:
+        """The conversation's last ``limit`` messages written at ``since`` or later, oldest
+        first, as the events the connector emits for new ones (same ids: a message the bridge
+        already has is recognised). Only messages written by the vendor's users."""
+
+
 class AttachmentSource(abc.ABC):
     """A connector that emits files (``MessageReceived.attachment``) hands over their bytes."""
 
@@ -631,6 +769,11 @@ OPERATION_PROTOCOLS: Mapping[str, type[abc.ABC]] = {
     "read_receipts": ReadReceiptHandling,
     "typing": TypingHandling,
     "delivery_status": DeliveryStatusHandling,
+    "add_participants": ParticipantAdding,
+    "remove_participants": MemberRemoval,
+    "titles": TitleHandling,
+    "topics": TopicHandling,
+    "history": HistorySource,
 }
 """Each operation flag of ``Capabilities`` and the class that implements it."""
 

@@ -55,9 +55,7 @@ class Idnps(str):
         if not _DIGITS.fullmatch(value):
             # The value is never quoted: it may come from any file or request.
             position = next(i for i, c in enumerate(value, 1) if not ("0" <= c <= "9"))
-            raise InvalidIdnps(
-                f"an IDNPS has digits only (0-9); character {position} is not one"
-            )
+            raise InvalidIdnps(f"an IDNPS has digits only (0-9); character {position} is not one")
         kind, number = value[0], value[1:]
         if kind == "8":
             if len(number) != 11:

@@ -24,6 +24,10 @@ EDIT_MESSAGE = "edit_message"
 REDACT = "redact"
 ADD_REACTION = "add_reaction"
 MARK_READ = "mark_read"
+ADD_PARTICIPANTS = "add_participants"
+REMOVE_PARTICIPANTS = "remove_participants"
+SET_TITLE = "set_title"
+SET_TOPIC = "set_topic"
 
 REACTION_PREFIX = "reaction:"
 """Message-map ids of reactions: ``reaction:<vendor message id>:<vendor reaction id>``."""
@@ -144,7 +148,75 @@ class MarkRead(_Stored):
     """The reader."""
 
 
-Operation = CreateConversation | SendMessage | EditMessage | Redact | AddReaction | MarkRead
+@dataclass(frozen=True, kw_only=True)
+class AddParticipants(_Stored):
+    """People joined the portal: the vendor conversation gets them too.
+
+    ``members``: the vendor's own users (its ghosts joined); ``external``: everyone else.
+    ``event_id``: the membership event that said so (the idempotency of the change).
+    """
+
+    kind: ClassVar[str] = ADD_PARTICIPANTS
+
+    event_id: str
+    members: tuple[Idnps, ...] = ()
+    external: tuple[Member, ...] = ()
+    by: Member | None = None
+    """Who added them (None: they joined of their own accord)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RemoveParticipants(_Stored):
+    """People left the portal or were removed from it: the vendor conversation follows.
+
+    ``members``: the vendor's own users (its ghosts left or were kicked); ``external``: anyone
+    else. ``by``: who removed them (None: they left).
+    """
+
+    kind: ClassVar[str] = REMOVE_PARTICIPANTS
+
+    event_id: str
+    members: tuple[Idnps, ...] = ()
+    external: tuple[Member, ...] = ()
+    by: Member | None = None
+    reason: str | None = None
+    """The reason given with a removal, if any (shown to the people removed)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SetTitle(_Stored):
+    """The portal was renamed (``m.room.name``): the vendor conversation's title follows."""
+
+    kind: ClassVar[str] = SET_TITLE
+
+    event_id: str
+    title: str | None
+    by: Member
+
+
+@dataclass(frozen=True, kw_only=True)
+class SetTopic(_Stored):
+    """The portal's topic changed (``m.room.topic``): the vendor conversation's follows."""
+
+    kind: ClassVar[str] = SET_TOPIC
+
+    event_id: str
+    topic: str | None
+    by: Member
+
+
+Operation = (
+    CreateConversation
+    | SendMessage
+    | EditMessage
+    | Redact
+    | AddReaction
+    | MarkRead
+    | AddParticipants
+    | RemoveParticipants
+    | SetTitle
+    | SetTopic
+)
 OPERATION_TYPES: tuple[type[Operation], ...] = (
     CreateConversation,
     SendMessage,
@@ -152,6 +224,10 @@ OPERATION_TYPES: tuple[type[Operation], ...] = (
     Redact,
     AddReaction,
     MarkRead,
+    AddParticipants,
+    RemoveParticipants,
+    SetTitle,
+    SetTopic,
 )
 _ADAPTERS: dict[str, TypeAdapter[Any]] = {t.kind: TypeAdapter(t) for t in OPERATION_TYPES}
 

@@ -7,6 +7,7 @@ in a caller's transaction (``conn=``) is followed by ``forget(room_id)`` once co
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mautrix.util.async_db import Connection, Database
@@ -33,6 +34,9 @@ class PortalLink:
     connector: str
     conversation_id: str | None
     """None while the vendor conversation is being opened (its creation is queued)."""
+    closed: bool = False
+    """Nobody of that vendor is left in the portal: nothing new is routed there (what was
+    queued before is still delivered) and its conversation's events are no longer bridged."""
 
 
 class PortalStore:
@@ -75,11 +79,20 @@ class PortalStore:
 
     async def _load_links(self, room_id: str) -> tuple[PortalLink, ...]:
         rows = await self.db.fetch(
-            "SELECT room_id, connector, conversation_id FROM portal_link WHERE room_id = $1 "
-            "ORDER BY connector",
+            "SELECT room_id, connector, conversation_id, closed_at FROM portal_link "
+            "WHERE room_id = $1 ORDER BY connector",
             room_id,
         )
-        return tuple(PortalLink(r["room_id"], r["connector"], r["conversation_id"]) for r in rows)
+        return tuple(
+            PortalLink(
+                r["room_id"], r["connector"], r["conversation_id"], r["closed_at"] is not None
+            )
+            for r in rows
+        )
+
+    async def open_links(self, room_id: str) -> list[PortalLink]:
+        """The links new events are routed to (closed ones left out)."""
+        return [link for link in await self.links(room_id) if not link.closed]
 
     async def link(self, room_id: str, connector: str) -> PortalLink | None:
         for link in await self.links(room_id):
@@ -92,7 +105,8 @@ class PortalStore:
 
         async def load() -> str | None:
             return await self.db.fetchval(
-                "SELECT room_id FROM portal_link WHERE connector = $1 AND conversation_id = $2",
+                "SELECT room_id FROM portal_link WHERE connector = $1 AND conversation_id = $2 "
+                "AND closed_at IS NULL",
                 connector,
                 conversation_id,
             )
@@ -127,6 +141,76 @@ class PortalStore:
             conversation_id,
         )
         self._links.forget(room_id)
+
+    async def close_link(
+        self, room_id: str, connector: str, *, conn: Connection | None = None
+    ) -> None:
+        """Nobody of ``connector`` is left in the portal (see ``PortalLink.closed``)."""
+        await (conn or self.db).execute(
+            "UPDATE portal_link SET closed_at = $3 WHERE room_id = $1 AND connector = $2 "
+            "AND closed_at IS NULL",
+            room_id,
+            connector,
+            now_ms(),
+        )
+        self._links.forget(room_id)
+        self._rooms.clear()
+
+    async def reopen_link(
+        self, room_id: str, connector: str, *, conn: Connection | None = None
+    ) -> None:
+        """Someone of ``connector`` is in the portal again: its link carries events again."""
+        await (conn or self.db).execute(
+            "UPDATE portal_link SET closed_at = NULL WHERE room_id = $1 AND connector = $2",
+            room_id,
+            connector,
+        )
+        self._links.forget(room_id)
+
+    # Who each vendor side has ---------------------------------------------------------------
+
+    async def participants(self, room_id: str, connector: str) -> set[str]:
+        """The people (Matrix ids) the ``connector`` side of the portal was told are in it."""
+        rows = await self.db.fetch(
+            "SELECT user_id FROM portal_participant WHERE room_id = $1 AND connector = $2",
+            room_id,
+            connector,
+        )
+        return {r["user_id"] for r in rows}
+
+    async def add_participants(
+        self,
+        room_id: str,
+        connector: str,
+        user_ids: Iterable[str],
+        *,
+        conn: Connection | None = None,
+    ) -> None:
+        for user_id in dict.fromkeys(user_ids):
+            await (conn or self.db).execute(
+                "INSERT INTO portal_participant (room_id, connector, user_id) VALUES ($1, $2, $3) "
+                "ON CONFLICT (room_id, connector, user_id) DO NOTHING",
+                room_id,
+                connector,
+                user_id,
+            )
+
+    async def remove_participants(
+        self,
+        room_id: str,
+        connector: str,
+        user_ids: Iterable[str],
+        *,
+        conn: Connection | None = None,
+    ) -> None:
+        for user_id in dict.fromkeys(user_ids):
+            await (conn or self.db).execute(
+                "DELETE FROM portal_participant WHERE room_id = $1 AND connector = $2 "
+                "AND user_id = $3",
+                room_id,
+                connector,
+                user_id,
+            )
 
     async def count(self) -> int:
         return int(await self.db.fetchval("SELECT COUNT(*) FROM portal"))

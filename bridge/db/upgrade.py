@@ -382,3 +382,22 @@ async def upgrade_v10(conn: Connection, scheme: Scheme) -> None:
         )"""
     )
     await conn.execute("CREATE INDEX portal_join_room ON portal_join (room_id, at)")
+
+
+@upgrade_table.register(description="Who each vendor side of a portal has; links that closed")
+async def upgrade_v11(conn: Connection, scheme: Scheme) -> None:
+    del scheme
+    # Per portal and connector: the people (Matrix ids) that vendor conversation was told are
+    # in it, so a membership change reaches each side once and never goes back where it came
+    # from. Ids only.
+    await conn.execute(
+        """CREATE TABLE portal_participant (
+            room_id    TEXT NOT NULL REFERENCES portal (room_id) ON DELETE CASCADE,
+            connector  TEXT NOT NULL,
+            user_id    TEXT NOT NULL,
+            PRIMARY KEY (room_id, connector, user_id)
+        )"""
+    )
+    # A link whose vendor side has nobody left: what was queued is still delivered, nothing new
+    # is routed there, and a vendor event of that conversation is no longer bridged.
+    await conn.execute("ALTER TABLE portal_link ADD COLUMN closed_at BIGINT")

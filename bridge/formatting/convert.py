@@ -85,7 +85,7 @@ class _Markdown(MarkdownConverter):
         indent = " " * len(bullet)
         text = re.sub(r"^(.*)$", lambda m: indent + m.group(1) if m.group(1) else "", text,
                       flags=re.MULTILINE)  # fmt: skip
-        return f"{bullet}{text[len(bullet):]}\n"
+        return f"{bullet}{text[len(bullet) :]}\n"
 
 
 # In sanitised HTML an image is one <img ...> tag, its alt and title values HTML-escaped.

@@ -66,6 +66,8 @@ invited into a portal must see what was said between the invite and their join (
 catch-up after a ghost's invite reads exactly that), and nobody sees what came before."""
 
 BOT_LEVEL = 100
+MEMBER_LEVEL = 1
+"""The level the bridge gives a portal's native members: enough to remove a ghost (level 0)."""
 POLICY_EVENTS = (
     SERVER_ACL,
     "m.room.encryption",
@@ -80,9 +82,12 @@ def portal_power_levels(bot_mxid: str) -> dict[str, Any]:
     """Power levels of a portal the bridge creates (the bot, ``bot_mxid``, creates it).
 
     Everyone (ghosts and native members, level 0) sends messages, reactions and redactions of
-    their own events, and may invite; the room's rules (``POLICY_EVENTS``, guest access,
-    tombstone, the bridge's capability state, any other state) need the bot's level. Removing
-    or banning someone and redacting others' events need 50, which nobody but the bot has.
+    their own events, may invite, and may rename the portal and set its topic; the room's rules
+    (``POLICY_EVENTS``, guest access, tombstone, the bridge's capability state, any other state)
+    need the bot's level. Removing someone needs ``MEMBER_LEVEL``: the bridge raises native
+    members to it when they join (a native member can then remove a ghost, whose level is 0, but
+    not another native member); ghosts stay at 0 and the bot removes people for the vendors.
+    Banning and redacting others' events need 50, which nobody but the bot has.
     """
     events = {event_type: BOT_LEVEL for event_type in POLICY_EVENTS}
     events.update(
@@ -91,8 +96,8 @@ def portal_power_levels(bot_mxid: str) -> dict[str, Any]:
             "m.room.tombstone": BOT_LEVEL,
             "m.room.canonical_alias": BOT_LEVEL,
             "eu.eimis.bridge.capabilities": BOT_LEVEL,
-            "m.room.name": 50,
-            "m.room.topic": 50,
+            "m.room.name": 0,
+            "m.room.topic": 0,
             "m.room.avatar": 50,
             "m.room.message": 0,
             "m.reaction": 0,
@@ -108,7 +113,7 @@ def portal_power_levels(bot_mxid: str) -> dict[str, Any]:
         "events_default": 0,
         "state_default": BOT_LEVEL,
         "invite": 0,
-        "kick": 50,
+        "kick": MEMBER_LEVEL,
         "ban": 50,
         "redact": 50,
         "notifications": {"room": 50},

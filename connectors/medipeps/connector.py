@@ -211,7 +211,6 @@ class MedipepsConnector(
             return None
 
 
-
 def _cursor(stored: str) -> int:
     if not stored.isascii() or not stored.isdigit():
         raise InvalidStoredCursor(
