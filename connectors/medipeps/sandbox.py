@@ -8,7 +8,7 @@ import binascii
 import functools
 import hmac
 import itertools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -32,7 +32,7 @@ from connectors.sandbox.kernel import (
     Reaction,
     SandboxUser,
 )
-from connectors.sandbox.webtools import Body, epoch_ms, read_body
+from connectors.sandbox.webtools import Body, epoch_ms, query_int, read_body
 
 API_KEY = "medipeps-sandbox-key"
 MAX_EVENTS_LIMIT = 500
@@ -125,28 +125,8 @@ class EventFeed:
         )
 
     def message_created(self, conversation: Conversation, message: Message) -> None:
-        assert message.author is not None
-        at = epoch_ms(message.created_at)
-        attachment = message.attachment
         self._append(
-            "NEW_MSG",
-            at,
-            file=attachment,
-            msg={
-                "msg": int(message.id),
-                "conv": int(conversation.id),
-                "author": str(message.author),
-                "body": message.text,
-                "at": at,
-                "reply_to": None if message.reply_to is None else int(message.reply_to),
-                "attachment": None
-                if attachment is None
-                else {
-                    "filename": attachment.name,
-                    "mime": attachment.mime_type,
-                    "size": attachment.size,
-                },
-            },
+            "NEW_MSG", epoch_ms(message.created_at), file=message.attachment, msg=msg_json(message)
         )
 
     def message_deleted(self, conversation: Conversation, message: Message) -> None:
@@ -170,7 +150,50 @@ class EventFeed:
             read={"conv": int(conversation.id), "reader": str(reader), "up_to": int(up_to.id)},
         )
 
-    # Medipeps-style has no edits, reactions or typing: the kernel never publishes them here.
+    def participants_added(
+        self,
+        conversation: Conversation,
+        by: Idnps,
+        members: tuple[Idnps, ...],
+        external: tuple[External, ...],
+        at: datetime,
+    ) -> None:
+        self._append(
+            "ADD_PART",
+            epoch_ms(at),
+            part={
+                "conv": int(conversation.id),
+                "by": str(by),
+                "participants": [str(m) for m in members],
+                "guests": [{"ref": e.ref} for e in external],
+            },
+        )
+
+    def member_left(self, conversation: Conversation, who: Idnps, at: datetime) -> None:
+        self._append("LEAVE", epoch_ms(at), leave={"conv": int(conversation.id), "who": str(who)})
+
+    def conversation_updated(
+        self, conversation: Conversation, by: Idnps, changes: Mapping[str, str | None], at: datetime
+    ) -> None:
+        assert set(changes) == {"title"}, "Medipeps-style has no descriptions"
+        self._append(
+            "SUBJECT",
+            epoch_ms(at),
+            subject={"conv": int(conversation.id), "by": str(by), "subject": changes["title"]},
+        )
+
+    # Medipeps-style has no edits, reactions, typing, descriptions, and no removal of others: the
+    # kernel never publishes them here.
+
+    def participants_removed(
+        self,
+        conversation: Conversation,
+        by: Idnps,
+        members: tuple[Idnps, ...],
+        external: tuple[External, ...],
+        at: datetime,
+    ) -> None:
+        raise AssertionError("Medipeps-style users cannot remove others")
 
     def message_edited(self, conversation: Conversation, message: Message) -> None:
         raise AssertionError("Medipeps-style has no edits")
@@ -191,6 +214,33 @@ class EventFeed:
     ) -> None:
         event = {"seq": len(self._events) + 1, "type": event_type, "at": at, **payload}
         self._events.append(_Stored(event, file))
+
+
+def msg_json(message: Message) -> dict[str, Any]:
+    """A message as ``NEW_MSG`` shows it (without the inline file's bytes)."""
+    assert message.author is not None
+    attachment = message.attachment
+    return {
+        "msg": int(message.id),
+        "conv": int(message.conversation_id),
+        "author": str(message.author),
+        "body": message.text,
+        "at": epoch_ms(message.created_at),
+        "reply_to": None if message.reply_to is None else int(message.reply_to),
+        "attachment": None
+        if attachment is None
+        else {"filename": attachment.name, "mime": attachment.mime_type, "size": attachment.size},
+    }
+
+
+def conversation_json(conversation: Conversation) -> dict[str, Any]:
+    """A conversation as the participant and subject calls answer it."""
+    return {
+        "conv": int(conversation.id),
+        "subject": conversation.title,
+        "participants": [str(m) for m in conversation.members],
+        "guests": [{"ref": e.ref, "label": e.display_name} for e in conversation.external],
+    }
 
 
 class GuestBody(Body):
@@ -225,6 +275,23 @@ class ReadBody(Body):
     up_to: int = Field(ge=0)
 
 
+class NewParticipantsBody(Body):
+    participants: list[str] = Field(default_factory=list, max_length=100)
+    guests: list[GuestBody] = Field(default_factory=list, max_length=100)
+    by_ref: str | None = Field(default=None, max_length=255)
+    request_ref: str = Field(min_length=1, max_length=255)
+
+
+class GuestsLeaveBody(Body):
+    refs: list[str] = Field(min_length=1, max_length=100)
+    request_ref: str = Field(min_length=1, max_length=255)
+
+
+class SubjectBody(Body):
+    subject: str | None = Field(max_length=255)
+    by_ref: str = Field(max_length=255)
+
+
 class StatusBody(Body):
     status: Literal["delivered", "degraded", "failed"]
     detail: str = Field(default="", max_length=1000)
@@ -253,16 +320,7 @@ def _mime(value: str) -> str:
     return value.split(";", 1)[0].strip().lower()
 
 
-def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
-        raise bad_request(f"The query parameter '{name}' must be a non-negative integer.")
-    value = int(raw)
-    if not low <= value <= high:
-        raise bad_request(f"The query parameter '{name}' must be between {low} and {high}.")
-    return value
+_int_query = query_int
 
 
 def _path_id(request: web.Request, name: str, what: str) -> str:
@@ -391,6 +449,52 @@ def create_app(
         body = await read_body(request, StatusBody)
         kernel.api_reports_delivery(conv, msg, body.status, body.detail)
         return web.Response(status=204)
+
+    @routes.post("/mp/conversations/{conv}/participants")
+    async def add_participants(request: web.Request) -> web.Response:
+        conv = _conv_id(request)
+        body = await read_body(request, NewParticipantsBody)
+        guests = [External(g.ref, g.label) for g in body.guests]
+        return web.json_response(
+            conversation_json(kernel.api_adds_participants(conv, body.participants, guests))
+        )
+
+    @routes.post("/mp/conversations/{conv}/guests/leave")
+    async def guests_leave(request: web.Request) -> web.Response:
+        conv = _conv_id(request)
+        body = await read_body(request, GuestsLeaveBody)
+        kernel.conversation(conv)
+        for ref in body.refs:
+            if ref in kernel.users:
+                raise SandboxError(
+                    403,
+                    "forbidden",
+                    f"{ref} is a Medipeps participant: participants leave by themselves, nobody "
+                    "else can remove them.",
+                )
+        kernel.api_removes_participants(conv, (), body.refs)
+        return web.Response(status=204)
+
+    @routes.patch("/mp/conversations/{conv}")
+    async def set_subject(request: web.Request) -> web.Response:
+        conv = _conv_id(request)
+        body = await read_body(request, SubjectBody)
+        return web.json_response(conversation_json(kernel.api_updates(conv, title=body.subject)))
+
+    @routes.get("/mp/conversations/{conv}/messages")
+    async def history(request: web.Request) -> web.Response:
+        conv = _conv_id(request)
+        after = _int_query(request, "after", 0, 0, 2**62)
+        limit = _int_query(request, "limit", DEFAULT_EVENTS_LIMIT, 1, MAX_EVENTS_LIMIT)
+        page = [m for m in kernel.history(conv) if int(m.id) > after][:limit]
+        messages = [msg_json(m) for m in page]
+        for shown, message in zip(messages, page, strict=True):
+            if message.attachment is not None:
+                data = base64.b64encode(files.read_bytes(message.attachment)).decode("ascii")
+                shown["attachment"]["data_b64"] = data
+        return web.json_response(
+            {"messages": messages, "cursor": int(page[-1].id) if page else after}
+        )
 
     @routes.get("/mp/events")
     async def events(request: web.Request) -> web.Response:

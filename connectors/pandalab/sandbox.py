@@ -13,7 +13,7 @@ import secrets
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -37,7 +37,9 @@ from connectors.sandbox.files import (
     sanitize_name,
 )
 from connectors.sandbox.kernel import (
+    MAX_HISTORY,
     MAX_MENTIONS,
+    UNSET,
     Conversation,
     External,
     FileRules,
@@ -52,6 +54,8 @@ from connectors.sandbox.webtools import (
     Body,
     background_delivery,
     iso8601,
+    query_int,
+    query_time,
     read_body,
 )
 
@@ -76,6 +80,7 @@ MAX_KEY_LENGTH = 255
 MAX_FILE_BYTES = 512 * 1024 * 1024
 """Largest file (512 MiB): a larger declared size is refused with 413 ``file_too_large``."""
 MAX_ID_LENGTH = 64
+DEFAULT_HISTORY = 50
 
 
 def user_uuid(user: SandboxUser) -> str:
@@ -207,6 +212,7 @@ class WebhookPusher(Pusher):
                 "conversation": {
                     "id": conversation.id,
                     "title": conversation.title,
+                    "description": conversation.description,
                     "created_by": str(conversation.created_by),
                     "members": [str(m) for m in conversation.members],
                     "external_participants": [{"ref": e.ref} for e in conversation.external],
@@ -215,30 +221,7 @@ class WebhookPusher(Pusher):
         )
 
     def message_created(self, conversation: Conversation, message: Message) -> None:
-        assert message.author is not None
-        attachment = message.attachment
-        location = message.location
-        self._publish(
-            "message.created",
-            {
-                "message": {
-                    "id": message.id,
-                    "conversation_id": conversation.id,
-                    "author": str(message.author),
-                    "markdown": markdown_with_mentions(message.text, message.mentions),
-                    "created_at": iso8601(message.created_at),
-                    "kind": message.kind,
-                    "reply_to": message.reply_to,
-                    "mentions": _mentions_json(message.mentions),
-                    "attachment": None
-                    if attachment is None
-                    else {**attachment_json(attachment), "url": FileUrl(attachment.id)},
-                    "location": None
-                    if location is None
-                    else {"lat": location.lat, "lon": location.lon, "label": location.label},
-                }
-            },
-        )
+        self._publish("message.created", {"message": message_json(message)})
 
     def message_edited(self, conversation: Conversation, message: Message) -> None:
         assert message.author is not None and message.edited_at is not None
@@ -307,6 +290,45 @@ class WebhookPusher(Pusher):
             },
         )
 
+    def participants_added(
+        self,
+        conversation: Conversation,
+        by: Idnps,
+        members: tuple[Idnps, ...],
+        external: tuple[External, ...],
+        at: datetime,
+    ) -> None:
+        self._publish(
+            "conversation.participants_added",
+            _participants_json(conversation, by, members, external),
+        )
+
+    def participants_removed(
+        self,
+        conversation: Conversation,
+        by: Idnps,
+        members: tuple[Idnps, ...],
+        external: tuple[External, ...],
+        at: datetime,
+    ) -> None:
+        self._publish(
+            "conversation.participants_removed",
+            _participants_json(conversation, by, members, external),
+        )
+
+    def member_left(self, conversation: Conversation, who: Idnps, at: datetime) -> None:
+        self._publish(
+            "conversation.member_left", {"conversation_id": conversation.id, "member": str(who)}
+        )
+
+    def conversation_updated(
+        self, conversation: Conversation, by: Idnps, changes: Mapping[str, str | None], at: datetime
+    ) -> None:
+        self._publish(
+            "conversation.updated",
+            {"conversation_id": conversation.id, "by": str(by), **changes},
+        )
+
     def _publish(self, event_type: str, data: dict[str, Any]) -> None:
         event_id = str(uuid.uuid4())
         envelope = {
@@ -348,6 +370,57 @@ class WebhookPusher(Pusher):
 
     def delivered(self) -> None:
         self._pending.popleft()
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    """A message as ``message.created`` and the history show it (the file URL is rendered when
+    the JSON is written)."""
+    assert message.author is not None
+    attachment = message.attachment
+    location = message.location
+    return {
+        "id": message.id,
+        "conversation_id": message.conversation_id,
+        "author": str(message.author),
+        "markdown": markdown_with_mentions(message.text, message.mentions),
+        "created_at": iso8601(message.created_at),
+        "kind": message.kind,
+        "reply_to": message.reply_to,
+        "mentions": _mentions_json(message.mentions),
+        "attachment": None
+        if attachment is None
+        else {**attachment_json(attachment), "url": FileUrl(attachment.id)},
+        "location": None
+        if location is None
+        else {"lat": location.lat, "lon": location.lon, "label": location.label},
+    }
+
+
+def conversation_json(conversation: Conversation) -> dict[str, Any]:
+    """A conversation as the participant and update calls answer it."""
+    return {
+        "id": conversation.id,
+        "title": conversation.title,
+        "description": conversation.description,
+        "members": [str(m) for m in conversation.members],
+        "external_participants": [
+            {"ref": e.ref, "display_name": e.display_name} for e in conversation.external
+        ],
+    }
+
+
+def _participants_json(
+    conversation: Conversation,
+    by: Idnps,
+    members: tuple[Idnps, ...],
+    external: tuple[External, ...],
+) -> dict[str, Any]:
+    return {
+        "conversation_id": conversation.id,
+        "by": str(by),
+        "members": [str(m) for m in members],
+        "external_participants": [{"ref": e.ref} for e in external],
+    }
 
 
 def _mentions_json(mentions: Sequence[External]) -> list[dict[str, str]]:
@@ -441,6 +514,26 @@ class DeliveryBody(Body):
     detail: str = Field(default="", max_length=1000)
 
 
+class NewParticipantsBody(Body):
+    members: list[str] = Field(default_factory=list, max_length=100)
+    external_participants: list[ExternalBody] = Field(default_factory=list, max_length=100)
+    added_by: ExternalBody | None = None
+
+
+class RemovedParticipantsBody(Body):
+    members: list[str] = Field(default_factory=list, max_length=100)
+    external_participants: list[str] = Field(default_factory=list, max_length=100)
+    removed_by: ExternalBody | None = None
+
+
+class ConversationUpdateBody(Body):
+    """Only the keys present change; null clears."""
+
+    title: str | None = Field(default=None, max_length=255)
+    description: str | None = Field(default=None, max_length=4000)
+    changed_by: ExternalBody
+
+
 class UploadBody(Body):
     name: str = Field(min_length=1, max_length=1024)
     mime_type: str = Field(max_length=255)
@@ -531,6 +624,11 @@ def create_app(
 
     def file_url(file_id: str) -> str:
         return f"{api_origin[0]}/api/v1/files/{file_id}"
+
+    def render_file_url(value: Any) -> str:
+        if isinstance(value, FileUrl):
+            return file_url(value.file_id)
+        raise TypeError(f"cannot render {type(value).__name__}")
 
     pusher = WebhookPusher(retry_initial=retry_initial, retry_max=retry_max, file_url=file_url)
     kernel.publisher = pusher
@@ -627,6 +725,48 @@ def create_app(
         return web.json_response(
             {"id": conversation.id, "created_at": iso8601(conversation.created_at)},
             status=201 if new else 200,
+        )
+
+    @routes.post(conv + "/participants")
+    async def add_participants(request: web.Request) -> web.Response:
+        _required_key(request)
+        body = await read_body(request, NewParticipantsBody)
+        conversation = kernel.api_adds_participants(
+            request.match_info["conversation_id"],
+            body.members,
+            _people(body.external_participants),
+        )
+        return web.json_response(conversation_json(conversation))
+
+    @routes.post(conv + "/participants/remove")
+    async def remove_participants(request: web.Request) -> web.Response:
+        body = await read_body(request, RemovedParticipantsBody)
+        conversation = kernel.api_removes_participants(
+            request.match_info["conversation_id"], body.members, body.external_participants
+        )
+        return web.json_response(conversation_json(conversation))
+
+    @routes.patch(conv)
+    async def update_conversation(request: web.Request) -> web.Response:
+        body = await read_body(request, ConversationUpdateBody)
+        given = body.model_fields_set
+        conversation = kernel.api_updates(
+            request.match_info["conversation_id"],
+            title=body.title if "title" in given else UNSET,
+            description=body.description if "description" in given else UNSET,
+        )
+        return web.json_response(conversation_json(conversation))
+
+    @routes.get(conv + "/messages")
+    async def history(request: web.Request) -> web.Response:
+        limit = query_int(request, "limit", DEFAULT_HISTORY, 1, MAX_HISTORY)
+        since = query_time(request, "since")
+        messages = kernel.api_history(
+            request.match_info["conversation_id"], limit=limit, since=since
+        )
+        return web.json_response(
+            {"messages": [message_json(m) for m in messages]},
+            dumps=lambda value: json.dumps(value, ensure_ascii=False, default=render_file_url),
         )
 
     @routes.post(conv + "/messages")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Literal, Protocol
@@ -45,15 +45,23 @@ _MXID = re.compile(r"@[^:\s]+:\S+")
 IdKind = Literal["conversation", "message", "reaction"]
 MessageKind = Literal["text", "notice", "emote"]
 DeliveryStatus = Literal["delivered", "degraded", "failed"]
-Feature = Literal["edit", "react", "typing", "location"]
-"""What a vendor may lack; the user side answers 501 for an action its vendor lacks."""
+Feature = Literal["edit", "react", "typing", "location", "remove", "topic"]
+"""What a vendor may lack; the user side answers 501 for an action its vendor lacks (``remove``:
+removing someone else from a conversation; ``topic``: a conversation description)."""
+
+ALL_FEATURES: tuple[Feature, ...] = ("edit", "react", "typing", "location", "remove", "topic")
 
 _FEATURE_NAMES: dict[str, str] = {
     "edit": "editing messages",
     "react": "reactions",
     "typing": "typing notifications",
     "location": "sharing a location",
+    "remove": "removing someone else from a conversation",
+    "topic": "conversation descriptions",
 }
+
+MAX_HISTORY = 1000
+"""Most messages one history read returns."""
 
 AttachmentSource = Callable[[], StoredFile]
 """Gives the file to attach; called only once the message is certain to be created (so an
@@ -171,6 +179,7 @@ class Conversation:
     members: tuple[Idnps, ...]
     external: tuple[External, ...]
     created_at: datetime
+    description: str | None = None
     messages: list[Message] = field(default_factory=list)
     read_up_to: dict[str, Message] = field(default_factory=dict)
     typing: dict[str, datetime] = field(default_factory=dict)
@@ -204,6 +213,47 @@ class EventPublisher(Protocol):
     def typing_changed(
         self, conversation: Conversation, who: Idnps, typing: bool, at: datetime
     ) -> None: ...
+
+    def participants_added(
+        self,
+        conversation: Conversation,
+        by: Idnps,
+        members: tuple[Idnps, ...],
+        external: tuple[External, ...],
+        at: datetime,
+    ) -> None:
+        """``by`` added vendor users (``members``) and people outside the vendor."""
+        ...
+
+    def participants_removed(
+        self,
+        conversation: Conversation,
+        by: Idnps,
+        members: tuple[Idnps, ...],
+        external: tuple[External, ...],
+        at: datetime,
+    ) -> None:
+        """``by`` removed others (never called for a vendor lacking ``remove``)."""
+        ...
+
+    def member_left(self, conversation: Conversation, who: Idnps, at: datetime) -> None: ...
+
+    def conversation_updated(
+        self, conversation: Conversation, by: Idnps, changes: Mapping[str, str | None], at: datetime
+    ) -> None:
+        """``changes`` holds only what changed: ``title`` and/or ``description`` (the latter
+        never for a vendor lacking ``topic``)."""
+        ...
+
+
+class _Unset:
+    """The marker of a field a change leaves as it is."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = _Unset()
 
 
 def parse_idnps(value: str) -> Idnps:
@@ -270,7 +320,7 @@ class Kernel:
         vendor_name: str,
         new_id: Callable[[IdKind], str],
         clock: Callable[[], datetime] = _utcnow,
-        features: Iterable[Feature] = ("edit", "react", "typing", "location"),
+        features: Iterable[Feature] = ALL_FEATURES,
         file_rules: FileRules | None = None,
         files: FileStore | None = None,
     ) -> None:
@@ -532,6 +582,83 @@ class Kernel:
         if (publisher := self._announce(conversation)) is not None:
             publisher.typing_changed(conversation, who.idnps, typing, now)
 
+    def user_changes_participants(
+        self,
+        user: SandboxUser,
+        conversation_id: str,
+        add: Sequence[str] = (),
+        remove: Sequence[str] = (),
+    ) -> Conversation:
+        """A member adds and/or removes people (refs: IDNPS or Matrix user ids).
+
+        Adding someone already in, or removing someone not in, changes nothing. Published when
+        the conversation had or has external participants; gaining its first one publishes it
+        as a creation (its current state) instead.
+        """
+        conversation = self.member_conversation(user, conversation_id)
+        if not add and not remove:
+            raise bad_request("Nothing to change: give refs to 'add' and/or 'remove'.")
+        if remove:
+            self.require("remove")
+        to_add = [parse_ref(raw) for raw in add]
+        to_remove = [parse_ref(raw) for raw in remove]
+        if str(user.idnps) in to_remove:
+            raise bad_request("You cannot remove yourself; leave the conversation instead.")
+        if set(to_add) & set(to_remove):
+            raise bad_request("The same person cannot be both added and removed.")
+        had_external = bool(conversation.external)
+        added_members, added_external = self._add_people(
+            conversation, to_add, [External(ref, ref) for ref in to_add]
+        )
+        removed_members, removed_external = self._remove_people(conversation, to_remove)
+        if not (added_members or added_external or removed_members or removed_external):
+            return conversation
+        publisher = self.publisher
+        if publisher is None:
+            return conversation
+        now = self._clock()
+        if not had_external:
+            if conversation.external:
+                if conversation.created_by is None:
+                    conversation.created_by = user.idnps
+                publisher.conversation_created(conversation)
+            return conversation
+        if added_members or added_external:
+            publisher.participants_added(
+                conversation, user.idnps, added_members, added_external, now
+            )
+        if removed_members or removed_external:
+            publisher.participants_removed(
+                conversation, user.idnps, removed_members, removed_external, now
+            )
+        return conversation
+
+    def user_leaves(self, user: SandboxUser, conversation_id: str) -> None:
+        """A member leaves; published when the conversation has external participants."""
+        conversation = self.member_conversation(user, conversation_id)
+        conversation.members = tuple(m for m in conversation.members if m != user.idnps)
+        conversation.typing.pop(str(user.idnps), None)
+        if (publisher := self._announce(conversation)) is not None:
+            publisher.member_left(conversation, user.idnps, self._clock())
+
+    def user_updates(
+        self,
+        user: SandboxUser,
+        conversation_id: str,
+        *,
+        title: str | None | _Unset = UNSET,
+        description: str | None | _Unset = UNSET,
+    ) -> Conversation:
+        """A member renames the conversation and/or changes its description (None clears it).
+
+        Published (only what changed) when the conversation has external participants.
+        """
+        conversation = self.member_conversation(user, conversation_id)
+        changes = self._update(conversation, title, description)
+        if changes and (publisher := self._announce(conversation)) is not None:
+            publisher.conversation_updated(conversation, user.idnps, changes, self._clock())
+        return conversation
+
     # Vendor API side (the bridge) ---------------------------------------------------------------
 
     def api_creates_conversation(
@@ -705,6 +832,60 @@ class Kernel:
             )
         message.delivery.append(DeliveryReport(status, detail, self._clock()))
 
+    def api_adds_participants(
+        self, conversation_id: str, member_refs: Sequence[str], external: Sequence[External]
+    ) -> Conversation:
+        """The bridge adds vendor users and people outside the vendor (who is in already stays
+        as is). Shown to users, never published back."""
+        conversation = self.conversation(conversation_id)
+        members = [str(self.user(raw).idnps) for raw in member_refs]
+        people = [External(self._external_ref(p.ref), p.display_name) for p in external]
+        self._add_people(conversation, [*members, *(p.ref for p in people)], people)
+        return conversation
+
+    def api_removes_participants(
+        self, conversation_id: str, member_refs: Sequence[str], external_refs: Sequence[str]
+    ) -> Conversation:
+        """The bridge removes vendor users and people outside the vendor (who is not in is
+        ignored). A removed user gets nothing more from the conversation and no longer sees it.
+        Never published back."""
+        conversation = self.conversation(conversation_id)
+        members = [str(self.user(raw).idnps) for raw in member_refs]
+        refs = [self._external_ref(raw) for raw in external_refs]
+        self._remove_people(conversation, [*members, *refs])
+        return conversation
+
+    def api_updates(
+        self,
+        conversation_id: str,
+        *,
+        title: str | None | _Unset = UNSET,
+        description: str | None | _Unset = UNSET,
+    ) -> Conversation:
+        """The bridge renames the conversation and/or changes its description; never published
+        back."""
+        conversation = self.conversation(conversation_id)
+        self._update(conversation, title, description)
+        return conversation
+
+    def history(self, conversation_id: str) -> list[Message]:
+        """The conversation's messages written by vendor users, oldest first, deleted ones left
+        out."""
+        conversation = self.conversation(conversation_id)
+        return [m for m in conversation.messages if m.author is not None and not m.deleted]
+
+    def api_history(
+        self, conversation_id: str, *, limit: int, since: datetime | None = None
+    ) -> list[Message]:
+        """The last ``limit`` messages by vendor users written at or after ``since``, oldest
+        first, deleted ones left out."""
+        if not 1 <= limit <= MAX_HISTORY:
+            raise bad_request(f"The limit must be between 1 and {MAX_HISTORY}.")
+        messages = self.history(conversation_id)
+        if since is not None:
+            messages = [m for m in messages if m.created_at >= since]
+        return messages[-limit:]
+
     # Internals ----------------------------------------------------------------------------------
 
     def _announce(self, conversation: Conversation) -> EventPublisher | None:
@@ -736,6 +917,56 @@ class Kernel:
                     name = person.display_name
             people.append(External(ref, name))
         return tuple(people)
+
+    def _add_people(
+        self, conversation: Conversation, refs: Sequence[str], named: Sequence[External]
+    ) -> tuple[tuple[Idnps, ...], tuple[External, ...]]:
+        """Add each ref not in yet (vendor users as members, others as external, named as in
+        ``named``); returns who was added."""
+        names = {p.ref: p.display_name for p in named}
+        members: list[Idnps] = []
+        external: list[External] = []
+        for ref in refs:
+            if ref in self.users:
+                idnps = Idnps(ref)
+                if idnps not in conversation.members and idnps not in members:
+                    members.append(idnps)
+            elif all(e.ref != ref for e in (*conversation.external, *external)):
+                external.append(External(ref, names.get(ref, ref)))
+        conversation.members = (*conversation.members, *members)
+        conversation.external = (*conversation.external, *external)
+        return tuple(members), tuple(external)
+
+    def _remove_people(
+        self, conversation: Conversation, refs: Sequence[str]
+    ) -> tuple[tuple[Idnps, ...], tuple[External, ...]]:
+        """Remove each ref that is in; returns who was removed."""
+        wanted = set(refs)
+        members = tuple(m for m in conversation.members if str(m) in wanted)
+        external = tuple(e for e in conversation.external if e.ref in wanted)
+        conversation.members = tuple(m for m in conversation.members if str(m) not in wanted)
+        conversation.external = tuple(e for e in conversation.external if e.ref not in wanted)
+        for ref in wanted:
+            conversation.typing.pop(ref, None)
+        return members, external
+
+    def _update(
+        self,
+        conversation: Conversation,
+        title: str | None | _Unset,
+        description: str | None | _Unset,
+    ) -> dict[str, str | None]:
+        """Apply a new title and/or description; returns what changed."""
+        if not isinstance(description, _Unset):
+            self.require("topic")
+        changes: dict[str, str | None] = {}
+        if not isinstance(title, _Unset) and title != conversation.title:
+            conversation.title = title
+            changes["title"] = title
+        if not isinstance(description, _Unset) and description != conversation.description:
+            conversation.description = description
+            changes["description"] = description
+        return changes
 
     def _check_editable(self, message: Message, text: str) -> None:
         if message.deleted:

@@ -18,6 +18,7 @@ from connectors.sandbox.files import (
 )
 from connectors.sandbox.kernel import (
     MAX_MENTIONS,
+    UNSET,
     Conversation,
     Kernel,
     Location,
@@ -68,6 +69,18 @@ class TypingBody(Body):
     typing: bool
 
 
+class ParticipantsBody(Body):
+    add: list[str] = Field(default_factory=list, max_length=MAX_PARTICIPANTS)
+    remove: list[str] = Field(default_factory=list, max_length=MAX_PARTICIPANTS)
+
+
+class UpdateBody(Body):
+    """Only the keys present change; null clears."""
+
+    title: str | None = Field(default=None, max_length=255)
+    description: str | None = Field(default=None, max_length=4000)
+
+
 def user_json(user: SandboxUser) -> dict[str, Any]:
     return {
         "idnps": str(user.idnps),
@@ -81,6 +94,7 @@ def conversation_json(conversation: Conversation) -> dict[str, Any]:
     return {
         "conversation_id": conversation.id,
         "title": conversation.title,
+        "description": conversation.description,
         "members": [str(m) for m in conversation.members],
         "external": [e.ref for e in conversation.external],
     }
@@ -258,6 +272,36 @@ def add_user_routes(app: web.Application, kernel: Kernel) -> None:
         body = await read_body(request, TypingBody)
         kernel.user_types(user, request.match_info["conversation_id"], body.typing)
         return web.Response(status=204)
+
+    @routes.post(conv + "/participants")
+    async def participants(request: web.Request) -> web.Response:
+        user = user_of(request)
+        body = await read_body(request, ParticipantsBody)
+        conversation = kernel.user_changes_participants(
+            user, request.match_info["conversation_id"], body.add, body.remove
+        )
+        return web.json_response(conversation_json(conversation))
+
+    @routes.post(conv + "/leave")
+    async def leave(request: web.Request) -> web.Response:
+        user = user_of(request)
+        kernel.user_leaves(user, request.match_info["conversation_id"])
+        return web.Response(status=204)
+
+    @routes.patch(conv)
+    async def update(request: web.Request) -> web.Response:
+        user = user_of(request)
+        body = await read_body(request, UpdateBody)
+        given = body.model_fields_set
+        if not given & {"title", "description"}:
+            raise bad_request("Nothing to change: give 'title' and/or 'description'.")
+        conversation = kernel.user_updates(
+            user,
+            request.match_info["conversation_id"],
+            title=body.title if "title" in given else UNSET,
+            description=body.description if "description" in given else UNSET,
+        )
+        return web.json_response(conversation_json(conversation))
 
     @routes.get(base + "/inbox")
     async def inbox(request: web.Request) -> web.Response:

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import aiohttp
@@ -174,3 +174,35 @@ def background_delivery(
             await cancel_and_wait(task)
 
     return delivery
+
+
+def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    """The integer query parameter ``name`` (``default`` when absent), 400 outside
+    [``low``, ``high``] or when not a plain non-negative integer."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise bad_request(f"The query parameter '{name}' must be a non-negative integer.")
+    value = int(raw)
+    if not low <= value <= high:
+        raise bad_request(f"The query parameter '{name}' must be between {low} and {high}.")
+    return value
+
+
+def query_time(request: web.Request, name: str) -> datetime | None:
+    """The ISO-8601 moment in query parameter ``name`` (with a UTC offset; none means UTC), None
+    when absent, 400 when unreadable."""
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        if len(raw) > 64:
+            raise ValueError
+        moment = datetime.fromisoformat(raw.replace("z", "Z"))
+    except ValueError:
+        raise bad_request(
+            f"The query parameter '{name}' must be an ISO-8601 date and time, "
+            "e.g. 2025-01-31T08:00:00Z."
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

@@ -72,6 +72,7 @@ async def test_user_conversation_and_inbox(sandbox: TestClient[Any, Any]) -> Non
         {
             "conversation_id": conv,
             "title": "RCP",
+            "description": None,
             "members": [NATHALIE, PIERRE],
             "external": [FOREIGN, MATRIX_USER],
         }

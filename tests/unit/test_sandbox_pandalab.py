@@ -121,6 +121,7 @@ async def test_user_conversation_members_external_and_inbox(
     assert listed == {
         "conversation_id": conv,
         "title": "Suivi",
+        "description": None,
         "members": [CAMILLE, JULIEN],
         "external": [MATRIX_USER, FOREIGN],
     }
@@ -419,6 +420,7 @@ async def test_webhook_waits_for_registration_and_redelivers_in_order(
     assert accepted[0]["data"]["conversation"] == {
         "id": conv,
         "title": "Suivi",
+        "description": None,
         "created_by": CAMILLE,
         "members": [CAMILLE],
         "external_participants": [{"ref": MATRIX_USER}],
