@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, TypeVar
@@ -39,6 +39,7 @@ from connectors.sandbox.files import (
     sanitize_name,
 )
 from connectors.sandbox.kernel import (
+    MAX_HISTORY,
     Conversation,
     External,
     FileRules,
@@ -48,7 +49,13 @@ from connectors.sandbox.kernel import (
     Reaction,
     SandboxUser,
 )
-from connectors.sandbox.webtools import background_delivery, describe_validation_error, iso8601
+from connectors.sandbox.webtools import (
+    background_delivery,
+    describe_validation_error,
+    iso8601,
+    query_int,
+    query_time,
+)
 
 log = logging.getLogger("eimis.sandbox.webhook")
 
@@ -84,9 +91,15 @@ CAPABILITIES: dict[str, Any] = {
     "read_receipts": True,
     "typing": True,
     "delivery_status": True,
+    "add_participants": True,
+    "remove_participants": True,
+    "titles": True,
+    "topics": True,
+    "history": True,
 }
 """What this vendor declares it can show, in the form of the connector's ``capabilities``."""
 
+DEFAULT_HISTORY = 50
 REPLAY_WINDOW_S = 300
 MAX_SIGNATURES = 5
 MAX_BODY_BYTES = 1024 * 1024
@@ -277,6 +290,26 @@ class TypingBody(Strict):
     typing: bool
 
 
+class ParticipantsBody(Strict):
+    members: list[str] = Field(max_length=100)
+    external: list[PersonBody] = Field(max_length=100)
+    by: PersonBody | None = None
+
+
+class RemovedParticipantsBody(ParticipantsBody):
+    reason: str | None = Field(default=None, max_length=1000)
+
+
+class TitleBody(Strict):
+    title: str | None = Field(max_length=255, pattern=r"^[^\x00-\x1f\x7f]*$")
+    by: PersonBody
+
+
+class TopicBody(Strict):
+    topic: str | None = Field(max_length=4000, pattern=r"^[^\x00]*$")
+    by: PersonBody
+
+
 class DeliveryBody(Strict):
     status: Literal["delivered", "degraded", "failed"]
     detail: str = Field(max_length=1000)
@@ -376,27 +409,8 @@ class EventPusher(Pusher):
         )
 
     def message_created(self, conversation: Conversation, message: Message) -> None:
-        assert message.author is not None
-        location = message.location
-        self._publish(
-            "message",
-            conversation.id,
-            message.created_at,
-            message_id=message.id,
-            sender=str(message.author),
-            text=message.text,
-            kind=message.kind,
-            reply_to=message.reply_to,
-            mentions=_mentions(message.mentions),
-            attachment=attachment_json(message.attachment),
-            location=None
-            if location is None
-            else {
-                "latitude": location.lat,
-                "longitude": location.lon,
-                "description": location.label,
-            },
-        )
+        self._pending.append(message_event(message))
+        self.wake()
 
     def message_edited(self, conversation: Conversation, message: Message) -> None:
         assert message.author is not None and message.edited_at is not None
@@ -453,6 +467,59 @@ class EventPusher(Pusher):
     ) -> None:
         self._publish("typing", conversation.id, at, sender=str(who), typing=typing)
 
+    def participants_added(
+        self,
+        conversation: Conversation,
+        by: Idnps,
+        members: tuple[Idnps, ...],
+        external: tuple[External, ...],
+        at: datetime,
+    ) -> None:
+        self._publish(
+            "participants.added",
+            conversation.id,
+            at,
+            sender=str(by),
+            members=[str(m) for m in members],
+            participants=[e.ref for e in external],
+        )
+
+    def participants_removed(
+        self,
+        conversation: Conversation,
+        by: Idnps,
+        members: tuple[Idnps, ...],
+        external: tuple[External, ...],
+        at: datetime,
+    ) -> None:
+        self._publish(
+            "participants.removed",
+            conversation.id,
+            at,
+            sender=str(by),
+            members=[str(m) for m in members],
+            participants=[e.ref for e in external],
+        )
+
+    def member_left(self, conversation: Conversation, who: Idnps, at: datetime) -> None:
+        self._publish("member.left", conversation.id, at, sender=str(who))
+
+    def conversation_updated(
+        self, conversation: Conversation, by: Idnps, changes: Mapping[str, str | None], at: datetime
+    ) -> None:
+        if "title" in changes:
+            self._publish(
+                "conversation.renamed", conversation.id, at, sender=str(by), title=changes["title"]
+            )
+        if "description" in changes:
+            self._publish(
+                "conversation.topic",
+                conversation.id,
+                at,
+                sender=str(by),
+                topic=changes["description"],
+            )
+
     def _publish(self, event_type: str, conversation_id: str, at: datetime, **fields: Any) -> None:
         event = {
             "id": str(uuid.uuid4()),
@@ -495,6 +562,36 @@ class EventPusher(Pusher):
         assert self._batch is not None
         self.pushed += self._batch.count
         self._batch = None
+
+
+_MESSAGE_EVENT_NAMESPACE = uuid.UUID("3f6f1d2e-0b7c-4e55-9a4e-6c1d8a2b7e90")
+
+
+def message_event(message: Message) -> dict[str, Any]:
+    """A vendor user's message as the ``message`` event, pushed and in the history alike (its
+    event id derives from the message id, so both carry the same one)."""
+    assert message.author is not None
+    location = message.location
+    return {
+        "id": str(uuid.uuid5(_MESSAGE_EVENT_NAMESPACE, message.id)),
+        "type": "message",
+        "conversation_id": message.conversation_id,
+        "at": iso8601(message.created_at),
+        "message_id": message.id,
+        "sender": str(message.author),
+        "text": message.text,
+        "kind": message.kind,
+        "reply_to": message.reply_to,
+        "mentions": _mentions(message.mentions),
+        "attachment": attachment_json(message.attachment),
+        "location": None
+        if location is None
+        else {
+            "latitude": location.lat,
+            "longitude": location.lon,
+            "description": location.label,
+        },
+    }
 
 
 def _mentions(mentions: Sequence[External]) -> list[dict[str, str]]:
@@ -641,6 +738,47 @@ def create_app(
             mentions=[_person(m) for m in message_body.mentions],
         )
         return web.json_response({"message_id": message.id}, status=201 if created else 200)
+
+    @routes.post(conv + "/participants")
+    async def add_participants(request: web.Request) -> web.Response:
+        change = await body(request, ParticipantsBody)
+        kernel.api_adds_participants(
+            request.match_info["conversation_id"],
+            change.members,
+            [_person(p) for p in change.external],
+        )
+        return web.Response(status=204)
+
+    @routes.post(conv + "/participants/remove")
+    async def remove_participants(request: web.Request) -> web.Response:
+        change = await body(request, RemovedParticipantsBody)
+        kernel.api_removes_participants(
+            request.match_info["conversation_id"],
+            change.members,
+            [p.ref for p in change.external],
+        )
+        return web.Response(status=204)
+
+    @routes.post(conv + "/title")
+    async def set_title(request: web.Request) -> web.Response:
+        change = await body(request, TitleBody)
+        kernel.api_updates(request.match_info["conversation_id"], title=change.title)
+        return web.Response(status=204)
+
+    @routes.post(conv + "/topic")
+    async def set_topic(request: web.Request) -> web.Response:
+        change = await body(request, TopicBody)
+        kernel.api_updates(request.match_info["conversation_id"], description=change.topic)
+        return web.Response(status=204)
+
+    @routes.get(conv + "/messages")
+    async def history(request: web.Request) -> web.Response:
+        limit = query_int(request, "limit", DEFAULT_HISTORY, 1, MAX_HISTORY)
+        since = query_time(request, "since")
+        messages = kernel.api_history(
+            request.match_info["conversation_id"], limit=limit, since=since
+        )
+        return web.json_response({"messages": [message_event(m) for m in messages]})
 
     @routes.post(msg + "/edit")
     async def edit_message(request: web.Request) -> web.Response:
