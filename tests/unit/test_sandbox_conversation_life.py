@@ -32,6 +32,7 @@ from connectors.sandbox.kernel import (
     Reaction,
 )
 from connectors.webhook import sandbox as webhook
+from tests.unit.test_sandbox_webhook import SPEC, errors_of
 
 ALICE = "@alice:matrix.example.org"
 BOB = "@bob:matrix.example.org"
@@ -794,6 +795,21 @@ def webhook_signed(headers: Any, raw: bytes) -> bool:
 def test_the_webhook_sandbox_declares_the_new_capabilities() -> None:
     for name in ("add_participants", "remove_participants", "titles", "topics", "history"):
         assert webhook.CAPABILITIES[name] is True
+    assert errors_of("/components/schemas/Capabilities", webhook.CAPABILITIES) == []
+    served = {
+        (route.method, route.resource.canonical)
+        for route in webhook.create_app().router.routes()
+        if route.resource is not None
+    }
+    for path, method in (
+        ("/conversations/{conversation_id}/participants", "post"),
+        ("/conversations/{conversation_id}/participants/remove", "post"),
+        ("/conversations/{conversation_id}/title", "post"),
+        ("/conversations/{conversation_id}/topic", "post"),
+        ("/conversations/{conversation_id}/messages", "get"),
+    ):
+        assert method in SPEC["webhooks"][path]
+        assert (method.upper(), path) in served
 
 
 async def test_webhook_operations_and_pushed_events(wh: Client) -> None:
@@ -852,7 +868,17 @@ async def test_webhook_operations_and_pushed_events(wh: Client) -> None:
             {"type": "member.left", "sender": hugo},
         ]
         # History: the message event as pushed, same id.
+        for event in events:
+            assert errors_of("/components/schemas/Event", event) == [], event
+        for schema, body in (
+            ("ParticipantsRequest", change),
+            ("RemoveParticipantsRequest", removal),
+            ("TitleRequest", {"title": None, "by": person(ALICE)}),
+            ("TopicRequest", {"topic": "T", "by": person(ALICE)}),
+        ):
+            assert errors_of(f"/components/schemas/{schema}", body) == [], schema
         history = await ok(await wh.get(api + "/messages?limit=10", **signed()), 200)
+        assert errors_of("/components/schemas/History", history) == []
         assert history["messages"] == [events[1]]
         assert events[1]["message_id"] == message["message_id"]
         since = await ok(
