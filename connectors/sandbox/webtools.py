@@ -199,7 +199,8 @@ def query_time(request: web.Request, name: str) -> datetime | None:
     try:
         if len(raw) > 64:
             raise ValueError
-        moment = datetime.fromisoformat(raw.replace("z", "Z"))
+        # A "+" left unencoded in a query string arrives as a space.
+        moment = datetime.fromisoformat(raw.replace(" ", "+").replace("z", "Z"))
     except ValueError:
         raise bad_request(
             f"The query parameter '{name}' must be an ISO-8601 date and time, "

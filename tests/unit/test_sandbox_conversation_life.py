@@ -493,6 +493,10 @@ async def test_pandalab_api_participants_update_and_history(panda: Client) -> No
         200,
     )
     assert future == {"messages": []}
+    unencoded = await ok(
+        await panda.get(api + "/messages?since=2000-01-01T00:00:00+00:00", headers=headers), 200
+    )
+    assert len(unencoded["messages"]) == 2
     # Refusals
     for query in ("limit=0", "limit=1001", "limit=x", "since=hier"):
         await refused(
