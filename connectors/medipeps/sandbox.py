@@ -1,5 +1,6 @@
 """The Medipeps-style sandbox: the vendor API of API.md (API key, polled events feed, inline
-files) on the kernel. Medipeps-style has no edits, reactions, typing or locations."""
+files) on the kernel. Medipeps-style has no edits, reactions, typing, locations or conversation
+descriptions, and its users cannot remove others from a conversation."""
 
 from __future__ import annotations
 
@@ -320,9 +321,6 @@ def _mime(value: str) -> str:
     return value.split(";", 1)[0].strip().lower()
 
 
-_int_query = query_int
-
-
 def _path_id(request: web.Request, name: str, what: str) -> str:
     raw = request.match_info[name]
     if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
@@ -484,8 +482,8 @@ def create_app(
     @routes.get("/mp/conversations/{conv}/messages")
     async def history(request: web.Request) -> web.Response:
         conv = _conv_id(request)
-        after = _int_query(request, "after", 0, 0, 2**62)
-        limit = _int_query(request, "limit", DEFAULT_EVENTS_LIMIT, 1, MAX_EVENTS_LIMIT)
+        after = query_int(request, "after", 0, 0, 2**62)
+        limit = query_int(request, "limit", DEFAULT_EVENTS_LIMIT, 1, MAX_EVENTS_LIMIT)
         page = [m for m in kernel.history(conv) if int(m.id) > after][:limit]
         messages = [msg_json(m) for m in page]
         for shown, message in zip(messages, page, strict=True):
@@ -498,8 +496,8 @@ def create_app(
 
     @routes.get("/mp/events")
     async def events(request: web.Request) -> web.Response:
-        after = _int_query(request, "after", 0, 0, 2**62)
-        limit = _int_query(request, "limit", DEFAULT_EVENTS_LIMIT, 1, MAX_EVENTS_LIMIT)
+        after = query_int(request, "after", 0, 0, 2**62)
+        limit = query_int(request, "limit", DEFAULT_EVENTS_LIMIT, 1, MAX_EVENTS_LIMIT)
         page, cursor = feed.read(after, limit)
         return web.json_response({"events": page, "cursor": cursor})
 

@@ -39,6 +39,7 @@ from connectors.base import (
     NewConversation,
     OutboundAttachment,
     OutboundMessage,
+    ParticipantChange,
     RemoteEvent,
     Sender,
 )
@@ -534,6 +535,39 @@ async def test_a_whole_exchange_follows_the_contract_both_ways() -> None:
         await connector.report_delivery(mine, hers, DeliveryReport("delivered", "reçu"))
         await connector.delete_message(mine, sent, CAROL)
 
+        # A conversation lives: its vendor users change it, then the bridge does.
+        emma = USERS[2].idnps
+        dave = Sender("@dave:matrix.example.org", "Dave Roy")
+        await ex.user("POST", f"{base}/participants", 200, json={"add": [str(emma), dave.mxid]})
+        await ex.user("POST", f"{base}/participants", 200, json={"remove": [dave.mxid]})
+        await ex.user("PATCH", base, 200, json={"title": "Renommée", "description": "Sujet"})
+        await ex.user("POST", f"users/{hugo}/conversations/{conv}/leave", 204)
+        await wait_until(lambda: len(ex.events) == 15, what="the conversation's changes")
+        assert [e.kind for e in ex.events[10:]] == [
+            "participants.added",
+            "participants.removed",
+            "conversation.renamed",
+            "conversation.topic",
+            "member.left",
+        ]
+        live = connector  # typed loosely: the operations come with the declared capabilities
+        await live.add_participants(  # type: ignore[attr-defined]
+            mine, ParticipantChange("$p1", members=(emma,), external=(dave,), by=CAROL)
+        )
+        await live.remove_external(  # type: ignore[attr-defined]
+            mine, ParticipantChange("$p2", external=(dave,), by=CAROL)
+        )
+        await live.remove_members(  # type: ignore[attr-defined]
+            mine, ParticipantChange("$p3", members=(emma,), by=CAROL)
+        )
+        await live.set_title(mine, "Nouveau titre", CAROL)  # type: ignore[attr-defined]
+        await live.set_topic(mine, None, CAROL)  # type: ignore[attr-defined]
+        history = await live.history(  # type: ignore[attr-defined]
+            conv, limit=10, since=datetime(2000, 1, 1, tzinfo=UTC)
+        )
+        pushed = [e for e in ex.events if e.kind == "message"]
+        assert [m.message_id for m in history] == [m.message_id for m in pushed[1:]]  # type: ignore[attr-defined]
+
     assert ex.check.violations == []
     assert ex.check.operations == set(WEBHOOKS), set(WEBHOOKS) - ex.check.operations
     assert ex.check.event_types == {
@@ -545,6 +579,11 @@ async def test_a_whole_exchange_follows_the_contract_both_ways() -> None:
         "reaction.removed",
         "read",
         "typing",
+        "participants.added",
+        "participants.removed",
+        "member.left",
+        "conversation.renamed",
+        "conversation.topic",
     }
     assert ex.check.forms == {"single", "batch"}
 
