@@ -215,10 +215,7 @@ def _participants(
         _idnps(m, f"{where}.members[{i}]") for i, m in enumerate(_optional_list(data, "members"))
     )
     participants = tuple(
-        payload.participant(
-            _str(_obj(p, f"{where}.external_participants[{i}]"), "ref", where),
-            f"{where}.external_participants[{i}].ref",
-        )
+        _external(p, f"{where}.external_participants[{i}]")
         for i, p in enumerate(_optional_list(data, "external_participants"))
     )
     if not members and not participants:
@@ -234,6 +231,11 @@ def _participants(
             participants=participants,
         )
     ]
+
+
+def _external(value: Any, where: str) -> Participant:
+    """One of ``external_participants``: ``{"ref": IDNPS or Matrix user id}``."""
+    return payload.participant(_str(_obj(value, where), "ref", where), f"{where}.ref")
 
 
 def _participants_added(

@@ -228,7 +228,7 @@ def test_pandalab_update_gives_one_event_per_changed_key() -> None:
         (
             "conversation.participants_removed",
             {"conversation_id": "c", "by": str(ALICE), "external_participants": [{"ref": "@x"}]},
-            "Matrix user id",
+            "data.external_participants[0].ref starting with '@' is not a Matrix user id",
         ),
         (
             "conversation.participants_removed",
@@ -236,6 +236,11 @@ def test_pandalab_update_gives_one_event_per_changed_key() -> None:
             "data.by",
         ),
         ("conversation.member_left", {"conversation_id": "c"}, "data.member"),
+        (
+            "conversation.participants_added",
+            {"conversation_id": "c", "by": str(ALICE), "external_participants": [{}]},
+            "data.external_participants[0].ref is missing",
+        ),
         ("conversation.updated", {"conversation_id": "c", "by": str(ALICE)}, "neither"),
         (
             "conversation.updated",
