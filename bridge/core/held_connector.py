@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
+from datetime import datetime
 
 from pydantic import BaseModel
 
@@ -21,8 +22,10 @@ from connectors.base import (
     ConnectorError,
     DeliveryReport,
     Idnps,
+    MessageReceived,
     NewConversation,
     OutboundMessage,
+    ParticipantChange,
     RemoteAttachment,
     RemoteEvent,
     RemoteUser,
@@ -111,6 +114,26 @@ class HeldConnector(Connector):
     async def report_delivery(
         self, conversation_id: str, message_id: str, report: DeliveryReport
     ) -> None:
+        raise self._wait()
+
+    async def add_participants(self, conversation_id: str, change: ParticipantChange) -> None:
+        raise self._wait()
+
+    async def remove_external(self, conversation_id: str, change: ParticipantChange) -> None:
+        raise self._wait()
+
+    async def remove_members(self, conversation_id: str, change: ParticipantChange) -> None:
+        raise self._wait()
+
+    async def set_title(self, conversation_id: str, title: str | None, by: Sender) -> None:
+        raise self._wait()
+
+    async def set_topic(self, conversation_id: str, topic: str | None, by: Sender) -> None:
+        raise self._wait()
+
+    async def history(
+        self, conversation_id: str, *, limit: int, since: datetime
+    ) -> Sequence[MessageReceived]:
         raise self._wait()
 
 

@@ -78,6 +78,35 @@ class MedipepsClient:
         """``POST /mp/conversations/{conv}/messages/{msg}/status``, shown to the author."""
         await self._call("POST", f"/mp/conversations/{conv}/messages/{msg}/status", json=body)
 
+    async def add_participants(self, conv: int, body: dict[str, Any]) -> None:
+        """``POST /mp/conversations/{conv}/participants`` (``request_ref`` makes a repeat
+        harmless)."""
+        await self._call("POST", f"/mp/conversations/{conv}/participants", json=body)
+
+    async def guests_leave(self, conv: int, body: dict[str, Any]) -> None:
+        """``POST /mp/conversations/{conv}/guests/leave``: guests only."""
+        await self._call("POST", f"/mp/conversations/{conv}/guests/leave", json=body)
+
+    async def update_conversation(self, conv: int, body: dict[str, Any]) -> None:
+        """``PATCH /mp/conversations/{conv}`` (the subject)."""
+        await self._call("PATCH", f"/mp/conversations/{conv}", json=body)
+
+    async def messages(self, conv: int, after: int, limit: int) -> EventsPage:
+        """``GET /mp/conversations/{conv}/messages?after=&limit=``: the conversation's own
+        feed, raw ``msg`` objects oldest first, and the cursor after them."""
+        _, data = await self._call(
+            "GET",
+            f"/mp/conversations/{conv}/messages",
+            params={"after": str(after), "limit": str(limit)},
+            limit=MAX_EVENTS_PAGE_BYTES,
+        )
+        messages = http.response_object(data, "Medipeps", "messages page").get("messages")
+        if not isinstance(messages, list):
+            raise ConnectorError(
+                "Medipeps answered a messages page without a list", retriable=False
+            )
+        return EventsPage(events=messages, cursor=_int_field(data, "cursor", "messages page"))
+
     async def events(self, after: int, limit: int) -> EventsPage:
         """``GET /mp/events?after=&limit=``: the events with ``seq > after``, oldest first."""
         _, data = await self._call(

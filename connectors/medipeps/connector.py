@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
@@ -20,15 +22,20 @@ from connectors.base import (
     DeliveryReport,
     DeliveryStatusHandling,
     FileLimit,
+    HistorySource,
     Idnps,
+    MessageReceived,
     NewConversation,
     OutboundAttachment,
     OutboundMessage,
+    ParticipantAdding,
+    ParticipantChange,
     ReadReceiptHandling,
     RemoteAttachment,
     RemoteEvent,
     RemoteUser,
     Sender,
+    TitleHandling,
 )
 from connectors.kit.backoff import Backoff
 from connectors.kit.feed import Page, PolledFeed
@@ -41,6 +48,8 @@ CURSOR_KEY = "cursor"
 MAX_FILE_SIZE = 1024 * 1024
 """Medipeps' inline file limit (1 MiB decoded)."""
 FILE_MIME_TYPES = frozenset({"image/jpeg", "image/png", "application/pdf"})
+HISTORY_PAGE_SIZE = 500
+"""Messages asked per page of a conversation's own feed (Medipeps' largest page)."""
 _DECODE_STEP = 4 * 16 * 1024
 """Base64 characters decoded at a time when streaming an inline file (48 KiB of bytes)."""
 
@@ -61,12 +70,20 @@ class MedipepsSettings(BaseModel):
 
 
 class MedipepsConnector(
-    Connector, AttachmentSource, DeletionHandling, ReadReceiptHandling, DeliveryStatusHandling
+    Connector,
+    AttachmentSource,
+    DeletionHandling,
+    ReadReceiptHandling,
+    DeliveryStatusHandling,
+    ParticipantAdding,
+    TitleHandling,
+    HistorySource,
 ):
     """A Medipeps-style vendor: API key, plain text, an event feed the connector polls.
 
-    Deletions, read receipts and delivery reports; no edits, reactions or typing (the
-    ``capabilities`` flags follow from the classes above)."""
+    Deletions, read receipts, delivery reports, adding people (and guests leaving), subjects
+    (titles) and history; no edits, reactions, typing, topics, nor removing a Medipeps user
+    (nobody but that user can) (the ``capabilities`` flags follow from the classes above)."""
 
     type_name: ClassVar[str] = "medipeps"
     Settings: ClassVar[type[BaseModel]] = MedipepsSettings
@@ -168,6 +185,57 @@ class MedipepsConnector(
     ) -> None:
         body = {"status": report.status, "detail": report.detail}
         await self.client.report_status(_conv(conversation_id), _msg(message_id), body)
+
+    async def add_participants(self, conversation_id: str, change: ParticipantChange) -> None:
+        await self.client.add_participants(
+            _conv(conversation_id), convert.participants_body(change)
+        )
+
+    async def remove_external(self, conversation_id: str, change: ParticipantChange) -> None:
+        """Guests leave (``POST .../guests/leave``); a Medipeps user cannot be removed."""
+        if not change.external:
+            return
+        await self.client.guests_leave(_conv(conversation_id), convert.guests_leave_body(change))
+
+    async def set_title(self, conversation_id: str, title: str | None, by: Sender) -> None:
+        await self.client.update_conversation(
+            _conv(conversation_id), {"subject": title, "by_ref": by.ref}
+        )
+
+    async def history(
+        self, conversation_id: str, *, limit: int, since: datetime
+    ) -> Sequence[MessageReceived]:
+        """The conversation's own feed read from its start (``after=0``), keeping the last
+        ``limit`` messages written at ``since`` or later; each is the event ``NEW_MSG`` gives
+        (``event_id`` ``msg-<msg>``). A malformed message is left out and logged."""
+        conv = _conv(conversation_id)
+        since = since if since.tzinfo is not None else since.replace(tzinfo=UTC)
+        kept: deque[MessageReceived] = deque(maxlen=max(1, limit))
+        after = 0
+        while True:
+            page = await self.client.messages(conv, after=after, limit=HISTORY_PAGE_SIZE)
+            for raw in page.events:
+                message = self._history_message(conversation_id, raw)
+                if message is not None and message.timestamp >= since:
+                    kept.append(message)
+            if not page.events or page.cursor <= after:
+                return list(kept)
+            after = page.cursor
+
+    def _history_message(self, conversation_id: str, raw: Any) -> MessageReceived | None:
+        try:
+            message = convert.message_from_json(raw)
+            if message.conversation_id != conversation_id:
+                raise InvalidPayload("msg.conv is not the conversation asked")
+            check_event_ids(message)
+            return message
+        except (InvalidPayload, InvalidRemoteId) as exc:
+            self.log.error(
+                "medipeps %s: left out a malformed history message (%s)",
+                self.ctx.connector_id,
+                exc,
+            )
+            return None
 
     async def get_user(self, idnps: Idnps) -> RemoteUser | None:
         body = await self.client.get_professional(idnps)

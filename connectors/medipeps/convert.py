@@ -9,11 +9,15 @@ from typing import Any
 from connectors import payload
 from connectors.base import (
     ConversationCreated,
+    ConversationRenamed,
+    MemberLeft,
     MessageDeleted,
     MessageReceived,
     NewConversation,
     OutboundMessage,
     Participant,
+    ParticipantChange,
+    ParticipantsAdded,
     ReadUpTo,
     RemoteAttachment,
     RemoteEvent,
@@ -55,8 +59,17 @@ def event_from_feed(raw: Any) -> RemoteEvent:
         return _del_msg(event)
     if kind == "READ":
         return _read(event)
+    if kind == "ADD_PART":
+        return _add_part(event)
+    if kind == "LEAVE":
+        return _leave(event)
+    if kind == "SUBJECT":
+        return _subject(event)
     # The value is not echoed back (an error names the field and the rule, not content).
-    raise InvalidPayload("unknown event type (the type is one of NEW_CONV, NEW_MSG, DEL_MSG, READ)")
+    raise InvalidPayload(
+        "unknown event type (the type is one of NEW_CONV, NEW_MSG, DEL_MSG, READ, ADD_PART, "
+        "LEAVE, SUBJECT)"
+    )
 
 
 def _new_conv(event: dict[str, Any]) -> RemoteEvent:
@@ -83,7 +96,13 @@ def _new_conv(event: dict[str, Any]) -> RemoteEvent:
 
 
 def _new_msg(event: dict[str, Any]) -> RemoteEvent:
-    msg = _obj(event.get("msg"), "msg")
+    return message_from_json(event.get("msg"))
+
+
+def message_from_json(raw: Any) -> MessageReceived:
+    """A ``msg`` object (of a ``NEW_MSG`` event, or of a conversation's own feed) as the
+    message event: ``event_id`` ``msg-<msg>`` either way, so a message read twice is one."""
+    msg = _obj(raw, "msg")
     msg_id = _int(msg, "msg", "msg")
     body = msg.get("body")
     if body is not None and not isinstance(body, str):
@@ -126,6 +145,52 @@ def _read(event: dict[str, Any]) -> RemoteEvent:
         timestamp=from_epoch_ms(_int(event, "at", "the event")),
         sender=reader,
         message_id=str(up_to),
+    )
+
+
+def _add_part(event: dict[str, Any]) -> RemoteEvent:
+    seq = _int(event, "seq", "the event")
+    part = _obj(event.get("part"), "part")
+    members = tuple(
+        _idnps(p, f"part.participants[{i}]")
+        for i, p in enumerate(_optional_list(part, "participants", "part"))
+    )
+    guests = tuple(
+        payload.participant(_ref(g, f"part.guests[{i}]"), f"part.guests[{i}].ref")
+        for i, g in enumerate(_optional_list(part, "guests", "part"))
+    )
+    if not members and not guests:
+        raise InvalidPayload("part.participants and part.guests are both empty")
+    return ParticipantsAdded(
+        event_id=f"part-{seq}",
+        conversation_id=str(_int(part, "conv", "part")),
+        timestamp=from_epoch_ms(_int(event, "at", "the event")),
+        sender=_idnps(part.get("by"), "part.by"),
+        members=members,
+        participants=guests,
+    )
+
+
+def _leave(event: dict[str, Any]) -> RemoteEvent:
+    seq = _int(event, "seq", "the event")
+    leave = _obj(event.get("leave"), "leave")
+    return MemberLeft(
+        event_id=f"leave-{seq}",
+        conversation_id=str(_int(leave, "conv", "leave")),
+        timestamp=from_epoch_ms(_int(event, "at", "the event")),
+        sender=_idnps(leave.get("who"), "leave.who"),
+    )
+
+
+def _subject(event: dict[str, Any]) -> RemoteEvent:
+    seq = _int(event, "seq", "the event")
+    subject = _obj(event.get("subject"), "subject")
+    return ConversationRenamed(
+        event_id=f"subject-{seq}",
+        conversation_id=str(_int(subject, "conv", "subject")),
+        timestamp=from_epoch_ms(_int(event, "at", "the event")),
+        sender=_idnps(subject.get("by"), "subject.by"),
+        title=payload.optional_str(subject, "subject", "subject") or None,
     )
 
 
@@ -214,6 +279,21 @@ def message_body(
     return body
 
 
+def participants_body(change: ParticipantChange) -> dict[str, Any]:
+    """The ``POST /mp/conversations/{conv}/participants`` body."""
+    return {
+        "participants": [str(m) for m in change.members],
+        "guests": [{"ref": s.ref, "label": s.display_name} for s in change.external],
+        "by_ref": None if change.by is None else change.by.ref,
+        "request_ref": change.request_id,
+    }
+
+
+def guests_leave_body(change: ParticipantChange) -> dict[str, Any]:
+    """The ``POST /mp/conversations/{conv}/guests/leave`` body."""
+    return {"refs": [s.ref for s in change.external], "request_ref": change.request_id}
+
+
 def parse_conversation_id(conversation_id: str) -> int:
     """The bridge's conversation id back to Medipeps' integer ``conv``."""
     if not conversation_id.isascii() or not conversation_id.isdigit():
@@ -229,6 +309,16 @@ def parse_message_id(message_id: str) -> int:
 
 
 # --- Field readers --------------------------------------------------------------------------------
+
+
+def _optional_list(container: dict[str, Any], key: str, where: str) -> list[Any]:
+    """A list field that may be absent or null (then empty)."""
+    value = container.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidPayload(f"{where}.{key} is not a list")
+    return value
 
 
 def _ref(guest: Any, where: str) -> str:

@@ -20,6 +20,9 @@ for clock skew and slow requests."""
 
 _DEFAULT_TIMEOUT_S = 15.0
 _TYPING_TIMEOUT_S = 5.0
+MAX_HISTORY_BYTES = 64 * 1024 * 1024
+"""Longest message history read: up to 1,000 messages of at most 10,000 characters each, with
+their mentions, file and location fields."""
 
 T = TypeVar("T")
 
@@ -138,6 +141,41 @@ class PandaLabClient:
         path = f"{_message(conversation_id, message_id)}/delivery"
         await self._call("POST", path, json=body)
 
+    async def add_participants(
+        self, conversation_id: str, body: dict[str, Any], idempotency_key: str
+    ) -> None:
+        """``POST /api/v1/conversations/{id}/participants`` (members and external people)."""
+        path = f"{_conversation(conversation_id)}/participants"
+        await self._call("POST", path, json=body, idempotency_key=idempotency_key)
+
+    async def remove_participants(
+        self, conversation_id: str, body: dict[str, Any], idempotency_key: str
+    ) -> None:
+        """``POST /api/v1/conversations/{id}/participants/remove``."""
+        path = f"{_conversation(conversation_id)}/participants/remove"
+        await self._call("POST", path, json=body, idempotency_key=idempotency_key)
+
+    async def update_conversation(self, conversation_id: str, body: dict[str, Any]) -> None:
+        """``PATCH /api/v1/conversations/{id}`` (a title, a description: setting them twice
+        is harmless, so no idempotency key)."""
+        await self._call("PATCH", _conversation(conversation_id), json=body)
+
+    async def messages(self, conversation_id: str, *, limit: int, since: str) -> list[Any]:
+        """``GET /api/v1/conversations/{id}/messages?limit=&since=``: the raw message objects,
+        oldest first."""
+        _, data = await self._call(
+            "GET",
+            f"{_conversation(conversation_id)}/messages",
+            params={"limit": str(limit), "since": since},
+            limit=MAX_HISTORY_BYTES,
+        )
+        messages = http.response_object(data, "PandaLab", "message history").get("messages")
+        if not isinstance(messages, list):
+            raise ConnectorError(
+                "PandaLab answered a message history without a 'messages' list", retriable=False
+            )
+        return messages
+
     async def create_upload(self, body: dict[str, Any], idempotency_key: str) -> tuple[str, str]:
         """``POST /api/v1/uploads``; returns the file id and the URL to PUT the bytes to."""
         _, data = await self._call(
@@ -195,9 +233,11 @@ class PandaLabClient:
         path: str,
         *,
         json: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
         idempotency_key: str | None = None,
         accept: tuple[int, ...] = (),
         timeout: aiohttp.ClientTimeout | None = None,
+        limit: int = http.MAX_ANSWER_BYTES,
     ) -> tuple[int, Any]:
         """One authenticated JSON call on the API."""
         what = f"PandaLab {method} {path}"
@@ -208,9 +248,11 @@ class PandaLabClient:
                 self._base + path,
                 token,
                 json=json,
+                params=params,
                 idempotency_key=idempotency_key,
                 accept=accept,
                 timeout=timeout,
+                limit=limit,
                 what=what,
             ),
         )
@@ -241,11 +283,13 @@ class PandaLabClient:
         *,
         what: str,
         json: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
         data: AsyncIterator[bytes] | None = None,
         content_type: str | None = None,
         idempotency_key: str | None = None,
         accept: tuple[int, ...] = (),
         timeout: aiohttp.ClientTimeout | None = None,
+        limit: int = http.MAX_ANSWER_BYTES,
     ) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
         if idempotency_key is not None:
@@ -257,12 +301,13 @@ class PandaLabClient:
                 method,
                 url,
                 json=json,
+                params=params,
                 data=data,
                 headers=headers,
                 allow_redirects=False,
                 **http.timeout_option(timeout),
             ) as resp:
-                body = await http.read_json(resp, what)
+                body = await http.read_json(resp, what, limit=limit)
                 if resp.status == 401:
                     raise _TokenRejected
                 if resp.status in accept:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import ClassVar
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any, ClassVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
 
-from connectors import http
+from connectors import http, payload
 from connectors.base import (
     FILE_MSGTYPES,
     AttachmentSource,
@@ -24,18 +26,25 @@ from connectors.base import (
     DeliveryStatusHandling,
     EditHandling,
     FileLimit,
+    HistorySource,
     Idnps,
+    MemberRemoval,
+    MessageReceived,
     NewConversation,
     OutboundAttachment,
     OutboundMessage,
+    ParticipantAdding,
+    ParticipantChange,
     ReactionHandling,
     ReadReceiptHandling,
     RemoteAttachment,
     RemoteUser,
     Sender,
+    TitleHandling,
+    TopicHandling,
     TypingHandling,
 )
-from connectors.kit.ids import InvalidRemoteId
+from connectors.kit.ids import InvalidRemoteId, check_event_ids
 from connectors.kit.signing import SignedWebhook
 from connectors.pandalab import convert
 from connectors.pandalab.client import PandaLabClient
@@ -43,6 +52,9 @@ from connectors.payload import InvalidPayload, parse_json
 
 MAX_FILE_SIZE = 512 * 1024 * 1024
 """PandaLab's file size limit (512 MiB: imaging videos), any MIME type."""
+
+MAX_HISTORY_LIMIT = 1000
+"""Most messages PandaLab returns from one conversation's history."""
 
 SIGNATURE_HEADER = "X-PandaLab-Signature"
 TIMESTAMP_HEADER = "X-PandaLab-Timestamp"
@@ -76,11 +88,17 @@ class PandaLabConnector(
     ReadReceiptHandling,
     TypingHandling,
     DeliveryStatusHandling,
+    ParticipantAdding,
+    MemberRemoval,
+    TitleHandling,
+    TopicHandling,
+    HistorySource,
 ):
     """A PandaLab-style vendor: OAuth2 client credentials, Markdown text, webhook push.
 
     Every optional operation: edits, deletions, reactions, read receipts, typing, delivery
-    reports (the ``capabilities`` flags follow from the classes above)."""
+    reports, adding and removing people, titles, topics (descriptions) and history (the
+    ``capabilities`` flags follow from the classes above)."""
 
     type_name: ClassVar[str] = "pandalab"
     Settings: ClassVar[type[BaseModel]] = PandaLabSettings
@@ -198,6 +216,72 @@ class PandaLabConnector(
         body = {"status": report.status, "detail": report.detail}
         await self.client.report_delivery(conversation_id, message_id, body)
 
+    async def add_participants(self, conversation_id: str, change: ParticipantChange) -> None:
+        await self.client.add_participants(
+            conversation_id, convert.participants_body(change), idempotency_key=change.request_id
+        )
+
+    async def remove_external(self, conversation_id: str, change: ParticipantChange) -> None:
+        await self.client.remove_participants(
+            conversation_id,
+            convert.removal_body(replace(change, members=())),
+            idempotency_key=f"{change.request_id}:remove-external",
+        )
+
+    async def remove_members(self, conversation_id: str, change: ParticipantChange) -> None:
+        await self.client.remove_participants(
+            conversation_id,
+            convert.removal_body(change),
+            idempotency_key=f"{change.request_id}:remove-members",
+        )
+
+    async def set_title(self, conversation_id: str, title: str | None, by: Sender) -> None:
+        body = {"title": title, "changed_by": convert.sender_json(by)}
+        await self.client.update_conversation(conversation_id, body)
+
+    async def set_topic(self, conversation_id: str, topic: str | None, by: Sender) -> None:
+        body = {"description": topic, "changed_by": convert.sender_json(by)}
+        await self.client.update_conversation(conversation_id, body)
+
+    async def history(
+        self, conversation_id: str, *, limit: int, since: datetime
+    ) -> Sequence[MessageReceived]:
+        """``GET .../messages``: the last ``limit`` (at most 1,000) messages since ``since``,
+        read as the webhook's ``message.created`` (so their ids are the live ones). Each
+        ``event_id`` is ``history:<message id>`` (the webhook event id is not in the history).
+        A malformed message is left out and logged (its index and the reason, no content)."""
+        limit = max(1, min(limit, MAX_HISTORY_LIMIT))
+        since = since if since.tzinfo is not None else since.replace(tzinfo=UTC)
+        raw = await self.client.messages(
+            conversation_id, limit=limit, since=since.astimezone(UTC).isoformat()
+        )
+        messages: list[MessageReceived] = []
+        for i, item in enumerate(raw):
+            message = self._history_message(conversation_id, i, item)
+            if message is not None and message.timestamp >= since:
+                messages.append(message)
+        return messages[-limit:]
+
+    def _history_message(
+        self, conversation_id: str, index: int, item: Any
+    ) -> MessageReceived | None:
+        where = f"messages[{index}]"
+        try:
+            msg = payload.obj(item, where)
+            event_id = convert.history_event_id(payload.str_field(msg, "id", where))
+            message = convert.message_from_json(event_id, msg, where)
+            if message.conversation_id != conversation_id:
+                raise InvalidPayload(f"{where}.conversation_id is not the conversation asked")
+            check_event_ids(message)
+            return message
+        except (InvalidPayload, InvalidRemoteId, ValueError, OverflowError) as exc:
+            self.log.error(
+                "pandalab %s: left out a malformed history message (%s)",
+                self.ctx.connector_id,
+                exc,
+            )
+            return None
+
     async def get_user(self, idnps: Idnps) -> RemoteUser | None:
         body = await self.client.get_user(idnps)
         if body is None:
@@ -245,26 +329,26 @@ class PandaLabConnector(
         if refusal is not None:
             return self._refuse(401, "unauthorized", refusal)
         try:
-            payload = parse_json(raw)
+            body = parse_json(raw)
             # A \u escape of a lone surrogate is no character: nothing downstream can encode it.
-            json.dumps(payload, ensure_ascii=False).encode()
+            json.dumps(body, ensure_ascii=False).encode()
         except (ValueError, RecursionError):  # RecursionError: nested deeper than JSON parses
             return self._refuse(400, "malformed_json", "the body is not valid JSON")
         try:
-            event = convert.event_from_webhook(payload)
+            events = convert.events_from_webhook(body)
         except InvalidPayload as exc:
             return self._refuse(400, "invalid_event", str(exc))
         except (ValueError, OverflowError):  # a date out of range once in UTC, say
             return self._refuse(400, "invalid_event", "a field is out of range")
         try:
-            await self.ctx.emit(event)
+            await self.ctx.emit_many(events)
         except InvalidRemoteId as exc:  # the intake's rule for every vendor's ids
             return self._refuse(400, "invalid_event", str(exc))
         except Exception as exc:  # noqa: BLE001 - any storage failure: let PandaLab redeliver
             self.log.error(
                 "pandalab %s: could not store webhook event %s (%s); asking for redelivery",
                 self.ctx.connector_id,
-                event.event_id,
+                events[0].event_id if events else "?",
                 type(exc).__name__,
             )
             return _json_error(503, "not_stored", "the event could not be stored; deliver it again")

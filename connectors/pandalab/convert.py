@@ -10,7 +10,9 @@ from typing import Any
 from connectors import payload
 from connectors.base import (
     ConversationCreated,
+    ConversationRenamed,
     Location,
+    MemberLeft,
     Mention,
     MessageDeleted,
     MessageEdited,
@@ -19,6 +21,9 @@ from connectors.base import (
     OutboundAttachment,
     OutboundMessage,
     Participant,
+    ParticipantChange,
+    ParticipantsAdded,
+    ParticipantsRemoved,
     ReactionAdded,
     ReactionRemoved,
     ReadUpTo,
@@ -26,6 +31,7 @@ from connectors.base import (
     RemoteEvent,
     RemoteUser,
     Sender,
+    TopicChanged,
     TypingChanged,
 )
 from connectors.kit.markdown import escape_markdown
@@ -45,10 +51,12 @@ _MENTION = re.compile(r"@\[((?:\\.|[^\]\\])+)\]\(([^()\s]+)\)")
 _ESCAPED = re.compile(r"\\(.)")
 
 
-def event_from_webhook(payload: Any) -> RemoteEvent:
-    """A webhook body (``{"id", "type", "created_at", "data"}``) as a ``RemoteEvent``.
+def events_from_webhook(payload: Any) -> list[RemoteEvent]:
+    """A webhook body (``{"id", "type", "created_at", "data"}``) as ``RemoteEvent``s: one, or
+    for ``conversation.updated`` one per changed key (a title, a description).
 
-    Every event's ``event_id`` is the webhook event id, which PandaLab keeps across redeliveries.
+    Every event's ``event_id`` is the webhook event id, which PandaLab keeps across redeliveries
+    (``<id>:title`` and ``<id>:description`` for the two halves of an update).
     """
     envelope = _obj(payload, "the webhook body")
     event_id = _str(envelope, "id", "the webhook body")
@@ -56,13 +64,17 @@ def event_from_webhook(payload: Any) -> RemoteEvent:
     data = _obj(envelope.get("data"), "data")
     if kind == "conversation.created":
         created_at = _timestamp(envelope, "created_at", "the webhook body")
-        return _conversation_created(event_id, created_at, data)
+        return [_conversation_created(event_id, created_at, data)]
+    changes = _CHANGE_PARSERS.get(kind)
+    if changes is not None:
+        created_at = _timestamp(envelope, "created_at", "the webhook body")
+        return changes(event_id, created_at, data)
     parser = _PARSERS.get(kind)
     if parser is None:
         # The value is not echoed back (an error names the field and the rule, not content).
-        known = ", ".join(["conversation.created", *sorted(_PARSERS)])
+        known = ", ".join(sorted(["conversation.created", *_PARSERS, *_CHANGE_PARSERS]))
         raise InvalidPayload(f"unknown event type (the type is one of: {known})")
-    return parser(event_id, data)
+    return [parser(event_id, data)]
 
 
 def _conversation_created(event_id: str, created_at: datetime, data: dict[str, Any]) -> RemoteEvent:
@@ -89,8 +101,17 @@ def _conversation_created(event_id: str, created_at: datetime, data: dict[str, A
 
 
 def _message_created(event_id: str, data: dict[str, Any]) -> RemoteEvent:
-    msg = _obj(data.get("message"), "data.message")
-    where = "data.message"
+    return message_from_json(event_id, _obj(data.get("message"), "data.message"), "data.message")
+
+
+def history_event_id(message_id: str) -> str:
+    """The ``event_id`` of a message read from a conversation's history (the webhook event id
+    that carried it live is not there): stable, and apart from webhook event ids."""
+    return f"history:{message_id}"
+
+
+def message_from_json(event_id: str, msg: dict[str, Any], where: str) -> MessageReceived:
+    """A PandaLab message object (``message.created`` data, or one of a history page)."""
     text, mentions = from_markdown(_optional_text(msg, "markdown", where), msg, where)
     kind = msg.get("kind")
     return MessageReceived(
@@ -185,6 +206,89 @@ def _conversation_typing(event_id: str, data: dict[str, Any]) -> RemoteEvent:
         typing=payload.bool_field(typing, "typing", where),
     )
 
+
+def _participants(
+    event_id: str, created_at: datetime, data: dict[str, Any], *, added: bool
+) -> list[RemoteEvent]:
+    where = "data"
+    members = tuple(
+        _idnps(m, f"{where}.members[{i}]") for i, m in enumerate(_optional_list(data, "members"))
+    )
+    participants = tuple(
+        _external(p, f"{where}.external_participants[{i}]")
+        for i, p in enumerate(_optional_list(data, "external_participants"))
+    )
+    if not members and not participants:
+        raise InvalidPayload(f"{where}.members and {where}.external_participants are both empty")
+    kind = ParticipantsAdded if added else ParticipantsRemoved
+    return [
+        kind(
+            event_id=event_id,
+            conversation_id=_str(data, "conversation_id", where),
+            timestamp=created_at,
+            sender=_idnps(data.get("by"), f"{where}.by"),
+            members=members,
+            participants=participants,
+        )
+    ]
+
+
+def _external(value: Any, where: str) -> Participant:
+    """One of ``external_participants``: ``{"ref": IDNPS or Matrix user id}``."""
+    return payload.participant(_str(_obj(value, where), "ref", where), f"{where}.ref")
+
+
+def _participants_added(
+    event_id: str, created_at: datetime, data: dict[str, Any]
+) -> list[RemoteEvent]:
+    return _participants(event_id, created_at, data, added=True)
+
+
+def _participants_removed(
+    event_id: str, created_at: datetime, data: dict[str, Any]
+) -> list[RemoteEvent]:
+    return _participants(event_id, created_at, data, added=False)
+
+
+def _member_left(event_id: str, created_at: datetime, data: dict[str, Any]) -> list[RemoteEvent]:
+    return [
+        MemberLeft(
+            event_id=event_id,
+            conversation_id=_str(data, "conversation_id", "data"),
+            timestamp=created_at,
+            sender=_idnps(data.get("member"), "data.member"),
+        )
+    ]
+
+
+def _conversation_updated(
+    event_id: str, created_at: datetime, data: dict[str, Any]
+) -> list[RemoteEvent]:
+    """One event per key that changed: ``title`` (renamed), ``description`` (topic)."""
+    common = {
+        "conversation_id": _str(data, "conversation_id", "data"),
+        "timestamp": created_at,
+        "sender": _idnps(data.get("by"), "data.by"),
+    }
+    events: list[RemoteEvent] = []
+    if "title" in data:
+        title = payload.optional_str(data, "title", "data") or None
+        events.append(ConversationRenamed(event_id=f"{event_id}:title", title=title, **common))
+    if "description" in data:
+        topic = payload.optional_str(data, "description", "data") or None
+        events.append(TopicChanged(event_id=f"{event_id}:description", topic=topic, **common))
+    if not events:
+        raise InvalidPayload("data has neither a title nor a description")
+    return events
+
+
+_CHANGE_PARSERS: dict[str, Callable[[str, datetime, dict[str, Any]], list[RemoteEvent]]] = {
+    "conversation.participants_added": _participants_added,
+    "conversation.participants_removed": _participants_removed,
+    "conversation.member_left": _member_left,
+    "conversation.updated": _conversation_updated,
+}
+"""Conversation changes: dated by the envelope's ``created_at``."""
 
 _PARSERS: dict[str, Callable[[str, dict[str, Any]], RemoteEvent]] = {
     "message.created": _message_created,
@@ -307,6 +411,25 @@ def edit_body(message: OutboundMessage) -> dict[str, Any]:
     }
 
 
+def participants_body(change: ParticipantChange) -> dict[str, Any]:
+    """The ``POST /api/v1/conversations/{id}/participants`` body."""
+    return {
+        "members": [str(m) for m in change.members],
+        "external_participants": [sender_json(s) for s in change.external],
+        "added_by": None if change.by is None else sender_json(change.by),
+    }
+
+
+def removal_body(change: ParticipantChange) -> dict[str, Any]:
+    """The ``POST /api/v1/conversations/{id}/participants/remove`` body (``removed_by`` None:
+    the people left themselves)."""
+    return {
+        "members": [str(m) for m in change.members],
+        "external_participants": [s.ref for s in change.external],
+        "removed_by": None if change.by is None else sender_json(change.by),
+    }
+
+
 def upload_body(attachment: OutboundAttachment) -> dict[str, Any]:
     """The ``POST /api/v1/uploads`` body."""
     return {"name": attachment.name, "mime_type": attachment.mime_type, "size": attachment.size}
@@ -349,6 +472,16 @@ def sender_json(sender: Sender) -> dict[str, str]:
 
 def _escape_name(name: str) -> str:
     return re.sub(r"([\\\[\]])", r"\\\1", name)
+
+
+def _optional_list(container: dict[str, Any], key: str) -> list[Any]:
+    """A list field that may be absent or null (then empty)."""
+    value = container.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidPayload(f"data.{key} is not a list")
+    return value
 
 
 def _optional_text(container: dict[str, Any], key: str, where: str) -> str:

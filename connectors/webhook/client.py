@@ -74,8 +74,15 @@ class WebhookClient:
 
     # JSON calls ---------------------------------------------------------------------------------
 
-    async def get(self, path: str, *, accept: tuple[int, ...] = ()) -> tuple[int, Any]:
-        return await self._call("GET", path, None, None, accept=accept)
+    async def get(
+        self,
+        path: str,
+        *,
+        accept: tuple[int, ...] = (),
+        params: dict[str, str] | None = None,
+        limit: int = http.MAX_ANSWER_BYTES,
+    ) -> tuple[int, Any]:
+        return await self._call("GET", path, None, None, accept=accept, params=params, limit=limit)
 
     async def post(
         self,
@@ -97,6 +104,8 @@ class WebhookClient:
         *,
         accept: tuple[int, ...],
         timeout: aiohttp.ClientTimeout | None = None,
+        params: dict[str, str] | None = None,
+        limit: int = http.MAX_ANSWER_BYTES,
     ) -> tuple[int, Any]:
         what = f"vendor {method} {_path_for_errors(path)}"
         raw = b"" if body is None else _json_bytes(body)
@@ -111,11 +120,12 @@ class WebhookClient:
                 method,
                 self.base_url + path,
                 data=raw if body is not None else None,
+                params=params,
                 headers=headers,
                 allow_redirects=False,
                 **http.timeout_option(timeout),
             ) as resp:
-                answer = await http.read_json(resp, what)
+                answer = await http.read_json(resp, what, limit=limit)
                 if resp.status in accept:
                     return resp.status, answer
                 raise_for_status(what, resp.status, answer, resp.headers)
@@ -234,7 +244,7 @@ def _path_for_errors(path: str) -> str:
 
 _FIXED_SEGMENTS = frozenset(
     {"", "bridge", "users", "conversations", "messages", "edit", "delete", "reactions"}
-    | {"read", "typing", "delivery", "files"}
+    | {"read", "typing", "delivery", "files", "participants", "remove", "title", "topic"}
 )
 
 

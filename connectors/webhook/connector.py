@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import aiohttp
@@ -26,9 +29,11 @@ from connectors.base import (
     ConnectorError,
     DeliveryReport,
     Idnps,
+    MessageReceived,
     NewConversation,
     OutboundAttachment,
     OutboundMessage,
+    ParticipantChange,
     RemoteAttachment,
     RemoteUser,
     Sender,
@@ -37,11 +42,17 @@ from connectors.base import (
     with_protocols,
 )
 from connectors.kit.backoff import Backoff
+from connectors.kit.ids import InvalidRemoteId, check_event_ids
 from connectors.kit.tasks import cancel_and_wait
 from connectors.webhook import convert
 from connectors.webhook.client import WebhookClient, derived_key, idempotency_key
 from connectors.webhook.receiver import EventReceiver, TokenBucket
 from connectors.webhook.settings import WebhookSettings
+
+MAX_HISTORY_LIMIT = 1000
+"""Most messages asked of a vendor's conversation history at once."""
+MAX_HISTORY_BYTES = 64 * 1024 * 1024
+"""Longest history answer read (1,000 messages, each at most 65,536 characters)."""
 
 CONTRACT_VERSION = "1.0"
 """``info.version`` of openapi.yaml, announced to the vendor."""
@@ -304,6 +315,92 @@ class WebhookConnector(Connector, AttachmentSource):
             body,
             derived_key("delivery", conversation_id, message_id, body["status"], body["detail"]),
         )
+
+    async def add_participants(self, conversation_id: str, change: ParticipantChange) -> None:
+        """``ParticipantAdding``, when the vendor declared ``add_participants``."""
+        await self.client.post(
+            f"{_conversation(conversation_id)}/participants",
+            convert.participants_body(change),
+            idempotency_key(change.request_id),
+        )
+
+    async def remove_external(self, conversation_id: str, change: ParticipantChange) -> None:
+        """``ParticipantAdding``: people from outside leave (only ``external`` is sent)."""
+        await self.client.post(
+            f"{_conversation(conversation_id)}/participants/remove",
+            convert.removal_body(replace(change, members=())),
+            idempotency_key(f"{change.request_id}:remove-external"),
+        )
+
+    async def remove_members(self, conversation_id: str, change: ParticipantChange) -> None:
+        """``MemberRemoval``, when the vendor declared ``remove_participants``."""
+        await self.client.post(
+            f"{_conversation(conversation_id)}/participants/remove",
+            convert.removal_body(change),
+            idempotency_key(f"{change.request_id}:remove-members"),
+        )
+
+    async def set_title(self, conversation_id: str, title: str | None, by: Sender) -> None:
+        """``TitleHandling``, when the vendor declared ``titles``. Setting a title is
+        idempotent by itself: each call has its own key (the same key for a later rename back
+        to the same title would be answered as a replay, unapplied)."""
+        await self.client.post(
+            f"{_conversation(conversation_id)}/title",
+            {"title": convert.title_text(title), "by": convert.person_json(by)},
+            derived_key("title", conversation_id, uuid.uuid4().hex),
+        )
+
+    async def set_topic(self, conversation_id: str, topic: str | None, by: Sender) -> None:
+        """``TopicHandling``, when the vendor declared ``topics`` (keys as for titles)."""
+        await self.client.post(
+            f"{_conversation(conversation_id)}/topic",
+            {"topic": convert.topic_text(topic), "by": convert.person_json(by)},
+            derived_key("topic", conversation_id, uuid.uuid4().hex),
+        )
+
+    async def history(
+        self, conversation_id: str, *, limit: int, since: datetime
+    ) -> Sequence[MessageReceived]:
+        """``HistorySource``, when the vendor declared ``history``: ``GET
+        /conversations/{cid}/messages?limit=&since=``, message events as pushed (same ids).
+        A malformed one is left out and logged (the field and the rule, no content)."""
+        limit = max(1, min(limit, MAX_HISTORY_LIMIT))
+        since = since if since.tzinfo is not None else since.replace(tzinfo=UTC)
+        _, body = await self.client.get(
+            f"{_conversation(conversation_id)}/messages",
+            params={"limit": str(limit), "since": convert.iso8601(since)},
+            limit=MAX_HISTORY_BYTES,
+        )
+        items = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(items, list):
+            raise ConnectorError(
+                "the vendor answered a message history without a 'messages' array",
+                retriable=False,
+            )
+        messages: list[MessageReceived] = []
+        for i, item in enumerate(items):
+            message = self._history_message(conversation_id, i, item)
+            if message is not None and message.timestamp >= since:
+                messages.append(message)
+        return messages[-limit:]
+
+    def _history_message(
+        self, conversation_id: str, index: int, item: Any
+    ) -> MessageReceived | None:
+        where = f"messages[{index}]"
+        try:
+            event = convert.event_from_json(item, where)
+            if not isinstance(event, MessageReceived):
+                raise convert.InvalidEvent(f"{where}.type must be message")
+            if event.conversation_id != conversation_id:
+                raise convert.InvalidEvent(f"{where}.conversation_id is not the conversation asked")
+            check_event_ids(event)
+            return event
+        except (convert.InvalidEvent, InvalidRemoteId) as exc:
+            self.log.error(
+                "webhook %s: left out a malformed history message (%s)", self.ctx.connector_id, exc
+            )
+            return None
 
     async def get_user(self, idnps: Idnps) -> RemoteUser | None:
         status, body = await self.client.get(f"/users/{http.segment(idnps)}", accept=(404,))

@@ -16,11 +16,13 @@ from typing import Any
 
 from connectors.base import (
     ConversationCreated,
+    ConversationRenamed,
     DeliveryReport,
     Formatting,
     Idnps,
     InvalidIdnps,
     Location,
+    MemberLeft,
     Mention,
     MessageDeleted,
     MessageEdited,
@@ -28,6 +30,9 @@ from connectors.base import (
     NewConversation,
     OutboundMessage,
     Participant,
+    ParticipantChange,
+    ParticipantsAdded,
+    ParticipantsRemoved,
     ReactionAdded,
     ReactionRemoved,
     ReadUpTo,
@@ -35,6 +40,7 @@ from connectors.base import (
     RemoteEvent,
     RemoteUser,
     Sender,
+    TopicChanged,
     TypingChanged,
 )
 
@@ -216,8 +222,64 @@ def _typing(data: dict[str, Any], where: str) -> RemoteEvent:
     )
 
 
+def _participants(data: dict[str, Any], where: str, *, added: bool) -> RemoteEvent:
+    _fields(data, where, (*_COMMON, "sender"), ("members", "participants"))
+    members = _array(data.get("members", []), f"{where}.members", 0, MAX_PEOPLE, _idnps)
+    participants = _array(
+        data.get("participants", []), f"{where}.participants", 0, MAX_PEOPLE, _participant
+    )
+    if not members and not participants:
+        raise InvalidEvent(f"{where} needs at least one of members or participants")
+    kind = ParticipantsAdded if added else ParticipantsRemoved
+    return kind(
+        **_common(data, where),
+        sender=_idnps(data["sender"], f"{where}.sender"),
+        members=tuple(_unique(members)),
+        participants=tuple(_unique(participants)),
+    )
+
+
+def _participants_added(data: dict[str, Any], where: str) -> RemoteEvent:
+    return _participants(data, where, added=True)
+
+
+def _participants_removed(data: dict[str, Any], where: str) -> RemoteEvent:
+    return _participants(data, where, added=False)
+
+
+def _member_left(data: dict[str, Any], where: str) -> RemoteEvent:
+    _fields(data, where, (*_COMMON, "sender"))
+    return MemberLeft(**_common(data, where), sender=_idnps(data["sender"], f"{where}.sender"))
+
+
+def _renamed(data: dict[str, Any], where: str) -> RemoteEvent:
+    _fields(data, where, (*_COMMON, "sender", "title"))
+    return ConversationRenamed(
+        **_common(data, where),
+        sender=_idnps(data["sender"], f"{where}.sender"),
+        title=_title(data["title"], f"{where}.title"),
+    )
+
+
+def _topic(data: dict[str, Any], where: str) -> RemoteEvent:
+    _fields(data, where, (*_COMMON, "sender", "topic"))
+    topic = data["topic"]
+    if topic is not None:
+        topic = _text(_string(topic, f"{where}.topic", "a string or null"), f"{where}.topic")
+    return TopicChanged(
+        **_common(data, where),
+        sender=_idnps(data["sender"], f"{where}.sender"),
+        topic=topic or None,
+    )
+
+
 _PARSERS: dict[str, Callable[[dict[str, Any], str], RemoteEvent]] = {
     "conversation.created": _conversation_created,
+    "participants.added": _participants_added,
+    "participants.removed": _participants_removed,
+    "member.left": _member_left,
+    "conversation.renamed": _renamed,
+    "conversation.topic": _topic,
     "message": _message,
     "message.edited": _message_edited,
     "message.deleted": _message_deleted,
@@ -436,11 +498,8 @@ def mentions_json(mentions: Sequence[Mention]) -> list[dict[str, str]]:
 
 
 def conversation_body(conversation: NewConversation) -> dict[str, Any]:
-    title = conversation.title
-    if title is not None:
-        title = _CONTROL.sub(" ", title).strip()[:MAX_NAME_LENGTH] or None
     return {
-        "title": title,
+        "title": title_text(conversation.title),
         "members": [str(m) for m in conversation.members[:MAX_PEOPLE]],
         "external": [person_json(p) for p in conversation.external[:MAX_PEOPLE]],
     }
@@ -480,6 +539,34 @@ def edit_body(message: OutboundMessage, formatting: Formatting) -> dict[str, Any
         "html": message.html,
         "mentions": mentions_json(message.mentions),
     }
+
+
+def participants_body(change: ParticipantChange) -> dict[str, Any]:
+    """``POST /conversations/{cid}/participants``: who joins, and who added them."""
+    return {
+        "members": [str(m) for m in change.members[:MAX_PEOPLE]],
+        "external": [person_json(p) for p in change.external[:MAX_PEOPLE]],
+        "by": None if change.by is None else person_json(change.by),
+    }
+
+
+def removal_body(change: ParticipantChange, reason: str | None = None) -> dict[str, Any]:
+    """``POST /conversations/{cid}/participants/remove`` (``by`` null: they left)."""
+    return {**participants_body(change), "reason": reason}
+
+
+def title_text(title: str | None) -> str | None:
+    """A ``Title``: single line, at most 255 characters; empty is none."""
+    if title is None:
+        return None
+    return _CONTROL.sub(" ", title).strip()[:MAX_NAME_LENGTH] or None
+
+
+def topic_text(topic: str | None) -> str | None:
+    """A topic: text without NUL, at most 65,536 characters; empty is none."""
+    if topic is None:
+        return None
+    return _outgoing_text(topic) or None
 
 
 def reaction_key(key: str) -> str | None:

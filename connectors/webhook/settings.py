@@ -69,6 +69,14 @@ class CapabilitiesSettings(BaseModel):
     read_receipts: bool = False
     typing: bool = False
     delivery_status: bool = False
+    add_participants: bool = False
+    """People can be added to an open conversation (and people from outside leave it)."""
+    remove_participants: bool = False
+    """The vendor's own users can be removed by someone else."""
+    titles: bool = False
+    topics: bool = False
+    history: bool = False
+    """``GET /conversations/{cid}/messages`` serves a conversation's earlier messages."""
 
     @field_validator("message_kinds")
     @classmethod

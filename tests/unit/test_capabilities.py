@@ -37,14 +37,20 @@ from connectors.base import (
     DeletionHandling,
     DeliveryStatusHandling,
     EditHandling,
+    HistorySource,
     Idnps,
+    MemberRemoval,
     NewConversation,
     OutboundMessage,
+    ParticipantAdding,
     ReactionHandling,
     ReadReceiptHandling,
     RemoteAttachment,
     RemoteUser,
+    TitleHandling,
+    TopicHandling,
     TypingHandling,
+    capability_mismatch,
 )
 from connectors.medipeps import MedipepsConnector
 from connectors.pandalab import PandaLabConnector
@@ -148,7 +154,14 @@ def test_a_connector_advertises_exactly_the_operations_it_implements() -> None:
         assert getattr(PandaLabConnector.capabilities, flag) is True
         assert issubclass(PandaLabConnector, protocol)
     medipeps = {f for f, p in OPERATION_PROTOCOLS.items() if issubclass(MedipepsConnector, p)}
-    assert medipeps == {"deletions", "read_receipts", "delivery_status"}
+    assert medipeps == {
+        "deletions",
+        "read_receipts",
+        "delivery_status",
+        "add_participants",
+        "titles",
+        "history",
+    }, "Medipeps users cannot be removed by others, and Medipeps has no topics"
     assert {f for f in OPERATION_PROTOCOLS if getattr(MedipepsConnector.capabilities, f)} == (
         medipeps
     )
@@ -161,18 +174,49 @@ def test_a_webhook_instance_implements_what_its_vendor_declared() -> None:
         {
             "base_url": "http://vendor.example",
             "secret": "s" * 32,
-            "capabilities": {"edits": True, "read_receipts": True, "formatting": "markdown"},
+            "capabilities": {
+                "edits": True,
+                "read_receipts": True,
+                "formatting": "markdown",
+                "add_participants": True,
+                "history": True,
+            },
         }
     )
     connector = add(WebhookConnector, settings)
     assert isinstance(connector, WebhookConnector)
     assert type(connector).__name__ == "WebhookConnector"
     assert isinstance(connector, EditHandling) and isinstance(connector, ReadReceiptHandling)
-    for protocol in (DeletionHandling, ReactionHandling, TypingHandling, DeliveryStatusHandling):
+    assert isinstance(connector, ParticipantAdding) and isinstance(connector, HistorySource)
+    for protocol in (
+        DeletionHandling,
+        ReactionHandling,
+        TypingHandling,
+        DeliveryStatusHandling,
+        MemberRemoval,
+        TitleHandling,
+        TopicHandling,
+    ):
         assert not isinstance(connector, protocol)
     caps = connector.capabilities
     assert caps.edits and caps.read_receipts and caps.formatting == "markdown"
+    assert caps.add_participants and caps.history
     assert not (caps.deletions or caps.reactions or caps.typing or caps.delivery_status)
+    assert not (caps.remove_participants or caps.titles or caps.topics)
+    assert capability_mismatch(connector) is None
+
+    everything = add(
+        WebhookConnector,
+        WebhookConnector.Settings.model_validate(
+            {
+                "base_url": "http://vendor.example",
+                "capabilities": {flag: True for flag in OPERATION_PROTOCOLS},
+            }
+        ),
+    )
+    for flag, protocol in OPERATION_PROTOCOLS.items():
+        assert isinstance(everything, protocol) and getattr(everything.capabilities, flag)
+    assert capability_mismatch(everything) is None
 
     bare = add(
         WebhookConnector,
@@ -261,8 +305,11 @@ def test_a_type_whose_flags_were_changed_afterwards_is_refused_at_registration(
     group = registry.ENTRY_POINT_GROUP
     patched = EntryPoint(name="patched", value=f"{__name__}:Patched", group=group)
     _entry_points(monkeypatch, registry, group, patched)
-    with pytest.raises(ConfigError, match="'patched' refused: .*advertises typing but does not "
-                       r"implement TypingHandling \(set_typing\)"):
+    with pytest.raises(
+        ConfigError,
+        match="'patched' refused: .*advertises typing but does not "
+        r"implement TypingHandling \(set_typing\)",
+    ):
         available_types()
 
     monkeypatch.setattr(Patched, "capabilities", Plain.capabilities)
@@ -293,8 +340,9 @@ def test_an_instance_whose_flags_disagree_with_its_classes_is_refused() -> None:
         "connectors.pl: connector Boasting advertises delivery_status but does not implement "
         "DeliveryStatusHandling (report_delivery)"
     )
-    with pytest.raises(ConfigError, match="Hiding implements EditHandling but does not "
-                       "advertise edits"):
+    with pytest.raises(
+        ConfigError, match="Hiding implements EditHandling but does not advertise edits"
+    ):
         add(Hiding)
 
 
