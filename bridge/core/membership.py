@@ -57,6 +57,8 @@ class Membership:
         membership = content.get("membership")
         if membership not in ("join", "leave", "ban"):
             return []
+        if membership == "join" and _previous(raw) == "join":
+            return []  # a new display name or avatar: nobody joined
         portal = await self.stores.portals.get(str(raw["room_id"]))
         if portal is None:
             return []
@@ -183,6 +185,13 @@ def _level_of(levels: dict[str, Any], mxid: str) -> int:
     users = levels.get("users") if isinstance(levels.get("users"), dict) else {}
     value = users.get(mxid, levels.get("users_default", 0))
     return int(value) if isinstance(value, int | float) else 0
+
+
+def _previous(raw: dict[str, Any]) -> Any:
+    """The membership before this event, when the homeserver says (``unsigned.prev_content``)."""
+    unsigned = raw.get("unsigned")
+    previous = unsigned.get("prev_content") if isinstance(unsigned, dict) else None
+    return previous.get("membership") if isinstance(previous, dict) else None
 
 
 def _text(value: Any) -> str | None:

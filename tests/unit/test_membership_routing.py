@@ -138,6 +138,16 @@ async def test_a_native_join_is_told_to_every_side_once_and_recorded(bridge: Bri
     assert await bridge.handle(member_event("$j2", BOB, BOB, "join", displayname="B")) == []
 
 
+async def test_a_profile_change_is_nobody_joining(bridge: Bridge) -> None:
+    """Members of portals from before the sides were recorded: a new display name of theirs
+    (the homeserver gives the previous membership) adds nobody."""
+    rename = member_event("$p", BOB, BOB, "join", displayname="Bob B")
+    rename["unsigned"] = {"prev_content": {"membership": "join", "displayname": "Bob"}}
+    assert await bridge.handle(rename) == []
+    rejoin = {**rename, "event_id": "$p2", "unsigned": {"prev_content": {"membership": "leave"}}}
+    assert [c for c, _ in await bridge.handle(rejoin)] == ["mp", "pl"]
+
+
 async def test_a_ghost_joining_is_its_vendor_s_own_user_there_and_external_elsewhere(
     bridge: Bridge,
 ) -> None:
