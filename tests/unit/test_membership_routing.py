@@ -1,4 +1,5 @@
-"""Matrix -> vendors: joins, departures, names and topics of a portal (``membership.py``).
+"""Matrix -> vendors: joins, departures, names and topics of a portal (``membership.py``), and
+invites into a portal already linked to the invited ghost's vendor.
 
 A change reaches each open vendor side once (what each side was told is recorded with its
 deliveries), never the side it came from; the bot's own membership is not bridged; a native
@@ -17,9 +18,11 @@ from bridge.core import operations as op
 from bridge.core.from_matrix import FromMatrix
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.members import Member
+from bridge.core.portals import Portals as RealPortals
 from bridge.db.portal import Portal
 from bridge.db.stores import Stores
 from bridge.matrix.homeserver import MEMBER_LEVEL
+from connectors.base import Capabilities
 from connectors.idnps import Idnps, luhn_check_digit
 
 IDS = GhostIds("eimis_", "eimis.example", "eimis_bot")
@@ -304,3 +307,51 @@ async def test_a_topic_goes_everywhere_but_where_it_came_from(bridge: Bridge) ->
     assert await bridge.handle(other) == []
     elsewhere = {**state("$e", "m.room.topic", ALICE, {"topic": "x"}), "room_id": "!other:x"}
     assert await bridge.from_matrix.handle(elsewhere) == []
+
+
+# --- Invites into a portal already linked to the ghost's vendor ---------------------------------
+
+
+class Intent:
+    def __init__(self, mxid: str, log: list[tuple[str, ...]]) -> None:
+        self.mxid = mxid
+        self.log = log
+
+    async def join_room(self, room_id: str, **_: Any) -> None:
+        self.log.append(("join", self.mxid))
+
+    async def leave_room(self, room_id: str, reason: str | None = None) -> None:
+        self.log.append(("leave", self.mxid, reason or ""))
+
+
+class InviteHomeserver(Homeserver):
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[tuple[str, ...]] = []
+
+    def intent(self, mxid: str) -> Intent:
+        return Intent(mxid, self.log)
+
+    async def send_event(
+        self, mxid: str, room_id: str, event_type: str, content: dict[str, Any], *, txn_id: str
+    ) -> str:
+        self.log.append(("say", mxid, content["body"]))
+        return "$notice"
+
+
+async def test_a_vendor_that_adds_nobody_refuses_the_invite_in_french(db: Database) -> None:
+    stores = Stores.of(db)
+    await stores.portals.create(Portal(ROOM, None, False, BOT))
+    await stores.portals.add_link(ROOM, "mp", "conv-mp")
+    await stores.ghosts.upsert(IDS.mxid("mp", C), "mp", C, "Dr C")
+    hs = InviteHomeserver()
+    vendor = type("Vendor", (), {"capabilities": Capabilities()})()
+    portals = RealPortals(stores, hs, {"mp": vendor}, IDS)  # type: ignore[arg-type]
+    ghost = IDS.mxid("mp", C)
+    assert not await portals.open_from_invite(ROOM, ALICE, ghost, False)
+    reason = "mp ne permet pas d'ajouter une personne à une conversation existante"
+    assert hs.log == [
+        ("say", BOT, f"Dr C ne peut pas être ajouté(e) : {reason}."),
+        ("leave", ghost, reason),
+    ]
+    assert await stores.outbox.pending(0, 10) == []
