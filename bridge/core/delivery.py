@@ -10,9 +10,9 @@ vendor that keeps refusing, after which the item is a dead letter that holds the
 conversation; a permanent failure fails the item alone, and its sender is told why.
 
 Each call carries an idempotency key (the portal room for a new conversation, the Matrix event id
-for a message, reaction or edit), so a retry after a timeout or a crash never shows anything
-twice. What a vendor cannot show is degraded (``degradation.py``) and the sender is told
-(``send_status.py``): nothing is silently lost.
+for a message, reaction, edit, membership, name or topic change), so a retry after a timeout or
+a crash never shows anything twice. What a vendor cannot show is degraded (``degradation.py``)
+and the sender is told (``send_status.py``): nothing is silently lost.
 """
 
 from __future__ import annotations
@@ -230,9 +230,13 @@ class Delivery:
         self, item: OutboxItem, detail: str, *, held: str, txn_id: str, unsupported: bool = False
     ) -> None:
         """An item failed for good: its sender is told ``detail``; a conversation that could
-        not be opened is nobody's message, so the room is told (``held``) instead."""
+        not be opened is nobody's message, so the room is told (``held``) instead, and so it
+        is (in French, by the portal's voice) of a membership, name or topic change."""
         if item.operation == op.CREATE_CONVERSATION:
             await self.status.notice(item.room_id, held, txn_id=txn_id)
+        elif (change := _CHANGES.get(item.operation)) is not None:
+            text = f"{item.connector} n'a pas pu appliquer {change} : {detail}"
+            await self.status.notice(item.room_id, text, txn_id=txn_id)
         else:
             await self._report(item, "FAIL_PERMANENT", detail, unsupported)
 
@@ -267,6 +271,16 @@ class Delivery:
         )
         await self._commit.commit([write])
         self.trail.committed([write], item.created_at)
+
+
+_CHANGES = {
+    op.ADD_PARTICIPANTS: "l'ajout de participants",
+    op.REMOVE_PARTICIPANTS: "le retrait de participants",
+    op.SET_TITLE: "le changement de nom de la conversation",
+    op.SET_TOPIC: "le changement de sujet de la conversation",
+}
+"""The operations that are nobody's message but a change of the portal, told in the room
+when they fail for good."""
 
 
 def _reported(item: OutboxItem) -> op.Reported | None:

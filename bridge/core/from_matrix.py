@@ -1,7 +1,9 @@
 """Matrix -> vendors: what happens in a portal room becomes outbox deliveries, per connector.
 
 Never back to the connector whose ghost did it (echo suppression); the bridge's own notices and
-statuses are not bridged. Rendering for each vendor happens at delivery time (``delivery.py``).
+statuses are not bridged, and a closed link (nobody of that vendor left) gets nothing new.
+Joins, departures, names and topics are ``membership.py``'s. Rendering for each vendor happens
+at delivery time (``delivery.py``).
 What a sender may say about another event (edit, redaction, relation into another portal) is
 checked first (``authority.py``): a refused event reaches no vendor, and its sender is told.
 
@@ -22,6 +24,7 @@ from bridge.core import operations as op
 from bridge.core.admin_hook import AdminHook
 from bridge.core.authority import Authority, Refused
 from bridge.core.members import Member
+from bridge.core.membership import Membership
 from bridge.core.portals import Portals
 from bridge.core.room_policy import exposure, stripped_state
 from bridge.db.group_commit import Write
@@ -63,6 +66,8 @@ class FromMatrix:
         self.admin = admin
         """The operators' admin rooms (``bridge/admin``): their events are commands."""
         self.authority = Authority(homeserver, stores)
+        self.membership = Membership(stores, homeserver, portals)
+        """Joins, departures, names and topics of portals (``membership.py``)."""
         self.on_refused: Callable[[str, str, str], Awaitable[None]] = on_refused or _nothing
         """Told (room, event, reason in French) of an event its sender may not send."""
 
@@ -79,6 +84,8 @@ class FromMatrix:
             return []
         if kind == "m.room.member":
             return await self._membership(raw)
+        if kind in ("m.room.name", "m.room.topic"):
+            return await self.membership.renamed(raw)
         try:
             if kind == "m.room.message":
                 return await self._message(raw)
@@ -151,7 +158,9 @@ class FromMatrix:
             elif content.get("membership") in ("leave", "ban"):
                 await self.admin.on_bot_left(raw["room_id"])
             return []
-        if content.get("membership") != "invite" or not self.ids.in_namespace(target):
+        if content.get("membership") != "invite":
+            return await self.membership.changed(raw)
+        if not self.ids.in_namespace(target):
             return []
         if target == self.ids.bot_mxid:
             return []  # no admin room configured: the bot stays out
@@ -221,7 +230,7 @@ class FromMatrix:
             return None
         targets = [
             link.connector
-            for link in await self.stores.portals.links(portal.room_id)
+            for link in await self.stores.portals.open_links(portal.room_id)
             if (source is None or link.connector != source.connector)
             and link.connector in self.portals.connectors
         ]
@@ -345,7 +354,7 @@ class FromMatrix:
             return []
         links = [
             link.connector
-            for link in await self.stores.portals.links(room_id)
+            for link in await self.stores.portals.open_links(room_id)
             if (c := self.portals.connectors.get(link.connector)) is not None
             and c.capabilities.read_receipts
         ]
@@ -383,7 +392,7 @@ class FromMatrix:
         changes = [(u, True) for u in now - before] + [(u, False) for u in before - now]
         if not changes or await self.stores.portals.get(room_id) is None:
             return
-        for link in await self.stores.portals.links(room_id):
+        for link in await self.stores.portals.open_links(room_id):
             connector = self.portals.connectors.get(link.connector)
             if connector is None or not connector.capabilities.typing or not link.conversation_id:
                 continue

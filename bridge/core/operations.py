@@ -232,8 +232,9 @@ OPERATION_TYPES: tuple[type[Operation], ...] = (
 _ADAPTERS: dict[str, TypeAdapter[Any]] = {t.kind: TypeAdapter(t) for t in OPERATION_TYPES}
 
 Reported = SendMessage | EditMessage | Redact | AddReaction
-"""The operations whose sender is told what became of them (a send status; a read marker and
-a conversation's opening are nobody's message)."""
+"""The operations whose sender is told what became of them (a send status; a read marker, a
+conversation's opening and a membership, name or topic change are nobody's message: a change
+that fails for good is told in the room instead)."""
 
 
 def from_stored(kind: str, payload: dict[str, Any]) -> Operation:

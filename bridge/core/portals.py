@@ -353,6 +353,29 @@ class Portals:
         except UnknownUser as error:
             await self._refuse_invite(room_id, ghost_mxid, str(error))
             return False
+        if (
+            await self.stores.portals.link(room_id, ref.connector) is not None
+            and not self.connectors[ref.connector].capabilities.add_participants
+        ):
+            # That vendor's conversation exists and cannot take anyone more: the room is told
+            # (in French) and the invite refused, before the ghost joins (nothing to undo).
+            reason = (
+                f"{ref.connector} ne permet pas d'ajouter une personne à une conversation existante"
+            )
+            if (known := await self.stores.portals.get(room_id)) is not None:
+                with contextlib.suppress(MatrixRequestError):
+                    await self.hs.send_event(
+                        known.voice,
+                        room_id,
+                        "m.room.message",
+                        {
+                            "msgtype": "m.notice",
+                            "body": f"{ghost.display_name} ne peut pas être ajouté(e) : {reason}.",
+                        },
+                        txn_id=derived_txn_id("join-unsupported", room_id, ghost_mxid),
+                    )
+            await self._refuse_invite(room_id, ghost_mxid, reason)
+            return False
         if self.crypto is not None:
             # Its device before its join: the inviter's client shares its room keys with the
             # devices it finds when the ghost joins (now, or when encryption is turned on).
@@ -373,20 +396,12 @@ class Portals:
         if portal is None:
             portal = Portal(room_id, None, is_direct, ghost_mxid)
             await self.stores.portals.create(portal)
-        if await self.stores.portals.link(room_id, ref.connector) is not None:
-            # Adding someone to an existing vendor conversation needs a capability the
-            # foundation connectors do not declare yet; say so rather than pretend.
-            await self.hs.send_event(
-                portal.voice,
-                room_id,
-                "m.room.message",
-                {
-                    "msgtype": "m.notice",
-                    "body": f"{ghost.display_name} joined on Matrix, but adding people to an "
-                    f"existing {ref.connector} conversation is not supported yet.",
-                },
-                txn_id=derived_txn_id("join-unsupported", room_id, ghost_mxid),
-            )
+        link = await self.stores.portals.link(room_id, ref.connector)
+        if link is not None:
+            # That vendor's conversation exists: the ghost's join (pushed by the homeserver,
+            # ``membership.py``) adds its user to it, when the vendor can add people.
+            if link.closed:
+                await self.stores.portals.reopen_link(room_id, ref.connector)
             return False
         member_ids = await self.hs.joined_members(room_id, viewer=ghost_mxid)
         if inviter not in member_ids:
@@ -399,6 +414,11 @@ class Portals:
         async with self.stores.db.acquire() as conn, conn.transaction():
             await self._queue_conversation(
                 room_id, ref.connector, portal.title, everyone, conn=conn
+            )
+            # That side is told of everyone by the conversation's opening: their joins, pushed
+            # later, are not told again.
+            await self.stores.portals.add_participants(
+                room_id, ref.connector, (m.mxid for m in everyone), conn=conn
             )
         self.stores.portals.forget(room_id)
         log.info("Opened portal %s for a Matrix invite to a %s user", room_id, ref.connector)

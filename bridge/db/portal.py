@@ -14,9 +14,18 @@ from mautrix.util.async_db import Connection, Database
 
 from bridge.db.cache import ReadThroughCache
 from bridge.db.clock import now_ms
+from bridge.db.group_commit import Write
 
 CACHE_SIZE = 20_000
 """Rooms whose portal and links stay in memory (a few hundred bytes each)."""
+
+_ADD_PARTICIPANT = (
+    "INSERT INTO portal_participant (room_id, connector, user_id) VALUES ($1, $2, $3) "
+    "ON CONFLICT (room_id, connector, user_id) DO NOTHING"
+)
+_REMOVE_PARTICIPANT = (
+    "DELETE FROM portal_participant WHERE room_id = $1 AND connector = $2 AND user_id = $3"
+)
 
 
 @dataclass(frozen=True)
@@ -168,6 +177,16 @@ class PortalStore:
         self._links.forget(room_id)
 
     # Who each vendor side has ---------------------------------------------------------------
+
+    @staticmethod
+    def add_participant_write(room_id: str, connector: str, user_id: str) -> Write:
+        """``add_participants`` of one person, as a write for a group commit."""
+        return Write(_ADD_PARTICIPANT, (room_id, connector, user_id))
+
+    @staticmethod
+    def remove_participant_write(room_id: str, connector: str, user_id: str) -> Write:
+        """``remove_participants`` of one person, as a write for a group commit."""
+        return Write(_REMOVE_PARTICIPANT, (room_id, connector, user_id))
 
     async def participants(self, room_id: str, connector: str) -> set[str]:
         """The people (Matrix ids) the ``connector`` side of the portal was told are in it."""

@@ -102,6 +102,33 @@ EXAMPLES: list[tuple[op.Operation, dict[str, Any]]] = [
         op.MarkRead(event_id="$m", sender=ALICE),
         {"event_id": "$m", "sender": ALICE_JSON},
     ),
+    (
+        op.AddParticipants(event_id="$j", members=(IDNPS,), external=(ALICE,), by=GHOST),
+        {
+            "event_id": "$j",
+            "members": [str(IDNPS)],
+            "external": [ALICE_JSON],
+            "by": GHOST_JSON,
+        },
+    ),
+    (
+        op.RemoveParticipants(event_id="$k", external=(ALICE,), by=None, reason="fin de séjour"),
+        {
+            "event_id": "$k",
+            "members": [],
+            "external": [ALICE_JSON],
+            "by": None,
+            "reason": "fin de séjour",
+        },
+    ),
+    (
+        op.SetTitle(event_id="$n", title="Chambre 14", by=ALICE),
+        {"event_id": "$n", "title": "Chambre 14", "by": ALICE_JSON},
+    ),
+    (
+        op.SetTopic(event_id="$t", topic=None, by=GHOST),
+        {"event_id": "$t", "topic": None, "by": GHOST_JSON},
+    ),
 ]
 """Each kind with the payload the bridge wrote for it before operations had types (the dicts
 ``from_matrix.py`` and ``portals.py`` built by hand): the stored format, key order included."""
@@ -119,6 +146,10 @@ def test_every_kind_has_an_example() -> None:
         op.REDACT,
         op.ADD_REACTION,
         op.MARK_READ,
+        op.ADD_PARTICIPANTS,
+        op.REMOVE_PARTICIPANTS,
+        op.SET_TITLE,
+        op.SET_TOPIC,
     ]
 
 

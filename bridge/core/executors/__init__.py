@@ -9,7 +9,10 @@ portal room) and hands it to the executor of its type:
 - ``deletions.py``: ``Redact`` (messages and reactions)
 - ``reactions.py``: ``AddReaction``
 - ``receipts.py``: ``MarkRead``
-- ``stand_in.py``: what a vendor cannot do (an edit, a deletion, a reaction), sent as a message
+- ``membership.py``: ``AddParticipants``, ``RemoveParticipants``
+- ``titles.py``: ``SetTitle``, ``SetTopic``
+- ``stand_in.py``: what a vendor cannot do (an edit, a deletion, a reaction, a membership or
+  title change), sent as a message
 
 Each returns an ``Outcome`` (``outcome.py``): what it did and the vendor ids it created. The
 executors only do the work: retrying, dead letters, send statuses and the audit row are the
@@ -27,6 +30,7 @@ from bridge.core.executors.context import Context, Target
 from bridge.core.executors.conversations import create_conversation
 from bridge.core.executors.deletions import redact
 from bridge.core.executors.edits import edit_message
+from bridge.core.executors.membership import add_participants, remove_participants
 from bridge.core.executors.messages import send_message
 from bridge.core.executors.outcome import (
     Delivered,
@@ -38,14 +42,19 @@ from bridge.core.executors.outcome import (
 )
 from bridge.core.executors.reactions import add_reaction
 from bridge.core.executors.receipts import mark_read
+from bridge.core.executors.titles import set_title, set_topic
 from bridge.core.operations import (
+    AddParticipants,
     AddReaction,
     CreateConversation,
     EditMessage,
     MarkRead,
     Operation,
     Redact,
+    RemoveParticipants,
     SendMessage,
+    SetTitle,
+    SetTopic,
 )
 from bridge.core.portals import Portals
 from bridge.db.stores import Stores
@@ -106,5 +115,13 @@ class Executors:
                 return await add_reaction(ctx, target, operation)
             case MarkRead():
                 return await mark_read(ctx, target, operation)
+            case AddParticipants():
+                return await add_participants(ctx, target, operation)
+            case RemoveParticipants():
+                return await remove_participants(ctx, target, operation)
+            case SetTitle():
+                return await set_title(ctx, target, operation)
+            case SetTopic():
+                return await set_topic(ctx, target, operation)
             case _:
                 assert_never(operation)

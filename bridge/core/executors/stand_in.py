@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.core.executors.context import Target, when
+from bridge.core.executors.context import Context, Target, when
 from bridge.core.executors.outcome import MessageMapped
 from connectors.base import Mention, MessageKind, OutboundMessage, Sender
 
@@ -42,3 +42,13 @@ async def send_stand_in(
         ),
     )
     return MessageMapped(remote_id, event_id)
+
+
+EIMIS = "EIMIS"
+"""The name the bridge's own messages in a vendor conversation are signed with."""
+
+
+def eimis(ctx: Context) -> Sender:
+    """The sender of what the bridge itself says in a vendor conversation (who joined, left,
+    renamed it, where the vendor cannot show it)."""
+    return Sender(mxid=str(ctx.hs.config.bot_mxid), display_name=EIMIS)
