@@ -17,18 +17,26 @@ is skipped, counted and logged without its content; it never holds the others.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from datetime import UTC, datetime, timedelta
 
+from cachetools import LRUCache
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
+from mautrix.types import RoomID
 
 from bridge.config import BackfillConfig
 from bridge.core.audit_trail import Trail
+from bridge.core.portals import Portals
 from bridge.db.group_commit import Write
 from bridge.db.stores import Stores
 from connectors.base import Connector, HistorySource, MessageReceived
 
 log = logging.getLogger("eimis.backfill")
+
+VISITOR_KEY = "eu.eimis.backfill_visitor"
+"""On the leave of a ghost that came in only to show a former member's earlier messages: the
+vendors need not be told (they never had them back)."""
+ROOMS_REMEMBERED = 10_000
 
 PutMessage = Callable[[Connector, str, str, MessageReceived, bool], Awaitable[list[Write]]]
 """Puts one message in a portal as a live one (``ToMatrix``); the last argument: look at the
@@ -40,6 +48,7 @@ class Backfill:
     def __init__(
         self,
         stores: Stores,
+        portals: Portals,
         trail: Trail,
         config: BackfillConfig,
         *,
@@ -49,6 +58,7 @@ class Backfill:
     ) -> None:
         """``outsiders``: the untrusted servers with a member in a room (nothing goes in)."""
         self.stores = stores
+        self.portals = portals
         self.trail = trail
         self.config = config
         self._put = put
@@ -56,6 +66,42 @@ class Backfill:
         self._outbox_notify = outbox_notify
         self.skipped = 0
         """Messages of histories that could not be put in (since start)."""
+        self._rooms: LRUCache[str, bool] = LRUCache(ROOMS_REMEMBERED)
+
+    def filled(self, room_id: str) -> bool:
+        """Whether this process put history in the room: a live message may be one of it (the
+        message map is read before it is sent)."""
+        return room_id in self._rooms
+
+    async def _visiting(
+        self,
+        connector_id: str,
+        room_id: str,
+        message: MessageReceived,
+        members: Collection[str],
+        visitors: list[str],
+    ) -> None:
+        """A message of someone no longer in the conversation: their ghost comes in for their
+        messages, then leaves (``_see_out``). Every vendor side is told first that they are
+        there, so the join is news to none of them. Raises ``UnknownUser`` when their vendor
+        no longer describes them."""
+        mxid = self.portals.ids.mxid(connector_id, message.sender)
+        if mxid in members or mxid in visitors:
+            return
+        await self.portals.ghost(connector_id, message.sender)
+        for link in await self.stores.portals.links(room_id):
+            await self.stores.portals.add_participants(room_id, link.connector, [mxid])
+        visitors.append(mxid)
+
+    async def _see_out(self, room_id: str, mxid: str) -> None:
+        """A former member's ghost, done showing their messages, leaves."""
+        try:
+            await self.portals.hs.intent(mxid).leave_room(
+                RoomID(room_id), extra_content={VISITOR_KEY: True}
+            )
+        except MatrixRequestError as error:
+            log.warning("A former member's ghost could not leave %s (%s)", room_id, error.errcode)
+        self.portals.member_changed(room_id, mxid, "leave")
 
     async def run(
         self,
@@ -65,9 +111,13 @@ class Backfill:
         conversation_id: str,
         *,
         rerun: bool = False,
+        members: Collection[str] = (),
         now: datetime | None = None,
     ) -> int:
         """Put the conversation's history in its portal; returns how many messages went in.
+
+        ``members``: the ghosts of the conversation's current members; a message of anyone
+        else is shown by their ghost, which then leaves (``VISITOR_KEY`` on its leave).
 
         ``rerun``: this portal was opened before (a retry after a crash): a message may have
         been sent without being recorded, so the room is looked at before each send.
@@ -98,8 +148,14 @@ class Backfill:
         messages = messages[-limit:]
         messages.sort(key=lambda m: _ms(m.timestamp))  # stable: same time, the vendor's order
         put = 0
+        visitors: list[str] = []
         for message in messages:
+            if await self.stores.messages.event_for(
+                connector_id, message.message_id, room_id=room_id
+            ):
+                continue  # put in before this run was cut short
             try:
+                await self._visiting(connector_id, room_id, message, members, visitors)
                 writes = await self._put(connector, connector_id, room_id, message, rerun)
             except MatrixConnectionError:
                 raise  # the homeserver is away: the whole creation is retried later
@@ -123,8 +179,11 @@ class Backfill:
                 await self.stores.commit.commit(writes)
                 self.trail.committed(writes, None)
                 put += 1
+        for mxid in visitors:
+            await self._see_out(room_id, mxid)
         self.skipped += skipped
         if put:
+            self._rooms[room_id] = True
             self._outbox_notify()
         log.info(
             "Backfill of a %s conversation into %s: %d message(s) put in, %d skipped",

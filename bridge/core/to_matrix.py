@@ -119,6 +119,7 @@ class ToMatrix:
         """Who is in a conversation, and its title and topic, as its vendor changes them."""
         self.backfill = Backfill(
             stores,
+            portals,
             self.trail,
             backfill or BackfillConfig(),
             put=self._backfilled,
@@ -172,7 +173,12 @@ class ToMatrix:
                 # Before any newer message of the conversation (this lane is ordered); again
                 # after a crash midway (what was put in already is skipped).
                 await self.backfill.run(
-                    connector, connector_id, room, event.conversation_id, rerun=known is not None
+                    connector,
+                    connector_id,
+                    room,
+                    event.conversation_id,
+                    rerun=known is not None,
+                    members={self.portals.ids.mxid(connector_id, m) for m in event.members},
                 )
             if known is not None:
                 return []  # opened before: its audit row exists
@@ -192,6 +198,8 @@ class ToMatrix:
             if outsiders:
                 return await self._kept_inside(connector_id, room_id, event, outsiders)
         if isinstance(event, MessageReceived):
+            # A message the backfill may have put in already is looked up first.
+            recovered = recovered or self.backfill.filled(room_id)
             return await self._message(connector, connector_id, room_id, event, retrying, recovered)
         if isinstance(event, VENDOR_CHANGES):
             return await self.changes.handle(connector_id, room_id, event)

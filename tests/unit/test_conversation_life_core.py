@@ -18,6 +18,7 @@ import pytest
 from mautrix.errors import MatrixRequestError, make_request_error
 
 from bridge.config import BackfillConfig, DatabaseConfig, MediaConfig
+from bridge.core.backfill import VISITOR_KEY
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.portals import Portals
 from bridge.core.send_status import StatusReporter
@@ -114,9 +115,11 @@ class FakeIntent:
         recorded = {c: await self.hs.stores.portals.participants(room_id, c) for c in ("pl", "mp")}
         self.hs.invites.append((self.mxid, user_id, extra_content, recorded))
 
-    async def leave_room(self, room_id: str, reason: str | None = None, **_: Any) -> None:
+    async def leave_room(
+        self, room_id: str, reason: str | None = None, extra_content: Any = None, **_: Any
+    ) -> None:
         self.hs.members.get(room_id, set()).discard(self.mxid)
-        self.hs.log.append(("leave", self.mxid, reason))
+        self.hs.log.append(("leave", self.mxid, extra_content or reason))
 
     async def kick_user(self, room_id: str, user_id: str, reason: str = "") -> None:
         self.hs.members.get(room_id, set()).discard(user_id)
@@ -563,3 +566,27 @@ async def test_a_backfill_cut_short_resumes_without_doubling(stores: Stores) -> 
         s["content"]["body"] for s in bridge.hs.sent if s["content"].get("msgtype") == "m.text"
     ]
     assert bodies == [f"message {n}" for n in range(4)]
+
+
+async def test_a_former_members_messages_are_shown_by_their_ghost_which_then_leaves(
+    stores: Stores,
+) -> None:
+    bridge = Bridge(stores)
+    bridge.pl.messages = [history_message(1, JULIEN, 30), history_message(2, CAMILLE, 20)]
+    created = ConversationCreated(
+        **at(13), creator=CAMILLE, members=(CAMILLE,), participants=(Participant(idnps=ANA),)
+    )
+    await bridge.handle(created)
+    julien = ghost("pl", JULIEN)
+    [first, _] = [s for s in bridge.hs.sent if s["content"].get("msgtype") == "m.text"]
+    assert first["sender"] == julien
+    assert ("leave", julien, {VISITOR_KEY: True}) in bridge.hs.log
+    assert julien not in bridge.hs.members[ROOM]
+    # Told to every side before the join: the join routes nowhere.
+    assert julien in await stores.portals.participants(ROOM, "pl")
+    assert julien in await stores.portals.participants(ROOM, "mp")
+
+    # The vendor then pushes a message the backfill already put in: not doubled.
+    live = history_message(2, CAMILLE, 20)
+    assert await bridge.handle(live) == []
+    assert len([s for s in bridge.hs.sent if s["content"].get("msgtype") == "m.text"]) == 2
