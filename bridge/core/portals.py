@@ -273,9 +273,10 @@ class Portals:
             await self.ensure_joined(room_id, member.mxid)
         # Matrix users are invited by the person who asked (the creator's ghost), so their
         # clients show who it is (and, in a 1:1, name the room after them).
+        inviter = creator if creator in {m.mxid for m in ghosts} else self.ids.bot_mxid
         for member in everyone:
             if member.connector is None:
-                await self.invite(room_id, creator, member.mxid, is_direct=is_direct)
+                await self.invite(room_id, inviter, member.mxid, is_direct=is_direct)
         if is_direct:
             first, second = everyone
             for member, other in ((first, second), (second, first)):
