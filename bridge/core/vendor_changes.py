@@ -194,7 +194,7 @@ class VendorChanges:
                 await self._leave(room_id, mxid, reason)
             else:
                 await self._kick(room_id, voice, mxid, reason)
-        await self._still_there(source, room_id, voice)
+        await self._still_there(source, room_id, voice, event.event_id)
 
     async def _meant(
         self, room_id: str, voice: str, participant: Participant, known: set[str]
@@ -231,9 +231,10 @@ class VendorChanges:
         await self.stores.portals.remove_participants(room_id, source, [mxid])
         await self._leave(room_id, mxid, None)
         portal = await self.stores.portals.get(room_id)
-        await self._still_there(source, room_id, portal.voice if portal else self.ids.bot_mxid)
+        voice = portal.voice if portal is not None else self.ids.bot_mxid
+        await self._still_there(source, room_id, voice, event.event_id)
 
-    async def _still_there(self, source: str, room_id: str, voice: str) -> None:
+    async def _still_there(self, source: str, room_id: str, voice: str, key: str) -> None:
         """When nobody of ``source`` is left in the portal, its link is closed (what was queued
         for it is still delivered) and the room is told."""
         members = await self.hs.joined_members(room_id, viewer=voice)
@@ -247,7 +248,7 @@ class VendorChanges:
         await self.status.notice(
             room_id,
             nobody_left(source),
-            txn_id=derived_txn_id(source, "nobody-left", room_id, link.conversation_id or ""),
+            txn_id=derived_txn_id(source, "nobody-left", key),
         )
 
     # Titles and topics -------------------------------------------------------------------------

@@ -590,3 +590,35 @@ async def test_a_former_members_messages_are_shown_by_their_ghost_which_then_lea
     live = history_message(2, CAMILLE, 20)
     assert await bridge.handle(live) == []
     assert len([s for s in bridge.hs.sent if s["content"].get("msgtype") == "m.text"]) == 2
+
+
+async def test_a_vendor_adding_someone_of_a_vendor_that_had_left_reopens_its_link(
+    stores: Stores,
+) -> None:
+    bridge = Bridge(stores)
+    camille = ghost("pl", CAMILLE)
+    await bridge.portal(camille)
+    await stores.portals.add_link(ROOM, "mp", "mp-conv")
+    await stores.portals.close_link(ROOM, "mp")
+
+    await bridge.handle(
+        ParticipantsAdded(**at(14), sender=CAMILLE, participants=(Participant(idnps=ANA),))
+    )
+    link = await stores.portals.link(ROOM, "mp")
+    assert link is not None and not link.closed and link.conversation_id == "mp-conv"
+    assert await stores.outbox.pending(0, 10) == [], "no second conversation for mp"
+    assert ghost("mp", ANA) in bridge.hs.members[ROOM]
+
+
+async def test_no_title_enters_a_room_with_members_of_untrusted_servers(stores: Stores) -> None:
+    bridge = Bridge(stores)
+    camille = ghost("pl", CAMILLE)
+    await bridge.portal(camille)
+
+    async def outsiders(room_id: str, voice: str) -> list[str]:
+        return ["untrusted.example"]
+
+    bridge.portals.outsiders = outsiders  # type: ignore[method-assign]
+    [audit] = await bridge.handle(ConversationRenamed(**at(15), sender=CAMILLE, title="Patient X"))
+    assert audit.record.outcome == "refused"
+    assert bridge.hs.sent == [] and bridge.hs.state == [] and bridge.relayed == []
