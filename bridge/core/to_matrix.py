@@ -7,6 +7,9 @@ What a ghost sends is also relayed at once to the room's other connectors (``rel
 routing as for any room event): the vendors need not wait for the homeserver to push the event
 back, and a push the homeserver loses or delays (it happens around restarts) loses nothing. When
 the push does arrive, its deliveries are already queued under the same keys and it adds nothing.
+
+Who is in a conversation and what it is called (people added or removed, a member leaving, a
+title or topic) are ``vendor_changes.py``'s; a new portal's earlier messages, ``backfill.py``'s.
 """
 
 from __future__ import annotations
