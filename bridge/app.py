@@ -222,6 +222,7 @@ class Bridge:
                 success_statuses=config.delivery.success_statuses,
                 trail=trail,
                 crypto=self.crypto,
+                backfill=config.portal.backfill,
             ),
             outbox_notify=self.outbox.notify,
             trail=trail,

@@ -7,7 +7,7 @@ import logging
 
 from cachetools import LRUCache
 from mautrix.errors import IntentError, MatrixRequestError
-from mautrix.types import EventType, Membership, RoomID
+from mautrix.types import EventType, Membership, RoomID, UserID
 
 from bridge.core import operations as op
 from bridge.core.connectors import ConnectorSet
@@ -264,15 +264,20 @@ class Portals:
             elif member.mxid not in {m.mxid for m in members + others}:
                 others.append(member)
         everyone = members + others
+        is_direct = len(everyone) == 2
+        ghosts = [m for m in everyone if m.connector is not None]
         room_id = await self.hs.create_portal_room(
-            title=event.title,
-            invite=[m.mxid for m in everyone],
-            is_direct=len(everyone) == 2,
+            title=event.title, invite=[m.mxid for m in ghosts], is_direct=is_direct
         )
+        for member in ghosts:
+            await self.ensure_joined(room_id, member.mxid)
+        # Matrix users are invited by the person who asked (the creator's ghost), so their
+        # clients show who it is (and, in a 1:1, name the room after them).
+        inviter = creator if creator in {m.mxid for m in ghosts} else self.ids.bot_mxid
         for member in everyone:
-            if member.connector is not None:
-                await self.ensure_joined(room_id, member.mxid)
-        if len(everyone) == 2:
+            if member.connector is None:
+                await self.invite(room_id, inviter, member.mxid, is_direct=is_direct)
+        if is_direct:
             first, second = everyone
             for member, other in ((first, second), (second, first)):
                 if member.connector is not None:
@@ -282,6 +287,10 @@ class Portals:
                 Portal(room_id, event.title, len(everyone) == 2, self.ids.bot_mxid), conn=conn
             )
             await self.stores.portals.add_link(room_id, source, event.conversation_id, conn=conn)
+            # The vendor already has everyone: their joins must not go back to it.
+            await self.stores.portals.add_participants(
+                room_id, source, [m.mxid for m in everyone], conn=conn
+            )
             for connector_id in dict.fromkeys(m.connector for m in others if m.connector):
                 await self._queue_conversation(
                     room_id, connector_id, event.title, everyone, conn=conn
@@ -310,6 +319,34 @@ class Portals:
                 f"Could not add to this conversation: {'; '.join(refused)}.",
                 txn_id=derived_txn_id("refused", room_id),
             )
+
+    async def invite(
+        self, room_id: str, inviter: str, invitee: str, *, is_direct: bool = False
+    ) -> None:
+        """``inviter`` (a ghost in the room) invites ``invitee``; already in is fine."""
+        await self.hs.intent(inviter).invite_user(
+            RoomID(room_id),
+            UserID(invitee),
+            extra_content={"is_direct": True} if is_direct else None,
+        )
+
+    async def link_connector(self, room_id: str, connector_id: str, everyone: list[Member]) -> None:
+        """Someone of ``connector_id`` was added to a portal that has no conversation there: one
+        is queued for opening, with ``everyone`` in it (recorded as that side's participants)."""
+        portal = await self.stores.portals.get(room_id)
+        title = portal.title if portal is not None else None
+        async with self.stores.db.acquire() as conn, conn.transaction():
+            await self._queue_conversation(room_id, connector_id, title, everyone, conn=conn)
+        self.stores.portals.forget(room_id)
+        log.info("Queued a %s conversation for portal %s", connector_id, room_id)
+        await self.publish_capabilities(
+            room_id, portal.voice if portal is not None else self.ids.bot_mxid
+        )
+
+    async def room_members(self, room_id: str, voice: str) -> list[Member]:
+        """The joined members of a portal (the bot left out), as vendors see them."""
+        mxids = await self.hs.joined_members(room_id, viewer=voice)
+        return [await self.sender(room_id, m, voice) for m in mxids if m != self.ids.bot_mxid]
 
     async def invite_refusal(
         self, inviter: str, target: str, target_idnps: Idnps | None = None
@@ -484,6 +521,10 @@ class Portals:
     ) -> None:
         """Link the room to a vendor conversation that the outbox will open, before any message."""
         await self.stores.portals.add_link(room_id, connector_id, None, conn=conn)
+        # The conversation will be opened with everyone in it: nobody is to be added again.
+        await self.stores.portals.add_participants(
+            room_id, connector_id, [m.mxid for m in everyone], conn=conn
+        )
         create = op.CreateConversation(
             title=title,
             members=tuple(m.idnps for m in everyone if m.connector == connector_id and m.idnps),
@@ -514,3 +555,16 @@ class Portals:
             await self.hs.intent(ghost_mxid).leave_room(RoomID(room_id), reason=reason)
         except MatrixRequestError as error:
             log.warning("Could not refuse the invite for %s (%s)", ghost_mxid, error.errcode)
+
+
+def unreachable_notice(people: list[str]) -> str:
+    """What the room reads about people a vendor user named that nobody can reach."""
+    return (
+        "Impossible d'ajouter à cette conversation (inconnu des services connectés, ou "
+        f"injoignable) : {', '.join(people)}."
+    )
+
+
+def refused_notice(people: list[str]) -> str:
+    """What the room reads about people who may not be added (each with its reason)."""
+    return f"Impossible d'ajouter à cette conversation : {' ; '.join(people)}."

@@ -7,6 +7,9 @@ What a ghost sends is also relayed at once to the room's other connectors (``rel
 routing as for any room event): the vendors need not wait for the homeserver to push the event
 back, and a push the homeserver loses or delays (it happens around restarts) loses nothing. When
 the push does arrive, its deliveries are already queued under the same keys and it adds nothing.
+
+Who is in a conversation and what it is called (people added or removed, a member leaving, a
+title or topic) are ``vendor_changes.py``'s; a new portal's earlier messages, ``backfill.py``'s.
 """
 
 from __future__ import annotations
@@ -21,14 +24,16 @@ from mautrix.api import Method, Path
 from mautrix.errors import MatrixRequestError
 from mautrix.types import EventID, RoomID
 
-from bridge.config import MediaConfig
+from bridge.config import BackfillConfig, MediaConfig
 from bridge.core import filetypes
 from bridge.core import operations as op
 from bridge.core.audit_trail import Trail
+from bridge.core.backfill import Backfill
 from bridge.core.degradation import safe_filename
 from bridge.core.errors import NotInDirectory, PermanentFailure
 from bridge.core.portals import Portals
 from bridge.core.send_status import StatusReporter, report_to_vendor
+from bridge.core.vendor_changes import VENDOR_CHANGES, VendorChanges
 from bridge.crypto.attachments import Encryptor, encrypt_stream
 from bridge.crypto.machine import Crypto
 from bridge.db.group_commit import Write
@@ -43,6 +48,7 @@ from connectors.base import (
     Capabilities,
     Connector,
     ConversationCreated,
+    ConversationRenamed,
     DeliveryReport,
     Mention,
     MessageDeleted,
@@ -53,6 +59,7 @@ from connectors.base import (
     ReadUpTo,
     RemoteAttachment,
     RemoteEvent,
+    TopicChanged,
     TypingChanged,
 )
 
@@ -93,7 +100,9 @@ class ToMatrix:
         success_statuses: bool = False,
         trail: Trail | None = None,
         crypto: Crypto | None = None,
+        backfill: BackfillConfig | None = None,
     ) -> None:
+        """``backfill``: how much history a new portal gets (``portal.backfill``)."""
         self.stores = stores
         self.hs = homeserver
         self.crypto = crypto
@@ -107,6 +116,20 @@ class ToMatrix:
         self.success_statuses = success_statuses
         self.trail = trail or Trail(stores.audit)
         """What each event sent into Matrix (or refused) leaves in the audit log."""
+        self.changes = VendorChanges(
+            stores, homeserver, portals, status, self.trail, self._ghost, self._relayed
+        )
+        """Who is in a conversation, and its title and topic, as its vendor changes them."""
+        self.backfill = Backfill(
+            stores,
+            portals,
+            self.trail,
+            backfill or BackfillConfig(),
+            put=self._backfilled,
+            outsiders=self._outsiders,
+            outbox_notify=outbox_notify,
+        )
+        """A new portal's earlier messages (from a vendor that can read them)."""
 
     async def handle(
         self,
@@ -148,9 +171,20 @@ class ToMatrix:
             known = await self.stores.portals.by_conversation(connector_id, event.conversation_id)
             await self.portals.open_from_remote(connector_id, event)
             self._outbox_notify()
+            room = await self.stores.portals.by_conversation(connector_id, event.conversation_id)
+            if room is not None and (known is None or recovered):
+                # Before any newer message of the conversation (this lane is ordered); again
+                # after a crash midway (what was put in already is skipped).
+                await self.backfill.run(
+                    connector,
+                    connector_id,
+                    room,
+                    event.conversation_id,
+                    rerun=known is not None,
+                    members={self.portals.ids.mxid(connector_id, m) for m in event.members},
+                )
             if known is not None:
                 return []  # opened before: its audit row exists
-            room = await self.stores.portals.by_conversation(connector_id, event.conversation_id)
             return [self.trail.to_matrix(connector_id, event, room, "sent")]
         room_id = await self.stores.portals.by_conversation(connector_id, event.conversation_id)
         if room_id is None:
@@ -159,12 +193,19 @@ class ToMatrix:
             raise PermanentFailure(
                 f"{connector_id} conversation {event.conversation_id} is not bridged to a room"
             )
-        if isinstance(event, MessageReceived | MessageEdited | ReactionAdded):
+        if isinstance(
+            event,
+            MessageReceived | MessageEdited | ReactionAdded | ConversationRenamed | TopicChanged,
+        ):
             outsiders = await self._outsiders(room_id)
             if outsiders:
                 return await self._kept_inside(connector_id, room_id, event, outsiders)
         if isinstance(event, MessageReceived):
+            # A message the backfill may have put in already is looked up first.
+            recovered = recovered or self.backfill.filled(room_id)
             return await self._message(connector, connector_id, room_id, event, retrying, recovered)
+        if isinstance(event, VENDOR_CHANGES):
+            return await self.changes.handle(connector_id, room_id, event)
         if isinstance(event, MessageEdited):
             return await self._edit(connector, connector_id, room_id, event)
         if isinstance(event, MessageDeleted):
@@ -292,6 +333,19 @@ class ToMatrix:
             )
         return writes
 
+    async def _backfilled(
+        self,
+        connector: Connector,
+        connector_id: str,
+        room_id: str,
+        event: MessageReceived,
+        rerun: bool,
+    ) -> list[Write]:
+        """An earlier message, put in as a live one (``Backfill``); already there: nothing."""
+        return await self._message(
+            connector, connector_id, room_id, event, retrying=rerun, recovered=True
+        )
+
     async def _already_sent(self, sender: str, room_id: str, source: str) -> str | None:
         """The event a previous attempt sent for this vendor message, if it did.
 
@@ -417,7 +471,7 @@ class ToMatrix:
         self,
         connector_id: str,
         room_id: str,
-        event: MessageReceived | MessageEdited | ReactionAdded,
+        event: MessageReceived | MessageEdited | ReactionAdded | ConversationRenamed | TopicChanged,
         outsiders: list[str],
     ) -> list[Write]:
         """Members of servers outside the trust space are in the room: nothing goes in."""
