@@ -23,6 +23,7 @@ from typing import Any
 from mautrix.errors import MatrixRequestError
 
 from bridge.core import operations as op
+from bridge.core.backfill import VISITOR_KEY
 from bridge.core.members import Member
 from bridge.core.portals import Portals
 from bridge.db.group_commit import Write
@@ -99,6 +100,13 @@ class Membership:
         reason = content.get("reason")
         reason = reason[:500] if isinstance(reason, str) and reason.strip() else None
         ref = self.ids.parse(target)
+        if ref is not None and sender == target and content.get(VISITOR_KEY) is True:
+            # A former member's ghost that came in only to show their earlier messages
+            # (backfill): no vendor side ever had them back, so none is told they left.
+            return [
+                self.stores.portals.remove_participant_write(room_id, link.connector, target)
+                for link in await self.stores.portals.links(room_id)
+            ]
         member: Member | None = None
         writes: list[Write] = []
         for link in await self.stores.portals.open_links(room_id):

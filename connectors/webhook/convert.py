@@ -47,6 +47,8 @@ from connectors.base import (
 MAX_ID_LENGTH = 200
 MAX_NAME_LENGTH = 255
 MAX_TEXT_LENGTH = 65536
+MAX_TOPIC_LENGTH = 4000
+"""A ``Topic`` (openapi.yaml), both ways."""
 MAX_KEY_LENGTH = 64
 MAX_MENTIONS = 50
 MAX_PEOPLE = 100
@@ -266,6 +268,8 @@ def _topic(data: dict[str, Any], where: str) -> RemoteEvent:
     topic = data["topic"]
     if topic is not None:
         topic = _text(_string(topic, f"{where}.topic", "a string or null"), f"{where}.topic")
+        if len(topic) > MAX_TOPIC_LENGTH:
+            raise InvalidEvent(f"{where}.topic is longer than {MAX_TOPIC_LENGTH} characters")
     return TopicChanged(
         **_common(data, where),
         sender=_idnps(data["sender"], f"{where}.sender"),
@@ -563,10 +567,10 @@ def title_text(title: str | None) -> str | None:
 
 
 def topic_text(topic: str | None) -> str | None:
-    """A topic: text without NUL, at most 65,536 characters; empty is none."""
+    """A ``Topic``: text without NUL, at most 4,000 characters; empty is none."""
     if topic is None:
         return None
-    return _outgoing_text(topic) or None
+    return _outgoing_text(topic)[:MAX_TOPIC_LENGTH] or None
 
 
 def reaction_key(key: str) -> str | None:

@@ -325,4 +325,3 @@ async def test_a_reply_whose_quote_the_vendor_refuses_is_sent_without_it(stores:
     assert vendor.calls == [("send", "conv-ward", "toujours là", "None")]
     [status] = statuses.reports
     assert status["outcome"] == "SUCCESS" and "sans la citation" in status["detail"]
-

@@ -143,9 +143,7 @@ async def test_key_rotation_seals_queued_content_again_and_no_key_cannot_read_it
         await OutboxStore(db).pending(0, 1)
 
 
-async def test_stores_seal_the_outbox_with_the_configured_key(
-    db: Database, tmp_path: Path
-) -> None:
+async def test_stores_seal_the_outbox_with_the_configured_key(db: Database, tmp_path: Path) -> None:
     key_file = tmp_path / "secrets.key"
     write_private(key_file, generate_key())
     stores = Stores.of(db, secrets=SecretsConfig(key_file=key_file))
