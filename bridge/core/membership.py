@@ -163,6 +163,9 @@ class Membership:
         portal = await self.stores.portals.get(str(raw.get("room_id")))
         if portal is None:
             return []
+        if raw.get("type") == "m.room.name" and _text(content.get("name")) != portal.title:
+            # What a vendor linked later is given as the conversation's title.
+            await self.stores.portals.set_title(portal.room_id, _text(content.get("name")))
         targets = [
             link.connector
             for link in await self.stores.portals.open_links(portal.room_id)
@@ -174,7 +177,8 @@ class Membership:
         by = await self.portals.sender(portal.room_id, sender, portal.voice)
         change: op.SetTitle | op.SetTopic
         if raw.get("type") == "m.room.name":
-            change = op.SetTitle(event_id=raw["event_id"], title=_text(content.get("name")), by=by)
+            title = _text(content.get("name"))
+            change = op.SetTitle(event_id=raw["event_id"], title=title, by=by)
         else:
             change = op.SetTopic(event_id=raw["event_id"], topic=_text(content.get("topic")), by=by)
         return [w for connector in targets for w in self._tell(raw, connector, change)]

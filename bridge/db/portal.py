@@ -151,6 +151,11 @@ class PortalStore:
         )
         self._links.forget(room_id)
 
+    async def set_title(self, room_id: str, title: str | None) -> None:
+        """The conversation's current title (what a vendor linked later is given)."""
+        await self.db.execute("UPDATE portal SET title = $2 WHERE room_id = $1", room_id, title)
+        self._portals.forget(room_id)
+
     async def close_link(
         self, room_id: str, connector: str, *, conn: Connection | None = None
     ) -> None:

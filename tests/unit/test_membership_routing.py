@@ -292,6 +292,8 @@ async def test_a_rename_goes_everywhere_but_where_it_came_from(bridge: Bridge) -
     expected = [("mp", op.SetTitle(event_id="$v", title="Chambre 14", by=member(PL_A)))]
     assert await bridge.handle(relayed) == expected
     assert await bridge.handle(relayed) == []
+    # The portal keeps the current title: a vendor linked later is given it.
+    assert (await bridge.stores.portals.get(ROOM)).title == "Chambre 14"  # type: ignore[union-attr]
     # Removing the name, and the bot's own changes.
     cleared = await bridge.handle(state("$c", "m.room.name", ALICE, {}))
     assert {o.title for _, o in cleared} == {None}  # type: ignore[union-attr]
