@@ -407,6 +407,8 @@ class ParticipantChange:
     members: tuple[Idnps, ...] = ()
     external: tuple[Sender, ...] = ()
     by: Sender | None = None
+    reason: str | None = None
+    """The reason given with a removal, if any (for the people removed)."""
 
 
 AttachmentOpener = Callable[[], AbstractAsyncContextManager[AsyncIterator[bytes]]]

@@ -49,6 +49,7 @@ MAX_NAME_LENGTH = 255
 MAX_TEXT_LENGTH = 65536
 MAX_TOPIC_LENGTH = 4000
 """A ``Topic`` (openapi.yaml), both ways."""
+MAX_REASON_LENGTH = 500
 MAX_KEY_LENGTH = 64
 MAX_MENTIONS = 50
 MAX_PEOPLE = 100
@@ -554,9 +555,10 @@ def participants_body(change: ParticipantChange) -> dict[str, Any]:
     }
 
 
-def removal_body(change: ParticipantChange, reason: str | None = None) -> dict[str, Any]:
+def removal_body(change: ParticipantChange) -> dict[str, Any]:
     """``POST /conversations/{cid}/participants/remove`` (``by`` null: they left)."""
-    return {**participants_body(change), "reason": reason}
+    reason = _CONTROL.sub(" ", change.reason).strip()[:MAX_REASON_LENGTH] if change.reason else None
+    return {**participants_body(change), "reason": reason or None}
 
 
 def title_text(title: str | None) -> str | None:

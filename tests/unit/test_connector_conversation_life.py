@@ -818,7 +818,7 @@ async def test_webhook_membership_calls(vendor: tuple[FakeVendor, Served]) -> No
         await connector.add_participants("conv-1", change)
         await connector.remove_external("conv-1", ParticipantChange("req-2", external=(CAROL,)))
         await connector.remove_members(
-            "conv-1", ParticipantChange("req-3", members=(BOB,), by=CAROL)
+            "conv-1", ParticipantChange("req-3", members=(BOB,), by=CAROL, reason="Fin\nde garde")
         )
     finally:
         await connector.stop()
@@ -836,7 +836,7 @@ async def test_webhook_membership_calls(vendor: tuple[FakeVendor, Served]) -> No
         "members": [str(BOB)],
         "external": [],
         "by": person(CAROL),
-        "reason": None,
+        "reason": "Fin de garde",
     }
     assert gone.headers["Idempotency-Key"].startswith("req-2")
     assert removed.headers["Idempotency-Key"].startswith("req-3")

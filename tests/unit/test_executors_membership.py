@@ -146,7 +146,7 @@ async def test_people_outside_the_vendor_leave_it(stores: Stores) -> None:
     remove = op.RemoveParticipants(event_id="$l", external=(ALICE,), by=GHOST_A, reason="fin")
     assert await executors(stores, vendor).run("mp", ROOM, remove) == Delivered("conv")
     change = ParticipantChange(
-        request_id="$l", external=(ALICE.as_sender(),), by=GHOST_A.as_sender()
+        request_id="$l", external=(ALICE.as_sender(),), by=GHOST_A.as_sender(), reason="fin"
     )
     assert vendor.calls == [("remove_external", "conv", change)]
     # Where the vendor cannot take anyone out, its users are told.

@@ -58,6 +58,7 @@ async def remove_participants(
                 request_id=remove.event_id,
                 external=tuple(m.as_sender() for m in remove.external),
                 by=by,
+                reason=remove.reason,
             )
             await cast(ParticipantAdding, target.connector).remove_external(
                 target.conversation, change
@@ -71,7 +72,9 @@ async def remove_participants(
             )
     if remove.members:
         if target.caps.remove_participants:
-            change = ParticipantChange(request_id=remove.event_id, members=remove.members, by=by)
+            change = ParticipantChange(
+                request_id=remove.event_id, members=remove.members, by=by, reason=remove.reason
+            )
             await cast(MemberRemoval, target.connector).remove_members(target.conversation, change)
         else:
             names = await _names(ctx, target, remove.members, ())
