@@ -390,9 +390,11 @@ class Portals:
         except UnknownUser as error:
             await self._refuse_invite(room_id, ghost_mxid, str(error))
             return False
+        connector = self.connectors.get(ref.connector)
         if (
-            await self.stores.portals.link(room_id, ref.connector) is not None
-            and not self.connectors[ref.connector].capabilities.add_participants
+            connector is not None
+            and await self.stores.portals.link(room_id, ref.connector) is not None
+            and not connector.capabilities.add_participants
         ):
             # That vendor's conversation exists and cannot take anyone more: the room is told
             # (in French) and the invite refused, before the ghost joins (nothing to undo).
