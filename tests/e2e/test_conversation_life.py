@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession
+from nio import EncryptionError, MegolmEvent
 
 from bridge.cli import main
 from bridge.devtools.stack import LocalStack
@@ -27,6 +28,7 @@ from e2e_helpers import (
     as_native,
     counter,
     encrypted_native,
+    event_as,
     inbox_message,
     inbox_texts,
     member_state,
@@ -108,6 +110,19 @@ async def visible_event_ids(user: MatrixUser, room_id: str) -> set[str]:
             return found
 
 
+async def can_decrypt(user: MatrixUser, holder: MatrixUser, room_id: str, event_id: str) -> bool:
+    """Whether ``user``'s device holds the room key of ``event_id`` at its index: the ciphertext
+    is fetched by ``holder`` (who may read it) and handed to ``user``'s own Olm machine."""
+    raw = await event_as(holder, room_id, event_id)
+    event = MegolmEvent.from_dict(raw)
+    assert isinstance(event, MegolmEvent), raw.get("type")
+    try:
+        user.client.decrypt_event(event)
+    except EncryptionError:
+        return False
+    return True
+
+
 async def membership(user: MatrixUser, room_id: str, member: str) -> str | None:
     return (await member_state(user, room_id, member)).get("membership")
 
@@ -186,6 +201,8 @@ async def test_vendor_adds_a_native_user_who_reads_what_follows_and_not_before(
     assert before_id not in await visible_event_ids(newcomer, room_id)
     assert not any(e.event_id == before_id for e in newcomer.messages(room_id))
     assert not newcomer.undecryptable(room_id), "events it was sent but cannot read"
+    assert await can_decrypt(native, native, room_id, before_id), "the check itself works"
+    assert not await can_decrypt(newcomer, native, room_id, before_id), "a key from before"
 
 
 async def test_vendor_adds_a_user_of_the_other_vendor(
@@ -231,7 +248,10 @@ async def test_vendor_removes_participants_who_then_receive_nothing_new(
 
     following = unique("Après le retrait")
     await alice.post(conversation, text=following)
-    following_id = (await native.wait_for_message(room_id, text_is(following), 30)).event_id
+    seen_after = await native.wait_for_message(room_id, text_is(following), 30)
+    following_id = seen_after.event_id
+    seen_before = await native.wait_for_message(room_id, text_is(shared), 30)
+    assert seen_after.session_id != seen_before.session_id, "the ghost's session was replaced"
     # Past the removal at every side: a later message from Matrix reached PandaLab.
     marker = unique("Repère")
     await native.send_text(room_id, marker)
@@ -240,6 +260,7 @@ async def test_vendor_removes_participants_who_then_receive_nothing_new(
     await newcomer.sync()
     assert not any(getattr(e, "body", None) == following for e in newcomer.messages(room_id))
     assert following_id not in await visible_event_ids(newcomer, room_id), "nothing after"
+    assert not await can_decrypt(newcomer, native, room_id, following_id), "no key after"
 
 
 async def test_a_vendor_member_leaves_and_the_native_user_leaves(
