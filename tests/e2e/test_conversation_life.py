@@ -4,7 +4,8 @@ a vendor cannot do is said, never faked; a restart of the bridge loses nothing.
 
 Portals are end-to-end encrypted and the native users are matrix-nio with encryption on: a person
 added later reads from their invite on (history visibility ``invited``, room keys from that point),
-a person removed reads nothing more. One Synapse for the module; the restarts come last.
+a person removed reads nothing more: checked at the homeserver and on their own Olm machine. One
+Synapse for the module; the restarts come last.
 """
 
 from __future__ import annotations
