@@ -434,6 +434,27 @@ async def test_rename_and_topic_both_ways(
     assert sum(1 for e in names if e["content"].get("name") == renamed) == 1
 
 
+async def test_a_vendor_rename_is_a_notice_when_titles_stay_out_of_room_state(
+    stack: LocalStack, http: ClientSession, native: MatrixUser, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [alice] = await pick(stack, http, "pandalab")
+    conversation, room_id, _ = await opened(stack, alice, native)
+    # portal.titles_in_room_state: false (the default), for this test only.
+    assert stack.bridge is not None
+    homeserver = type(stack.bridge.homeserver)
+    monkeypatch.setattr(homeserver, "titles_in_room_state", property(lambda self: False))
+
+    title = unique("Titre discret")
+    await alice.rename(conversation, title=title)
+    notice = await native.wait_for_message(
+        room_id, lambda e: title in (getattr(e, "body", "") or ""), 60
+    )
+    assert notice.decrypted, "the title travels encrypted, not in the room state"
+    assert notice.sender == ghost(stack, "pandalab", alice)
+    status, content = await as_native(native, "GET", f"/rooms/{room_id}/state/m.room.name")
+    assert status != 200 or content.get("name") != title
+
+
 async def _equals(awaitable: Any, expected: Any) -> bool:
     return bool(await awaitable == expected)
 
