@@ -13,7 +13,9 @@ once, in order.
 
 The baseline: a plain appservice (its own registration, no transactions pushed to it) whose one
 user sends 1,000 messages with ``ts`` into a room of its own, one after the other as a backfill
-must (order): ``synapse_send_msgs_per_s``. ``backfill_vs_synapse`` is the bridge's rate over it.
+must (order), once before the backfill and once after (a new user and room each time):
+``synapse_send_msgs_per_s`` is the mean of the two. ``backfill_vs_synapse`` is the bridge's rate
+over it.
 
 Usage: ``python bench/backfill.py [--messages 1000]``.
 """
@@ -61,12 +63,15 @@ def baseline_registration(as_token: str, domain: str) -> dict[str, Any]:
     }
 
 
-async def synapse_send_rate(http: ClientSession, url: str, as_token: str, count: int) -> float:
-    """Messages per second one appservice user sends with ``ts``, one after the other."""
+async def synapse_send_rate(
+    http: ClientSession, url: str, as_token: str, count: int, name: str = "1"
+) -> float:
+    """Messages per second one appservice user (``@benchsender_<name>``, new) sends with ``ts``
+    into a room of its own, one after the other."""
     headers = {"Authorization": f"Bearer {as_token}"}
     async with http.post(
         f"{url}/_matrix/client/v3/register",
-        json={"type": "m.login.application_service", "username": "benchsender_1"},
+        json={"type": "m.login.application_service", "username": f"benchsender_{name}"},
         headers=headers,
     ) as resp:
         user_id = (await resp.json())["user_id"]
@@ -153,6 +158,8 @@ async def run(messages: int = 1000, log: Any = print) -> dict[str, float]:
                     f"{alice if n % 2 == 0 else dora}/conversations/{conversation}/messages",
                     json={"text": text},
                 )
+            log(f"backfill: Synapse's own send rate before, {messages} messages ...")
+            before = await synapse_send_rate(http, stack.synapse.url, as_token, messages, "before")
             native_id, token = await stack.synapse.register_user("bench.reader", "bench-pass-1")
             native = NativeUser(http, stack.synapse.url, native_id, token)
 
@@ -181,8 +188,8 @@ async def run(messages: int = 1000, log: Any = print) -> dict[str, float]:
                     f"backfill: {len(shown)} of {messages} shown, in order: {shown == texts}"
                 )
 
-            log(f"backfill: Synapse's own send rate, {messages} messages ...")
-            synapse_rate = await synapse_send_rate(http, stack.synapse.url, as_token, messages)
+            log(f"backfill: Synapse's own send rate after, {messages} messages ...")
+            after = await synapse_send_rate(http, stack.synapse.url, as_token, messages, "after")
     finally:
         bridge.terminate()
         try:
@@ -192,11 +199,14 @@ async def run(messages: int = 1000, log: Any = print) -> dict[str, float]:
         await stack.stop()
     shutil.rmtree(work, ignore_errors=True)
     rate = messages / backfill_s
+    synapse_rate = (before + after) / 2  # measured on both sides of the backfill: drift cancels
     return {
         "backfill_messages": messages,
         "backfill_s": round(backfill_s, 2),
         "backfill_msgs_per_s": round(rate, 1),
         "synapse_send_msgs_per_s": round(synapse_rate, 1),
+        "synapse_send_msgs_per_s_before": round(before, 1),
+        "synapse_send_msgs_per_s_after": round(after, 1),
         "backfill_vs_synapse": round(rate / synapse_rate, 2),
     }
 
