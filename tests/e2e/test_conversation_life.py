@@ -206,21 +206,22 @@ async def test_vendor_adds_a_native_user_who_reads_what_follows_and_not_before(
     assert not await can_decrypt(newcomer, native, room_id, before_id), "a key from before"
 
 
-async def test_vendor_adds_a_user_of_the_other_vendor(
-    stack: LocalStack, http: ClientSession, native: MatrixUser
+@pytest.mark.parametrize("other", ["medipeps", "webhook"])
+async def test_vendor_adds_a_user_of_another_vendor(
+    stack: LocalStack, http: ClientSession, native: MatrixUser, other: str
 ) -> None:
     [alice] = await pick(stack, http, "pandalab")
-    [bob] = await pick(stack, http, "medipeps")
+    [bob] = await pick(stack, http, other)
     conversation, room_id, _ = await opened(stack, alice, native)
     earlier = unique("Avant l'arrivée de Bob")
     await alice.post(conversation, text=earlier)
     await native.wait_for_message(room_id, text_is(earlier), 30)
 
     await alice.add(conversation, bob.idnps)
-    await until_member(native, room_id, ghost(stack, "medipeps", bob), "join")
+    await until_member(native, room_id, ghost(stack, other, bob), "join")
     following = unique("Pour Bob désormais")
     await alice.post(conversation, text=following)
-    at_bob = await wait_until(lambda: received(bob, following), 90, "the message at Medipeps")
+    at_bob = await wait_until(lambda: received(bob, following), 90, f"the message at {other}")
     assert earlier not in await inbox_texts(bob), "history only as the vendor's rules give it"
 
     reply = unique("Bob répond")
@@ -370,6 +371,27 @@ async def test_native_kicks_a_ghost(
     await native.send_text(room_id, later)
     await wait_until(lambda: received(alice, later), 90, "the next message at Alice")
     assert later not in await inbox_texts(dora)
+
+
+async def test_native_kicks_a_ghost_of_a_webhook_vendor(
+    stack: LocalStack, http: ClientSession, native: MatrixUser
+) -> None:
+    [alice] = await pick(stack, http, "pandalab")
+    [wendy] = await pick(stack, http, "webhook")
+    conversation, room_id, _ = await opened(stack, alice, native, wendy.idnps)
+    shared = unique("Pour Wendy")
+    await alice.post(conversation, text=shared)
+    at_wendy = await wait_until(lambda: received(wendy, shared), 90, "the message at the vendor")
+    wendy_conversation = str(at_wendy["conversation_id"])
+
+    await kick_when_allowed(native, room_id, ghost(stack, "webhook", wendy), "Fin de garde")
+    await wait_until(
+        lambda: _not(wendy.in_conversation(wendy_conversation)), 60, "Wendy's list without it"
+    )
+    later = unique("Sans Wendy")
+    await native.send_text(room_id, later)
+    await wait_until(lambda: received(alice, later), 90, "the next message at Alice")
+    assert later not in await inbox_texts(wendy)
 
 
 async def _not(awaitable: Any) -> bool:
