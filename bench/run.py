@@ -4,13 +4,15 @@ Runs, in order: throughput (core Matrix -> vendor on SQLite and PostgreSQL with 
 baselines, vendor -> Matrix, and the profiles), scale, end-to-end latency through Synapse, the
 200 MB media memory benchmark, a 100,000-line directory import, the encryption overhead
 (encrypted vs plain DMs through Synapse: latency and the bridge's CPU per message), and hostile
-formatted messages (conversion time against size, ``/live`` while five are converted). Each figure
+formatted messages (conversion time against size, ``/live`` while five are converted), and a
+backfill of 1,000 messages into a new portal against Synapse's own send rate. Each figure
 that has a target is a ratio against a baseline measured in the same run, or an absolute the
 target names.
 All figures are merged into ``bench/results/latest.json``; the table is printed at the end. A
 benchmark that fails is reported (``<name>_error``) and the others still run.
 
-Usage: ``python bench/run.py [--only throughput,scale,e2e,media,directory,encryption,conversion]
+Usage: ``python bench/run.py
+[--only throughput,scale,e2e,media,directory,encryption,conversion,backfill]
 [--events 5000] [--profile-events 2000] [--samples 200] [--media-mb 200]``. Never part of the
 test suite.
 """
@@ -148,6 +150,15 @@ ROWS: list[tuple[str, str, str, Check]] = [
         lambda v: v < 1000,
     ),
     ("conversion_hostile_delivered_s", "  the 5 delivered after (s)", "", None),
+    ("backfill_s", "backfill: 1,000 messages into a new portal (s)", "", None),
+    ("backfill_msgs_per_s", "  backfill (messages/s)", "", None),
+    (
+        "synapse_send_msgs_per_s",
+        "  baseline Synapse appservice send with ts (messages/s)",
+        "",
+        None,
+    ),
+    ("backfill_vs_synapse", "backfill / Synapse's own send rate", "", None),
 ]
 
 
@@ -240,6 +251,7 @@ async def _directory(directory_import: Any) -> dict[str, Any]:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    import backfill
     import conversion
     import directory_import
     import e2e_latency
@@ -251,7 +263,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     only = (
         set(args.only.split(","))
         if args.only
-        else {"throughput", "scale", "e2e", "media", "directory", "encryption", "conversion"}
+        else {
+            "throughput",
+            "scale",
+            "e2e",
+            "media",
+            "directory",
+            "encryption",
+            "conversion",
+            "backfill",
+        }
     )
     if RESULTS.exists():  # errors of earlier runs are not this run's
         old = json.loads(RESULTS.read_text())
@@ -273,6 +294,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         ("directory", lambda: _directory(directory_import)),
         ("encryption", lambda: encryption.run(args.samples, log=log)),
         ("conversion", lambda: conversion.run(log=log)),
+        ("backfill", lambda: backfill.run(1000, log=log)),
     ]
     for name, step in steps:
         if name not in only:
@@ -301,7 +323,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated: throughput,scale,e2e,media,directory,encryption,conversion",
+        help="comma-separated: throughput,scale,e2e,media,directory,encryption,conversion,backfill",
     )
     parser.add_argument("--events", type=int, default=5_000)
     parser.add_argument("--profile-events", type=int, default=2_000)

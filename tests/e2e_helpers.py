@@ -139,6 +139,47 @@ class AppUser(SandboxUser):
                 return dict(message)
         return None
 
+    # The life of a conversation (USER_API.md: participants, leave, title and description).
+
+    async def add(self, conversation_id: str, *refs: str) -> dict[str, Any]:
+        """Adds people (IDNPS or Matrix IDs) to the conversation: the conversation after."""
+        return dict(
+            await self._json(
+                "POST",
+                f"/conversations/{conversation_id}/participants",
+                json={"add": list(refs)},
+            )
+        )
+
+    async def remove(self, conversation_id: str, *refs: str) -> dict[str, Any]:
+        """Removes people from the conversation: the conversation after."""
+        return dict(
+            await self._json(
+                "POST",
+                f"/conversations/{conversation_id}/participants",
+                json={"remove": list(refs)},
+            )
+        )
+
+    async def try_remove(self, conversation_id: str, *refs: str) -> int:
+        """The HTTP status of a removal (the vendor may not allow it)."""
+        async with self.http.post(
+            f"{self.base}/conversations/{conversation_id}/participants",
+            json={"remove": list(refs)},
+        ) as resp:
+            return resp.status
+
+    async def leave(self, conversation_id: str) -> None:
+        await self._json("POST", f"/conversations/{conversation_id}/leave")
+
+    async def rename(self, conversation_id: str, **fields: str | None) -> dict[str, Any]:
+        """PATCHes the conversation's ``title`` and/or ``description``."""
+        return dict(await self._json("PATCH", f"/conversations/{conversation_id}", json=fields))
+
+    async def in_conversation(self, conversation_id: str) -> bool:
+        """Whether the conversation is still in this user's list."""
+        return any(c["conversation_id"] == conversation_id for c in await self.conversations())
+
 
 async def app_users_of(stack: LocalStack, http: ClientSession, type_name: str) -> list[AppUser]:
     sandbox = stack.sandboxes[type_name]
@@ -354,9 +395,7 @@ async def is_redacted(user: MatrixUser, room_id: str, event_id: str) -> bool:
 
 async def member_state(user: MatrixUser, room_id: str, member: str) -> dict[str, Any]:
     """``member``'s current m.room.member content in the room, as ``user`` sees it."""
-    status, content = await as_native(
-        user, "GET", f"/rooms/{room_id}/state/m.room.member/{member}"
-    )
+    status, content = await as_native(user, "GET", f"/rooms/{room_id}/state/m.room.member/{member}")
     return dict(content) if status == 200 else {}
 
 

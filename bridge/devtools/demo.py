@@ -1,8 +1,10 @@
 """``eimis-bridge demo``: a local Synapse, the bridge, every shipped sandbox, and a scripted chat.
 
 The script uses only what a user would: each sandbox's user-side API (the stand-in for the
-vendor's app) and the Matrix client-server API for the native user. It prints what each side saw
-and, with ``--once``, exits 0 only when every side saw every message it should have.
+vendor's app) and the Matrix client-server API for the native users. Partway through, the vendor
+user who opened the conversation adds a second native user, who must see what follows and
+nothing from before. It prints what each side saw and, with ``--once``, exits 0 only when every
+side saw every message it should have (and the newcomer nothing earlier).
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ from bridge.private_files import private_dir, write_private
 
 NATIVE_LOCALPART = "julie.bernard"
 NATIVE_DISPLAYNAME = "Julie Bernard - Médecin"
+NEWCOMER_LOCALPART = "marc.petit"
+NEWCOMER_DISPLAYNAME = "Marc Petit - Médecin"
 TIMEOUT_S = 90.0
+
+
+class DemoFailure(Exception):
+    """A side saw something it should not have."""
 
 
 def say(line: str = "") -> None:
@@ -84,6 +92,13 @@ class SandboxUser:
             resp.raise_for_status()
             return list((await resp.json())["messages"])
 
+    async def add_participants(self, conversation_id: str, refs: list[str]) -> None:
+        """Adds people (IDNPS or Matrix IDs) to a conversation, as the vendor's app allows."""
+        async with self.http.post(
+            f"{self.base}/conversations/{conversation_id}/participants", json={"add": refs}
+        ) as resp:
+            resp.raise_for_status()
+
 
 class NativeUser:
     """A professional on a Matrix client with end-to-end encryption (matrix-nio on vodozemac):
@@ -118,9 +133,10 @@ class NativeUser:
 
 
 async def play_script(
-    http: ClientSession, sandboxes: list[Sandbox], native: NativeUser
+    http: ClientSession, sandboxes: list[Sandbox], native: NativeUser, newcomer: NativeUser
 ) -> dict[str, list[str]]:
-    """The scripted conversation; returns each side's transcript. Raises when a side misses one."""
+    """The scripted conversation; returns each side's transcript. Raises when a side misses one
+    (``TimeoutError``) or the newcomer saw what came before their arrival (``DemoFailure``)."""
     first, second = sandboxes[0], sandboxes[1]
     alice = SandboxUser(http, first, first.users[0])
     bob = SandboxUser(http, second, second.users[0])
@@ -129,7 +145,10 @@ async def play_script(
         "alice": f"[{stamp}] Bonjour, pouvez-vous passer voir le patient de la chambre 12 ?",
         "bob": f"[{stamp}] Oui, je passe vers 15 h.",
         "native": f"[{stamp}] Merci, je prépare l'ordonnance.",
+        "welcome": f"[{stamp}] J'ajoute Marc, l'interne de garde, pour la suite.",
+        "newcomer": f"[{stamp}] Bonsoir, je prends le relais cette nuit.",
     }
+    before = [lines["alice"], lines["bob"], lines["native"]]
     say(
         f"{alice.name} ({first.type_name}) opens a conversation with {bob.name} "
         f"({second.type_name}) and {native.user_id} (Matrix)"
@@ -165,6 +184,32 @@ async def play_script(
         f"{bob.name} to see the Matrix message", lambda: _inbox_has(bob, lines["native"])
     )
 
+    # Partway through: the vendor user adds a third person, who sees what follows only.
+    say(f"{alice.name} adds {newcomer.user_id} (Matrix) to the conversation")
+    await alice.add_participants(conversation, [newcomer.user_id])
+
+    async def newcomer_joined() -> bool:
+        return room_id in await newcomer.invites()
+
+    await wait_for("the invite to reach the added Matrix user", newcomer_joined)
+    await alice.send(conversation, lines["welcome"])
+    await wait_for(
+        "the added Matrix user to see what follows",
+        lambda: _room_has(newcomer, room_id, [lines["welcome"]]),
+    )
+    await newcomer.send(room_id, lines["newcomer"])
+    await wait_for(
+        "every side to see the added user's message",
+        lambda: _everyone_has(alice, bob, native, room_id, lines["welcome"], lines["newcomer"]),
+    )
+    earlier = [body for _, body in await newcomer.messages(room_id) if body in before]
+    if earlier:
+        raise DemoFailure(f"the added Matrix user saw {len(earlier)} message(s) from before")
+    say(
+        f"{newcomer.user_id}, added partway through, saw what followed and nothing from before "
+        "(history visibility: invited; room keys from their arrival on)."
+    )
+
     transcript = {
         f"{alice.name} on {first.type_name}": [
             f"{m['sender_name']}: {m['text']}" for m in await alice.inbox() if stamp in m["text"]
@@ -175,6 +220,11 @@ async def play_script(
         f"{native.user_id} on Matrix": [
             f"{sender}: {body}" for sender, body in await native.messages(room_id) if stamp in body
         ],
+        f"{newcomer.user_id} on Matrix (added later)": [
+            f"{sender}: {body}"
+            for sender, body in await newcomer.messages(room_id)
+            if stamp in body
+        ],
     }
     return transcript
 
@@ -182,6 +232,16 @@ async def play_script(
 async def _inbox_has(user: SandboxUser, *texts: str) -> bool:
     seen = [m["text"] for m in await user.inbox()]
     return all(t in seen for t in texts)
+
+
+async def _everyone_has(
+    alice: SandboxUser, bob: SandboxUser, native: NativeUser, room_id: str, *texts: str
+) -> bool:
+    return (
+        await _inbox_has(alice, *texts[1:])  # her own message is not in her inbox
+        and await _inbox_has(bob, *texts)
+        and await _room_has(native, room_id, list(texts))
+    )
 
 
 async def _room_has(user: NativeUser, room_id: str, texts: list[str]) -> bool:
@@ -218,6 +278,7 @@ async def run_demo(state_dir: Path, *, once: bool) -> int:
         hs = stack.synapse
         native_password = _native_password(state_dir)
         native_id, native_token = await hs.register_user(NATIVE_LOCALPART, native_password)
+        newcomer_id, newcomer_token = await hs.register_user(NEWCOMER_LOCALPART, native_password)
         async with ClientSession() as http:
             sandboxes = list(stack.sandboxes.values())
             for sandbox in sandboxes:
@@ -231,24 +292,34 @@ async def run_demo(state_dir: Path, *, once: bool) -> int:
                 store_dir=state_dir / "native-device",
             )
             native = NativeUser(matrix_user)
-            _write_demo_json(state_dir, hs, native_id, native_password, sandboxes)
-            await _import_directory(stack, sandboxes, native_id)
+            newcomer_user = await connect(
+                hs.url,
+                newcomer_id,
+                newcomer_token,
+                encrypted=True,
+                store_dir=state_dir / "newcomer-device",
+            )
+            newcomer = NativeUser(newcomer_user)
+            _write_demo_json(state_dir, hs, [native_id, newcomer_id], native_password, sandboxes)
+            await _import_directory(stack, sandboxes, native_id, newcomer_id)
             ok = True
             try:
                 await matrix_user.client.set_displayname(NATIVE_DISPLAYNAME)
-                transcript = await play_script(http, sandboxes, native)
+                await newcomer_user.client.set_displayname(NEWCOMER_DISPLAYNAME)
+                transcript = await play_script(http, sandboxes, native, newcomer)
                 if not (native.joined and native.encrypted(native.joined[-1])):
                     raise TimeoutError("the portal is not end-to-end encrypted")
                 say(
                     "\nThe portal is end-to-end encrypted (Megolm): the homeserver relayed "
                     "ciphertext; the bridge decrypted and encrypted for the vendors."
                 )
-            except TimeoutError as error:
+            except (TimeoutError, DemoFailure) as error:
                 ok = False
                 say(f"FAILED: {error}")
                 transcript = {}
             finally:
                 await matrix_user.close()
+                await newcomer_user.close()
             for side, seen in transcript.items():
                 say(f"\n{side} saw:")
                 for line in seen:
@@ -258,8 +329,8 @@ async def run_demo(state_dir: Path, *, once: bool) -> int:
                 return 0 if ok else 1
             say(
                 f"\nStill running. Log in with any Matrix client at {hs.url} as {native_id} "
-                f"(password in {state_dir}/demo.json); the sandboxes' users are listed there "
-                "too. Ctrl-C to stop."
+                f"or {newcomer_id} (passwords in {state_dir}/demo.json); the sandboxes' users "
+                "are listed there too. Ctrl-C to stop."
             )
             await asyncio.Event().wait()
     except (KeyboardInterrupt, asyncio.CancelledError):
@@ -290,11 +361,18 @@ def _stop_on_signals() -> None:
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-async def _import_directory(stack: LocalStack, sandboxes: list[Sandbox], native_id: str) -> None:
+async def _import_directory(
+    stack: LocalStack, sandboxes: list[Sandbox], native_id: str, newcomer_id: str
+) -> None:
     """The demo's national directory: an ANS-style extract listing the sandboxes' (made-up)
-    users and the native user with her Matrix ID, imported as an operator would."""
-    given, family = NATIVE_DISPLAYNAME.split(" - ")[0].split(" ", 1)
-    people = [(rpps_idnps(99), given, family.upper(), "Médecin", native_id)]
+    users and the native users with their Matrix IDs, imported as an operator would."""
+    people = []
+    for n, (displayname, mxid) in enumerate(
+        [(NATIVE_DISPLAYNAME, native_id), (NEWCOMER_DISPLAYNAME, newcomer_id)]
+    ):
+        name, label = displayname.split(" - ")
+        given, family = name.split(" ", 1)
+        people.append((rpps_idnps(99 - n), given, family.upper(), label, mxid))
     for sandbox in sandboxes:
         for user in sandbox.users:
             people.append(
@@ -319,12 +397,17 @@ def _native_password(state_dir: Path) -> str:
 
 
 def _write_demo_json(
-    state_dir: Path, hs: LocalSynapse, native_id: str, password: str, sandboxes: list[Sandbox]
+    state_dir: Path,
+    hs: LocalSynapse,
+    native_ids: list[str],
+    password: str,
+    sandboxes: list[Sandbox],
 ) -> None:
     data = {
         "homeserver_url": hs.url,
         "server_name": hs.server_name,
-        "native_users": [{"user_id": native_id, "password": password}],
+        # The first is the one in the conversation from the start; the second is added later.
+        "native_users": [{"user_id": user_id, "password": password} for user_id in native_ids],
         "sandboxes": {
             s.type_name: {"url": s.url, "users": [u["idnps"] for u in s.users]} for s in sandboxes
         },
