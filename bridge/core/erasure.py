@@ -30,6 +30,7 @@ from mautrix.api import Method, Path
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
 from mautrix.types import RoomID, UserID
 
+from bridge.core.members import BRIDGE_LEAVE
 from bridge.db.audit import AuditRecord
 from bridge.db.clock import now_ms
 from bridge.db.crypto import CryptoStore
@@ -271,7 +272,11 @@ class Erasure:
         for room_id in rooms if isinstance(rooms, list) else []:
             part.redacted += await self._redact_everything(mxid, str(room_id))
             try:
-                await self.hs.intent(mxid).leave_room(RoomID(str(room_id)), reason=LEAVE_REASON)
+                await self.hs.intent(mxid).leave_room(
+                    RoomID(str(room_id)),
+                    reason=LEAVE_REASON,
+                    extra_content={BRIDGE_LEAVE: "erasure"},
+                )
                 part.rooms_left += 1
             except MatrixRequestError as error:
                 if error.http_status >= 500:

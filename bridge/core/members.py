@@ -10,6 +10,11 @@ from pydantic import BeforeValidator
 from connectors.base import Sender
 from connectors.idnps import Idnps
 
+BRIDGE_LEAVE = "eu.eimis.bridge_leave"
+"""On the leave of a ghost the bridge made for its own reasons, not the person's: its value says
+which (``room_policy``: the room was opened to anyone; ``unencrypted``; ``erasure``). No vendor
+conversation changes for it: the person did not leave their conversation."""
+
 
 @dataclass(frozen=True)
 class Member:

@@ -24,7 +24,7 @@ from mautrix.errors import MatrixRequestError
 
 from bridge.core import operations as op
 from bridge.core.backfill import VISITOR_KEY
-from bridge.core.members import Member
+from bridge.core.members import BRIDGE_LEAVE, Member
 from bridge.core.portals import Portals
 from bridge.db.group_commit import Write
 from bridge.db.portal import Portal
@@ -100,6 +100,8 @@ class Membership:
         reason = content.get("reason")
         reason = reason[:500] if isinstance(reason, str) and reason.strip() else None
         ref = self.ids.parse(target)
+        if ref is not None and sender == target and isinstance(content.get(BRIDGE_LEAVE), str):
+            return []  # the bridge's own reasons (room policy, erasure ...): nobody left
         if ref is not None and sender == target and content.get(VISITOR_KEY) is True:
             # A former member's ghost that came in only to show their earlier messages
             # (backfill): no vendor side ever had them back, so none is told they left.

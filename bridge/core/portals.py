@@ -13,7 +13,7 @@ from bridge.core import operations as op
 from bridge.core.connectors import ConnectorSet
 from bridge.core.errors import NotInDirectory, PermanentFailure, UnknownUser
 from bridge.core.ghost_ids import GhostIds
-from bridge.core.members import Member
+from bridge.core.members import BRIDGE_LEAVE, Member
 from bridge.core.room_policy import RoomPolicy
 from bridge.crypto.machine import Crypto
 from bridge.db.directory import GHOST, display_name
@@ -549,7 +549,9 @@ class Portals:
                 txn_id=derived_txn_id("unencrypted", room_id, ghost_mxid),
             )
         with contextlib.suppress(MatrixRequestError):
-            await self.hs.intent(ghost_mxid).leave_room(RoomID(room_id), reason=reason)
+            await self.hs.intent(ghost_mxid).leave_room(
+                RoomID(room_id), reason=reason, extra_content={BRIDGE_LEAVE: "unencrypted"}
+            )
 
     async def _refuse_invite(self, room_id: str, ghost_mxid: str, reason: str) -> None:
         log.info("Refusing an invite for %s: %s", ghost_mxid, reason)

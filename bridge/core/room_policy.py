@@ -17,6 +17,7 @@ from mautrix.errors import MatrixRequestError
 from mautrix.types import RoomID
 
 from bridge.core.ghost_ids import GhostIds
+from bridge.core.members import BRIDGE_LEAVE
 from bridge.db.audit import AuditRecord
 from bridge.db.clock import now_ms
 from bridge.db.portal_join import PortalJoinStore
@@ -106,7 +107,9 @@ class RoomPolicy:
         except MatrixRequestError as error:
             log.warning("Could not say why in %s (%s)", room_id, error.errcode)
         try:
-            await self.hs.intent(ghost_mxid).leave_room(RoomID(room_id), reason=reason)
+            await self.hs.intent(ghost_mxid).leave_room(
+                RoomID(room_id), reason=reason, extra_content={BRIDGE_LEAVE: "room_policy"}
+            )
         except MatrixRequestError as error:
             log.warning("Could not leave %s as %s (%s)", room_id, ghost_mxid, error.errcode)
 

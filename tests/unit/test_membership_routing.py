@@ -17,7 +17,7 @@ from mautrix.util.async_db import Database
 from bridge.core import operations as op
 from bridge.core.from_matrix import FromMatrix
 from bridge.core.ghost_ids import GhostIds
-from bridge.core.members import Member
+from bridge.core.members import BRIDGE_LEAVE, Member
 from bridge.core.portals import Portals as RealPortals
 from bridge.db.portal import Portal
 from bridge.db.stores import Stores
@@ -171,6 +171,17 @@ async def test_a_change_the_vendor_made_itself_is_not_sent_back(bridge: Bridge) 
     assert await bridge.handle(member_event("$l", PL_A, PL_A, "leave")) == [
         ("mp", op.RemoveParticipants(event_id="$l", external=(member(PL_A),))),
     ]
+
+
+@pytest.mark.parametrize("why", ["room_policy", "erasure", "unencrypted"])
+async def test_a_ghost_leaving_for_the_bridge_s_own_reasons_is_nobody_leaving(
+    bridge: Bridge, why: str
+) -> None:
+    """A ghost that leaves a room opened to anyone (or an erasure ...) did not leave its
+    conversation: no vendor is told, its user stays in the vendor conversation."""
+    leave = member_event("$p", PL_A, PL_A, "leave", reason="publique", **{BRIDGE_LEAVE: why})
+    assert await bridge.handle(leave) == []
+    assert PL_A in await bridge.told("pl") and PL_A in await bridge.told("mp")
 
 
 async def test_a_kick_is_a_removal_by_the_kicker_with_its_reason(bridge: Bridge) -> None:
