@@ -30,7 +30,6 @@ from mautrix.api import Method, Path
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
 from mautrix.types import RoomID, UserID
 
-from bridge.core.members import BRIDGE_LEAVE
 from bridge.db.audit import AuditRecord
 from bridge.db.clock import now_ms
 from bridge.db.crypto import CryptoStore
@@ -157,6 +156,9 @@ class Erasure:
         # lists (the Matrix part is theirs; native accounts are their homeserver's).
         ours = sorted(set(ghosts) | {m.mxid for m in listed if m.kind == GHOST})
         for ghost in ours:
+            # Which vendor sides were told of them: their ghosts' leaves, next, tell no vendor
+            # (an erasure is the bridge forgetting them, not them leaving a conversation).
+            await self.stores.portals.forget_person(ghost)
             if self.crypto is not None:
                 await self.crypto.forget(ghost)  # its device on the homeserver too
             else:
@@ -272,11 +274,7 @@ class Erasure:
         for room_id in rooms if isinstance(rooms, list) else []:
             part.redacted += await self._redact_everything(mxid, str(room_id))
             try:
-                await self.hs.intent(mxid).leave_room(
-                    RoomID(str(room_id)),
-                    reason=LEAVE_REASON,
-                    extra_content={BRIDGE_LEAVE: "erasure"},
-                )
+                await self.hs.intent(mxid).leave_room(RoomID(str(room_id)), reason=LEAVE_REASON)
                 part.rooms_left += 1
             except MatrixRequestError as error:
                 if error.http_status >= 500:

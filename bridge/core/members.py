@@ -12,8 +12,9 @@ from connectors.idnps import Idnps
 
 BRIDGE_LEAVE = "eu.eimis.bridge_leave"
 """On the leave of a ghost the bridge made for its own reasons, not the person's: its value says
-which (``room_policy``: the room was opened to anyone; ``unencrypted``; ``erasure``). No vendor
-conversation changes for it: the person did not leave their conversation."""
+which (``room_policy``: the room was opened to anyone; ``unencrypted``). No vendor
+conversation changes for it: the person did not leave their conversation. (mautrix sends a leave
+with extra content as a state event and drops its ``reason``: put the reason in the content.)"""
 
 
 @dataclass(frozen=True)

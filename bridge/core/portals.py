@@ -550,7 +550,9 @@ class Portals:
             )
         with contextlib.suppress(MatrixRequestError):
             await self.hs.intent(ghost_mxid).leave_room(
-                RoomID(room_id), reason=reason, extra_content={BRIDGE_LEAVE: "unencrypted"}
+                RoomID(room_id),
+                reason=reason,
+                extra_content={"reason": reason, BRIDGE_LEAVE: "unencrypted"},
             )
 
     async def _refuse_invite(self, room_id: str, ghost_mxid: str, reason: str) -> None:

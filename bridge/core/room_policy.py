@@ -108,7 +108,9 @@ class RoomPolicy:
             log.warning("Could not say why in %s (%s)", room_id, error.errcode)
         try:
             await self.hs.intent(ghost_mxid).leave_room(
-                RoomID(room_id), reason=reason, extra_content={BRIDGE_LEAVE: "room_policy"}
+                RoomID(room_id),
+                reason=reason,
+                extra_content={"reason": reason, BRIDGE_LEAVE: "room_policy"},
             )
         except MatrixRequestError as error:
             log.warning("Could not leave %s as %s (%s)", room_id, ghost_mxid, error.errcode)

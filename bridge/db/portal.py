@@ -236,5 +236,9 @@ class PortalStore:
                 user_id,
             )
 
+    async def forget_person(self, user_id: str) -> None:
+        """Every vendor side's record of this person (an erasure)."""
+        await self.db.execute("DELETE FROM portal_participant WHERE user_id = $1", user_id)
+
     async def count(self) -> int:
         return int(await self.db.fetchval("SELECT COUNT(*) FROM portal"))

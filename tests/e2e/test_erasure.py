@@ -72,9 +72,7 @@ async def test_cli_forget_without_the_homeserver_erases_the_database_part_and_th
     assert stack.bridge is not None
     alice, dave = (await app_users_of(stack, http, "pandalab"))[:2]
     ghost = f"@eimis_pandalab_{alice.idnps}:{stack.synapse.server_name}"
-    conversation = await alice.start_conversation(
-        [dave.idnps, native.user_id], unique("Chiffré")
-    )
+    conversation = await alice.start_conversation([dave.idnps, native.user_id], unique("Chiffré"))
     first = unique("Allergie: pénicilline")
     await alice.post(conversation, text=first)
     room_id = await portal_of(stack, "pandalab", conversation)
@@ -96,8 +94,7 @@ async def test_cli_forget_without_the_homeserver_erases_the_database_part_and_th
     async def waiting_texts() -> set[str]:
         assert stack.bridge is not None
         return {
-            str(item.payload.get("text"))
-            async for item in stack.bridge.stores.inbox.unprocessed()
+            str(item.payload.get("text")) async for item in stack.bridge.stores.inbox.unprocessed()
         }
 
     async def both_waiting() -> bool:
@@ -118,6 +115,8 @@ async def test_cli_forget_without_the_homeserver_erases_the_database_part_and_th
     db = stack.bridge.stores.db
     assert await db.fetchval(devices, ghost) == 0
     assert await db.fetchval("SELECT COUNT(*) FROM ghost WHERE mxid = $1", ghost) == 0
+    told = "SELECT COUNT(*) FROM portal_participant WHERE user_id = $1"
+    assert await db.fetchval(told, ghost) == 0  # which vendor sides had her: forgotten too
     records = [
         r
         for r in await stack.bridge.stores.audit.query(connector="bridge", limit=1000)
@@ -143,6 +142,11 @@ async def test_cli_forget_without_the_homeserver_erases_the_database_part_and_th
     assert await is_redacted(native, room_id, event.event_id)
     left = await member_state(native, room_id, ghost)
     assert left.get("membership") == "leave" and "effacement" in str(left.get("reason"))
+    # Her ghost leaving is the bridge forgetting her, not her leaving: no vendor is told.
+    removals = (
+        "SELECT COUNT(*) FROM outbox WHERE operation = 'remove_participants' AND room_id = $1"
+    )
+    assert await stack.bridge.stores.db.fetchval(removals, room_id) == 0
     assert not left.get("displayname")
     status, profile = await as_native(native, "GET", f"/profile/{ghost}")
     assert status == 404 or not (profile.get("displayname") or profile.get("avatar_url"))

@@ -173,7 +173,7 @@ async def test_a_change_the_vendor_made_itself_is_not_sent_back(bridge: Bridge) 
     ]
 
 
-@pytest.mark.parametrize("why", ["room_policy", "erasure", "unencrypted"])
+@pytest.mark.parametrize("why", ["room_policy", "unencrypted"])
 async def test_a_ghost_leaving_for_the_bridge_s_own_reasons_is_nobody_leaving(
     bridge: Bridge, why: str
 ) -> None:
