@@ -215,6 +215,8 @@ class ConversationCreated(_Event):
     members: tuple[Idnps, ...]
     participants: tuple[Participant, ...]
     title: str | None = None
+    topic: str | None = None
+    """The conversation's topic (description), where the vendor has one."""
     kind: Literal["conversation.created"] = "conversation.created"
 
 

@@ -267,7 +267,10 @@ class Portals:
         is_direct = len(everyone) == 2
         ghosts = [m for m in everyone if m.connector is not None]
         room_id = await self.hs.create_portal_room(
-            title=event.title, invite=[m.mxid for m in ghosts], is_direct=is_direct
+            title=event.title,
+            topic=event.topic,
+            invite=[m.mxid for m in ghosts],
+            is_direct=is_direct,
         )
         for member in ghosts:
             await self.ensure_joined(room_id, member.mxid)
@@ -291,10 +294,22 @@ class Portals:
             await self.stores.portals.add_participants(
                 room_id, source, [m.mxid for m in everyone], conn=conn
             )
+            starter = next((m for m in members if m.mxid == creator), None)
             for connector_id in dict.fromkeys(m.connector for m in others if m.connector):
                 await self._queue_conversation(
                     room_id, connector_id, event.title, everyone, conn=conn
                 )
+                if event.topic and starter is not None:
+                    # The topic follows the opening, as if its author had just set it.
+                    topic = op.SetTopic(event_id=f"topic:{room_id}", topic=event.topic, by=starter)
+                    await self.stores.outbox.enqueue(
+                        connector_id,
+                        room_id,
+                        topic.kind,
+                        topic.event_id,
+                        topic.to_json(),
+                        conn=conn,
+                    )
         self.stores.portals.forget(room_id)
         log.info("Opened portal %s for %s conversation %s", room_id, source, event.conversation_id)
         await self.publish_capabilities(room_id, self.ids.bot_mxid)
@@ -305,6 +320,12 @@ class Portals:
                 room_id,
                 f"Conversation : {event.title}",
                 txn_id=derived_txn_id("portal-title", room_id),
+            )
+        if event.topic and self.hs.encrypt_new_portals and not self.hs.titles_in_room_state:
+            await self.hs.send_notice(
+                room_id,
+                f"Sujet : {event.topic}",
+                txn_id=derived_txn_id("portal-topic", room_id),
             )
         if unreachable:
             await self.hs.send_notice(

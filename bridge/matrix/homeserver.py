@@ -273,7 +273,8 @@ class Homeserver:
 
     @property
     def titles_in_room_state(self) -> bool:
-        """Conversation titles go in portals' ``m.room.name`` (``portal.titles_in_room_state``)."""
+        """Conversation titles and topics go in portals' ``m.room.name`` and ``m.room.topic``
+        (``portal.titles_in_room_state``)."""
         return self.config.portal.titles_in_room_state
 
     async def create_portal_room(
@@ -282,6 +283,7 @@ class Homeserver:
         title: str | None,
         invite: list[str],
         is_direct: bool,
+        topic: str | None = None,
     ) -> str:
         """A portal room made by the bot with the room policy in its initial state.
 
@@ -316,6 +318,7 @@ class Homeserver:
             # Room state is stored in clear by every homeserver of the room; a title may name a
             # patient, so it goes there only when the operator chose so.
             name=title if self.titles_in_room_state else None,
+            topic=topic if self.titles_in_room_state else None,
             is_direct=is_direct,
             visibility=RoomDirectoryVisibility.PRIVATE,
             preset=RoomCreatePreset.PRIVATE,

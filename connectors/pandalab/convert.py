@@ -97,6 +97,7 @@ def _conversation_created(event_id: str, created_at: datetime, data: dict[str, A
             for i, p in enumerate(externals)
         ),
         title=title,
+        topic=payload.optional_str(conv, "description", where) or None,
     )
 
 

@@ -118,7 +118,7 @@ def _common(data: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _conversation_created(data: dict[str, Any], where: str) -> RemoteEvent:
-    _fields(data, where, (*_COMMON, "creator", "members", "participants"), ("title",))
+    _fields(data, where, (*_COMMON, "creator", "members", "participants"), ("title", "topic"))
     creator = _idnps(data["creator"], f"{where}.creator")
     members = _array(data["members"], f"{where}.members", 1, MAX_PEOPLE, _idnps)
     participants = _array(
@@ -130,6 +130,7 @@ def _conversation_created(data: dict[str, Any], where: str) -> RemoteEvent:
         members=tuple(_unique([creator, *members])),
         participants=tuple(_unique(participants)),
         title=_title(data.get("title"), f"{where}.title"),
+        topic=_topic_value(data.get("topic"), f"{where}.topic"),
     )
 
 
@@ -266,16 +267,21 @@ def _renamed(data: dict[str, Any], where: str) -> RemoteEvent:
 
 def _topic(data: dict[str, Any], where: str) -> RemoteEvent:
     _fields(data, where, (*_COMMON, "sender", "topic"))
-    topic = data["topic"]
-    if topic is not None:
-        topic = _text(_string(topic, f"{where}.topic", "a string or null"), f"{where}.topic")
-        if len(topic) > MAX_TOPIC_LENGTH:
-            raise InvalidEvent(f"{where}.topic is longer than {MAX_TOPIC_LENGTH} characters")
     return TopicChanged(
         **_common(data, where),
         sender=_idnps(data["sender"], f"{where}.sender"),
-        topic=topic or None,
+        topic=_topic_value(data["topic"], f"{where}.topic"),
     )
+
+
+def _topic_value(value: Any, where: str) -> str | None:
+    """A ``Topic``: a string without NUL of at most 4,000 characters, or null (empty: none)."""
+    if value is None:
+        return None
+    topic = _text(_string(value, where, "a string or null"), where)
+    if len(topic) > MAX_TOPIC_LENGTH:
+        raise InvalidEvent(f"{where} is longer than {MAX_TOPIC_LENGTH} characters")
+    return topic or None
 
 
 _PARSERS: dict[str, Callable[[dict[str, Any], str], RemoteEvent]] = {

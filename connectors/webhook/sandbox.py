@@ -406,6 +406,7 @@ class EventPusher(Pusher):
             members=[str(m) for m in conversation.members],
             participants=[e.ref for e in conversation.external],
             title=conversation.title,
+            topic=conversation.description,
         )
 
     def message_created(self, conversation: Conversation, message: Message) -> None:

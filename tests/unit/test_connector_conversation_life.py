@@ -23,6 +23,7 @@ from aiohttp import web
 from connectors.base import (
     ConnectorContext,
     ConnectorError,
+    ConversationCreated,
     ConversationRenamed,
     MemberLeft,
     MessageReceived,
@@ -186,6 +187,26 @@ def test_pandalab_parses_participants_added_and_removed() -> None:
     [removed] = events_from_webhook(pl_envelope("conversation.participants_removed", only_external))
     assert isinstance(removed, ParticipantsRemoved)
     assert removed.members == () and len(removed.participants) == 2
+
+
+def test_a_conversation_opened_with_a_topic_carries_it() -> None:
+    """PandaLab-style ``description`` and the webhook contract's ``topic`` at creation."""
+    conversation = {
+        "id": "conv-1",
+        "title": "Staff",
+        "description": "Suivi post-opératoire",
+        "created_by": str(ALICE),
+        "members": [str(ALICE)],
+        "external_participants": [{"ref": CAROL_MXID}],
+    }
+    [created] = events_from_webhook(
+        pl_envelope("conversation.created", {"conversation": conversation})
+    )
+    assert isinstance(created, ConversationCreated) and created.topic == "Suivi post-opératoire"
+    [plain] = events_from_webhook(
+        pl_envelope("conversation.created", {"conversation": {**conversation, "description": ""}})
+    )
+    assert isinstance(plain, ConversationCreated) and plain.topic is None
 
 
 def test_pandalab_parses_member_left() -> None:
@@ -778,6 +799,7 @@ async def test_webhook_change_events_reach_the_bridge(pushed: tuple[Pusher, Reco
         (wh_event("conversation.topic"), 400, "the event.topic is required"),
         (wh_event("conversation.topic", topic=["x"]), 400, "the event.topic must be a string"),
         (wh_event("conversation.topic", topic="a\u0000b"), 400, "NUL"),
+        (wh_event("conversation.topic", topic="x" * 4001), 400, "longer than 4000"),
     ],
 )
 async def test_webhook_malformed_change_events_get_a_clear_4xx(

@@ -18,6 +18,7 @@ import pytest
 from mautrix.errors import MatrixRequestError, make_request_error
 
 from bridge.config import BackfillConfig, DatabaseConfig, MediaConfig
+from bridge.core import operations as op
 from bridge.core.backfill import VISITOR_KEY
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.portals import Portals
@@ -479,6 +480,32 @@ async def test_a_group_portal_records_each_vendors_participants(stores: Stores) 
     assert [(i[0], i[1], i[2]) for i in bridge.hs.invites] == [(ghost("pl", CAMILLE), NATIVE, None)]
     assert await stores.portals.participants(ROOM, "pl") == everyone
     assert await stores.portals.participants(ROOM, "mp") == everyone
+
+
+async def test_a_conversation_opened_with_a_topic_gives_it_to_the_other_vendors(
+    stores: Stores,
+) -> None:
+    bridge = Bridge(stores, backfill=BackfillConfig(max_messages=0))
+    created = ConversationCreated(
+        **at(10),
+        creator=CAMILLE,
+        members=(CAMILLE,),
+        participants=(Participant(mxid=NATIVE), Participant(idnps=ANA)),
+        title="Staff",
+        topic="Suivi post-opératoire",
+    )
+    await bridge.handle(created)
+    # Kept out of the clear room state unless the operator said so (titles_in_room_state).
+    assert bridge.hs.created[0]["topic"] == "Suivi post-opératoire"
+    queued = [
+        (i.operation, op.from_stored(i.operation, i.payload))
+        for i in await stores.outbox.pending(0, 100)
+        if i.connector == "mp"
+    ]
+    assert [kind for kind, _ in queued] == [op.CREATE_CONVERSATION, op.SET_TOPIC]
+    topic = queued[1][1]
+    assert isinstance(topic, op.SetTopic) and topic.topic == "Suivi post-opératoire"
+    assert topic.by.mxid == ghost("pl", CAMILLE)
 
 
 # --- Backfill -----------------------------------------------------------------------------
