@@ -6,6 +6,7 @@ makes one delivery spend its retry budget; a stopped sandbox makes the vendor un
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -79,9 +80,12 @@ async def dm(stack: LocalStack) -> AsyncIterator[tuple[MatrixUser, AppUser, str]
             await native.close()
 
 
-def cli(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:
+async def cli(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:
+    """The host's command beside the running bridge, in a thread: the bridge runs on this event
+    loop, and a command waiting for a database lock the bridge holds must not stop it."""
     config = str(stack.state_dir / "config.yaml")
-    return subprocess.run(
+    return await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "bridge", args[0], "-c", config, *args[1:]],
         capture_output=True,
         text=True,
@@ -125,10 +129,10 @@ async def test_a_dead_letter_holds_its_conversation_until_retried_then_all_arriv
     )
     assert await texts_of(bob, [first, *later]) == [], "nothing may overtake a dead letter"
 
-    listed = cli(stack, "dead-letters")
+    listed = await cli(stack, "dead-letters")
     assert listed.returncode == 0 and str(letters[0].seq) in listed.stdout
     faults["on"] = False
-    retried = cli(stack, "retry", "all")
+    retried = await cli(stack, "retry", "all")
     assert retried.returncode == 0, retried.stderr
 
     async def all_three() -> list[str] | None:
@@ -149,13 +153,13 @@ async def test_a_discarded_dead_letter_is_never_delivered_and_releases_the_rest(
     await failed_status(native, room_id, doomed_id)
     letters = await wait_until(lambda: _held(stack, 1), 30, "the dead letter")
 
-    refused = cli(stack, "discard", str(letters[0].seq), "--yes")
+    refused = await cli(stack, "discard", str(letters[0].seq), "--yes")
     assert refused.returncode == 0, refused.stderr
     await wait_until(
         lambda: inbox_message(bob, lambda m: m["text"] == after), 60, "the later message"
     )
     assert doomed not in [m["text"] for m in await bob.inbox()]
-    assert cli(stack, "discard", str(letters[0].seq), "--yes").returncode == 1
+    assert (await cli(stack, "discard", str(letters[0].seq), "--yes")).returncode == 1
 
 
 async def test_an_unreachable_vendor_spends_no_retry_budget_and_catches_up_in_order(
