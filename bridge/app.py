@@ -205,6 +205,8 @@ class Bridge:
             self.portals,
             admin=self.console.room if self.console.enabled else None,
             on_refused=self.status.refused,
+            on_unsupported=self.status.unsupported,
+            decrypt=self.crypto.decrypt if self.crypto is not None else None,
         )
         self.router = Router(
             self.stores,

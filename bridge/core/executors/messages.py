@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from bridge.core import matrix_content
 from bridge.core.degradation import (
     check_content,
     check_file,
@@ -32,6 +33,9 @@ async def send_message(ctx: Context, target: Target, message: SendMessage) -> De
     vendor = target.connector_id
     sender = message.sender
     notes: list[str] = []
+    converted = matrix_content.note(content, vendor)
+    if converted is not None:
+        notes.append(converted)
     if content.get("eimis.unknown_msgtype"):
         notes.append(
             f"{content['eimis.unknown_msgtype']} is not a bridged message type: sent as its text"
