@@ -299,11 +299,15 @@ class Router:
 
 
 def _message_like(payload: dict[str, Any]) -> bool:
-    """A decrypted event the bridge may take: a message-like type, or a type outside the
-    ``m.`` namespace (a client's own, which ``FromMatrix`` bridges as its text or refuses)."""
+    """A decrypted event the bridge may take: a message-like type, or a client's own namespaced
+    type (``com.example.thing``, outside ``m.``), which ``FromMatrix`` bridges as its text or
+    refuses with a reason; never a state event."""
     kind = payload.get("type")
     return kind in DECRYPTED_TYPES or (
-        isinstance(kind, str) and not kind.startswith("m.") and "state_key" not in payload
+        isinstance(kind, str)
+        and "." in kind
+        and not kind.startswith("m.")
+        and "state_key" not in payload
     )
 
 
