@@ -1,7 +1,8 @@
 """End to end, nothing a native Matrix user sends is dropped silently: a poll reaches a
 PandaLab-style user as readable text with numbered answers and a vote follows as text, a sticker
 reaches them as an image, and an event of a type no vendor can take gets a FAIL send status with
-a reason in French.
+a reason in French. The portals are encrypted (the product's default) and the native user is
+matrix-nio with encryption on, so every event here reaches the bridge as ciphertext.
 
 Unit level: tests/unit/test_nothing_dropped.py.
 """
@@ -19,31 +20,58 @@ from bridge.devtools.stack import LocalStack
 from e2e_helpers import (
     PNG,
     ThreeWay,
+    app_users_of,
     counter,
+    encrypted_native,
     file_named,
+    inbox_message,
+    portal_of,
     send_status,
-    three_way,
     unique,
     vendor_copy,
 )
+from helpers import wait_until
+from synapse_db import event_types_in_room
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
+    overrides = {
+        "encryption": {"enabled": True, "default": True},
+        "delivery": {"success_statuses": True},
+    }
     async with LocalStack(
-        Path(tmp_path_factory.mktemp("nothing_dropped")),
-        config_overrides={"delivery": {"success_statuses": True}},
+        Path(tmp_path_factory.mktemp("nothing_dropped")), encrypted=True, config_overrides=overrides
     ) as local:
         yield local
 
 
 @pytest.fixture
-async def trio(stack: LocalStack, http: ClientSession) -> AsyncIterator[ThreeWay]:
-    """A PandaLab-style user opened it with a Medipeps-style user and a native user."""
-    async with three_way(stack, http, "pandalab", "medipeps", "Sondages", "Bonjour") as found:
-        yield found
+async def trio(stack: LocalStack, http: ClientSession, tmp_path: Path) -> AsyncIterator[ThreeWay]:
+    """A PandaLab-style user opened an encrypted conversation with a Medipeps-style user and a
+    native user whose device encrypts."""
+    async with await encrypted_native(stack, tmp_path, "poll") as native:
+        n = next(counter)
+        first = (await app_users_of(stack, http, "pandalab"))[n % 5]
+        second = (await app_users_of(stack, http, "medipeps"))[n % 5]
+        conversation = await first.start_conversation(
+            [second.idnps, native.user_id], unique("Sondages")
+        )
+        hello = unique("Bonjour")
+        await first.post(conversation, text=hello)
+        room_id = await portal_of(stack, "pandalab", conversation)
+        await native.accept_invites(room_id, timeout=30)
+        await native.wait_for_event(
+            room_id, lambda e: (e.get("content") or {}).get("body") == hello, 30
+        )
+        at_other = await wait_until(
+            lambda: inbox_message(second, lambda m: m["text"] == hello), 30, "the opener"
+        )
+        yield ThreeWay(
+            first, conversation, second, str(at_other["conversation_id"]), native, room_id, stack
+        )
 
 
 def unescaped(text: str) -> str:
@@ -89,6 +117,8 @@ async def test_a_poll_reaches_a_vendor_as_numbered_text_and_a_vote_follows(
     )
     assert vote["conversation_id"] == trio.starter_conv
     await vendor_copy(trio.other, lambda m: "a répondu : Mardi" in m["text"])
+    types = event_types_in_room(trio.stack.synapse, trio.room_id)
+    assert "m.room.encrypted" in types and not any("poll" in t for t in types)
 
 
 async def test_a_sticker_reaches_a_vendor_as_an_image(trio: ThreeWay) -> None:
