@@ -271,3 +271,18 @@ def test_an_encrypted_poll_or_client_event_is_taken_a_forged_state_event_is_not(
     for kind in ("m.room.name", "m.room.redaction", "m.receipt", "m.room.member"):
         assert not _message_like({"type": kind})
     assert not _message_like({"type": "com.x.y", "state_key": ""})
+
+
+async def test_a_voice_message_goes_as_the_audio_file_it_is(bridge: Bridge) -> None:
+    # No vendor contract has a voice flag: the message stays an m.audio file, flags kept.
+    voice = {
+        "msgtype": "m.audio",
+        "body": "Message vocal",
+        "url": "mxc://eimis.example/voice",
+        "info": {"mimetype": "audio/ogg", "duration": 3000},
+        "org.matrix.msc3245.voice": {},
+        "org.matrix.msc1767.audio": {"duration": 3000},
+    }
+    (message,) = await bridge.handle("$voice", "m.room.message", voice)
+    assert message.content["msgtype"] == "m.audio"
+    assert "org.matrix.msc3245.voice" in message.content

@@ -38,7 +38,8 @@ async def send_message(ctx: Context, target: Target, message: SendMessage) -> De
         notes.append(converted)
     if content.get("eimis.unknown_msgtype"):
         notes.append(
-            f"{content['eimis.unknown_msgtype']} is not a bridged message type: sent as its text"
+            f"type de message {str(content['eimis.unknown_msgtype'])[:64]} inconnu : "
+            "envoyé sous forme de texte"
         )
     reply_to = await _reply_target(ctx, target, message, notes)
     base = dict(
