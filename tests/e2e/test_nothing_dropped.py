@@ -116,7 +116,23 @@ async def test_a_poll_reaches_a_vendor_as_numbered_text_and_a_vote_follows(
         trio.starter, lambda m: f"a répondu : Mardi (sondage : {question})" in unescaped(m["text"])
     )
     assert vote["conversation_id"] == trio.starter_conv
+    as_text = f"Sondage : {question}\n1. Lundi\n2. Mardi"
+    await vendor_copy(trio.other, lambda m: m["text"] == as_text)  # plain text at Medipeps
     await vendor_copy(trio.other, lambda m: "a répondu : Mardi" in m["text"])
+
+    await trio.native.send(
+        trio.room_id,
+        "org.matrix.msc3381.poll.end",
+        {
+            "m.relates_to": {"rel_type": "m.reference", "event_id": poll_id},
+            "org.matrix.msc3381.poll.end": {},
+            "org.matrix.msc1767.text": "Réponse retenue : Mardi",
+        },
+    )
+    end = await vendor_copy(
+        trio.starter, lambda m: unescaped(m["text"]).startswith(f"Sondage clos : {question}")
+    )
+    assert unescaped(end["text"]).endswith("Réponse retenue : Mardi")
     types = event_types_in_room(trio.stack.synapse, trio.room_id)
     assert "m.room.encrypted" in types and not any("poll" in t for t in types)
 
