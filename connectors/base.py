@@ -36,6 +36,7 @@ from aiohttp import web
 from pydantic import BaseModel, Field, TypeAdapter
 
 # The identifier type is part of the contract: a connector imports it from here.
+from connectors import names
 from connectors.idnps import Idnps as Idnps
 from connectors.idnps import InvalidIdnps as InvalidIdnps
 
@@ -124,7 +125,8 @@ class RemoteUser:
 
     @property
     def display_name(self) -> str:
-        return f"{self.given_name} {self.family_name} - {self.profession}"
+        """``"<Given> <FAMILY> - <Profession>"`` (``connectors.names``: French usage)."""
+        return names.display_name(self.given_name, self.family_name, self.profession)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ and by the bridge itself. The running bridge looks at the directory's latest ``u
 every ``directory.sync_interval_s``; when it moved, it renames (on the homeserver, then in its
 ghost table) every ghost whose entry was written since and now names it differently. What was
 applied is remembered in the database, so a start compares only what changed while the bridge
-was stopped (a bridge with 100,000 ghosts does not read them all at every start).
+was stopped (a bridge with 100,000 ghosts does not read them all at every start). When the way
+names are written changes (``connectors.names.RULE``), the next start compares every ghost once.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from bridge.core.periodic import Periodic
 from bridge.db.connector_state import BRIDGE_STATE, ConnectorStateStore
 from bridge.db.stores import Stores
 from bridge.matrix.homeserver import Homeserver
+from connectors.names import RULE
 
 log = logging.getLogger("eimis.directory")
 
 SEEN_KEY = "directory_names_applied_up_to"
 GHOSTS_LISTED_KEY = "directory_ghosts_listed"
+NAMING_RULE_KEY = "directory_naming_rule"
 
 
 class GhostNames:
@@ -40,6 +43,11 @@ class GhostNames:
             await self.stores.directory.backfill_ghosts()
             await self._state.set(GHOSTS_LISTED_KEY, "1")
         self.seen = int(await self._state.get(SEEN_KEY) or 0)
+        if await self._state.get(NAMING_RULE_KEY) != RULE:
+            # Names are written differently now: every ghost is compared once, then recorded.
+            self.seen = 0
+            await self._state.set(SEEN_KEY, "0")
+            await self._state.set(NAMING_RULE_KEY, RULE)
         try:
             await self.apply()
         except Exception:  # the loop tries again; a rename is not worth failing the start

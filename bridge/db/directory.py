@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from mautrix.util.async_db import Database
 
 from bridge.db.clock import now_ms
+from connectors import names
 
 GHOST = "ghost"
 NATIVE = "native"
@@ -28,9 +29,9 @@ CONNECTOR_SOURCE = "connector:"
 
 
 def display_name(given: str, family: str, label: str | None) -> str:
-    """``"<Given> <Family> - <Profession>"`` (EIMIS's naming), without the dash when unknown."""
-    name = " ".join(part for part in (given.strip(), family.strip()) if part)
-    return f"{name} - {label.strip()}" if label and label.strip() else name
+    """``"<Given> <FAMILY> - <Profession>"`` (EIMIS's naming, French usage: ``connectors.names``),
+    without the dash when the profession is unknown."""
+    return names.display_name(given, family, label)
 
 
 @dataclass(frozen=True)

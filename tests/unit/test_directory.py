@@ -40,7 +40,7 @@ def test_ps_sample_good_lines_become_records() -> None:
     assert (marie.given_name, marie.family_name) == ("MARIE", "DUPONT")
     assert (marie.profession_code, marie.profession_label) == ("10", "Médecin")
     assert marie.source == "ps"
-    assert marie.display_name == "MARIE DUPONT - Médecin"
+    assert marie.display_name == "Marie DUPONT - Médecin"
     assert by_idnps["810099000035"].display_name == "NOEL - Masseur-Kinésithérapeute"
     # One line per activity: the same person twice (lines 2 and 7) is not an error.
     assert [r.professional.idnps for r in records].count("810099000019") == 2
@@ -83,7 +83,7 @@ def test_ps_without_trailing_separator_and_windows_1252_and_crlf() -> None:
     (record,) = ps_libreacces.parse(io.BytesIO(raw))
 
     assert isinstance(record, Record)
-    assert record.professional.display_name == "AGNÈS LEFÈVRE - Médecin"
+    assert record.professional.display_name == "Agnès LEFÈVRE - Médecin"
 
 
 def test_ps_idnps_from_type_and_identifier_when_the_national_column_is_absent() -> None:
@@ -96,7 +96,7 @@ def test_ps_idnps_from_type_and_identifier_when_the_national_column_is_absent() 
 
     assert isinstance(record, Record) and record.professional.idnps == "0009900010"
     assert record.professional.profession_label is None
-    assert record.professional.display_name == "PAUL LEROY"
+    assert record.professional.display_name == "Paul LEROY"
 
 
 @pytest.mark.parametrize(
@@ -124,12 +124,12 @@ def test_fhir_bundle_practitioners_with_roles_and_endpoints() -> None:
     records = {i.professional.idnps: i for i in items if isinstance(i, Record)}
     assert list(records) == ["810099000050", "810099000019", "0009900028", "810099000043"]
     claire = records["810099000050"]
-    assert claire.professional.display_name == "Claire Petit - Sage-Femme"
+    assert claire.professional.display_name == "Claire PETIT - Sage-Femme"
     assert claire.professional.profession_code == "50"
     assert claire.native_mxids == ("@claire.petit:eimis.localhost",)  # Endpoint.address
     # RPPS identifier only; profession from the DP profile's qualification, label from the code.
-    assert records["810099000019"].professional.display_name == "Marie Dupont - Médecin"
-    assert records["0009900028"].professional.display_name == "Jules Bonnet - Orthophoniste"
+    assert records["810099000019"].professional.display_name == "Marie DUPONT - Médecin"
+    assert records["0009900028"].professional.display_name == "Jules BONNET - Orthophoniste"
     ana = records["810099000043"]
     assert ana.native_mxids == ("@ana.garcia:eimis.localhost",)  # telecom matrix: URI
     assert ana.professional.profession_code is None  # its only role is inactive
@@ -164,10 +164,10 @@ def test_fhir_search_url_asks_for_roles_and_identifiers() -> None:
 
 
 def test_display_name_format() -> None:
-    assert display_name("Fistinien", "Grominoch", "Pédicure-Podologue") == (
-        "Fistinien Grominoch - Pédicure-Podologue"
+    assert display_name("FISTINIEN", "Grominoch", "Pédicure-Podologue") == (
+        "Fistinien GROMINOCH - Pédicure-Podologue"
     )
-    assert display_name("", "Grominoch", None) == "Grominoch"
+    assert display_name("", "Grominoch", None) == "GROMINOCH"
 
 
 @pytest.mark.parametrize(

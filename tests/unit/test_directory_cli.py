@@ -75,7 +75,7 @@ def test_import_of_a_fhir_bundle_is_recognised_and_show_gives_the_choice(
 
     assert main(["directory", "show", "-c", str(config), "810099000050"]) == 0
     out = capsys.readouterr().out
-    assert "810099000050 (RPPS)  Claire Petit - Sage-Femme" in out
+    assert "810099000050 (RPPS)  Claire PETIT - Sage-Femme" in out
     assert "-> @claire.petit:eimis.localhost  (native)" in out
 
 

@@ -45,7 +45,7 @@ async def test_importing_the_ps_sample_stores_valid_lines_and_reports_the_others
     assert (report.added, report.changed) == (4, 0)
     assert await store.count() == 4
     marie = await store.get("810099000019")
-    assert marie is not None and marie.display_name == "MARIE DUPONT - Médecin"
+    assert marie is not None and marie.display_name == "Marie DUPONT - Médecin"
     assert marie.updated_at == report.stamp
     assert await store.get("810099000018") is None, "no entry for an invalid IDNPS"
 
@@ -65,7 +65,7 @@ async def test_fhir_import_updates_entries_and_lists_native_matrix_ids(stores: S
     assert report.records == 4 and len(report.rejected) == 3
     assert (report.added, report.changed, report.mxids) == (3, 1, 2)
     marie = await store.get("810099000019")
-    assert marie is not None and marie.display_name == "Marie Dupont - Médecin"
+    assert marie is not None and marie.display_name == "Marie DUPONT - Médecin"
     assert marie.source == "fhir"
     (claire,) = await store.mxids("810099000050")
     assert (claire.mxid, claire.kind, claire.connector, claire.preferred) == (
@@ -86,18 +86,18 @@ async def test_connector_users_fill_gaps_but_never_overwrite_ans_entries(stores:
         "pandalab", "810099000019", "Marie", "Dupont-Vendor", "Docteur", GHOST_MARIE
     )
 
-    assert entry.display_name == "MARIE DUPONT - Médecin" and entry.source == "ps"
+    assert entry.display_name == "Marie DUPONT - Médecin" and entry.source == "ps"
     (ghost,) = await store.mxids("810099000019")
     assert (ghost.mxid, ghost.kind, ghost.connector) == (GHOST_MARIE, GHOST, "pandalab")
 
     new = await store.record_connector_user(
         "medipeps", "810099000027", "Lucie", "Faure", "Sage-femme", "@eimis_medipeps_x:e"
     )
-    assert new.display_name == "Lucie Faure - Sage-femme" and new.source == "connector:medipeps"
+    assert new.display_name == "Lucie FAURE - Sage-femme" and new.source == "connector:medipeps"
     renamed = await store.record_connector_user(
         "medipeps", "810099000027", "Lucie", "Faure-Martin", "Sage-femme", "@eimis_medipeps_x:e"
     )
-    assert renamed.display_name == "Lucie Faure-Martin - Sage-femme"
+    assert renamed.display_name == "Lucie FAURE-MARTIN - Sage-femme"
 
 
 async def test_prefer_marks_one_matrix_id_and_clears_the_others(stores: Stores) -> None:
@@ -128,15 +128,22 @@ async def test_ghosts_to_rename_after_an_import_changes_their_entry(stores: Stor
     assert (rename.mxid, rename.old_name, rename.new_name) == (
         GHOST_MARIE,
         "Marie D - Médecin",
-        "MARIE DUPONT - Médecin",
+        "Marie DUPONT - Médecin",
     )
     await stores.ghosts.upsert(GHOST_MARIE, "pandalab", "810099000019", rename.new_name)
     assert await store.renames(0) == []
 
     await import_file(store, DATA / "fhir_bundle.json", progress=False)
 
+    # "Marie Dupont" (FHIR) after "MARIE DUPONT" (extract): the same name once written the
+    # French way, so no rename; a new family name is one.
+    assert await store.renames(first.stamp) == []
+    await store.record_connector_user(
+        "medipeps", "810099000027", "lucie", "faure", "Sage-femme", "@eimis_medipeps_x:e"
+    )
+    await stores.ghosts.upsert("@eimis_medipeps_x:e", "medipeps", "810099000027", "Lucie F")
     (rename,) = await store.renames(first.stamp)
-    assert rename.new_name == "Marie Dupont - Médecin"
+    assert rename.new_name == "Lucie FAURE - Sage-femme"
     await store.backfill_ghosts()
     assert [m.mxid for m in await store.mxids("810099000019")] == [GHOST_MARIE]
 
@@ -210,7 +217,7 @@ async def test_fetch_from_a_fhir_endpoint_follows_pages_with_the_api_key(
     assert report.lines == 11 and report.records == 4 and report.added == 4
     assert [str(r) for r in report.rejected][0].startswith("entry 5: Practitioner/p3")
     claire = await stores.directory.get("810099000050")
-    assert claire is not None and claire.display_name == "Claire Petit - Sage-Femme"
+    assert claire is not None and claire.display_name == "Claire PETIT - Sage-Femme"
 
 
 async def test_fetch_with_a_wrong_api_key_fails_clearly(
