@@ -150,11 +150,11 @@ async def test_a_connector_updates_only_its_own_entry(stores: Stores) -> None:
     claim = await store.record_connector_user(
         "hostile", CAMILLE, "Evil", "Impostor", "Pirate", ghost_b
     )
-    assert claim == first and claim.display_name == "Camille Martin - Infirmier"
+    assert claim == first and claim.display_name == "Camille MARTIN - Infirmier"
     moved = await store.record_connector_user(
         "pandalab", CAMILLE, "Camille", "Martin-Durand", "Infirmier", ghost_a
     )
-    assert moved.display_name == "Camille Martin-Durand - Infirmier"
+    assert moved.display_name == "Camille MARTIN-DURAND - Infirmier"
     assert moved.source == "connector:pandalab" and not moved.national
     assert {m.mxid for m in await store.mxids(CAMILLE)} == {ghost_a, ghost_b}
 
@@ -168,13 +168,16 @@ async def test_a_connector_entry_renames_only_that_connectors_ghost(stores: Stor
         "pandalab", CAMILLE, "Camille", "Martin", "Infirmier", ghost_a
     )
     assert [(r.mxid, r.new_name) for r in await stores.directory.renames(0)] == [
-        (ghost_a, "Camille Martin - Infirmier")
+        (ghost_a, "Camille MARTIN - Infirmier")
     ]
     # The national directory's entry names every ghost of the person.
-    await ans(stores, CAMILLE, "Camille", "MARTIN", "Infirmier")
+    await ans(stores, CAMILLE, "CAMILLE", "MARTIN-DURAND", "Infirmier")
     renames = await stores.directory.renames(0)
     assert sorted((r.mxid, r.new_name) for r in renames) == sorted(
-        [(ghost_a, "Camille MARTIN - Infirmier"), (ghost_b, "Camille MARTIN - Infirmier")]
+        [
+            (ghost_a, "Camille MARTIN-DURAND - Infirmier"),
+            (ghost_b, "Camille MARTIN-DURAND - Infirmier"),
+        ]
     )
 
 
@@ -194,14 +197,14 @@ async def test_each_ghost_carries_its_own_connectors_description(stores: Stores)
     real = await portals.ghost("pandalab", CAMILLE)
     claimed = await portals.ghost("hostile", CAMILLE)
 
-    assert real.display_name == "Camille Martin - Infirmier"
-    assert claimed.display_name == "Evil Impostor - Pirate"
+    assert real.display_name == "Camille MARTIN - Infirmier"
+    assert claimed.display_name == "Evil IMPOSTOR - Pirate"
     assert hs.ghost_names == {
-        real.mxid: "Camille Martin - Infirmier",
-        claimed.mxid: "Evil Impostor - Pirate",
+        real.mxid: "Camille MARTIN - Infirmier",
+        claimed.mxid: "Evil IMPOSTOR - Pirate",
     }
     row = await stores.ghosts.get(real.mxid)
-    assert row is not None and row.display_name == "Camille Martin - Infirmier"
+    assert row is not None and row.display_name == "Camille MARTIN - Infirmier"
 
 
 async def test_the_national_directory_names_ghosts_over_any_vendor(stores: Stores) -> None:
