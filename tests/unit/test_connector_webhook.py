@@ -863,7 +863,7 @@ async def test_edits_deletions_reactions_reads_typing_and_delivery_reports(
 
 async def test_get_user_describes_known_users_and_none_for_others(harness: Harness) -> None:
     jade = await harness.connector.get_user(JADE)
-    assert jade is not None and jade.display_name == "Jade Morel - Masseur-kinésithérapeute"
+    assert jade is not None and jade.display_name == "Jade MOREL - Masseur-kinésithérapeute"
     assert await harness.connector.get_user(OUTSIDER) is None
 
 

@@ -348,7 +348,7 @@ async def test_people_removed_leave_or_are_removed_by_the_bot_recorded_first(
     bridge = Bridge(stores)
     camille, julien, ana = ghost("pl", CAMILLE), ghost("pl", JULIEN), ghost("mp", ANA)
     await bridge.portal(camille, julien, NATIVE, ana)
-    await stores.ghosts.upsert(camille, "pl", CAMILLE, "Camille Martin - Infirmier")
+    await stores.ghosts.upsert(camille, "pl", CAMILLE, "Camille MARTIN - Infirmier")
 
     removed = ParticipantsRemoved(
         **at(2),
@@ -358,7 +358,7 @@ async def test_people_removed_leave_or_are_removed_by_the_bot_recorded_first(
     )
     await bridge.handle(removed)
 
-    reason = "Retiré(e) de la conversation par Camille Martin - Infirmier"
+    reason = "Retiré(e) de la conversation par Camille MARTIN - Infirmier"
     assert ("leave", julien, reason) in bridge.hs.log
     assert ("leave", ana, reason) in bridge.hs.log
     assert ("kick", BOT, NATIVE, reason) in bridge.hs.log
@@ -399,13 +399,13 @@ async def test_a_rename_is_a_notice_by_the_ghost_relayed_as_a_room_name(stores: 
     bridge = Bridge(stores)
     camille = ghost("pl", CAMILLE)
     await bridge.portal(camille)
-    await stores.ghosts.upsert(camille, "pl", CAMILLE, "Camille Martin - Infirmier")
+    await stores.ghosts.upsert(camille, "pl", CAMILLE, "Camille MARTIN - Infirmier")
 
     await bridge.handle(ConversationRenamed(**at(5), sender=CAMILLE, title="Suivi M. X"))
     [notice] = bridge.hs.sent
     assert notice["sender"] == camille and notice["content"]["msgtype"] == "m.notice"
     assert notice["content"]["body"] == (
-        "Camille Martin - Infirmier a renommé la conversation : « Suivi M. X »"
+        "Camille MARTIN - Infirmier a renommé la conversation : « Suivi M. X »"
     )
     assert bridge.hs.state == []
     [relayed] = bridge.relayed

@@ -16,7 +16,7 @@ from bridge.formatting.mentions import (
 )
 from bridge.formatting.sanitize import sanitize_html
 
-JEAN = ("Jean Dupont - Médecin", "@jean.dupont:hopital.example")
+JEAN = ("Jean DUPONT - Médecin", "@jean.dupont:hopital.example")
 AMAL = ("أمل - ممرضة", "@amal:clinique.example")
 
 

@@ -488,14 +488,14 @@ async def test_ghost_upsert_updates_the_display_name(stores: Stores) -> None:
     ghosts = stores.ghosts
     mxid = "@eimis_pl_810000001916:x"
     assert await ghosts.get(mxid) is None
-    await ghosts.upsert(mxid, "pl", "810000001916", "Alice Martin - Médecin")
-    await ghosts.upsert(mxid, "pl", "810000001916", "Alice Martin-Durand - Médecin")
+    await ghosts.upsert(mxid, "pl", "810000001916", "Alice MARTIN - Médecin")
+    await ghosts.upsert(mxid, "pl", "810000001916", "Alice MARTIN-DURAND - Médecin")
 
     ghost = await ghosts.get(mxid)
 
     assert ghost is not None
     assert (ghost.connector, ghost.idnps) == ("pl", "810000001916")
-    assert ghost.display_name == "Alice Martin-Durand - Médecin"
+    assert ghost.display_name == "Alice MARTIN-DURAND - Médecin"
     assert await stores.db.fetchval("SELECT COUNT(*) FROM ghost") == 1
 
 
