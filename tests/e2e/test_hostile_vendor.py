@@ -347,7 +347,7 @@ async def test_a_vendor_claiming_another_vendors_user_does_not_rename_their_ghos
         room_id = await portal_of(stack, "pandalab", conversation)
         await native.accept_invites(room_id, timeout=30)
         await native.wait_for_message(room_id, text_is(hello), 60)
-        assert await display_name(native, paul_ghost) == "Camille Martin - Infirmier"
+        assert await display_name(native, paul_ghost) == "Camille MARTIN - Infirmier"
 
         # The hostile vendor says Paul's IDNPS is its "Evil Impostor - Pirate".
         await join_conversation(stack, impostor, [native.user_id], [native], unique("Coucou"))
@@ -355,12 +355,12 @@ async def test_a_vendor_claiming_another_vendors_user_does_not_rename_their_ghos
         await bridge.ghost_names.apply()  # the directory pass that used to rename every ghost
 
         impostor_ghost = ghost_of(stack, "hostile", paul.idnps)
-        assert await display_name(native, impostor_ghost) == "Evil Impostor - Pirate"
-        assert await display_name(native, paul_ghost) == "Camille Martin - Infirmier"
+        assert await display_name(native, impostor_ghost) == "Evil IMPOSTOR - Pirate"
+        assert await display_name(native, paul_ghost) == "Camille MARTIN - Infirmier"
         row = await bridge.stores.ghosts.get(paul_ghost)
-        assert row is not None and row.display_name == "Camille Martin - Infirmier"
+        assert row is not None and row.display_name == "Camille MARTIN - Infirmier"
         entry = await bridge.stores.directory.get(paul.idnps)
-        assert entry is not None and entry.display_name == "Camille Martin - Infirmier"
+        assert entry is not None and entry.display_name == "Camille MARTIN - Infirmier"
         assert entry.source == "connector:pandalab"
         # What Paul writes reaches the room under his own name still.
         again = unique("Toujours moi")
@@ -384,7 +384,8 @@ async def test_the_national_directory_outranks_every_vendor_claim(
         # A new ghost is named by the directory, not by its vendor ("Faux Nom - Chirurgien").
         await join_conversation(stack, faux, [native.user_id], [native], unique("Bonjour"))
         faux_ghost = ghost_of(stack, "hostile", faux.idnps)
-        assert await display_name(native, faux_ghost) == f"{given} {family} - {label}"
+        # "LEO" / "DURAND" in the extract: named the French way.
+        assert await display_name(native, faux_ghost) == "Leo DURAND - Médecin"
         # Existing ghosts of the same person, on every vendor, follow the directory.
         wanted = "Camille MARTIN - Infirmier"
         assert await display_name(native, ghost_of(stack, "hostile", CAMILLE.idnps)) == wanted
@@ -392,7 +393,7 @@ async def test_the_national_directory_outranks_every_vendor_claim(
         # A vendor describing them again changes nothing.
         bridge = running_bridge(stack)
         member = await bridge.portals.find_professional(Idnps(faux.idnps), exclude="pandalab")
-        assert member is not None and member.display_name == f"{given} {family} - {label}"
+        assert member is not None and member.display_name == "Leo DURAND - Médecin"
         entry = await bridge.stores.directory.get(faux.idnps)
         assert entry is not None and entry.source == "ps"
 
@@ -414,9 +415,7 @@ async def test_native_users_are_shown_to_vendors_with_their_matrix_id_or_directo
         doctor_idnps = rpps_idnps(900010)
         bundle.write_text(
             json.dumps(
-                practitioner_bundle(
-                    doctor_idnps, "GARCIA", "Ana", doctor.user_id, profession="10"
-                )
+                practitioner_bundle(doctor_idnps, "GARCIA", "Ana", doctor.user_id, profession="10")
             )
         )
         assert await directory_cli(stack, "import", str(bundle)) == 0
