@@ -378,7 +378,7 @@ async def test_the_national_directory_outranks_every_vendor_claim(
         stack,
         tmp_path / "PS_LibreAcces_Personne_activite_1.txt",
         (faux.idnps, family, given, code, label),
-        (CAMILLE.idnps, "MARTIN", "Camille", "60", "Infirmier"),
+        (CAMILLE.idnps, "MARTIN-DURAND", "CAMILLE", "60", "Infirmier"),
     )
     async with await encrypted_native(stack, tmp_path, "reader") as native:
         # A new ghost is named by the directory, not by its vendor ("Faux Nom - Chirurgien").
@@ -387,7 +387,7 @@ async def test_the_national_directory_outranks_every_vendor_claim(
         # "LEO" / "DURAND" in the extract: named the French way.
         assert await display_name(native, faux_ghost) == "Leo DURAND - Médecin"
         # Existing ghosts of the same person, on every vendor, follow the directory.
-        wanted = "Camille MARTIN - Infirmier"
+        wanted = "Camille MARTIN-DURAND - Infirmier"
         assert await display_name(native, ghost_of(stack, "hostile", CAMILLE.idnps)) == wanted
         assert await display_name(native, ghost_of(stack, "pandalab", CAMILLE.idnps)) == wanted
         # A vendor describing them again changes nothing.
