@@ -76,9 +76,10 @@ def _idnps(i: int) -> str:
 
 def bulk_fill(path: Path) -> float:
     from bridge.app import PORTAL_ACL_KEY
-    from bridge.core.ghost_names import GHOSTS_LISTED_KEY
+    from bridge.core.ghost_names import GHOSTS_LISTED_KEY, NAMING_RULE_KEY
     from bridge.db.connector_state import BRIDGE_STATE
     from bridge.values.trust import server_acl
+    from connectors.names import RULE
 
     """Bulk rows into a migrated SQLite database; returns the seconds it took."""
     started = time.monotonic()
@@ -92,7 +93,7 @@ def bulk_fill(path: Path) -> float:
                     f"@eimis_medipeps_{_idnps(i)}:{DOMAIN}",
                     "medipeps",
                     _idnps(i),
-                    f"Given{i} Family{i} - Infirmier",
+                    f"Given{i} FAMILY{i} - Infirmier",
                 )
                 for i in range(GHOSTS)
             ),
@@ -114,14 +115,16 @@ def bulk_fill(path: Path) -> float:
             ),
         )
         # As a bridge already running with this trust list left them: every portal's ACL in
-        # line and every ghost listed in the directory. The one-time passes after an upgrade
-        # (all portals' ACL, all ghosts into the directory) are not what this measures.
+        # line and every ghost listed in the directory and named by the current rule. The one-time
+        # passes after an upgrade (all portals' ACL, all ghosts into the directory, all ghosts
+        # renamed by a new naming rule) are not what this measures.
         acl = json.dumps(server_acl([DOMAIN]), sort_keys=True)
         db.executemany(
             "INSERT INTO connector_state (connector, key, value) VALUES (?, ?, ?)",
             [
                 (BRIDGE_STATE, PORTAL_ACL_KEY, acl),
                 (BRIDGE_STATE, GHOSTS_LISTED_KEY, "1"),
+                (BRIDGE_STATE, NAMING_RULE_KEY, RULE),
             ],
         )
     db.execute("ANALYZE")

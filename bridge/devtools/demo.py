@@ -31,9 +31,9 @@ from bridge.logs import setup_logging
 from bridge.private_files import private_dir, write_private
 
 NATIVE_LOCALPART = "julie.bernard"
-NATIVE_DISPLAYNAME = "Julie Bernard - Médecin"
+NATIVE_DISPLAYNAME = "Julie BERNARD - Médecin"
 NEWCOMER_LOCALPART = "marc.petit"
-NEWCOMER_DISPLAYNAME = "Marc Petit - Médecin"
+NEWCOMER_DISPLAYNAME = "Marc PETIT - Médecin"
 TIMEOUT_S = 90.0
 
 
@@ -372,7 +372,8 @@ async def _import_directory(
     ):
         name, label = displayname.split(" - ")
         given, family = name.split(" ", 1)
-        people.append((rpps_idnps(99 - n), given, family.upper(), label, mxid))
+        # As in the national extract: in capitals (the directory writes "Julie BERNARD").
+        people.append((rpps_idnps(99 - n), given.upper(), family.upper(), label, mxid))
     for sandbox in sandboxes:
         for user in sandbox.users:
             people.append(
