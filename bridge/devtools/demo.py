@@ -29,6 +29,7 @@ from bridge.directory.importer import import_file
 from bridge.directory.sample import HEADER, extract_line, rpps_idnps
 from bridge.logs import setup_logging
 from bridge.private_files import private_dir, write_private
+from connectors.names import person_name
 
 NATIVE_LOCALPART = "julie.bernard"
 NATIVE_DISPLAYNAME = "Julie BERNARD - Médecin"
@@ -67,6 +68,9 @@ class SandboxUser:
         self.sandbox = sandbox
         self.idnps: str = user["idnps"]
         self.name = f"{user['given_name']} {user['family_name']}"
+        """As the vendor shows them."""
+        self.bridged_name = person_name(user["given_name"], user["family_name"])
+        """As the bridge names them to everyone else (``connectors.names``: ``Alice MARTIN``)."""
         self.base = f"{sandbox.url}/_sandbox/users/{self.idnps}"
 
     async def start_conversation(self, with_: list[str], title: str) -> str:

@@ -57,7 +57,7 @@ async def test_pandalab_user_reaches_medipeps_user_and_back(
 
     seen = await wait_until(lambda: received(bob, first), 30, "Bob to receive Alice's message")
     assert seen["sender"] == alice.idnps
-    assert seen["sender_name"].startswith(alice.name) and " - " in seen["sender_name"]
+    assert seen["sender_name"].startswith(alice.bridged_name) and " - " in seen["sender_name"]
 
     bob_conversation = await wait_until(
         lambda: conversation_titled(bob, title), 30, "Bob's side of the conversation"
@@ -111,7 +111,7 @@ async def test_vendor_user_and_native_matrix_user_talk(
     ghost = f"@eimis_pandalab_{alice.idnps}:{stack.synapse.server_name}"
     assert message.sender == ghost
     profile = await native.client.get_displayname(ghost)
-    assert profile.displayname.startswith(alice.name + " - ")
+    assert profile.displayname.startswith(alice.bridged_name + " - ")
 
     reply = unique("Bonjour depuis Matrix")
     await native.send_text(room_id, reply)

@@ -114,7 +114,7 @@ async def test_text_and_markdown_cross_every_way_once_and_in_order(trio: Trio) -
     got = await wait_until(replies, 30, "both replies at the webhook vendor")
     assert [m["sender"] for m in got] == [trio.paul.idnps, trio.native.user_id]
     assert got[0]["text"] == from_paul and got[1]["text"] == f"*{from_native}*"
-    assert got[0]["sender_name"].startswith(trio.paul.name)
+    assert got[0]["sender_name"].startswith(trio.paul.bridged_name)
     # Once each, everywhere.
     assert [m["text"] for m in await trio.wendy.inbox()].count(from_paul) == 1
     assert [m["text"] for m in await trio.paul.inbox()].count(texts[0]) == 1

@@ -251,17 +251,17 @@ async def test_native_users_show_their_matrix_id_or_their_directory_identity(
     hs = FakeHomeserver()
     portals = portals_of(stores, hs)
     mallory, doctor, bare = "@mallory:hs.example", "@ana:hs.example", "@bare:hs.example"
-    hs.display_names = {mallory: "Camille Martin -\n Infirmier", doctor: "Dr Who"}
+    hs.display_names = {mallory: "Camille MARTIN -\n Infirmier", doctor: "Dr Who"}
     await ans(stores, OTHER, "Ana", "GARCIA", "Médecin", doctor)
 
     shown = await portals.sender(ROOM, mallory, IDS.bot_mxid)
-    assert shown.display_name == f"Camille Martin - Infirmier ({mallory})"
+    assert shown.display_name == f"Camille MARTIN - Infirmier ({mallory})"
     assert shown.connector is None and shown.idnps is None
     assert (await portals.sender(ROOM, doctor, IDS.bot_mxid)).display_name == "Ana GARCIA - Médecin"
     assert (await portals.sender(ROOM, bare, IDS.bot_mxid)).display_name == bare
     # A vendor's claim on a Matrix ID is not the directory's word.
     ghost = IDS.mxid("pandalab", CAMILLE)
-    await stores.ghosts.upsert(ghost, "pandalab", CAMILLE, "Camille Martin - Infirmier")
+    await stores.ghosts.upsert(ghost, "pandalab", CAMILLE, "Camille MARTIN - Infirmier")
     assert (await portals.sender(ROOM, ghost, IDS.bot_mxid)).connector == "pandalab"
 
 
@@ -286,7 +286,7 @@ async def test_a_mentioned_native_user_is_named_as_vendors_see_them_as_senders(
     hs = FakeHomeserver()
     portals = portals_of(stores, hs)
     mallory, doctor = "@mallory:hs.example", "@ana:hs.example"
-    hs.display_names = {mallory: "Camille Martin - Infirmier", doctor: "Dr Who"}
+    hs.display_names = {mallory: "Camille MARTIN - Infirmier", doctor: "Dr Who"}
     await ans(stores, OTHER, "Ana", "GARCIA", "Médecin", doctor)
     await stores.portals.create(Portal(ROOM, None, False, IDS.bot_mxid))
     await stores.portals.add_link(ROOM, "pl", "conv")
@@ -303,14 +303,14 @@ async def test_a_mentioned_native_user_is_named_as_vendors_see_them_as_senders(
     sender = {"mxid": doctor, "display_name": "Ana GARCIA - Médecin"}
     content = {
         "msgtype": "m.text",
-        "body": "Camille Martin - Infirmier et Dr Who, voir la dose",
+        "body": "Camille MARTIN - Infirmier et Dr Who, voir la dose",
         "m.mentions": {"user_ids": [mallory, doctor]},
     }
     payload = {"event_id": "$m", "sender": sender, "content": content, "ts": 0}
     await stores.outbox.enqueue("pl", ROOM, op.SEND_MESSAGE, "$m", payload)
     [item] = await stores.outbox.pending(0, 10)
     await delivery.handle(item)
-    assert vendor.mentions == [(f"Camille Martin - Infirmier ({mallory})", "Ana GARCIA - Médecin")]
+    assert vendor.mentions == [(f"Camille MARTIN - Infirmier ({mallory})", "Ana GARCIA - Médecin")]
 
 
 # --- Vendor edits and deletions ------------------------------------------------------------
