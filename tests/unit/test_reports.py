@@ -145,7 +145,7 @@ async def test_reports_read_the_rows(config: Path) -> None:
         assert by_ghost.text() == by_native.text()
         assert by_ghost.text().splitlines() == [
             f"IDNPS {IDNPS}",
-            "name: Alice Martin (source: ps)",
+            "name: Alice MARTIN (source: ps)",
             "  reached at @alice:hs2.example [native] (preferred)",
             f"  ghost {GHOST} (pandalab): Dr Alice Martin",
             "permissions: block-all",
