@@ -199,12 +199,14 @@ class Bridge:
             manager=self.connector_manager,
             erasure=self.erasure,
             crypto=self.crypto,
+            portals=self.portals,
         )
         self.from_matrix = FromMatrix(
             self.stores,
             self.homeserver,
             self.portals,
-            admin=self.console.room if self.console.enabled else None,
+            # Always: without operators, the bot's help desk still serves the homeserver's users.
+            admin=self.console.room,
             on_refused=self.status.refused,
         )
         self.router = Router(

@@ -34,6 +34,7 @@ from bridge.admin.parser import CommandError, HelpShown, parse, split
 from bridge.commands import CommandFailed
 from bridge.commands import find as finding
 from bridge.core.connector_manager import ConnectorAdminError
+from bridge.core.errors import PermanentFailure, UnknownUser
 from bridge.db.connector_state import BRIDGE_STATE, ConnectorStateStore
 from bridge.matrix.homeserver import derived_txn_id
 
@@ -55,7 +56,8 @@ HELP = (
     "- find <nom ou identifiant> : cherche par nom (nom de famille et/ou prénom) ou par "
     "identifiant (RPPS, ADELI ou IDNPS) ; chaque réponse donne un lien pour écrire à la "
     "personne.\n"
-    "- dm <identifiant> : le lien pour ouvrir une conversation avec ce professionnel.\n"
+    "- dm <identifiant> : ouvre une conversation avec ce professionnel (vous y êtes "
+    "invité).\n"
     "- aide : ce message."
 )
 WELCOME = "Bonjour ! " + HELP
@@ -202,9 +204,9 @@ class AdminRoom:
         if content.get("msgtype") != "m.text" or not isinstance(body, str) or not body.strip():
             return
         txn_id = derived_txn_id("help-reply", str(raw.get("event_id")))
-        await self._send(room_id, await self.help_answer(body), txn_id)
+        await self._send(room_id, await self.help_answer(body, str(raw.get("sender"))), txn_id)
 
-    async def help_answer(self, body: str) -> Reply:
+    async def help_answer(self, body: str, sender: str) -> Reply:
         """The help desk's answer to one line (never logged: it may name a person)."""
         text = body.strip().removeprefix("!")
         word, _, rest = text.partition(" ")
@@ -219,13 +221,31 @@ class AdminRoom:
         log.info("Help desk command %s", word)
         try:
             if word == "dm":
-                return Reply("\n".join(await finding.dm_link(store, connectors, rest)))
+                return await self._dm(store, connectors, rest, sender)
             return Reply("\n".join(await finding.find(store, connectors, rest)))
         except CommandFailed as error:
             return Reply(str(error))
         except Exception as error:
             log.exception("A help desk command failed")
             return Reply(f"La recherche a échoué ({type(error).__name__}). Réessayez plus tard.")
+
+    async def _dm(self, store: Any, connectors: list[str], rest: str, sender: str) -> Reply:
+        """``dm <identifier>``: the portal opened at once (a ghost), or the link (a native
+        account, or a bridge without portals at hand)."""
+        portals = self.ctx.portals
+        idnps = finding.identifier(rest)
+        if portals is None or idnps is None:
+            return Reply("\n".join(await finding.dm_link(store, connectors, rest)))
+        try:
+            room_id, member = await portals.open_direct(sender, idnps)
+        except (UnknownUser, PermanentFailure) as error:
+            return Reply(f"Impossible d'ouvrir la conversation : {error}.")
+        if room_id is None:
+            return Reply("\n".join(await finding.dm_link(store, connectors, rest)))
+        return Reply(
+            f"Conversation ouverte avec {member.display_name} : acceptez l'invitation, ou "
+            f"https://matrix.to/#/{room_id}"
+        )
 
     def _subcommands(self) -> Any:
         for action in self._parser._actions:

@@ -17,6 +17,7 @@ from bridge.appservice.thirdparty import ThirdParty
 from bridge.commands import BadInput, Refused
 from bridge.commands import find as finding
 from bridge.config import DatabaseConfig
+from bridge.core.errors import PermanentFailure
 from bridge.db.database import open_database
 from bridge.db.directory import GHOST, NATIVE, Professional, Record, search_key
 from bridge.db.stores import Stores
@@ -201,7 +202,21 @@ class FakeHomeserver:
         self.sent.append((room_id, content))
 
 
-def admin_room(stores: Stores, homeserver: FakeHomeserver) -> AdminRoom:
+class FakePortals:
+    def __init__(self, refuse: Exception | None = None) -> None:
+        self.refuse = refuse
+        self.asked: list[tuple[str, str]] = []
+
+    async def open_direct(self, asker: str, idnps: str) -> tuple[str | None, Any]:
+        self.asked.append((asker, idnps))
+        if self.refuse is not None:
+            raise self.refuse
+        return "!portal:eimis.example", SimpleNamespace(display_name="Jean-Éric DE LA FONTAINE")
+
+
+def admin_room(
+    stores: Stores, homeserver: FakeHomeserver, portals: FakePortals | None = None
+) -> AdminRoom:
     connectors = {cid: SimpleNamespace(enabled=True) for cid in CONNECTORS}
     config = SimpleNamespace(
         admin=SimpleNamespace(admins=["@admin:eimis.example"], confirm_within_s=30),
@@ -209,7 +224,9 @@ def admin_room(stores: Stores, homeserver: FakeHomeserver) -> AdminRoom:
         homeserver=SimpleNamespace(domain="eimis.example"),
         connectors=connectors,
     )
-    ctx = SimpleNamespace(config=config, stores=stores, homeserver=homeserver, uploads={})
+    ctx = SimpleNamespace(
+        config=config, stores=stores, homeserver=homeserver, uploads={}, portals=portals
+    )
     return AdminRoom(ctx)  # type: ignore[arg-type]
 
 
@@ -247,6 +264,29 @@ async def test_a_user_of_the_homeserver_gets_a_help_desk_in_french(stores: Store
     assert await ask("status", 7) == NOT_ADMIN
     assert await ask("trust add evil.example", 8) == NOT_ADMIN
     assert await ask("bonjour", 9) == UNKNOWN
+
+
+async def test_dm_opens_the_portal_through_the_portals_or_says_why_not(stores: Stores) -> None:
+    hs = FakeHomeserver()
+    portals = FakePortals()
+    room = admin_room(stores, hs, portals)
+
+    answer = await room.help_answer(f"dm {JEAN_ERIC[1:]}", "@doc:eimis.example")
+
+    assert portals.asked == [("@doc:eimis.example", JEAN_ERIC)], "the RPPS stands for the IDNPS"
+    assert answer.text == (
+        "Conversation ouverte avec Jean-Éric DE LA FONTAINE : acceptez l'invitation, ou "
+        "https://matrix.to/#/!portal:eimis.example"
+    )
+    refused = admin_room(
+        stores, hs, FakePortals(PermanentFailure("Marie n'accepte pas de conversation avec vous"))
+    )
+    assert (await refused.help_answer(f"dm {MARIE}", "@doc:eimis.example")).text == (
+        "Impossible d'ouvrir la conversation : Marie n'accepte pas de conversation avec vous."
+    )
+    assert (await room.help_answer("dm dupont", "@doc:eimis.example")).text.startswith(
+        "Indiquez un identifiant"
+    )
 
 
 async def test_an_operator_still_gets_an_admin_room(stores: Stores) -> None:
