@@ -1,5 +1,6 @@
 """The admin room, end to end: an operator (a matrix-nio user on a real Synapse) runs the bridge
-from a direct chat with its bot; anyone else gets the help desk, never a command; alerts arrive grouped."""
+from a direct chat with its bot; anyone else gets the help desk, never a command; alerts arrive
+grouped."""
 
 from __future__ import annotations
 

@@ -126,5 +126,7 @@ async def test_the_homeservers_third_party_lookup_finds_the_ghost(
     assert status == 200, users
     assert [u["userid"] for u in users] == [ghost]
     family = doctor.name.split(" ", 1)[1]
-    status, users = await as_native(clinician, "GET", f"/thirdparty/user/eimis?name={quote(family)}")
+    status, users = await as_native(
+        clinician, "GET", f"/thirdparty/user/eimis?name={quote(family)}"
+    )
     assert status == 200 and ghost in [u["userid"] for u in users]
