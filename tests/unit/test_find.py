@@ -375,3 +375,24 @@ async def test_user_lookup_by_name_or_identifier_and_reverse(client: TestClient)
         "/_matrix/app/v1/thirdparty/user", params={"userid": "@x:y.example"}, headers=AUTH
     )
     assert stranger.status == 404
+
+
+async def test_the_migration_folds_the_names_already_in_the_directory(database_url: str) -> None:
+    db = await open_database(DatabaseConfig(url=database_url))
+    try:
+        store = Stores.of(db).directory
+        await store.upsert_batch([person(MARIE, "Marie", "DUPONT")], await store.next_stamp())
+        # Back to the schema before v12, with the entry in it.
+        await db.execute("DROP INDEX professional_family_key")
+        await db.execute("DROP INDEX professional_given_key")
+        await db.execute("ALTER TABLE professional DROP COLUMN family_key")
+        await db.execute("ALTER TABLE professional DROP COLUMN given_key")
+        await db.execute("UPDATE eimis_version SET version = 11")
+    finally:
+        await db.stop()
+
+    db = await open_database(DatabaseConfig(url=database_url))
+    try:
+        assert [p.idnps for p in await Stores.of(db).directory.search("dupont marie")] == [MARIE]
+    finally:
+        await db.stop()
