@@ -208,6 +208,8 @@ class Bridge:
             # Always: without operators, the bot's help desk still serves the homeserver's users.
             admin=self.console.room,
             on_refused=self.status.refused,
+            on_unsupported=self.status.unsupported,
+            decrypt=self.crypto.decrypt if self.crypto is not None else None,
         )
         self.router = Router(
             self.stores,

@@ -6,6 +6,8 @@ Joins, departures, names and topics are ``membership.py``'s. Rendering for each 
 at delivery time (``delivery.py``).
 What a sender may say about another event (edit, redaction, relation into another portal) is
 checked first (``authority.py``): a refused event reaches no vendor, and its sender is told.
+Nothing a portal member says is dropped silently: polls, stickers and events of other types that
+carry a text are made messages (``matrix_content.py``); anything else gets a FAIL send status.
 
 ``handle`` returns the deliveries to queue as writes: the router commits them together with the
 inbox item's own completion, so an event is either fully routed or not at all.
@@ -20,6 +22,7 @@ from typing import Any
 from mautrix.errors import MatrixRequestError
 from mautrix.types import PaginationDirection, RoomID
 
+from bridge.core import matrix_content as mc
 from bridge.core import operations as op
 from bridge.core.admin_hook import AdminHook
 from bridge.core.authority import Authority, Refused
@@ -55,6 +58,8 @@ class FromMatrix:
         *,
         admin: AdminHook | None = None,
         on_refused: Callable[[str, str, str], Awaitable[None]] | None = None,
+        on_unsupported: Callable[[str, str, str], Awaitable[None]] | None = None,
+        decrypt: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self.stores = stores
         self.hs = homeserver
@@ -70,6 +75,13 @@ class FromMatrix:
         """Joins, departures, names and topics of portals (``membership.py``)."""
         self.on_refused: Callable[[str, str, str], Awaitable[None]] = on_refused or _nothing
         """Told (room, event, reason in French) of an event its sender may not send."""
+        self.on_unsupported: Callable[[str, str, str], Awaitable[None]] = (
+            on_unsupported or on_refused or _nothing
+        )
+        """Told (room, event, reason in French) of an event no vendor can take in any form."""
+        self.decrypt = decrypt
+        """Decrypts an event fetched from an encrypted room (a poll a vote refers to)."""
+        self.polls = mc.PollMemory()
 
     async def handle(self, raw: dict[str, Any]) -> list[Write]:
         """The outbox writes this event calls for (none for what is not bridged)."""
@@ -93,6 +105,8 @@ class FromMatrix:
                 return await self._reaction(raw)
             if kind == "m.room.redaction":
                 return await self._redaction(raw)
+            if _other_content(raw):
+                return await self._converted(raw)
         except Refused as refusal:
             await self._refused(raw, refusal)
             return []
@@ -203,8 +217,7 @@ class FromMatrix:
             missed.extend(
                 e
                 for e in events
-                if e.get("type") in ("m.room.message", "m.reaction")
-                and e.get("origin_server_ts", 0) >= since_ts
+                if e.get("type") in CAUGHT_UP_TYPES and e.get("origin_server_ts", 0) >= since_ts
             )
             if not events or min(e.get("origin_server_ts", 0) for e in events) < since_ts:
                 break
@@ -303,6 +316,74 @@ class FromMatrix:
             reply_to_event=reply_to if isinstance(reply_to, str) else None,
         )
         return self._enqueue(raw, message, targets)
+
+    async def _converted(self, raw: dict[str, Any]) -> list[Write]:
+        """A poll, a sticker or an event of another type, as the message it can be made
+        (``matrix_content.py``); its sender is told when it cannot be made one."""
+        found = await self._targets(raw)
+        if found is None:
+            return []
+        portal, _ = found
+        content = _obj(raw.get("content"))
+        if not content:
+            return []  # redacted before we saw it
+        relates = _obj(content.get("m.relates_to"))
+        if relates.get("rel_type") == "m.replace":
+            new = await self._as_message(raw, portal, _obj(content.get("m.new_content")))
+            if new is None:
+                return []
+            edit = {**new, "m.new_content": new, "m.relates_to": relates}
+            return await self._message({**raw, "type": "m.room.message", "content": edit})
+        message = await self._as_message(raw, portal, content)
+        if message is None:
+            kind, event_id = str(raw.get("type")), str(raw.get("event_id"))
+            log.info("Unsupported %s event %s in %s", kind[:64], event_id, raw["room_id"])
+            await self.on_unsupported(raw["room_id"], event_id, mc.unsupported(kind))
+            return []
+        return await self._message({**raw, "type": "m.room.message", "content": message})
+
+    async def _as_message(
+        self, raw: dict[str, Any], portal: Portal, content: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        kind = str(raw.get("type"))
+        room_id = raw["room_id"]
+        if kind in mc.POLL_START:
+            poll = mc.poll_of(content)
+            if poll is not None:
+                self.polls.remember(room_id, str(raw.get("event_id")), poll)
+            return mc.poll_start_message(content)
+        if kind in mc.POLL_RESPONSE or kind in mc.POLL_END:
+            target = _obj(content.get("m.relates_to")).get("event_id")
+            poll = None
+            if isinstance(target, str):
+                poll = await self._poll(room_id, target, portal.voice)
+            if kind in mc.POLL_END:
+                return mc.poll_end_message(content, poll)
+            name = (await self._sender(raw, portal)).display_name
+            return mc.poll_response_message(content, name, poll)
+        if kind == mc.STICKER:
+            return mc.sticker_message(content)
+        return mc.other_event_message(kind, content)
+
+    async def _poll(self, room_id: str, event_id: str, viewer: str) -> mc.Poll | None:
+        """The poll ``event_id`` of ``room_id``: remembered, or read from the homeserver
+        (decrypted in an encrypted room); None when it cannot be found or read."""
+        known = self.polls.get(room_id, event_id)
+        if known is not None:
+            return known
+        event = await self.hs.event_in_room(viewer, room_id, event_id)
+        if event is not None and event.get("type") == "m.room.encrypted" and self.decrypt:
+            try:
+                event = await self.decrypt(event)
+            except Exception as error:  # the vote still goes, as a generic sentence
+                log.info("Could not read the poll %s (%s)", event_id, type(error).__name__)
+                return None
+        if event is None or event.get("type") not in mc.POLL_START:
+            return None
+        poll = mc.poll_of(_obj(event.get("content")))
+        if poll is not None:
+            self.polls.remember(room_id, event_id, poll)
+        return poll
 
     async def _reaction(self, raw: dict[str, Any]) -> list[Write]:
         relates = _obj(_obj(raw.get("content")).get("m.relates_to"))
@@ -406,6 +487,38 @@ class FromMatrix:
                     log.debug(
                         "Typing not delivered to %s: %s", link.connector, type(error).__name__
                     )
+
+
+CAUGHT_UP_TYPES = frozenset({"m.room.message", "m.reaction", *mc.CONVERTIBLE_TYPES})
+"""What a ghost invited into a room catches up on (what was said before it joined)."""
+HANDLED_ELSEWHERE = frozenset(
+    {
+        "m.room.member",
+        "m.room.name",
+        "m.room.topic",
+        "m.room.message",
+        "m.reaction",
+        "m.room.redaction",
+        "m.receipt",
+        "m.typing",
+        "m.presence",
+    }
+)
+
+
+def _other_content(raw: dict[str, Any]) -> bool:
+    """Whether a room event is something a person said that is not a message: a poll, a
+    sticker, or an event of a type the bridge does not know (not state, not ephemeral, not
+    protocol between clients)."""
+    kind = raw.get("type")
+    return (
+        isinstance(kind, str)
+        and "state_key" not in raw
+        and isinstance(raw.get("event_id"), str)
+        and isinstance(raw.get("sender"), str)
+        and kind not in HANDLED_ELSEWHERE
+        and kind not in mc.NOT_CONTENT
+    )
 
 
 async def _nothing(*_: str) -> None:

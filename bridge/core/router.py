@@ -19,6 +19,7 @@ from mautrix.types import Event, StateEvent
 from bridge.core.audit_trail import Trail
 from bridge.core.errors import PermanentFailure
 from bridge.core.from_matrix import FromMatrix
+from bridge.core.matrix_content import POLL_TYPES
 from bridge.core.to_matrix import ToMatrix
 from bridge.crypto.machine import Crypto, KeysMissing, Undecryptable
 from bridge.db.clock import now_ms
@@ -35,10 +36,11 @@ log = logging.getLogger("eimis.router")
 ENCRYPTED = "m.room.encrypted"
 CRYPTO_ATTEMPTS = 8
 """Tries of a crypto item before it is given up (about a minute of backoff)."""
-DECRYPTED_TYPES = frozenset({"m.room.message", "m.reaction", "m.sticker"})
-"""What an encrypted event may turn out to be: message-like events only. A redaction, state,
-membership or receipt is never encrypted (the homeserver must read it); one found inside
-ciphertext is a forgery the homeserver never applied, and is refused."""
+DECRYPTED_TYPES = frozenset({"m.room.message", "m.reaction", "m.sticker", *POLL_TYPES})
+"""What an encrypted event may turn out to be: message-like events only (and events of a
+client's own namespaced types, ``_message_like``). A redaction, state, membership or receipt
+is never encrypted (the homeserver must read it); one found inside ciphertext is a forgery the
+homeserver never applied, and is refused."""
 REFUSED_ENCRYPTED_TYPE = (
     "seuls les messages et les réactions sont chiffrés ; une suppression, un changement de la "
     "conversation ou un accusé de lecture reçu chiffré n'est pas pris en compte"
@@ -207,7 +209,7 @@ class Router:
             payload is None
             or item.payload.get("type") != ENCRYPTED
             or payload.get("type") == ENCRYPTED
-            or payload.get("type") in DECRYPTED_TYPES
+            or _message_like(payload)
         ):
             return payload
         inner = str(payload.get("type"))[:64]
@@ -294,6 +296,19 @@ class Router:
             "ban",
         ):
             await self.crypto.member_left(str(raw["room_id"]))
+
+
+def _message_like(payload: dict[str, Any]) -> bool:
+    """A decrypted event the bridge may take: a message-like type, or a client's own namespaced
+    type (``com.example.thing``, outside ``m.``), which ``FromMatrix`` bridges as its text or
+    refuses with a reason; never a state event."""
+    kind = payload.get("type")
+    return kind in DECRYPTED_TYPES or (
+        isinstance(kind, str)
+        and "." in kind
+        and not kind.startswith("m.")
+        and "state_key" not in payload
+    )
 
 
 async def _nothing(*_: str) -> None:

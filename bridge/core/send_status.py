@@ -90,6 +90,16 @@ class StatusReporter:
             txn_id=derived_txn_id("refused", event_id),
         )
 
+    async def unsupported(self, room_id: str, event_id: str, reason: str) -> None:
+        """An event no vendor can take in any form (``reason``, in French): nothing of it
+        reaches any vendor; its sender and the room are told."""
+        await self._matrix_status(room_id, event_id, "eimis-bridge", "FAIL_PERMANENT", reason, True)
+        await self.notice(
+            room_id,
+            f"Un événement n'a pas été transmis hors de Matrix : {reason}.",
+            txn_id=derived_txn_id("unsupported", event_id),
+        )
+
     async def vendor_report(
         self, connector_id: str, room_id: str, event_id: str, report: DeliveryReport
     ) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from bridge.core import matrix_content
 from bridge.core.degradation import (
     check_content,
     check_file,
@@ -32,9 +33,13 @@ async def send_message(ctx: Context, target: Target, message: SendMessage) -> De
     vendor = target.connector_id
     sender = message.sender
     notes: list[str] = []
+    converted = matrix_content.note(content, vendor)
+    if converted is not None:
+        notes.append(converted)
     if content.get("eimis.unknown_msgtype"):
         notes.append(
-            f"{content['eimis.unknown_msgtype']} is not a bridged message type: sent as its text"
+            f"type de message {str(content['eimis.unknown_msgtype'])[:64]} inconnu : "
+            "envoyé sous forme de texte"
         )
     reply_to = await _reply_target(ctx, target, message, notes)
     base = dict(
