@@ -237,11 +237,16 @@ class AdminRoom:
         if portals is None or idnps is None:
             return Reply("\n".join(await finding.dm_link(store, connectors, rest)))
         try:
-            room_id, member = await portals.open_direct(sender, idnps)
+            room_id, member, new = await portals.open_direct(sender, idnps)
         except (UnknownUser, PermanentFailure) as error:
             return Reply(f"Impossible d'ouvrir la conversation : {error}.")
         if room_id is None:
             return Reply("\n".join(await finding.dm_link(store, connectors, rest)))
+        if not new:
+            return Reply(
+                f"Vous avez déjà une conversation avec {member.display_name} : "
+                f"https://matrix.to/#/{room_id}"
+            )
         return Reply(
             f"Conversation ouverte avec {member.display_name} : acceptez l'invitation, ou "
             f"https://matrix.to/#/{room_id}"

@@ -424,3 +424,11 @@ async def upgrade_v12(conn: Connection, scheme: Scheme) -> None:
     ops = "" if scheme == Scheme.SQLITE else " text_pattern_ops"
     await conn.execute(f"CREATE INDEX professional_family_key ON professional (family_key{ops})")
     await conn.execute(f"CREATE INDEX professional_given_key ON professional (given_key{ops})")
+
+
+@upgrade_table.register(description="Index the portals' participants by person")
+async def upgrade_v13(conn: Connection, scheme: Scheme) -> None:
+    del scheme
+    # A person's direct chats (the help desk's ``dm``) and their erasure look people up by
+    # Matrix id across every portal.
+    await conn.execute("CREATE INDEX portal_participant_user ON portal_participant (user_id)")

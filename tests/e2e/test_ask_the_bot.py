@@ -101,6 +101,9 @@ async def test_find_dm_and_a_conversation_with_a_vendor_user(
     answer = await clinician.wait_for_message(room_id, text_is(reply), timeout=30)
     assert answer.sender == ghost
 
+    again = await desk.ask(f"dm {nurse.idnps[1:]}", "déjà une conversation")  # the RPPS
+    assert again.endswith(f"https://matrix.to/#/{room_id}")
+
 
 async def test_admin_commands_are_refused_in_french(desk: Desk) -> None:
     refused = await desk.ask("status", "réservée aux administrateurs")

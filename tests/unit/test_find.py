@@ -20,6 +20,7 @@ from bridge.config import DatabaseConfig
 from bridge.core.errors import PermanentFailure
 from bridge.db.database import open_database
 from bridge.db.directory import GHOST, NATIVE, Professional, Record, search_key
+from bridge.db.portal import Portal
 from bridge.db.stores import Stores
 from connectors.idnps import luhn_check_digit
 
@@ -207,11 +208,12 @@ class FakePortals:
         self.refuse = refuse
         self.asked: list[tuple[str, str]] = []
 
-    async def open_direct(self, asker: str, idnps: str) -> tuple[str | None, Any]:
+    async def open_direct(self, asker: str, idnps: str) -> tuple[str | None, Any, bool]:
         self.asked.append((asker, idnps))
         if self.refuse is not None:
             raise self.refuse
-        return "!portal:eimis.example", SimpleNamespace(display_name="Jean-Éric DE LA FONTAINE")
+        name = SimpleNamespace(display_name="Jean-Éric DE LA FONTAINE")
+        return "!portal:eimis.example", name, len(self.asked) == 1
 
 
 def admin_room(
@@ -276,6 +278,11 @@ async def test_dm_opens_the_portal_through_the_portals_or_says_why_not(stores: S
     assert portals.asked == [("@doc:eimis.example", JEAN_ERIC)], "the RPPS stands for the IDNPS"
     assert answer.text == (
         "Conversation ouverte avec Jean-Éric DE LA FONTAINE : acceptez l'invitation, ou "
+        "https://matrix.to/#/!portal:eimis.example"
+    )
+    again = await room.help_answer(f"dm {JEAN_ERIC}", "@doc:eimis.example")
+    assert again.text == (
+        "Vous avez déjà une conversation avec Jean-Éric DE LA FONTAINE : "
         "https://matrix.to/#/!portal:eimis.example"
     )
     refused = admin_room(
@@ -387,6 +394,7 @@ async def test_the_migration_folds_the_names_already_in_the_directory(database_u
         await db.execute("DROP INDEX professional_given_key")
         await db.execute("ALTER TABLE professional DROP COLUMN family_key")
         await db.execute("ALTER TABLE professional DROP COLUMN given_key")
+        await db.execute("DROP INDEX portal_participant_user")  # v13
         await db.execute("UPDATE eimis_version SET version = 11")
     finally:
         await db.stop()
@@ -396,3 +404,17 @@ async def test_the_migration_folds_the_names_already_in_the_directory(database_u
         assert [p.idnps for p in await Stores.of(db).directory.search("dupont marie")] == [MARIE]
     finally:
         await db.stop()
+
+
+async def test_a_direct_chat_they_already_have_is_found(stores: Stores) -> None:
+    portals = stores.portals
+    doc, nurse = "@doc:eimis.example", ghost("medipeps", JEAN_ERIC)
+    for room_id, direct in (("!old:e", True), ("!group:e", False), ("!new:e", True)):
+        await portals.create(Portal(room_id, None, direct, "@eimis_bot:eimis.example"))
+        await portals.add_link(room_id, "medipeps", None)
+        await portals.add_participants(room_id, "medipeps", [doc, nurse])
+    await portals.close_link("!old:e", "medipeps")
+
+    assert await portals.direct_with("medipeps", doc, nurse) == ["!new:e"]
+    assert await portals.direct_with("pandalab", doc, nurse) == []
+    assert await portals.direct_with("medipeps", "@someone:eimis.example", nurse) == []
