@@ -18,6 +18,7 @@ from mautrix.types import Membership, RoomID, UserID
 from bridge import __version__
 from bridge.admin.console import Console
 from bridge.appservice.server import AppserviceServer
+from bridge.appservice.thirdparty import ThirdParty
 from bridge.config import Config, ConfigError, load_tokens
 from bridge.core.audit_trail import Trail
 from bridge.core.causal_order import CausalOrder
@@ -198,12 +199,14 @@ class Bridge:
             manager=self.connector_manager,
             erasure=self.erasure,
             crypto=self.crypto,
+            portals=self.portals,
         )
         self.from_matrix = FromMatrix(
             self.stores,
             self.homeserver,
             self.portals,
-            admin=self.console.room if self.console.enabled else None,
+            # Always: without operators, the bot's help desk still serves the homeserver's users.
+            admin=self.console.room,
             on_refused=self.status.refused,
             on_unsupported=self.status.unsupported,
             decrypt=self.crypto.decrypt if self.crypto is not None else None,
@@ -267,6 +270,11 @@ class Bridge:
             max_body_bytes=config.appservice.max_body_bytes,
             watch=TransactionWatch(self.stores.inbox, self.reconciler),
             order=self.causal_order,
+            thirdparty=ThirdParty(
+                hs_token,
+                self.stores.directory,
+                lambda: [cid for cid, c in config.connectors.items() if c.enabled],
+            ),
         )
         self.connector_routes.mount(self.appservice.app)
         # Ghosts named after the directory, now and whenever an import changes it.

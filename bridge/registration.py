@@ -40,6 +40,9 @@ def build_registration(config: Config) -> dict[str, Any]:
             "rooms": [],
         },
         "rate_limited": False,
+        # Third-party lookups (``bridge/appservice/thirdparty.py``): clients find professionals
+        # by name or identifier through the homeserver's /thirdparty/user/eimis.
+        "protocols": ["eimis"],
         "receive_ephemeral": True,
         "de.sorunome.msc2409.push_ephemeral": True,
         # End-to-end encryption: device lists and one-time key counts in transactions (MSC3202),

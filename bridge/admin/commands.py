@@ -69,6 +69,8 @@ class AdminContext:
     """The running bridge's erasure (``forget``; ``bridge.core.erasure``)."""
     crypto: Any = None
     """End-to-bridge encryption (``bridge.crypto``), when enabled."""
+    portals: Any = None
+    """The portals (``bridge.core.portals``): the help desk's ``dm`` opens one."""
     extra_status: Callable[[], Awaitable[list[str]]] | None = None
     """More status lines (inbox ordering, metrics ...)."""
     uploads: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)

@@ -32,6 +32,7 @@ class Console:
         manager: Any = None,
         erasure: Any = None,
         crypto: Any = None,
+        portals: Any = None,
     ) -> None:
         self.context = AdminContext(
             config=config,
@@ -45,6 +46,7 @@ class Console:
             audit=stores.audit,
             erasure=erasure,
             crypto=crypto,
+            portals=portals,
         )
         self.room = AdminRoom(self.context)
         """The admin rooms: ``FromMatrix``'s admin hook (``bridge/core/admin_hook.py``)."""

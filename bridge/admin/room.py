@@ -7,6 +7,12 @@ them); the answer is a notice from the bot. A destructive command asks for confi
 only the same operator, in the same room, can give by answering ``yes`` within
 ``admin.confirm_within_s``.
 
+Any other user of the bridge's homeserver may DM the bot too: that room becomes a help desk
+(remembered apart), where ``find <nom ou identifiant>``, ``dm <identifiant>`` and ``aide``
+work, in French; an admin command there is refused, in French. Users of other homeservers (even
+trusted ones) are refused: the bridge serves its homeserver's users, who are the ones its
+operators answer for.
+
 The bot's answers carry transaction ids derived from the command's event id, so an event
 processed twice (a crash between the answer and its inbox mark) is answered once.
 """
@@ -25,7 +31,10 @@ from mautrix.types import RoomID
 
 from bridge.admin.commands import AdminContext, Reply, build_parser
 from bridge.admin.parser import CommandError, HelpShown, parse, split
+from bridge.commands import CommandFailed
+from bridge.commands import find as finding
 from bridge.core.connector_manager import ConnectorAdminError
+from bridge.core.errors import PermanentFailure, UnknownUser
 from bridge.db.connector_state import BRIDGE_STATE, ConnectorStateStore
 from bridge.matrix.homeserver import derived_txn_id
 
@@ -37,6 +46,26 @@ REFUSAL = (
     "If you need something from the bridge, please write to its operators."
 )
 YES = ("yes", "y", "oui", "confirm")
+HELP_ROOMS_KEY = "help_rooms"
+ELSEWHERE = (
+    "Bonjour. Je suis le robot du pont EIMIS de {domain} : je réponds aux utilisateurs de ce "
+    "serveur uniquement. Adressez-vous au robot du pont de votre propre serveur."
+)
+HELP = (
+    "Je trouve les professionnels de santé joignables par le pont EIMIS :\n"
+    "- find <nom ou identifiant> : cherche par nom (nom de famille et/ou prénom) ou par "
+    "identifiant (RPPS, ADELI ou IDNPS) ; chaque réponse donne un lien pour écrire à la "
+    "personne.\n"
+    "- dm <identifiant> : ouvre une conversation avec ce professionnel (vous y êtes "
+    "invité).\n"
+    "- aide : ce message."
+)
+WELCOME = "Bonjour ! " + HELP
+NOT_ADMIN = (
+    "Cette commande est réservée aux administrateurs du pont. Ici : find, dm et aide "
+    "(tapez « aide »)."
+)
+UNKNOWN = "Je n'ai pas compris. Tapez « aide » pour la liste des commandes."
 
 
 @dataclass
@@ -52,6 +81,8 @@ class AdminRoom:
         self.bot = ctx.config.bot_mxid
         self._state = ConnectorStateStore(ctx.stores.db, BRIDGE_STATE)
         self._rooms: set[str] | None = None
+        self._help_rooms: set[str] | None = None
+        self.domain = ctx.config.homeserver.domain
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._parser = build_parser()
 
@@ -61,22 +92,37 @@ class AdminRoom:
             self._rooms = set(json.loads(raw)) if raw else set()
         return self._rooms
 
-    async def _remember(self, room_id: str, present: bool) -> None:
-        rooms = await self.rooms()
+    async def help_rooms(self) -> set[str]:
+        if self._help_rooms is None:
+            raw = await self._state.get(HELP_ROOMS_KEY)
+            self._help_rooms = set(json.loads(raw)) if raw else set()
+        return self._help_rooms
+
+    async def _remember(self, room_id: str, present: bool, *, help_desk: bool = False) -> None:
+        rooms = await (self.help_rooms() if help_desk else self.rooms())
         if (room_id in rooms) == present:
             return
         rooms.add(room_id) if present else rooms.discard(room_id)
-        await self._state.set(ADMIN_ROOMS_KEY, json.dumps(sorted(rooms)))
+        key = HELP_ROOMS_KEY if help_desk else ADMIN_ROOMS_KEY
+        await self._state.set(key, json.dumps(sorted(rooms)))
+
+    def _local(self, mxid: str) -> bool:
+        return mxid.partition(":")[2] == self.domain
 
     # Membership -------------------------------------------------------------------------------
 
     async def on_bot_invite(self, room_id: str, inviter: str) -> None:
         """The bot was invited: an operator's DM becomes an admin room; others are refused."""
         intent = self.ctx.homeserver.bot
+        if inviter not in self.admins and self._local(inviter):
+            await self._open_help_desk(room_id)
+            return
         if inviter not in self.admins:
-            log.info("Refusing an invite of the bot from a non-operator")
+            log.info("Refusing an invite of the bot from another homeserver's user")
             try:
-                await intent.leave_room(RoomID(room_id), reason=REFUSAL)
+                await intent.leave_room(
+                    RoomID(room_id), reason=ELSEWHERE.format(domain=self.domain)
+                )
             except MatrixRequestError as error:
                 log.warning("Could not refuse the bot's invite (%s)", error.errcode)
             return
@@ -100,14 +146,29 @@ class AdminRoom:
             derived_txn_id("admin-welcome", room_id),
         )
 
+    async def _open_help_desk(self, room_id: str) -> None:
+        try:
+            await self.ctx.homeserver.bot.join_room_by_id(RoomID(room_id))
+        except MatrixRequestError as error:
+            log.warning("Could not join the help desk room %s (%s)", room_id, error.errcode)
+            return
+        await self._remember(room_id, True, help_desk=True)
+        await self.ctx.homeserver.follow_encryption(room_id, self.ctx.homeserver.config.bot_mxid)
+        log.info("Help desk room %s opened by a user of the homeserver", room_id)
+        await self._send(room_id, Reply(WELCOME), derived_txn_id("help-welcome", room_id))
+
     async def on_bot_left(self, room_id: str) -> None:
         await self._remember(room_id, False)
+        await self._remember(room_id, False, help_desk=True)
 
     # Messages ---------------------------------------------------------------------------------
 
     async def handles(self, raw: dict[str, Any]) -> bool:
         """Whether this room event belongs to an admin room (then it is dealt with here)."""
         room_id = raw.get("room_id")
+        if isinstance(room_id, str) and room_id in await self.help_rooms():
+            await self._help_desk(room_id, raw)
+            return True
         if not isinstance(room_id, str) or room_id not in await self.rooms():
             return False
         if raw.get("type") != "m.room.message" or raw.get("sender") == self.bot:
@@ -133,6 +194,69 @@ class AdminRoom:
             return True
         await self._send(room_id, await self._answer(room_id, sender, body), txn_id)
         return True
+
+    async def _help_desk(self, room_id: str, raw: dict[str, Any]) -> None:
+        """A message in a help desk room: find, dm and aide, answered in French."""
+        if raw.get("type") != "m.room.message" or raw.get("sender") == self.bot:
+            return
+        content = raw.get("content") if isinstance(raw.get("content"), dict) else {}
+        body = content.get("body")
+        if content.get("msgtype") != "m.text" or not isinstance(body, str) or not body.strip():
+            return
+        txn_id = derived_txn_id("help-reply", str(raw.get("event_id")))
+        await self._send(room_id, await self.help_answer(body, str(raw.get("sender"))), txn_id)
+
+    async def help_answer(self, body: str, sender: str) -> Reply:
+        """The help desk's answer to one line (never logged: it may name a person)."""
+        text = body.strip().removeprefix("!")
+        word, _, rest = text.partition(" ")
+        word = word.lower()
+        if word in ("aide", "help", "?"):
+            return Reply(HELP)
+        if word not in ("find", "cherche", "chercher", "dm"):
+            known = set(getattr(self._subcommands(), "choices", None) or ())
+            return Reply(NOT_ADMIN if word in known else UNKNOWN)
+        connectors = [cid for cid, c in self.ctx.config.connectors.items() if c.enabled]
+        store = self.ctx.stores.directory
+        log.info("Help desk command %s", word)
+        try:
+            if word == "dm":
+                return await self._dm(store, connectors, rest, sender)
+            return Reply("\n".join(await finding.find(store, connectors, rest)))
+        except CommandFailed as error:
+            return Reply(str(error))
+        except Exception as error:
+            log.exception("A help desk command failed")
+            return Reply(f"La recherche a échoué ({type(error).__name__}). Réessayez plus tard.")
+
+    async def _dm(self, store: Any, connectors: list[str], rest: str, sender: str) -> Reply:
+        """``dm <identifier>``: the portal opened at once (a ghost), or the link (a native
+        account, or a bridge without portals at hand)."""
+        portals = self.ctx.portals
+        idnps = finding.identifier(rest)
+        if portals is None or idnps is None:
+            return Reply("\n".join(await finding.dm_link(store, connectors, rest)))
+        try:
+            room_id, member, new = await portals.open_direct(sender, idnps)
+        except (UnknownUser, PermanentFailure) as error:
+            return Reply(f"Impossible d'ouvrir la conversation : {error}.")
+        if room_id is None:
+            return Reply("\n".join(await finding.dm_link(store, connectors, rest)))
+        if not new:
+            return Reply(
+                f"Vous avez déjà une conversation avec {member.display_name} : "
+                f"https://matrix.to/#/{room_id}"
+            )
+        return Reply(
+            f"Conversation ouverte avec {member.display_name} : acceptez l'invitation, ou "
+            f"https://matrix.to/#/{room_id}"
+        )
+
+    def _subcommands(self) -> Any:
+        for action in self._parser._actions:
+            if getattr(action, "choices", None):
+                return action
+        return None
 
     async def _answer(self, room_id: str, sender: str, body: str) -> Reply:
         text = body.strip()

@@ -27,6 +27,7 @@ from bridge.logs import log_context
 from bridge.values.crypto_extensions import parse_crypto
 
 if TYPE_CHECKING:
+    from bridge.appservice.thirdparty import ThirdParty
     from bridge.core.causal_order import CausalOrder
     from bridge.core.reconcile import TransactionWatch
 
@@ -79,6 +80,7 @@ class AppserviceServer:
         max_body_bytes: int,
         watch: TransactionWatch | None = None,
         order: CausalOrder | None = None,
+        thirdparty: ThirdParty | None = None,
     ) -> None:
         self._hs_token = hs_token
         self._inbox = inbox
@@ -104,6 +106,8 @@ class AppserviceServer:
                 web.get("/ready", self.ready),
             ]
         )
+        if thirdparty is not None:
+            self.app.add_routes(thirdparty.routes())
 
     async def put_transaction(self, request: web.Request) -> web.Response:
         check_hs_token(request, self._hs_token)

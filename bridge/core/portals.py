@@ -485,6 +485,57 @@ class Portals:
         await self.publish_capabilities(room_id, portal.voice)
         return True
 
+    async def open_direct(self, asker: str, idnps: Idnps) -> tuple[str | None, Member, bool]:
+        """A Matrix user asked the bot for a DM with a professional (``dm <identifier>``).
+
+        The professional is reached as ``find_professional`` says (issue 5's choice rule). A
+        native account: nothing to open (``None``; the asker gets a link). A ghost: a portal
+        room made as for a vendor's conversation (the bridge's policy in its initial state), the
+        ghost in it, the asker invited by the ghost as a direct chat (their client names the
+        room after the professional), and the vendor conversation queued for opening, as when a
+        Matrix user invites a ghost; unless both are already in a direct portal of that vendor
+        (then that room, and ``False`` for "not new"). Raises ``UnknownUser`` (nobody reachable) or
+        ``PermanentFailure`` (refused: trust space, the professional's permissions), with a
+        French reason.
+        """
+        member = await self.find_professional(idnps, exclude="")
+        if member is None:
+            raise UnknownUser(
+                f"le professionnel {idnps} n'est joignable par aucune messagerie reliée au pont"
+            )
+        if member.connector is None:
+            return None, member, False
+        if await self.invite_refusal(asker, member.mxid, idnps) is not None:
+            # The asker is of the bridge's homeserver (trusted): what refuses is the
+            # professional's permission settings (the trust space, were it ever that, too).
+            log.info("Not opening a direct chat with %s: refused", member.mxid)
+            raise PermanentFailure(
+                f"{member.display_name} n'accepte pas de conversation avec vous "
+                "(ses réglages d'autorisations la refusent)"
+            )
+        for existing in await self.stores.portals.direct_with(member.connector, asker, member.mxid):
+            try:
+                joined = await self.hs.joined_members(existing, viewer=member.mxid)
+            except MatrixRequestError:
+                continue
+            if asker in joined and member.mxid in joined:
+                return existing, member, False
+        room_id = await self.hs.create_portal_room(title=None, invite=[member.mxid], is_direct=True)
+        await self.ensure_joined(room_id, member.mxid)
+        await self.invite(room_id, member.mxid, asker, is_direct=True)
+        await self._record_direct(member.mxid, asker, room_id)
+        native = await self.sender(room_id, asker, member.mxid)
+        everyone = [native, member]
+        async with self.stores.db.acquire() as conn, conn.transaction():
+            await self.stores.portals.create(
+                Portal(room_id, None, True, self.ids.bot_mxid), conn=conn
+            )
+            await self._queue_conversation(room_id, member.connector, None, everyone, conn=conn)
+        self.stores.portals.forget(room_id)
+        log.info("Opened portal %s for a direct chat asked of the bot", room_id)
+        await self.publish_capabilities(room_id, self.ids.bot_mxid)
+        return room_id, member, True
+
     async def _record_direct(self, mxid: str, other: str, room_id: str) -> None:
         try:
             await self.hs.record_direct(mxid, other, room_id)

@@ -15,6 +15,8 @@ professional never overwrites an entry that came from them.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +28,22 @@ from connectors import names
 GHOST = "ghost"
 NATIVE = "native"
 CONNECTOR_SOURCE = "connector:"
+SEARCH_WORDS = 4
+"""At most this many words of a search are used (the rest is ignored)."""
+SEARCH_LIMIT = 50
+"""No search returns more rows than this, whatever the caller asks."""
+
+_NOT_WORD = re.compile(r"[^0-9a-z]+")
+_LIGATURES = str.maketrans({"œ": "oe", "Œ": "oe", "æ": "ae", "Æ": "ae", "ß": "ss"})
+
+
+def search_key(name: str) -> str:
+    """A name folded for search: lower case, no accents, words of letters and digits separated
+    by one space (``"Jean-Éric"`` -> ``"jean eric"``, ``"DE LA FONTAINE"`` -> ``"de la
+    fontaine"``). Only ``[0-9a-z ]`` remain, so a key never holds a LIKE wildcard."""
+    decomposed = unicodedata.normalize("NFKD", name.translate(_LIGATURES))
+    bare = "".join(c for c in decomposed if not unicodedata.combining(c)).lower()
+    return _NOT_WORD.sub(" ", bare).strip()
 
 
 def display_name(given: str, family: str, label: str | None) -> str:
@@ -94,10 +112,12 @@ def _upsert(only_over: str = "") -> str:
     """Insert, or rewrite a row only when something in it changed (``updated_at`` marks it)."""
     return f"""
 INSERT INTO professional (idnps, given_name, family_name, profession_code, profession_label,
-                          source, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+                          source, updated_at, given_key, family_key)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 ON CONFLICT (idnps) DO UPDATE SET
     given_name = excluded.given_name,
+    given_key = excluded.given_key,
+    family_key = excluded.family_key,
     family_name = excluded.family_name,
     profession_code = excluded.profession_code,
     profession_label = excluded.profession_label,
@@ -151,6 +171,8 @@ class DirectoryStore:
                 p.profession_label,
                 p.source,
                 stamp,
+                search_key(p.given_name),
+                search_key(p.family_name),
             )
             for p in (r.professional for r in by_idnps.values())
         ]
@@ -197,6 +219,55 @@ class DirectoryStore:
         )
         return Professional(**dict(row)) if row else None
 
+    async def search(self, query: str, limit: int = 10) -> list[Professional]:
+        """Professionals whose names match ``query``, whatever the case and accents: the whole
+        query starts the family or the given name (``"de la font"``, ``"jean-eric"``), or each
+        of its words starts one of them (``"marie dup"``). At most ``SEARCH_WORDS`` words and
+        ``SEARCH_LIMIT`` rows; ordered by family then given name. Prefix LIKEs on the folded,
+        indexed columns (migration v12), so a search reads index ranges, not the table.
+        """
+        key = search_key(query)
+        words = key.split()[:SEARCH_WORDS]
+        if not words:
+            return []
+        limit = max(1, min(limit, SEARCH_LIMIT))
+        phrase = " ".join(words)
+        args: list[object] = [phrase + "%"]
+        condition = "(family_key LIKE $1 OR given_key LIKE $1)"
+        if len(words) > 1:
+            each = []
+            for word in words:
+                args.append(word + "%")
+                n = len(args)
+                each.append(f"(family_key LIKE ${n} OR given_key LIKE ${n})")
+            condition = f"({condition} OR ({' AND '.join(each)}))"
+        args.append(limit)
+        rows = await self.db.fetch(
+            f"SELECT {_COLUMNS} FROM professional WHERE {condition} "
+            f"ORDER BY family_key, given_key, idnps LIMIT ${len(args)}",
+            *args,
+        )
+        return [Professional(**dict(row)) for row in rows]
+
+    async def mxids_of(self, idnps: Sequence[str]) -> dict[str, list[ProfessionalMxid]]:
+        """The Matrix IDs of several professionals at once (a search's results)."""
+        found: dict[str, list[ProfessionalMxid]] = {i: [] for i in idnps}
+        if not found:
+            return found
+        marks = ", ".join(f"${n}" for n in range(1, len(found) + 1))
+        rows = await self.db.fetch(
+            "SELECT idnps, mxid, kind, connector, preferred FROM professional_mxid "
+            f"WHERE idnps IN ({marks}) ORDER BY idnps, mxid",
+            *found,
+        )
+        for r in rows:
+            found[r["idnps"]].append(
+                ProfessionalMxid(
+                    r["idnps"], r["mxid"], r["kind"], r["connector"], bool(r["preferred"])
+                )
+            )
+        return found
+
     async def mxids(self, idnps: str) -> list[ProfessionalMxid]:
         rows = await self.db.fetch(
             "SELECT idnps, mxid, kind, connector, preferred FROM professional_mxid "
@@ -231,6 +302,8 @@ class DirectoryStore:
                 profession_label,
                 source,
                 stamp,
+                search_key(given_name),
+                search_key(family_name),
             )
             await conn.execute(_ADD_MXID, idnps, ghost_mxid, GHOST, connector)
         entry = await self.get(idnps)

@@ -202,6 +202,22 @@ class PortalStore:
         )
         return {r["user_id"] for r in rows}
 
+    async def direct_with(self, connector: str, first: str, second: str) -> list[str]:
+        """Direct portals whose ``connector`` side (still open) has both people, newest first
+        (at most 5): a direct chat they already have."""
+        rows = await self.db.fetch(
+            "SELECT p.room_id FROM portal p "
+            "JOIN portal_link l ON l.room_id = p.room_id AND l.connector = $1 "
+            "JOIN portal_participant a ON a.room_id = p.room_id AND a.connector = $1 "
+            "JOIN portal_participant b ON b.room_id = p.room_id AND b.connector = $1 "
+            "WHERE p.is_direct AND l.closed_at IS NULL AND a.user_id = $2 AND b.user_id = $3 "
+            "ORDER BY p.created_at DESC LIMIT 5",
+            connector,
+            first,
+            second,
+        )
+        return [r["room_id"] for r in rows]
+
     async def add_participants(
         self,
         room_id: str,

@@ -401,3 +401,34 @@ async def upgrade_v11(conn: Connection, scheme: Scheme) -> None:
     # A link whose vendor side has nobody left: what was queued is still delivered, nothing new
     # is routed there, and a vendor event of that conversation is no longer bridged.
     await conn.execute("ALTER TABLE portal_link ADD COLUMN closed_at BIGINT")
+
+
+@upgrade_table.register(description="Search keys for the directory: names without case or accents")
+async def upgrade_v12(conn: Connection, scheme: Scheme) -> None:
+    # ``find`` (the bot's help desk) and the third-party lookup search names by word prefix,
+    # whatever the case and accents: each name is kept folded (``search_key``) beside itself,
+    # indexed so that ``LIKE 'dup%'`` is a range scan (PostgreSQL: text_pattern_ops; SQLite
+    # uses the index for a prefix LIKE when case_sensitive_like is off only on NOCASE columns,
+    # so the folded columns are declared COLLATE NOCASE there: they are lower case anyway).
+    from bridge.db.directory import search_key  # noqa: PLC0415 (the one folding rule)
+
+    collate = " COLLATE NOCASE" if scheme == Scheme.SQLITE else ""
+    await conn.execute(f"ALTER TABLE professional ADD COLUMN family_key TEXT{collate}")
+    await conn.execute(f"ALTER TABLE professional ADD COLUMN given_key TEXT{collate}")
+    rows = await conn.fetch("SELECT idnps, given_name, family_name FROM professional")
+    if rows:
+        await conn.executemany(
+            "UPDATE professional SET family_key = $2, given_key = $3 WHERE idnps = $1",
+            [(r["idnps"], search_key(r["family_name"]), search_key(r["given_name"])) for r in rows],
+        )
+    ops = "" if scheme == Scheme.SQLITE else " text_pattern_ops"
+    await conn.execute(f"CREATE INDEX professional_family_key ON professional (family_key{ops})")
+    await conn.execute(f"CREATE INDEX professional_given_key ON professional (given_key{ops})")
+
+
+@upgrade_table.register(description="Index the portals' participants by person")
+async def upgrade_v13(conn: Connection, scheme: Scheme) -> None:
+    del scheme
+    # A person's direct chats (the help desk's ``dm``) and their erasure look people up by
+    # Matrix id across every portal.
+    await conn.execute("CREATE INDEX portal_participant_user ON portal_participant (user_id)")
