@@ -125,9 +125,9 @@ async def test_find_answers_in_french_with_where_they_are_reached_and_a_link(
 
     assert lines == [
         "2 professionnel(s) trouvé(s) :",
-        f"- Louise Dupond - Infirmière ({LOUISE}), compte Matrix @louise:hopital.example : "
+        f"- Louise DUPOND - Infirmière ({LOUISE}), compte Matrix @louise:hopital.example : "
         "https://matrix.to/#/@louise:hopital.example",
-        f"- MARIE DUPONT - Médecin ({MARIE}), joignable via pandalab : "
+        f"- Marie DUPONT - Médecin ({MARIE}), joignable via pandalab : "
         f"https://matrix.to/#/{ghost('pandalab', MARIE)}",
     ]
     unreachable = await finding.find(stores.directory, CONNECTORS, "dupuis")
@@ -257,7 +257,7 @@ async def test_a_user_of_the_homeserver_gets_a_help_desk_in_french(stores: Store
         assert await room.handles(message("!desk:eimis.example", "@doc:eimis.example", body, n))
         return str(hs.sent[-1][1]["body"])
 
-    assert "MARIE DUPONT - Médecin" in await ask("find dupont", 1)
+    assert "Marie DUPONT - Médecin" in await ask("find dupont", 1)
     assert "https://matrix.to/#/" in await ask("!find Marie", 2)
     assert (await ask("find zzz", 3)).startswith("Aucun professionnel trouvé")
     assert (await ask(f"dm {JEAN_ERIC}", 4)).startswith("Jean-Éric DE LA FONTAINE")
@@ -353,7 +353,7 @@ async def test_user_lookup_by_name_or_identifier_and_reverse(client: TestClient)
     marie = {
         "userid": ghost("pandalab", MARIE),
         "protocol": "eimis",
-        "fields": {"idnps": MARIE, "name": "MARIE DUPONT - Médecin"},
+        "fields": {"idnps": MARIE, "name": "Marie DUPONT - Médecin"},
     }
     by_name = await client.get(
         "/_matrix/app/v1/thirdparty/user/eimis", params={"name": "dupont"}, headers=AUTH
