@@ -46,7 +46,8 @@ def _in_word(char: str) -> bool:
 
 
 def given_name(text: str) -> str:
-    """``JEAN-ÉRIC`` → ``Jean-Éric``: each part in title case."""
+    """``JEAN-ÉRIC`` → ``Jean-Éric``: each part in title case (a letter after anything but a
+    letter, so after a space, a hyphen, an apostrophe or the dot of ``J.-P.``, is a capital)."""
     out = []
     previous = ""
     for char in _clean(text):
