@@ -14,6 +14,8 @@ from mautrix.util.async_db import Database
 from bridge.config import MediaConfig
 from bridge.core import operations as op
 from bridge.core.executors import Delivered, Executors
+from bridge.core.members import Member
+from bridge.core.send_status import StatusReporter
 from bridge.core.system_notices import tell_everyone
 from bridge.db.portal import Portal
 from bridge.db.stores import Stores
@@ -99,3 +101,39 @@ async def test_the_executor_uses_system_messages_or_the_eimis_stand_in(stores: S
     assert with_system.calls == [("system", "conv-pl", "Impossible d'ajouter : X.", "system:k")]
     assert await run("mp", ROOM, notice) == Delivered("conv-mp")
     assert without.calls == [("send", "conv-mp", EIMIS, "Impossible d'ajouter : X.")]
+
+
+class Voice:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    async def send_event(
+        self, sender: str, room_id: str, event_type: str, content: dict[str, Any], *, txn_id: str
+    ) -> str:
+        self.sent.append((event_type, content))
+        return f"$e{len(self.sent)}"
+
+
+async def test_a_message_that_failed_at_one_vendor_is_told_to_the_others_in_french(
+    stores: Stores,
+) -> None:
+    hs = Voice()
+    status = StatusReporter(stores, hs, {})  # type: ignore[arg-type]
+    for _ in range(2):  # a retry of the report queues nothing twice
+        await status.report(
+            room_id=ROOM,
+            event_id="$m",
+            sender=Member("@alice:eimis.example", "Alice"),
+            target="mp",
+            outcome="FAIL_PERMANENT",
+            detail="fichier trop gros",
+        )
+    [item] = await stores.outbox.pending(0, 100)
+    assert item.connector == "pl", "not told to mp, whose users never had the message"
+    notice = op.from_stored(item.operation, item.payload)
+    assert notice == op.SystemNotice(
+        event_id=notice.event_id,  # type: ignore[union-attr]
+        text="Un message n'a pas pu être remis à mp : fichier trop gros",
+    )
+    bodies = [c.get("body") for t, c in hs.sent if t == "m.room.message"]
+    assert bodies == ["A message could not be delivered to mp: fichier trop gros"] * 2
