@@ -13,6 +13,7 @@ from mautrix.util.async_db import Database
 
 from bridge.config import MediaConfig
 from bridge.core import operations as op
+from bridge.core.delivery import Delivery
 from bridge.core.executors import Delivered, Executors
 from bridge.core.members import Member
 from bridge.core.send_status import StatusReporter
@@ -21,6 +22,7 @@ from bridge.db.portal import Portal
 from bridge.db.stores import Stores
 from connectors.base import (
     Capabilities,
+    ConnectorError,
     OutboundMessage,
     Sender,
     SystemMessages,
@@ -137,3 +139,30 @@ async def test_a_message_that_failed_at_one_vendor_is_told_to_the_others_in_fren
     )
     bodies = [c.get("body") for t, c in hs.sent if t == "m.room.message"]
     assert bodies == ["A message could not be delivered to mp: fichier trop gros"] * 2
+
+
+async def test_a_system_message_refused_for_good_is_told_to_nobody(stores: Stores) -> None:
+    class Refusing(Vendor):
+        async def send_system_message(
+            self, conversation_id: str, text: str, request_id: str
+        ) -> None:
+            raise ConnectorError("no", retriable=False)
+
+    hs = Voice()
+    hs.config = SimpleNamespace(bot_mxid=BOT)  # type: ignore[attr-defined]
+    vendors = {"pl": Refusing(Capabilities(system_messages=True))}
+    status = StatusReporter(stores, hs, vendors)  # type: ignore[arg-type]
+    delivery = Delivery(
+        stores,
+        hs,  # type: ignore[arg-type]
+        vendors,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        MediaConfig(),
+        status,
+        portals=SimpleNamespace(),  # type: ignore[arg-type]
+    )
+    await tell_everyone(stores, ROOM, "Impossible d'ajouter : X.", key="k", exclude=("mp",))
+    [item] = await stores.outbox.pending(0, 10)
+    await delivery.handle(item)
+    assert await stores.outbox.pending(0, 10) == [], "failed, not queued again"
+    assert hs.sent == [], "no notice about a notice, no system message about it"
