@@ -430,16 +430,18 @@ class Portals:
                 f"{ref.connector} ne permet pas d'ajouter une personne à une conversation existante"
             )
             if (known := await self.stores.portals.get(room_id)) is not None:
+                text = f"{ghost.display_name} ne peut pas être ajouté(e) : {reason}."
+                txn_id = derived_txn_id("join-unsupported", room_id, ghost_mxid)
+                await tell_everyone(
+                    self.stores, room_id, text, key=txn_id, exclude=(ref.connector,)
+                )
                 with contextlib.suppress(MatrixRequestError):
                     await self.hs.send_event(
                         known.voice,
                         room_id,
                         "m.room.message",
-                        {
-                            "msgtype": "m.notice",
-                            "body": f"{ghost.display_name} ne peut pas être ajouté(e) : {reason}.",
-                        },
-                        txn_id=derived_txn_id("join-unsupported", room_id, ghost_mxid),
+                        {"msgtype": "m.notice", "body": text},
+                        txn_id=txn_id,
                     )
             await self._refuse_invite(room_id, ghost_mxid, reason)
             return False
