@@ -100,6 +100,9 @@ class Capabilities:
     """A conversation has a topic (description) that can be changed (``TopicHandling``)."""
     history: bool = False
     """Earlier messages of a conversation can be read (``HistorySource``): backfill."""
+    system_messages: bool = False
+    """The vendor shows the bridge's own notes in a conversation as system messages
+    (``SystemMessages``); without it they come as a message from an "EIMIS" sender."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -758,6 +761,16 @@ class HistorySource(abc.ABC):
         already has is recognised). Only messages written by the vendor's users."""
 
 
+class SystemMessages(abc.ABC):
+    """``system_messages``: the vendor shows its users a system message in a conversation
+    (someone could not be added, a message could not reach someone ...), from no participant."""
+
+    @abc.abstractmethod
+    async def send_system_message(self, conversation_id: str, text: str, request_id: str) -> None:
+        """Show ``text`` (plain French text) in the conversation as a system message.
+        Idempotent by ``request_id``; never announced back (no echo)."""
+
+
 class AttachmentSource(abc.ABC):
     """A connector that emits files (``MessageReceived.attachment``) hands over their bytes."""
 
@@ -780,6 +793,7 @@ OPERATION_PROTOCOLS: Mapping[str, type[abc.ABC]] = {
     "titles": TitleHandling,
     "topics": TopicHandling,
     "history": HistorySource,
+    "system_messages": SystemMessages,
 }
 """Each operation flag of ``Capabilities`` and the class that implements it."""
 

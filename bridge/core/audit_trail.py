@@ -49,6 +49,7 @@ _OPERATION_KINDS: dict[type[Any], str] = {
     op.Redact: "deletion",
     op.AddReaction: "reaction",
     op.MarkRead: "read",
+    op.SystemNotice: "system",
 }
 
 

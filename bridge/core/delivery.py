@@ -232,11 +232,22 @@ class Delivery:
         """An item failed for good: its sender is told ``detail``; a conversation that could
         not be opened is nobody's message, so the room is told (``held``) instead, and so it
         is (in French, by the portal's voice) of a membership, name or topic change."""
+        if item.operation == op.SYSTEM_NOTICE:
+            return  # the room read it already; a vendor that cannot show it is not told again
         if item.operation == op.CREATE_CONVERSATION:
-            await self.status.notice(item.room_id, held, txn_id=txn_id)
+            await self.status.tell_everyone(
+                item.room_id,
+                held,
+                txn_id=txn_id,
+                vendor_text=f"La conversation n'a pas pu être ouverte chez {item.connector} : "
+                f"{detail}",
+                exclude=(item.connector,),
+            )
         elif (change := _CHANGES.get(item.operation)) is not None:
             text = f"{item.connector} n'a pas pu appliquer {change} : {detail}"
-            await self.status.notice(item.room_id, text, txn_id=txn_id)
+            await self.status.tell_everyone(
+                item.room_id, text, txn_id=txn_id, exclude=(item.connector,)
+            )
         else:
             await self._report(item, "FAIL_PERMANENT", detail, unsupported)
 

@@ -131,6 +131,9 @@ class HeldConnector(Connector):
     async def set_topic(self, conversation_id: str, topic: str | None, by: Sender) -> None:
         raise self._wait()
 
+    async def send_system_message(self, conversation_id: str, text: str, request_id: str) -> None:
+        raise self._wait()
+
     async def history(
         self, conversation_id: str, *, limit: int, since: datetime
     ) -> Sequence[MessageReceived]:

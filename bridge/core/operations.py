@@ -28,6 +28,7 @@ ADD_PARTICIPANTS = "add_participants"
 REMOVE_PARTICIPANTS = "remove_participants"
 SET_TITLE = "set_title"
 SET_TOPIC = "set_topic"
+SYSTEM_NOTICE = "system_notice"
 
 REACTION_PREFIX = "reaction:"
 """Message-map ids of reactions: ``reaction:<vendor message id>:<vendor reaction id>``."""
@@ -205,6 +206,19 @@ class SetTopic(_Stored):
     by: Member
 
 
+@dataclass(frozen=True, kw_only=True)
+class SystemNotice(_Stored):
+    """What the bridge told the portal room about the conversation (someone could not be added,
+    a message could not reach someone ...), told to the vendor's users too: a system message
+    where the vendor has them, else a message from "EIMIS". Nobody's message: no send status.
+    ``event_id``: the notice's key (the idempotency of the system message)."""
+
+    kind: ClassVar[str] = SYSTEM_NOTICE
+
+    event_id: str
+    text: str
+
+
 Operation = (
     CreateConversation
     | SendMessage
@@ -216,6 +230,7 @@ Operation = (
     | RemoveParticipants
     | SetTitle
     | SetTopic
+    | SystemNotice
 )
 OPERATION_TYPES: tuple[type[Operation], ...] = (
     CreateConversation,
@@ -228,6 +243,7 @@ OPERATION_TYPES: tuple[type[Operation], ...] = (
     RemoveParticipants,
     SetTitle,
     SetTopic,
+    SystemNotice,
 )
 _ADAPTERS: dict[str, TypeAdapter[Any]] = {t.kind: TypeAdapter(t) for t in OPERATION_TYPES}
 

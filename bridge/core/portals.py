@@ -15,6 +15,7 @@ from bridge.core.errors import NotInDirectory, PermanentFailure, UnknownUser
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.members import BRIDGE_LEAVE, Member
 from bridge.core.room_policy import RoomPolicy
+from bridge.core.system_notices import tell_everyone
 from bridge.crypto.machine import Crypto
 from bridge.db.directory import GHOST, display_name
 from bridge.db.portal import Portal
@@ -328,17 +329,23 @@ class Portals:
                 txn_id=derived_txn_id("portal-topic", room_id),
             )
         if unreachable:
+            txn_id = derived_txn_id("unreachable", room_id)
+            # The vendor user who asked reads it in the conversation they started (their
+            # vendor's link exists even when nobody else could be added), and so does everyone.
+            await tell_everyone(self.stores, room_id, unreachable_notice(unreachable), key=txn_id)
             await self.hs.send_notice(
                 room_id,
                 "Could not add to this conversation (not known to any connected service, or not "
                 f"reachable): {', '.join(unreachable)}.",
-                txn_id=derived_txn_id("unreachable", room_id),
+                txn_id=txn_id,
             )
         if refused:
+            txn_id = derived_txn_id("refused", room_id)
+            await tell_everyone(self.stores, room_id, refused_notice(refused), key=txn_id)
             await self.hs.send_notice(
                 room_id,
                 f"Could not add to this conversation: {'; '.join(refused)}.",
-                txn_id=derived_txn_id("refused", room_id),
+                txn_id=txn_id,
             )
 
     async def invite(
@@ -423,16 +430,18 @@ class Portals:
                 f"{ref.connector} ne permet pas d'ajouter une personne à une conversation existante"
             )
             if (known := await self.stores.portals.get(room_id)) is not None:
+                text = f"{ghost.display_name} ne peut pas être ajouté(e) : {reason}."
+                txn_id = derived_txn_id("join-unsupported", room_id, ghost_mxid)
+                await tell_everyone(
+                    self.stores, room_id, text, key=txn_id, exclude=(ref.connector,)
+                )
                 with contextlib.suppress(MatrixRequestError):
                     await self.hs.send_event(
                         known.voice,
                         room_id,
                         "m.room.message",
-                        {
-                            "msgtype": "m.notice",
-                            "body": f"{ghost.display_name} ne peut pas être ajouté(e) : {reason}.",
-                        },
-                        txn_id=derived_txn_id("join-unsupported", room_id, ghost_mxid),
+                        {"msgtype": "m.notice", "body": text},
+                        txn_id=txn_id,
                     )
             await self._refuse_invite(room_id, ghost_mxid, reason)
             return False

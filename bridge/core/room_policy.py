@@ -18,6 +18,7 @@ from mautrix.types import RoomID
 
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.members import BRIDGE_LEAVE
+from bridge.core.system_notices import tell_everyone
 from bridge.db.audit import AuditRecord
 from bridge.db.clock import now_ms
 from bridge.db.portal_join import PortalJoinStore
@@ -169,6 +170,14 @@ class RoomPolicy:
             return
         self._exposed.add(room_id)
         log.warning("Portal %s became open to anyone (%s): its ghosts leave", room_id, kind)
+        # The vendor users are told why their conversation stops (queued before the links close:
+        # what was queued is still delivered).
+        await tell_everyone(
+            self.stores,
+            room_id,
+            f"Conversation non relayée : {reason}. Les messages ne sont plus transmis.",
+            key=derived_txn_id("exposed", room_id, kind, str(raw.get("event_id"))),
+        )
         for ghost in ghosts:
             await self.leave(room_id, ghost, reason)
         for link in await self.stores.portals.links(room_id):

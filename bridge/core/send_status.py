@@ -16,6 +16,7 @@ from mautrix.errors import MatrixRequestError
 from bridge.core.connectors import ConnectorSet
 from bridge.core.members import Member
 from bridge.core.operations import parse_reaction_ref
+from bridge.core.system_notices import tell_everyone
 from bridge.db.stores import Stores
 from bridge.matrix.homeserver import Homeserver, derived_txn_id
 from connectors.base import Connector, DeliveryReport
@@ -59,10 +60,12 @@ class StatusReporter:
                 ),
             )
         if outcome == "FAIL_PERMANENT":
-            await self.notice(
+            await self.tell_everyone(
                 room_id,
                 f"A message could not be delivered to {target}: {detail}",
                 txn_id=derived_txn_id("failed", event_id, target),
+                vendor_text=f"Un message n'a pas pu être remis à {target} : {detail}",
+                exclude=(target,),
             )
 
     async def undecryptable(self, room_id: str, event_id: str, reason: str) -> None:
@@ -143,6 +146,21 @@ class StatusReporter:
             content["message"] = detail
         txn_id = derived_txn_id("status", event_id, target, outcome)
         await self._as_voice(room_id, SEND_STATUS, content, txn_id, "send a message status")
+
+    async def tell_everyone(
+        self,
+        room_id: str,
+        text: str,
+        *,
+        txn_id: str,
+        vendor_text: str | None = None,
+        exclude: tuple[str, ...] = (),
+    ) -> None:
+        """A notice about the conversation: the room reads ``text``, and the users of every
+        vendor linked to it but ``exclude`` read ``vendor_text`` (in French; ``text`` when it
+        is the same) as a system message, queued once per notice (keyed by ``txn_id``)."""
+        await tell_everyone(self.stores, room_id, vendor_text or text, key=txn_id, exclude=exclude)
+        await self.notice(room_id, text, txn_id=txn_id)
 
     async def notice(self, room_id: str, text: str, *, txn_id: str) -> None:
         content = {"msgtype": "m.notice", "body": text}

@@ -509,10 +509,15 @@ class ToMatrix:
         if link and link.conversation_id:
             await self._tell_vendor(connector_id, link.conversation_id, event, reason)
         ghost = await self.portals.ghost(connector_id, event.sender)
-        await self.status.notice(
+        # The sender's vendor was told above; the others' users read it as a system message.
+        quoi = "un fichier" if what == "a file" else "un message"
+        await self.status.tell_everyone(
             room_id,
             f"{ghost.display_name} sent {what} that could not be bridged: {reason}.",
             txn_id=derived_txn_id(connector_id, "refused", event.message_id),
+            vendor_text=f"{ghost.display_name} a envoyé {quoi} qui n'a pas pu être transmis : "
+            f"{reason}.",
+            exclude=(connector_id,),
         )
 
     async def _edit(

@@ -152,13 +152,13 @@ class VendorChanges:
                 await self._linked(room_id, member)
         key = event.event_id
         if unreachable:
-            await self.status.notice(
+            await self.status.tell_everyone(
                 room_id,
                 unreachable_notice(unreachable),
                 txn_id=derived_txn_id(source, "unreachable", key),
             )
         if refused:
-            await self.status.notice(
+            await self.status.tell_everyone(
                 room_id, refused_notice(refused), txn_id=derived_txn_id(source, "refused", key)
             )
 
@@ -245,7 +245,7 @@ class VendorChanges:
             return
         await self.stores.portals.close_link(room_id, source)
         log.info("Closed the %s link of portal %s: none of its users is left", source, room_id)
-        await self.status.notice(
+        await self.status.tell_everyone(
             room_id,
             nobody_left(source),
             txn_id=derived_txn_id(source, "nobody-left", key),

@@ -134,6 +134,14 @@ class PandaLabClient:
             timeout=aiohttp.ClientTimeout(total=_TYPING_TIMEOUT_S),
         )
 
+    async def post_system_message(
+        self, conversation_id: str, text: str, idempotency_key: str
+    ) -> None:
+        """``POST /api/v1/conversations/{id}/system-messages``: a note to the members from no
+        participant (201, or 200 for a repeat)."""
+        path = f"{_conversation(conversation_id)}/system-messages"
+        await self._call("POST", path, json={"text": text}, idempotency_key=idempotency_key)
+
     async def report_delivery(
         self, conversation_id: str, message_id: str, body: dict[str, Any]
     ) -> None:

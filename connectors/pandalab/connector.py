@@ -40,6 +40,7 @@ from connectors.base import (
     RemoteAttachment,
     RemoteUser,
     Sender,
+    SystemMessages,
     TitleHandling,
     TopicHandling,
     TypingHandling,
@@ -93,11 +94,13 @@ class PandaLabConnector(
     TitleHandling,
     TopicHandling,
     HistorySource,
+    SystemMessages,
 ):
     """A PandaLab-style vendor: OAuth2 client credentials, Markdown text, webhook push.
 
     Every optional operation: edits, deletions, reactions, read receipts, typing, delivery
-    reports, adding and removing people, titles, topics (descriptions) and history (the
+    reports, adding and removing people, titles, topics (descriptions), history and system
+    messages (the
     ``capabilities`` flags follow from the classes above)."""
 
     type_name: ClassVar[str] = "pandalab"
@@ -209,6 +212,9 @@ class PandaLabConnector(
     async def set_typing(self, conversation_id: str, who: Sender, typing: bool) -> None:
         body = {"who": convert.sender_json(who), "typing": typing}
         await self.client.set_typing(conversation_id, body)
+
+    async def send_system_message(self, conversation_id: str, text: str, request_id: str) -> None:
+        await self.client.post_system_message(conversation_id, text, request_id)
 
     async def report_delivery(
         self, conversation_id: str, message_id: str, report: DeliveryReport

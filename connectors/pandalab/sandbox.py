@@ -514,6 +514,10 @@ class DeliveryBody(Body):
     detail: str = Field(default="", max_length=1000)
 
 
+class SystemMessageBody(Body):
+    text: str
+
+
 class NewParticipantsBody(Body):
     members: list[str] = Field(default_factory=list, max_length=100)
     external_participants: list[ExternalBody] = Field(default_factory=list, max_length=100)
@@ -849,6 +853,18 @@ def create_app(
         who = External(body.who.ref, body.who.display_name)
         kernel.api_types(request.match_info["conversation_id"], who, body.typing)
         return web.Response(status=204)
+
+    @routes.post(conv + "/system-messages")
+    async def post_system_message(request: web.Request) -> web.Response:
+        key = _required_key(request)
+        body = await read_body(request, SystemMessageBody)
+        message, new = kernel.api_system_message(
+            key, request.match_info["conversation_id"], body.text
+        )
+        return web.json_response(
+            {"id": message.id, "created_at": iso8601(message.created_at)},
+            status=201 if new else 200,
+        )
 
     @routes.post(msg + "/delivery")
     async def report_delivery(request: web.Request) -> web.Response:

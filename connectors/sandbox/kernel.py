@@ -139,6 +139,10 @@ class DeliveryReport:
     at: datetime
 
 
+SYSTEM_SENDER = "EIMIS"
+"""The sender shown on the API's system messages."""
+
+
 @dataclass
 class Message:
     """One message; ``author`` is set when a user of this vendor wrote it, None for the API.
@@ -163,6 +167,8 @@ class Message:
     deleted_at: datetime | None = None
     reactions: list[Reaction] = field(default_factory=list)
     delivery: list[DeliveryReport] = field(default_factory=list)
+    system: bool = False
+    """A system message of the API (the bridge telling the members something), from nobody."""
 
     @property
     def deleted(self) -> bool:
@@ -737,6 +743,21 @@ class Kernel:
             location=location,
         )
         self._idempotency[("message", conversation.id, key)] = message.id
+        return message, True
+
+    def api_system_message(self, key: str, conversation_id: str, text: str) -> tuple[Message, bool]:
+        """The bridge tells the members something (someone could not be added, a message could
+        not reach someone ...): a system message from ``SYSTEM_SENDER``, shown in the members'
+        inboxes and conversation view, never announced back. Idempotent by ``key``; returns the
+        message and whether it is new."""
+        conversation = self.conversation(conversation_id)
+        check_text(text)
+        existing = self._idempotency.get(("system", conversation.id, key))
+        if existing is not None:
+            return self._messages[existing], False
+        message = self._new_message(conversation, SYSTEM_SENDER, SYSTEM_SENDER, text, None)
+        message.system = True
+        self._idempotency[("system", conversation.id, key)] = message.id
         return message, True
 
     def api_edits(

@@ -110,7 +110,7 @@ def message_json(message: Message) -> dict[str, Any]:
         "sender_name": message.sender_name,
         "text": message.text,
         "ts": iso8601(message.created_at),
-        "kind": message.kind,
+        "kind": "system" if message.system else message.kind,
         "reply_to": message.reply_to,
         "mentions": [m.ref for m in message.mentions],
         "attachment": attachment_json(message.attachment),

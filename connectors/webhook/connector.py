@@ -350,6 +350,15 @@ class WebhookConnector(Connector, AttachmentSource):
             derived_key("title", conversation_id, uuid.uuid4().hex),
         )
 
+    async def send_system_message(self, conversation_id: str, text: str, request_id: str) -> None:
+        """``SystemMessages``, when the vendor declared ``system_messages``: the ``system``
+        operation, a note to the conversation's members from nobody."""
+        await self.client.post(
+            f"{_conversation(conversation_id)}/system",
+            {"text": text},
+            idempotency_key(request_id),
+        )
+
     async def set_topic(self, conversation_id: str, topic: str | None, by: Sender) -> None:
         """``TopicHandling``, when the vendor declared ``topics`` (keys as for titles)."""
         await self.client.post(

@@ -96,6 +96,7 @@ CAPABILITIES: dict[str, Any] = {
     "titles": True,
     "topics": True,
     "history": True,
+    "system_messages": True,
 }
 """What this vendor declares it can show, in the form of the connector's ``capabilities``."""
 
@@ -303,6 +304,10 @@ class RemovedParticipantsBody(ParticipantsBody):
 class TitleBody(Strict):
     title: str | None = Field(max_length=255, pattern=r"^[^\x00-\x1f\x7f]*$")
     by: PersonBody
+
+
+class SystemBody(Strict):
+    text: str = Field(min_length=1, max_length=4000, pattern=r"^[^\x00]*$")
 
 
 class TopicBody(Strict):
@@ -770,6 +775,12 @@ def create_app(
     async def set_topic(request: web.Request) -> web.Response:
         change = await body(request, TopicBody)
         kernel.api_updates(request.match_info["conversation_id"], description=change.topic)
+        return web.Response(status=204)
+
+    @routes.post(conv + "/system")
+    async def system_message(request: web.Request) -> web.Response:
+        note = await body(request, SystemBody)
+        kernel.api_system_message(key_of(request), request.match_info["conversation_id"], note.text)
         return web.Response(status=204)
 
     @routes.get(conv + "/messages")

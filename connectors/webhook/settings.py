@@ -77,6 +77,8 @@ class CapabilitiesSettings(BaseModel):
     topics: bool = False
     history: bool = False
     """``GET /conversations/{cid}/messages`` serves a conversation's earlier messages."""
+    system_messages: bool = False
+    """``POST /conversations/{cid}/system`` shows the bridge's notes as system messages."""
 
     @field_validator("message_kinds")
     @classmethod

@@ -932,3 +932,15 @@ async def test_invalid_utf8_inside_a_signed_event_is_kept_with_replacement_chara
     assert status == 200
     [event] = harness.recorder.events
     assert event.title == "Bilan \ufffd"
+
+
+async def test_system_messages_reach_every_member_once(harness: Harness) -> None:
+    conv = await bridged_conversation(harness)
+    connector = harness.connector
+    assert connector.capabilities.system_messages
+    text = "Impossible d'ajouter à cette conversation : 810000000000."
+    await connector.send_system_message(conv, text, "system:eimis.42")
+    await connector.send_system_message(conv, text, "system:eimis.42")  # a retry
+    view = await harness.view(ALICE, conv)
+    notes = [m for m in view["messages"] if m["kind"] == "system"]
+    assert [(m["sender"], m["text"]) for m in notes] == [("EIMIS", text)]

@@ -977,3 +977,23 @@ def test_invalid_settings_are_refused_naming_the_key(settings: dict[str, Any], w
     with pytest.raises(ValidationError) as refused:
         WebhookSettings.model_validate({"base_url": "https://vendor.example"} | settings)
     assert words in str(refused.value)
+
+
+async def test_the_system_operation_is_signed_idempotent_and_shown_as_system(
+    harness: Harness,
+) -> None:
+    connector = harness.connector
+    assert connector.capabilities.system_messages
+    conv = await connector.create_conversation(
+        NewConversation("!sys:example.org", None, (INES, HUGO), (CAROL,))
+    )
+    text = "Un message n'a pas pu être remis à mp : refusé"
+    await connector.send_system_message(conv, text, "system:eimis.0123abcd")
+    await connector.send_system_message(conv, text, "system:eimis.0123abcd")  # a retry
+    for member in (INES, HUGO):
+        [note] = await harness.inbox(member)
+        assert (note["kind"], note["sender"], note["text"]) == ("system", "EIMIS", text)
+    sent = harness.vendor_requests("/system")
+    assert len(sent) == 2 and sent[0]["Idempotency-Key"] == sent[1]["Idempotency-Key"]
+    assert sent[0]["Idempotency-Key"] == "system:eimis.0123abcd"
+    assert sent[0]["X-Eimis-Signature"].startswith("sha256=")

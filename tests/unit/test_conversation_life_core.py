@@ -321,8 +321,15 @@ async def test_people_added_join_each_recorded_for_its_vendor_before_the_invite(
     # Medipeps had no conversation here: one is queued, with everyone in it, recorded.
     link = await stores.portals.link(ROOM, "mp")
     assert link is not None and link.conversation_id is None
-    [create] = await stores.outbox.pending(0, 10)
+    [create, *told] = await stores.outbox.pending(0, 10)
     assert create.connector == "mp" and create.dedup_key == f"create:{ROOM}"
+    # Both notices are told to the vendors' users too, as system messages (mp after its
+    # conversation is opened: one FIFO per portal).
+    assert {(t.connector, t.operation) for t in told} == {
+        ("pl", op.SYSTEM_NOTICE),
+        ("mp", op.SYSTEM_NOTICE),
+    }
+    assert len(told) == 4
     assert ana in await stores.portals.participants(ROOM, "mp")
     assert julien in await stores.portals.participants(ROOM, "mp")
     # Refused and unreachable people are named in French notices.
@@ -336,7 +343,7 @@ async def test_people_added_join_each_recorded_for_its_vendor_before_the_invite(
     sent = len(bridge.hs.sent)
     await bridge.handle(added, retrying=True)
     assert len(bridge.hs.sent) == sent
-    assert len(await stores.outbox.pending(0, 10)) == 1
+    assert len(await stores.outbox.pending(0, 10)) == 5, "nothing queued twice"
 
 
 # --- Removing people ----------------------------------------------------------------------

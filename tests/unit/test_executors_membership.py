@@ -240,6 +240,12 @@ class Status:
     async def notice(self, room_id: str, text: str, *, txn_id: str) -> None:
         self.notices.append(text)
 
+    async def tell_everyone(
+        self, room_id: str, text: str, *, txn_id: str, exclude: tuple[str, ...] = ()
+    ) -> None:
+        self.told = (text, exclude)
+        await self.notice(room_id, text, txn_id=txn_id)
+
     async def report(self, **kwargs: Any) -> None:
         self.reports.append(kwargs)
 
@@ -266,4 +272,5 @@ async def test_a_change_refused_for_good_is_told_in_the_room_in_french(
     assert status.notices == [
         "mp n'a pas pu appliquer le changement de nom de la conversation : title too long"
     ]
+    assert status.told[1] == ("mp",), "the other vendors' users are told, not mp's"
     assert "Secret ward name" not in caplog.text

@@ -129,6 +129,10 @@ EXAMPLES: list[tuple[op.Operation, dict[str, Any]]] = [
         op.SetTopic(event_id="$t", topic=None, by=GHOST),
         {"event_id": "$t", "topic": None, "by": GHOST_JSON},
     ),
+    (
+        op.SystemNotice(event_id="system:x", text="Impossible d'ajouter : X."),
+        {"event_id": "system:x", "text": "Impossible d'ajouter : X."},
+    ),
 ]
 """Each kind with the payload the bridge wrote for it before operations had types (the dicts
 ``from_matrix.py`` and ``portals.py`` built by hand): the stored format, key order included."""

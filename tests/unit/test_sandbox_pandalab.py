@@ -525,3 +525,31 @@ async def test_webhook_moved_while_unreachable(clock: FakeClock, receiver_factor
     assert event["data"]["conversation"]["external_participants"] == [{"ref": FOREIGN}]
     logged = "\n".join(watch.lines)
     assert "Suivi" not in logged and WEBHOOK_SECRET not in logged and dead_url not in logged
+
+
+async def test_api_system_message_is_idempotent_and_shown_as_system(
+    sandbox: TestClient[Any, Any],
+) -> None:
+    auth = await api(sandbox)
+    conv = await user_conversation(sandbox, CAMILLE, JULIEN, MATRIX_USER)
+    path = f"/api/v1/conversations/{conv}/system-messages"
+    text = "Impossible d'ajouter à cette conversation : 810000000000."
+    headers = {**auth, "Idempotency-Key": "system:eimis.abc"}
+    first = await sandbox.post(path, json={"text": text}, headers=headers)
+    again = await sandbox.post(path, json={"text": text}, headers=headers)
+    assert (first.status, again.status) == (201, 200)
+    assert (await first.json())["id"] == (await again.json())["id"]
+    for idnps in (CAMILLE, JULIEN):
+        [message] = await inbox(sandbox, idnps)
+        assert (message["kind"], message["sender"], message["text"]) == ("system", "EIMIS", text)
+    view = await (await sandbox.get(f"/_sandbox/users/{CAMILLE}/conversations/{conv}")).json()
+    assert [(m["kind"], m["text"]) for m in view["messages"]] == [("system", text)]
+    # Not a message of a vendor user: never in the history the bridge reads back.
+    resp = await sandbox.get(f"/api/v1/conversations/{conv}/messages", headers=auth)
+    assert (await resp.json())["messages"] == []
+    resp = await sandbox.post(path, json={"text": text}, headers=auth)
+    assert resp.status == 400  # the Idempotency-Key is required
+    resp = await sandbox.post(
+        "/api/v1/conversations/unknown/system-messages", json={"text": text}, headers=headers
+    )
+    assert resp.status == 404

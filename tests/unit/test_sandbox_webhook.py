@@ -562,6 +562,9 @@ async def test_a_whole_exchange_follows_the_contract_both_ways() -> None:
         )
         await live.set_title(mine, "Nouveau titre", CAROL)  # type: ignore[attr-defined]
         await live.set_topic(mine, None, CAROL)  # type: ignore[attr-defined]
+        await live.send_system_message(  # type: ignore[attr-defined]
+            mine, "Un message n'a pas pu être remis.", "system:eimis.1"
+        )
         history = await live.history(  # type: ignore[attr-defined]
             conv, limit=10, since=datetime(2000, 1, 1, tzinfo=UTC)
         )

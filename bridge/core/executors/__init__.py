@@ -11,6 +11,7 @@ portal room) and hands it to the executor of its type:
 - ``receipts.py``: ``MarkRead``
 - ``membership.py``: ``AddParticipants``, ``RemoveParticipants``
 - ``titles.py``: ``SetTitle``, ``SetTopic``
+- ``system.py``: ``SystemNotice`` (what the room was told, told to the vendor's users)
 - ``stand_in.py``: what a vendor cannot do (an edit, a deletion, a reaction, a membership or
   title change), sent as a message
 
@@ -42,6 +43,7 @@ from bridge.core.executors.outcome import (
 )
 from bridge.core.executors.reactions import add_reaction
 from bridge.core.executors.receipts import mark_read
+from bridge.core.executors.system import system_notice
 from bridge.core.executors.titles import set_title, set_topic
 from bridge.core.operations import (
     AddParticipants,
@@ -55,6 +57,7 @@ from bridge.core.operations import (
     SendMessage,
     SetTitle,
     SetTopic,
+    SystemNotice,
 )
 from bridge.core.portals import Portals
 from bridge.db.stores import Stores
@@ -123,5 +126,7 @@ class Executors:
                 return await set_title(ctx, target, operation)
             case SetTopic():
                 return await set_topic(ctx, target, operation)
+            case SystemNotice():
+                return await system_notice(ctx, target, operation)
             case _:
                 assert_never(operation)
