@@ -154,6 +154,7 @@ def test_every_kind_has_an_example() -> None:
         op.REMOVE_PARTICIPANTS,
         op.SET_TITLE,
         op.SET_TOPIC,
+        op.SYSTEM_NOTICE,
     ]
 
 
