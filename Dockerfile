@@ -9,7 +9,9 @@ WORKDIR /opt/eimis-bridge
 COPY pyproject.toml README.md ./
 COPY bridge ./bridge
 COPY connectors ./connectors
+# The message catalogs are compiled into the image (bridge/i18n.py).
 RUN pip install --no-cache-dir . \
+    && python -m bridge.devtools.catalogs compile \
     && useradd --system --home-dir /data --shell /usr/sbin/nologin eimis \
     && mkdir -p /data && chown eimis /data
 

@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-eimis
 
-.PHONY: demo test bench lint clean libmagic
+.PHONY: demo test bench lint clean libmagic catalogs
 
 $(VENV)/bin/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -16,21 +16,29 @@ $(STAMP): $(VENV)/bin/python pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	@touch $(STAMP)
 
+# The message catalogs (bridge/i18n.py), compiled after installing and whenever a .po changes.
+PO_FILES := $(wildcard bridge/locale/*/LC_MESSAGES/eimis.po)
+MO_FILES := $(PO_FILES:.po=.mo)
+catalogs: $(MO_FILES)
+$(MO_FILES): %.mo: %.po $(STAMP)
+	$(PY) -m bridge.devtools.catalogs compile
+
 # libmagic reads files' real types from their content (python-magic loads it).
 libmagic:
 	@ldconfig -p 2>/dev/null | grep -q 'libmagic\.so\.1' || { \
 	  echo "libmagic missing: installing it with apt-get"; \
 	  apt-get update -qq && apt-get install -y -qq libmagic1 >/dev/null; }
 
-demo: $(STAMP) libmagic
+demo: $(STAMP) libmagic catalogs
 	$(VENV)/bin/eimis-bridge demo
 
-test: $(STAMP) libmagic
+test: $(STAMP) libmagic catalogs
 	$(VENV)/bin/ruff check bridge connectors tests bench
 	$(VENV)/bin/lint-imports
+	$(PY) -m bridge.devtools.catalogs check
 	$(PY) -m pytest -q
 
-bench: $(STAMP) libmagic
+bench: $(STAMP) libmagic catalogs
 	$(PY) bench/run.py
 
 # ruff, then the layering contracts of pyproject.toml's [tool.importlinter] (import-linter).

@@ -50,6 +50,7 @@ from bridge.db.database import open_database, ping, truncate_wal
 from bridge.db.group_commit import GroupCommit
 from bridge.db.inbox import InboxItem
 from bridge.db.stores import Stores
+from bridge.i18n import set_locale
 from bridge.matrix.homeserver import Homeserver, HomeserverCheckFailed, appservice_api
 from bridge.matrix.keys import KeysApi
 from bridge.matrix.media import MediaRepository
@@ -75,6 +76,7 @@ class Bridge:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        set_locale(config.bridge.locale)
         self.connectors = ConnectorSet()
         self.ids = GhostIds(
             config.appservice.user_prefix,

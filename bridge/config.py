@@ -375,6 +375,15 @@ class PortalConfig(_Strict):
     )
 
 
+class BridgeConfig(_Strict):
+    """What people read from the bridge (README, "In French")."""
+
+    locale: Literal["fr", "en"] = Field(
+        "fr",
+        description="Language of every text clinicians and vendor users read (bridge/i18n.py)",
+    )
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(False, alias="json")
@@ -383,6 +392,7 @@ class LoggingConfig(_Strict):
 class Config(_Strict):
     homeserver: HomeserverConfig
     appservice: AppserviceConfig
+    bridge: BridgeConfig = BridgeConfig()
     database: DatabaseConfig = DatabaseConfig()
     connectors: dict[str, ConnectorConfig] = Field(default_factory=dict)
     media: MediaConfig = MediaConfig()
