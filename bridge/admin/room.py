@@ -36,36 +36,37 @@ from bridge.commands import find as finding
 from bridge.core.connector_manager import ConnectorAdminError
 from bridge.core.errors import PermanentFailure, UnknownUser
 from bridge.db.connector_state import BRIDGE_STATE, ConnectorStateStore
+from bridge.i18n import N_, _
 from bridge.matrix.homeserver import derived_txn_id
 
 log = logging.getLogger("eimis.admin")
 
 ADMIN_ROOMS_KEY = "admin_rooms"
-REFUSAL = (
+# What people who are not operators read: English message ids, translated where shown (``_()``).
+REFUSAL = N_(
     "Hello. I am the eimis-bridge bot: I take commands from this bridge's operators only. "
     "If you need something from the bridge, please write to its operators."
 )
 YES = ("yes", "y", "oui", "confirm")
 HELP_ROOMS_KEY = "help_rooms"
-ELSEWHERE = (
-    "Bonjour. Je suis le robot du pont EIMIS de {domain} : je réponds aux utilisateurs de ce "
-    "serveur uniquement. Adressez-vous au robot du pont de votre propre serveur."
+ELSEWHERE = N_(
+    "Hello. I am the EIMIS bridge's bot of {domain}: I answer this server's users only. "
+    "Please ask the bridge's bot of your own server."
 )
-HELP = (
-    "Je trouve les professionnels de santé joignables par le pont EIMIS :\n"
-    "- find <nom ou identifiant> : cherche par nom (nom de famille et/ou prénom) ou par "
-    "identifiant (RPPS, ADELI ou IDNPS) ; chaque réponse donne un lien pour écrire à la "
-    "personne.\n"
-    "- dm <identifiant> : ouvre une conversation avec ce professionnel (vous y êtes "
-    "invité).\n"
-    "- aide : ce message."
+HELP = N_(
+    "I find the health professionals the EIMIS bridge reaches:\n"
+    "- find <name or identifier>: searches by name (family and/or given name) or by "
+    "identifier (RPPS, ADELI or IDNPS); each answer gives a link to write to the person.\n"
+    "- dm <identifier>: opens a conversation with this professional (you are invited to it).\n"
+    "- aide: this message."
 )
-WELCOME = "Bonjour ! " + HELP
-NOT_ADMIN = (
-    "Cette commande est réservée aux administrateurs du pont. Ici : find, dm et aide "
-    "(tapez « aide »)."
+WELCOME = N_("Hello! {help}")
+"""Filled with the translated ``HELP``."""
+NOT_ADMIN = N_(
+    "This command is for the bridge's administrators only. Here: find, dm and aide "
+    "(type “aide”)."
 )
-UNKNOWN = "Je n'ai pas compris. Tapez « aide » pour la liste des commandes."
+UNKNOWN = N_("I did not understand. Type “aide” for the list of commands.")
 
 
 @dataclass
@@ -121,7 +122,7 @@ class AdminRoom:
             log.info("Refusing an invite of the bot from another homeserver's user")
             try:
                 await intent.leave_room(
-                    RoomID(room_id), reason=ELSEWHERE.format(domain=self.domain)
+                    RoomID(room_id), reason=_(ELSEWHERE).format(domain=self.domain)
                 )
             except MatrixRequestError as error:
                 log.warning("Could not refuse the bot's invite (%s)", error.errcode)
@@ -155,7 +156,11 @@ class AdminRoom:
         await self._remember(room_id, True, help_desk=True)
         await self.ctx.homeserver.follow_encryption(room_id, self.ctx.homeserver.config.bot_mxid)
         log.info("Help desk room %s opened by a user of the homeserver", room_id)
-        await self._send(room_id, Reply(WELCOME), derived_txn_id("help-welcome", room_id))
+        await self._send(
+            room_id,
+            Reply(_(WELCOME).format(help=_(HELP))),
+            derived_txn_id("help-welcome", room_id),
+        )
 
     async def on_bot_left(self, room_id: str) -> None:
         await self._remember(room_id, False)
@@ -178,7 +183,7 @@ class AdminRoom:
         event_id = str(raw.get("event_id"))
         txn_id = derived_txn_id("admin-reply", event_id)
         if sender not in self.admins:
-            await self._send(room_id, Reply(REFUSAL), txn_id)
+            await self._send(room_id, Reply(_(REFUSAL)), txn_id)
             return True
         if content.get("msgtype") == "m.file" and isinstance(content.get("url"), str):
             name = str(content.get("filename") or content.get("body") or "upload")
@@ -209,13 +214,13 @@ class AdminRoom:
     async def help_answer(self, body: str, sender: str) -> Reply:
         """The help desk's answer to one line (never logged: it may name a person)."""
         text = body.strip().removeprefix("!")
-        word, _, rest = text.partition(" ")
+        word, _space, rest = text.partition(" ")
         word = word.lower()
         if word in ("aide", "help", "?"):
-            return Reply(HELP)
+            return Reply(_(HELP))
         if word not in ("find", "cherche", "chercher", "dm"):
             known = set(getattr(self._subcommands(), "choices", None) or ())
-            return Reply(NOT_ADMIN if word in known else UNKNOWN)
+            return Reply(_(NOT_ADMIN) if word in known else _(UNKNOWN))
         connectors = [cid for cid, c in self.ctx.config.connectors.items() if c.enabled]
         store = self.ctx.stores.directory
         log.info("Help desk command %s", word)
@@ -227,7 +232,11 @@ class AdminRoom:
             return Reply(str(error))
         except Exception as error:
             log.exception("A help desk command failed")
-            return Reply(f"La recherche a échoué ({type(error).__name__}). Réessayez plus tard.")
+            return Reply(
+                _("The search failed ({error}). Please try again later.").format(
+                    error=type(error).__name__
+                )
+            )
 
     async def _dm(self, store: Any, connectors: list[str], rest: str, sender: str) -> Reply:
         """``dm <identifier>``: the portal opened at once (a ghost), or the link (a native
@@ -239,17 +248,19 @@ class AdminRoom:
         try:
             room_id, member, new = await portals.open_direct(sender, idnps)
         except (UnknownUser, PermanentFailure) as error:
-            return Reply(f"Impossible d'ouvrir la conversation : {error}.")
+            return Reply(_("Could not open the conversation: {reason}.").format(reason=error))
         if room_id is None:
             return Reply("\n".join(await finding.dm_link(store, connectors, rest)))
         if not new:
             return Reply(
-                f"Vous avez déjà une conversation avec {member.display_name} : "
-                f"https://matrix.to/#/{room_id}"
+                _("You already have a conversation with {name}: {link}").format(
+                    name=member.display_name, link=f"https://matrix.to/#/{room_id}"
+                )
             )
         return Reply(
-            f"Conversation ouverte avec {member.display_name} : acceptez l'invitation, ou "
-            f"https://matrix.to/#/{room_id}"
+            _("Conversation opened with {name}: accept the invitation, or {link}").format(
+                name=member.display_name, link=f"https://matrix.to/#/{room_id}"
+            )
         )
 
     def _subcommands(self) -> Any:

@@ -22,6 +22,7 @@ from bridge.appservice.errors import matrix_error
 from bridge.commands import CommandFailed
 from bridge.commands import find as finding
 from bridge.db.directory import DirectoryStore, Professional
+from bridge.i18n import _
 
 PROTOCOL = "eimis"
 MAX_USERS = 10
@@ -64,13 +65,18 @@ class ThirdParty:
                 "field_types": {
                     "idnps": {
                         "regexp": "[0-9]{9,12}",
-                        "placeholder": "IDNPS, RPPS ou ADELI",
+                        "placeholder": _("IDNPS, RPPS or ADELI"),
                     },
-                    "name": {"regexp": ".{1,100}", "placeholder": "Nom et/ou prénom"},
+                    "name": {
+                        "regexp": ".{1,100}",
+                        "placeholder": _("Family and/or given name"),
+                    },
                 },
                 "instances": [
                     {
-                        "desc": f"Professionnels de santé joignables via {connector}",
+                        "desc": _("Health professionals reachable via {connector}").format(
+                            connector=connector
+                        ),
                         "fields": {},
                         "network_id": connector,
                     }

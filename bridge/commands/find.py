@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from bridge.commands import BadInput, Refused
 from bridge.db.directory import GHOST, DirectoryStore, Professional
 from bridge.directory.choice import choose
+from bridge.i18n import _
 from connectors.idnps import Idnps, InvalidIdnps
 
 MAX_QUERY = 100
@@ -49,8 +50,10 @@ def identifier(query: str) -> Idnps | None:
         return Idnps(digits)
     except InvalidIdnps:
         raise BadInput(
-            "Ce numéro n'est pas un identifiant valide (IDNPS, RPPS à 11 chiffres ou ADELI à "
-            "9 chiffres)."
+            _(
+                "This number is not a valid identifier (IDNPS, an 11-digit RPPS or a 9-digit "
+                "ADELI)."
+            )
         ) from None
 
 
@@ -60,9 +63,11 @@ async def search(
     """The matches of ``query`` (a name or an identifier), at most ``limit``."""
     query = query.strip()
     if not query:
-        raise BadInput("Indiquez un nom ou un identifiant : find <nom ou identifiant>.")
+        raise BadInput(_("Give a name or an identifier: find <name or identifier>."))
     if len(query) > MAX_QUERY:
-        raise BadInput(f"Recherche trop longue (au plus {MAX_QUERY} caractères).")
+        raise BadInput(
+            _("Search too long (at most {limit} characters).").format(limit=MAX_QUERY)
+        )
     idnps = identifier(query)
     if idnps is not None:
         entry = await store.get(idnps)
@@ -85,10 +90,10 @@ async def search(
 
 def reached(match: Match) -> str:
     if match.mxid is None:
-        return "joignable par aucune messagerie reliée au pont"
+        return _("reachable by no messaging service connected to the bridge")
     if match.connector is not None:
-        return f"joignable via {match.connector}"
-    return f"compte Matrix {match.mxid}"
+        return _("reachable via {connector}").format(connector=match.connector)
+    return _("Matrix account {mxid}").format(mxid=match.mxid)
 
 
 async def find(store: DirectoryStore, connectors: Sequence[str], query: str) -> list[str]:
@@ -96,17 +101,21 @@ async def find(store: DirectoryStore, connectors: Sequence[str], query: str) -> 
     matches = await search(store, connectors, query)
     if not matches:
         raise Refused(
-            "Aucun professionnel trouvé. Essayez le nom de famille seul, ou l'identifiant "
-            "(RPPS, ADELI ou IDNPS)."
+            _(
+                "No professional found. Try the family name alone, or the identifier (RPPS, "
+                "ADELI or IDNPS)."
+            )
         )
-    lines = [f"{len(matches)} professionnel(s) trouvé(s) :"]
+    lines = [_("{n} professional(s) found:").format(n=len(matches))]
     for m in matches:
-        line = f"- {m.professional.display_name} ({m.professional.idnps}), {reached(m)}"
+        who = {"name": m.professional.display_name, "idnps": m.professional.idnps}
         if m.link:
-            line += f" : {m.link}"
-        lines.append(line)
+            line = _("- {name} ({idnps}), {reached}: {link}")
+        else:
+            line = _("- {name} ({idnps}), {reached}")
+        lines.append(line.format(**who, reached=reached(m), link=m.link))
     if len(matches) >= MAX_RESULTS:
-        lines.append("D'autres réponses existent peut-être : précisez le nom ou le prénom.")
+        lines.append(_("There may be more answers: give the family or given name more fully."))
     return lines
 
 
@@ -114,16 +123,18 @@ async def dm_link(store: DirectoryStore, connectors: Sequence[str], query: str) 
     """The bot's answer to ``dm <identifier>``: who it is and the link that opens the DM (an
     invite of the professional's ghost opens the vendor conversation, as any DM with a ghost)."""
     if identifier(query) is None:
-        raise BadInput("Indiquez un identifiant : dm <RPPS, ADELI ou IDNPS>. Pour un nom : find.")
+        raise BadInput(_("Give an identifier: dm <RPPS, ADELI or IDNPS>. For a name: find."))
     matches = await search(store, connectors, query)
     if not matches:
-        raise Refused("Aucun professionnel connu avec cet identifiant.")
+        raise Refused(_("No professional is known with this identifier."))
     m = matches[0]
     if m.link is None:
         raise Refused(
-            f"{m.professional.display_name} n'est joignable par aucune messagerie reliée au pont."
+            _("{name} is reachable by no messaging service connected to the bridge.").format(
+                name=m.professional.display_name
+            )
         )
     return [
-        f"{m.professional.display_name}, {reached(m)}.",
-        f"Ouvrez la conversation ici : {m.link}",
+        _("{name}, {reached}.").format(name=m.professional.display_name, reached=reached(m)),
+        _("Open the conversation here: {link}").format(link=m.link),
     ]

@@ -27,6 +27,7 @@ from bridge.devtools.stack import LocalStack, Sandbox
 from bridge.devtools.synapse import LocalSynapse
 from bridge.directory.importer import import_file
 from bridge.directory.sample import HEADER, extract_line, rpps_idnps
+from bridge.i18n import _, ngettext
 from bridge.logs import setup_logging
 from bridge.private_files import private_dir, write_private
 from connectors.names import person_name
@@ -47,7 +48,8 @@ def say(line: str = "") -> None:
 
 
 async def wait_for(what: str, check: Any, timeout: float = TIMEOUT_S) -> Any:
-    """Poll an async condition until it returns something truthy."""
+    """Poll an async condition until it returns something truthy. ``what`` (translated) ends
+    the message of the ``TimeoutError``, which the demo prints."""
     deadline = time.monotonic() + timeout
     delay = 0.1
     while True:
@@ -55,7 +57,7 @@ async def wait_for(what: str, check: Any, timeout: float = TIMEOUT_S) -> Any:
         if result:
             return result
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
+            raise TimeoutError(_("timed out waiting for {what}").format(what=what))
         await asyncio.sleep(delay)
         delay = min(delay * 1.5, 1.0)
 
@@ -146,23 +148,31 @@ async def play_script(
     bob = SandboxUser(http, second, second.users[0])
     stamp = time.strftime("%H:%M:%S")
     lines = {
-        "alice": f"[{stamp}] Bonjour, pouvez-vous passer voir le patient de la chambre 12 ?",
-        "bob": f"[{stamp}] Oui, je passe vers 15 h.",
-        "native": f"[{stamp}] Merci, je prépare l'ordonnance.",
-        "welcome": f"[{stamp}] J'ajoute Marc, l'interne de garde, pour la suite.",
-        "newcomer": f"[{stamp}] Bonsoir, je prends le relais cette nuit.",
+        "alice": f"[{stamp}] " + _("Hello, could you come and see the patient in room 12?"),
+        "bob": f"[{stamp}] " + _("Yes, I will come by around 3 pm."),
+        "native": f"[{stamp}] " + _("Thank you, I am preparing the prescription."),
+        "welcome": f"[{stamp}] " + _("I am adding Marc, the intern on call, for what follows."),
+        "newcomer": f"[{stamp}] " + _("Good evening, I am taking over tonight."),
     }
     before = [lines["alice"], lines["bob"], lines["native"]]
     say(
-        f"{alice.name} ({first.type_name}) opens a conversation with {bob.name} "
-        f"({second.type_name}) and {native.user_id} (Matrix)"
+        _(
+            "{alice} ({alice_vendor}) opens a conversation with {bob} ({bob_vendor}) and {mxid} "
+            "(Matrix)"
+        ).format(
+            alice=alice.name,
+            alice_vendor=first.type_name,
+            bob=bob.name,
+            bob_vendor=second.type_name,
+            mxid=native.user_id,
+        )
     )
     conversation = await alice.start_conversation(
-        [bob.idnps, native.user_id], f"Demo {stamp}: suivi post-opératoire"
+        [bob.idnps, native.user_id], f"Demo {stamp}: " + _("post-operative follow-up")
     )
     await alice.send(conversation, lines["alice"])
 
-    room_id = (await wait_for("the invite to reach the Matrix user", native.invites))[-1]
+    room_id = (await wait_for(_("the invite to reach the Matrix user"), native.invites))[-1]
 
     async def bob_conversation() -> str | None:
         for conv in await bob.conversations():
@@ -170,62 +180,86 @@ async def play_script(
                 return str(conv["conversation_id"])
         return None
 
-    bob_conv = await wait_for(f"the conversation to open on {second.type_name}", bob_conversation)
+    bob_conv = await wait_for(
+        _("the conversation to open on {vendor}").format(vendor=second.type_name),
+        bob_conversation,
+    )
     await wait_for(
-        f"{bob.name} to receive the first message", lambda: _inbox_has(bob, lines["alice"])
+        _("{name} to receive the first message").format(name=bob.name),
+        lambda: _inbox_has(bob, lines["alice"]),
     )
     await bob.send(bob_conv, lines["bob"])
     await wait_for(
-        "the Matrix user to see both vendor messages",
+        _("the Matrix user to see both vendor messages"),
         lambda: _room_has(native, room_id, [lines["alice"], lines["bob"]]),
     )
     await native.send(room_id, lines["native"])
     await wait_for(
-        f"{alice.name} to see the other two",
+        _("{name} to see the other two").format(name=alice.name),
         lambda: _inbox_has(alice, lines["bob"], lines["native"]),
     )
     await wait_for(
-        f"{bob.name} to see the Matrix message", lambda: _inbox_has(bob, lines["native"])
+        _("{name} to see the Matrix message").format(name=bob.name),
+        lambda: _inbox_has(bob, lines["native"]),
     )
 
     # Partway through: the vendor user adds a third person, who sees what follows only.
-    say(f"{alice.name} adds {newcomer.user_id} (Matrix) to the conversation")
+    say(
+        _("{name} adds {mxid} (Matrix) to the conversation").format(
+            name=alice.name, mxid=newcomer.user_id
+        )
+    )
     await alice.add_participants(conversation, [newcomer.user_id])
 
     async def newcomer_joined() -> bool:
         return room_id in await newcomer.invites()
 
-    await wait_for("the invite to reach the added Matrix user", newcomer_joined)
+    await wait_for(_("the invite to reach the added Matrix user"), newcomer_joined)
     await alice.send(conversation, lines["welcome"])
     await wait_for(
-        "the added Matrix user to see what follows",
+        _("the added Matrix user to see what follows"),
         lambda: _room_has(newcomer, room_id, [lines["welcome"]]),
     )
     await newcomer.send(room_id, lines["newcomer"])
     await wait_for(
-        "every side to see the added user's message",
+        _("every side to see the added user's message"),
         lambda: _everyone_has(alice, bob, native, room_id, lines["welcome"], lines["newcomer"]),
     )
-    earlier = [body for _, body in await newcomer.messages(room_id) if body in before]
+    earlier = [body for _sender, body in await newcomer.messages(room_id) if body in before]
     if earlier:
-        raise DemoFailure(f"the added Matrix user saw {len(earlier)} message(s) from before")
+        raise DemoFailure(
+            ngettext(
+                "the added Matrix user saw {n} message from before",
+                "the added Matrix user saw {n} messages from before",
+                len(earlier),
+            ).format(n=len(earlier))
+        )
     say(
-        f"{newcomer.user_id}, added partway through, saw what followed and nothing from before "
-        "(history visibility: invited; room keys from their arrival on)."
+        _(
+            "{mxid}, added partway through, saw what followed and nothing from before "
+            "(history visibility: invited; room keys from their arrival on)."
+        ).format(mxid=newcomer.user_id)
     )
 
+    said = _("{sender}: {text}")
     transcript = {
-        f"{alice.name} on {first.type_name}": [
-            f"{m['sender_name']}: {m['text']}" for m in await alice.inbox() if stamp in m["text"]
+        _("{name} on {vendor}").format(name=alice.name, vendor=first.type_name): [
+            said.format(sender=m["sender_name"], text=m["text"])
+            for m in await alice.inbox()
+            if stamp in m["text"]
         ],
-        f"{bob.name} on {second.type_name}": [
-            f"{m['sender_name']}: {m['text']}" for m in await bob.inbox() if stamp in m["text"]
+        _("{name} on {vendor}").format(name=bob.name, vendor=second.type_name): [
+            said.format(sender=m["sender_name"], text=m["text"])
+            for m in await bob.inbox()
+            if stamp in m["text"]
         ],
-        f"{native.user_id} on Matrix": [
-            f"{sender}: {body}" for sender, body in await native.messages(room_id) if stamp in body
+        _("{mxid} on Matrix").format(mxid=native.user_id): [
+            said.format(sender=sender, text=body)
+            for sender, body in await native.messages(room_id)
+            if stamp in body
         ],
-        f"{newcomer.user_id} on Matrix (added later)": [
-            f"{sender}: {body}"
+        _("{mxid} on Matrix (added later)").format(mxid=newcomer.user_id): [
+            said.format(sender=sender, text=body)
             for sender, body in await newcomer.messages(room_id)
             if stamp in body
         ],
@@ -258,8 +292,10 @@ async def run_demo(state_dir: Path, *, once: bool) -> int:
     # The demo's Matrix client (matrix-nio) narrates its key exchanges at WARNING: not news here.
     logging.getLogger("nio").setLevel(logging.ERROR)
     say(
-        f"EIMIS bridge demo (state in {state_dir}/). The sandboxes emulate vendor-style APIs; "
-        "they are not the vendors' real services."
+        _(
+            "EIMIS bridge demo (state in {state_dir}/). The sandboxes emulate vendor-style APIs; "
+            "they are not the vendors' real services."
+        ).format(state_dir=state_dir)
     )
     # The sandboxes keep their data in memory, so their ids start again at every run: the
     # bridge's database must start again too (Synapse keeps its rooms and accounts).
@@ -273,11 +309,11 @@ async def run_demo(state_dir: Path, *, once: bool) -> int:
         config_overrides={"identity": {"require_directory_entry": True}},
     )
     if len(stack.sandboxes) < 2:
-        say("The demo needs two connector types with sandboxes installed.")
+        say(_("The demo needs two connector types with sandboxes installed."))
         return 1
     _stop_on_signals()
     try:
-        say("Starting Synapse, the sandboxes and the bridge ...")
+        say(_("Starting Synapse, the sandboxes and the bridge ..."))
         await stack.start()
         hs = stack.synapse
         native_password = _native_password(state_dir)
@@ -312,29 +348,36 @@ async def run_demo(state_dir: Path, *, once: bool) -> int:
                 await newcomer_user.client.set_displayname(NEWCOMER_DISPLAYNAME)
                 transcript = await play_script(http, sandboxes, native, newcomer)
                 if not (native.joined and native.encrypted(native.joined[-1])):
-                    raise TimeoutError("the portal is not end-to-end encrypted")
+                    raise TimeoutError(_("the portal is not end-to-end encrypted"))
                 say(
-                    "\nThe portal is end-to-end encrypted (Megolm): the homeserver relayed "
-                    "ciphertext; the bridge decrypted and encrypted for the vendors."
+                    "\n"
+                    + _(
+                        "The portal is end-to-end encrypted (Megolm): the homeserver relayed "
+                        "ciphertext; the bridge decrypted and encrypted for the vendors."
+                    )
                 )
             except (TimeoutError, DemoFailure) as error:
                 ok = False
-                say(f"FAILED: {error}")
+                say(_("FAILED: {error}").format(error=error))
                 transcript = {}
             finally:
                 await matrix_user.close()
                 await newcomer_user.close()
             for side, seen in transcript.items():
-                say(f"\n{side} saw:")
+                say("\n" + _("{side} saw:").format(side=side))
                 for line in seen:
                     say(f"  {line}")
-            say("\nVerified on every side." if ok else "\nThe scripted conversation FAILED.")
+            verdict = _("Verified on every side.") if ok else _("The scripted conversation FAILED.")
+            say("\n" + verdict)
             if once:
                 return 0 if ok else 1
             say(
-                f"\nStill running. Log in with any Matrix client at {hs.url} as {native_id} "
-                f"or {newcomer_id} (passwords in {state_dir}/demo.json); the sandboxes' users "
-                "are listed there too. Ctrl-C to stop."
+                "\n"
+                + _(
+                    "Still running. Log in with any Matrix client at {url} as {first} or "
+                    "{second} (passwords in {state_dir}/demo.json); the sandboxes' users are "
+                    "listed there too. Ctrl-C to stop."
+                ).format(url=hs.url, first=native_id, second=newcomer_id, state_dir=state_dir)
             )
             await asyncio.Event().wait()
     except (KeyboardInterrupt, asyncio.CancelledError):
