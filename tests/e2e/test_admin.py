@@ -185,7 +185,7 @@ async def test_someone_else_gets_the_help_desk_and_no_admin_command(
         await stranger.accept_invites(console.room_id, timeout=30)
         await stranger.send_text(console.room_id, "status")
         answer = await stranger.wait_for_message(
-            console.room_id, _from_bot("operators only", bot), timeout=30
+            console.room_id, _from_bot("que des administrateurs de ce pont", bot), timeout=30
         )
         assert "Connectors:" not in str(answer.body)
     finally:

@@ -25,8 +25,8 @@ def test_demo_once_verifies_the_conversation_on_every_side(tmp_path: Path) -> No
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Verified on every side." in result.stdout
-    for side in ("on pandalab saw:", "on medipeps saw:", "on Matrix saw:"):
+    assert "Vérifié de chaque côté." in result.stdout  # the transcript is in French
+    for side in ("sur pandalab a vu :", "sur medipeps a vu :", "sur Matrix a vu :"):
         assert side in result.stdout
 
     demo = json.loads((state / "demo.json").read_text())
@@ -62,9 +62,9 @@ def test_the_running_demo_stops_every_server_it_started_on_sigint_and_sigterm(
         lines = []
         for line in demo.stdout:  # until it says it keeps running (or it ends)
             lines.append(line)
-            if line.startswith("Still running."):
+            if line.startswith("Toujours en marche."):
                 break
-        assert "Verified on every side.\n" in lines, "".join(lines)
+        assert "Vérifié de chaque côté.\n" in lines, "".join(lines)
         synapse_pid = int((state / "synapse" / "synapse.pid").read_text())
         shown = json.loads((state / "demo.json").read_text())
         urls = [shown["homeserver_url"]] + [s["url"] for s in shown["sandboxes"].values()]

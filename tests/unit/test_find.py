@@ -3,7 +3,7 @@ the help desk's French answers, and the third-party lookup endpoints of the apps
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,6 +22,7 @@ from bridge.db.database import open_database
 from bridge.db.directory import GHOST, NATIVE, Professional, Record, search_key
 from bridge.db.portal import Portal
 from bridge.db.stores import Stores
+from bridge.i18n import _, set_locale
 from connectors.idnps import luhn_check_digit
 
 HS_TOKEN = "hs-token-for-find-tests-0123456789"
@@ -173,6 +174,42 @@ async def test_dm_gives_the_link_to_the_chosen_matrix_id(stores: Stores) -> None
         await finding.dm_link(stores.directory, CONNECTORS, "8" + rpps(900))
 
 
+@pytest.fixture
+def english() -> Iterator[None]:
+    """``bridge.locale: en`` for one test (the suite runs in the default, French)."""
+    set_locale("en")
+    try:
+        yield
+    finally:
+        set_locale("fr")
+
+
+async def test_find_and_dm_answer_in_english_with_bridge_locale_en(
+    stores: Stores, english: None
+) -> None:
+    lines = await finding.find(stores.directory, CONNECTORS, "Dupo")
+    assert lines == [
+        "2 professional(s) found:",
+        f"- Louise DUPOND - Infirmière ({LOUISE}), Matrix account @louise:hopital.example: "
+        "https://matrix.to/#/@louise:hopital.example",
+        f"- Marie DUPONT - Médecin ({MARIE}), reachable via pandalab: "
+        f"https://matrix.to/#/{ghost('pandalab', MARIE)}",
+    ]
+    assert (await finding.find(stores.directory, CONNECTORS, "dupuis"))[1] == (
+        f"- Paul DUPUIS - Médecin ({NOBODY_REACHES}), reachable by no messaging service "
+        "connected to the bridge"
+    )
+    assert (await finding.dm_link(stores.directory, CONNECTORS, JEAN_ERIC))[1] == (
+        f"Open the conversation here: https://matrix.to/#/{ghost('medipeps', JEAN_ERIC)}"
+    )
+    with pytest.raises(Refused, match="^No professional found"):
+        await finding.find(stores.directory, CONNECTORS, "zzz")
+    with pytest.raises(BadInput, match=r"^Search too long \(at most 100 characters\)\.$"):
+        await finding.find(stores.directory, CONNECTORS, "x" * 101)
+    with pytest.raises(BadInput, match="^This number is not a valid identifier"):
+        await finding.find(stores.directory, CONNECTORS, "12345678901")
+
+
 # The help desk ---------------------------------------------------------------------------------
 
 
@@ -261,11 +298,13 @@ async def test_a_user_of_the_homeserver_gets_a_help_desk_in_french(stores: Store
     assert "https://matrix.to/#/" in await ask("!find Marie", 2)
     assert (await ask("find zzz", 3)).startswith("Aucun professionnel trouvé")
     assert (await ask(f"dm {JEAN_ERIC}", 4)).startswith("Jean-Éric DE LA FONTAINE")
-    assert await ask("aide", 5) == HELP
-    assert await ask("help", 6) == HELP
-    assert await ask("status", 7) == NOT_ADMIN
-    assert await ask("trust add evil.example", 8) == NOT_ADMIN
-    assert await ask("bonjour", 9) == UNKNOWN
+    assert await ask("aide", 5) == _(HELP)
+    assert (await ask("help", 6)).startswith("Je trouve les professionnels de santé")
+    assert await ask("status", 7) == _(NOT_ADMIN)
+    assert (await ask("trust add evil.example", 8)).startswith("Cette commande est réservée")
+    assert await ask("bonjour", 9) == _(UNKNOWN) == (
+        "Je n'ai pas compris. Tapez « aide » pour la liste des commandes."
+    )
 
 
 async def test_dm_opens_the_portal_through_the_portals_or_says_why_not(stores: Stores) -> None:
@@ -294,6 +333,51 @@ async def test_dm_opens_the_portal_through_the_portals_or_says_why_not(stores: S
     assert (await room.help_answer("dm dupont", "@doc:eimis.example")).text.startswith(
         "Indiquez un identifiant"
     )
+
+
+async def test_the_help_desk_answers_in_english_with_bridge_locale_en(
+    stores: Stores, english: None
+) -> None:
+    hs = FakeHomeserver()
+    portals = FakePortals()
+    room = admin_room(stores, hs, portals)
+
+    await room.on_bot_invite("!desk:eimis.example", "@doc:eimis.example")
+
+    assert hs.sent[-1][1]["body"].startswith("Hello! I find the health professionals")
+    assert (await room.help_answer("aide", "@doc:eimis.example")).text == HELP
+    assert (await room.help_answer("status", "@doc:eimis.example")).text == NOT_ADMIN
+    assert (await room.help_answer("bonjour", "@doc:eimis.example")).text == UNKNOWN
+    opened = await room.help_answer(f"dm {JEAN_ERIC}", "@doc:eimis.example")
+    assert opened.text == (
+        "Conversation opened with Jean-Éric DE LA FONTAINE: accept the invitation, or "
+        "https://matrix.to/#/!portal:eimis.example"
+    )
+    await room.on_bot_invite("!far:hopital.example", "@doc:hopital.example")
+    assert str(hs.left[-1][1]).startswith(
+        "Hello. I am the EIMIS bridge's bot of eimis.example: I answer this server's users only."
+    )
+
+
+async def test_a_non_operator_in_an_admin_room_is_refused_in_the_locale(stores: Stores) -> None:
+    hs = FakeHomeserver()
+    room = admin_room(stores, hs)
+    await room.on_bot_invite("!admin:eimis.example", "@admin:eimis.example")
+
+    assert await room.handles(message("!admin:eimis.example", "@guest:eimis.example", "status", 1))
+    assert hs.sent[-1][1]["body"] == (
+        "Bonjour. Je suis le robot du pont eimis-bridge : je ne reçois de commandes que des "
+        "administrateurs de ce pont. Pour toute demande concernant le pont, écrivez à ses "
+        "administrateurs."
+    )
+    set_locale("en")
+    try:
+        assert await room.handles(
+            message("!admin:eimis.example", "@guest:eimis.example", "status", 2)
+        )
+    finally:
+        set_locale("fr")
+    assert hs.sent[-1][1]["body"].startswith("Hello. I am the eimis-bridge bot")
 
 
 async def test_an_operator_still_gets_an_admin_room(stores: Stores) -> None:
@@ -338,6 +422,20 @@ async def test_the_protocol_describes_its_fields_and_one_instance_per_connector(
     assert body["user_fields"] == ["idnps", "name"]
     assert set(body["field_types"]) == {"idnps", "name"}
     assert [i["network_id"] for i in body["instances"]] == CONNECTORS
+    assert [i["desc"] for i in body["instances"]] == [
+        "Professionnels de santé joignables via pandalab",
+        "Professionnels de santé joignables via medipeps",
+    ]
+    assert body["field_types"]["name"]["placeholder"] == "Nom et/ou prénom"
+    set_locale("en")
+    try:
+        english = await (await client.get(
+            "/_matrix/app/v1/thirdparty/protocol/eimis", headers=AUTH
+        )).json()
+    finally:
+        set_locale("fr")
+    assert english["instances"][0]["desc"] == "Health professionals reachable via pandalab"
+    assert english["field_types"]["idnps"]["placeholder"] == "IDNPS, RPPS or ADELI"
 
     unknown = await client.get("/_matrix/app/v1/thirdparty/protocol/irc", headers=AUTH)
     assert unknown.status == 404 and (await unknown.json())["errcode"] == "M_NOT_FOUND"
