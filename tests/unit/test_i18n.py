@@ -255,9 +255,12 @@ def test_the_demos_lines_are_french() -> None:
     )
     assert _("Verified on every side.") == "Vérifié de chaque côté."
     assert _("{side} saw:").format(side="x") == "x a vu :"
-    assert _("Still running. Log in with any Matrix client at {url} as {first} or {second} "
-             "(passwords in {state_dir}/demo.json); the sandboxes' users are listed there too. "
-             "Ctrl-C to stop.").startswith("Toujours en marche.")
+    still = _(
+        "Still running. Log in with any Matrix client at {url} as {first} or {second} "
+        "(passwords in {state_dir}/demo.json); the sandboxes' users are listed there too. "
+        "Ctrl-C to stop."
+    )
+    assert still.startswith("Toujours en marche. Connectez-vous avec n'importe quel client Matrix")
 
 
 def test_the_demos_lines_in_english(english: None) -> None:
