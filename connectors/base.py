@@ -4,13 +4,13 @@ A connector turns one vendor's API into the bridge's vocabulary. The required pa
 (start/stop, create a remote conversation, send a message into one, describe a remote user);
 each optional operation is its own small abstract class the connector inherits (``EditHandling``,
 ``DeletionHandling``, ``ReactionHandling``, ``ReadReceiptHandling``, ``TypingHandling``,
-``DeliveryStatusHandling``, and ``AttachmentSource`` for a connector that emits files). The
-operation flags of ``capabilities`` are derived from those classes; the rest of ``capabilities``
-(formatting, limits, files ...) the connector declares. So the bridge knows what it can ask for
-and degrades what a vendor cannot show (an edit becomes a marked correction, a reaction a short
-message ...), telling the sender. Vendor events enter the bridge as
-typed ``RemoteEvent``s through ``ConnectorContext.emit``, which returns only once the event is
-durably stored: a connector acknowledges its vendor (or advances its poll cursor) after ``emit``.
+``DeliveryStatusHandling``, ``UserListing`` ..., and ``AttachmentSource`` for a connector that
+emits files). The operation flags of ``capabilities`` are derived from those classes; the rest
+of ``capabilities`` (formatting, limits, files ...) the connector declares. So the bridge knows
+what it can ask for and degrades what a vendor cannot show (an edit becomes a marked correction,
+a reaction a short message ...), telling the sender. Vendor events enter the bridge as typed
+``RemoteEvent``s through ``ConnectorContext.emit``, which returns only once the event is durably
+stored: a connector acknowledges its vendor (or advances its poll cursor) after ``emit``.
 
 Text conventions, both ways: text is in the connector's declared ``formatting`` (``plain`` or
 ``markdown``); a mention of a person is written ``@<display name>`` in the text and listed in
@@ -103,6 +103,9 @@ class Capabilities:
     system_messages: bool = False
     """The vendor shows the bridge's own notes in a conversation as system messages
     (``SystemMessages``); without it they come as a message from an "EIMIS" sender."""
+    user_listing: bool = False
+    """The vendor lists all its users page by page (``UserListing``): the bridge publishes them
+    in the homeserver's user directory, so a Matrix user finds them by name."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -130,6 +133,15 @@ class RemoteUser:
     def display_name(self) -> str:
         """``"<Given> <FAMILY> - <Profession>"`` (``connectors.names``: French usage)."""
         return names.display_name(self.given_name, self.family_name, self.profession)
+
+
+@dataclass(frozen=True)
+class UserPage:
+    """One page of a vendor's user list (``UserListing.list_users``)."""
+
+    users: tuple[RemoteUser, ...]
+    next_cursor: str | None
+    """None: this page is the last one (the listing is complete)."""
 
 
 @dataclass(frozen=True)
@@ -771,6 +783,16 @@ class SystemMessages(abc.ABC):
         Idempotent by ``request_id``; never announced back (no echo)."""
 
 
+class UserListing(abc.ABC):
+    """``user_listing``: the connector lists every user of the vendor, page by page (the bridge
+    publishes them in the homeserver's user directory, README "Found from Matrix")."""
+
+    @abc.abstractmethod
+    async def list_users(self, cursor: str | None, limit: int) -> UserPage:
+        """Users in a stable order, at most ``limit``, after ``cursor`` (None: from the start).
+        A malformed entry is left out (logged without content), never fails the page."""
+
+
 class AttachmentSource(abc.ABC):
     """A connector that emits files (``MessageReceived.attachment``) hands over their bytes."""
 
@@ -794,6 +816,7 @@ OPERATION_PROTOCOLS: Mapping[str, type[abc.ABC]] = {
     "topics": TopicHandling,
     "history": HistorySource,
     "system_messages": SystemMessages,
+    "user_listing": UserListing,
 }
 """Each operation flag of ``Capabilities`` and the class that implements it."""
 

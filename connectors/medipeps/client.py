@@ -52,6 +52,27 @@ class MedipepsClient:
         )
         return None if status == 404 else http.response_object(body, "Medipeps", "professional")
 
+    async def professionals(self, after: str | None, limit: int) -> tuple[list[Any], str | None]:
+        """``GET /mp/professionals?after=&limit=``: the raw professional objects of one page, by
+        IDNPS, and ``after`` (the IDNPS to list after; None on the last page)."""
+        params = {"limit": str(limit)}
+        if after is not None:
+            params["after"] = after
+        _, data = await self._call("GET", "/mp/professionals", params=params)
+        page = http.response_object(data, "Medipeps", "professional list")
+        professionals, after_last = page.get("professionals"), page.get("after")
+        if not isinstance(professionals, list):
+            raise ConnectorError(
+                "Medipeps answered a professional list without a 'professionals' list",
+                retriable=False,
+            )
+        if not (after_last is None or (isinstance(after_last, str) and after_last)):
+            raise ConnectorError(
+                "Medipeps answered a professional list whose 'after' is neither a string nor null",
+                retriable=False,
+            )
+        return professionals, after_last
+
     async def create_conversation(self, body: dict[str, Any]) -> int:
         """``POST /mp/conversations``; returns ``conv`` (the same for a repeated request_ref)."""
         _, data = await self._call("POST", "/mp/conversations", json=body)

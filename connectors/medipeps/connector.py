@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
 
+from connectors import payload
 from connectors.base import (
     AttachmentSource,
     Capabilities,
@@ -36,6 +37,8 @@ from connectors.base import (
     RemoteUser,
     Sender,
     TitleHandling,
+    UserListing,
+    UserPage,
 )
 from connectors.kit.backoff import Backoff
 from connectors.kit.feed import Page, PolledFeed
@@ -50,6 +53,8 @@ MAX_FILE_SIZE = 1024 * 1024
 FILE_MIME_TYPES = frozenset({"image/jpeg", "image/png", "application/pdf"})
 HISTORY_PAGE_SIZE = 500
 """Messages asked per page of a conversation's own feed (Medipeps' largest page)."""
+MAX_USER_PAGE = 1000
+"""Most professionals Medipeps lists in one page."""
 _DECODE_STEP = 4 * 16 * 1024
 """Base64 characters decoded at a time when streaming an inline file (48 KiB of bytes)."""
 
@@ -78,12 +83,14 @@ class MedipepsConnector(
     ParticipantAdding,
     TitleHandling,
     HistorySource,
+    UserListing,
 ):
     """A Medipeps-style vendor: API key, plain text, an event feed the connector polls.
 
     Deletions, read receipts, delivery reports, adding people (and guests leaving), subjects
-    (titles) and history; no edits, reactions, typing, topics, nor removing a Medipeps user
-    (nobody but that user can) (the ``capabilities`` flags follow from the classes above)."""
+    (titles), history and the user listing; no edits, reactions, typing, topics, nor removing a
+    Medipeps user (nobody but that user can) (the ``capabilities`` flags follow from the classes
+    above)."""
 
     type_name: ClassVar[str] = "medipeps"
     Settings: ClassVar[type[BaseModel]] = MedipepsSettings
@@ -247,6 +254,31 @@ class MedipepsConnector(
             raise ConnectorError(
                 f"Medipeps answered a malformed professional: {exc}", retriable=False
             ) from exc
+
+    async def list_users(self, cursor: str | None, limit: int) -> UserPage:
+        """``GET /mp/professionals?after=&limit=`` (at most 1,000 a page), by IDNPS; the cursor
+        is Medipeps' ``after``. A malformed professional is left out and logged (its index and
+        the rule)."""
+        limit = max(1, min(limit, MAX_USER_PAGE))
+        raw, after_last = await self.client.professionals(cursor, limit)
+        if after_last is not None and after_last == cursor:
+            raise ConnectorError(
+                "Medipeps answered a professional list page that does not move past its cursor",
+                retriable=False,
+            )
+        users: list[RemoteUser] = []
+        for i, item in enumerate(raw):
+            try:
+                users.append(convert.user_from_json(payload.obj(item, f"professionals[{i}]")))
+            except InvalidPayload as exc:
+                self.log.warning(
+                    "medipeps %s: left out a malformed professional of the list "
+                    "(professionals[%d]: %s)",
+                    self.ctx.connector_id,
+                    i,
+                    exc,
+                )
+        return UserPage(tuple(users), after_last)
 
     # Vendor -> bridge -----------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from connectors.sandbox.kernel import (
     Reaction,
     SandboxUser,
 )
-from connectors.sandbox.webtools import Body, epoch_ms, query_int, read_body
+from connectors.sandbox.webtools import Body, epoch_ms, query_int, query_user_page, read_body
 
 API_KEY = "medipeps-sandbox-key"
 MAX_EVENTS_LIMIT = 500
@@ -382,17 +382,24 @@ def create_app(
     routes = web.RouteTableDef()
     msg_path = "/mp/conversations/{conv}/messages/{msg}"
 
+    def professional_json(user: SandboxUser) -> dict[str, Any]:
+        return {
+            "idnps": str(user.idnps),
+            "first": user.given_name,
+            "last": user.family_name,
+            "job": user.profession,
+        }
+
+    @routes.get("/mp/professionals")
+    async def list_professionals(request: web.Request) -> web.Response:
+        users, after = query_user_page(request, kernel, "after")
+        return web.json_response(
+            {"professionals": [professional_json(u) for u in users], "after": after}
+        )
+
     @routes.get("/mp/professionals/{idnps}")
     async def get_professional(request: web.Request) -> web.Response:
-        user = kernel.user(request.match_info["idnps"])
-        return web.json_response(
-            {
-                "idnps": str(user.idnps),
-                "first": user.given_name,
-                "last": user.family_name,
-                "job": user.profession,
-            }
-        )
+        return web.json_response(professional_json(kernel.user(request.match_info["idnps"])))
 
     @routes.post("/mp/conversations")
     async def create_conversation(request: web.Request) -> web.Response:

@@ -72,6 +72,26 @@ class PandaLabClient:
         )
         return None if status == 404 else http.response_object(body, "PandaLab", "user")
 
+    async def list_users(self, after: str | None, limit: int) -> tuple[list[Any], str | None]:
+        """``GET /api/v1/users?after=&limit=``: the raw user objects of one page, by IDNPS, and
+        ``next`` (the IDNPS to list after; None on the last page)."""
+        params = {"limit": str(limit)}
+        if after is not None:
+            params["after"] = after
+        _, data = await self._call("GET", "/api/v1/users", params=params)
+        page = http.response_object(data, "PandaLab", "user list")
+        users, after_last = page.get("users"), page.get("next")
+        if not isinstance(users, list):
+            raise ConnectorError(
+                "PandaLab answered a user list without a 'users' list", retriable=False
+            )
+        if not (after_last is None or (isinstance(after_last, str) and after_last)):
+            raise ConnectorError(
+                "PandaLab answered a user list whose 'next' is neither a string nor null",
+                retriable=False,
+            )
+        return users, after_last
+
     async def create_conversation(self, body: dict[str, Any], idempotency_key: str) -> str:
         """``POST /api/v1/conversations``; returns the conversation id (the same for a repeat)."""
         _, data = await self._call(

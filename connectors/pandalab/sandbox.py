@@ -56,6 +56,7 @@ from connectors.sandbox.webtools import (
     iso8601,
     query_int,
     query_time,
+    query_user_page,
     read_body,
 )
 
@@ -707,18 +708,23 @@ def create_app(
         }
         return web.json_response(body, headers={"Cache-Control": "no-store"})
 
+    def user_json(user: SandboxUser) -> dict[str, Any]:
+        return {
+            "id": by_idnps[user.idnps],
+            "idnps": str(user.idnps),
+            "given_name": user.given_name,
+            "family_name": user.family_name,
+            "profession": user.profession,
+        }
+
+    @routes.get("/api/v1/users")
+    async def list_users(request: web.Request) -> web.Response:
+        users, after = query_user_page(request, kernel, "after")
+        return web.json_response({"users": [user_json(u) for u in users], "next": after})
+
     @routes.get("/api/v1/users/{idnps}")
     async def get_user(request: web.Request) -> web.Response:
-        user = kernel.user(request.match_info["idnps"])
-        return web.json_response(
-            {
-                "id": by_idnps[user.idnps],
-                "idnps": str(user.idnps),
-                "given_name": user.given_name,
-                "family_name": user.family_name,
-                "profession": user.profession,
-            }
-        )
+        return web.json_response(user_json(kernel.user(request.match_info["idnps"])))
 
     @routes.post("/api/v1/conversations")
     async def create_conversation(request: web.Request) -> web.Response:

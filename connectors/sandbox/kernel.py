@@ -13,6 +13,7 @@ the vendor API: its actions are shown to users and never published back (no echo
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -62,6 +63,10 @@ _FEATURE_NAMES: dict[str, str] = {
 
 MAX_HISTORY = 1000
 """Most messages one history read returns."""
+
+DEFAULT_USER_PAGE = 100
+MAX_USER_PAGE = 1000
+"""Most users one page of the user listing holds (``Kernel.users_after``)."""
 
 AttachmentSource = Callable[[], StoredFile]
 """Gives the file to attach; called only once the message is certain to be created (so an
@@ -336,6 +341,8 @@ class Kernel:
             if user.idnps in self.users:
                 raise ValueError(f"duplicate sandbox user {user.idnps}")
             self.users[user.idnps] = user
+        self._listing: list[Idnps] = sorted(self.users)
+        """Every IDNPS in ascending order, once: a listing page is a bisect and a slice."""
         self.publisher: EventPublisher | None = None
         self.features = frozenset(features)
         self.file_rules = file_rules or FileRules(max_bytes=100 * 1024 * 1024)
@@ -369,6 +376,18 @@ class Kernel:
                 404, "user_not_found", f"No {self.vendor_name} user has the IDNPS {idnps}."
             )
         return user
+
+    def users_after(self, after: str | None, limit: int) -> tuple[list[SandboxUser], str | None]:
+        """The user listing: at most ``limit`` users by IDNPS ascending, after the IDNPS ``after``
+        (None: from the first; it need not be a user's), and the cursor of the next page (the
+        last IDNPS returned), None when no user follows. 400 for an invalid IDNPS or a limit
+        outside 1 .. ``MAX_USER_PAGE``."""
+        if not 1 <= limit <= MAX_USER_PAGE:
+            raise bad_request(f"The limit must be between 1 and {MAX_USER_PAGE}.")
+        start = 0 if after is None else bisect.bisect_right(self._listing, parse_idnps(after))
+        ids = self._listing[start : start + limit]
+        more = start + len(ids) < len(self._listing)
+        return [self.users[i] for i in ids], (str(ids[-1]) if ids and more else None)
 
     def conversation(self, conversation_id: str) -> Conversation:
         conversation = self._conversations.get(conversation_id)

@@ -15,7 +15,14 @@ from aiohttp.typedefs import Middleware
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from connectors.kit.tasks import cancel_and_wait
-from connectors.sandbox.kernel import Kernel, SandboxError, bad_request
+from connectors.sandbox.kernel import (
+    DEFAULT_USER_PAGE,
+    MAX_USER_PAGE,
+    Kernel,
+    SandboxError,
+    SandboxUser,
+    bad_request,
+)
 
 log = logging.getLogger("eimis.sandbox")
 
@@ -188,6 +195,16 @@ def query_int(request: web.Request, name: str, default: int, low: int, high: int
     if not low <= value <= high:
         raise bad_request(f"The query parameter '{name}' must be between {low} and {high}.")
     return value
+
+
+def query_user_page(
+    request: web.Request, kernel: Kernel, cursor: str
+) -> tuple[list[SandboxUser], str | None]:
+    """A page of the user listing as the query asks it: ``limit`` (1 .. 1000, default 100) users
+    after the IDNPS in query parameter ``cursor`` (each vendor names it), and the next cursor
+    (None on the last page). 400 for a bad limit or cursor."""
+    limit = query_int(request, "limit", DEFAULT_USER_PAGE, 1, MAX_USER_PAGE)
+    return kernel.users_after(request.query.get(cursor), limit)
 
 
 def query_time(request: web.Request, name: str) -> datetime | None:

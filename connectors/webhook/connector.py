@@ -37,6 +37,8 @@ from connectors.base import (
     RemoteAttachment,
     RemoteUser,
     Sender,
+    UserListing,
+    UserPage,
     derive_capabilities,
     operation_protocols,
     with_protocols,
@@ -53,17 +55,20 @@ MAX_HISTORY_LIMIT = 1000
 """Most messages asked of a vendor's conversation history at once."""
 MAX_HISTORY_BYTES = 64 * 1024 * 1024
 """Longest history answer read (1,000 messages, each at most 65,536 characters)."""
+MAX_USER_PAGE = 1000
+"""Most users asked of a vendor in one page of its user list."""
 
 CONTRACT_VERSION = "1.0"
 """``info.version`` of openapi.yaml, announced to the vendor."""
 
 
-class WebhookConnector(Connector, AttachmentSource):
+class WebhookConnector(Connector, AttachmentSource, UserListing):
     """A vendor speaking the webhook contract; its capabilities come from its settings.
 
     It defines every optional operation but inherits only the classes its vendor declared
     (``__new__``): an instance whose vendor declared no edits is no ``EditHandling``, so the
-    bridge never asks it for one, and its advertised flags follow."""
+    bridge never asks it for one, and its advertised flags follow. The user listing is always
+    there: a vendor without one answers ``GET /users`` with 404 or 501, read as an empty list."""
 
     type_name: ClassVar[str] = "webhook"
     Settings: ClassVar[type[BaseModel]] = WebhookSettings
@@ -96,6 +101,7 @@ class WebhookConnector(Connector, AttachmentSource):
             log=self.log,
         )
         self._announcer: asyncio.Task[None] | None = None
+        self._said_no_listing = False
 
     # Secrets ------------------------------------------------------------------------------------
 
@@ -421,6 +427,46 @@ class WebhookConnector(Connector, AttachmentSource):
             raise ConnectorError(
                 f"the vendor answered a malformed user: {exc}", retriable=False
             ) from None
+
+    async def list_users(self, cursor: str | None, limit: int) -> UserPage:
+        """``GET /users?cursor=&limit=`` (at most 1,000 a page). A vendor answering 404 or 501
+        has no listing: an empty, complete page (said once in the log). A malformed user is
+        left out and logged (the field and the rule, no content)."""
+        params = {"limit": str(max(1, min(limit, MAX_USER_PAGE)))}
+        if cursor is not None:
+            params["cursor"] = cursor
+        status, body = await self.client.get("/users", params=params, accept=(404, 501))
+        if status in (404, 501):
+            if not self._said_no_listing:
+                self._said_no_listing = True
+                self.log.info(
+                    "webhook %s: the vendor lists no users (GET /users answered %d)",
+                    self.ctx.connector_id,
+                    status,
+                )
+            return UserPage((), None)
+        try:
+            entries, next_cursor = convert.user_page_from_json(body)
+        except convert.InvalidAnswer as exc:
+            raise ConnectorError(
+                f"the vendor answered a malformed user list: {exc}", retriable=False
+            ) from None
+        if next_cursor is not None and next_cursor == cursor:
+            raise ConnectorError(
+                "the vendor answered a user list page that does not move past its cursor",
+                retriable=False,
+            )
+        users: list[RemoteUser] = []
+        for entry in entries:
+            if isinstance(entry, RemoteUser):
+                users.append(entry)
+            else:
+                self.log.warning(
+                    "webhook %s: left out a malformed user of the list (%s)",
+                    self.ctx.connector_id,
+                    entry,
+                )
+        return UserPage(tuple(users), next_cursor)
 
     # Vendor -> bridge ---------------------------------------------------------------------------
 

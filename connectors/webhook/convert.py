@@ -625,14 +625,46 @@ def answer_id(body: Any, key: str, what: str) -> str:
 
 def user_from_json(body: Any, asked: Idnps) -> RemoteUser:
     """A ``User`` answer; it must describe the professional asked about."""
+    user = _user(body, "user")
+    if user.idnps != asked:
+        raise InvalidAnswer("the user answer describes another IDNPS than the one asked")
+    return user
+
+
+def _user(body: Any, where: str) -> RemoteUser:
     if not isinstance(body, dict):
-        raise InvalidAnswer("the user answer is not a JSON object")
+        raise InvalidAnswer(f"the {where} answer is not a JSON object")
     try:
-        idnps = _idnps(body.get("idnps"), "user.idnps")
-        names = [_name(body.get(k), f"user.{k}") for k in ("given_name", "family_name")]
-        profession = _name(body.get("profession"), "user.profession")
+        idnps = _idnps(body.get("idnps"), f"{where}.idnps")
+        names = [_name(body.get(k), f"{where}.{k}") for k in ("given_name", "family_name")]
+        profession = _name(body.get("profession"), f"{where}.profession")
     except InvalidEvent as exc:
         raise InvalidAnswer(str(exc)) from None
-    if idnps != asked:
-        raise InvalidAnswer("the user answer describes another IDNPS than the one asked")
     return RemoteUser(idnps, names[0], names[1], profession)
+
+
+MAX_CURSOR_LENGTH = 1000
+_CURSOR = re.compile(r"[!-~]{1,1000}")
+
+
+def user_page_from_json(body: Any) -> tuple[list[RemoteUser | InvalidAnswer], str | None]:
+    """A ``UserPage`` answer: each user (or why it is malformed, to be left out) and
+    ``next_cursor`` (None on the last page). A page that is itself malformed raises."""
+    if not isinstance(body, dict):
+        raise InvalidAnswer("the user list answer is not a JSON object")
+    items = body.get("users")
+    if not isinstance(items, list):
+        raise InvalidAnswer("the user list answer has no 'users' array")
+    cursor = body.get("next_cursor")
+    if cursor is not None and (not isinstance(cursor, str) or not _CURSOR.fullmatch(cursor)):
+        raise InvalidAnswer(
+            f"the user list answer's 'next_cursor' is neither null nor 1 to {MAX_CURSOR_LENGTH} "
+            "visible ASCII"
+        )
+    users: list[RemoteUser | InvalidAnswer] = []
+    for i, item in enumerate(items):
+        try:
+            users.append(_user(item, f"users[{i}]"))
+        except InvalidAnswer as exc:
+            users.append(exc)
+    return users, cursor

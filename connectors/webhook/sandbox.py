@@ -55,6 +55,7 @@ from connectors.sandbox.webtools import (
     iso8601,
     query_int,
     query_time,
+    query_user_page,
 )
 
 log = logging.getLogger("eimis.sandbox.webhook")
@@ -699,17 +700,23 @@ def create_app(
         log.info("events URL announced by connector %s", announcement.connector_id)
         return web.Response(status=204)
 
+    def user_json(user: SandboxUser) -> dict[str, Any]:
+        return {
+            "idnps": str(user.idnps),
+            "given_name": user.given_name,
+            "family_name": user.family_name,
+            "profession": user.profession,
+        }
+
+    @routes.get("/users")
+    async def list_users(request: web.Request) -> web.Response:
+        # The cursor is opaque to the bridge; this sandbox uses the last IDNPS listed.
+        users, cursor = query_user_page(request, kernel, "cursor")
+        return web.json_response({"users": [user_json(u) for u in users], "next_cursor": cursor})
+
     @routes.get("/users/{idnps}")
     async def get_user(request: web.Request) -> web.Response:
-        user = kernel.user(request.match_info["idnps"])
-        return web.json_response(
-            {
-                "idnps": str(user.idnps),
-                "given_name": user.given_name,
-                "family_name": user.family_name,
-                "profession": user.profession,
-            }
-        )
+        return web.json_response(user_json(kernel.user(request.match_info["idnps"])))
 
     @routes.post("/conversations")
     async def create_conversation(request: web.Request) -> web.Response:

@@ -161,6 +161,7 @@ def test_a_connector_advertises_exactly_the_operations_it_implements() -> None:
         "add_participants",
         "titles",
         "history",
+        "user_listing",
     }, "Medipeps users cannot be removed by others, and Medipeps has no topics"
     assert {f for f in OPERATION_PROTOCOLS if getattr(MedipepsConnector.capabilities, f)} == (
         medipeps
@@ -210,7 +211,7 @@ def test_a_webhook_instance_implements_what_its_vendor_declared() -> None:
         WebhookConnector.Settings.model_validate(
             {
                 "base_url": "http://vendor.example",
-                "capabilities": {flag: True for flag in OPERATION_PROTOCOLS},
+                "capabilities": {f: True for f in OPERATION_PROTOCOLS if f != "user_listing"},
             }
         ),
     )
@@ -223,7 +224,8 @@ def test_a_webhook_instance_implements_what_its_vendor_declared() -> None:
         WebhookConnector.Settings.model_validate({"base_url": "http://vendor.example"}),
     )
     assert not isinstance(bare, EditHandling) and not bare.capabilities.edits
-    assert WebhookConnector.capabilities == Capabilities()
+    assert bare.capabilities.user_listing, "every webhook vendor has GET /users (404: none)"
+    assert WebhookConnector.capabilities == Capabilities(user_listing=True)
 
 
 def test_a_held_connector_can_be_asked_what_the_real_type_can() -> None:

@@ -942,13 +942,15 @@ async def test_a_vendor_down_at_start_is_announced_to_once_it_is_back() -> None:
 def test_capabilities_are_declared_per_instance_and_validated() -> None:
     plain = new_connector("http://vendor.example", Recorder(), FakeSecrets(), capabilities={})
     rich = new_connector("http://vendor.example", Recorder(), FakeSecrets())
-    # The contract carries 50 mentions a message at most: the bridge knows it.
+    # The contract carries 50 mentions a message at most: the bridge knows it. Every vendor
+    # answers GET /users (404: no listing), so user_listing is always on.
     assert plain.capabilities == Capabilities(
-        formatting="plain", max_text_length=4000, max_mentions=50
+        formatting="plain", max_text_length=4000, max_mentions=50, user_listing=True
     )
     assert rich.capabilities.edits and rich.capabilities.formatting == "markdown"
     assert rich.capabilities.files["m.image"].allows("image/png")
-    assert WebhookConnector.capabilities == Capabilities()  # the class default is untouched
+    # The class default is untouched (but for the user listing, which every instance has).
+    assert WebhookConnector.capabilities == Capabilities(user_listing=True)
 
     as_json = json.dumps({"edits": True, "formatting": "markdown"})
     settings = WebhookSettings.model_validate(

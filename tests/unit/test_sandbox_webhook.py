@@ -492,6 +492,7 @@ async def test_a_whole_exchange_follows_the_contract_both_ways() -> None:
 
         # Bridge -> vendor: every operation.
         assert await connector.get_user(hugo) is not None
+        assert hugo in [u.idnps for u in (await connector.list_users(None, 1000)).users]
         assert await connector.get_user(Idnps("810000023456")) is None  # a PandaLab user
         mine = await connector.create_conversation(
             NewConversation("!contract:example.org", "Depuis Matrix", (ines, hugo), (CAROL,))
