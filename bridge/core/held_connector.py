@@ -30,6 +30,7 @@ from connectors.base import (
     RemoteEvent,
     RemoteUser,
     Sender,
+    UserPage,
     protocols_of,
     with_protocols,
 )
@@ -137,6 +138,9 @@ class HeldConnector(Connector):
     async def history(
         self, conversation_id: str, *, limit: int, since: datetime
     ) -> Sequence[MessageReceived]:
+        raise self._wait()
+
+    async def list_users(self, cursor: str | None, limit: int) -> UserPage:
         raise self._wait()
 
 
