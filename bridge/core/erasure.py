@@ -36,12 +36,14 @@ from bridge.db.crypto import CryptoStore
 from bridge.db.directory import GHOST
 from bridge.db.inbox import CRYPTO_ORIGIN, MATRIX_ORIGIN
 from bridge.db.stores import Stores
+from bridge.i18n import N_, _
 from bridge.matrix.homeserver import Homeserver, derived_txn_id
 
 log = logging.getLogger("eimis.erasure")
 
 REASON = "erased at the professional's request"
-LEAVE_REASON = "Données effacées à la demande de la personne (droit à l'effacement)."
+LEAVE_REASON = N_("Data erased at the person's request (right to erasure).")
+"""The reason of each of their ghosts' leaves (room members read it): ``_(LEAVE_REASON)``."""
 ERASURE = "erasure"
 """The audit log's direction and kind of an erasure record."""
 PAGE = 100
@@ -223,7 +225,7 @@ class Erasure:
                     if step.startswith("@"):
                         rooms_done |= await self._erase_ghost(step, part)
                     else:
-                        room_id, _, event_id = step.partition(" ")
+                        room_id, _space, event_id = step.partition(" ")
                         if room_id not in rooms_done:
                             part.redacted += await self._redact_as_bot(room_id, event_id)
                 except (MatrixConnectionError, OSError, TimeoutError) as error:
@@ -274,7 +276,7 @@ class Erasure:
         for room_id in rooms if isinstance(rooms, list) else []:
             part.redacted += await self._redact_everything(mxid, str(room_id))
             try:
-                await self.hs.intent(mxid).leave_room(RoomID(str(room_id)), reason=LEAVE_REASON)
+                await self.hs.intent(mxid).leave_room(RoomID(str(room_id)), reason=_(LEAVE_REASON))
                 part.rooms_left += 1
             except MatrixRequestError as error:
                 if error.http_status >= 500:

@@ -33,6 +33,7 @@ from bridge.core.room_policy import exposure, stripped_state
 from bridge.db.group_commit import Write
 from bridge.db.portal import Portal
 from bridge.db.stores import Stores
+from bridge.i18n import _
 from bridge.matrix.homeserver import Homeserver
 
 log = logging.getLogger("eimis.from_matrix")
@@ -136,7 +137,9 @@ class FromMatrix:
             self.portals.member_changed(raw["room_id"], target, content.get("membership"))
             if content.get("membership") == "invite" and self.ids.in_namespace(target):
                 await self._refuse(
-                    raw["room_id"], target, "the inviter's server is not in the EIMIS trust space"
+                    raw["room_id"],
+                    target,
+                    _("the inviter's server is not in the EIMIS trust space"),
                 )
         return []
 
@@ -209,7 +212,7 @@ class FromMatrix:
         """
         missed: list[dict[str, Any]] = []
         from_token = None
-        for _ in range(10):  # at most 10 pages of 50 events back to the invite
+        for _page in range(10):  # at most 10 pages of 50 events back to the invite
             page = await self.hs.intent(viewer).get_messages(
                 RoomID(room_id), PaginationDirection.BACKWARD, from_token=from_token, limit=50
             )
@@ -323,7 +326,7 @@ class FromMatrix:
         found = await self._targets(raw)
         if found is None:
             return []
-        portal, _ = found
+        portal, _found = found
         content = _obj(raw.get("content"))
         if not content:
             return []  # redacted before we saw it

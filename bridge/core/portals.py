@@ -21,6 +21,7 @@ from bridge.db.directory import GHOST, display_name
 from bridge.db.portal import Portal
 from bridge.db.stores import Stores
 from bridge.directory.choice import reachable
+from bridge.i18n import _
 from bridge.matrix.homeserver import Homeserver, derived_txn_id
 from bridge.values.trust import server_of
 from connectors.base import ConversationCreated, Participant, RemoteUser
@@ -115,7 +116,9 @@ class Portals:
                     idnps,
                 )
                 raise NotInDirectory(
-                    f"le professionnel {idnps} ne figure pas dans l'annuaire national importé"
+                    _(
+                        "the professional {idnps} is not listed in the imported national directory"
+                    ).format(idnps=idnps)
                 )
         if user is None:
             connector = self.connectors.get(connector_id)
@@ -123,7 +126,11 @@ class Portals:
                 raise PermanentFailure(f"connector {connector_id!r} is not running")
             user = await connector.get_user(idnps)
             if user is None:
-                raise UnknownUser(f"{connector_id} does not know the professional {idnps}")
+                raise UnknownUser(
+                    _("{connector} does not know the professional {idnps}").format(
+                        connector=connector_id, idnps=idnps
+                    )
+                )
         # The connector's user list feeds the directory. An ANS entry names the ghost (it wins
         # over what any vendor says); else the ghost carries its own connector's description,
         # never another connector's (which may have claimed the IDNPS first).
@@ -249,7 +256,7 @@ class Portals:
             except NotInDirectory:
                 if idnps == event.creator:
                     raise  # the conversation itself is refused
-                refused.append(f"{idnps} (absent de l'annuaire national)")
+                refused.append(not_in_directory(idnps))
         others: list[Member] = []
         unreachable: list[str] = []
         creator = self.ids.mxid(source, event.creator)
@@ -319,13 +326,13 @@ class Portals:
             # members in an end-to-end encrypted notice.
             await self.hs.send_notice(
                 room_id,
-                f"Conversation : {event.title}",
+                _("Conversation: {title}").format(title=event.title),
                 txn_id=derived_txn_id("portal-title", room_id),
             )
         if event.topic and self.hs.encrypt_new_portals and not self.hs.titles_in_room_state:
             await self.hs.send_notice(
                 room_id,
-                f"Sujet : {event.topic}",
+                _("Topic: {topic}").format(topic=event.topic),
                 txn_id=derived_txn_id("portal-topic", room_id),
             )
         if unreachable:
@@ -333,20 +340,11 @@ class Portals:
             # The vendor user who asked reads it in the conversation they started (their
             # vendor's link exists even when nobody else could be added), and so does everyone.
             await tell_everyone(self.stores, room_id, unreachable_notice(unreachable), key=txn_id)
-            await self.hs.send_notice(
-                room_id,
-                "Could not add to this conversation (not known to any connected service, or not "
-                f"reachable): {', '.join(unreachable)}.",
-                txn_id=txn_id,
-            )
+            await self.hs.send_notice(room_id, unreachable_notice(unreachable), txn_id=txn_id)
         if refused:
             txn_id = derived_txn_id("refused", room_id)
             await tell_everyone(self.stores, room_id, refused_notice(refused), key=txn_id)
-            await self.hs.send_notice(
-                room_id,
-                f"Could not add to this conversation: {'; '.join(refused)}.",
-                txn_id=txn_id,
-            )
+            await self.hs.send_notice(room_id, refused_notice(refused), txn_id=txn_id)
 
     async def invite(
         self, room_id: str, inviter: str, invitee: str, *, is_direct: bool = False
@@ -386,9 +384,9 @@ class Portals:
         """
         trust = self.hs.trust
         if not trust.is_trusted(inviter):
-            return f"the server of {inviter} is not in the EIMIS trust space"
+            return _("the server of {user} is not in the EIMIS trust space").format(user=inviter)
         if not trust.is_trusted(target):
-            return f"the server of {target} is not in the EIMIS trust space"
+            return _("the server of {user} is not in the EIMIS trust space").format(user=target)
         if target_idnps is not None:
             permission = await self.stores.permissions.effective(target_idnps)
             decision = permission.decide(inviter)
@@ -426,11 +424,13 @@ class Portals:
         ):
             # That vendor's conversation exists and cannot take anyone more: the room is told
             # (in French) and the invite refused, before the ghost joins (nothing to undo).
-            reason = (
-                f"{ref.connector} ne permet pas d'ajouter une personne à une conversation existante"
-            )
+            reason = _(
+                "{connector} does not allow adding someone to an existing conversation"
+            ).format(connector=ref.connector)
             if (known := await self.stores.portals.get(room_id)) is not None:
-                text = f"{ghost.display_name} ne peut pas être ajouté(e) : {reason}."
+                text = _("{name} cannot be added: {reason}.").format(
+                    name=ghost.display_name, reason=reason
+                )
                 txn_id = derived_txn_id("join-unsupported", room_id, ghost_mxid)
                 await tell_everyone(
                     self.stores, room_id, text, key=txn_id, exclude=(ref.connector,)
@@ -510,7 +510,10 @@ class Portals:
         member = await self.find_professional(idnps, exclude="")
         if member is None:
             raise UnknownUser(
-                f"le professionnel {idnps} n'est joignable par aucune messagerie reliée au pont"
+                _(
+                    "the professional {idnps} cannot be reached by any messaging service "
+                    "connected to the bridge"
+                ).format(idnps=idnps)
             )
         if member.connector is None:
             return None, member, False
@@ -519,8 +522,10 @@ class Portals:
             # professional's permission settings (the trust space, were it ever that, too).
             log.info("Not opening a direct chat with %s: refused", member.mxid)
             raise PermanentFailure(
-                f"{member.display_name} n'accepte pas de conversation avec vous "
-                "(ses réglages d'autorisations la refusent)"
+                _(
+                    "{name} does not accept a conversation with you (their permission "
+                    "settings refuse it)"
+                ).format(name=member.display_name)
             )
         for existing in await self.stores.portals.direct_with(member.connector, asker, member.mxid):
             try:
@@ -619,14 +624,14 @@ class Portals:
 
     async def _leave_unencrypted(self, room_id: str, ghost_mxid: str) -> None:
         """``encryption.require``: a room that is not end-to-end encrypted is not bridged."""
-        reason = "this bridge carries end-to-end encrypted rooms only: enable encryption first"
+        reason = _("this bridge carries end-to-end encrypted rooms only: enable encryption first")
         log.info("Leaving unencrypted room %s (encryption.require)", room_id)
         with contextlib.suppress(MatrixRequestError):
             await self.hs.send_event(
                 ghost_mxid,
                 room_id,
                 "m.room.message",
-                {"msgtype": "m.notice", "body": f"Not bridged: {reason}."},
+                {"msgtype": "m.notice", "body": _("Not bridged: {reason}.").format(reason=reason)},
                 txn_id=derived_txn_id("unencrypted", room_id, ghost_mxid),
             )
         with contextlib.suppress(MatrixRequestError):
@@ -645,13 +650,22 @@ class Portals:
 
 
 def unreachable_notice(people: list[str]) -> str:
-    """What the room reads about people a vendor user named that nobody can reach."""
-    return (
-        "Impossible d'ajouter à cette conversation (inconnu des services connectés, ou "
-        f"injoignable) : {', '.join(people)}."
-    )
+    """What the room (and the vendors' users) read about people a vendor user named that
+    nobody can reach."""
+    return _(
+        "Could not add to this conversation (not known to any connected service, or not "
+        "reachable): {people}."
+    ).format(people=", ".join(people))
 
 
 def refused_notice(people: list[str]) -> str:
-    """What the room reads about people who may not be added (each with its reason)."""
-    return f"Impossible d'ajouter à cette conversation : {' ; '.join(people)}."
+    """What the room (and the vendors' users) read about people who may not be added (each
+    with its reason)."""
+    # Translators: the separator between the people of a list that already uses commas.
+    separator = _("; ")
+    return _("Could not add to this conversation: {people}.").format(people=separator.join(people))
+
+
+def not_in_directory(who: str) -> str:
+    """One of the people ``refused_notice`` lists: not in the national directory."""
+    return _("{who} (not in the national directory)").format(who=who)

@@ -23,6 +23,7 @@ from bridge.db.audit import AuditRecord
 from bridge.db.clock import now_ms
 from bridge.db.portal_join import PortalJoinStore
 from bridge.db.stores import Stores
+from bridge.i18n import _
 from bridge.matrix.homeserver import Homeserver, derived_txn_id
 
 log = logging.getLogger("eimis.room_policy")
@@ -33,18 +34,25 @@ ROOM_POLICY = "room_policy"
 
 
 def exposure(state: dict[str, dict[str, Any]]) -> str | None:
-    """Why a room with this state (type -> content) is exposed, in French for its members;
-    None when it is not."""
+    """Why a room with this state (type -> content) is exposed, for its members (in the
+    bridge's locale); None when it is not."""
     join_rule = state.get("m.room.join_rules", {}).get("join_rule")
     history = state.get("m.room.history_visibility", {}).get("history_visibility")
     guests = state.get("m.room.guest_access", {}).get("guest_access")
     if join_rule == "public":
         if guests == "can_join":
-            return "la salle est publique et ouverte aux invités : n'importe qui peut la rejoindre"
-        return "la salle est publique : n'importe qui peut la rejoindre"
+            return _("the room is public and open to guests: anyone can join it")
+        return _("the room is public: anyone can join it")
     if history == "world_readable":
-        return "l'historique de la salle est lisible par tout le monde"
+        return _("the room's history is readable by everyone")
     return None
+
+
+def not_relayed(reason: str) -> str:
+    """What the room and the vendors' users read when a portal stops being bridged."""
+    return _("Conversation not relayed: {reason}. Messages are no longer passed on.").format(
+        reason=reason
+    )
 
 
 def stripped_state(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -90,12 +98,12 @@ class RoomPolicy:
     async def refusal(self, viewer: str, room_id: str) -> str | None:
         """Why the room must not be bridged, as ``viewer`` (joined) sees it now; None if fine."""
         if room_id in self._exposed:
-            return "la salle est ouverte à tous"
+            return _("the room is open to anyone")
         return exposure(await self.room_state(viewer, room_id))
 
     async def leave(self, room_id: str, ghost_mxid: str, reason: str) -> None:
         """The ghost says why in the room, then leaves it with that reason."""
-        text = f"Conversation non relayée : {reason}. Les messages ne sont plus transmis."
+        text = not_relayed(reason)
         log.info("Leaving exposed room %s as %s", room_id, ghost_mxid)
         try:
             await self.hs.send_event(
@@ -175,7 +183,7 @@ class RoomPolicy:
         await tell_everyone(
             self.stores,
             room_id,
-            f"Conversation non relayée : {reason}. Les messages ne sont plus transmis.",
+            not_relayed(reason),
             key=derived_txn_id("exposed", room_id, kind, str(raw.get("event_id"))),
         )
         for ghost in ghosts:

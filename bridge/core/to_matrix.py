@@ -41,6 +41,7 @@ from bridge.db.stores import Stores
 from bridge.formatting import worker
 from bridge.formatting.convert import markdown_to_html, plain_to_html
 from bridge.formatting.mentions import mentions_to_pills
+from bridge.i18n import N_, _
 from bridge.matrix.homeserver import Homeserver, derived_txn_id
 from bridge.matrix.media import MediaError, MediaRepository
 from connectors.base import (
@@ -70,17 +71,18 @@ SOURCE_KEY = "eu.eimis.source"
 KIND_MSGTYPES = {"text": "m.text", "notice": "m.notice", "emote": "m.emote"}
 TYPING_TIMEOUT_MS = 30_000
 
-# What a vendor user is told (their vendor's delivery status) when the bridge refuses an event.
-EDIT_NOT_AUTHOR = "Modification refusée : seul l'auteur d'un message peut le modifier."
-DELETE_NOT_AUTHOR = (
-    "Suppression refusée : ce message a été écrit hors de ce service, "
-    "seul son auteur peut le supprimer."
+# What a vendor user is told (their vendor's delivery status) when the bridge refuses an event
+# (translated where it is told: ``_(EDIT_NOT_AUTHOR)``).
+EDIT_NOT_AUTHOR = N_("Edit refused: only a message's author can edit it.")
+DELETE_NOT_AUTHOR = N_(
+    "Deletion refused: this message was written outside this service, only its author can "
+    "delete it."
 )
-NOT_IN_DIRECTORY = (
-    "Message non transmis : l'expéditeur ne figure pas dans l'annuaire national des "
-    "professionnels de santé utilisé par la passerelle EIMIS."
+NOT_IN_DIRECTORY = N_(
+    "Message not delivered: the sender is not listed in the national directory of health "
+    "professionals used by the EIMIS gateway."
 )
-NOT_BRIDGED = "Message non transmis : cette conversation n'est pas relayée hors de ce service."
+NOT_BRIDGED = N_("Message not delivered: this conversation is not relayed outside this service.")
 
 Relay = Callable[[dict[str, Any]], Awaitable[list[Write]]]
 """Routes a room event to the vendors: ``FromMatrix.handle``."""
@@ -189,7 +191,7 @@ class ToMatrix:
         room_id = await self.stores.portals.by_conversation(connector_id, event.conversation_id)
         if room_id is None:
             if isinstance(event, MessageReceived):
-                await self._tell_vendor(connector_id, event.conversation_id, event, NOT_BRIDGED)
+                await self._tell_vendor(connector_id, event.conversation_id, event, _(NOT_BRIDGED))
             raise PermanentFailure(
                 f"{connector_id} conversation {event.conversation_id} is not bridged to a room"
             )
@@ -309,7 +311,10 @@ class ToMatrix:
         writes += await self._relayed(room_id, sender, event_id, "m.room.message", content, ts_ms)
         if self.success_statuses:
             await self.status.vendor_report(
-                connector_id, room_id, event_id, DeliveryReport("delivered", "delivered to Matrix")
+                connector_id,
+                room_id,
+                event_id,
+                DeliveryReport("delivered", _("delivered to Matrix")),
             )
         if event.text and event.attachment is not None:
             # A caption travels as its own message after the file.
@@ -385,7 +390,7 @@ class ToMatrix:
         if html.strip() != plain_to_html(text).strip() or caps.formatting == "markdown":
             content["format"] = "org.matrix.custom.html"
             content["formatted_body"] = html
-        content["m.mentions"] = {"user_ids": [mxid for _, mxid in pills]} if pills else {}
+        content["m.mentions"] = {"user_ids": [mxid for _text, mxid in pills]} if pills else {}
         return content
 
     async def _mention_mxid(self, connector_id: str, mention: Mention) -> str | None:
@@ -437,13 +442,17 @@ class ToMatrix:
                         size=attachment.size,
                     )
             except _TooLarge:
-                refusal, why = "the file is larger than this space accepts", "too_large"
+                refusal, why = _("the file is larger than this space accepts"), "too_large"
             except _WrongType as wrong:
                 refusal, why = str(wrong), "type_mismatch"
             except MediaError as error:
                 if error.retriable:
                     raise
-                refusal, why = str(error), "media"
+                # (the homeserver's own words, in English, follow the sentence)
+                refusal = _("the Matrix server did not take the file ({detail})").format(
+                    detail=error
+                )
+                why = "media"
         if refusal is not None:
             await self._refused(connector_id, room_id, event, refusal)
             return None, why
@@ -475,10 +484,9 @@ class ToMatrix:
         outsiders: list[str],
     ) -> list[Write]:
         """Members of servers outside the trust space are in the room: nothing goes in."""
-        reason = (
-            "the conversation includes members of servers outside the EIMIS trust space "
-            f"({', '.join(outsiders)})"
-        )
+        reason = _(
+            "the conversation includes members of servers outside the EIMIS trust space ({servers})"
+        ).format(servers=", ".join(outsiders))
         log.warning(
             "A %s %s was not sent to %s: members of %s are in it",
             connector_id,
@@ -487,7 +495,7 @@ class ToMatrix:
             ", ".join(outsiders),
         )
         if isinstance(event, MessageReceived):
-            await self._refused(connector_id, room_id, event, reason, what="a message")
+            await self._refused(connector_id, room_id, event, reason, what="message")
         return [
             self.trail.to_matrix(
                 connector_id, event, room_id, "refused", detail="untrusted_members"
@@ -501,22 +509,23 @@ class ToMatrix:
         event: MessageReceived,
         reason: str,
         *,
-        what: str = "a file",
+        what: str = "file",
     ) -> None:
         """Tell the vendor sender, and the room, that a file (or a message) did not cross."""
-        log.info("A %s %s was refused", connector_id, what.removeprefix("a "))
+        log.info("A %s %s was refused", connector_id, what)
         link = await self.stores.portals.link(room_id, connector_id)
         if link and link.conversation_id:
             await self._tell_vendor(connector_id, link.conversation_id, event, reason)
         ghost = await self.portals.ghost(connector_id, event.sender)
         # The sender's vendor was told above; the others' users read it as a system message.
-        quoi = "un fichier" if what == "a file" else "un message"
+        if what == "file":
+            text = _("{name} sent a file that could not be passed on: {reason}.")
+        else:
+            text = _("{name} sent a message that could not be passed on: {reason}.")
         await self.status.tell_everyone(
             room_id,
-            f"{ghost.display_name} sent {what} that could not be bridged: {reason}.",
+            text.format(name=ghost.display_name, reason=reason),
             txn_id=derived_txn_id(connector_id, "refused", event.message_id),
-            vendor_text=f"{ghost.display_name} a envoyé {quoi} qui n'a pas pu être transmis : "
-            f"{reason}.",
             exclude=(connector_id,),
         )
 
@@ -532,7 +541,7 @@ class ToMatrix:
         if author != self.portals.ids.mxid(connector_id, event.sender):
             # Only a message's author edits it (as Matrix clients show edits): not another
             # user of this vendor, nor anyone outside it.
-            return await self._not_theirs(connector_id, room_id, event, EDIT_NOT_AUTHOR)
+            return await self._not_theirs(connector_id, room_id, event, _(EDIT_NOT_AUTHOR))
         sender = await self._ghost(connector_id, event.sender, room_id)
         new = await self._text_content(
             connector.capabilities, connector_id, event.text, event.mentions
@@ -571,7 +580,7 @@ class ToMatrix:
         if ref is None or ref.connector != connector_id:
             # A vendor deletes only what its own users wrote (a moderator of the vendor may
             # delete another of its users' messages: below, the bot does it).
-            return await self._not_theirs(connector_id, room_id, event, DELETE_NOT_AUTHOR)
+            return await self._not_theirs(connector_id, room_id, event, _(DELETE_NOT_AUTHOR))
         sender = await self._ghost(connector_id, event.sender, room_id)
         txn_id = derived_txn_id(connector_id, "delete", event.message_id)
         try:
@@ -631,7 +640,7 @@ class ToMatrix:
             type(event).__name__,
         )
         if isinstance(event, MessageReceived | MessageEdited):
-            await self._tell_vendor(connector_id, event.conversation_id, event, NOT_IN_DIRECTORY)
+            await self._tell_vendor(connector_id, event.conversation_id, event, _(NOT_IN_DIRECTORY))
         return [
             self.trail.to_matrix(connector_id, event, room_id, "refused", detail="not_in_directory")
         ]
@@ -758,13 +767,16 @@ def file_refusal(
     mime = attachment.mime_type.lower()
     if not isinstance(connector, AttachmentSource):
         # A connector that emits a file must be able to fetch it (its contract says so).
-        return "this vendor's connector cannot fetch its files", "no_attachment_source"
+        return _("this vendor's connector cannot fetch its files"), "no_attachment_source"
     if not media.allows(mime):
-        return f"files of type {mime} are not allowed in this space", "type_not_allowed"
+        return _("files of type {mime} are not allowed in this space").format(
+            mime=mime
+        ), "type_not_allowed"
     if attachment.size is not None and attachment.size > media.max_file_size:
         return (
-            "the file is larger than this space accepts "
-            f"({media.max_file_size // (1024 * 1024)} MiB)",
+            _("the file is larger than this space accepts ({size} MiB)").format(
+                size=media.max_file_size // (1024 * 1024)
+            ),
             "too_large",
         )
     return None

@@ -28,10 +28,11 @@ from mautrix.types import RoomID, UserID
 from bridge.core.audit_trail import Trail
 from bridge.core.errors import NotInDirectory, UnknownUser
 from bridge.core.members import Member
-from bridge.core.portals import Portals, refused_notice, unreachable_notice
+from bridge.core.portals import Portals, not_in_directory, refused_notice, unreachable_notice
 from bridge.core.send_status import StatusReporter
 from bridge.db.group_commit import Write
 from bridge.db.stores import Stores
+from bridge.i18n import _
 from bridge.matrix.homeserver import Homeserver, derived_txn_id
 from connectors.base import (
     ConversationRenamed,
@@ -63,26 +64,26 @@ VENDOR_CHANGES = (
 
 
 def removed_by(name: str) -> str:
-    return f"Retiré(e) de la conversation par {name}"
+    return _("Removed from the conversation by {name}").format(name=name)
 
 
 def nobody_left(connector_id: str) -> str:
-    return (
-        f"Plus aucun participant {connector_id} dans cette conversation : elle n'est plus "
-        f"relayée vers {connector_id}."
-    )
+    return _(
+        "No {connector} participant is left in this conversation: it is no longer relayed to "
+        "{connector}."
+    ).format(connector=connector_id)
 
 
 def renamed(name: str, title: str | None) -> str:
     if not title:
-        return f"{name} a retiré le titre de la conversation."
-    return f"{name} a renommé la conversation : « {title} »"
+        return _("{name} removed the conversation's title.").format(name=name)
+    return _("{name} renamed the conversation: “{title}”").format(name=name, title=title)
 
 
 def topic_changed(name: str, topic: str | None) -> str:
     if not topic:
-        return f"{name} a retiré le sujet de la conversation."
-    return f"{name} a changé le sujet de la conversation : « {topic} »"
+        return _("{name} removed the conversation's topic.").format(name=name)
+    return _("{name} changed the conversation's topic: “{topic}”").format(name=name, topic=topic)
 
 
 class VendorChanges:
@@ -127,7 +128,7 @@ class VendorChanges:
             try:
                 member = await self.portals.ghost(source, idnps)
             except NotInDirectory:
-                refused.append(f"{idnps} (absent de l'annuaire national)")
+                refused.append(not_in_directory(str(idnps)))
                 continue
             except UnknownUser:
                 unreachable.append(str(idnps))

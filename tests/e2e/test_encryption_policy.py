@@ -44,7 +44,7 @@ async def test_require_refuses_plain_rooms_and_bridges_encrypted_ones(
 
     plain = await native.create_room(invite=[ghost], is_direct=True)
     refusal = await native.wait_for_message(
-        plain, lambda e: "encrypted rooms only" in e.body, timeout=30
+        plain, lambda e: "salles chiffrées de bout en bout" in e.body, timeout=30
     )
     assert refusal.sender == ghost
 

@@ -821,13 +821,17 @@ async def test_a_room_without_the_acl_gets_nothing_from_vendors_once_an_outsider
         async def refused() -> dict[str, Any] | None:
             message = await frank.message(conversation_id, message_id)
             reports = (message or {}).get("delivery") or []
-            bad = [r for r in reports if r["status"] == "failed" and "trust space" in r["detail"]]
+            bad = [
+                r
+                for r in reports
+                if r["status"] == "failed" and "espace de confiance" in r["detail"]
+            ]
             return bad[0] if bad else None
 
         report = await wait_until(refused, 30, "the failed delivery of Frank's message")
         assert fed.server_name("hs4").split(":")[0] in str(report["detail"]), report
         notice = await host.wait_for_message(
-            room_id, lambda e: "could not be bridged" in str(getattr(e, "body", "")), timeout=30
+            room_id, lambda e: "n'a pas pu être transmis" in str(getattr(e, "body", "")), timeout=30
         )
         assert secret not in str(getattr(notice, "body", ""))
         bodies = [str(e["content"].get("body")) for e in await all_messages(host, room_id)]

@@ -188,7 +188,7 @@ async def test_vendor_files_are_checked_against_their_content_on_their_way_to_ma
     script = f"radio-{next(counter)}.png"
     file_id = await trio.starter.upload(SCRIPT, "image/png", script)
     message_id = await trio.starter.post(trio.starter_conv, text="", file_id=file_id)
-    await notice(trio, "could not be bridged", "text/x-shellscript")
+    await notice(trio, "n'a pas pu être transmis", "text/x-shellscript")
 
     async def failed() -> list[dict[str, Any]] | None:
         message = await trio.starter.message(trio.starter_conv, message_id)

@@ -35,6 +35,7 @@ from bridge.core.to_matrix import (
 from bridge.devtools.ports import free_port
 from bridge.devtools.stack import LocalStack, Sandbox
 from bridge.directory.sample import HEADER, extract_line, rpps_idnps
+from bridge.i18n import _
 from connectors.idnps import Idnps
 from connectors.kit.signing import sign
 from connectors.pandalab.sandbox import USERS as PANDALAB_USERS
@@ -317,8 +318,8 @@ async def test_a_vendor_cannot_edit_or_delete_messages_its_users_did_not_write(
         # The vendor was told, on each message it tried to change, in French.
         for copy in (native_copy, paul_copy):
             reports = hostile.proxy.delivery_reports(conversation, copy)
-            assert {"status": "failed", "detail": EDIT_NOT_AUTHOR} in reports
-            assert {"status": "failed", "detail": DELETE_NOT_AUTHOR} in reports
+            assert {"status": "failed", "detail": _(EDIT_NOT_AUTHOR)} in reports
+            assert {"status": "failed", "detail": _(DELETE_NOT_AUTHOR)} in reports
         # The operator reads it in the audit trail.
         refused = await audit_details(stack, "hostile")
         assert refused.count(("edit", "refused", "not_author")) >= 2
@@ -478,7 +479,7 @@ async def test_require_directory_entry_refuses_a_ghost_for_an_unknown_idnps(
             return (message or {}).get("delivery") or None
 
         got = await wait_until(lambda: reported(alone, attempt_id), 60, "the refusal at the vendor")
-        assert [(r["status"], r["detail"]) for r in got] == [("failed", NOT_BRIDGED)]
+        assert [(r["status"], r["detail"]) for r in got] == [("failed", _(NOT_BRIDGED))]
 
         # A listed colleague opens one with them: it is bridged without them, and what they
         # write there is refused and reported to them; the conversation goes on.
@@ -498,7 +499,7 @@ async def test_require_directory_entry_refuses_a_ghost_for_an_unknown_idnps(
         got = await wait_until(
             lambda: reported(conversation, sneaky_id), 60, "the refusal at the vendor"
         )
-        assert [(r["status"], r["detail"]) for r in got] == [("failed", NOT_IN_DIRECTORY)]
+        assert [(r["status"], r["detail"]) for r in got] == [("failed", _(NOT_IN_DIRECTORY))]
 
         # A Matrix user's invite does not make one appear either: it declines, saying why.
         dm = await native.create_dm(unknown_ghost)

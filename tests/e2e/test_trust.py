@@ -245,12 +245,12 @@ async def test_vendor_user_asking_for_an_untrusted_matrix_id_is_told_no(
         page = await bot.get_messages(RoomID(room_id), PaginationDirection.BACKWARD, limit=50)
         for event in page.events:
             body = getattr(event.content, "body", "") or ""
-            if "not in the EIMIS trust space" in body:
+            if "n'appartient pas à l'espace de confiance EIMIS" in body:
                 return str(body)
         return None
 
     body = await wait_until(notice, 30, "the refusal notice")
-    assert outsider in body and body.startswith("Could not add to this conversation")
+    assert outsider in body and body.startswith("Impossible d'ajouter à cette conversation")
     members = await bot.get_members(RoomID(room_id))
     assert UserID(outsider) not in {m.state_key for m in members}
     assert native.user_id in {m.state_key for m in members}

@@ -474,10 +474,14 @@ def test_a_file_from_a_connector_that_cannot_fetch_files_is_refused_with_a_reaso
     media = MediaConfig()
     assert not isinstance(Plain(context()), AttachmentSource)
     refusal = file_refusal(Plain(context()), pdf, media)
-    assert refusal == ("this vendor's connector cannot fetch its files", "no_attachment_source")
+    assert refusal == (
+        "le connecteur de cet éditeur ne sait pas récupérer ses fichiers",
+        "no_attachment_source",
+    )
     assert file_refusal(MedipepsConnector.__new__(MedipepsConnector), pdf, media) is None
     huge = RemoteAttachment("scan.pdf", "application/pdf", media.max_file_size + 1, "src")
     assert file_refusal(MedipepsConnector.__new__(MedipepsConnector), huge, media) == (
-        f"the file is larger than this space accepts ({media.max_file_size // 2**20} MiB)",
+        "le fichier dépasse la taille acceptée dans cet espace "
+        f"({media.max_file_size // 2**20} Mio)",
         "too_large",
     )

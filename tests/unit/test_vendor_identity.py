@@ -33,6 +33,7 @@ from bridge.db.database import open_database
 from bridge.db.directory import Professional, Record
 from bridge.db.portal import Portal
 from bridge.db.stores import Stores
+from bridge.i18n import _
 from connectors.base import (
     Capabilities,
     DeliveryReport,
@@ -370,11 +371,11 @@ async def test_a_vendor_cannot_edit_or_delete_what_its_users_did_not_write(
         assert len(await to_matrix.handle("hostile", delete)) == 1
 
     assert hs.sent == [] and hs.ghost_names == {}, "nothing happened on Matrix"
-    assert [(m, r.status, r.detail) for _, m, r in vendor.reports] == [
-        ("native-copy", "failed", EDIT_NOT_AUTHOR),
-        ("native-copy", "failed", DELETE_NOT_AUTHOR),
-        ("other-vendor-copy", "failed", EDIT_NOT_AUTHOR),
-        ("other-vendor-copy", "failed", DELETE_NOT_AUTHOR),
+    assert [(m, r.status, r.detail) for _conv, m, r in vendor.reports] == [
+        ("native-copy", "failed", _(EDIT_NOT_AUTHOR)),
+        ("native-copy", "failed", _(DELETE_NOT_AUTHOR)),
+        ("other-vendor-copy", "failed", _(EDIT_NOT_AUTHOR)),
+        ("other-vendor-copy", "failed", _(DELETE_NOT_AUTHOR)),
     ]
 
 
@@ -402,8 +403,8 @@ async def test_an_unlisted_sender_is_refused_and_told(stores: Stores) -> None:
     with pytest.raises(Exception, match="not bridged"):
         await to_matrix.handle("hostile", message("elsewhere", "m2"))
     assert [(c, m, r.detail) for c, m, r in vendor.reports] == [
-        ("conv", "m1", NOT_IN_DIRECTORY),
-        ("elsewhere", "m2", NOT_BRIDGED),
+        ("conv", "m1", _(NOT_IN_DIRECTORY)),
+        ("elsewhere", "m2", _(NOT_BRIDGED)),
     ]
 
 

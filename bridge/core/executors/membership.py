@@ -2,11 +2,11 @@
 portal join or leave its conversation there.
 
 The change's idempotency key is the membership event (``request_id``). What the vendor cannot
-do is said in its conversation instead, in French, by an "EIMIS" sender (a stand-in message):
-people joining where the vendor cannot add anyone, people outside it leaving where it cannot
-take them out, and a vendor user removed where the vendor lets nobody remove its users (that
-user is told they will no longer receive the conversation). Once no user of the vendor is left
-in the portal, its link is closed: that side receives nothing new.
+do is said in its conversation instead, in the bridge's locale, by an "EIMIS" sender (a
+stand-in message): people joining where the vendor cannot add anyone, people outside it
+leaving where it cannot take them out, and a vendor user removed where the vendor lets nobody
+remove its users (that user is told they will no longer receive the conversation). Once no
+user of the vendor is left in the portal, its link is closed: that side receives nothing new.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from bridge.core.executors.outcome import Delivered, MessageMapped
 from bridge.core.executors.stand_in import eimis, send_stand_in
 from bridge.core.members import Member
 from bridge.core.operations import AddParticipants, RemoveParticipants
+from bridge.i18n import _, ngettext
 from connectors.base import MemberRemoval, ParticipantAdding, ParticipantChange, Sender
 from connectors.idnps import Idnps
 
@@ -39,11 +40,17 @@ async def add_participants(ctx: Context, target: Target, add: AddParticipants) -
         )
         return Delivered(target.conversation)
     names = await _names(ctx, target, add.members, add.external)
-    verb = "ont rejoint" if len(names) > 1 else "a rejoint"
-    text = f"{_listed(names)} {verb} la conversation"
-    if by is not None:
-        text += f" (ajout par {by.display_name})"
-    mapped = await _say(ctx, target, add.event_id, "joined", f"{text}.")
+    if by is None:
+        text = ngettext(
+            "{names} joined the conversation.", "{names} joined the conversation.", len(names)
+        ).format(names=_listed(names))
+    else:
+        text = ngettext(
+            "{names} joined the conversation (added by {by}).",
+            "{names} joined the conversation (added by {by}).",
+            len(names),
+        ).format(names=_listed(names), by=by.display_name)
+    mapped = await _say(ctx, target, add.event_id, "joined", text)
     return Delivered(target.conversation, (), (mapped,))
 
 
@@ -138,26 +145,40 @@ async def _names(
 def _listed(names: list[str]) -> str:
     if len(names) <= 1:
         return "".join(names)
-    return f"{', '.join(names[:-1])} et {names[-1]}"
+    return _("{names} and {last}").format(names=", ".join(names[:-1]), last=names[-1])
 
 
-def _because(reason: str | None) -> str:
-    return f" (motif : {reason})" if reason else ""
+def _because(text: str, reason: str | None) -> str:
+    """``text``, with the reason given for it (when there is one)."""
+    if not reason:
+        return text
+    return _("{text} (reason: {reason})").format(text=text, reason=reason)
 
 
 def _departure(names: list[str], by: Sender | None, reason: str | None) -> str:
-    plural = len(names) > 1
     if by is None:
-        verb = "ont quitté" if plural else "a quitté"
-        return f"{_listed(names)} {verb} la conversation{_because(reason)}."
-    verb = "ont été retirés" if plural else "a été retiré(e)"
-    return f"{_listed(names)} {verb} de la conversation par {by.display_name}{_because(reason)}."
+        text = ngettext(
+            "{names} left the conversation", "{names} left the conversation", len(names)
+        ).format(names=_listed(names))
+    else:
+        text = ngettext(
+            "{names} was removed from the conversation by {by}",
+            "{names} were removed from the conversation by {by}",
+            len(names),
+        ).format(names=_listed(names), by=by.display_name)
+    return f"{_because(text, reason)}."
 
 
 def _removal(names: list[str], by: Sender | None, reason: str | None) -> str:
     """The vendor's own user, removed where the vendor cannot remove anyone: they are told."""
-    who = f"par {by.display_name}" if by is not None else "sur Matrix"
-    return (
-        f"{_listed(names)} : vous avez été retiré(e) de cette conversation {who}"
-        f"{_because(reason)}. Vous ne recevrez plus les messages de cette conversation."
+    if by is not None:
+        text = _("{names}: you have been removed from this conversation by {by}").format(
+            names=_listed(names), by=by.display_name
+        )
+    else:
+        text = _("{names}: you have been removed from this conversation on Matrix").format(
+            names=_listed(names)
+        )
+    return _("{text}. You will no longer receive the messages of this conversation.").format(
+        text=_because(text, reason)
     )

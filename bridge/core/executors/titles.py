@@ -1,7 +1,7 @@
 """``SetTitle`` and ``SetTopic`` at a vendor: the portal's name or topic becomes its
-conversation's, or a French line saying so (a stand-in message from "EIMIS") for a vendor
-without titles or topics. The idempotency key is the state event. Never logged (people's
-words)."""
+conversation's, or a line saying so in the bridge's locale (a stand-in message from "EIMIS")
+for a vendor without titles or topics. The idempotency key is the state event. Never logged
+(people's words)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from bridge.core.executors.context import Context, Target
 from bridge.core.executors.outcome import Delivered
 from bridge.core.executors.stand_in import eimis, send_stand_in
 from bridge.core.operations import SetTitle, SetTopic
+from bridge.i18n import _
 from connectors.base import TitleHandling, TopicHandling
 
 
@@ -20,9 +21,11 @@ async def set_title(ctx: Context, target: Target, change: SetTitle) -> Delivered
         await cast(TitleHandling, target.connector).set_title(target.conversation, change.title, by)
         return Delivered(target.conversation)
     text = (
-        f"{by.display_name} a renommé la conversation : « {change.title} »"
+        _("{name} renamed the conversation: “{title}”").format(
+            name=by.display_name, title=change.title
+        )
         if change.title
-        else f"{by.display_name} a retiré le nom de la conversation"
+        else _("{name} removed the conversation's name").format(name=by.display_name)
     )
     return await _say(ctx, target, change.event_id, text)
 
@@ -33,9 +36,11 @@ async def set_topic(ctx: Context, target: Target, change: SetTopic) -> Delivered
         await cast(TopicHandling, target.connector).set_topic(target.conversation, change.topic, by)
         return Delivered(target.conversation)
     text = (
-        f"{by.display_name} a changé le sujet de la conversation : « {change.topic} »"
+        _("{name} changed the conversation's topic: “{topic}”").format(
+            name=by.display_name, topic=change.topic
+        )
         if change.topic
-        else f"{by.display_name} a retiré le sujet de la conversation"
+        else _("{name} removed the conversation's topic").format(name=by.display_name)
     )
     return await _say(ctx, target, change.event_id, text)
 
