@@ -264,11 +264,15 @@ class Homeserver:
 
     # Ghosts and rooms --------------------------------------------------------------------------
 
-    async def ensure_ghost(self, mxid: str, display_name: str | None) -> IntentAPI:
+    async def ensure_ghost(
+        self, mxid: str, display_name: str | None, *, check_current: bool = True
+    ) -> IntentAPI:
+        """Register the ghost (once) and give it ``display_name``. ``check_current=False``: the
+        caller knows the name differs (the directory's publication), so no profile read first."""
         intent = self.intent(mxid)
         await intent.ensure_registered()
         if display_name:
-            await intent.set_displayname(display_name)
+            await intent.set_displayname(display_name, check_current=check_current)
         return intent
 
     @property
