@@ -133,6 +133,12 @@ class RemoteUser:
 
 
 @dataclass(frozen=True)
+class UserPage:
+    users: tuple[RemoteUser, ...]
+    next_cursor: str | None  # None: last page
+
+
+@dataclass(frozen=True)
 class Participant:
     """Someone outside the vendor that a vendor user wants in a conversation.
 
@@ -779,6 +785,10 @@ class AttachmentSource(abc.ABC):
         self, attachment: RemoteAttachment
     ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         """Stream the bytes of a file a vendor user sent."""
+
+
+class UserListing(abc.ABC):
+    async def list_users(self, cursor: str | None, limit: int) -> UserPage: ...
 
 
 OPERATION_PROTOCOLS: Mapping[str, type[abc.ABC]] = {
