@@ -168,22 +168,12 @@ class ListedUser(Protocol):
 
 
 @dataclass(frozen=True)
-class ChosenGhost:
-    """A directory entry whose chosen Matrix ID is a ghost, with the name it should carry and
-    the one the ghost table has (None: not made yet)."""
+class EntryPage:
+    """A page of directory entries with their Matrix IDs (``chosen_ghosts``)."""
 
-    idnps: str
-    mxid: str
-    connector: str
-    name: str
-    current_name: str | None
-
-
-@dataclass(frozen=True)
-class ChosenPage:
-    ghosts: list[ChosenGhost]
-    examined: int
-    """Directory entries read in this page (whatever was chosen for them)."""
+    entries: list[tuple[Professional, list[ProfessionalMxid]]]
+    ghost_names: dict[str, str | None]
+    """Display names in the ghost table of the page's ghosts (absent: never made)."""
     last_idnps: str | None
     """The keyset cursor of the next page; None: this was the last page."""
 
@@ -422,45 +412,39 @@ class DirectoryStore:
         limit: int,
         connectors_in_order: Sequence[str],
         national_only: bool = False,
-    ) -> ChosenPage:
+    ) -> EntryPage:
         """One keyset page (IDNPS order, after ``after_idnps``) of the directory entries that
-        have a ghost row, with the Matrix ID the choice rule picks (``bridge.directory.choice``:
-        connectors in this order, none excluded) when that is a ghost. ``national_only``: only
-        entries from the ANS sources (``identity.require_directory_entry``)."""
-        from bridge.directory.choice import choose  # noqa: PLC0415 (choice imports this module)
-
+        have a ghost of one of these connectors, with all their Matrix IDs and the names the
+        ghost table gives those ghosts, so the publisher applies ``bridge.directory.choice``.
+        ``national_only``: only entries from the ANS sources."""
+        if not connectors_in_order:
+            return EntryPage([], {}, None)
         national = f" AND p.source NOT LIKE '{CONNECTOR_SOURCE}%'" if national_only else ""
+        marks = ", ".join(f"${n}" for n in range(3, len(connectors_in_order) + 3))
         rows = await self.db.fetch(
             f"SELECT {', '.join('p.' + c.strip() for c in _COLUMNS.split(','))} "
             "FROM professional p WHERE p.idnps > $1 AND EXISTS (SELECT 1 FROM professional_mxid "
-            f"m WHERE m.idnps = p.idnps AND m.kind = '{GHOST}'){national} "
-            "ORDER BY p.idnps LIMIT $2",
+            f"m WHERE m.idnps = p.idnps AND m.kind = '{GHOST}' AND m.connector IN ({marks}))"
+            f"{national} ORDER BY p.idnps LIMIT $2",
             after_idnps or "",
             limit,
+            *connectors_in_order,
         )
         entries = [Professional(**dict(r)) for r in rows]
         if not entries:
-            return ChosenPage([], 0, None)
+            return EntryPage([], {}, None)
         mxids = await self.mxids_of([e.idnps for e in entries])
-        picked: list[tuple[Professional, ProfessionalMxid]] = []
-        for entry in entries:
-            chosen = choose(mxids[entry.idnps], connectors_in_order)
-            if chosen is not None and chosen.kind == GHOST and chosen.connector:
-                picked.append((entry, chosen))
+        ghosts = [m.mxid for e in entries for m in mxids[e.idnps] if m.kind == GHOST]
         names: dict[str, str | None] = {}
-        if picked:
-            marks = ", ".join(f"${n}" for n in range(1, len(picked) + 1))
+        for start in range(0, len(ghosts), 500):
+            chunk = ghosts[start : start + 500]
+            marks = ", ".join(f"${n}" for n in range(1, len(chunk) + 1))
             for r in await self.db.fetch(
-                f"SELECT mxid, display_name FROM ghost WHERE mxid IN ({marks})",
-                *(m.mxid for _, m in picked),
+                f"SELECT mxid, display_name FROM ghost WHERE mxid IN ({marks})", *chunk
             ):
                 names[r["mxid"]] = r["display_name"]
-        ghosts = [
-            ChosenGhost(e.idnps, m.mxid, m.connector or "", e.display_name, names.get(m.mxid))
-            for e, m in picked
-        ]
         last = entries[-1].idnps if len(entries) == limit else None
-        return ChosenPage(ghosts, len(entries), last)
+        return EntryPage([(e, mxids[e.idnps]) for e in entries], names, last)
 
     async def add_mxid(
         self, idnps: str, mxid: str, kind: str, connector: str | None = None

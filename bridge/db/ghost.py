@@ -59,3 +59,17 @@ class GhostStore:
             display_name,
         )
         self._cache.forget(mxid)
+
+    async def upsert_many(self, rows: list[tuple[str, str, str, str]]) -> None:
+        """Several ghosts (mxid, connector, IDNPS, display name) in one transaction."""
+        if not rows:
+            return
+        async with self.db.acquire() as conn, conn.transaction():
+            await conn.executemany(
+                "INSERT INTO ghost (mxid, connector, idnps, display_name) "
+                "VALUES ($1, $2, $3, $4) "
+                "ON CONFLICT (mxid) DO UPDATE SET display_name = excluded.display_name",
+                rows,
+            )
+        for row in rows:
+            self._cache.forget(row[0])
