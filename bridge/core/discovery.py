@@ -41,6 +41,7 @@ from bridge.core.connectors import ConnectorSet
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.ghost_names import GhostNames
 from bridge.core.periodic import Periodic
+from bridge.db.clock import now_ms
 from bridge.db.directory import GHOST, EntryPage
 from bridge.db.stores import Stores
 from bridge.directory.choice import choose
@@ -264,7 +265,7 @@ class Discovery:
             except MatrixRequestError as error:
                 log.warning("Could not rename the former ghost %s (%s)", mxid, error.errcode)
                 continue
-            await self.stores.ghosts.upsert(mxid, row.connector, row.idnps, name)
+            await self.stores.ghosts.mark_former(mxid, name, now_ms())
 
     # Publication -------------------------------------------------------------------------------
 

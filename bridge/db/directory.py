@@ -491,7 +491,7 @@ class DirectoryStore:
             f"OR p.source = '{CONNECTOR_SOURCE}' || g.connector) "
             # A ghost its person no longer has (forgotten by a listing) keeps its "former
             # account" name: the directory's publication gave it, a rename must not undo it.
-            "AND EXISTS (SELECT 1 FROM professional_mxid m WHERE m.mxid = g.mxid)",
+            "AND g.former_at IS NULL",
             since,
         )
         renames = []

@@ -444,3 +444,6 @@ async def upgrade_v14(conn: Connection, scheme: Scheme) -> None:
     await conn.execute(
         "CREATE INDEX professional_mxid_connector ON professional_mxid (connector, listed_at)"
     )
+    # A ghost that no longer reaches its person (forgotten by a listing) is named "<name>
+    # (former account)" from then on: directory renames leave it alone until it is chosen again.
+    await conn.execute("ALTER TABLE ghost ADD COLUMN former_at BIGINT")
