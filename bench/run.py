@@ -13,8 +13,8 @@ benchmark that fails is reported (``<name>_error``) and the others still run.
 
 Usage: ``python bench/run.py
 [--only throughput,scale,e2e,media,directory,encryption,conversion,backfill,discovery]
-[--discovery-entries 100000] [--events 5000] [--profile-events 2000] [--samples 200] [--media-mb 200]``. Never part of the
-test suite.
+[--discovery-entries 100000] [--events 5000] [--profile-events 2000] [--samples 200]
+[--media-mb 200]``. Never part of the test suite.
 """
 
 from __future__ import annotations
