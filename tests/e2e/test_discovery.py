@@ -99,7 +99,11 @@ async def test_a_vendor_professional_is_found_by_name_and_idnps_and_dmed(
 
     room_id = await clinician.create_room(invite=[ghost], is_direct=True, encrypted=True)
     await clinician.wait_for_join(room_id, ghost, timeout=60)
-    assert await stack.bridge.stores.portals.get(room_id) is not None
+    await wait_until(
+        lambda: stack.bridge.stores.portals.get(room_id),  # type: ignore[union-attr]
+        60,
+        "the portal",
+    )
     hello = unique("Bonjour, trouvée depuis la recherche")
     await clinician.send_text(room_id, hello)
     message = await wait_until(lambda: received(nurse, hello), 90, "the nurse to get it")
