@@ -310,3 +310,23 @@ async def test_probe_never_fails_on_an_unreachable_homeserver() -> None:
 
     async with ClientSession() as session:
         assert await warn_if_open_registration(session, "http://127.0.0.1:1", "eimis_") is None
+
+
+async def test_the_admin_rooms_directory_publish_answers_with_the_summary(
+    stores: Stores, tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    from bridge.admin.commands import build_parser
+    from bridge.admin.parser import parse, split
+
+    config = make_config(tmp_path)
+    hs = FakeHomeserver()
+    await stores.directory.record_listed_users(
+        "pandalab", [user(MARIE, "Marie", "Dupont")], lambda i: ghost("pandalab", i), 1
+    )
+    ctx = SimpleNamespace(config=config, stores=stores, discovery=discovery(stores, config, hs))
+    args = parse(build_parser(), split("directory publish"))
+    reply = await args.handler(ctx, args, "!admin:s|@ops:s")
+    assert "1 registered" in reply.text and "0 failed" in reply.text
+    assert hs.named == [(ghost("pandalab", MARIE), "Marie DUPONT - Médecin")]
