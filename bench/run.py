@@ -12,9 +12,9 @@ All figures are merged into ``bench/results/latest.json``; the table is printed 
 benchmark that fails is reported (``<name>_error``) and the others still run.
 
 Usage: ``python bench/run.py
-[--only throughput,scale,e2e,media,directory,encryption,conversion,backfill]
-[--events 5000] [--profile-events 2000] [--samples 200] [--media-mb 200]``. Never part of the
-test suite.
+[--only throughput,scale,e2e,media,directory,encryption,conversion,backfill,discovery]
+[--discovery-entries 100000] [--events 5000] [--profile-events 2000] [--samples 200]
+[--media-mb 200]``. Never part of the test suite.
 """
 
 from __future__ import annotations
@@ -38,6 +38,18 @@ from common import RESULTS, ROOT, merge_results  # noqa: E402
 # (key, label, target text, check) for the table; a None check is a figure without a target.
 Check = Callable[[float], bool] | None
 ROWS: list[tuple[str, str, str, Check]] = [
+    ("discovery_entries", "directory entries published in the user directory", "", None),
+    ("discovery_publish_s", "  publish them (register + name ghosts) (s)", "", None),
+    ("discovery_ghosts_per_s", "  ghosts published per second", "", None),
+    ("user_search_p50_ms_no_ghosts", "user directory search p50, no ghosts (ms)", "", None),
+    ("user_search_p50_ms_with_ghosts", "user directory search p50, with ghosts (ms)", "", None),
+    ("user_search_p95_ms_with_ghosts", "user directory search p95, with ghosts (ms)", "", None),
+    (
+        "user_search_ratio_with_vs_without",
+        "user search p50 with / without ghosts",
+        "<= 3x",
+        lambda v: v <= 3,
+    ),
     (
         "core_events_per_s_sqlite",
         "core Matrix->vendor, SQLite (events/s)",
@@ -254,6 +266,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     import backfill
     import conversion
     import directory_import
+    import discovery
     import e2e_latency
     import encryption
     import media_memory
@@ -272,6 +285,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "encryption",
             "conversion",
             "backfill",
+            "discovery",
         }
     )
     if RESULTS.exists():  # errors of earlier runs are not this run's
@@ -295,6 +309,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         ("encryption", lambda: encryption.run(args.samples, log=log)),
         ("conversion", lambda: conversion.run(log=log)),
         ("backfill", lambda: backfill.run(1000, log=log)),
+        ("discovery", lambda: discovery.run(args.discovery_entries, log=log)),
     ]
     for name, step in steps:
         if name not in only:
@@ -323,7 +338,14 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated: throughput,scale,e2e,media,directory,encryption,conversion,backfill",
+        help="comma-separated: throughput,scale,e2e,media,directory,encryption,conversion,"
+        "backfill,discovery",
+    )
+    parser.add_argument(
+        "--discovery-entries",
+        type=int,
+        default=100_000,
+        help="directory entries made searchable by the discovery benchmark (default 100000)",
     )
     parser.add_argument("--events", type=int, default=5_000)
     parser.add_argument("--profile-events", type=int, default=2_000)

@@ -26,6 +26,7 @@ from bridge.core.connector_manager import ConnectorManager, Wiring
 from bridge.core.connector_routes import ConnectorRoutes
 from bridge.core.connectors import ConnectorSet, validate_connectors
 from bridge.core.delivery import Delivery
+from bridge.core.discovery import Discovery
 from bridge.core.erasure import Erasure
 from bridge.core.errors import PermanentFailure
 from bridge.core.from_matrix import FromMatrix
@@ -54,6 +55,7 @@ from bridge.i18n import set_locale
 from bridge.matrix.homeserver import Homeserver, HomeserverCheckFailed, appservice_api
 from bridge.matrix.keys import KeysApi
 from bridge.matrix.media import MediaRepository
+from bridge.matrix.registration_probe import warn_if_open_registration
 from bridge.metrics import Metrics
 from bridge.secrets import KeyUnavailable, SecretBox, SecretsError
 
@@ -283,6 +285,12 @@ class Bridge:
         self.ghost_names = GhostNames(
             self.stores, self.homeserver, config.directory.sync_interval_s
         )
+        # The directory published in the homeserver's user directory (ghosts found from any
+        # client's user search): in the background, after GhostNames.
+        self.discovery = Discovery(
+            self.stores, self.homeserver, self.connectors, config, names=self.ghost_names
+        )
+        self.console.context.discovery = self.discovery
         self.audit_purge = Periodic(
             "Audit log purge", self._purge_audit, config.audit.purge_interval_s, log, at_once=True
         )
@@ -329,6 +337,10 @@ class Bridge:
         await self.homeserver.bot.set_displayname(config.appservice.bot_displayname)
         await self.ghost_names.start()
         stack.push_async_callback(self.ghost_names.stop)
+        if config.appservice.ghosts_in_user_directory:
+            await warn_if_open_registration(
+                self._session, config.homeserver.url, config.appservice.user_prefix
+            )
         for periodic in (self.audit_purge, self.wal_truncation):
             periodic.start()
             stack.push_async_callback(periodic.stop)
@@ -337,6 +349,8 @@ class Bridge:
         stack.push_async_callback(self.erasure_follow.stop)
         await self.connector_manager.start()  # its stop was pushed when it loaded
         await self.router.start()
+        self.discovery.start()  # its first pass runs in the background
+        stack.push_async_callback(self.discovery.stop)
         self.trust_watcher.start()  # and brings every portal's ACL to the list at once
         stack.push_async_callback(self.trust_watcher.stop)
         self.console.start()

@@ -67,6 +67,11 @@ class AppserviceConfig(_Strict):
     bot_localpart: str | None = None
     bot_displayname: str = "EIMIS bridge"
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    ghosts_in_user_directory: bool = Field(
+        True,
+        description="Ghosts in a non-exclusive namespace, so the homeserver's user directory "
+        "lists them (found from any client's user search); keep open registration off",
+    )
 
     @field_validator("address", "public_url")
     @classmethod
@@ -246,6 +251,12 @@ class DirectoryConfig(_Strict):
     fhir_page_size: int = Field(100, ge=1, le=1000, description="Practitioners per FHIR page")
     sync_interval_s: float = Field(
         10.0, ge=0, description="How often the running bridge renames ghosts after imports"
+    )
+    publish_interval_s: float = Field(
+        3600.0,
+        ge=0,
+        description="How often the running bridge lists connectors' users and publishes the "
+        "directory's ghosts in the homeserver's user directory (0: only at start)",
     )
 
     @field_validator("fhir_url")

@@ -14,7 +14,7 @@ from bridge.private_files import write_private
 
 
 def user_namespace_regex(config: Config) -> str:
-    """One exclusive namespace for the bot and every connector's ghosts, present and future.
+    """The namespace of the bot and every connector's ghosts, present and future.
 
     Connector ids are part of the ghost localpart, so a connector added later is already covered
     and needs no new registration.
@@ -26,6 +26,31 @@ def user_namespace_regex(config: Config) -> str:
     return f"@{prefix}.*:{domain}$"
 
 
+def bot_namespace_regex(config: Config) -> str:
+    """The bot's own Matrix ID, and nothing else."""
+    return f"^{re.escape(config.bot_mxid)}$"
+
+
+def user_namespaces(config: Config) -> list[dict[str, Any]]:
+    """The users the appservice claims.
+
+    ``appservice.ghosts_in_user_directory`` (default): the bot exclusively, the ghost prefix
+    NON-exclusively. Synapse leaves the users of an appservice's exclusive namespaces out of its
+    user directory, so only a non-exclusive namespace lets a native user find a professional's
+    ghost from their client's user search. The price: the homeserver no longer refuses someone
+    registering an ``@<prefix>...`` account themselves, so open registration must stay off (EIMIS
+    homeservers create accounts through Pro Santé Connect only; the bridge warns at start when
+    the homeserver allows open registration). Off: one exclusive namespace for everything.
+    """
+    ghosts = user_namespace_regex(config)
+    if not config.appservice.ghosts_in_user_directory:
+        return [{"exclusive": True, "regex": ghosts}]
+    return [
+        {"exclusive": True, "regex": bot_namespace_regex(config)},
+        {"exclusive": False, "regex": ghosts},
+    ]
+
+
 def build_registration(config: Config) -> dict[str, Any]:
     a = config.appservice
     return {
@@ -35,7 +60,7 @@ def build_registration(config: Config) -> dict[str, Any]:
         "hs_token": secrets.token_urlsafe(48),
         "sender_localpart": a.bot_username,
         "namespaces": {
-            "users": [{"exclusive": True, "regex": user_namespace_regex(config)}],
+            "users": user_namespaces(config),
             "aliases": [],
             "rooms": [],
         },

@@ -32,6 +32,7 @@ from bridge.commands.reports import ConnectorState
 from bridge.commands.trust import TrustCommands
 from bridge.config import Config
 from bridge.core.connectors import ConnectorSet
+from bridge.core.discovery import Discovery
 from bridge.core.erasure import Erasure
 from bridge.core.ghost_ids import GhostIds
 from bridge.core.health import ConnectorHealth
@@ -71,6 +72,8 @@ class AdminContext:
     """End-to-bridge encryption (``bridge.crypto``), when enabled."""
     portals: Any = None
     """The portals (``bridge.core.portals``): the help desk's ``dm`` opens one."""
+    discovery: Any = None
+    """The directory's publication in the user directory (``directory publish``)."""
     extra_status: Callable[[], Awaitable[list[str]]] | None = None
     """More status lines (inbox ordering, metrics ...)."""
     uploads: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
@@ -127,7 +130,7 @@ def build_parser() -> AdminParser:
     t.add_argument("action", choices=("list", "add", "remove"))
     t.add_argument("server", nargs="?", help="server name (add, remove)")
     i = command("directory", "the directory of professionals", _directory)
-    i.add_argument("action", choices=("import", "show"))
+    i.add_argument("action", choices=("import", "show", "publish"))
     i.add_argument(
         "source",
         nargs="?",
@@ -350,6 +353,12 @@ async def _trust(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply
 
 async def _directory(ctx: AdminContext, args: argparse.Namespace, who: str) -> Reply:
     store = ctx.stores.directory
+    if args.action == "publish":
+        discovery = ctx.discovery or Discovery(
+            ctx.stores, ctx.homeserver, ctx.connectors, ctx.config
+        )
+        report = await directory_commands.publish(discovery)
+        return Reply(report.summary())
     try:
         if args.action == "show":
             if not args.source:

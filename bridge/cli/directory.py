@@ -1,4 +1,4 @@
-"""``eimis-bridge directory import|fetch|show|prefer``: the directory of professionals."""
+"""``eimis-bridge directory import|fetch|show|prefer|publish``: the directory of professionals."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def register(sub: Any) -> None:
 
     directory = sub.add_parser(
         "directory",
-        help="the directory of professionals (import, fetch, show, prefer)",
+        help="the directory of professionals (import, fetch, show, prefer, publish)",
         description="The directory of professionals: who they are (IDNPS, name, profession) "
         "and the Matrix IDs at which they can be reached.",
     )
@@ -74,7 +74,22 @@ def register(sub: Any) -> None:
     prefer.add_argument(
         "mxid", help="one of their Matrix IDs (a native one not listed yet is added)"
     )
-    for action in (imp, fetch, show, prefer):
+    publish = actions.add_parser(
+        "publish",
+        help="publish the directory's ghosts in the homeserver's user directory",
+        description="Register (with their display names) the ghosts the directory chooses for "
+        "its professionals, so any Matrix client's user search finds them. Talks to the "
+        "homeserver with the appservice's token; a running bridge does it by itself at start, "
+        "every directory.publish_interval_s and after imports.",
+    )
+    config_arg(publish)
+    publish.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
+    for action in (imp, fetch, show, prefer, publish):
         action.set_defaults(handler=_directory)
 
 
@@ -86,6 +101,8 @@ def _directory(args: argparse.Namespace) -> int:
     async def action(config: Any, db: Any) -> int:
         store = DirectoryStore(db)
         what = args.directory_command
+        if what == "publish":
+            return await _publish(config, db, args.progress)
         if what in ("show", "prefer"):
             if what == "show":
                 lines = await commands.show(store, config, args.idnps)
@@ -109,3 +126,34 @@ def _directory(args: argparse.Namespace) -> int:
         return 0 if summary.ok else REFUSED
 
     return on_database(args, action, prefix=False)
+
+
+async def _publish(config: Any, db: Any, show_progress: bool | None) -> int:
+    from aiohttp import ClientSession, ClientTimeout
+
+    from bridge.commands import directory as commands
+    from bridge.config import load_tokens
+    from bridge.core.connectors import ConnectorSet
+    from bridge.core.discovery import Discovery
+    from bridge.db.stores import Stores
+    from bridge.directory.progress import Progress
+    from bridge.matrix.homeserver import Homeserver
+
+    as_token, _ = load_tokens(config)
+    bar = Progress(None, label="publishing ", enabled=show_progress)
+    async with ClientSession(timeout=ClientTimeout(total=60)) as session:
+        homeserver = Homeserver(config, as_token, db, session)
+        try:
+            stores = Stores.of(db, secrets=config.secrets)
+            discovery = Discovery(stores, homeserver, ConnectorSet(), config)
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done, done)
+
+            report = await commands.publish(discovery, progress)
+            bar.close(report.considered, report.considered)
+        finally:
+            await homeserver.close()
+    print(report.summary())
+    return 0 if not report.failed else REFUSED

@@ -1,7 +1,8 @@
 """The directory of professionals: who they are (IDNPS, name, profession) and the Matrix IDs at
 which they can be reached. ``import`` (a PS_LibreAcces extract or a FHIR Bundle), ``fetch`` (the
 configured FHIR endpoint), ``show`` (one professional and the Matrix ID chosen for them),
-``prefer`` (choose it). They work on the database; a running bridge applies the changes (ghost
+``prefer`` (choose it), ``publish`` (the directory's ghosts in the homeserver's user directory).
+They work on the database; a running bridge applies the changes (ghost
 names) by itself. One behaviour for the CLI's ``directory`` and the admin room's.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from bridge.commands import BadInput, Refused
 from bridge.config import Config
+from bridge.core.discovery import Discovery, PublishReport
 from bridge.core.ghost_ids import GhostIds
 from bridge.db.directory import GHOST, NATIVE, DirectoryStore
 from bridge.directory.choice import reachable
@@ -199,3 +201,15 @@ async def prefer(store: DirectoryStore, config: Config, value: str, typed: str) 
     await store.prefer(idnps, mxid)
     lines.append(f"Conversations with {idnps} now go to {mxid}.")
     return lines
+
+
+# publish -----------------------------------------------------------------------------------------
+
+
+async def publish(
+    discovery: Discovery, progress: Callable[[int, int], object] | None = None
+) -> PublishReport:
+    """Publish what the directory holds in the homeserver's user directory (ghosts registered
+    with their names: README, "Found from any Matrix client"); the report's ``summary()`` is
+    the line shown to the operator."""
+    return await discovery.publish(progress=progress)

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from mautrix.util.async_db import Database
 
@@ -144,6 +145,37 @@ ON CONFLICT (idnps, mxid) DO NOTHING
 """
 
 _COLUMNS = "idnps, given_name, family_name, profession_code, profession_label, source, updated_at"
+
+# A ghost row seen by a connector's listing pass: added, or its ``listed_at`` moved to the pass.
+_LIST_MXID = f"""
+INSERT INTO professional_mxid (idnps, mxid, kind, connector, preferred, listed_at)
+VALUES ($1, $2, '{GHOST}', $3, false, $4)
+ON CONFLICT (idnps, mxid) DO UPDATE SET listed_at = excluded.listed_at
+"""
+
+
+class ListedUser(Protocol):
+    """What a connector's listing says of one user (``connectors.base.RemoteUser`` fits)."""
+
+    @property
+    def idnps(self) -> str: ...
+    @property
+    def given_name(self) -> str: ...
+    @property
+    def family_name(self) -> str: ...
+    @property
+    def profession(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class EntryPage:
+    """A page of directory entries with their Matrix IDs (``chosen_ghosts``)."""
+
+    entries: list[tuple[Professional, list[ProfessionalMxid]]]
+    ghost_names: dict[str, str | None]
+    """Display names in the ghost table of the page's ghosts (absent: never made)."""
+    last_idnps: str | None
+    """The keyset cursor of the next page; None: this was the last page."""
 
 
 class DirectoryStore:
@@ -310,6 +342,110 @@ class DirectoryStore:
         assert entry is not None
         return entry
 
+    # A connector's user list, published in the homeserver's user directory ----------------
+
+    async def record_listed_users(
+        self,
+        connector: str,
+        users: Sequence[ListedUser],
+        ghost_mxid_of: Callable[[str], str],
+        pass_stamp: int,
+    ) -> int:
+        """One page of a connector's user listing, in one transaction: each user noted like
+        ``record_connector_user`` (the connector's word only fills gaps) with their ghost row,
+        stamped as seen by the listing pass ``pass_stamp``. Returns the users recorded."""
+        by_idnps = {u.idnps: u for u in users}
+        if not by_idnps:
+            return 0
+        stamp = await self.next_stamp()
+        source = f"{CONNECTOR_SOURCE}{connector}"
+        rows = [
+            (
+                u.idnps,
+                u.given_name,
+                u.family_name,
+                None,
+                u.profession,
+                source,
+                stamp,
+                search_key(u.given_name),
+                search_key(u.family_name),
+            )
+            for u in by_idnps.values()
+        ]
+        mxids = [(i, ghost_mxid_of(i), connector, pass_stamp) for i in by_idnps]
+        async with self.db.acquire() as conn, conn.transaction():
+            await conn.executemany(_UPSERT_FROM_CONNECTOR, rows)
+            await conn.executemany(_LIST_MXID, mxids)
+        return len(rows)
+
+    async def forget_unlisted(self, connector: str, pass_stamp: int) -> list[tuple[str, str]]:
+        """After a COMPLETE listing pass of ``connector``: its ghost rows the pass did not see
+        are removed (the person left that vendor; the choice rule stops picking that ghost).
+        Returns their (IDNPS, Matrix ID). Never call it for an interrupted pass."""
+        where = f"kind = '{GHOST}' AND connector = $1 AND COALESCE(listed_at, 0) < $2"
+        async with self.db.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"SELECT idnps, mxid FROM professional_mxid WHERE {where} ORDER BY idnps",
+                connector,
+                pass_stamp,
+            )
+            if rows:
+                await conn.execute(
+                    f"DELETE FROM professional_mxid WHERE {where}", connector, pass_stamp
+                )
+        return [(r["idnps"], r["mxid"]) for r in rows]
+
+    async def count_with_ghosts(self, national_only: bool = False) -> int:
+        """Directory entries with at least one ghost row (what a publication pass reads)."""
+        national = f" AND p.source NOT LIKE '{CONNECTOR_SOURCE}%'" if national_only else ""
+        return int(
+            await self.db.fetchval(
+                "SELECT COUNT(*) FROM professional p WHERE EXISTS (SELECT 1 FROM "
+                f"professional_mxid m WHERE m.idnps = p.idnps AND m.kind = '{GHOST}'){national}"
+            )
+        )
+
+    async def chosen_ghosts(
+        self,
+        after_idnps: str | None,
+        limit: int,
+        connectors_in_order: Sequence[str],
+        national_only: bool = False,
+    ) -> EntryPage:
+        """One keyset page (IDNPS order, after ``after_idnps``) of the directory entries that
+        have a ghost of one of these connectors, with all their Matrix IDs and the names the
+        ghost table gives those ghosts, so the publisher applies ``bridge.directory.choice``.
+        ``national_only``: only entries from the ANS sources."""
+        if not connectors_in_order:
+            return EntryPage([], {}, None)
+        national = f" AND p.source NOT LIKE '{CONNECTOR_SOURCE}%'" if national_only else ""
+        marks = ", ".join(f"${n}" for n in range(3, len(connectors_in_order) + 3))
+        rows = await self.db.fetch(
+            f"SELECT {', '.join('p.' + c.strip() for c in _COLUMNS.split(','))} "
+            "FROM professional p WHERE p.idnps > $1 AND EXISTS (SELECT 1 FROM professional_mxid "
+            f"m WHERE m.idnps = p.idnps AND m.kind = '{GHOST}' AND m.connector IN ({marks}))"
+            f"{national} ORDER BY p.idnps LIMIT $2",
+            after_idnps or "",
+            limit,
+            *connectors_in_order,
+        )
+        entries = [Professional(**dict(r)) for r in rows]
+        if not entries:
+            return EntryPage([], {}, None)
+        mxids = await self.mxids_of([e.idnps for e in entries])
+        ghosts = [m.mxid for e in entries for m in mxids[e.idnps] if m.kind == GHOST]
+        names: dict[str, str | None] = {}
+        for start in range(0, len(ghosts), 500):
+            chunk = ghosts[start : start + 500]
+            marks = ", ".join(f"${n}" for n in range(1, len(chunk) + 1))
+            for r in await self.db.fetch(
+                f"SELECT mxid, display_name FROM ghost WHERE mxid IN ({marks})", *chunk
+            ):
+                names[r["mxid"]] = r["display_name"]
+        last = entries[-1].idnps if len(entries) == limit else None
+        return EntryPage([(e, mxids[e.idnps]) for e in entries], names, last)
+
     async def add_mxid(
         self, idnps: str, mxid: str, kind: str, connector: str | None = None
     ) -> None:
@@ -352,7 +488,10 @@ class DirectoryStore:
             "SELECT g.mxid, g.connector, g.idnps, g.display_name, p.given_name, p.family_name, "
             "p.profession_label FROM ghost g JOIN professional p ON p.idnps = g.idnps "
             f"WHERE p.updated_at > $1 AND (p.source NOT LIKE '{CONNECTOR_SOURCE}%' "
-            f"OR p.source = '{CONNECTOR_SOURCE}' || g.connector)",
+            f"OR p.source = '{CONNECTOR_SOURCE}' || g.connector) "
+            # A ghost its person no longer has (forgotten by a listing) keeps its "former
+            # account" name: the directory's publication gave it, a rename must not undo it.
+            "AND g.former_at IS NULL",
             since,
         )
         renames = []

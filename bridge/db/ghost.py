@@ -52,10 +52,37 @@ class GhostStore:
     async def upsert(self, mxid: str, connector: str, idnps: str, display_name: str) -> None:
         await self.db.execute(
             "INSERT INTO ghost (mxid, connector, idnps, display_name) VALUES ($1, $2, $3, $4) "
-            "ON CONFLICT (mxid) DO UPDATE SET display_name = excluded.display_name",
+            "ON CONFLICT (mxid) DO UPDATE SET display_name = excluded.display_name, "
+            "former_at = NULL",
             mxid,
             connector,
             idnps,
             display_name,
+        )
+        self._cache.forget(mxid)
+
+    async def upsert_many(self, rows: list[tuple[str, str, str, str]]) -> None:
+        """Several ghosts (mxid, connector, IDNPS, display name) in one transaction."""
+        if not rows:
+            return
+        async with self.db.acquire() as conn, conn.transaction():
+            await conn.executemany(
+                "INSERT INTO ghost (mxid, connector, idnps, display_name) "
+                "VALUES ($1, $2, $3, $4) "
+                "ON CONFLICT (mxid) DO UPDATE SET display_name = excluded.display_name, "
+                "former_at = NULL",
+                rows,
+            )
+        for row in rows:
+            self._cache.forget(row[0])
+
+    async def mark_former(self, mxid: str, display_name: str, at: int) -> None:
+        """The ghost no longer reaches its person: its "former account" name, kept until it is
+        chosen again (an upsert clears the mark)."""
+        await self.db.execute(
+            "UPDATE ghost SET display_name = $2, former_at = $3 WHERE mxid = $1",
+            mxid,
+            display_name,
+            at,
         )
         self._cache.forget(mxid)

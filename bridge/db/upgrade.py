@@ -432,3 +432,18 @@ async def upgrade_v13(conn: Connection, scheme: Scheme) -> None:
     # A person's direct chats (the help desk's ``dm``) and their erasure look people up by
     # Matrix id across every portal.
     await conn.execute("CREATE INDEX portal_participant_user ON portal_participant (user_id)")
+
+
+@upgrade_table.register(description="Ghost rows seen by a connector's user listing")
+async def upgrade_v14(conn: Connection, scheme: Scheme) -> None:
+    del scheme
+    # The directory is published in the homeserver's user directory from the connectors' user
+    # lists: each listing pass stamps the ghost rows it saw, and a complete pass forgets the
+    # connector's rows it did not see (the person left that vendor). NULL: never listed.
+    await conn.execute("ALTER TABLE professional_mxid ADD COLUMN listed_at BIGINT")
+    await conn.execute(
+        "CREATE INDEX professional_mxid_connector ON professional_mxid (connector, listed_at)"
+    )
+    # A ghost that no longer reaches its person (forgotten by a listing) is named "<name>
+    # (former account)" from then on: directory renames leave it alone until it is chosen again.
+    await conn.execute("ALTER TABLE ghost ADD COLUMN former_at BIGINT")

@@ -133,8 +133,9 @@ def update() -> int:
         catalog.update(template, no_fuzzy_matching=True)
         catalog.fuzzy = False
         with path.open("wb") as f:
-            write_po(f, catalog, width=100, no_location=True, sort_output=True,
-                     ignore_obsolete=True)
+            write_po(
+                f, catalog, width=100, no_location=True, sort_output=True, ignore_obsolete=True
+            )
     print(f"{len(texts)} texts; catalogs updated: {', '.join(LOCALES)}")
     return 0
 

@@ -446,6 +446,10 @@ class LocalSynapse:
                 "app_service_config_files": [str(p) for p in self.appservice_registrations],
                 "presence": {"enabled": False},
                 "url_preview_enabled": False,
+                # Professionals are found from any client's "start a chat" search: the bridge
+                # publishes the directory as ghosts (non-exclusive namespace), and the user
+                # directory must list every local user, not only those sharing a room.
+                "user_directory": {"enabled": True, "search_all_users": True},
                 # Password hashing at 12 rounds costs ~0.3 s per register/login; local only.
                 "bcrypt_rounds": 4,
                 **_RATE_LIMITS,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from typing import Any
@@ -11,7 +12,7 @@ from aiohttp import ClientSession
 from mautrix.api import Method, Path
 from mautrix.appservice import AppServiceAPI, IntentAPI
 from mautrix.appservice.state_store.asyncpg import PgASStateStore
-from mautrix.errors import MatrixRequestError
+from mautrix.errors import MatrixRequestError, MUserInUse
 from mautrix.types import (
     EventID,
     EventType,
@@ -264,11 +265,21 @@ class Homeserver:
 
     # Ghosts and rooms --------------------------------------------------------------------------
 
-    async def ensure_ghost(self, mxid: str, display_name: str | None) -> IntentAPI:
+    async def ensure_ghost(
+        self, mxid: str, display_name: str | None, *, check_current: bool = True
+    ) -> IntentAPI:
+        """Register the ghost (once) and give it ``display_name``. ``check_current=False``: the
+        caller knows the name differs (the directory's publication, by the thousand), so no
+        profile read first and no registration note in the state store (a second register
+        answers M_USER_IN_USE, which is fine)."""
         intent = self.intent(mxid)
-        await intent.ensure_registered()
+        if check_current:
+            await intent.ensure_registered()
+        else:
+            with contextlib.suppress(MUserInUse):  # ensure_registered without the store
+                await intent._register()  # noqa: SLF001
         if display_name:
-            await intent.set_displayname(display_name)
+            await intent.set_displayname(display_name, check_current=check_current)
         return intent
 
     @property

@@ -493,6 +493,9 @@ async def test_the_migration_folds_the_names_already_in_the_directory(database_u
         await db.execute("ALTER TABLE professional DROP COLUMN family_key")
         await db.execute("ALTER TABLE professional DROP COLUMN given_key")
         await db.execute("DROP INDEX portal_participant_user")  # v13
+        await db.execute("DROP INDEX professional_mxid_connector")  # v14
+        await db.execute("ALTER TABLE professional_mxid DROP COLUMN listed_at")
+        await db.execute("ALTER TABLE ghost DROP COLUMN former_at")
         await db.execute("UPDATE eimis_version SET version = 11")
     finally:
         await db.stop()

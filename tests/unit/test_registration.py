@@ -107,13 +107,50 @@ def test_registration_is_not_rate_limited_and_receives_ephemeral_events(generate
     assert first["receive_ephemeral"] is True
 
 
-def test_registration_claims_one_exclusive_user_namespace_and_no_rooms(generated: Any) -> None:
+def test_registration_claims_the_bot_exclusively_and_ghosts_non_exclusively(
+    generated: Any,
+) -> None:
+    # Synapse's user directory leaves exclusive namespaces out: ghosts must be non-exclusive
+    # to be found from a client's user search (appservice.ghosts_in_user_directory, default).
     first, _, _ = generated
     users = first["namespaces"]["users"]
-    assert len(users) == 1
-    assert users[0]["exclusive"] is True
+    assert users == [
+        {"exclusive": True, "regex": r"^@eimis_bot:eimis\.example$"},
+        {"exclusive": False, "regex": r"@eimis_.*:eimis\.example$"},
+    ]
+    exclusive = [re.compile(ns["regex"]) for ns in users if ns["exclusive"]]
+    assert [r.pattern for r in exclusive if r.match(f"@eimis_bot:{DOMAIN}")]
+    assert not [r for r in exclusive if r.match(f"@eimis_pandalab_810000001916:{DOMAIN}")]
+    assert not [r for r in exclusive if r.match(f"@eimis_bot:{DOMAIN}.org")]
     assert first["namespaces"].get("rooms", []) == []
     assert first["namespaces"].get("aliases", []) == []
+
+
+def test_without_ghosts_in_user_directory_one_exclusive_namespace(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        CONFIG.replace(
+            "  registration: registration.yaml\n",
+            "  registration: registration.yaml\n  ghosts_in_user_directory: false\n",
+        ),
+        encoding="utf-8",
+    )
+    done = generate(config, tmp_path / "registration.yaml")
+    assert done.returncode == 0, done.stderr
+    registration = yaml.safe_load((tmp_path / "registration.yaml").read_text(encoding="utf-8"))
+    assert registration["namespaces"]["users"] == [
+        {"exclusive": True, "regex": r"@eimis_.*:eimis\.example$"}
+    ]
+
+
+def test_example_registration_matches_the_generated_namespaces(generated: Any) -> None:
+    first, _, _ = generated
+    example = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "appservice.yaml").read_text(encoding="utf-8")
+    )
+    assert [ns["exclusive"] for ns in example["namespaces"]["users"]] == [
+        ns["exclusive"] for ns in first["namespaces"]["users"]
+    ]
 
 
 @pytest.mark.parametrize(
