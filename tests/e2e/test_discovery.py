@@ -5,8 +5,9 @@ professional by family name and by IDNPS in the homeserver's user directory, nam
 "<Given> <FAMILY> - <Profession>", opens an encrypted DM with them and their message reaches the
 vendor user; a name change in the directory reaches the search after the next pass.
 
-The directory is seeded through ``record_listed_users`` (what a connector's ``list_users`` pass
-records) until the sandbox connectors list their users themselves."""
+The first test relies on the bridge's own start pass (the PandaLab connector lists its users,
+the bridge records and publishes them); the second changes a person's name the way a later
+listing pass records it (``record_listed_users``)."""
 
 from __future__ import annotations
 
@@ -88,9 +89,8 @@ async def test_a_vendor_professional_is_found_by_name_and_idnps_and_dmed(
     name = described.display_name
     assert " - " in name  # "<Given> <FAMILY> - <Profession>"
 
-    await list_in_directory(stack, "pandalab", described)
-
-    # The bridge publishes after the directory moved; the user directory updates on its own.
+    # Nothing seeds the directory: the bridge listed the connector's users at start and published
+    # them; the homeserver's user directory updates on its own.
     family = described.family_name
     await wait_until(
         lambda: found(clinician, family, ghost, name), 90, "the ghost in the user directory"
