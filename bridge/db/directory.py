@@ -337,7 +337,9 @@ class DirectoryStore:
                 search_key(given_name),
                 search_key(family_name),
             )
-            await conn.execute(_ADD_MXID, idnps, ghost_mxid, GHOST, connector)
+            # The vendor just described this user: as good as a listing seeing them, so a listing
+            # pass running meanwhile (which may have read past them) does not forget the row.
+            await conn.execute(_LIST_MXID, idnps, ghost_mxid, connector, stamp)
         entry = await self.get(idnps)
         assert entry is not None
         return entry

@@ -181,6 +181,24 @@ async def test_forget_unlisted_leaves_other_connectors_and_native_ids(
     )
 
 
+async def test_a_user_the_vendor_describes_during_a_pass_is_not_forgotten(
+    stores: Stores,
+) -> None:
+    """The listing read past Paul before the vendor added him; a conversation then made his
+    ghost (the vendor described him): the pass that ends does not forget him."""
+    directory = stores.directory
+    pass_stamp = await directory.next_stamp()
+    await directory.record_listed_users(
+        "pandalab", [user(MARIE, "Marie", "Dupont")], lambda i: ghost("pandalab", i), pass_stamp
+    )
+    await directory.record_connector_user(
+        "pandalab", PAUL, "Paul", "Martin", "Médecin", ghost("pandalab", PAUL)
+    )
+
+    assert await directory.forget_unlisted("pandalab", pass_stamp) == []
+    assert [m.mxid for m in await directory.mxids(PAUL)] == [ghost("pandalab", PAUL)]
+
+
 async def test_publish_registers_chosen_ghosts_only_and_is_idempotent(
     stores: Stores, tmp_path: Path
 ) -> None:
