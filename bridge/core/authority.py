@@ -6,25 +6,28 @@ room's ``redact`` level. And every relation (reply, edit, reaction, redaction) p
 of its own portal. The homeserver is asked about the original (its sender is in clear even when
 it is encrypted), as the portal's voice; the message map tells an event another portal carried.
 
-A refused event is never delivered; its sender is told why, in French (``Refused.reason``).
+A refused event is never delivered; its sender is told why, in the bridge's locale
+(``Refused.reason``, from the catalogs).
 """
 
 from __future__ import annotations
 
 from bridge.db.stores import Stores
+from bridge.i18n import N_, _
 from bridge.matrix.homeserver import Homeserver
 
-OTHER_PORTAL = "il se rapporte à un message d'une autre conversation"
-UNKNOWN_TARGET = "le message auquel il se rapporte est introuvable dans cette conversation"
-NOT_YOUR_MESSAGE = "seul l'auteur d'un message peut le modifier"
-NO_POWER_TO_REDACT = (
-    "seul l'auteur d'un message, ou un modérateur de la conversation, peut le supprimer"
+# Catalog texts (translated where a refusal is raised).
+OTHER_PORTAL = N_("it refers to a message of another conversation")
+UNKNOWN_TARGET = N_("the message it refers to cannot be found in this conversation")
+NOT_YOUR_MESSAGE = N_("only the author of a message may edit it")
+NO_POWER_TO_REDACT = N_(
+    "only the author of a message, or a moderator of the conversation, may delete it"
 )
 
 
 class Refused(Exception):
     """An event its sender may not send through the bridge: ``reason`` is for that sender (in
-    French), ``code`` for the logs and the operators."""
+    the bridge's locale), ``code`` for the logs and the operators."""
 
     def __init__(self, code: str, reason: str) -> None:
         super().__init__(code)
@@ -41,13 +44,13 @@ class Authority:
         """Refuse a relation to an event another portal carried (a reply, a reaction...)."""
         rooms = await self.stores.messages.rooms_of(event_id)
         if rooms and room_id not in rooms:
-            raise Refused("other_portal", OTHER_PORTAL)
+            raise Refused("other_portal", _(OTHER_PORTAL))
 
     async def may_edit(self, room_id: str, sender: str, target: str, viewer: str) -> None:
         """Refuse an edit of a message ``sender`` did not write."""
         original = await self._original(room_id, target, viewer)
         if original.get("sender") != sender:
-            raise Refused("not_the_author", NOT_YOUR_MESSAGE)
+            raise Refused("not_the_author", _(NOT_YOUR_MESSAGE))
 
     async def may_redact(self, room_id: str, sender: str, target: str, viewer: str) -> None:
         """Refuse a redaction of another's event by a member without the power to."""
@@ -55,11 +58,11 @@ class Authority:
         if original.get("sender") == sender:
             return
         if not await self.hs.may_redact_others(viewer, room_id, sender):
-            raise Refused("no_power_to_redact", NO_POWER_TO_REDACT)
+            raise Refused("no_power_to_redact", _(NO_POWER_TO_REDACT))
 
     async def _original(self, room_id: str, event_id: str, viewer: str) -> dict[str, object]:
         await self.same_portal(room_id, event_id)
         original = await self.hs.event_in_room(viewer, room_id, event_id)
         if original is None:
-            raise Refused("unknown_target", UNKNOWN_TARGET)
+            raise Refused("unknown_target", _(UNKNOWN_TARGET))
         return original

@@ -25,6 +25,7 @@ from bridge.formatting.sanitize import (
     strip_reply_fallback,
 )
 from bridge.formatting.split import split_text
+from bridge.i18n import _, ngettext
 from connectors.base import FILE_MSGTYPES, Capabilities, FileLimit, Location, MessageKind
 from connectors.kit.markdown import escape_markdown
 
@@ -80,7 +81,9 @@ def render_text(
         else:
             text = html_to_plain(named)
             if _has_formatting(named):
-                notes.append(f"formatting removed: {vendor} shows plain text only")
+                notes.append(
+                    _("formatting removed: {vendor} shows plain text only").format(vendor=vendor)
+                )
     else:
         text = strip_plain_reply_fallback(body) if is_reply else body
         if caps.formatting == "markdown":
@@ -89,23 +92,33 @@ def render_text(
         if isinstance(mentions, dict) and isinstance(mentions.get("user_ids"), list):
             mention_mxids = [m for m in mentions["user_ids"] if isinstance(m, str)]
     if not text.strip():
-        raise Undeliverable("the message is empty")
+        raise Undeliverable(_("the message is empty"))
     kind = message_kind(content)
     if kind not in caps.message_kinds:
         if kind == "emote":
             name = escape_markdown(sender_name) if caps.formatting == "markdown" else sender_name
             text = f"* {name} {text}"
         elif kind == "notice":
-            notes.append(f"{vendor} has no notices: sent as an ordinary message")
+            notes.append(
+                _("{vendor} has no notices: sent as an ordinary message").format(vendor=vendor)
+            )
     parts = [text]
     limit = caps.max_text_length
     if limit is not None and len(text) > limit:
         if caps.long_text == "refuse":
             raise Undeliverable(
-                f"the message is {len(text)} characters long; {vendor} accepts {limit} at most"
+                _(
+                    "the message is {length} characters long; {vendor} accepts {limit} at most"
+                ).format(length=len(text), vendor=vendor, limit=limit)
             )
         parts = split_text(text, limit)
-        notes.append(f"split into {len(parts)} messages ({vendor} accepts {limit} characters)")
+        notes.append(
+            ngettext(
+                "split into {n} message ({vendor} accepts {limit} characters)",
+                "split into {n} messages ({vendor} accepts {limit} characters)",
+                len(parts),
+            ).format(n=len(parts), vendor=vendor, limit=limit)
+        )
     return RenderedText(parts or [""], html, mention_mxids, notes)
 
 
@@ -119,9 +132,7 @@ async def render_text_bounded(
     def plain() -> RenderedText:
         without = {k: v for k, v in content.items() if k not in {"format", "formatted_body"}}
         rendered = render_text(without, caps, sender_name, vendor)
-        rendered.notes.append(
-            "mise en forme retirée : le message était trop complexe pour être converti"
-        )
+        rendered.notes.append(_("formatting removed: the message was too complex to convert"))
         return rendered
 
     size = sum(len(v) for k, v in content.items() if k in _TEXTS and isinstance(v, str))
@@ -175,16 +186,25 @@ def file_limit(caps: Capabilities, msgtype: str) -> FileLimit | None:
 def check_file(ref: FileRef, caps: Capabilities, vendor: str, max_size: int, allowed: Any) -> int:
     """The largest size to accept while streaming; raises Undeliverable with the reason."""
     if not allowed(ref.mime_type):
-        raise Undeliverable(f"files of type {ref.mime_type} are not allowed in this space")
+        raise Undeliverable(
+            _("files of type {type} are not allowed in this space").format(type=ref.mime_type)
+        )
     limit = file_limit(caps, ref.msgtype)
     if limit is None:
-        raise Undeliverable(f"{vendor} does not accept files")
+        raise Undeliverable(_("{vendor} does not accept files").format(vendor=vendor))
     if not limit.allows(ref.mime_type):
-        raise Undeliverable(f"{vendor} does not accept files of type {ref.mime_type}")
+        raise Undeliverable(
+            _("{vendor} does not accept files of type {type}").format(
+                vendor=vendor, type=ref.mime_type
+            )
+        )
     ceiling = min(limit.max_size, max_size)
     if ref.size > ceiling:
-        who = vendor if limit.max_size <= max_size else "this space"
-        raise Undeliverable(f"the file is {_mib(ref.size)}; {who} accepts {_mib(ceiling)} at most")
+        if limit.max_size <= max_size:
+            refusal = _("the file is {size}; {vendor} accepts {limit} at most")
+        else:
+            refusal = _("the file is {size}; this space accepts {limit} at most")
+        raise Undeliverable(refusal.format(size=_mib(ref.size), vendor=vendor, limit=_mib(ceiling)))
     return ceiling
 
 
@@ -192,8 +212,8 @@ def check_content(
     ref: FileRef, real: str, caps: Capabilities, vendor: str, allowed: Any
 ) -> tuple[FileRef, str | None]:
     """``ref`` with the type its content shows (``real``, see ``filetypes.content_type``), and
-    the note for the sender when the declared type was corrected; raises Undeliverable (in
-    French) when the real type may not go to ``vendor``."""
+    the note for the sender when the declared type was corrected; raises Undeliverable (its
+    reason from the catalogs) when the real type may not go to ``vendor``."""
     limit = file_limit(caps, ref.msgtype)
 
     def accepted(mime: str) -> bool:
@@ -203,9 +223,8 @@ def check_content(
     if verdict.refused:
         raise Undeliverable(filetypes.refusal(ref.mime_type, verdict.real, allowed, vendor))
     if verdict.corrected:
-        note = (
-            f"type du fichier corrigé d'après son contenu : {verdict.mime_type} "
-            f"(annoncé : {ref.mime_type})"
+        note = _("file type corrected from its content: {type} (announced: {announced})").format(
+            type=verdict.mime_type, announced=ref.mime_type
         )
         return dataclasses.replace(ref, mime_type=verdict.mime_type), note
     return ref, None
@@ -222,7 +241,7 @@ def safe_filename(name: str) -> str:
 
 
 def _mib(size: int) -> str:
-    return f"{size / (1024 * 1024):.1f} MiB"
+    return _("{size} MiB").format(size=f"{size / (1024 * 1024):.1f}")
 
 
 # --- Locations ------------------------------------------------------------------------------------

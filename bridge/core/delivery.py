@@ -34,6 +34,7 @@ from bridge.core.send_status import StatusReporter
 from bridge.db.group_commit import GroupCommit
 from bridge.db.outbox import OutboxItem
 from bridge.db.stores import Stores
+from bridge.i18n import N_, _, ngettext
 from bridge.logs import log_context
 from bridge.matrix.homeserver import Homeserver
 from bridge.matrix.media import MediaError, MediaRepository
@@ -182,9 +183,11 @@ class Delivery:
             await self._report(
                 item,
                 "FAIL_RETRIABLE",
-                "le fichier n'a pas encore pu être récupéré ; le pont réessaie"
+                _("the file could not be fetched yet; the bridge keeps trying")
                 if isinstance(error, MediaError)
-                else f"{item.connector} is not answering; the bridge keeps trying",
+                else _("{connector} is not answering; the bridge keeps trying").format(
+                    connector=item.connector
+                ),
             )
 
     async def _dead_letter(self, item: OutboxItem, reason: str, attempts: int) -> None:
@@ -201,14 +204,17 @@ class Delivery:
         self._attempts.pop(item.seq, None)
         self._told_retrying.discard(item.seq)
         self.queue.drop_backlog(item.lane)
-        detail = (
-            f"{item.connector} refused it {attempts} times ({reason}); later messages of "
-            "this conversation wait until an operator retries or discards it"
-        )
+        detail = ngettext(
+            "{connector} refused it {n} time ({reason}); later messages of this conversation "
+            "wait until an operator retries or discards it",
+            "{connector} refused it {n} times ({reason}); later messages of this conversation "
+            "wait until an operator retries or discards it",
+            attempts,
+        ).format(connector=item.connector, n=attempts, reason=reason)
         await self._tell_failed(
             item,
             detail,
-            held=f"This conversation is held: {detail}",
+            held=_("This conversation is held: {detail}").format(detail=detail),
             txn_id=f"eimis.dead.{item.seq}",
         )
 
@@ -221,7 +227,9 @@ class Delivery:
         await self._tell_failed(
             item,
             reason,
-            held=f"This conversation could not be opened on {item.connector}: {reason}",
+            held=_("The conversation could not be opened on {connector}: {detail}").format(
+                connector=item.connector, detail=reason
+            ),
             txn_id=f"eimis.create-failed.{item.seq}",
             unsupported=unsupported,
         )
@@ -230,21 +238,17 @@ class Delivery:
         self, item: OutboxItem, detail: str, *, held: str, txn_id: str, unsupported: bool = False
     ) -> None:
         """An item failed for good: its sender is told ``detail``; a conversation that could
-        not be opened is nobody's message, so the room is told (``held``) instead, and so it
-        is (in French, by the portal's voice) of a membership, name or topic change."""
+        not be opened is nobody's message, so the room and the other vendors' users are told
+        (``held``) instead, and so they are (by the portal's voice) of a membership, name or
+        topic change."""
         if item.operation == op.SYSTEM_NOTICE:
             return  # the room read it already; a vendor that cannot show it is not told again
         if item.operation == op.CREATE_CONVERSATION:
             await self.status.tell_everyone(
-                item.room_id,
-                held,
-                txn_id=txn_id,
-                vendor_text=f"La conversation n'a pas pu être ouverte chez {item.connector} : "
-                f"{detail}",
-                exclude=(item.connector,),
+                item.room_id, held, txn_id=txn_id, exclude=(item.connector,)
             )
         elif (change := _CHANGES.get(item.operation)) is not None:
-            text = f"{item.connector} n'a pas pu appliquer {change} : {detail}"
+            text = _(change).format(connector=item.connector, detail=detail)
             await self.status.tell_everyone(
                 item.room_id, text, txn_id=txn_id, exclude=(item.connector,)
             )
@@ -285,13 +289,15 @@ class Delivery:
 
 
 _CHANGES = {
-    op.ADD_PARTICIPANTS: "l'ajout de participants",
-    op.REMOVE_PARTICIPANTS: "le retrait de participants",
-    op.SET_TITLE: "le changement de nom de la conversation",
-    op.SET_TOPIC: "le changement de sujet de la conversation",
+    op.ADD_PARTICIPANTS: N_("{connector} could not apply the addition of participants: {detail}"),
+    op.REMOVE_PARTICIPANTS: N_("{connector} could not apply the removal of participants: {detail}"),
+    op.SET_TITLE: N_("{connector} could not apply the change of the conversation's name: {detail}"),
+    op.SET_TOPIC: N_(
+        "{connector} could not apply the change of the conversation's topic: {detail}"
+    ),
 }
 """The operations that are nobody's message but a change of the portal, told in the room
-when they fail for good."""
+when they fail for good (catalog texts: ``{connector}``, ``{detail}``)."""
 
 
 def _reported(item: OutboxItem) -> op.Reported | None:
@@ -301,22 +307,33 @@ def _reported(item: OutboxItem) -> op.Reported | None:
 
 
 def _unfetchable(error: MediaError, tries: int) -> str:
-    """Why a file's message fails, for its sender (in French)."""
+    """Why a file's message fails, for its sender (in the bridge's locale)."""
+    if error.retriable and error.status:
+        return ngettext(
+            "the Matrix server could not fetch the file after {n} try (origin server "
+            "unreachable or refused, response {status}): this message is not passed on, the "
+            "conversation goes on",
+            "the Matrix server could not fetch the file after {n} tries (origin server "
+            "unreachable or refused, response {status}): this message is not passed on, the "
+            "conversation goes on",
+            tries,
+        ).format(n=tries, status=error.status)
     if error.retriable:
-        answered = f", réponse {error.status}" if error.status else ""
-        return (
-            f"le fichier n'a pas pu être récupéré par le serveur Matrix après {tries} essais "
-            f"(serveur d'origine injoignable ou refusé{answered}) : ce message n'est pas "
-            "transmis, la conversation continue"
-        )
+        return ngettext(
+            "the Matrix server could not fetch the file after {n} try (origin server "
+            "unreachable or refused): this message is not passed on, the conversation goes on",
+            "the Matrix server could not fetch the file after {n} tries (origin server "
+            "unreachable or refused): this message is not passed on, the conversation goes on",
+            tries,
+        ).format(n=tries)
     if error.status is None:
-        return "l'adresse du fichier n'est pas valide : ce message n'est pas transmis"
+        return _("the file's address is not valid: this message is not passed on")
     if error.status == 404:
-        return "le fichier est introuvable sur le serveur Matrix : ce message n'est pas transmis"
-    return (
-        f"le serveur Matrix refuse de fournir le fichier (réponse {error.status}) : "
-        "ce message n'est pas transmis"
-    )
+        return _("the file cannot be found on the Matrix server: this message is not passed on")
+    return _(
+        "the Matrix server refuses to provide the file (response {status}): this message is "
+        "not passed on"
+    ).format(status=error.status)
 
 
 def _describe(error: Exception) -> str:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import magic
 
+from bridge.i18n import _
+
 SNIFF_BYTES = 64 * 1024
 """How much of a file is read to tell its type (enough for office documents' zip entries)."""
 
@@ -123,16 +125,21 @@ def judge(declared: str, real: str, allowed: Callable[[str], bool]) -> Verdict:
 
 def refusal(declared: str, real: str, allowed: Callable[[str], bool], who: str) -> str:
     """Why a file whose content (``real``) contradicts its ``declared`` type is refused, for
-    its sender (in French); ``who``: the receiving side, when its own rules refused it."""
+    its sender (in the bridge's locale); ``who``: the receiving side, when its own rules
+    refused it."""
     if real == UNKNOWN:
-        return f"le contenu du fichier ne correspond pas au type annoncé ({declared})"
+        return _("the file's content does not match its announced type ({declared})").format(
+            declared=declared
+        )
     if active(real):
-        why = "un contenu actif (script, page web, SVG) n'est pas transmis"
+        why = _("active content (a script, a web page, an SVG) is not passed on")
     elif not allowed(real):
-        why = "ce type de fichier n'est pas autorisé dans cet espace"
+        why = _("this type of file is not allowed in this space")
     else:
-        why = f"{who} n'accepte pas ce type de fichier"
-    return f"le contenu du fichier est de type {real} et non {declared} comme annoncé : {why}"
+        why = _("{who} does not accept this type of file").format(who=who)
+    return _("the file's content is of type {real}, not {declared} as announced: {why}").format(
+        real=real, declared=declared, why=why
+    )
 
 
 async def peek(

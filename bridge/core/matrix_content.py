@@ -16,6 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from bridge.i18n import N_, _
+
 POLL_START = frozenset({"m.poll.start", "org.matrix.msc3381.poll.start"})
 POLL_RESPONSE = frozenset({"m.poll.response", "org.matrix.msc3381.poll.response"})
 POLL_END = frozenset({"m.poll.end", "org.matrix.msc3381.poll.end"})
@@ -47,13 +49,14 @@ NOT_CONTENT = frozenset(
 never refused (a refusal for each would be noise)."""
 
 CONVERTED_NOTES = {
-    "poll": "sondage envoyé sous forme de texte : {vendor} n'a pas de sondages",
-    "poll_response": "réponse au sondage envoyée sous forme de texte",
-    "poll_end": "clôture du sondage envoyée sous forme de texte",
-    "sticker": "autocollant envoyé sous forme d'image",
-    "event_type": "événement de type {type} envoyé sous forme de texte",
+    "poll": N_("poll sent as text: {vendor} has no polls"),
+    "poll_response": N_("poll answer sent as text"),
+    "poll_end": N_("poll closing sent as text"),
+    "sticker": N_("sticker sent as an image"),
+    "event_type": N_("event of type {type} sent as text"),
 }
-"""What each conversion did, for the sender's send status (``{vendor}``, ``{type}``)."""
+"""What each conversion did, for the sender's send status (``{vendor}``, ``{type}``): catalog
+texts, translated where they are used (``note``)."""
 
 _TEXT_KEYS = ("m.text", "org.matrix.msc1767.text")
 _MAX_ANSWERS = 50
@@ -61,9 +64,10 @@ _MAX_TEXT = 2000
 
 
 def unsupported(event_type: str) -> str:
-    """The reason, in French, given to the sender of an event no vendor can take."""
-    return (
-        f"ce type de contenu ({event_type[:64]}) ne peut pas être transmis aux autres participants"
+    """The reason (in the bridge's locale) given to the sender of an event no vendor can
+    take."""
+    return _("this type of content ({type}) cannot be passed on to the other participants").format(
+        type=event_type[:64]
     )
 
 
@@ -126,8 +130,8 @@ def poll_of(content: dict[str, Any]) -> Poll | None:
 
 
 def poll_text(poll: Poll) -> str:
-    lines = [f"Sondage : {poll.question}"]
-    lines += [f"{n}. {text}" for n, (_, text) in enumerate(poll.answers, start=1)]
+    lines = [_("Poll: {question}").format(question=poll.question)]
+    lines += [f"{n}. {text}" for n, (_unused, text) in enumerate(poll.answers, start=1)]
     return "\n".join(lines)
 
 
@@ -137,7 +141,9 @@ def poll_start_message(content: dict[str, Any]) -> dict[str, Any] | None:
     if poll is not None:
         return _text(poll_text(poll), "poll")
     fallback = fallback_text(content)
-    return _text(f"Sondage : {_clip(fallback)}", "poll") if fallback else None
+    if not fallback:
+        return None
+    return _text(_("Poll: {question}").format(question=_clip(fallback)), "poll")
 
 
 def selections(content: dict[str, Any]) -> list[str]:
@@ -157,19 +163,28 @@ def poll_response_message(
     chosen = selections(content)
     texts = [t for a in chosen if poll is not None and (t := poll.answer(a)) is not None]
     if texts and len(texts) == len(chosen):
-        text = f"{sender_name} a répondu : {', '.join(texts)}"
+        answers = ", ".join(texts)
         if poll is not None:
-            text += f" (sondage : {poll.question})"
+            text = _("{name} answered: {answers} (poll: {question})").format(
+                name=sender_name, answers=answers, question=poll.question
+            )
+        else:
+            text = _("{name} answered: {answers}").format(name=sender_name, answers=answers)
     elif not chosen:
-        text = f"{sender_name} a retiré sa réponse au sondage"
+        text = _("{name} withdrew their answer to the poll").format(name=sender_name)
     else:
-        text = f"{sender_name} a répondu au sondage"
+        text = _("{name} answered the poll").format(name=sender_name)
     return _text(text, "poll_response")
 
 
 def poll_end_message(content: dict[str, Any], poll: Poll | None) -> dict[str, Any]:
-    """The end of a poll: "Sondage clos", with the results its event gives in text."""
-    head = f"Sondage clos : {poll.question}" if poll is not None else "Sondage clos"
+    """The end of a poll: "Poll closed" (in the bridge's locale), with the results its event
+    gives in text."""
+    head = (
+        _("Poll closed: {question}").format(question=poll.question)
+        if poll is not None
+        else _("Poll closed")
+    )
     results = fallback_text(content)
     return _text(f"{head}\n{_clip(results)}" if results else head, "poll_end")
 
@@ -210,7 +225,7 @@ def note(content: dict[str, Any], vendor: str) -> str | None:
     template = CONVERTED_NOTES.get(kind) if isinstance(kind, str) else None
     if template is None:
         return None
-    return template.format(vendor=vendor, type=str(content.get("eimis.event_type", "")))
+    return _(template).format(vendor=vendor, type=str(content.get("eimis.event_type", "")))
 
 
 class PollMemory:

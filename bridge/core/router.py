@@ -26,6 +26,7 @@ from bridge.db.clock import now_ms
 from bridge.db.group_commit import Write
 from bridge.db.inbox import CRYPTO_ORIGIN, MATRIX_ORIGIN, InboxItem
 from bridge.db.stores import Stores
+from bridge.i18n import N_, _
 from bridge.logs import log_context
 from bridge.matrix.homeserver import Homeserver
 from bridge.metrics import TO_MATRIX
@@ -41,10 +42,11 @@ DECRYPTED_TYPES = frozenset({"m.room.message", "m.reaction", "m.sticker", *POLL_
 client's own namespaced types, ``_message_like``). A redaction, state, membership or receipt
 is never encrypted (the homeserver must read it); one found inside ciphertext is a forgery the
 homeserver never applied, and is refused."""
-REFUSED_ENCRYPTED_TYPE = (
-    "seuls les messages et les réactions sont chiffrés ; une suppression, un changement de la "
-    "conversation ou un accusé de lecture reçu chiffré n'est pas pris en compte"
+REFUSED_ENCRYPTED_TYPE = N_(
+    "only messages and reactions are encrypted; a deletion, a change of the conversation or a "
+    "read receipt received encrypted is not taken into account"
 )
+"""Why such an event is refused, for its sender (a catalog text: ``_()`` where it is used)."""
 KEY_WAIT_INLINE_S = 2.0
 """How long a lane waits, holding its event, for a room key travelling beside it; after that
 it waits as a retry (the key's arrival wakes it)."""
@@ -217,7 +219,7 @@ class Router:
         log.warning(
             "Refused encrypted event %s in %s: its inner type is %r", event_id, room_id, inner
         )
-        await self.from_matrix.on_refused(room_id, event_id, REFUSED_ENCRYPTED_TYPE)
+        await self.from_matrix.on_refused(room_id, event_id, _(REFUSED_ENCRYPTED_TYPE))
         raise PermanentFailure(f"refused: an encrypted {inner} is never bridged")
 
     async def _decrypted(self, item: InboxItem) -> dict[str, Any] | None:
@@ -250,7 +252,9 @@ class Router:
                     log.warning("Could not ask for a room key (%s)", type(error).__name__)
                 missing.retry_after = min(max(1.0, waited_s), 10.0)  # type: ignore[attr-defined]
                 raise
-            reason = f"its room key did not reach the bridge within {self.key_wait_s:g} s"
+            reason = _("its decryption key did not reach the bridge within {seconds} s").format(
+                seconds=f"{self.key_wait_s:g}"
+            )
         except Undecryptable as error:
             reason = str(error)
         log.warning("Inbox item %d cannot be decrypted: %s", item.seq, reason)
@@ -311,5 +315,5 @@ def _message_like(payload: dict[str, Any]) -> bool:
     )
 
 
-async def _nothing(*_: str) -> None:
+async def _nothing(*_unused: str) -> None:
     return None

@@ -18,6 +18,7 @@ from bridge.core.members import Member
 from bridge.core.operations import parse_reaction_ref
 from bridge.core.system_notices import tell_everyone
 from bridge.db.stores import Stores
+from bridge.i18n import _
 from bridge.matrix.homeserver import Homeserver, derived_txn_id
 from connectors.base import Connector, DeliveryReport
 
@@ -56,50 +57,54 @@ class StatusReporter:
                 room_id,
                 event_id,
                 DeliveryReport(
-                    status, f"{target}: {detail}" if detail else f"delivered to {target}"
+                    status,
+                    _("{target}: {detail}").format(target=target, detail=detail)
+                    if detail
+                    else _("delivered to {target}").format(target=target),
                 ),
             )
         if outcome == "FAIL_PERMANENT":
             await self.tell_everyone(
                 room_id,
-                f"A message could not be delivered to {target}: {detail}",
+                _("A message could not be delivered to {target}: {detail}").format(
+                    target=target, detail=detail
+                ),
                 txn_id=derived_txn_id("failed", event_id, target),
-                vendor_text=f"Un message n'a pas pu être remis à {target} : {detail}",
                 exclude=(target,),
             )
 
     async def undecryptable(self, room_id: str, event_id: str, reason: str) -> None:
         """An encrypted event the bridge could never read: its sender is told, nothing garbled
         goes to any vendor."""
-        detail = f"the bridge could not decrypt it ({reason})"
+        detail = _("the bridge could not decrypt it ({reason})").format(reason=reason)
         await self._matrix_status(
             room_id, event_id, "eimis-bridge", "FAIL_PERMANENT", detail, False
         )
         await self.notice(
             room_id,
-            f"A message could not be delivered outside Matrix: {detail}.",
+            _("A message could not be delivered outside Matrix: {detail}.").format(detail=detail),
             txn_id=derived_txn_id("undecryptable", event_id),
         )
 
     async def refused(self, room_id: str, event_id: str, reason: str) -> None:
         """An event the bridge refuses to relay (its sender may not say it: ``reason``, in
-        French): nothing of it reaches any vendor; its sender and the room are told."""
+        the bridge's locale): nothing of it reaches any vendor; its sender and the room are told."""
         await self._matrix_status(
             room_id, event_id, "eimis-bridge", "FAIL_PERMANENT", reason, False, "m_no_permission"
         )
         await self.notice(
             room_id,
-            f"Un événement n'a pas été transmis hors de Matrix : {reason}.",
+            _("An event was not passed on outside Matrix: {reason}.").format(reason=reason),
             txn_id=derived_txn_id("refused", event_id),
         )
 
     async def unsupported(self, room_id: str, event_id: str, reason: str) -> None:
-        """An event no vendor can take in any form (``reason``, in French): nothing of it
-        reaches any vendor; its sender and the room are told."""
+        """An event no vendor can take in any form (``reason``, in the bridge's locale):
+        nothing of it reaches any vendor; its sender and the room are told."""
         await self._matrix_status(room_id, event_id, "eimis-bridge", "FAIL_PERMANENT", reason, True)
         await self.notice(
             room_id,
-            f"Un événement n'a pas été transmis hors de Matrix : {reason}.",
+            _("An event was not passed on outside Matrix: {reason}.").format(reason=reason),
             txn_id=derived_txn_id("unsupported", event_id),
         )
 
@@ -157,8 +162,9 @@ class StatusReporter:
         exclude: tuple[str, ...] = (),
     ) -> None:
         """A notice about the conversation: the room reads ``text``, and the users of every
-        vendor linked to it but ``exclude`` read ``vendor_text`` (in French; ``text`` when it
-        is the same) as a system message, queued once per notice (keyed by ``txn_id``)."""
+        vendor linked to it but ``exclude`` read ``vendor_text`` (``text`` when it is the
+        same; both from the catalogs, in the bridge's locale) as a system message, queued
+        once per notice (keyed by ``txn_id``)."""
         await tell_everyone(self.stores, room_id, vendor_text or text, key=txn_id, exclude=exclude)
         await self.notice(room_id, text, txn_id=txn_id)
 

@@ -289,9 +289,9 @@ async def test_an_event_that_never_decrypts_is_reported_and_nothing_garbled_is_s
 
     status = await native.wait_for_event(room_id, failed_status, KEY_WAIT_S + 30)
     assert stack.bridge.crypto.counts()["undecryptable"] > undecryptable_before  # type: ignore[union-attr]
-    assert "decrypt" in status["content"]["message"]
+    assert "déchiffrer" in status["content"]["message"]
     notice = await native.wait_for_message(
-        room_id, lambda e: "could not decrypt" in e.body, timeout=30
+        room_id, lambda e: "n'a pas pu le déchiffrer" in e.body, timeout=30
     )
     assert notice.sender == f"@eimis_bot:{stack.synapse.server_name}"  # the portal's voice
     assert notice.decrypted, "the notice is encrypted too"

@@ -110,7 +110,7 @@ async def test_a_file_that_cannot_be_fetched_fails_alone_and_the_conversation_go
             assert f"après {FETCH_ATTEMPTS} essais" in status["message"]
         else:
             assert "introuvable" in status["message"]
-        await notice(trio, f"could not be delivered to {network}", "fichier")
+        await notice(trio, f"n'a pas pu être remis à {network}", "fichier")
     assert await inbox_message(trio.starter, file_named(name)) is None
 
 

@@ -1,7 +1,8 @@
 """End to end, nothing a native Matrix user sends is dropped silently: a poll reaches a
 PandaLab-style user as readable text with numbered answers and a vote follows as text, a sticker
-reaches them as an image, and an event of a type no vendor can take gets a FAIL send status with
-a reason in French. The portals are encrypted (the product's default) and the native user is
+reaches them as an image, a reaction reaches a Medipeps-style user (no reactions there) as a
+French sentence, and an event of a type no vendor can take gets a FAIL send status with a reason
+in French. The portals are encrypted (the product's default) and the native user is
 matrix-nio with encryption on, so every event here reaches the bridge as ciphertext.
 
 Unit level: tests/unit/test_nothing_dropped.py.
@@ -173,3 +174,26 @@ async def test_an_event_no_vendor_can_take_gets_a_fail_status_in_french(trio: Th
         30,
     )
     assert notice["content"]["body"].startswith("Un événement n'a pas été transmis hors de Matrix")
+
+
+async def test_a_reaction_reaches_a_vendor_without_reactions_as_a_french_sentence(
+    trio: ThreeWay,
+) -> None:
+    text = unique("Bilan normal")
+    await trio.other.post(trio.other_conv, text=text)
+    event = await trio.native.wait_for_event(
+        trio.room_id, lambda e: (e.get("content") or {}).get("body") == text, 30
+    )
+    reaction_id = await trio.native.send(
+        trio.room_id,
+        "m.reaction",
+        {"m.relates_to": {"rel_type": "m.annotation", "event_id": event["event_id"], "key": "👍"}},
+    )
+    at_medipeps = await vendor_copy(trio.other, lambda m: m["text"].endswith(" a réagi avec 👍"))
+    assert at_medipeps["conversation_id"] == trio.other_conv
+    assert at_medipeps["text"].removesuffix(" a réagi avec 👍").strip()  # the native's name
+    status = await send_status(trio, reaction_id, "medipeps")
+    assert status["status"] == "SUCCESS"
+    assert (
+        status["message"] == "medipeps n'a pas de réactions : envoyée sous forme de court message"
+    )

@@ -98,7 +98,7 @@ async def test_matrix_html_reaches_pandalab_as_markdown_and_medipeps_as_plain_te
         assert "script" not in text and "alert" not in text and "evil.example" not in text
     assert (await send_status(trio, event_id, "pandalab"))["status"] == "SUCCESS"
     medipeps = await send_status(trio, event_id, "medipeps")
-    assert medipeps["status"] == "SUCCESS" and "plain text" in medipeps["message"]
+    assert medipeps["status"] == "SUCCESS" and "texte brut" in medipeps["message"]
 
 
 async def test_pandalab_markdown_reaches_matrix_as_safe_html_and_medipeps_as_plain_text(
@@ -220,7 +220,7 @@ async def test_text_over_medipeps_limit_is_split_in_order_and_the_sender_told(tr
     received = await wait_until(parts, 30, "every part at Medipeps")
     assert len(received) == 2 and all(len(p) <= 4000 for p in received)
     assert "§0" in received[0] and "§5" in received[1]
-    assert "split into 2" in (await send_status(trio, event_id, "medipeps"))["message"]
+    assert "découpé en 2" in (await send_status(trio, event_id, "medipeps"))["message"]
     whole = await vendor_copy(trio.alice, lambda m: marker in m["text"])
     assert len(whole["text"]) >= len(text) - 10
 
@@ -268,10 +268,10 @@ async def test_file_over_a_vendor_limit_or_of_a_forbidden_type_is_refused_with_a
     got = await trio.alice.download(at_alice["attachment"]["file_id"])
     assert hashlib.sha256(got).digest() == hashlib.sha256(big).digest()
     refused = await send_status(trio, event_id, "medipeps")
-    assert refused["status"] == "FAIL_PERMANENT" and "MiB" in refused["message"]
+    assert refused["status"] == "FAIL_PERMANENT" and "Mio" in refused["message"]
     await trio.native.wait_for_event(
         trio.room_id,
-        lambda e: "could not be delivered to medipeps" in (e.get("content") or {}).get("body", ""),
+        lambda e: "n'a pas pu être remis à medipeps" in (e.get("content") or {}).get("body", ""),
     )
 
     exe = f"outil-{next(counter)}.exe"
@@ -434,9 +434,9 @@ async def test_reactions_reach_pandalab_and_become_short_messages_at_medipeps(
         return any(r["emoji"] == "👍" for r in (message or {}).get("reactions", []))
 
     await wait_until(reacted, 30, "the reaction at PandaLab")
-    notice = await vendor_copy(trio.bob, lambda m: "reacted 👍" in m["text"])
+    notice = await vendor_copy(trio.bob, lambda m: "a réagi avec 👍" in m["text"])
     assert notice["reply_to"]
-    assert "short message" in (await send_status(trio, reaction_id, "medipeps"))["message"]
+    assert "court message" in (await send_status(trio, reaction_id, "medipeps"))["message"]
 
     await trio.native.redact(trio.room_id, reaction_id)
 

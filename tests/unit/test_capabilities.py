@@ -410,11 +410,14 @@ async def test_a_connector_without_edits_is_never_asked_and_gets_a_correction(
     connector = add(Plain)
     outcome, reports = await edit_through_delivery(stores, connector)
     # A marked correction, answering the original (the vendor shows replies).
-    assert connector.calls == [("send", "conv-1", "✏️ Correction: corrigé")]  # type: ignore[attr-defined]
+    assert connector.calls == [("send", "conv-1", "✏️ Correction : corrigé")]  # type: ignore[attr-defined]
     assert outcome == "delivered:degraded"
     [status] = reports
     assert status["outcome"] == "SUCCESS"
-    assert "pl has no edits: sent as a marked correction" in status["detail"]
+    assert (
+        "pl ne permet pas de modifier un message : envoyé comme une correction signalée"
+        in status["detail"]
+    )
     assert await stores.messages.remotes_for("pl", "$edit", room_id=ROOM) == ["sent-1"]
 
 

@@ -44,7 +44,7 @@ def test_html_becomes_markdown_for_a_markdown_vendor_without_notes() -> None:
 def test_html_becomes_plain_text_for_a_plain_vendor_and_the_sender_is_told() -> None:
     rendered = render_text(html_message("<b>5 mg</b>"), PLAIN, "Dr X", "mp")
     assert rendered.parts == ["5 mg"]
-    assert any("plain text" in note for note in rendered.notes)
+    assert any("texte brut" in note for note in rendered.notes)
 
 
 def test_hostile_html_never_reaches_a_vendor() -> None:
@@ -86,15 +86,15 @@ def test_long_text_is_split_or_refused_as_declared() -> None:
     content = {"msgtype": "m.text", "body": "un deux trois quatre"}
     rendered = render_text(content, PLAIN, "Dr X", "mp")
     assert all(len(part) <= 10 for part in rendered.parts) and len(rendered.parts) > 1
-    assert any("split" in note for note in rendered.notes)
+    assert any("découpé en" in note for note in rendered.notes)
     refusing = Capabilities(max_text_length=10, long_text="refuse")
-    with pytest.raises(Undeliverable, match="10 at most"):
+    with pytest.raises(Undeliverable, match="10 au plus"):
         render_text(content, refusing, "Dr X", "mp")
 
 
 @pytest.mark.parametrize("body", ["", "   ", "\n\n"])
 def test_empty_messages_are_refused_with_a_reason(body: str) -> None:
-    with pytest.raises(Undeliverable, match="empty"):
+    with pytest.raises(Undeliverable, match="vide"):
         render_text({"msgtype": "m.text", "body": body}, MARKDOWN, "Dr X", "pl")
 
 
@@ -121,9 +121,9 @@ def test_files_within_every_limit_pass_with_the_tightest_ceiling() -> None:
 @pytest.mark.parametrize(
     ("mime", "size", "reason"),
     [
-        ("application/pdf", 4096, "accepts 0.0 MiB at most"),
-        ("image/png", 10, "does not accept files of type image/png"),
-        ("application/x-msdownload", 10, "not allowed in this space"),
+        ("application/pdf", 4096, "en accepte 0.0 Mio au plus"),
+        ("image/png", 10, "n'accepte pas les fichiers de type image/png"),
+        ("application/x-msdownload", 10, "ne sont pas autorisés dans cet espace"),
     ],
 )
 def test_files_over_a_limit_or_of_a_refused_type_are_undeliverable(
@@ -138,7 +138,7 @@ def test_files_over_a_limit_or_of_a_refused_type_are_undeliverable(
 def test_a_vendor_without_files_refuses_them() -> None:
     ref = file_ref(file_content("application/pdf", 10))
     assert ref is not None
-    with pytest.raises(Undeliverable, match="does not accept files"):
+    with pytest.raises(Undeliverable, match="n'accepte pas les fichiers"):
         check_file(ref, MARKDOWN, "pl", MEDIA.max_file_size, MEDIA.allows)
 
 

@@ -71,7 +71,7 @@ async def test_a_conversion_past_the_memory_limit_fails() -> None:
 
 
 async def test_other_errors_of_the_conversion_pass_through() -> None:
-    with pytest.raises(degradation.Undeliverable, match="empty"):
+    with pytest.raises(degradation.Undeliverable, match="vide"):
         await worker.run(render_text, {"msgtype": "m.text", "body": "  "}, MARKDOWN, "X", "pl")
 
 

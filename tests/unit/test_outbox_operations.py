@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,6 +31,7 @@ from bridge.core.executors import (
 from bridge.core.members import Member
 from bridge.db.portal import Portal
 from bridge.db.stores import Stores
+from bridge.i18n import set_locale
 from bridge.secrets import SecretBox, generate_key
 from connectors.base import Capabilities, NewConversation, OutboundMessage, Sender
 from connectors.idnps import Idnps, luhn_check_digit
@@ -273,7 +275,7 @@ async def test_a_message_maps_each_vendor_message_it_became(stores: Stores) -> N
     assert isinstance(outcome, Delivered) and outcome.conversation == "conv"
     assert [call[2].strip() for call in vendor.calls] == ["abcdefgh", "ijklmnop"]
     assert outcome.mapped == (MessageMapped("m-1", "$m"), MessageMapped("m-2", "$m"))
-    assert any("split into 2 messages" in note for note in outcome.notes)
+    assert any("découpé en 2 messages" in note for note in outcome.notes)
 
 
 async def test_a_reaction_maps_the_vendor_reaction(stores: Stores) -> None:
@@ -284,9 +286,48 @@ async def test_a_reaction_maps_the_vendor_reaction(stores: Stores) -> None:
     assert outcome.mapped[0].ref == op.reaction_ref("m-9", "r-1")
 
 
-async def test_what_a_vendor_cannot_do_maps_its_stand_in_message(stores: Stores) -> None:
+STAND_INS = {
+    "fr": (
+        [
+            "✏️ Correction : x",
+            "Alice Martin a réagi avec 👍",
+            "🗑 Alice Martin a supprimé un message.",
+        ],
+        [
+            ("pl ne permet pas de modifier un message : envoyé comme une correction signalée",),
+            ("pl n'a pas de réactions : envoyée sous forme de court message",),
+            ("pl ne permet pas de supprimer un message : ses utilisateurs en ont été informés",),
+        ],
+    ),
+    "en": (
+        [
+            "✏️ Correction: x",
+            "Alice Martin reacted 👍",
+            "🗑 Alice Martin deleted a message.",
+        ],
+        [
+            ("pl has no edits: sent as a marked correction",),
+            ("pl has no reactions: sent as a short message",),
+            ("pl cannot delete messages: its users were told",),
+        ],
+    ),
+}
+
+
+@pytest.fixture(params=sorted(STAND_INS))
+def locale(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each locale in turn (the default, French, restored after)."""
+    set_locale(request.param)
+    yield request.param
+    set_locale("fr")
+
+
+async def test_what_a_vendor_cannot_do_maps_its_stand_in_message(
+    stores: Stores, locale: str
+) -> None:
     """An edit, a deletion, a reaction to a vendor without them: one stand-in message each,
-    quoting the message it is about, mapped to the Matrix event it stands for."""
+    quoting the message it is about, mapped to the Matrix event it stands for, in the bridge's
+    locale (French by default)."""
     await stores.messages.add("pl", "m-9", ROOM, "$m")
     vendor = Vendor(NONE)
     run = executors(stores, vendor).run
@@ -301,17 +342,9 @@ async def test_what_a_vendor_cannot_do_maps_its_stand_in_message(stores: Stores)
         (MessageMapped("m-2", "$r"),),
         (MessageMapped("m-3", "$d"),),
     ]
-    assert vendor.calls == [
-        ("send", "conv", "✏️ Correction: x", "m-9"),
-        ("send", "conv", "Alice Martin reacted 👍", "m-9"),
-        ("send", "conv", "🗑 Alice Martin deleted a message.", "m-9"),
-    ]
-    notes = [o.notes for o in outcomes if isinstance(o, Delivered)]
-    assert notes == [
-        ("pl has no edits: sent as a marked correction",),
-        ("pl has no reactions: sent as a short message",),
-        ("pl cannot delete messages: its users were told",),
-    ]
+    texts, notes = STAND_INS[locale]
+    assert vendor.calls == [("send", "conv", t, "m-9") for t in texts]
+    assert [o.notes for o in outcomes if isinstance(o, Delivered)] == notes
 
 
 async def test_what_changes_nothing_new_maps_nothing(stores: Stores) -> None:

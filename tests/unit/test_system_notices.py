@@ -138,7 +138,7 @@ async def test_a_message_that_failed_at_one_vendor_is_told_to_the_others_in_fren
         text="Un message n'a pas pu être remis à mp : fichier trop gros",
     )
     bodies = [c.get("body") for t, c in hs.sent if t == "m.room.message"]
-    assert bodies == ["A message could not be delivered to mp: fichier trop gros"] * 2
+    assert bodies == ["Un message n'a pas pu être remis à mp : fichier trop gros"] * 2
 
 
 async def test_a_system_message_refused_for_good_is_told_to_nobody(stores: Stores) -> None:

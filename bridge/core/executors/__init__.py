@@ -61,6 +61,7 @@ from bridge.core.operations import (
 )
 from bridge.core.portals import Portals
 from bridge.db.stores import Stores
+from bridge.i18n import _
 from bridge.matrix.homeserver import Homeserver
 from bridge.matrix.media import MediaRepository
 
@@ -97,14 +98,20 @@ class Executors:
         homeserver's errors through (the delivery policy sorts them)."""
         connector = self.connectors.get(connector_id)
         if connector is None:
-            raise PermanentFailure(f"connector {connector_id!r} is not running")
+            raise PermanentFailure(
+                _("the {connector} connector is not running").format(connector=connector_id)
+            )
         link = await self.stores.portals.link(room_id, connector_id)
         if link is None:
-            raise PermanentFailure(f"the room is not linked to {connector_id}")
+            raise PermanentFailure(
+                _("the room is not linked to {connector}").format(connector=connector_id)
+            )
         if isinstance(operation, CreateConversation):
             return await create_conversation(connector, room_id, link.conversation_id, operation)
         if link.conversation_id is None:
-            raise PermanentFailure(f"the {connector_id} conversation was never opened")
+            raise PermanentFailure(
+                _("the {connector} conversation was never opened").format(connector=connector_id)
+            )
         target = Target(connector_id, connector, room_id, link.conversation_id)
         ctx = self.context
         match operation:

@@ -11,6 +11,7 @@ from bridge.config import MediaConfig
 from bridge.core.operations import parse_reaction_ref
 from bridge.core.portals import Portals
 from bridge.db.stores import Stores
+from bridge.i18n import ngettext
 from bridge.matrix.homeserver import Homeserver
 from bridge.matrix.media import MediaRepository
 from connectors.base import Capabilities, Connector, Mention
@@ -61,9 +62,15 @@ class Context:
         limit = target.caps.max_mentions
         if limit is not None and len(people) > limit:
             if notes is not None:
+                others = len(people) - limit
                 notes.append(
-                    f"{target.connector_id} accepte au plus {limit} mentions par message : "
-                    f"les {len(people) - limit} autres sont écrites comme de simples noms"
+                    ngettext(
+                        "{vendor} accepts at most {limit} mentions per message: the {n} other "
+                        "is written as a plain name",
+                        "{vendor} accepts at most {limit} mentions per message: the {n} others "
+                        "are written as plain names",
+                        others,
+                    ).format(vendor=target.connector_id, limit=limit, n=others)
                 )
             people = people[:limit]
         room_id = target.room_id

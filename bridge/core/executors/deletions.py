@@ -7,6 +7,7 @@ from bridge.core.executors.context import Context, Target
 from bridge.core.executors.outcome import Delivered, Mapped, Skipped
 from bridge.core.executors.stand_in import send_stand_in
 from bridge.core.operations import Redact, parse_reaction_ref
+from bridge.i18n import _
 
 
 async def redact(ctx: Context, target: Target, redaction: Redact) -> Delivered | Skipped:
@@ -33,14 +34,18 @@ async def redact(ctx: Context, target: Target, redaction: Redact) -> Delivered |
             found = await connector.delete_message(conversation, ref, sender)
             removed, gone = removed + (found is not False), gone + (found is False)
         else:
-            notes.append(f"{target.connector_id} cannot delete messages: its users were told")
+            notes.append(
+                _("{vendor} cannot delete messages: its users were told").format(
+                    vendor=target.connector_id
+                )
+            )
             mapped.append(
                 await send_stand_in(
                     target,
                     event_id=redaction.event_id,
                     request_id=f"{redaction.event_id}:{ref}",
                     sender=sender,
-                    text=f"🗑 {sender.display_name} deleted a message.",
+                    text=_("🗑 {name} deleted a message.").format(name=sender.display_name),
                     ts=redaction.ts,
                     about=ref,
                 )

@@ -8,6 +8,7 @@ from bridge.core.executors.context import Context, Target, when
 from bridge.core.executors.outcome import Delivered, Skipped
 from bridge.core.executors.stand_in import send_stand_in
 from bridge.core.operations import EditMessage
+from bridge.i18n import _
 from connectors.base import OutboundMessage
 
 
@@ -25,7 +26,7 @@ async def edit_message(ctx: Context, target: Target, edit: EditMessage) -> Deliv
     notes = list(rendered.notes)
     text = rendered.parts[0]
     if len(rendered.parts) > 1:
-        notes.append("the correction was cut to the vendor's length limit")
+        notes.append(_("the correction was cut to the recipient's length limit"))
     if caps.edits:
         await target.connector.edit_message(
             target.conversation,
@@ -40,13 +41,15 @@ async def edit_message(ctx: Context, target: Target, edit: EditMessage) -> Deliv
             ),
         )
         return Delivered(target.conversation, tuple(notes))
-    notes.append(f"{target.connector_id} has no edits: sent as a marked correction")
+    notes.append(
+        _("{vendor} has no edits: sent as a marked correction").format(vendor=target.connector_id)
+    )
     mapped = await send_stand_in(
         target,
         event_id=edit.event_id,
         request_id=edit.event_id,
         sender=sender.as_sender(),
-        text=f"✏️ Correction: {text}",
+        text=_("✏️ Correction: {text}").format(text=text),
         ts=edit.ts,
         about=original,
         mentions=mentions,

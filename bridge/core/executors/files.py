@@ -10,6 +10,7 @@ from typing import Any
 from bridge.core.degradation import FileRef, Undeliverable
 from bridge.core.filetypes import content_type, peek
 from bridge.crypto.attachments import AttachmentError, decrypt_stream
+from bridge.i18n import _
 from bridge.matrix.media import MediaRepository
 
 
@@ -26,7 +27,7 @@ async def stream(
             async for chunk in chunks:
                 seen += len(chunk)
                 if seen > ceiling:
-                    raise Undeliverable("the file is larger than announced and than allowed")
+                    raise Undeliverable(_("the file is larger than announced and than allowed"))
                 yield chunk
 
         if encrypted is None:
@@ -38,7 +39,9 @@ async def stream(
                 async for chunk in decrypt_stream(bounded(), encrypted):
                     yield chunk
             except AttachmentError as error:
-                raise Undeliverable(f"the encrypted file cannot be read: {error}") from None
+                raise Undeliverable(
+                    _("the encrypted file cannot be read: {error}").format(error=error)
+                ) from None
 
         yield decrypted()
 

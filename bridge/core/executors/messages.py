@@ -24,6 +24,7 @@ from bridge.core.executors.context import Context, Target, when
 from bridge.core.executors.files import real_type, stream
 from bridge.core.executors.outcome import Delivered, MessageMapped
 from bridge.core.operations import SendMessage
+from bridge.i18n import _
 from connectors.base import ConnectorError, OutboundAttachment, OutboundMessage
 
 
@@ -38,8 +39,9 @@ async def send_message(ctx: Context, target: Target, message: SendMessage) -> De
         notes.append(converted)
     if content.get("eimis.unknown_msgtype"):
         notes.append(
-            f"type de message {str(content['eimis.unknown_msgtype'])[:64]} inconnu : "
-            "envoyé sous forme de texte"
+            _("unknown message type {type}: sent as text").format(
+                type=str(content["eimis.unknown_msgtype"])[:64]
+            )
         )
     reply_to = await _reply_target(ctx, target, message, notes)
     base = dict(
@@ -69,7 +71,7 @@ async def send_message(ctx: Context, target: Target, message: SendMessage) -> De
     elif place is not None and caps.locations:
         messages = [OutboundMessage(request_id=message.event_id, text="", location=place, **base)]
     elif place is not None:
-        notes.append(f"{vendor} cannot show locations: sent as a map link")
+        notes.append(_("{vendor} cannot show locations: sent as a map link").format(vendor=vendor))
         messages = [
             OutboundMessage(request_id=message.event_id, text=location_as_text(place), **base)
         ]
@@ -100,12 +102,18 @@ async def _reply_target(
     if not message.reply_to_event:
         return None
     if not target.caps.replies:
-        notes.append(f"{target.connector_id} has no replies: sent without the quoted message")
+        notes.append(
+            _("{vendor} has no replies: sent without the quoted message").format(
+                vendor=target.connector_id
+            )
+        )
         return None
     quoted = await ctx.message_ref(target, message.reply_to_event)
     if quoted is None:
         notes.append(
-            f"the message it answers never reached {target.connector_id}: sent without the quote"
+            _("the message it answers never reached {vendor}: sent without the quote").format(
+                vendor=target.connector_id
+            )
         )
     return quoted
 
@@ -119,7 +127,7 @@ async def _send_quoting(target: Target, message: OutboundMessage, notes: list[st
     except ConnectorError as error:
         if message.reply_to is None or error.retriable or error.unreachable:
             raise
-    notes.append("le message cité n'existe plus chez le destinataire : envoyé sans la citation")
+    notes.append(_("the quoted message no longer exists at the recipient: sent without the quote"))
     return await connector.send_message(
         conversation,
         dataclasses.replace(message, reply_to=None, request_id=f"{message.request_id}#unquoted"),

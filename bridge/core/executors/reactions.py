@@ -7,6 +7,7 @@ from bridge.core.executors.context import Context, Target
 from bridge.core.executors.outcome import Delivered, ReactionMapped, Skipped
 from bridge.core.executors.stand_in import send_stand_in
 from bridge.core.operations import AddReaction
+from bridge.i18n import _
 
 
 async def add_reaction(ctx: Context, target: Target, reaction: AddReaction) -> Delivered | Skipped:
@@ -25,10 +26,12 @@ async def add_reaction(ctx: Context, target: Target, reaction: AddReaction) -> D
         event_id=reaction.event_id,
         request_id=reaction.event_id,
         sender=sender,
-        text=f"{sender.display_name} reacted {reaction.key}",
+        text=_("{name} reacted {emoji}").format(name=sender.display_name, emoji=reaction.key),
         ts=reaction.ts,
         about=message_id,
         message_kind="notice",
     )
-    note = f"{target.connector_id} has no reactions: sent as a short message"
+    note = _("{vendor} has no reactions: sent as a short message").format(
+        vendor=target.connector_id
+    )
     return Delivered(target.conversation, (note,), (stand_in,))
