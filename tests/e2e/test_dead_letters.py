@@ -122,7 +122,7 @@ async def test_a_dead_letter_holds_its_conversation_until_retried_then_all_arriv
         await native.send_text(room_id, text)
 
     status = await failed_status(native, room_id, first_id)
-    assert "operator" in status["message"]
+    assert "opérateur" in status["message"]
     assert stack.bridge is not None
     letters = await wait_until(
         lambda: _held(stack, 2), 30, "the dead letter to hold both later messages"

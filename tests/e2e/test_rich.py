@@ -177,7 +177,7 @@ async def test_notice_emote_and_location_map_or_fall_back_readably(trio: Trio) -
     assert at_alice["location"]["lat"] == pytest.approx(48.8566)
     at_bob = await vendor_copy(trio.bob, lambda m: place in m["text"])
     assert "geo:48.8566,2.3522" in at_bob["text"]
-    assert "map link" in (await send_status(trio, event_id, "medipeps"))["message"]
+    assert "lien vers une carte" in (await send_status(trio, event_id, "medipeps"))["message"]
 
     pin = unique("Point de rendez-vous")
     await trio.alice.post(
@@ -202,7 +202,7 @@ async def test_unknown_message_types_and_empty_messages_are_handled_and_reported
         trio.room_id, "m.room.message", {"msgtype": "m.text", "body": ""}
     )
     status = await send_status(trio, empty, "pandalab")
-    assert status["status"] == "FAIL_PERMANENT" and "empty" in status["message"]
+    assert status["status"] == "FAIL_PERMANENT" and "vide" in status["message"]
 
 
 async def test_text_over_medipeps_limit_is_split_in_order_and_the_sender_told(trio: Trio) -> None:
@@ -288,7 +288,7 @@ async def test_file_over_a_vendor_limit_or_of_a_forbidden_type_is_refused_with_a
     )
     for network in ("pandalab", "medipeps"):
         status = await send_status(trio, event_id, network)
-        assert status["status"] == "FAIL_PERMANENT" and "not allowed" in status["message"]
+        assert status["status"] == "FAIL_PERMANENT" and "ne sont pas autorisés" in status["message"]
 
 
 async def test_vendor_files_reach_matrix_through_authenticated_media(trio: Trio) -> None:
