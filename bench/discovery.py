@@ -109,6 +109,45 @@ async def latencies(http: ClientSession, url: str, token: str, terms: list[str])
     return found
 
 
+BASELINE = 1000
+"""Users the baseline registers and names straight through the client-server API."""
+
+
+async def synapse_baseline(http: ClientSession, url: str, as_token: str) -> float:
+    """Synapse's own rate for what publishing asks of it (an appservice registration, then a
+    display name), ``IN_FLIGHT`` at once, with no bridge in the way: users/s."""
+    from bridge.core.discovery import IN_FLIGHT
+
+    headers = {"Authorization": f"Bearer {as_token}"}
+    gate = asyncio.Semaphore(IN_FLIGHT)
+
+    async def one(i: int) -> None:
+        localpart = f"eimis_baseline_{i}"
+        user_id = f"@{localpart}:{DOMAIN}"
+        async with gate:
+            async with http.post(
+                f"{url}/_matrix/client/v3/register",
+                json={
+                    "type": "m.login.application_service",
+                    "username": localpart,
+                    "inhibit_login": True,
+                },
+                headers=headers,
+            ) as r:
+                assert r.status == 200, await r.text()
+            async with http.put(
+                f"{url}/_matrix/client/v3/profile/{user_id}/displayname",
+                params={"user_id": user_id},
+                json={"displayname": f"Baseline {i} - Médecin"},
+                headers=headers,
+            ) as r:
+                assert r.status == 200, await r.text()
+
+    started = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(BASELINE)))
+    return BASELINE / (time.monotonic() - started)
+
+
 async def run(entries: int = 100_000, log: Any = print) -> dict[str, Any]:
     from bridge.config import parse_config
     from bridge.core.connectors import ConnectorSet
@@ -158,6 +197,8 @@ async def run(entries: int = 100_000, log: Any = print) -> dict[str, Any]:
                     await latencies(http, hs.url, token, terms[:5])  # warm-up
                     without = await latencies(http, hs.url, token, terms)
                     log(f"discovery: search p50 {statistics.median(without):.1f} ms, no ghosts")
+                    baseline_per_s = await synapse_baseline(http, hs.url, as_token)
+                    log(f"discovery: Synapse alone registers + names {baseline_per_s:.1f} users/s")
                     homeserver = Homeserver(config, as_token, db, http)
                     discovery = Discovery(stores, homeserver, ConnectorSet(), config)
                     step = max(entries // 10, 1)
@@ -187,6 +228,10 @@ async def run(entries: int = 100_000, log: Any = print) -> dict[str, Any]:
             "discovery_searchable_s": round(searchable_s, 1),
             "discovery_ghosts_per_s": round(report.registered / publish_s, 1) if publish_s else 0,
             "discovery_failed": report.failed,
+            "discovery_baseline_synapse_per_s": round(baseline_per_s, 1),
+            "discovery_vs_synapse": round(report.registered / publish_s / baseline_per_s, 2)
+            if publish_s and baseline_per_s
+            else None,
             "discovery_search_hit_display_name": hits[0].get("display_name") if hits else None,
             "user_search_p50_ms_no_ghosts": round(p50_without, 2),
             "user_search_p95_ms_no_ghosts": round(pct(without, 0.95), 2),
