@@ -12,7 +12,6 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
 
-from connectors import payload
 from connectors.base import (
     AttachmentSource,
     Capabilities,
@@ -40,6 +39,7 @@ from connectors.base import (
     UserListing,
     UserPage,
 )
+from connectors.kit import listing
 from connectors.kit.backoff import Backoff
 from connectors.kit.feed import Page, PolledFeed
 from connectors.kit.ids import InvalidRemoteId, check_event_ids
@@ -53,8 +53,6 @@ MAX_FILE_SIZE = 1024 * 1024
 FILE_MIME_TYPES = frozenset({"image/jpeg", "image/png", "application/pdf"})
 HISTORY_PAGE_SIZE = 500
 """Messages asked per page of a conversation's own feed (Medipeps' largest page)."""
-MAX_USER_PAGE = 1000
-"""Most professionals Medipeps lists in one page."""
 _DECODE_STEP = 4 * 16 * 1024
 """Base64 characters decoded at a time when streaming an inline file (48 KiB of bytes)."""
 
@@ -259,26 +257,16 @@ class MedipepsConnector(
         """``GET /mp/professionals?after=&limit=`` (at most 1,000 a page), by IDNPS; the cursor
         is Medipeps' ``after``. A malformed professional is left out and logged (its index and
         the rule)."""
-        limit = max(1, min(limit, MAX_USER_PAGE))
-        raw, after_last = await self.client.professionals(cursor, limit)
-        if after_last is not None and after_last == cursor:
-            raise ConnectorError(
-                "Medipeps answered a professional list page that does not move past its cursor",
-                retriable=False,
-            )
-        users: list[RemoteUser] = []
-        for i, item in enumerate(raw):
-            try:
-                users.append(convert.user_from_json(payload.obj(item, f"professionals[{i}]")))
-            except InvalidPayload as exc:
-                self.log.warning(
-                    "medipeps %s: left out a malformed professional of the list "
-                    "(professionals[%d]: %s)",
-                    self.ctx.connector_id,
-                    i,
-                    exc,
-                )
-        return UserPage(tuple(users), after_last)
+        raw, after_last = await self.client.professionals(cursor, listing.page_size(limit))
+        return listing.user_page(
+            raw,
+            after_last,
+            cursor,
+            convert.user_from_json,
+            field="professionals",
+            vendor=f"medipeps {self.ctx.connector_id}",
+            log=self.log,
+        )
 
     # Vendor -> bridge -----------------------------------------------------------------------------
 

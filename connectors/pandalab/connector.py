@@ -47,6 +47,7 @@ from connectors.base import (
     UserListing,
     UserPage,
 )
+from connectors.kit import listing
 from connectors.kit.ids import InvalidRemoteId, check_event_ids
 from connectors.kit.signing import SignedWebhook
 from connectors.pandalab import convert
@@ -59,8 +60,6 @@ MAX_FILE_SIZE = 512 * 1024 * 1024
 MAX_HISTORY_LIMIT = 1000
 """Most messages PandaLab returns from one conversation's history."""
 
-MAX_USER_PAGE = 1000
-"""Most users PandaLab lists in one page."""
 
 SIGNATURE_HEADER = "X-PandaLab-Signature"
 TIMESTAMP_HEADER = "X-PandaLab-Timestamp"
@@ -307,25 +306,16 @@ class PandaLabConnector(
     async def list_users(self, cursor: str | None, limit: int) -> UserPage:
         """``GET /api/v1/users?after=&limit=`` (at most 1,000 a page), by IDNPS; the cursor is
         PandaLab's ``next``. A malformed user is left out and logged (its index and the rule)."""
-        limit = max(1, min(limit, MAX_USER_PAGE))
-        raw, after_last = await self.client.list_users(cursor, limit)
-        if after_last is not None and after_last == cursor:
-            raise ConnectorError(
-                "PandaLab answered a user list page that does not move past its cursor",
-                retriable=False,
-            )
-        users: list[RemoteUser] = []
-        for i, item in enumerate(raw):
-            try:
-                users.append(convert.user_from_json(payload.obj(item, f"users[{i}]")))
-            except InvalidPayload as exc:
-                self.log.warning(
-                    "pandalab %s: left out a malformed user of the list (users[%d]: %s)",
-                    self.ctx.connector_id,
-                    i,
-                    exc,
-                )
-        return UserPage(tuple(users), after_last)
+        raw, after_last = await self.client.list_users(cursor, listing.page_size(limit))
+        return listing.user_page(
+            raw,
+            after_last,
+            cursor,
+            convert.user_from_json,
+            field="users",
+            vendor=f"pandalab {self.ctx.connector_id}",
+            log=self.log,
+        )
 
     # Vendor -> bridge -----------------------------------------------------------------------------
 

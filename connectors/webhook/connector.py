@@ -43,6 +43,7 @@ from connectors.base import (
     operation_protocols,
     with_protocols,
 )
+from connectors.kit import listing
 from connectors.kit.backoff import Backoff
 from connectors.kit.ids import InvalidRemoteId, check_event_ids
 from connectors.kit.tasks import cancel_and_wait
@@ -55,8 +56,6 @@ MAX_HISTORY_LIMIT = 1000
 """Most messages asked of a vendor's conversation history at once."""
 MAX_HISTORY_BYTES = 64 * 1024 * 1024
 """Longest history answer read (1,000 messages, each at most 65,536 characters)."""
-MAX_USER_PAGE = 1000
-"""Most users asked of a vendor in one page of its user list."""
 
 CONTRACT_VERSION = "1.0"
 """``info.version`` of openapi.yaml, announced to the vendor."""
@@ -432,7 +431,7 @@ class WebhookConnector(Connector, AttachmentSource, UserListing):
         """``GET /users?cursor=&limit=`` (at most 1,000 a page). A vendor answering 404 or 501
         has no listing: an empty, complete page (said once in the log). A malformed user is
         left out and logged (the field and the rule, no content)."""
-        params = {"limit": str(max(1, min(limit, MAX_USER_PAGE)))}
+        params = {"limit": str(listing.page_size(limit))}
         if cursor is not None:
             params["cursor"] = cursor
         status, body = await self.client.get("/users", params=params, accept=(404, 501))
