@@ -25,6 +25,23 @@ if str(ROOT) not in sys.path:
 from bridge.devtools.ports import free_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "latest.json"
+
+
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM alike cancel the running benchmark (the calling task), so every
+    server it started is stopped by the ``async with`` / ``finally`` that started it. A second
+    signal during the stop gets the default action."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def stop() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
 DOMAIN = "eimis.localhost"
 BOT = f"@eimis_bot:{DOMAIN}"
 NATIVE = f"@nurse.bench:{DOMAIN}"

@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, merge_results  # noqa: E402
+from common import RESULTS, ROOT, merge_results, stop_on_signals  # noqa: E402
 
 # (key, label, target text, check) for the table; a None check is a figure without a target.
 Check = Callable[[float], bool] | None
@@ -275,6 +275,7 @@ async def _directory(directory_import: Any) -> dict[str, Any]:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    stop_on_signals()
     import backfill
     import conversion
     import directory_import
@@ -364,7 +365,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--media-mb", type=int, default=200)
     args = parser.parse_args()
-    results = asyncio.run(main_async(args))
+    try:
+        results = asyncio.run(main_async(args))
+    except asyncio.CancelledError:
+        print("Interrupted: every server the benchmarks started is stopped.", file=sys.stderr)
+        sys.exit(130)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     merge_results(
         {

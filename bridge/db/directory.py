@@ -426,7 +426,10 @@ class DirectoryStore:
         rows = await self.db.fetch(
             f"SELECT {', '.join('p.' + c.strip() for c in _COLUMNS.split(','))} "
             "FROM professional p WHERE p.idnps > $1 AND EXISTS (SELECT 1 FROM professional_mxid "
-            f"m WHERE m.idnps = p.idnps AND m.kind = '{GHOST}' AND m.connector IN ({marks}))"
+            # COALESCE keeps SQLite's planner on the (idnps, mxid) key: on the bare column it
+            # scans the connector index for every entry, seconds a page at 100,000 entries.
+            f"m WHERE m.idnps = p.idnps AND m.kind = '{GHOST}' "
+            f"AND COALESCE(m.connector, '') IN ({marks}))"
             f"{national} ORDER BY p.idnps LIMIT $2",
             after_idnps or "",
             limit,
