@@ -51,6 +51,7 @@ from bridge.db.database import open_database, ping, truncate_wal
 from bridge.db.group_commit import GroupCommit
 from bridge.db.inbox import InboxItem
 from bridge.db.stores import Stores
+from bridge.directory.lookup import StoreDirectoryLookup
 from bridge.i18n import set_locale
 from bridge.matrix.homeserver import Homeserver, HomeserverCheckFailed, appservice_api
 from bridge.matrix.keys import KeysApi
@@ -461,6 +462,7 @@ class Bridge:
             emit_all=self._intake.batch_emitter(connector_id),
             store=ConnectorStateStore(self.db, connector_id),
             public_base_url=f"{self.config.appservice.webhook_base_url}/connectors/{connector_id}",
+            directory=StoreDirectoryLookup(self.stores.directory),
         )
 
     def _connector_resumed(self, connector_id: str) -> None:

@@ -249,6 +249,11 @@ class DirectoryConfig(_Strict):
         None, description="Sent as the ESANTE-API-KEY header; write it ${ENV_VAR}"
     )
     fhir_page_size: int = Field(100, ge=1, le=1000, description="Practitioners per FHIR page")
+    mailbox_domains: tuple[str, ...] = Field(
+        (),
+        description="Secure-mail domains besides the national one: an e-mail address of a "
+        "FHIR Practitioner in one of them (or a subdomain) is a secure mailbox",
+    )
     sync_interval_s: float = Field(
         10.0, ge=0, description="How often the running bridge renames ghosts after imports"
     )

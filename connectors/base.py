@@ -522,6 +522,31 @@ class NoSharedSecrets:
         return ()
 
 
+class DirectoryLookup(Protocol):
+    """What the bridge's directory of professionals (the national sources it imported) tells a
+    connector about secure mailboxes: a mail connector resolves a sender's address to the
+    professional it belongs to, and finds where to write to one."""
+
+    async def idnps_for_mailbox(self, address: str) -> Idnps | None:
+        """The professional whose personal mailbox this address is (exact address, any case);
+        None when the directory does not know it or gives it to several people."""
+        ...
+
+    async def mailboxes_of(self, idnps: Idnps) -> Sequence[str]:
+        """A professional's personal mailbox addresses (none: the directory lists none)."""
+        ...
+
+
+class NoDirectory:
+    """A directory that knows no one (connectors built outside a bridge, tests)."""
+
+    async def idnps_for_mailbox(self, address: str) -> Idnps | None:
+        return None
+
+    async def mailboxes_of(self, idnps: Idnps) -> Sequence[str]:
+        return ()
+
+
 @dataclass
 class ConnectorContext:
     """Everything a connector instance receives from the bridge."""
@@ -539,6 +564,8 @@ class ConnectorContext:
     """The secret shared with the vendor, when the bridge holds it (connectors added at run
     time, webhook connectors); read it at each use: a rotation changes it under a running
     connector."""
+    directory: DirectoryLookup = field(default_factory=NoDirectory)
+    """The bridge's directory of professionals (secure mailboxes); read at each use."""
 
     async def emit_many(self, events: Sequence[RemoteEvent]) -> None:
         """``emit`` for a page of events at once: returns once all are durably stored, in

@@ -82,7 +82,12 @@ async def import_path(
     shown = shown or str(path)
     try:
         return await import_file(
-            store, path, format=fmt, foreign_mxid=foreign_mxid_check(config), progress=progress
+            store,
+            path,
+            format=fmt,
+            foreign_mxid=foreign_mxid_check(config),
+            progress=progress,
+            mailbox_domains=config.directory.mailbox_domains,
         )
     except OSError as error:
         raise BadInput(f"Cannot read {shown}: {error.strerror or error}") from None
@@ -108,6 +113,7 @@ async def fetch(
             page_size=settings.fhir_page_size,
             max_pages=max_pages,
             foreign_mxid=foreign_mxid_check(config),
+            mailbox_domains=settings.mailbox_domains,
         )
     except FhirFetchError as error:
         raise Refused(f"Fetch failed: {error}") from None
@@ -123,7 +129,8 @@ async def summary(
         f"({report.lines_per_s:,.0f} {unit}/s): {report.records:,} valid, "
         f"{len(report.rejected):,} rejected.",
         f"Directory: {report.added:,} professional(s) added, {report.changed:,} changed, "
-        f"{report.mxids:,} native Matrix ID(s) listed; {await store.count():,} in all.",
+        f"{report.mxids:,} native Matrix ID(s) and {report.mailboxes:,} secure mailbox(es) "
+        f"listed; {await store.count():,} in all.",
     ]
     renames = await store.renames(report.stamp - 1)
     if renames:
@@ -144,12 +151,13 @@ async def summary(
 
 
 async def show(store: DirectoryStore, config: Config, value: str) -> list[str]:
-    """A professional and the Matrix IDs that reach them; ``->`` marks the one a conversation
-    goes to."""
+    """A professional, their secure mailboxes and the Matrix IDs that reach them; ``->`` marks
+    the one a conversation goes to."""
     idnps = idnps_of(value)
     entry = await store.get(idnps)
     mxids = await store.mxids(idnps)
-    if entry is None and not mxids:
+    mailboxes = await store.mailboxes(idnps)
+    if entry is None and not mxids and not mailboxes:
         raise Refused(f"No professional {idnps} in the directory.")
     lines = []
     if entry is not None:
@@ -159,6 +167,11 @@ async def show(store: DirectoryStore, config: Config, value: str) -> list[str]:
         lines.append(f"  source: {entry.source}, updated {updated} UTC")
     else:
         lines.append(f"{idnps} ({idnps.kind})  (no name: only Matrix IDs are known)")
+    if mailboxes:
+        lines.append("  secure mailboxes:")
+        lines += [f"     {m.address}  ({m.kind}, from {m.source})" for m in mailboxes]
+    else:
+        lines.append("  secure mailboxes: none")
     if not mxids:
         lines.append(
             "  Matrix IDs: none (a vendor user who names them is asked about on each connector)"

@@ -50,6 +50,7 @@ from connectors.base import (
     BatchSink,
     Connector,
     ConnectorError,
+    DirectoryLookup,
     EventSink,
     KeyValueStore,
     RemoteEvent,
@@ -158,6 +159,8 @@ class Wiring:
     emit_all: BatchSink
     store: KeyValueStore
     public_base_url: str
+    directory: DirectoryLookup | None = None
+    """The directory of professionals (secure mailboxes); None: one that knows no one."""
 
 
 @dataclass
@@ -539,6 +542,7 @@ class ConnectorManager:
             store=wiring.store,
             public_base_url=wiring.public_base_url,
             secrets=shared,
+            directory=wiring.directory,
         )
         self._routes.serve(
             connector_id,

@@ -15,6 +15,7 @@ from connectors.base import (
     CapabilityMismatch,
     Connector,
     ConnectorContext,
+    DirectoryLookup,
     EventSink,
     KeyValueStore,
     SharedSecrets,
@@ -96,6 +97,7 @@ class ConnectorSet:
         store: KeyValueStore,
         public_base_url: str,
         secrets: SharedSecrets | None = None,
+        directory: DirectoryLookup | None = None,
     ) -> Connector:
         ctx = ConnectorContext(
             connector_id=spec.connector_id,
@@ -108,6 +110,8 @@ class ConnectorSet:
         )
         if secrets is not None:
             ctx.secrets = secrets
+        if directory is not None:
+            ctx.directory = directory
         connector = spec.cls(ctx)
         # An instance may set its own capabilities (a webhook vendor declares them): they
         # must still match what it implements, or the bridge would ask what it cannot do.

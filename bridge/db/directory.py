@@ -1,7 +1,9 @@
 """The directory of professionals: who they are and the Matrix IDs at which they can be reached.
 
 Tables (migration v3): ``professional`` (one row per valid IDNPS) and ``professional_mxid``
-(ghosts of each connector, native accounts; ``preferred`` marks an operator's explicit choice).
+(ghosts of each connector, native accounts; ``preferred`` marks an operator's explicit choice);
+(migration v15) ``professional_mailbox``: the personal secure-mail addresses the national
+sources list for a professional, which a mail connector resolves to an IDNPS (``by_mailbox``).
 
 Bulk imports go through ``upsert_batch``: one ``executemany`` per table and batch, in one
 transaction. A row is only rewritten when something in it changed, and every rewritten row
@@ -29,6 +31,8 @@ from connectors import names
 GHOST = "ghost"
 NATIVE = "native"
 CONNECTOR_SOURCE = "connector:"
+PERSONAL_MAILBOX = "PER"
+"""The kind of mailbox stored: a personal one (the national sources' type code)."""
 SEARCH_WORDS = 4
 """At most this many words of a search are used (the rest is ignored)."""
 SEARCH_LIMIT = 50
@@ -89,6 +93,16 @@ class Record:
 
     professional: Professional
     native_mxids: tuple[str, ...] = field(default=())
+    mailboxes: tuple[str, ...] = field(default=())
+    """Personal secure-mail addresses, normalised (``bridge.directory.records.mailbox_address``)."""
+
+
+@dataclass(frozen=True)
+class ProfessionalMailbox:
+    idnps: str
+    address: str
+    kind: str
+    source: str
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,8 @@ class BatchResult:
     records: int
     """Distinct professionals in the batch."""
     mxids: int
+    mailboxes: int = 0
+    """Distinct (professional, mailbox address) pairs in the batch."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +160,14 @@ VALUES ($1, $2, $3, $4, false)
 ON CONFLICT (idnps, mxid) DO NOTHING
 """
 
+# A mailbox a source lists: added, or its kind and source follow the latest import that lists it.
+_ADD_MAILBOX = """
+INSERT INTO professional_mailbox (idnps, address, kind, source)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (idnps, address) DO UPDATE SET kind = excluded.kind, source = excluded.source
+WHERE professional_mailbox.kind <> excluded.kind OR professional_mailbox.source <> excluded.source
+"""
+
 _COLUMNS = "idnps, given_name, family_name, profession_code, profession_label, source, updated_at"
 
 # A ghost row seen by a connector's listing pass: added, or its ``listed_at`` moved to the pass.
@@ -190,10 +214,22 @@ class DirectoryStore:
         return max(now_ms(), latest + 1)
 
     async def upsert_batch(self, records: Sequence[Record], stamp: int) -> BatchResult:
-        """Store a batch in one transaction. The last record of an IDNPS in the batch wins."""
+        """Store a batch in one transaction. The last record of an IDNPS in the batch wins,
+        except for mailboxes: those of all its records are kept (an extract lists a person on
+        one line per activity or per mailbox). Mailboxes are only added (or re-typed): one
+        that a source stops listing stays until the person is forgotten."""
         by_idnps: dict[str, Record] = {}
+        mailboxes: dict[tuple[str, str], tuple[str, str, str, str]] = {}
         for record in records:
-            by_idnps[record.professional.idnps] = record
+            idnps = record.professional.idnps
+            by_idnps[idnps] = record
+            for address in record.mailboxes:
+                mailboxes[(idnps, address.lower())] = (
+                    idnps,
+                    address,
+                    PERSONAL_MAILBOX,
+                    record.professional.source,
+                )
         rows = [
             (
                 p.idnps,
@@ -220,7 +256,9 @@ class DirectoryStore:
                 await conn.executemany(_UPSERT, rows)
             if mxids:
                 await conn.executemany(_ADD_MXID, mxids)
-        return BatchResult(len(rows), len(mxids))
+            if mailboxes:
+                await conn.executemany(_ADD_MAILBOX, list(mailboxes.values()))
+        return BatchResult(len(rows), len(mxids), len(mailboxes))
 
     async def count(self) -> int:
         return int(await self.db.fetchval("SELECT COUNT(*) FROM professional"))
@@ -250,6 +288,34 @@ class DirectoryStore:
             mxid,
         )
         return Professional(**dict(row)) if row else None
+
+    async def by_mailbox(self, address: str) -> Professional | None:
+        """The professional whose personal secure mailbox this is: the exact address, whatever
+        its case. None when no one has it, or when the sources give it to several people (an
+        ambiguous address names no one: a mail connector must not guess who wrote)."""
+        key = address.strip().lower()
+        if not key:
+            return None
+        rows = await self.db.fetch(
+            "SELECT DISTINCT p.idnps, p.given_name, p.family_name, p.profession_code, "
+            "p.profession_label, p.source, p.updated_at "
+            "FROM professional_mailbox m JOIN professional p ON p.idnps = m.idnps "
+            f"WHERE lower(m.address) = $1 AND m.kind = '{PERSONAL_MAILBOX}' LIMIT 2",
+            key,
+        )
+        return Professional(**dict(rows[0])) if len(rows) == 1 else None
+
+    async def mailboxes(self, idnps: str) -> list[ProfessionalMailbox]:
+        """A professional's secure mailboxes, by address."""
+        rows = await self.db.fetch(
+            "SELECT idnps, address, kind, source FROM professional_mailbox WHERE idnps = $1 "
+            "ORDER BY lower(address), address",
+            idnps,
+        )
+        return [ProfessionalMailbox(**dict(r)) for r in rows]
+
+    async def count_mailboxes(self) -> int:
+        return int(await self.db.fetchval("SELECT COUNT(*) FROM professional_mailbox"))
 
     async def search(self, query: str, limit: int = 10) -> list[Professional]:
         """Professionals whose names match ``query``, whatever the case and accents: the whole

@@ -16,6 +16,7 @@ from bridge.db.clock import now_ms
 
 _ROWS_NAMING_A_PROFESSIONAL = (
     "professional_mxid",
+    "professional_mailbox",
     "permission_exception",
     "professional",
     "permission",
@@ -36,10 +37,10 @@ class ErasureStore:
         self.db = db
 
     async def erase_rows(self, idnps: str) -> int:
-        """Erase the rows that name a professional: directory entry and Matrix IDs,
-        permissions, ghost rows; how many went. Queued content, crypto material and what their
-        ghosts left on Matrix are erased by ``bridge.core.erasure``. The audit log keeps its
-        metadata rows (its own retention applies)."""
+        """Erase the rows that name a professional: directory entry, Matrix IDs and secure
+        mailboxes, permissions, ghost rows; how many went. Queued content, crypto material and
+        what their ghosts left on Matrix are erased by ``bridge.core.erasure``. The audit log
+        keeps its metadata rows (its own retention applies)."""
         erased = 0
         async with self.db.acquire() as conn, conn.transaction():
             for table in _ROWS_NAMING_A_PROFESSIONAL:

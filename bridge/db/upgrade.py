@@ -447,3 +447,24 @@ async def upgrade_v14(conn: Connection, scheme: Scheme) -> None:
     # A ghost that no longer reaches its person (forgotten by a listing) is named "<name>
     # (former account)" from then on: directory renames leave it alone until it is chosen again.
     await conn.execute("ALTER TABLE ghost ADD COLUMN former_at BIGINT")
+
+
+@upgrade_table.register(description="Professionals' secure mailboxes (directory)")
+async def upgrade_v15(conn: Connection, scheme: Scheme) -> None:
+    del scheme
+    # The secure-mail addresses (personal mailboxes) the national sources list for a professional:
+    # a mail connector resolves a sender's address to an IDNPS through them. Stored as given
+    # (domain in lower case); compared without case through the index on lower(address)
+    # (addresses are ASCII: SQLite's and PostgreSQL's lower() agree on them).
+    await conn.execute(
+        """CREATE TABLE professional_mailbox (
+            idnps    TEXT NOT NULL,
+            address  TEXT NOT NULL,
+            kind     TEXT NOT NULL,
+            source   TEXT NOT NULL,
+            PRIMARY KEY (idnps, address)
+        )"""
+    )
+    await conn.execute(
+        "CREATE INDEX professional_mailbox_address ON professional_mailbox (lower(address))"
+    )

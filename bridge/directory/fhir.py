@@ -11,7 +11,13 @@ From each Practitioner:
   whose ``practitioner`` is this one, else in the Practitioner's ``qualification`` (the AS DP
   profile); the label is the coding's ``display``, else the code's well-known label;
 * native Matrix IDs: the ``address`` of an ``Endpoint`` a role points at (TI-Messenger's way of
-  publishing them), and ``matrix:u/...`` URIs in ``telecom``.
+  publishing them), and ``matrix:u/...`` URIs in ``telecom``;
+* personal secure mailboxes (the Annuaire Santé's ``mailbox-mss``): a ``telecom`` of system
+  ``email`` of the Practitioner or its roles that carries the mailbox metadata extension
+  (``as-mailbox-mss-metadata``, or its later name ``as-ext-mailbox-mss-metadata``; only type
+  ``PER`` or no type), or whose address is in the national secure-mail domain or one of the
+  configured ``mailbox_domains`` (a subdomain counts). An invalid address there rejects the
+  entry; any other e-mail address is not a secure mailbox and is ignored.
 
 The endpoint is read with the ``ESANTE-API-KEY`` header (the key is never logged), page after
 page through the Bundles' ``next`` links. The key only goes to the configured base URL's origin
@@ -31,7 +37,13 @@ from urllib.parse import urlencode
 from aiohttp import ClientError, ClientSession, ClientTimeout
 
 from bridge.db.directory import Professional
-from bridge.directory.records import DirectoryFormatError, Record, Rejected, matrix_id
+from bridge.directory.records import (
+    DirectoryFormatError,
+    Record,
+    Rejected,
+    mailbox_address,
+    matrix_id,
+)
 from connectors.http import ResponseRefused, get_on_origin, read_capped, same_origin
 from connectors.idnps import Idnps, InvalidIdnps
 
@@ -44,6 +56,17 @@ PROFESSION_SYSTEM = (
     "https://mos.esante.gouv.fr/NOS/TRE_G15-ProfessionSante/FHIR/TRE-G15-ProfessionSante"
 )
 API_KEY_HEADER = "ESANTE-API-KEY"
+MAILBOX_EXTENSIONS = frozenset(
+    {
+        "https://interop.esante.gouv.fr/ig/fhir/annuaire/StructureDefinition/as-mailbox-mss-metadata",
+        "https://interop.esante.gouv.fr/ig/fhir/annuaire/StructureDefinition/as-ext-mailbox-mss-metadata",
+    }
+)
+"""The Annuaire Santé's mailbox metadata extension on a ContactPoint (its two published names)."""
+NATIONAL_MAILBOX_DOMAINS = ("mssante.fr",)
+"""The national secure-mail space's domain (an ANS address fact, like the URLs above): an
+e-mail telecom under it is a secure mailbox even without the metadata extension."""
+PERSONAL_MAILBOX = "PER"
 MAX_PAGE_BYTES = 16 * 1024 * 1024
 """Longest Bundle page read (a page of 100 Practitioners with their roles is a few hundred KB);
 a larger answer is refused, not read."""
@@ -121,10 +144,65 @@ def _telecom_mxids(resource: dict[str, Any]) -> list[str]:
     return found
 
 
+def _mailbox_type(extension: dict[str, Any]) -> str | None:
+    """The ``type`` code of a mailbox metadata extension (None: not given)."""
+    for sub in extension.get("extension") or []:
+        if isinstance(sub, dict) and sub.get("url") == "type":
+            for coding in (sub.get("valueCodeableConcept") or {}).get("coding") or []:
+                if isinstance(coding, dict) and coding.get("code"):
+                    return str(coding["code"]).strip().upper()
+    return None
+
+
+def _in_domains(value: str, domains: Sequence[str]) -> bool:
+    domain = value.rpartition("@")[2].strip().lower()
+    return any(domain == d or domain.endswith("." + d) for d in domains)
+
+
+def _telecom_mailboxes(
+    resource: dict[str, Any], domains: Sequence[str]
+) -> tuple[list[str], str | None]:
+    """The personal secure mailboxes in a resource's ``telecom``, or why one is refused."""
+    found: list[str] = []
+    for index, telecom in enumerate(resource.get("telecom") or [], start=1):
+        if not isinstance(telecom, dict) or telecom.get("system") != "email":
+            continue
+        value = telecom.get("value")
+        value = value if isinstance(value, str) else ""
+        marks = [
+            e
+            for e in telecom.get("extension") or []
+            if isinstance(e, dict) and e.get("url") in MAILBOX_EXTENSIONS
+        ]
+        if marks:
+            if any(_mailbox_type(m) not in (None, PERSONAL_MAILBOX) for m in marks):
+                continue  # an organisation's, an application's or a practice's mailbox
+        elif not _in_domains(value, domains):
+            continue  # an ordinary e-mail address
+        address, reason = mailbox_address(value)
+        if address is None:
+            return [], f"telecom {index}: {reason}"
+        found.append(address)
+    return found, None
+
+
 def parse_bundle(
-    bundle: Any, *, foreign_mxid: Callable[[str], str | None] | None = None
+    bundle: Any,
+    *,
+    foreign_mxid: Callable[[str], str | None] | None = None,
+    mailbox_domains: Sequence[str] = (),
 ) -> Iterator[Record | Rejected]:
-    """Records and rejections (numbered by Bundle entry, from 1) of one Bundle."""
+    """Records and rejections (numbered by Bundle entry, from 1) of one Bundle.
+
+    ``mailbox_domains``: secure-mail domains besides the national one (an e-mail telecom in
+    one of them, or a subdomain, is a secure mailbox)."""
+    domains = tuple(
+        dict.fromkeys(
+            d.strip(" .").lower()
+            for d in (*NATIONAL_MAILBOX_DOMAINS, *mailbox_domains)
+            if d.strip(" .")
+        )
+    )
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         # What it is instead is never quoted: the document may be anything.
         what = "its resourceType is not 'Bundle'" if isinstance(bundle, dict) else "not an object"
@@ -195,11 +273,22 @@ def parse_bundle(
             if reason is not None:
                 refused = f"{what}: {mxid}: {reason}"
                 break
+        mailboxes: list[str] = []
+        for resource in (practitioner, *own_roles):
+            if refused is not None:
+                break
+            found, reason = _telecom_mailboxes(resource, domains)
+            if reason is not None:
+                whose = "" if resource is practitioner else "a PractitionerRole's "
+                refused = f"{what}: {whose}{reason}"
+            mailboxes += found
         if refused is not None:
             yield Rejected(number, refused, "entry")
             continue
         yield Record(
-            Professional(idnps, given, family, code, label, SOURCE), tuple(dict.fromkeys(mxids))
+            Professional(idnps, given, family, code, label, SOURCE),
+            tuple(dict.fromkeys(mxids)),
+            tuple(dict.fromkeys(mailboxes)),
         )
 
 

@@ -7,12 +7,12 @@ per table each), so a file of millions of lines streams through in bounded memor
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from bridge.db.directory import DirectoryStore, Record
+from bridge.db.directory import BatchResult, DirectoryStore, Record
 from bridge.directory import fhir, ps_libreacces
 from bridge.directory.progress import Progress
 from bridge.directory.records import DirectoryFormatError, Rejected
@@ -33,6 +33,8 @@ class ImportReport:
     added: int = 0
     """Of them, new to the directory."""
     mxids: int = 0
+    mailboxes: int = 0
+    """Secure mailboxes listed (a professional's mailbox counts once per batch it is in)."""
     rejected: list[Rejected] = field(default_factory=list)
     seconds: float = 0.0
     stamp: int = 0
@@ -62,10 +64,15 @@ async def store_records(
         report.records += 1
         pending.append(item)
         if len(pending) >= batch:
-            report.mxids += (await store.upsert_batch(pending, stamp)).mxids
+            _count(report, await store.upsert_batch(pending, stamp))
             pending = []
     if pending:
-        report.mxids += (await store.upsert_batch(pending, stamp)).mxids
+        _count(report, await store.upsert_batch(pending, stamp))
+
+
+def _count(report: ImportReport, result: BatchResult) -> None:
+    report.mxids += result.mxids
+    report.mailboxes += result.mailboxes
 
 
 def detect_format(path: Path) -> str:
@@ -96,8 +103,10 @@ async def import_file(
     foreign_mxid: Callable[[str], str | None] | None = None,
     progress: bool | None = None,
     batch: int = BATCH,
+    mailbox_domains: Sequence[str] = (),
 ) -> ImportReport:
-    """Import a file; raises ``DirectoryFormatError`` (or ``OSError``) when it cannot be read."""
+    """Import a file; raises ``DirectoryFormatError`` (or ``OSError``) when it cannot be read.
+    ``mailbox_domains``: secure-mail domains besides the national one (FHIR telecoms)."""
     kind = format or detect_format(path)
     if kind not in FORMATS:
         raise DirectoryFormatError(f"unknown format {kind!r}; use one of {', '.join(FORMATS)}")
@@ -114,7 +123,9 @@ async def import_file(
     else:
         bundle = fhir.load_bundle(path.read_bytes())
         report.lines = len(bundle.get("entry") or []) if isinstance(bundle, dict) else 0
-        items = fhir.parse_bundle(bundle, foreign_mxid=foreign_mxid)
+        items = fhir.parse_bundle(
+            bundle, foreign_mxid=foreign_mxid, mailbox_domains=mailbox_domains
+        )
         await store_records(store, items, report, stamp=stamp, batch=batch)
     await _finish(store, report, before, started)
     return report
@@ -129,6 +140,7 @@ async def import_fhir_endpoint(
     page_size: int = 100,
     max_pages: int | None = None,
     foreign_mxid: Callable[[str], str | None] | None = None,
+    mailbox_domains: Sequence[str] = (),
 ) -> ImportReport:
     """Fetch Practitioners and their roles from a FHIR endpoint and import them."""
     report = ImportReport(source="fhir")
@@ -147,7 +159,9 @@ async def import_fhir_endpoint(
         entries = len(bundle.get("entry") or [])
         items = [
             Rejected(r.position + offset, r.reason, r.unit) if isinstance(r, Rejected) else r
-            for r in fhir.parse_bundle(bundle, foreign_mxid=foreign_mxid)
+            for r in fhir.parse_bundle(
+                bundle, foreign_mxid=foreign_mxid, mailbox_domains=mailbox_domains
+            )
         ]
         await store_records(store, items, report, stamp=stamp)
         offset += entries

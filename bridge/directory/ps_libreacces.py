@@ -12,11 +12,17 @@ drops between versions: 52 to 56 of them so far) does not matter:
 ``Code profession``                 TRE_G15 code, e.g. ``10``
 ``Libellé profession``              its label, e.g. ``Médecin``
 ``MXID`` (not ANS: this bridge's)   native Matrix IDs, separated by ``,`` or ``;``
+``Adresse BAL`` (any header that    secure mailbox addresses (the ANS mailbox
+starts so, e.g. ``Adresse BAL       extract's column; several separated by ``,``
+MSSanté``)                          or ``;``)
+``Type BAL`` (optional)             the mailbox's type: only ``PER`` (personal)
+                                    mailboxes are kept when the column exists
 ==================================  ============================================
 
 Lines end with a ``|`` in ANS's files (an empty last column); a line with a different number of
-columns than the header is rejected, as are an invalid IDNPS (with the rule it fails) and a
-missing family name. Files are UTF-8 (older extracts: Windows-1252, read as such per line).
+columns than the header is rejected, as are an invalid IDNPS (with the rule it fails), a
+missing family name and an invalid mailbox address (a line of another mailbox type is imported
+without its mailbox). Files are UTF-8 (older extracts: Windows-1252, read as such per line).
 """
 
 from __future__ import annotations
@@ -26,7 +32,13 @@ import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 
 from bridge.db.directory import Professional
-from bridge.directory.records import DirectoryFormatError, Record, Rejected, matrix_id
+from bridge.directory.records import (
+    DirectoryFormatError,
+    Record,
+    Rejected,
+    mailbox_address,
+    matrix_id,
+)
 from connectors.idnps import Idnps, InvalidIdnps
 
 SOURCE = "ps"
@@ -40,6 +52,10 @@ GIVEN = "Prénom d'exercice"
 CODE = "Code profession"
 LABEL = "Libellé profession"
 MXID_COLUMNS = ("MXID", "MXIDs", "Matrix ID", "Identifiant Matrix")
+MAILBOX_COLUMN = "Adresse BAL"
+"""The mailbox column: this header, or one that starts with it and a space (a qualifier)."""
+MAILBOX_TYPE_COLUMN = "Type BAL"
+PERSONAL = "PER"
 
 _SPACES = re.compile(r"\s+")
 _MXID_SPLIT = re.compile(r"[,;\s]+")
@@ -49,6 +65,12 @@ def _key(name: str) -> str:
     """Header names compared without case, accents' encoding, curly quotes or extra spaces."""
     name = unicodedata.normalize("NFC", name).replace("’", "'").replace("\ufeff", "")
     return _SPACES.sub(" ", name).strip().casefold()
+
+
+def _bare(key: str) -> str:
+    """A header key without accents (for the mailbox columns, named with or without them)."""
+    decomposed = unicodedata.normalize("NFKD", key)
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
 def _decode(raw: bytes | str) -> str:
@@ -84,6 +106,16 @@ class _Layout:
         self.code = find(CODE)
         self.label = find(LABEL)
         self.mxid = find(*MXID_COLUMNS)
+
+        def find_prefixed(wanted: str) -> int | None:
+            bare = _bare(_key(wanted))
+            for name, position in sorted(positions.items(), key=lambda item: item[1]):
+                if _bare(name) == bare or _bare(name).startswith(bare + " "):
+                    return position
+            return None
+
+        self.mailbox = find_prefixed(MAILBOX_COLUMN)
+        self.mailbox_type = find_prefixed(MAILBOX_TYPE_COLUMN)
         has_idnps = self.idnps is not None or (self.id_type is not None and self.id is not None)
         missing = [
             name
@@ -172,10 +204,23 @@ def parse(
                     refused = f"{mxid}: {reason}"
                     break
                 mxids.append(mxid)
+        mailboxes: list[str] = []
+        if refused is None and layout.mailbox is not None:
+            personal = layout.mailbox_type is None or (
+                fields[layout.mailbox_type].strip().upper() == PERSONAL
+            )
+            items = [i for i in _MXID_SPLIT.split(fields[layout.mailbox].strip()) if i]
+            for index, item in enumerate(items if personal else [], start=1):
+                address, reason = mailbox_address(item)
+                if address is None:
+                    refused = f"column {layout.mailbox + 1}, mailbox {index}: {reason}"
+                    break
+                mailboxes.append(address)
         if refused is not None:
             yield Rejected(number, refused)
             continue
         yield Record(
             Professional(idnps, given, family, code, label, SOURCE),
             tuple(mxids),
+            tuple(dict.fromkeys(mailboxes)),
         )

@@ -1,10 +1,13 @@
-"""Synthetic PS_LibreAcces extracts for tests and benchmarks (made up people, valid IDNPS)."""
+"""Synthetic PS_LibreAcces extracts for tests and benchmarks (made up people, valid IDNPS), with
+the ANS mailbox extract's two columns (``Type BAL``, ``Adresse BAL``) after ANS's 56: some
+people have a personal secure mailbox."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
 
+from bridge.directory.fhir import NATIONAL_MAILBOX_DOMAINS
 from connectors.idnps import luhn_check_digit
 
 # ANS's column layout of PS_LibreAcces_Personne_activite (56 columns, each line ending in '|').
@@ -44,6 +47,8 @@ _PROFESSIONS = (
     ("70", "Masseur-Kinésithérapeute"),
 )
 _INDEX = {name: position for position, name in enumerate(HEADER_COLUMNS)}
+MAILBOX_COLUMNS = "Type BAL|Adresse BAL|"
+"""Appended to ``HEADER`` (and ``mailbox_fields`` to a line) for an extract with mailboxes."""
 
 
 def rpps_idnps(n: int) -> str:
@@ -63,13 +68,26 @@ def extract_line(idnps: str, family: str, given: str, code: str, label: str) -> 
     return "|".join(fields) + "|"
 
 
-def write_extract(path: Path, lines: int, *, bad_every: int = 0, seed: int = 5) -> int:
-    """Write a header and ``lines`` data lines; every ``bad_every``-th has a broken IDNPS.
+def mailbox_address(given: str, family: str, n: int) -> str:
+    """A made-up personal secure mailbox in the national domain."""
+    return f"{given.lower()}.{family.lower()}.{n}@medecin.{NATIONAL_MAILBOX_DOMAINS[0]}"
+
+
+def mailbox_fields(address: str | None) -> str:
+    """The ``MAILBOX_COLUMNS`` of a line: a personal mailbox, or none."""
+    return f"PER|{address}|" if address else "||"
+
+
+def write_extract(
+    path: Path, lines: int, *, bad_every: int = 0, mailbox_every: int = 4, seed: int = 5
+) -> int:
+    """Write a header and ``lines`` data lines; every ``bad_every``-th has a broken IDNPS, every
+    ``mailbox_every``-th a personal secure mailbox (0: no mailbox columns at all).
     Returns how many lines are bad."""
     rng = random.Random(seed)
     bad = 0
     with path.open("w", encoding="utf-8") as f:
-        f.write(HEADER + "\n")
+        f.write(HEADER + (MAILBOX_COLUMNS if mailbox_every else "") + "\n")
         chunk: list[str] = []
         for n in range(1, lines + 1):
             idnps = rpps_idnps(n)
@@ -77,9 +95,12 @@ def write_extract(path: Path, lines: int, *, bad_every: int = 0, seed: int = 5) 
                 idnps = idnps[:-1] + str((int(idnps[-1]) + 1) % 10)  # Luhn now fails
                 bad += 1
             code, label = rng.choice(_PROFESSIONS)
-            chunk.append(
-                extract_line(idnps, rng.choice(_FAMILIES), rng.choice(_GIVEN), code, label)
-            )
+            family, given = rng.choice(_FAMILIES), rng.choice(_GIVEN)
+            line = extract_line(idnps, family, given, code, label)
+            if mailbox_every:
+                address = mailbox_address(given, family, n) if n % mailbox_every == 0 else None
+                line += mailbox_fields(address)
+            chunk.append(line)
             if len(chunk) >= 10_000:
                 f.write("\n".join(chunk) + "\n")
                 chunk = []
