@@ -496,6 +496,7 @@ async def test_the_migration_folds_the_names_already_in_the_directory(database_u
         await db.execute("DROP INDEX professional_mxid_connector")  # v14
         await db.execute("ALTER TABLE professional_mxid DROP COLUMN listed_at")
         await db.execute("ALTER TABLE ghost DROP COLUMN former_at")
+        await db.execute("DROP TABLE professional_mailbox")  # v15
         await db.execute("UPDATE eimis_version SET version = 11")
     finally:
         await db.stop()
