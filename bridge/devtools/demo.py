@@ -267,6 +267,32 @@ async def play_script(
     return transcript
 
 
+async def show_search(http: ClientSession, url: str, token: str, person: dict[str, Any]) -> None:
+    """A vendor user found from Matrix: the family name typed in any client's "start a chat"
+    search (the homeserver's user directory) finds their ghost, named after the directory."""
+    term = str(person["family_name"])
+
+    async def found() -> list[tuple[str, str]]:
+        async with http.post(
+            f"{url}/_matrix/client/v3/user_directory/search",
+            json={"search_term": term, "limit": 10},
+            headers={"Authorization": f"Bearer {token}"},
+        ) as resp:
+            results = (await resp.json()).get("results", []) if resp.status == 200 else []
+        return [
+            (str(r["user_id"]), str(r.get("display_name") or r["user_id"]))
+            for r in results
+            if person["idnps"] in str(r.get("user_id", ""))
+        ]
+
+    hits = await wait_for(_("{name} in the homeserver's user directory").format(name=term), found)
+    say(
+        "\n" + _("“{term}” typed in any Matrix client's search for people finds:").format(term=term)
+    )
+    for user_id, name in hits:
+        say(f"  {name} ({user_id})")
+
+
 async def _inbox_has(user: SandboxUser, *texts: str) -> bool:
     seen = [m["text"] for m in await user.inbox()]
     return all(t in seen for t in texts)
@@ -349,6 +375,7 @@ async def run_demo(state_dir: Path, *, once: bool) -> int:
                 transcript = await play_script(http, sandboxes, native, newcomer)
                 if not (native.joined and native.encrypted(native.joined[-1])):
                     raise TimeoutError(_("the portal is not end-to-end encrypted"))
+                await show_search(http, hs.url, native_token, sandboxes[0].users[-1])
                 say(
                     "\n"
                     + _(

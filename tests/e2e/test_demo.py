@@ -26,6 +26,11 @@ def test_demo_once_verifies_the_conversation_on_every_side(tmp_path: Path) -> No
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Vérifié de chaque côté." in result.stdout  # the transcript is in French
+    # A vendor user found from any Matrix client's people search (the user directory).
+    assert "tapé dans la recherche de personnes de n'importe quel client Matrix trouve :" in (
+        result.stdout
+    )
+    assert "(@eimis_" in result.stdout
     for side in ("sur pandalab a vu :", "sur medipeps a vu :", "sur Matrix a vu :"):
         assert side in result.stdout
 
