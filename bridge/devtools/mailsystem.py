@@ -259,6 +259,13 @@ class LocalMailSystem:
             self._users.append((idnps, address))
         if self._users_file.parent.exists():
             self._write_users()
+        if self._started:
+            # Dovecot's passwd-file re-reads a changed file at most once per second (the check is
+            # skipped while the clock is in the second of the last one): once the clock has moved
+            # on to the next second, every lookup sees the new user.
+            written = int(time.time())
+            while int(time.time()) == written:
+                time.sleep(_POLL)
 
     def client_ssl_context(self) -> ssl.SSLContext:
         """What a correct client uses: this system's CA only, TLS 1.2 minimum, names checked."""

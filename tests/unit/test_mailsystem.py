@@ -65,7 +65,8 @@ async def mail() -> AsyncIterator[LocalMailSystem]:
         async with system:
             yield system
     finally:
-        shutil.rmtree(state, ignore_errors=True)
+        if not os.environ.get("EIMIS_KEEP_MAIL_STATE"):
+            shutil.rmtree(state, ignore_errors=True)
 
 
 # -- client helpers (a professional's mail client) ------------------------------------------
