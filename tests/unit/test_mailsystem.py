@@ -8,7 +8,6 @@ challenge answered with an empty line. One LocalMailSystem serves the whole modu
 from __future__ import annotations
 
 import asyncio
-import base64
 import email
 import email.message
 import email.policy
