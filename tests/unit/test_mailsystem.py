@@ -34,6 +34,7 @@ from bridge.devtools.mailsystem import (
     LocalMailSystem,
     MailSystemError,
     ensure_packages,
+    _pid_alive,
     instance_pids,
     packages_missing,
 )
@@ -420,8 +421,9 @@ def test_a_signal_stops_every_process(signum: str) -> None:
 
 
 def _alive(pid_file: Path) -> bool:
+    """The pid file's process runs (a zombie left to a container's non-reaping init does not)."""
     try:
-        os.kill(int(pid_file.read_text().split()[0]), 0)
+        pid = int(pid_file.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return False
-    return True
+    return _pid_alive(pid)
