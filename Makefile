@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-eimis
 
-.PHONY: demo test bench lint clean libmagic catalogs
+.PHONY: demo test bench lint clean libmagic catalogs mailsystem
 
 $(VENV)/bin/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -29,10 +29,15 @@ libmagic:
 	  echo "libmagic missing: installing it with apt-get"; \
 	  apt-get update -qq && apt-get install -y -qq libmagic1 >/dev/null; }
 
-demo: $(STAMP) libmagic catalogs
+# Dovecot (IMAP, LMTP) and Postfix for the local MSSanté-like operator (bridge/devtools/mailsystem.py),
+# installed with apt-get when missing; the system's own services are left stopped.
+mailsystem: $(STAMP)
+	$(PY) -c 'from bridge.devtools.mailsystem import ensure_packages; ensure_packages()'
+
+demo: $(STAMP) libmagic catalogs mailsystem
 	$(VENV)/bin/eimis-bridge demo
 
-test: $(STAMP) libmagic catalogs
+test: $(STAMP) libmagic catalogs mailsystem
 	$(VENV)/bin/ruff check bridge connectors tests bench
 	$(VENV)/bin/lint-imports
 	$(PY) -m bridge.devtools.catalogs check
