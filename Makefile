@@ -34,7 +34,7 @@ libmagic:
 mailsystem: $(STAMP)
 	$(PY) -c 'from bridge.devtools.mailsystem import ensure_packages; ensure_packages()'
 
-demo: $(STAMP) libmagic catalogs mailsystem
+demo: $(STAMP) libmagic catalogs
 	$(VENV)/bin/eimis-bridge demo
 
 test: $(STAMP) libmagic catalogs mailsystem

@@ -109,7 +109,9 @@ def ensure_packages() -> None:
             tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
             raise MailSystemError(f"{' '.join(args)} failed ({done.returncode}):\n{tail}")
 
-    run("debconf-set-selections", stdin="postfix postfix/main_mailer_type select No configuration\n")
+    run(
+        "debconf-set-selections", stdin="postfix postfix/main_mailer_type select No configuration\n"
+    )
     run("apt-get", "update", "-qq")
     run("apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES)
     for service in ("dovecot", "postfix"):  # policy-rc.d may have prevented the start already
@@ -424,7 +426,10 @@ class LocalMailSystem:
 
     def _masters(self) -> list[int]:
         pids = []
-        for pid_file in (self._dovecot_dir / "run" / "master.pid", self._queue_dir / "pid" / "master.pid"):
+        for pid_file in (
+            self._dovecot_dir / "run" / "master.pid",
+            self._queue_dir / "pid" / "master.pid",
+        ):
             pid = _running_master(pid_file)
             if pid is not None:
                 pids.append(pid)

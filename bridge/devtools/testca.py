@@ -64,7 +64,8 @@ def _key_pem(key: rsa.RSAPrivateKey) -> bytes:
 
 
 class TestCA:
-    """A root and an intermediate CA in memory; ``ca_file`` (the root, PEM) written to ``directory``.
+    """A root and an intermediate CA in memory; ``ca_file`` (the root, PEM) written to
+    ``directory``.
 
     Private keys never leave memory except a server's own key, written with mode 0600 in a
     private directory (``directory``/private).
@@ -136,9 +137,7 @@ class TestCA:
             .not_valid_after(now + _LIFETIME)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(
                     self._intermediate_key.public_key()

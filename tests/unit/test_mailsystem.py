@@ -33,8 +33,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from bridge.devtools.mailsystem import (
     LocalMailSystem,
     MailSystemError,
-    ensure_packages,
     _pid_alive,
+    ensure_packages,
     instance_pids,
     packages_missing,
 )
@@ -73,10 +73,12 @@ async def mail() -> AsyncIterator[LocalMailSystem]:
 
 
 async def token_for(mail: LocalMailSystem, idnps: str, **extra: str) -> str:
-    async with aiohttp.ClientSession() as http:
-        async with http.post(mail.token_url, json={"idnps": idnps, **extra}) as response:
-            assert response.status == 200
-            body = await response.json()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(mail.token_url, json={"idnps": idnps, **extra}) as response,
+    ):
+        assert response.status == 200
+        body = await response.json()
     assert body["expires_in"] == 300
     return str(body["access_token"])
 
@@ -118,7 +120,9 @@ def imap_login(mail: LocalMailSystem, address: str, token: str) -> imaplib.IMAP4
     return imap
 
 
-def message(sender: str, to: str, subject: str, body: str = "Bonjour") -> email.message.EmailMessage:
+def message(
+    sender: str, to: str, subject: str, body: str = "Bonjour"
+) -> email.message.EmailMessage:
     msg = email.message.EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = sender, to, subject
     msg.set_content(body)
@@ -156,8 +160,16 @@ async def wait_for_mail(
 def foreign_token(mail: LocalMailSystem, address: str) -> str:
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     now = int(time.time())
-    claims = {"iss": mail.psc.issuer, "aud": mail.psc.audience, "azp": mail.psc.azp,
-              "sub": ALICE[0], "email": address, "iat": now, "nbf": now, "exp": now + 300}
+    claims = {
+        "iss": mail.psc.issuer,
+        "aud": mail.psc.audience,
+        "azp": mail.psc.azp,
+        "sub": ALICE[0],
+        "email": address,
+        "iat": now,
+        "nbf": now,
+        "exp": now + 300,
+    }
     return jwt.encode(claims, other, algorithm="RS256", headers={"kid": mail.psc.kid})
 
 
@@ -354,13 +366,18 @@ async def test_psc_stand_in_errors_and_claims(mail: LocalMailSystem) -> None:
             assert resp.status == 404
     token = await token_for(mail, ALICE[0], email=ALICE[1])
     claims = jwt.decode(
-        token, mail.psc.public_key_pem, algorithms=["RS256"], audience=mail.psc.audience,
+        token,
+        mail.psc.public_key_pem,
+        algorithms=["RS256"],
+        audience=mail.psc.audience,
         issuer=mail.psc.issuer,
     )
     assert claims["sub"] == ALICE[0] and claims["email"] == ALICE[1]
     assert claims["exp"] - claims["iat"] == 300 and claims["azp"] == mail.psc.azp
-    assert mail.users == [{"idnps": ALICE[0], "address": ALICE[1]},
-                          {"idnps": BOB[0], "address": BOB[1]}]
+    assert mail.users == [
+        {"idnps": ALICE[0], "address": ALICE[1]},
+        {"idnps": BOB[0], "address": BOB[1]},
+    ]
 
 
 async def test_added_user_gets_mail(mail: LocalMailSystem) -> None:
@@ -401,7 +418,8 @@ def test_a_signal_stops_every_process(signum: str) -> None:
     state = Path(tempfile.mkdtemp(prefix="eimis-mail-sig-"))
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(state)],
-        stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(Path.cwd())},
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path.cwd())},
     )
     try:
         assert child.stdout is not None
