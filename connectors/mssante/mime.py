@@ -28,6 +28,8 @@ from email.parser import BytesParser
 from email.utils import getaddresses, make_msgid
 from html.parser import HTMLParser
 
+OUTGOING_POLICY = policy.SMTP.clone(cte_type="7bit")
+"""CRLF lines, and 7-bit bodies (quoted-printable or base64): any operator accepts them."""
 XDM_SUBJECT_PREFIX = "XDM/1.0/DDM+"
 VIA = "via EIMIS"
 _MSGID = re.compile(r"<[^<>\s]+>")
@@ -96,7 +98,7 @@ def build_outgoing(
     made on ``message_id_domain`` (default: the mailbox's domain) when not given. ``mdn_to``
     asks for a read receipt (``Disposition-Notification-To``). ``extra_headers`` are MSSanté
     headers such as ``X-MSS-CODECDA``; their values are cleaned like every other."""
-    msg = EmailMessage(policy=policy.SMTP)
+    msg = EmailMessage(policy=OUTGOING_POLICY)
     msg["From"] = mail_address(mailbox, sender_display_name(*sender))
     if not to:
         raise ValueError("no recipient")

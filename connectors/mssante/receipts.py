@@ -19,7 +19,12 @@ from email.parser import BytesParser, HeaderParser
 from email.utils import formatdate, make_msgid
 from typing import Literal
 
-from connectors.mssante.mime import checked_message_id, clean_header_text, mail_address
+from connectors.mssante.mime import (
+    OUTGOING_POLICY,
+    checked_message_id,
+    clean_header_text,
+    mail_address,
+)
 
 _MSGID = re.compile(r"<[^<>\s]+>")
 
@@ -197,7 +202,7 @@ def build_mdn(
     the original's ``Disposition-Notification-To``): the mail was processed (delivered on
     Matrix). RFC 8098: multipart/report with a text part and message/disposition-notification."""
     original = checked_message_id(original_message_id)
-    msg = EmailMessage(policy=policy.SMTP)
+    msg = EmailMessage(policy=OUTGOING_POLICY)
     msg["From"] = mail_address(mailbox)
     msg["To"] = mail_address(to)
     subject = clean_header_text(original_subject, 800)
@@ -215,7 +220,7 @@ def build_mdn(
     msg.make_mixed()
     msg.set_type("multipart/report")
     msg.set_param("report-type", "disposition-notification")
-    notification = MIMENonMultipart("message", "disposition-notification", policy=policy.SMTP)
+    notification = MIMENonMultipart("message", "disposition-notification", policy=OUTGOING_POLICY)
     ua = clean_header_text(reporting_ua, 200)
     notification.set_payload(
         f"Reporting-UA: {ua}\r\n"

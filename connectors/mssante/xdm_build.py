@@ -50,7 +50,8 @@ def metadata_xml(
       objectType="urn:uuid:7edca82f-054d-47f2-a032-9b2a5b5186c1">
     <rim:Slot name="creationTime"><rim:ValueList><rim:Value>{escape(doc.creation_time)}</rim:Value>
     </rim:ValueList></rim:Slot>
-    <rim:Slot name="URI"><rim:ValueList><rim:Value>{escape(doc.filename)}</rim:Value></rim:ValueList>
+    <rim:Slot name="URI"><rim:ValueList><rim:Value>{escape(doc.filename)}</rim:Value>
+    </rim:ValueList>
     </rim:Slot>
     <rim:Name><rim:LocalizedString value={quoteattr(doc.title)}/></rim:Name>
     <rim:Classification classificationScheme="{DOC_AUTHOR}" classifiedObject="Document{n:02d}"
