@@ -38,9 +38,7 @@ _MSGID = re.compile(r"<[^<>\s]+>")
 def clean_header_text(value: str, limit: int = 200) -> str:
     """``value`` made safe for one header: every control or line-separator character becomes a
     space (CR, LF, NUL, U+2028 ...), runs of spaces collapse, and it is cut to ``limit``."""
-    out = "".join(
-        " " if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c for c in value
-    )
+    out = "".join(" " if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c for c in value)
     return " ".join(out.split())[:limit]
 
 

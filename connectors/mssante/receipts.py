@@ -213,8 +213,7 @@ def build_mdn(
     msg["References"] = original
     msg["Auto-Submitted"] = "auto-replied"
     msg.set_content(
-        human_text
-        or "Votre message a été remis à son destinataire par la passerelle EIMIS.\n",
+        human_text or "Votre message a été remis à son destinataire par la passerelle EIMIS.\n",
         charset="utf-8",
     )
     msg.make_mixed()
