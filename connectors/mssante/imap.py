@@ -223,13 +223,13 @@ class ImapReader:
                     self.settings.timeout_s,
                 )
         except ssl.SSLError as exc:
-            await self.close()
+            await self.close(logout=False)
             raise Unreachable(f"TLS with the IMAP server failed ({exc.reason})") from None
         except (OSError, TimeoutError, aioimaplib.AioImapException) as exc:
-            await self.close()
+            await self.close(logout=False)
             raise Unreachable(f"IMAP server unreachable ({type(exc).__name__})") from None
         except Unreachable:
-            await self.close()
+            await self.close(logout=False)
             raise
 
     async def _authenticate(self, token: Token) -> ErrorChallenge | None:
@@ -258,12 +258,17 @@ class ImapReader:
         if self.uidvalidity is None:
             raise ImapError("the IMAP server gave no UIDVALIDITY")
 
-    async def close(self) -> None:
+    async def close(self, *, logout: bool = True) -> None:
+        """Log out (unless the connection is known broken) and close the connection."""
         client, self._client = self._client, None
         if client is None:
             return
         try:
-            if client.protocol.state in (aioimaplib.AUTH, aioimaplib.SELECTED, aioimaplib.NONAUTH):
+            if logout and client.protocol.state in (
+                aioimaplib.AUTH,
+                aioimaplib.SELECTED,
+                aioimaplib.NONAUTH,
+            ):
                 await asyncio.wait_for(client.logout(), 5)
         except (OSError, TimeoutError, aioimaplib.AioImapException):
             pass
@@ -301,10 +306,14 @@ class ImapReader:
             "UID SEARCH",
         )
         found: set[int] = set()
-        for line in response.lines:
-            text = bytes(line).strip()
-            if text.upper().startswith(b"SEARCH"):
-                found.update(int(w) for w in text.split()[1:] if w.isdigit())
+        # aioimaplib gives the untagged SEARCH data without its "SEARCH" word (and the
+        # tagged status text last).
+        for line in response.lines[:-1]:
+            words = bytes(line).split()
+            if words and words[0].upper() == b"SEARCH":
+                words = words[1:]
+            if words and all(w.isdigit() for w in words):
+                found.update(int(w) for w in words)
         return sorted(u for u in found if u > uid)  # "n:*" always names the last message
 
     async def fetch_since(self, uid: int) -> AsyncIterator[tuple[int, bytes | TooLargeMail]]:

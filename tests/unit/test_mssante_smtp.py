@@ -3,7 +3,6 @@ without initial response, the error challenge, a refused token retried once, SIZ
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from dataclasses import dataclass, field
@@ -257,4 +256,3 @@ async def test_nothing_listening_is_unreachable(pki) -> None:
 def test_xtext_encodes_plus_equals_and_non_ascii() -> None:
     assert xtext("a+b=c d") == "a+2Bb+3Dc+20d"
     assert xtext("é") == "+C3+A9"
-    assert base64  # imported for readers decoding challenges by hand
