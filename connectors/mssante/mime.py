@@ -115,7 +115,7 @@ def build_outgoing(
         msg["References"] = " ".join(refs)
     msg["X-MSS-NIL"] = clean_header_text(nil, 200)
     if mdn_to:
-        msg["Disposition-Notification-To"] = mail_address(mdn_to)
+        msg["Disposition-Notification-To"] = str(mail_address(mdn_to))
     for name, value in extra_headers:
         if not re.fullmatch(r"[A-Za-z0-9-]{1,76}", name):
             raise ValueError("bad header name")
@@ -344,7 +344,7 @@ class _TextExtractor(HTMLParser):
         self.skip = 0
 
     def _newline(self) -> None:
-        if self.lines[-1].strip() or self.lines[-1] == "":
+        if self.lines[-1].strip():
             self.lines.append("")
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
