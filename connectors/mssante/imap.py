@@ -19,6 +19,7 @@ the whole mailbox and skips what it already has by Message-ID (nothing lost, not
 over ``max_bytes`` is not downloaded: it yields a ``TooLargeMail`` with its headers instead).
 ``idle_wait(timeout)`` returns when new mail may have arrived (IDLE, or polling when the server
 has no IDLE). ``move(uid, folder)`` / ``expunge(uid)`` dispose of a processed message.
+A reader is one IMAP connection: one task uses it at a time (the connector's reading loop).
 """
 
 from __future__ import annotations

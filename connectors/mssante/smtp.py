@@ -2,13 +2,16 @@
 
 One ``SmtpSender.send`` opens a connection (STARTTLS or implicit TLS per ``ServerSettings``,
 the TLS context of ``tlsconfig``: CA bundle only, TLS >= 1.2), says EHLO, reads ``SIZE`` and
-refuses a larger message before sending anything (``TooLarge``), authenticates by XOAUTH2
+refuses a larger message before authenticating or sending (``TooLarge``), authenticates by XOAUTH2
 WITHOUT initial response (``AUTH XOAUTH2``, then the credentials after the server's empty 334;
 an error 334 is answered with an empty line, see ``xoauth2``), and sends with DSN parameters
 (``RET=HDRS``, ``ENVID``, ``NOTIFY=SUCCESS,FAILURE,DELAY``) when the server offers DSN. A refused
 token is forgotten and a fresh one tried once, on a new connection; a second refusal raises
 ``TokenRefused`` (the connector reports "credentials rejected"). aiosmtplib's own ``auth_xoauth2``
 is not used: it sends the token as an initial response.
+
+Each ``send`` uses its own connection (simple and robust to the server closing idle sessions);
+a sender may be shared by tasks, the connections being independent.
 """
 
 from __future__ import annotations
@@ -150,8 +153,10 @@ class SmtpSender:
             raise SmtpError(f"the SMTP server refused AUTH XOAUTH2 ({response.code})")
         return exchange.error or ErrorChallenge(str(response.code), None, None, "")
 
-    async def _authenticated(self) -> aiosmtplib.SMTP:
-        """A connected, authenticated client; a refused token is retried once, fresh."""
+    async def _authenticated(self, size: int) -> aiosmtplib.SMTP:
+        """A connected, authenticated client; a refused token is retried once, fresh. A
+        message of ``size`` bytes over the server's SIZE is refused before AUTH (no token
+        spent on a mail that cannot go)."""
         challenge: ErrorChallenge | None = None
         for attempt in range(2):
             try:
@@ -159,6 +164,9 @@ class SmtpSender:
             except TokenError as exc:
                 raise TokenRefused(f"no access token: {exc}") from None
             client = await self._connect()
+            if self.size_limit is not None and size > self.size_limit:
+                await _close(client)
+                raise TooLarge(size, self.size_limit)
             challenge = await self._authenticate(client, token)
             if challenge is None:
                 return client
@@ -184,10 +192,8 @@ class SmtpSender:
         rcpts = list(recipients) if recipients is not None else _header_recipients(message)
         if not rcpts:
             raise SendRefused("the message has no recipient")
-        client = await self._authenticated()
+        client = await self._authenticated(len(data))
         try:
-            if self.size_limit is not None and len(data) > self.size_limit:
-                raise TooLarge(len(data), self.size_limit)
             dsn = client.supports_extension("dsn")
             mail_options: list[str] = []
             rcpt_options: list[str] = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -384,3 +385,15 @@ async def test_nothing_listening_is_unreachable(pki: TestPki) -> None:
     reader = ImapReader(settings, MAILBOX, CachedToken(FakeSource()))
     with pytest.raises(Unreachable):
         await reader.connect()
+
+
+async def test_no_token_or_mail_content_reaches_the_logs(served, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    box = Box(valid_tokens={tok(2)})
+    box.deliver(mail(1))
+    reader = await served(box)
+    await reader.connect()  # one refused token, then a good one
+    assert [uid async for uid, _ in reader.fetch_since(0)] == [1]
+    secret = base64.b64encode(f"user={MAILBOX}\x01auth=Bearer {tok(2)}".encode())[:40]
+    for leak in ("yyyyyyyy", "Bonjour 1", secret.decode()):
+        assert leak not in caplog.text

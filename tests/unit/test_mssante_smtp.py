@@ -228,6 +228,7 @@ async def test_a_message_over_size_is_refused_before_sending(stub, pki) -> None:
         await smtp.send(a_message("x" * 5000), envid="e5")
     assert caught.value.limit == 2000 and caught.value.size > 2000
     assert rec.messages == [] and rec.mail_params == []  # no MAIL FROM was sent
+    assert rec.auth_args == []  # nor AUTH: no token spent on a mail that cannot go
     await smtp.send(a_message("short"), envid="e6")
     assert smtp.size_limit == 2000 and len(rec.messages) == 1
 
