@@ -35,9 +35,11 @@ def on_database(
     it). A ``bridge.commands`` error is printed on stderr: bad input exits 2, a refusal 1."""
     from bridge.commands import BadInput, CommandFailed
     from bridge.db.database import open_database
+    from bridge.i18n import set_locale
 
     async def go() -> int:
         config = load_config(args.config)
+        set_locale(config.bridge.locale)  # what a command tells people (a leave reason ...)
         db = await open_database(config.database)
         try:
             return await action(config, db)
