@@ -536,6 +536,11 @@ class DirectoryLookup(Protocol):
         """A professional's personal mailbox addresses (none: the directory lists none)."""
         ...
 
+    async def describe(self, idnps: Idnps) -> RemoteUser | None:
+        """The professional's names and profession as the directory has them (None: unknown),
+        for a connector whose vendor has no user profiles of its own (mail)."""
+        ...
+
 
 class NoDirectory:
     """A directory that knows no one (connectors built outside a bridge, tests)."""
@@ -545,6 +550,9 @@ class NoDirectory:
 
     async def mailboxes_of(self, idnps: Idnps) -> Sequence[str]:
         return ()
+
+    async def describe(self, idnps: Idnps) -> RemoteUser | None:
+        return None
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from bridge.db.directory import DirectoryStore
-from connectors.base import Idnps, InvalidIdnps
+from connectors.base import Idnps, InvalidIdnps, RemoteUser
 
 
 class StoreDirectoryLookup:
@@ -27,3 +27,15 @@ class StoreDirectoryLookup:
 
     async def mailboxes_of(self, idnps: Idnps) -> Sequence[str]:
         return tuple(m.address for m in await self.store.mailboxes(idnps))
+
+    async def describe(self, idnps: Idnps) -> RemoteUser | None:
+        """Names and profession (its label, else its code, else empty) from the directory."""
+        entry = await self.store.get(idnps)
+        if entry is None:
+            return None
+        return RemoteUser(
+            idnps=idnps,
+            given_name=entry.given_name,
+            family_name=entry.family_name,
+            profession=entry.profession_label or entry.profession_code or "",
+        )

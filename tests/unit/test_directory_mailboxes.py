@@ -381,6 +381,11 @@ async def test_a_connector_resolves_mailboxes_through_its_context(
     assert await lookup.idnps_for_mailbox("stranger@x.example") is None
     assert list(await lookup.mailboxes_of(Idnps(MARIE))) == [f"Marie.Dupont@medecin.{DOMAIN}"]
     assert list(await lookup.mailboxes_of(Idnps(PAUL))) == []
+    user = await lookup.describe(Idnps(MARIE))
+    assert user is not None and user.idnps == MARIE
+    assert (user.given_name.upper(), user.family_name.upper()) == ("MARIE", "DUPONT")
+    assert user.profession  # the label (or code) the extract gives
+    assert await lookup.describe(Idnps(PAUL)) is None
 
 
 async def test_a_context_without_a_directory_knows_no_one() -> None:
@@ -395,6 +400,7 @@ async def test_a_context_without_a_directory_knows_no_one() -> None:
     assert isinstance(ctx.directory, NoDirectory)
     assert await ctx.directory.idnps_for_mailbox(MARIE_BOX) is None
     assert list(await ctx.directory.mailboxes_of(Idnps(MARIE))) == []
+    assert await ctx.directory.describe(Idnps(MARIE)) is None
 
 
 # --- directory show ------------------------------------------------------------------------------
