@@ -67,7 +67,8 @@ ALICE = (idnps(101), f"alice@{OP1}")
 BOB = (idnps(102), f"bob@{OP2}")
 MALLORY = (idnps(103), f"mallory@{OP1}")  # a real mailbox the directory does not know
 EVE = (idnps(104), f"eve@{OP3}")  # known to the directory, but her operator is not trusted
-BRIDGES = [(idnps(200 + i), f"eimis{i}@{OP1}") for i in range(10)]
+GHOST = (idnps(105), f"ghost@{OP2}")  # in the directory, but the operator has no such mailbox
+BRIDGES = [(idnps(200 + i), f"eimis{i}@{OP1}") for i in range(30)]
 _next_bridge = itertools.count()
 
 
@@ -96,6 +97,7 @@ class FakeDirectory:
         ALICE[0]: ("Alice", "Martin", "Médecin", ALICE[1]),
         BOB[0]: ("Bob", "Durand", "Infirmier", BOB[1]),
         EVE[0]: ("Eve", "Petit", "Médecin", EVE[1]),
+        GHOST[0]: ("Gaston", "Fantome", "Médecin", GHOST[1]),
     }
 
     async def idnps_for_mailbox(self, address: str) -> Idnps | None:
@@ -336,10 +338,12 @@ async def test_a_reply_reaches_its_thread_once_and_the_cursor_moves_after_emit(
     await send_as(h.mail, ALICE, reply, [h.bridge[1]])
 
     await asyncio.wait_for(h.recorder.entered.wait(), 20)
+    # (The cursor may already have moved past the DSN "delivered" of the bridge's first mail.)
+    blocked = h.store.data.get(CURSOR_KEY)
     await asyncio.sleep(0.3)
-    assert CURSOR_KEY not in h.store.data  # emit has not returned: the cursor stays
+    assert h.store.data.get(CURSOR_KEY) == blocked  # emit has not returned: the cursor stays
     h.recorder.gate.set()
-    await until(lambda: CURSOR_KEY in h.store.data)
+    await until(lambda: h.store.data.get(CURSOR_KEY) != blocked)
     [event] = h.recorder.events
     assert isinstance(event, MessageReceived)
     assert event.conversation_id == token and event.sender == ALICE[0]
@@ -349,7 +353,8 @@ async def test_a_reply_reaches_its_thread_once_and_the_cursor_moves_after_emit(
     # Another answer found by the reply address's token alone (no thread headers).
     h.recorder.entered.clear()
     by_token = mail_from(ALICE, connector.settings.reply_address(token), "Re", "Par le jeton")
-    await send_as(h.mail, ALICE, by_token, [h.bridge[1]])  # delivered to the mailbox itself
+    # Delivered to the reply address itself (the operator's sub-addressing: "+" detail).
+    await send_as(h.mail, ALICE, by_token, [connector.settings.reply_address(token)])
     await until(lambda: len(h.recorder.events) == 2)
     assert h.recorder.events[1].conversation_id == token
     assert h.recorder.events[1].text == "Par le jeton"  # type: ignore[union-attr]
@@ -435,6 +440,35 @@ async def test_unknown_senders_and_untrusted_domains_never_enter(h: Harness) -> 
     assert h.recorder.events == []
 
 
+async def test_processed_mail_is_moved_when_configured(h: Harness) -> None:
+    connector = h.make(after_delivery="move:Traites")
+    await connector.start()
+    await send_as(h.mail, ALICE, mail_from(ALICE, h.bridge[1], "Objet", "Texte"), [h.bridge[1]])
+    await until(lambda: len(h.recorder.events) == 2)
+    await until(lambda: _empty(h.mail, h.bridge))
+    token = await token_for(h.mail, h.bridge[0])
+
+    def moved() -> int:
+        imap = imap_login(h.mail, h.bridge[1], token)
+        try:
+            _, data = imap.select("Traites")
+            return int(data[0] or 0)
+        finally:
+            imap.logout()
+
+    assert await asyncio.to_thread(moved) == 1
+
+
+async def test_a_delivery_report_is_recognised_and_not_emitted(h: Harness) -> None:
+    connector = h.make()
+    await connector.start()
+    token = await open_thread(connector, "conv-d", GHOST[0])
+    await connector.send_message(token, outbound("m-d", "Vers une boîte inexistante"))
+    await until(lambda: connector.receipts["dsn"] == 1, timeout=30)
+    assert h.recorder.events == [] and not connector.refused
+    await until(lambda: _empty(h.mail, h.bridge))
+
+
 # -- bridge -> mail --------------------------------------------------------------------------
 
 
@@ -471,6 +505,19 @@ async def test_send_message_reaches_the_professional_with_the_mssante_headers_on
     assert follow["In-Reply-To"] == first and first in follow["References"]
     await asyncio.sleep(0.5)
     assert len(await wait_for_mail(h.mail, ALICE, f'(HEADER Message-ID "{first}")')) == 1
+
+
+async def test_a_send_interrupted_before_its_end_is_sent_again_with_the_same_id(
+    h: Harness,
+) -> None:
+    connector = h.make()
+    token = await open_thread(connector, "conv-p", ALICE[0])
+    # A crash after the Message-ID was recorded, before the server's answer was.
+    pending = f"<pending.{time.time_ns()}@{OP1}>"
+    h.store.data["sent:m-p"] = f'{{"message_id": "{pending}", "sent": false}}'
+    assert await connector.send_message(token, outbound("m-p", "Encore")) == pending
+    [got] = await wait_for_mail(h.mail, ALICE, f'(HEADER Message-ID "{pending}")')
+    assert got.get_content().strip() == "Encore"
 
 
 async def test_an_unknown_conversation_or_professional_is_refused(h: Harness) -> None:
