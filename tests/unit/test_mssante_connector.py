@@ -434,8 +434,18 @@ async def test_unknown_senders_and_untrusted_domains_never_enter(h: Harness) -> 
     await connector.start()
     await send_as(h.mail, MALLORY, mail_from(MALLORY, h.bridge[1], "Hello", "?"), [h.bridge[1]])
     await send_as(h.mail, EVE, mail_from(EVE, h.bridge[1], "Hello", "?"), [h.bridge[1]])
-    await until(lambda: sum(connector.refused.values()) == 2)
-    assert connector.refused == {"unknown_sender": 1, "untrusted_domain": 1}
+    # Bob is a trusted, known professional, but not in the thread he answers.
+    token = await open_thread(connector, "conv-np", ALICE[0])
+    first = await connector.send_message(token, outbound("m-np", "Pour Alice"))
+    await send_as(
+        h.mail, BOB, mail_from(BOB, h.bridge[1], "Re", "Intrus", in_reply_to=first), [h.bridge[1]]
+    )
+    await until(lambda: sum(connector.refused.values()) == 3)
+    assert connector.refused == {
+        "unknown_sender": 1,
+        "untrusted_domain": 1,
+        "not_a_participant": 1,
+    }
     await until(lambda: _empty(h.mail, h.bridge))  # disposed of, as configured
     assert h.recorder.events == []
 
