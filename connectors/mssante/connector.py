@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import weakref
 from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -114,7 +115,9 @@ class MssanteConnector(Connector):
         self.receipts: Counter[str] = Counter()
         self._reader: ImapReader | None = None
         self._task: asyncio.Task[None] | None = None
-        self._send_lock = asyncio.Lock()
+        self._send_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
 
     # Lifecycle ----------------------------------------------------------------------------------
 
@@ -163,7 +166,11 @@ class MssanteConnector(Connector):
 
     async def send_message(self, conversation_id: str, message: OutboundMessage) -> str:
         """One mail to the thread's participants; returns its Message-ID (idempotent)."""
-        async with self._send_lock:  # one send per thread state update at a time
+        # One send at a time per thread (its Message-ID list), threads in parallel.
+        lock = self._send_locks.get(conversation_id)
+        if lock is None:
+            lock = self._send_locks[conversation_id] = asyncio.Lock()
+        async with lock:
             return await self._send(conversation_id, message)
 
     async def _send(self, conversation_id: str, message: OutboundMessage) -> str:

@@ -43,7 +43,7 @@ from connectors.base import (
 from connectors.idnps import luhn_check_digit
 from connectors.mssante.connector import CURSOR_KEY, MssanteConnector, file_limit_for
 from connectors.mssante.settings import MssanteSettings
-from connectors.mssante.tokens import PscTokenSource, Token
+from connectors.mssante.tokens import CachedToken, PscTokenSource, Token
 from tests.unit.test_mailsystem import (
     _require_system,
     imap_login,
@@ -578,6 +578,43 @@ async def test_an_expired_token_is_refreshed(h: Harness) -> None:
     finally:
         for session in _sessions:
             await session.close()
+
+
+class Counting:
+    def __init__(self, source: Any) -> None:
+        self.source, self.calls = source, 0
+
+    async def token(self) -> Token:
+        self.calls += 1
+        token: Token = await self.source.token()
+        return token
+
+
+async def test_a_token_past_its_lifetime_is_fetched_again(h: Harness) -> None:
+    now = [time.time()]
+    connector = h.make()
+    counting = Counting(connector.tokens._source)  # the PSC source
+    connector.tokens = CachedToken(counting, clock=lambda: now[0])
+    connector.sender.tokens = connector.tokens
+    token = await open_thread(connector, "conv-e", ALICE[0])
+    await connector.send_message(token, outbound("m-e1", "Un"))
+    await connector.send_message(token, outbound("m-e2", "Deux"))
+    assert counting.calls == 1  # cached while fresh
+    now[0] += 300  # the PSC token lives 300 s: past its refresh point
+    sent = await connector.send_message(token, outbound("m-e3", "Trois"))
+    assert counting.calls == 2
+    await wait_for_mail(h.mail, ALICE, f'(HEADER Message-ID "{sent}")')
+
+
+async def test_concurrent_sends_of_one_thread_chain_their_headers(h: Harness) -> None:
+    connector = h.make()
+    token = await open_thread(connector, "conv-c", ALICE[0])
+    ids = await asyncio.gather(
+        *(connector.send_message(token, outbound(f"m-c{i}", f"n{i}")) for i in range(3))
+    )
+    assert len(set(ids)) == 3
+    thread = await connector.threads.get(token)
+    assert thread is not None and thread.message_ids == list(ids)
 
 
 async def test_get_user_and_probe(h: Harness) -> None:
