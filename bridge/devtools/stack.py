@@ -70,8 +70,11 @@ class LocalStack:
         server_name: str = SERVER_NAME,
         synapse_options: Mapping[str, Any] | None = None,
         encrypted: bool = False,
+        extra_connectors: Mapping[str, dict[str, Any]] | None = None,
     ) -> None:
-        """``server_name`` and ``synapse_options`` (more LocalSynapse keyword arguments; an
+        """``extra_connectors`` (id -> ``{"type", "settings"}``) are configured after the
+        sandboxes' (a connector whose vendor is not a sandbox, e.g. a mail system the test
+        starts). ``server_name`` and ``synapse_options`` (more LocalSynapse keyword arguments; an
         ``extra_config`` there is merged over this stack's own) serve the federation harness
         (bridge/devtools/federation.py); the defaults are the single-server stack."""
         self.state_dir = state_dir.resolve()
@@ -79,6 +82,7 @@ class LocalStack:
         self.encrypted = encrypted
         """Portals are end-to-end encrypted (the product's default; most feature tests use
         plain rooms, which the bridge also serves)."""
+        self.extra_connectors = dict(extra_connectors or {})
         self.database_url = database_url or f"sqlite:{self.state_dir / 'bridge.db'}"
         self.log_level = log_level
         self.bridge_port = free_port()
@@ -117,8 +121,11 @@ class LocalStack:
             },
             "database": {"url": self.database_url},
             "connectors": {
-                name: {"type": name, "settings": vendors[name].settings(s.url)}
-                for name, s in self.sandboxes.items()
+                **{
+                    name: {"type": name, "settings": vendors[name].settings(s.url)}
+                    for name, s in self.sandboxes.items()
+                },
+                **self.extra_connectors,
             },
             "logging": {"level": self.log_level},
             "encryption": {"enabled": self.encrypted, "default": self.encrypted},

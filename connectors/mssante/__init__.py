@@ -6,6 +6,10 @@ cached in memory only), ``xoauth2`` (the SASL XOAUTH2 string and its error chall
 ``aiosmtplib``: XOAUTH2 without initial response, SIZE, DSN parameters), ``imap`` (reading
 through ``aioimaplib``: XOAUTH2 without initial response, UID cursor, IDLE or polling),
 ``mime`` (building and parsing mail with the standard ``email`` package), ``receipts`` (DSN and
-MDN), ``xdm`` (the ``IHE_XDM.zip`` package, read safely). The ``Connector`` class that assembles
-them comes later; this package registers no entry point yet.
+MDN), ``xdm`` (the ``IHE_XDM.zip`` package, read safely). ``connector.MssanteConnector`` assembles
+them; it is the ``mssante`` entry point of the ``eimis_bridge.connectors`` group (pyproject.toml).
 """
+
+from connectors.mssante.connector import MssanteConnector
+
+__all__ = ["MssanteConnector"]
