@@ -506,7 +506,7 @@ async def test_portal_carries_an_acl_of_the_trusted_servers(
             conversation.room_id,
             allowed=[fed.server_name("hs1"), fed.server_name("hs2")],
             denied=[fed.server_name("hs3"), fed.server_name("hs4"), "evil.example", "127.0.0.1"],
-            timeout=15,
+            timeout=60,
         )
         assert acl.get("allow_ip_literals") is False
 
@@ -718,7 +718,7 @@ async def test_invites_from_an_untrusted_server_are_refused_by_the_bridge(
 
         with trust_list_step():
             for refused in (ghost, stack.config.bot_mxid):
-                event = await stranger.wait_for_event(room_id, left(refused), timeout=15)
+                event = await stranger.wait_for_event(room_id, left(refused), timeout=60)
                 assert event["content"].get("reason"), f"{refused} left without a reason"
             assert await stack.bridge.stores.portals.get(room_id) is None
             assert not [m for m in await dan.inbox() if m["sender"] == stranger.user_id]
