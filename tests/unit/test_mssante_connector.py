@@ -358,7 +358,7 @@ async def test_a_reply_reaches_its_thread_once_and_the_cursor_moves_after_emit(
     await until(lambda: len(h.recorder.events) == 2)
     assert h.recorder.events[1].conversation_id == token
     assert h.recorder.events[1].text == "Par le jeton"  # type: ignore[union-attr]
-    await asyncio.sleep(0.5)
+    await until(lambda: _empty(h.mail, h.bridge))  # every mail read and disposed of
     assert len(h.recorder.events) == 2  # once each
 
 
@@ -385,7 +385,7 @@ async def test_a_restart_resumes_from_the_cursor_without_re_emitting(h: Harness)
         h.mail, ALICE, mail_from(ALICE, h.bridge[1], "Re", "Deux", in_reply_to=first), [h.bridge[1]]
     )
     await until(lambda: len(h.recorder.events) == 2)
-    await asyncio.sleep(0.5)
+    await until(lambda: _empty(h.mail, h.bridge))  # every mail read and disposed of
     assert [e.text for e in h.recorder.of(MessageReceived)] == ["Un", "Deux"]
     assert h.store.data[CURSOR_KEY] != cursor_before
 
@@ -513,7 +513,6 @@ async def test_send_message_reaches_the_professional_with_the_mssante_headers_on
     assert part.get_filename() == "cr.pdf" and part.get_content() == b"%PDF-1.4 contenu"
     [follow] = await wait_for_mail(h.mail, ALICE, f'(HEADER Message-ID "{second}")')
     assert follow["In-Reply-To"] == first and first in follow["References"]
-    await asyncio.sleep(0.5)
     assert len(await wait_for_mail(h.mail, ALICE, f'(HEADER Message-ID "{first}")')) == 1
 
 
