@@ -309,10 +309,16 @@ class MssanteConnector(Connector):
                 raise
             except (imap_mod.ImapError, ConnectorError, ValueError) as exc:
                 failures += 1
+                # Our own errors' texts; a ValueError (a library's parsing) may quote data.
+                said = (
+                    exc
+                    if isinstance(exc, (imap_mod.ImapError, ConnectorError))
+                    else type(exc).__name__
+                )
                 self.log.warning(
                     "mssante %s: reading the mailbox failed (%s); again in a while",
                     self.ctx.connector_id,
-                    exc,
+                    said,
                 )
             except Exception as exc:  # a storage error ...: its type only (may quote data)
                 failures += 1
